@@ -1,0 +1,299 @@
+"""Declarative, versioned description of a DDNN.
+
+A model is a chain of *tiers* (device, then server; an edge tier can sit between them
+later). Each tier is a list of layers followed by one exit classifier. The input of a
+tier is the output of the previous tier's last layer; that boundary is the split layer
+whose activations travel over the wire.
+
+Device tier layers are binary (eBNN style):
+  fconv   uint8 input x scale, binary weights: conv -> [max-pool] -> BN -> sign
+  bconv   binary input and weights:           conv -> [max-pool] -> BN -> sign
+  blinear binary input and weights:           linear -> BN -> sign
+and its exit is ``bexit`` (binary linear -> BN -> softmax).
+Server tier layers are float: ``conv`` (conv -> [BN] -> [ReLU] -> [max-pool]) and
+``linear`` (linear -> [BN] -> [ReLU]); its exit is ``linear``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddnn_gen.errors import SpecError
+
+SPEC_FORMAT = "ddnn-spec"
+SPEC_VERSION = 1
+
+DEVICE_LAYERS = ("fconv", "bconv", "blinear")
+SERVER_LAYERS = ("conv", "linear")
+TIER_KINDS = ("device", "server")
+
+
+@dataclass(frozen=True)
+class Pool:
+    ksize: int
+    stride: int
+    pad: int
+
+    def out_size(self, size: int) -> int:
+        return (size + 2 * self.pad - self.ksize) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    type: str
+    out_channels: int  # output features for linear layers
+    ksize: int = 0
+    stride: int = 1
+    pad: int = 0
+    pool: Pool | None = None
+    bn: bool = True
+    relu: bool = False
+
+    @property
+    def is_conv(self) -> bool:
+        return self.type in ("fconv", "bconv", "conv")
+
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Output shape (C, H, W) for conv layers, (F,) for linear layers."""
+        if not self.is_conv:
+            return (self.out_channels,)
+        _, height, width = in_shape
+        out_h = (height + 2 * self.pad - self.ksize) // self.stride + 1
+        out_w = (width + 2 * self.pad - self.ksize) // self.stride + 1
+        if self.pool is not None:
+            out_h, out_w = self.pool.out_size(out_h), self.pool.out_size(out_w)
+        return (self.out_channels, out_h, out_w)
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    kind: str
+    layers: tuple[Layer, ...]
+    exit_name: str
+    exit_type: str
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    channels: int
+    height: int
+    width: int
+    # One global factor applied to the raw uint8 pixels. A power of two keeps the float
+    # forward exact (integer sums times 2^-k are representable), so the FConv threshold
+    # folding in the bitwise reference is exact too.
+    scale: float = 1.0 / 256.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input: InputSpec
+    classes: tuple[str, ...]
+    tiers: tuple[Tier, ...]
+    threshold: float = 0.5
+    loss_weights: tuple[float, ...] = ()
+    dataset: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def device(self) -> Tier:
+        return self.tiers[0]
+
+    @property
+    def server(self) -> Tier:
+        return self.tiers[-1]
+
+    def tier_shapes(self, tier_index: int) -> list[tuple[int, ...]]:
+        """Input shape of the tier followed by each layer's output shape."""
+        shape: tuple[int, ...] = self.input.shape
+        for tier in self.tiers[:tier_index]:
+            for layer in tier.layers:
+                shape = layer.out_shape(shape)
+        shapes = [shape]
+        for layer in self.tiers[tier_index].layers:
+            shape = layer.out_shape(shape)
+            shapes.append(shape)
+        return shapes
+
+    @property
+    def split_shape(self) -> tuple[int, ...]:
+        """Shape of the device tier's output: the activations sent to the server."""
+        return self.tier_shapes(0)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.raw)
+
+    def with_threshold(self, threshold: float) -> ModelSpec:
+        raw = self.to_dict()
+        raw["threshold"] = float(threshold)
+        return parse_spec(raw)
+
+    def identity_json(self) -> str:
+        """Canonical JSON of everything that defines the network (not the threshold,
+        which is an operating point and may change without changing the model)."""
+        raw = self.to_dict()
+        raw.pop("threshold", None)
+        raw.pop("training", None)
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(self.identity_json().encode()).hexdigest()
+
+
+def _int(obj: dict[str, Any], key: str, where: str, default: int | None = None, minimum: int = 0) -> int:
+    value = obj.get(key, default)
+    if value is None:
+        raise SpecError(f"{where}: missing required field {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}: field {key!r} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpecError(f"{where}: field {key!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _parse_pool(obj: Any, where: str) -> Pool | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise SpecError(f"{where}: 'pool' must be an object like {{\"ksize\": 2, \"stride\": 2, \"pad\": 0}}")
+    ksize = _int(obj, "ksize", where + ".pool", minimum=1)
+    stride = _int(obj, "stride", where + ".pool", default=ksize, minimum=1)
+    pad = _int(obj, "pad", where + ".pool", default=0)
+    if pad >= ksize:
+        raise SpecError(f"{where}.pool: pad {pad} must be smaller than ksize {ksize}")
+    return Pool(ksize, stride, pad)
+
+
+def _parse_layer(obj: Any, where: str, allowed: tuple[str, ...]) -> Layer:
+    if not isinstance(obj, dict):
+        raise SpecError(f"{where}: a layer must be an object")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(f"{where}: layer 'name' must be an identifier, got {name!r}")
+    where = f"{where} ({name})"
+    kind = obj.get("type")
+    if kind not in allowed:
+        raise SpecError(f"{where}: unsupported layer type {kind!r} here; allowed: {', '.join(allowed)}")
+    out = _int(obj, "out_channels", where, minimum=1)
+    if kind in ("fconv", "bconv", "conv"):
+        ksize = _int(obj, "ksize", where, minimum=1)
+        stride = _int(obj, "stride", where, default=1, minimum=1)
+        pad = _int(obj, "pad", where, default=0)
+        pool = _parse_pool(obj.get("pool"), where)
+    else:
+        ksize, stride, pad, pool = 0, 1, 0, None
+    bn = bool(obj.get("bn", True))
+    relu = bool(obj.get("relu", kind in SERVER_LAYERS))
+    if kind in DEVICE_LAYERS and not bn:
+        raise SpecError(f"{where}: binary layers always end in BN + sign ('bn' cannot be false)")
+    return Layer(name, kind, out, ksize, stride, pad, pool, bn, relu)
+
+
+def _check_shapes(spec: ModelSpec) -> None:
+    shape: tuple[int, ...] = spec.input.shape
+    for tier in spec.tiers:
+        for layer in tier.layers:
+            if layer.is_conv and len(shape) != 3:
+                raise SpecError(f"layer {layer.name}: a convolution cannot follow a linear layer")
+            new_shape = layer.out_shape(shape)
+            if any(dim < 1 for dim in new_shape):
+                raise SpecError(
+                    f"layer {layer.name}: input {shape} gives empty output {new_shape} "
+                    f"(ksize {layer.ksize}, stride {layer.stride}, pad {layer.pad}, pool {layer.pool})")
+            if layer.is_conv and layer.pad >= layer.ksize:
+                raise SpecError(f"layer {layer.name}: pad {layer.pad} must be smaller than ksize {layer.ksize}")
+            shape = new_shape
+
+
+def parse_spec(raw: Any) -> ModelSpec:
+    """Validate a spec dict (as read from JSON) and build a ModelSpec."""
+    if not isinstance(raw, dict):
+        raise SpecError("a model spec must be a JSON object")
+    if raw.get("format") != SPEC_FORMAT:
+        raise SpecError(f"not a ddnn model spec: 'format' must be {SPEC_FORMAT!r}")
+    version = raw.get("version")
+    if version != SPEC_VERSION:
+        raise SpecError(f"spec version {version!r} is not supported by this ddnngen (supports {SPEC_VERSION})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(f"spec 'name' must be a C-identifier-like string, got {name!r}")
+    inp = raw.get("input")
+    if not isinstance(inp, dict):
+        raise SpecError("spec needs an 'input' object with channels, height, width")
+    scale = inp.get("scale", 1.0 / 256.0)
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise SpecError(f"input.scale must be a positive number, got {scale!r}")
+    input_spec = InputSpec(_int(inp, "channels", "input", minimum=1), _int(inp, "height", "input", minimum=1),
+                           _int(inp, "width", "input", minimum=1), float(scale))
+    classes = raw.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise SpecError("spec 'classes' must be a list of at least two class names")
+    tiers_raw = raw.get("tiers")
+    if not isinstance(tiers_raw, list) or len(tiers_raw) != 2:
+        raise SpecError("spec 'tiers' must list exactly two tiers (device, then server) in this version")
+    tiers: list[Tier] = []
+    names: set[str] = set()
+    for index, tier_raw in enumerate(tiers_raw):
+        expected_kind = TIER_KINDS[index]
+        if not isinstance(tier_raw, dict) or tier_raw.get("kind") != expected_kind:
+            raise SpecError(f"tier {index} must be an object with kind {expected_kind!r}")
+        allowed = DEVICE_LAYERS if expected_kind == "device" else SERVER_LAYERS
+        layers_raw = tier_raw.get("layers")
+        if not isinstance(layers_raw, list):
+            raise SpecError(f"tier {index}: 'layers' must be a list")
+        layers = tuple(_parse_layer(obj, f"tier {expected_kind} layer {i}", allowed)
+                       for i, obj in enumerate(layers_raw))
+        for layer in layers:
+            if layer.name in names:
+                raise SpecError(f"layer name {layer.name!r} is used twice")
+            names.add(layer.name)
+        exit_raw = tier_raw.get("exit", {})
+        exit_type = exit_raw.get("type", "bexit" if expected_kind == "device" else "linear")
+        if exit_type != ("bexit" if expected_kind == "device" else "linear"):
+            raise SpecError(f"tier {expected_kind}: unsupported exit type {exit_type!r}")
+        tiers.append(Tier(str(tier_raw.get("name", expected_kind)), expected_kind, layers,
+                          str(exit_raw.get("name", "local" if expected_kind == "device" else "final")), exit_type))
+    device = tiers[0]
+    if not device.layers or device.layers[0].type != "fconv":
+        raise SpecError("the device tier must start with an 'fconv' layer (it reads the raw 8-bit input)")
+    if any(layer.type == "fconv" for layer in device.layers[1:]):
+        raise SpecError("only the first device layer may be 'fconv'")
+    threshold = raw.get("threshold", 0.5)
+    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise SpecError(f"'threshold' must be a number in [0, 1], got {threshold!r}")
+    weights = raw.get("loss_weights", [1.0] * len(tiers))
+    if (not isinstance(weights, list) or len(weights) != len(tiers)
+            or not all(isinstance(w, (int, float)) and w >= 0 for w in weights)):
+        raise SpecError(f"'loss_weights' must list one non-negative weight per tier ({len(tiers)})")
+    spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), float(threshold),
+                     tuple(float(w) for w in weights), str(raw.get("dataset", "")), copy.deepcopy(raw))
+    _check_shapes(spec)
+    return spec
+
+
+def load_spec_file(path: str) -> ModelSpec:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: invalid JSON ({exc})") from exc
+    try:
+        return parse_spec(raw)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from exc

@@ -1,0 +1,136 @@
+"""Joint training of all exits (DDNN): loss = sum_i w_i * CE(exit_i), Adam, weight clipping.
+
+Checkpoints are ordinary self-describing model files plus an ``.opt.npz`` with the
+optimizer state and the epoch counter, so ``--resume`` continues exactly where it stopped.
+Accuracy is always measured in test mode: BN running statistics never see test data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import chainer
+import numpy as np
+
+from ddnn_gen.datasets import Dataset
+from ddnn_gen.links import clip_binary_weights, input_to_float
+from ddnn_gen.modelfile import load_model, save_model
+from ddnn_gen.network import DDNN, predict, softmax_cross_entropy_joint
+from ddnn_gen.spec import ModelSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    seed: int = 0
+    loss_weights: tuple[float, ...] | None = None
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    progress: bool = True
+    lr_decay_epochs: tuple[int, ...] = ()
+
+
+@dataclass
+class TrainResult:
+    model: DDNN
+    epochs_done: int
+    seconds: float
+    history: list[dict[str, float]]
+
+
+def _optimizer_path(out: Path) -> Path:
+    return out.with_suffix(".opt.npz")
+
+
+def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | None = None,
+          resume: bool = False, val_set: Dataset | None = None) -> TrainResult:
+    np.random.seed(config.seed)
+    weights = config.loss_weights or spec.loss_weights
+    start_epoch = 0
+    history: list[dict[str, float]] = []
+    if resume and out is not None and out.exists():
+        model = load_model(out).model
+        spec = model.spec
+        state = np.load(_optimizer_path(out))
+        start_epoch = int(state["epoch"])
+        history = json.loads(str(state["history"]))
+        log.info("resuming %s at epoch %d", out, start_epoch)
+    else:
+        model = DDNN(spec)
+    optimizer = chainer.optimizers.Adam(alpha=config.learning_rate)
+    optimizer.setup(model)
+    if start_epoch and out is not None:
+        chainer.serializers.load_npz(str(_optimizer_path(out)), optimizer, path="optimizer/")
+    x_all = input_to_float(train_set.images, spec.input.scale)
+    t_all = train_set.labels.astype(np.int32)
+    n = len(t_all)
+    rng = np.random.RandomState(config.seed + start_epoch)
+    steps = 0
+    begin = time.time()
+    epoch = start_epoch
+    for epoch in range(start_epoch, config.epochs):
+        if epoch in config.lr_decay_epochs:
+            optimizer.alpha *= 0.1
+        order = rng.permutation(n)
+        batches = range(0, n, config.batch_size)
+        iterator = batches
+        bar = None
+        if config.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+            iterator = bar
+        total_loss = 0.0
+        correct = np.zeros(len(spec.tiers))
+        seen = 0
+        with chainer.using_config("train", True):
+            for begin_index in iterator:
+                index = order[begin_index:begin_index + config.batch_size]
+                loss, logits = softmax_cross_entropy_joint(model, x_all[index], t_all[index], weights)
+                model.cleargrads()
+                loss.backward()
+                optimizer.update()
+                clip_binary_weights(model)
+                total_loss += float(loss.array) * len(index)
+                for tier, exit_logits in enumerate(logits):
+                    correct[tier] += int((exit_logits.array.argmax(axis=1) == t_all[index]).sum())
+                seen += len(index)
+                steps += 1
+                if bar is not None:
+                    bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+                if config.max_steps is not None and steps >= config.max_steps:
+                    break
+        record = {"epoch": epoch + 1, "loss": total_loss / seen,
+                  **{f"train_acc_{t.exit_name}": correct[i] / seen for i, t in enumerate(spec.tiers)}}
+        if val_set is not None:
+            local, final = predict(model, val_set.images)
+            record["val_acc_local"] = float((local.argmax(1) == val_set.labels).mean())
+            record["val_acc_final"] = float((final.argmax(1) == val_set.labels).mean())
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        if out is not None:
+            _checkpoint(out, model, optimizer, epoch + 1, history)
+        if config.max_steps is not None and steps >= config.max_steps:
+            break
+    seconds = time.time() - begin
+    return TrainResult(model, epoch + 1, seconds, history)
+
+
+def _checkpoint(out: Path, model: DDNN, optimizer: chainer.Optimizer, epoch: int,
+                history: list[dict[str, float]]) -> None:
+    raw = model.spec.to_dict()
+    raw["training"] = {"epochs": epoch, "history": history}
+    save_model(out, model, parse_spec(raw))
+    serializer = chainer.serializers.DictionarySerializer()
+    serializer["optimizer"].save(optimizer)
+    state = {key.lstrip("/"): np.asarray(value) for key, value in serializer.target.items()}
+    tmp = _optimizer_path(out).with_suffix(".tmp.npz")
+    np.savez(tmp, epoch=np.array(epoch), history=np.array(json.dumps(history)), **state)
+    tmp.replace(_optimizer_path(out))
