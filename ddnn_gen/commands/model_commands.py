@@ -1,0 +1,186 @@
+"""Model commands: zoo, train, eval, calibrate."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from ddnn_gen import datasets, zoo
+from ddnn_gen.errors import SpecError
+from ddnn_gen.spec import ModelSpec, load_spec_file, parse_spec
+
+log = logging.getLogger(__name__)
+
+data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                               help="Dataset folder (default: $DDNN_DATA_DIR, then the user cache).")
+
+
+def _unit_interval(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"{value} is not in [0, 1]")
+    return value
+
+
+def _parse_loss_weights(value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        weights = tuple(float(part) for part in value.split(","))
+    except ValueError as error:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 1,1") from error
+    if any(weight < 0 for weight in weights):
+        raise click.BadParameter("loss weights must be >= 0")
+    return weights
+
+
+@click.command("zoo")
+@click.argument("name", required=False)
+@click.option("--filters", type=click.IntRange(1, 1024), default=None, help="Filter count of the family.")
+def zoo_command(name: str | None, filters: int | None) -> None:
+    """List the model zoo, or print one family's spec as JSON (a starting point for --arch)."""
+    if name is None:
+        for key in zoo.ZOO:
+            click.echo(key)
+        return
+    click.echo(json.dumps(parse_spec(zoo.build(name, filters)).to_dict(), indent=2))
+
+
+@click.command("train")
+@click.option("--zoo", "zoo_name", type=click.Choice(sorted(zoo.ZOO)), help="Model family from the zoo.")
+@click.option("--filters", type=click.IntRange(1, 1024), default=None)
+@click.option("--arch", type=click.Path(exists=True, dir_okay=False), help="Spec JSON instead of --zoo.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="Model file to write (.npz).")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr-decay-epochs", default="", help="Comma-separated epochs at which the rate drops 10x.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--loss-weights", default=None, help="Exit loss weights, local first (default: from spec).")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many batches.")
+@click.option("--train-count", type=click.IntRange(1), default=None, help="Use only the first N training samples.")
+@click.option("--resume", is_flag=True, help="Continue from OUT and its .opt.npz checkpoint.")
+@click.option("--progress/--no-progress", default=True)
+@data_dir_option
+def train_command(zoo_name: str | None, filters: int | None, arch: str | None, out: str, epochs: int,
+                  batch_size: int, lr: float, lr_decay_epochs: str, seed: int, loss_weights: str | None,
+                  max_steps: int | None, train_count: int | None, resume: bool, progress: bool,
+                  data_dir: str | None) -> None:
+    """Jointly train all exits of a DDNN and write a self-describing model file."""
+    from ddnn_gen.train import TrainConfig, train
+
+    spec = _spec_from(zoo_name, filters, arch)
+    try:
+        decay = tuple(int(part) for part in lr_decay_epochs.split(",") if part.strip())
+    except ValueError as error:
+        raise click.BadParameter(f"{lr_decay_epochs!r}: expected comma-separated epochs") from error
+    weights = _parse_loss_weights(loss_weights)
+    if weights is not None and len(weights) != len(spec.tiers):
+        raise click.BadParameter(f"{len(weights)} loss weights for {len(spec.tiers)} exits", param_hint="--loss-weights")
+    train_set = datasets.load(spec.dataset, "train", data_dir).subset(train_count)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, loss_weights=weights,
+                         max_steps=max_steps, progress=progress, lr_decay_epochs=decay)
+    result = train(spec, train_set, config, out=Path(out), resume=resume)
+    last = result.history[-1] if result.history else {}
+    log.info("trained %d epochs in %.1f s", result.epochs_done, result.seconds)
+    click.echo(f"wrote {out} ({result.epochs_done} epochs, {result.seconds:.1f} s; "
+               + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "epoch") + ")")
+
+
+def _spec_from(zoo_name: str | None, filters: int | None, arch: str | None) -> ModelSpec:
+    if (zoo_name is None) == (arch is None):
+        raise click.UsageError("give exactly one of --zoo and --arch")
+    if arch is not None:
+        return load_spec_file(arch)
+    assert zoo_name is not None
+    return parse_spec(zoo.build(zoo_name, filters))
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("more_thresholds", nargs=-1, type=float, metavar="[T...]")
+@click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
+              help="Local-exit threshold(s); list several after one --threshold: -t 0.4 0.8.")
+@click.option("--arch", type=click.Path(exists=True, dir_okay=False), help="Spec for a file without one.")
+@click.option("--dataset", "dataset_name", default=None, help="Dataset (default: the model's).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--count", type=click.IntRange(1), default=None, help="Only the first N samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+@click.option("--sweep", "sweep_prefix", type=click.Path(dir_okay=False), default=None,
+              help="Also write PREFIX.csv and PREFIX.png over thresholds 0..1.")
+@data_dir_option
+def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tuple[float, ...], arch: str | None,
+                 dataset_name: str | None, split: str, count: int | None, as_json: bool,
+                 sweep_prefix: str | None, data_dir: str | None) -> None:
+    """Local / Server / Overall / Ideal accuracy and exit rates per threshold."""
+    from ddnn_gen import evaluate
+    from ddnn_gen.modelfile import load_model
+
+    loaded = load_model(model, arch)
+    values = list(thresholds) + list(more_thresholds) or [loaded.spec.threshold]
+    for value in values:
+        if not 0.0 <= value <= 1.0:
+            raise click.BadParameter(f"{value} is not in [0, 1]", param_hint="--threshold")
+    dataset = datasets.load(dataset_name or loaded.spec.dataset, split, data_dir).subset(count)
+    _check_dataset_shape(loaded.spec, dataset)
+    outputs = evaluate.compute_outputs(loaded, dataset)
+    rows = [evaluate.metrics_at(outputs, value) for value in values]
+    margins = {value: evaluate.threshold_margin(outputs.entropy, value) for value in values}
+    if sweep_prefix:
+        prefix = Path(sweep_prefix)
+        evaluate.write_sweep(evaluate.sweep(outputs), prefix.with_suffix(".csv"), prefix.with_suffix(".png"),
+                             f"{loaded.spec.name} on {dataset.name} {split} ({len(dataset)} samples)")
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "content_hash": loaded.content_hash, "dataset": dataset.name,
+                               "split": split, "samples": len(dataset),
+                               "results": [row.as_dict() | {"nearest_entropy_distance": margins[row.threshold]}
+                                           for row in rows]}, indent=2))
+        return
+    click.echo(f"{loaded.spec.name} ({loaded.content_hash[:12]}) on {dataset.name} {split}, {len(dataset)} samples")
+    click.echo(evaluate.format_table(rows))
+    click.echo(f"local exit alone: {100 * rows[0].local_classifier_accuracy:.2f}%, "
+               f"server exit alone: {100 * rows[0].server_classifier_accuracy:.2f}%")
+    for value in values:
+        click.echo(f"nearest sample entropy to t={value:g}: {margins[value]:.3e} away")
+    if sweep_prefix:
+        click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
+
+
+def _check_dataset_shape(spec: ModelSpec, dataset: datasets.Dataset) -> None:
+    if tuple(dataset.images.shape[1:]) != spec.input.shape:
+        raise SpecError(f"dataset {dataset.name} has images {tuple(dataset.images.shape[1:])}, "
+                        f"model {spec.name} expects {spec.input.shape}")
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target-exit-rate", type=float, callback=_unit_interval, help="Wanted local-exit rate (0..1).")
+@click.option("--min-accuracy", type=float, callback=_unit_interval, help="Lowest acceptable overall accuracy.")
+@click.option("--val-count", type=click.IntRange(100), default=5000, show_default=True,
+              help="Validation samples: the last N of the training split (the test split stays unseen).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write here (default: in place).")
+@data_dir_option
+def calibrate_command(model: str, target_exit_rate: float | None, min_accuracy: float | None, val_count: int,
+                      out: str | None, data_dir: str | None) -> None:
+    """Choose the local-exit threshold on a validation split and store it in the model file."""
+    from ddnn_gen import evaluate
+    from ddnn_gen.modelfile import load_model, save_model
+
+    if (target_exit_rate is None) == (min_accuracy is None):
+        raise click.UsageError("give exactly one of --target-exit-rate and --min-accuracy")
+    loaded = load_model(model)
+    train_set = datasets.load(loaded.spec.dataset, "train", data_dir)
+    val = train_set.subset(val_count, offset=max(0, len(train_set) - val_count))
+    outputs = evaluate.compute_outputs(loaded, val)
+    result = evaluate.calibrate(outputs, target_exit_rate, min_accuracy)
+    save_model(out or model, loaded.model, loaded.spec.with_threshold(result.threshold))
+    click.echo(f"threshold {result.threshold:.6f} ({result.goal}) on {len(val)} validation samples: "
+               f"overall {100 * result.metrics.overall_accuracy:.2f}%, "
+               f"local exits {100 * result.metrics.local_exit_rate:.2f}%; stored in {out or model}")
+
+
+def register(cli: click.Group) -> None:
+    for command in (zoo_command, train_command, eval_command, calibrate_command):
+        cli.add_command(command)
