@@ -8,7 +8,7 @@ by +-1 weights in int32. Pooling takes the max of integer pre-activations before
 folded BN threshold, exactly like the C runtime.
 
 The exit: integer dot products S, logits ``a * S + b`` in double, normalized entropy via
-log-sum-exp in double divided by log(K); a sample exits locally iff its entropy is finite
+log-sum-exp in double divided by log(K) (terms with exp(z - max) == 0 are skipped); a sample exits locally iff its entropy is finite
 and ``<= threshold``. argmax ties go to the lowest class index.
 """
 
@@ -177,7 +177,8 @@ def normalized_entropy(logits: np.ndarray) -> np.ndarray:
         log_total = math.log(total)
         entropy = 0.0
         for z, value in zip(row, exps):
-            entropy -= (value / total) * ((z - peak) - log_total)
+            if value > 0.0:  # p log p -> 0; skipping also avoids 0 * -inf = NaN on overflowed gaps
+                entropy -= (value / total) * ((z - peak) - log_total)
         out[row_index] = entropy / log_k
     return out
 
