@@ -1,0 +1,3 @@
+from ddnn_gen.cli import main
+
+main()
