@@ -43,7 +43,8 @@ class DDNN(chainer.Chain):
                 if layer.is_conv:
                     self.device_layers.append(BinaryConvBlock(layer, in_shape[0]))
                 else:
-                    self.device_layers.append(BinaryLinearBlock(_flat_size(in_shape), layer.out_channels, is_exit=False))
+                    self.device_layers.append(
+                        BinaryLinearBlock(_flat_size(in_shape), layer.out_channels, is_exit=False))
             self.local_exit = BinaryLinearBlock(_flat_size(device_shapes[-1]), spec.n_classes, is_exit=True)
             self.server_layers = chainer.ChainList()
             for layer, in_shape in zip(spec.server.layers, server_shapes):

@@ -8,8 +8,8 @@ by +-1 weights in int32. Pooling takes the max of integer pre-activations before
 folded BN threshold, exactly like the C runtime.
 
 The exit: integer dot products S, logits ``a * S + b`` in double, normalized entropy via
-log-sum-exp in double divided by log(K) (terms with exp(z - max) == 0 are skipped); a sample exits locally iff its entropy is finite
-and ``<= threshold``. argmax ties go to the lowest class index.
+log-sum-exp in double divided by log(K) (terms with exp(z - max) == 0 are skipped); a
+sample exits locally iff its entropy is finite and ``<= threshold``. argmax ties go to the lowest class index.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
         raise click.BadParameter(f"{lr_decay_epochs!r}: expected comma-separated epochs") from error
     weights = _parse_loss_weights(loss_weights)
     if weights is not None and len(weights) != len(spec.tiers):
-        raise click.BadParameter(f"{len(weights)} loss weights for {len(spec.tiers)} exits", param_hint="--loss-weights")
+        raise click.BadParameter(f"{len(weights)} loss weights for {len(spec.tiers)} exits",
+                                 param_hint="--loss-weights")
     train_set = datasets.load(spec.dataset, "train", data_dir).subset(train_count)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, loss_weights=weights,
                          max_steps=max_steps, progress=progress, lr_decay_epochs=decay)
