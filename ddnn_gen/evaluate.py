@@ -35,6 +35,7 @@ class ExitOutputs:
     entropy: np.ndarray
     final_class: np.ndarray
     split_bytes: int  # bit-packed split activations per offloaded sample
+    device_bytes: int  # folded device part: packed weights, thresholds, exit constants
 
 
 @dataclass
@@ -73,7 +74,8 @@ def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
     device = reference.run_device(program, dataset.images)
     final = server_classes(loaded, program, device.split_words)
     return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
-                       final_class=final, split_bytes=program.split_words * 8)
+                       final_class=final, split_bytes=program.split_words * 8,
+                       device_bytes=program.weight_bytes)
 
 
 def metrics_at(outputs: ExitOutputs, threshold: float) -> ThresholdMetrics:

@@ -21,7 +21,7 @@ def _toy() -> ExitOutputs:
     # 4 samples: exits at t=0.5 are samples 0 and 1; sample 1 is wrong locally.
     return ExitOutputs(labels=np.array([0, 1, 2, 3]), local_class=np.array([0, 0, 2, 0]),
                        entropy=np.array([0.1, 0.2, 0.9, math.nan]), final_class=np.array([0, 1, 1, 3]),
-                       split_bytes=100)
+                       split_bytes=100, device_bytes=1000)
 
 
 def test_metric_definitions() -> None:

@@ -136,13 +136,15 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
     if as_json:
         click.echo(json.dumps({"model": str(model), "content_hash": loaded.content_hash, "dataset": dataset.name,
                                "split": split, "samples": len(dataset),
+                               "device_part_bytes": outputs.device_bytes, "split_bytes": outputs.split_bytes,
                                "results": [row.as_dict() | {"nearest_entropy_distance": margins[row.threshold]}
                                            for row in rows]}, indent=2))
         return
     click.echo(f"{loaded.spec.name} ({loaded.content_hash[:12]}) on {dataset.name} {split}, {len(dataset)} samples")
     click.echo(evaluate.format_table(rows))
     click.echo(f"local exit alone: {100 * rows[0].local_classifier_accuracy:.2f}%, "
-               f"server exit alone: {100 * rows[0].server_classifier_accuracy:.2f}%")
+               f"server exit alone: {100 * rows[0].server_classifier_accuracy:.2f}%; "
+               f"device part {outputs.device_bytes} bytes, split activations {outputs.split_bytes} bytes")
     for value in values:
         click.echo(f"nearest sample entropy to t={value:g}: {margins[value]:.3e} away")
     if sweep_prefix:
