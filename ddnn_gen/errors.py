@@ -19,3 +19,7 @@ class ModelFileError(DdnnError):
 
 class CompileError(DdnnError):
     """The device part cannot be compiled for the requested target."""
+
+
+class OpenCLError(DdnnError):
+    """No usable OpenCL platform/device, or the generated kernels failed to build or run."""
