@@ -1,0 +1,283 @@
+"""Simulated devices: the NumPy reference device tier plus the same MQTT client behaviour as the C
+networked runner (request, wait with timeout, fall back to the local answer), for load tests and the
+benchmark. Each device counts lost, duplicated and misrouted replies so tests can assert on them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ddnn_gen import protocol
+from ddnn_gen.fold import DeviceProgram
+from ddnn_gen.protocol import Packing, Reply, RequestHeader
+from ddnn_gen.reference import exit_decision
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("local", "server", "fallback", "error")
+
+
+@dataclass
+class _Pending:
+    event: threading.Event = field(default_factory=threading.Event)
+    reply: Reply | None = None
+    sent: float = 0.0
+    received: float = 0.0
+
+
+@dataclass
+class SampleOutcome:
+    device_id: str
+    index: int  # sample index in the data set
+    request_id: int
+    source: str  # local | server | fallback | error
+    final_class: int
+    local_class: int
+    threshold: float
+    status: int = -1  # reply status, -1 when no reply
+    t_round_trip_us: int = 0
+    t_server_us: int = 0
+
+
+class SimDevice:
+    """One MQTT device. Thread-safe ``request``; several may be outstanding at once."""
+
+    def __init__(self, device_id: str, host: str, port: int, model_hash: bytes, timeout_s: float = 2.0,
+                 default_threshold: float = 0.5) -> None:
+        self.device_id = protocol.check_device_id(device_id)
+        self.host, self.port = host, port
+        self.model_hash = model_hash
+        self.timeout_s = timeout_s
+        self.reply_topic = protocol.reply_topic(device_id)
+        self._model_threshold_topic = protocol.threshold_topic(model_hash)
+        self._device_threshold_topic = protocol.threshold_topic(model_hash, device_id)
+        self._thresholds: dict[str, float | None] = {}
+        self.default_threshold = default_threshold
+        self._pending: dict[int, _Pending] = {}
+        self._answered: set[int] = set()
+        self._lock = threading.Lock()
+        self.duplicates = 0
+        self.misrouted = 0
+        self.undecodable = 0
+        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 24)
+        self._connected = threading.Event()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ddnn-sim-{device_id}-{os.getpid()}",
+                                   protocol=mqtt.MQTTv5)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.max_inflight_messages_set(1000)
+        self._client.max_queued_messages_set(0)
+        self._client.reconnect_delay_set(0.05, 1.0)
+        self._client.will_set(protocol.status_topic(device_id), b"offline", qos=1, retain=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 10.0) -> SimDevice:
+        self._client.connect_async(self.host, self.port, keepalive=15, clean_start=True)
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            raise TimeoutError(f"device {self.device_id}: no broker at {self.host}:{self.port}")
+        return self
+
+    def stop(self) -> None:
+        self._client.publish(protocol.status_topic(self.device_id), b"offline", qos=1, retain=True)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def threshold(self) -> float:
+        """Device-specific retained threshold, else the model-wide one, else the default."""
+        with self._lock:
+            for topic in (self._device_threshold_topic, self._model_threshold_topic):
+                value = self._thresholds.get(topic)
+                if value is not None:
+                    return value
+        return self.default_threshold
+
+    # ---- requests ------------------------------------------------------------------------------------
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def send(self, payload: bytes, request_id: int, topic: str | None = None) -> _Pending:
+        """Publish raw request bytes (also malformed ones); the reply is matched by correlation data."""
+        pending = _Pending(sent=time.monotonic())
+        with self._lock:
+            self._pending[request_id] = pending
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = struct.pack("<Q", request_id)
+        info = self._client.publish(topic or protocol.request_topic(self.model_hash), payload, qos=1,
+                                    properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("device %s: publish failed: %s", self.device_id, mqtt.error_string(info.rc))
+        return pending
+
+    def wait(self, request_id: int, pending: _Pending, timeout_s: float | None = None) -> Reply | None:
+        pending.event.wait(self.timeout_s if timeout_s is None else timeout_s)
+        with self._lock:
+            self._pending.pop(request_id, None)
+            self._answered.add(request_id)
+        return pending.reply
+
+    def request(self, header: RequestHeader, split: np.ndarray) -> tuple[Reply | None, int]:
+        """Send one split and wait for its reply; (reply or None on timeout, round trip us)."""
+        pending = self.send(protocol.encode_request(header, split), header.request_id)
+        reply = self.wait(header.request_id, pending)
+        end = pending.received if reply is not None else time.monotonic()
+        return reply, int((end - pending.sent) * 1e6)
+
+    # ---- paho callbacks ------------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("device %s: broker refused: %s", self.device_id, reason_code)
+            return
+        client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
+                          (self._model_threshold_topic, SubscribeOptions(qos=1)),
+                          (self._device_threshold_topic, SubscribeOptions(qos=1))])
+        client.publish(protocol.status_topic(self.device_id), b"online", qos=1, retain=True)
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
+            value = protocol.decode_threshold(message.payload)
+            with self._lock:
+                old = self._thresholds.get(message.topic)
+                self._thresholds[message.topic] = value
+            if value != old:
+                log.info("device %s: threshold on %s now %s", self.device_id, message.topic, value)
+            return
+        received = time.monotonic()
+        try:
+            reply = protocol.decode_reply(message.payload)
+        except protocol.ProtocolError as error:
+            log.warning("device %s: undecodable reply: %s", self.device_id, error)
+            with self._lock:
+                self.undecodable += 1
+            return
+        correlation = getattr(message.properties, "CorrelationData", None)
+        request_id = struct.unpack("<Q", correlation)[0] if correlation and len(correlation) == 8 else reply.request_id
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is None or pending.reply is not None:
+                if pending is not None or request_id in self._answered:
+                    self.duplicates += 1
+                else:
+                    self.misrouted += 1
+                return
+            pending.reply = reply
+            pending.received = received
+        pending.event.set()
+
+
+# ---- whole simulations -----------------------------------------------------------------------------
+
+@dataclass
+class SimReport:
+    outcomes: list[SampleOutcome]
+    duplicates: int
+    misrouted: int
+    wall_s: float
+
+    def count(self, source: str) -> int:
+        return sum(1 for outcome in self.outcomes if outcome.source == source)
+
+    @property
+    def lost(self) -> int:
+        return self.count("fallback")
+
+
+def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
+    height, width, channels = program.split_hwc
+    return RequestHeader(model_hash, len(program.layers), channels, height, width, request_id, device_id,
+                         time.monotonic_ns() // 1000, Packing.BITS_U64)
+
+
+def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
+                entropy: np.ndarray, local_class: np.ndarray, n_devices: int, requests_per_device: int,
+                timeout_s: float = 5.0, all_to_server: bool = False, window: int = 1,
+                sample_indices: Sequence[int] | None = None, device_prefix: str = "sim") -> SimReport:
+    """``n_devices`` concurrent devices each classifying ``requests_per_device`` samples; device d takes
+    samples (d * requests_per_device + i) mod N. ``window`` requests may be outstanding per device. The exit
+    decision uses each device's live threshold (retained threshold topics), as the C runner does."""
+    n_samples = len(split_words)
+    devices = [SimDevice(f"{device_prefix}{d}", host, port, model_hash, timeout_s,
+                         default_threshold=program.threshold).start() for d in range(n_devices)]
+    outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
+
+    def drive(d: int) -> None:
+        device = devices[d]
+        in_flight: list[tuple[int, int, _Pending]] = []
+
+        def finish(index: int, request_id: int, pending: _Pending) -> None:
+            reply = device.wait(request_id, pending)
+            end = pending.received if reply is not None else time.monotonic()
+            rtt = int((end - pending.sent) * 1e6)
+            if reply is None:
+                source, final, status, server_us = "fallback", int(local_class[index]), -1, 0
+            elif reply.status != protocol.Status.OK:
+                source, final, status, server_us = "error", int(local_class[index]), int(reply.status), 0
+            else:
+                source, final, status, server_us = "server", reply.class_id, 0, reply.server_us
+            outcomes[d].append(SampleOutcome(device.device_id, index, request_id, source, final,
+                                             int(local_class[index]), device.threshold, status, rtt, server_us))
+
+        for i in range(requests_per_device):
+            position = d * requests_per_device + i
+            index = int(sample_indices[position % len(sample_indices)]) if sample_indices is not None \
+                else position % n_samples
+            threshold = device.threshold
+            if not all_to_server and bool(exit_decision(entropy[index:index + 1], threshold)[0]):
+                outcomes[d].append(SampleOutcome(device.device_id, index, 0, "local", int(local_class[index]),
+                                                 int(local_class[index]), threshold))
+                continue
+            request_id = device.next_request_id()
+            header = split_header(program, model_hash, request_id, device.device_id)
+            pending = device.send(protocol.encode_request(header, split_words[index]), request_id)
+            in_flight.append((index, request_id, pending))
+            if len(in_flight) >= window:
+                finish(*in_flight.pop(0))
+        for item in in_flight:
+            finish(*item)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=drive, args=(d,), daemon=True) for d in range(n_devices)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # Late duplicates would arrive within a moment of the last reply.
+        time.sleep(0.2)
+    finally:
+        for device in devices:
+            device.stop()
+    wall = time.monotonic() - started
+    return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
+                     sum(dev.misrouted for dev in devices), wall)

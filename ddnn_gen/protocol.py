@@ -1,0 +1,287 @@
+"""Wire format between devices and ``ddnn-server`` (see docs/protocol.md): pure encode/decode, no MQTT.
+
+A request is a fixed 88-byte little-endian header followed by the split-layer activations exactly
+as the device holds them (HWC, channels packed into uint64 words, little-endian). A reply is a
+fixed 32-byte header, the top-k (class, probability) pairs and an optional utf-8 error message.
+The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same byte layouts.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+REQUEST_MAGIC = b"DDNQ"
+REPLY_MAGIC = b"DDNR"
+PROTOCOL_VERSION = 1
+HASH_BYTES = 16
+DEVICE_ID_BYTES = 32
+
+# magic, version, packing, header_len, model hash, split layer, C, H, W, request id, device time (us),
+# payload words, reserved, device id
+_REQUEST = struct.Struct("<4sBBH16sHHHHQQII32s")
+REQUEST_HEADER_BYTES = _REQUEST.size  # 88: the payload starts 8-byte aligned
+
+# magic, version, status, top-k count, request id, class, server compute us, queue wait us, message length,
+# reserved
+_REPLY = struct.Struct("<4sBBHQiIIHH")
+REPLY_HEADER_BYTES = _REPLY.size  # 32
+_TOPK = struct.Struct("<Hxxf")
+
+TOPIC_ROOT = "ddnn"
+DEFAULT_SHARE_GROUP = "ddnn-servers"
+# The largest split this protocol carries (bit-packed): generous for any device tier, small enough
+# that a single bad request cannot make a server allocate much.
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+MAX_REQUEST_BYTES = REQUEST_HEADER_BYTES + MAX_PAYLOAD_BYTES
+
+
+class Packing(enum.IntEnum):
+    """How the payload holds the activations."""
+
+    BITS_U64 = 1  # channels packed into little-endian uint64 words per pixel, bit 1 = +1, padding bits 0
+    FLOAT32 = 2  # float32 HWC values (non-binary splits and tooling); must be finite
+
+
+class Status(enum.IntEnum):
+    """Reply status codes; the C twin mirrors these numbers in ddnn_protocol.h."""
+
+    OK = 0
+    MALFORMED = 1
+    BAD_MAGIC = 2
+    BAD_VERSION = 3
+    UNKNOWN_MODEL = 4
+    SHAPE_MISMATCH = 5
+    TOO_LARGE = 6
+    NON_FINITE = 7
+    INTERNAL = 8
+    UNAVAILABLE = 9
+
+
+class ProtocolError(Exception):
+    """A request or reply that cannot be decoded; ``status`` says which reply code it earns."""
+
+    def __init__(self, status: Status, message: str, request_id: int = 0, device_id: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+        self.device_id = device_id
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    model_hash: bytes  # first 16 bytes of the model's sha256 content hash
+    split_layer: int  # index of the first server layer == number of device layers
+    channels: int
+    height: int
+    width: int
+    request_id: int
+    device_id: str
+    device_time_us: int = 0
+    packing: Packing = Packing.BITS_U64
+
+    @property
+    def words_per_pixel(self) -> int:
+        return (self.channels + 63) // 64
+
+    @property
+    def payload_words(self) -> int:
+        """Number of 64-bit (BITS_U64) or 32-bit (FLOAT32) elements the payload must hold."""
+        if self.packing == Packing.BITS_U64:
+            return self.height * self.width * self.words_per_pixel
+        return self.height * self.width * self.channels
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.payload_words * (8 if self.packing == Packing.BITS_U64 else 4)
+
+
+@dataclass(frozen=True)
+class Request:
+    header: RequestHeader
+    payload: np.ndarray  # uint64 (H, W, words) or float32 (H, W, C)
+
+
+@dataclass(frozen=True)
+class Reply:
+    request_id: int
+    status: Status
+    class_id: int = -1
+    top_k: tuple[tuple[int, float], ...] = ()
+    server_us: int = 0
+    queue_us: int = 0
+    message: str = ""
+
+
+def _device_id_bytes(device_id: str) -> bytes:
+    raw = device_id.encode()
+    if not raw or len(raw) > DEVICE_ID_BYTES or b"\0" in raw:
+        raise ValueError(f"device id must be 1..{DEVICE_ID_BYTES} utf-8 bytes without NUL, got {device_id!r}")
+    return raw
+
+
+def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
+    """Header + payload bytes; ``payload`` is one sample's split (uint64 words or float32 values)."""
+    dtype = "<u8" if header.packing == Packing.BITS_U64 else "<f4"
+    body = np.ascontiguousarray(payload, dtype=dtype).tobytes()
+    if len(body) != header.payload_bytes:
+        raise ValueError(f"payload has {len(body)} bytes, header says {header.payload_bytes}")
+    head = _REQUEST.pack(REQUEST_MAGIC, PROTOCOL_VERSION, int(header.packing), REQUEST_HEADER_BYTES,
+                         header.model_hash, header.split_layer, header.channels, header.height, header.width,
+                         header.request_id, header.device_time_us, header.payload_words, 0,
+                         _device_id_bytes(header.device_id))
+    return head + body
+
+
+def peek_request_ids(data: bytes) -> tuple[int, str]:
+    """Best-effort (request id, device id) of a request too broken to decode, for its error reply."""
+    if len(data) < REQUEST_HEADER_BYTES or data[:4] != REQUEST_MAGIC:
+        return 0, ""
+    fields = _REQUEST.unpack_from(data)
+    return fields[9], fields[13].rstrip(b"\0").decode(errors="replace")
+
+
+def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> RequestHeader:
+    """Validate and decode the header without touching the payload (size checked first)."""
+    if len(data) > max_bytes:
+        request_id, device_id = peek_request_ids(data)
+        raise ProtocolError(Status.TOO_LARGE, f"request of {len(data)} bytes exceeds the {max_bytes}-byte limit",
+                            request_id, device_id)
+    if len(data) < 4 or data[:4] != REQUEST_MAGIC:
+        raise ProtocolError(Status.BAD_MAGIC, f"bad magic {bytes(data[:4])!r} (expected {REQUEST_MAGIC!r})")
+    if len(data) < REQUEST_HEADER_BYTES:
+        raise ProtocolError(Status.MALFORMED, f"request of {len(data)} bytes is shorter than its "
+                            f"{REQUEST_HEADER_BYTES}-byte header")
+    (_, version, packing, header_len, model_hash, split_layer, channels, height, width, request_id, device_time,
+     payload_words, _, device_raw) = _REQUEST.unpack_from(data)
+    device_id = device_raw.rstrip(b"\0").decode(errors="replace")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(Status.BAD_VERSION, f"protocol version {version} (this server speaks "
+                            f"{PROTOCOL_VERSION})", request_id, device_id)
+    if header_len != REQUEST_HEADER_BYTES:
+        raise ProtocolError(Status.MALFORMED, f"header length {header_len} != {REQUEST_HEADER_BYTES}",
+                            request_id, device_id)
+    if packing not in (Packing.BITS_U64, Packing.FLOAT32):
+        raise ProtocolError(Status.MALFORMED, f"unknown packing {packing}", request_id, device_id)
+    if not device_id:
+        raise ProtocolError(Status.MALFORMED, "empty device id", request_id, device_id)
+    header = RequestHeader(model_hash, split_layer, channels, height, width, request_id, device_id, device_time,
+                           Packing(packing))
+    if min(channels, height, width) == 0:
+        raise ProtocolError(Status.SHAPE_MISMATCH, f"empty split shape C/H/W = {channels}/{height}/{width}",
+                            request_id, device_id)
+    if payload_words != header.payload_words:
+        raise ProtocolError(Status.MALFORMED, f"header says {payload_words} payload words, C/H/W imply "
+                            f"{header.payload_words}", request_id, device_id)
+    if len(data) - REQUEST_HEADER_BYTES != header.payload_bytes:
+        raise ProtocolError(Status.MALFORMED, f"payload has {len(data) - REQUEST_HEADER_BYTES} bytes, header "
+                            f"says {header.payload_bytes}", request_id, device_id)
+    return header
+
+
+def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
+    """The payload of an already validated request, checked for padding bits / non-finite values."""
+    body = memoryview(data)[REQUEST_HEADER_BYTES:]
+    if header.packing == Packing.BITS_U64:
+        words = np.frombuffer(body, dtype="<u8").reshape(header.height, header.width, header.words_per_pixel)
+        spare = header.words_per_pixel * 64 - header.channels
+        # Padding bits are zero by definition of the layout; set ones mean a sender with another shape.
+        if spare and np.any(words[..., -1] >> np.uint64(64 - spare)):
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"padding bits above channel {header.channels} are set",
+                                header.request_id, header.device_id)
+        return words
+    values = np.frombuffer(body, dtype="<f4").reshape(header.height, header.width, header.channels)
+    if not np.all(np.isfinite(values)):
+        raise ProtocolError(Status.NON_FINITE, "payload holds non-finite values", header.request_id,
+                            header.device_id)
+    return values
+
+
+def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
+    header = decode_request_header(data, max_bytes)
+    return Request(header, decode_payload(header, data))
+
+
+def encode_reply(reply: Reply) -> bytes:
+    message = reply.message.encode()[:1024]
+    top = b"".join(_TOPK.pack(class_id, probability) for class_id, probability in reply.top_k)
+    head = _REPLY.pack(REPLY_MAGIC, PROTOCOL_VERSION, int(reply.status), len(reply.top_k), reply.request_id,
+                       reply.class_id, min(reply.server_us, 0xFFFFFFFF), min(reply.queue_us, 0xFFFFFFFF),
+                       len(message), 0)
+    return head + top + message
+
+
+def decode_reply(data: bytes) -> Reply:
+    if len(data) < REPLY_HEADER_BYTES or data[:4] != REPLY_MAGIC:
+        raise ProtocolError(Status.MALFORMED, f"not a reply ({len(data)} bytes)")
+    _, version, status, n_top, request_id, class_id, server_us, queue_us, message_len, _ = _REPLY.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(Status.BAD_VERSION, f"reply protocol version {version}")
+    expected = REPLY_HEADER_BYTES + n_top * _TOPK.size + message_len
+    if len(data) != expected:
+        raise ProtocolError(Status.MALFORMED, f"reply has {len(data)} bytes, header implies {expected}")
+    top_k = tuple(_TOPK.unpack_from(data, REPLY_HEADER_BYTES + i * _TOPK.size) for i in range(n_top))
+    message = bytes(data[expected - message_len:]).decode(errors="replace")
+    return Reply(request_id, Status(status) if status in Status._value2member_map_ else Status.INTERNAL,
+                 class_id, tuple((int(c), float(p)) for c, p in top_k), server_us, queue_us, message)
+
+
+# ---- topics -------------------------------------------------------------------------------------------
+
+def model_key(model_hash: bytes) -> str:
+    """Topic segment naming a model: hex of the 16 wire hash bytes."""
+    return model_hash.hex()
+
+
+def request_topic(model_hash: bytes) -> str:
+    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}"
+
+
+def request_subscription(group: str = DEFAULT_SHARE_GROUP) -> str:
+    """Every server subscribes to all models through one shared group, so unknown hashes get error replies."""
+    return f"$share/{group}/{TOPIC_ROOT}/req/+"
+
+
+def reply_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/reply/{device_id}"
+
+
+def threshold_topic(model_hash: bytes, device_id: str | None = None) -> str:
+    base = f"{TOPIC_ROOT}/threshold/{model_key(model_hash)}"
+    return base if device_id is None else f"{base}/{device_id}"
+
+
+def status_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/status/{device_id}"
+
+
+def server_status_topic(server_id: str) -> str:
+    return f"{TOPIC_ROOT}/server/{server_id}/status"
+
+
+def encode_threshold(value: float) -> bytes:
+    """Thresholds travel as short ASCII decimals so operators can also set them with mosquitto_pub."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {value}")
+    return repr(float(value)).encode()
+
+
+def decode_threshold(payload: bytes) -> float | None:
+    """The threshold in a retained message; None for an empty (cleared) or unparsable one."""
+    try:
+        value = float(payload.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def check_device_id(device_id: str) -> str:
+    """Device ids end up in topic names: no wildcards, separators or NUL."""
+    _device_id_bytes(device_id)
+    if any(ch in device_id for ch in "/+#") or not device_id.isprintable():
+        raise ValueError(f"device id {device_id!r} may not contain '/', '+', '#' or control characters")
+    return device_id

@@ -1,0 +1,161 @@
+"""Wiring: transport -> validation -> per-model batcher -> worker pool -> replies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ddnn_server.batching import Batcher, Job
+from ddnn_server.store import ModelStore, ServedModel
+from ddnn_server.transport import Incoming, Transport
+
+from ddnn_gen import protocol
+from ddnn_gen.protocol import ProtocolError, Reply, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    host: str
+    port: int
+    models: str | Path
+    workers: int = 2
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    group: str = protocol.DEFAULT_SHARE_GROUP
+    server_id: str | None = None  # a fixed id makes the session persistent (crash recovery)
+    session_expiry_s: int = 300
+    max_request_bytes: int = protocol.MAX_REQUEST_BYTES
+    top_k: int = 3
+    gpu: int | None = None
+
+
+@dataclass
+class _Work:
+    header: protocol.RequestHeader
+    payload: np.ndarray
+    incoming: Incoming
+    model: ServedModel
+
+
+class Server:
+    def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
+        self.config = config
+        if store is None:
+            store = ModelStore(gpu=config.gpu)
+            store.load_dir(config.models)
+        self.store = store
+        self.batcher = Batcher(config.max_batch, config.max_wait_ms)
+        persistent = config.server_id is not None
+        client_id = config.server_id or f"ddnn-server-{socket.gethostname()}-{os.getpid()}"
+        self.transport = Transport(config.host, config.port, client_id, config.group, self._on_request,
+                                   persistent, config.session_expiry_s)
+        self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
+                         for i in range(max(1, config.workers))]
+        self._closing = False
+        self.stats = {"ok": 0, "errors": 0, "batches": 0}
+        self._stats_lock = threading.Lock()
+
+    def start(self) -> Server:
+        for worker in self._workers:
+            worker.start()
+        self.transport.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop taking work, answer everything already received, then disconnect cleanly."""
+        log.info("stopping: no new requests; finishing %d queued", self.batcher.pending)
+        self.transport.stop_taking_work()
+        self._closing = True
+        self.batcher.close()
+        for worker in self._workers:
+            worker.join()
+        self.transport.wait_replies_acked()
+        self.transport.close()
+        log.info("stopped after %d replies, %d errors, %d batches", self.stats["ok"], self.stats["errors"],
+                 self.stats["batches"])
+
+    # ---- request intake (network thread) -------------------------------------------------------------
+
+    def _on_request(self, incoming: Incoming) -> None:
+        data = incoming.payload
+        try:
+            # Size first: an oversized payload is rejected before anything looks inside it.
+            header = protocol.decode_request_header(data, self.config.max_request_bytes)
+            model = self.store.get(header.model_hash)
+            if model is None:
+                raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
+                                    header.request_id, header.device_id)
+            model.check(header)
+            payload = protocol.decode_payload(header, data)
+        except ProtocolError as error:
+            request_id, device_id = error.request_id, error.device_id
+            if not device_id:
+                request_id, device_id = protocol.peek_request_ids(data[:protocol.REQUEST_HEADER_BYTES])
+            log.warning("bad request (%d bytes) on %s from %r: %s: %s", len(data), incoming.topic, device_id,
+                        error.status.name, error)
+            self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)
+            return
+        work = _Work(header, payload, incoming, model)
+        try:
+            self.batcher.put(Job(model.hash_bytes, work, incoming))
+        except RuntimeError:
+            self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
+
+    # ---- workers -------------------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while True:
+            batch = self.batcher.next_batch()
+            if batch is None:
+                return
+            started = time.monotonic()
+            works: list[_Work] = [job.payload for job in batch]
+            queue_us = [int((started - job.arrived) * 1e6) for job in batch]
+            self._run_batch(works, started, queue_us)
+
+    def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
+        queue_us = queue_us or [0] * len(works)
+        # One model per batch by construction; packings may differ (bits vs float tooling requests).
+        groups: dict[protocol.Packing, list[int]] = {}
+        for index, work in enumerate(works):
+            groups.setdefault(work.header.packing, []).append(index)
+        for packing, indices in groups.items():
+            model = works[indices[0]].model
+            try:
+                logits = model.forward(model.server_input([works[i].payload for i in indices], packing))
+            except Exception as error:  # a model bug must cost this batch, not the server
+                log.exception("forward failed for %d requests of %s", len(indices), model.name)
+                for i in indices:
+                    self._send(works[i].incoming, works[i].header.device_id,
+                               Reply(works[i].header.request_id, Status.INTERNAL, message=f"server error: {error}"),
+                               ok=False)
+                continue
+            server_us = int((time.monotonic() - started) * 1e6)
+            probabilities = _softmax(logits)
+            k = min(self.config.top_k, probabilities.shape[1])
+            for row, i in enumerate(indices):
+                order = np.argsort(-probabilities[row], kind="stable")[:k]
+                reply = Reply(works[i].header.request_id, Status.OK, int(np.argmax(logits[row])),
+                              tuple((int(c), float(probabilities[row, c])) for c in order), server_us, queue_us[i])
+                self._send(works[i].incoming, works[i].header.device_id, reply, ok=True)
+        with self._stats_lock:
+            self.stats["batches"] += 1
+
+    def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool) -> None:
+        self.transport.reply(incoming, device_id, protocol.encode_reply(reply))
+        with self._stats_lock:
+            self.stats["ok" if ok else "errors"] += 1
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exps = np.exp(shifted)
+    return exps / exps.sum(axis=1, keepdims=True)

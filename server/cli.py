@@ -1,0 +1,77 @@
+"""``ddnn-server``: resume DDNN inference at the split layer for devices talking MQTT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+import click
+from ddnn_server.app import Server, ServerConfig
+
+from ddnn_gen import protocol
+from ddnn_gen.broker import Broker, parse_broker
+from ddnn_gen.errors import DdnnError
+
+log = logging.getLogger("ddnn_server")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
+              help="MQTT broker; default: start a private Mosquitto on a free loopback port.")
+@click.option("--models", "models_dir", required=True, type=click.Path(exists=True),
+              help="Directory of model files (*.npz), or one model file.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Largest batch of requests for one model.")
+@click.option("--max-wait-ms", default=2.0, show_default=True, type=click.FloatRange(0, 10000),
+              help="How long the oldest request waits for others to batch with.")
+@click.option("--group", default=protocol.DEFAULT_SHARE_GROUP, show_default=True,
+              help="Shared-subscription group; servers in one group split the load.")
+@click.option("--server-id", default=None,
+              help="Fixed MQTT client id: makes the session persistent so a restarted server gets the "
+                   "requests that were in flight when it died.")
+@click.option("--session-expiry", default=300, show_default=True, type=click.IntRange(0, 2**31),
+              help="Seconds the broker keeps a --server-id session while the server is away.")
+@click.option("--max-request-bytes", default=protocol.MAX_REQUEST_BYTES, show_default=True,
+              type=click.IntRange(protocol.REQUEST_HEADER_BYTES + 8, 2**30))
+@click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
+              help="Run the server tier on this CUDA device with CuPy (optional).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(broker_address: str | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float, group: str,
+         server_id: str | None, session_expiry: int, max_request_bytes: int, gpu: int | None, verbose: int) -> None:
+    """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    broker: Broker | None = None
+    try:
+        if broker_address is None:
+            broker = Broker().start()
+            click.echo(f"ddnn-server: started private mosquitto at {broker.address}", err=True)
+            host, port = broker.host, broker.port
+        else:
+            host, port = parse_broker(broker_address)
+        config = ServerConfig(host, port, models_dir, workers, max_batch, max_wait_ms, group, server_id,
+                              session_expiry, max_request_bytes, gpu=gpu)
+        server = Server(config).start()
+    except DdnnError as error:
+        if broker is not None:
+            broker.cleanup()
+        raise click.ClickException(str(error)) from error
+    stop = threading.Event()
+
+    def _signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    models = ", ".join(f"{m.name}={protocol.model_key(m.hash_bytes)}" for m in server.store.models())
+    # Tests and scripts wait for this line before sending work.
+    click.echo(f"ddnn-server: ready on {host}:{port} serving {models}", err=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    if broker is not None:
+        broker.cleanup()

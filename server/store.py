@@ -1,0 +1,138 @@
+"""Models the server can resume, keyed by the 16 wire bytes of their content hash."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chainer
+import numpy as np
+
+from ddnn_gen.errors import DdnnError, ModelFileError
+from ddnn_gen.fold import DeviceProgram, fold
+from ddnn_gen.modelfile import LoadedModel, load_model
+from ddnn_gen.protocol import Packing, ProtocolError, RequestHeader, Status, model_key
+from ddnn_gen.reference import split_to_server_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One loaded model plus what the server checks requests against."""
+
+    loaded: LoadedModel
+    program: DeviceProgram
+    xp: Any = np  # numpy, or cupy with --gpu
+
+    @property
+    def hash_bytes(self) -> bytes:
+        return self.loaded.hash_bytes
+
+    @property
+    def name(self) -> str:
+        return self.loaded.spec.name
+
+    @property
+    def split_layer(self) -> int:
+        """Index of the first server layer in the whole network == number of device layers."""
+        return len(self.loaded.spec.device.layers)
+
+    @property
+    def split_chw(self) -> tuple[int, int, int]:
+        height, width, channels = self.program.split_hwc
+        return channels, height, width
+
+    def check(self, header: RequestHeader) -> None:
+        """Raise ProtocolError unless the request's split matches this model."""
+        channels, height, width = self.split_chw
+        if header.split_layer != self.split_layer:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"split layer {header.split_layer}, model {self.name} "
+                                f"splits at {self.split_layer}", header.request_id, header.device_id)
+        if (header.channels, header.height, header.width) != (channels, height, width):
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"split C/H/W {header.channels}/{header.height}/"
+                                f"{header.width}, model {self.name} sends {channels}/{height}/{width}",
+                                header.request_id, header.device_id)
+
+    def server_input(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
+        """Stack one batch of payloads into the server tier's +-1 float32 input."""
+        if packing == Packing.BITS_U64:
+            return split_to_server_input(self.program, np.stack(payloads))
+        values = np.stack(payloads).astype(np.float32)  # (N, H, W, C)
+        if len(self.loaded.spec.split_shape) == 1:
+            return values.reshape(len(values), -1)
+        return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+
+    def forward(self, server_input: np.ndarray) -> np.ndarray:
+        """Final-exit logits (N, K) as float64 on the host, in Chainer test mode."""
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            logits = self.loaded.model.server_forward(self.xp.asarray(server_input)).array
+        return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
+
+
+class ModelStore:
+    """Loads every model file in a directory once; thread-safe lookups by wire hash."""
+
+    def __init__(self, gpu: int | None = None) -> None:
+        self._models: dict[bytes, ServedModel] = {}
+        self._lock = threading.Lock()
+        self._gpu = gpu
+
+    def add_file(self, path: str | Path) -> ServedModel:
+        loaded = load_model(path)
+        served = ServedModel(loaded, fold(loaded))
+        if self._gpu is not None:
+            served = _to_gpu(served, self._gpu)
+        with self._lock:
+            existing = self._models.get(loaded.hash_bytes)
+            if existing is not None:
+                log.info("%s has the same content hash as %s; serving it once", path, existing.loaded.path)
+                return existing
+            self._models[loaded.hash_bytes] = served
+        log.info("serving %s (%s) hash %s split C/H/W %s", served.name, path, model_key(served.hash_bytes),
+                 "/".join(map(str, served.split_chw)))
+        return served
+
+    def load_dir(self, directory: str | Path) -> list[ServedModel]:
+        folder = Path(directory)
+        if folder.is_file():
+            return [self.add_file(folder)]
+        if not folder.is_dir():
+            raise ModelFileError(f"{folder}: no such model directory")
+        served = []
+        for path in sorted(folder.glob("*.npz")):
+            try:
+                served.append(self.add_file(path))
+            except DdnnError as error:
+                # One bad file must not keep the others from being served.
+                log.error("skipping %s: %s", path, error)
+        if not served:
+            raise ModelFileError(f"{folder}: no loadable model files (*.npz)")
+        return served
+
+    def get(self, model_hash: bytes) -> ServedModel | None:
+        with self._lock:
+            return self._models.get(bytes(model_hash))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+    def models(self) -> list[ServedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+
+def _to_gpu(served: ServedModel, device_id: int) -> ServedModel:
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        raise DdnnError("--gpu needs CuPy (pip install cupy-cuda12x); it is not installed") from exc
+    device = chainer.get_device(f"@cupy:{device_id}")
+    served.loaded.model.to_device(device)
+    device.use()
+    served.xp = device.xp
+    return served

@@ -1,0 +1,137 @@
+"""Offline tests of the wire format (ddnn_gen/protocol.py): byte layout, round trips, rejections."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from ddnn_gen import protocol
+from ddnn_gen.fold import pack_bits
+from ddnn_gen.protocol import Packing, ProtocolError, Reply, RequestHeader, Status
+
+HASH = bytes(range(16))
+
+
+def _header(channels: int = 33, height: int = 2, width: int = 3, packing: Packing = Packing.BITS_U64,
+            request_id: int = 0x0102030405060708) -> RequestHeader:
+    return RequestHeader(HASH, 2, channels, height, width, request_id, "dev-1", 123456789, packing)
+
+
+def _bits(channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return pack_bits(rng.random((height, width, channels)) < 0.5)
+
+
+def test_request_layout_is_fixed_little_endian() -> None:
+    header = _header()
+    data = protocol.encode_request(header, _bits(33, 2, 3))
+    assert protocol.REQUEST_HEADER_BYTES == 88
+    assert data[:4] == b"DDNQ" and data[4] == 1 and data[5] == Packing.BITS_U64
+    assert struct.unpack_from("<H", data, 6)[0] == 88
+    assert data[8:24] == HASH
+    assert struct.unpack_from("<HHHH", data, 24) == (2, 33, 2, 3)
+    assert struct.unpack_from("<QQI", data, 32) == (0x0102030405060708, 123456789, 2 * 3 * 1)
+    assert data[56:88] == b"dev-1" + bytes(27)
+    assert len(data) == 88 + 2 * 3 * 1 * 8  # 33 channels fit one word
+
+
+@pytest.mark.parametrize("channels", [1, 31, 32, 33, 64, 65, 128])
+def test_request_round_trip(channels: int) -> None:
+    split = _bits(channels, 3, 2, seed=channels)
+    decoded = protocol.decode_request(protocol.encode_request(_header(channels, 3, 2), split))
+    assert decoded.header == _header(channels, 3, 2)
+    np.testing.assert_array_equal(decoded.payload, split)
+
+
+def test_float_packing_round_trip_and_non_finite() -> None:
+    values = np.linspace(-1, 1, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    header = _header(4, 2, 3, Packing.FLOAT32)
+    np.testing.assert_array_equal(protocol.decode_request(protocol.encode_request(header, values)).payload, values)
+    values[1, 2, 3] = np.nan
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode_request(protocol.encode_request(header, values))
+    assert error.value.status == Status.NON_FINITE and error.value.request_id == header.request_id
+
+
+@pytest.mark.parametrize(("mutate", "status"), [
+    (lambda d: d[:50], Status.MALFORMED),  # truncated header
+    (lambda d: d[:-8], Status.MALFORMED),  # truncated payload
+    (lambda d: d + b"\0" * 8, Status.MALFORMED),  # trailing bytes
+    (lambda d: b"XXXX" + d[4:], Status.BAD_MAGIC),
+    (lambda d: b"", Status.BAD_MAGIC),
+    (lambda d: d[:4] + b"\x09" + d[5:], Status.BAD_VERSION),
+    (lambda d: d[:5] + b"\x07" + d[6:], Status.MALFORMED),  # unknown packing
+    (lambda d: d[:48] + struct.pack("<I", 5) + d[52:], Status.MALFORMED),  # word count disagrees
+    (lambda d: d[:26] + struct.pack("<H", 0) + d[28:], Status.SHAPE_MISMATCH),  # C == 0
+    (lambda d: d[:56] + bytes(32) + d[88:], Status.MALFORMED),  # no device id
+])
+def test_bad_requests_are_rejected_with_a_status(mutate: object, status: Status) -> None:
+    data = protocol.encode_request(_header(), _bits(33, 2, 3))
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode_request(mutate(data))  # type: ignore[operator]
+    assert error.value.status == status
+
+
+def test_padding_bits_must_be_zero() -> None:
+    split = _bits(33, 2, 3)
+    split[1, 1, 0] |= np.uint64(1) << np.uint64(40)  # channel 40 does not exist
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode_request(protocol.encode_request(_header(), split))
+    assert error.value.status == Status.SHAPE_MISMATCH
+
+
+def test_oversized_rejected_before_decoding() -> None:
+    data = protocol.encode_request(_header(), _bits(33, 2, 3)) + bytes(10_000_000)
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode_request_header(data, max_bytes=1 << 20)
+    assert error.value.status == Status.TOO_LARGE
+    assert (error.value.request_id, error.value.device_id) == (0x0102030405060708, "dev-1")
+
+
+def test_random_bytes_never_crash() -> None:
+    rng = np.random.default_rng(7)
+    for length in [0, 1, 3, 4, 87, 88, 89, 200, 5000]:
+        for _ in range(20):
+            data = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+            if length >= 4 and rng.random() < 0.5:
+                data = b"DDNQ" + data[4:]
+            try:
+                protocol.decode_request(data)
+            except ProtocolError as error:
+                assert isinstance(error.status, Status)
+
+
+def test_encode_rejects_wrong_payload_and_device_id() -> None:
+    with pytest.raises(ValueError):
+        protocol.encode_request(_header(), _bits(33, 2, 2))
+    with pytest.raises(ValueError):
+        protocol.encode_request(RequestHeader(HASH, 2, 33, 2, 3, 1, "x" * 33), _bits(33, 2, 3))
+    with pytest.raises(ValueError):
+        protocol.check_device_id("a/b")
+
+
+def test_reply_round_trip_and_layout() -> None:
+    reply = Reply(42, Status.OK, 7, ((7, 0.75), (2, 0.125)), server_us=1500, queue_us=300)
+    data = protocol.encode_reply(reply)
+    assert data[:4] == b"DDNR" and len(data) == 32 + 2 * 8
+    assert struct.unpack_from("<BBHQiIIHH", data, 4) == (1, 0, 2, 42, 7, 1500, 300, 0, 0)
+    assert protocol.decode_reply(data) == reply
+    error = Reply(9, Status.UNKNOWN_MODEL, message="unknown model hash ab")
+    assert protocol.decode_reply(protocol.encode_reply(error)) == error
+    with pytest.raises(ProtocolError):
+        protocol.decode_reply(data[:-1])
+
+
+def test_topics_and_thresholds() -> None:
+    assert protocol.request_topic(HASH) == "ddnn/req/000102030405060708090a0b0c0d0e0f"
+    assert protocol.request_subscription("g") == "$share/g/ddnn/req/+"
+    assert protocol.threshold_topic(HASH) == "ddnn/threshold/000102030405060708090a0b0c0d0e0f"
+    assert protocol.threshold_topic(HASH, "d7") == "ddnn/threshold/000102030405060708090a0b0c0d0e0f/d7"
+    assert protocol.decode_threshold(protocol.encode_threshold(0.25)) == 0.25
+    assert protocol.decode_threshold(b"") is None
+    assert protocol.decode_threshold(b"nan") is None
+    assert protocol.decode_threshold(b"-1") is None
+    with pytest.raises(ValueError):
+        protocol.encode_threshold(float("inf"))
