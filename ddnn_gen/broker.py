@@ -109,8 +109,14 @@ class Broker:
             return self
         self._write_config()
         self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self._process = subprocess.Popen([self.executable, "-c", str(self.config_path)], stdout=self._log_handle,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self._process = subprocess.Popen([self.executable, "-c", str(self.config_path)],
+                                             stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self._close_log()
+            raise BrokerError(f"cannot run {self.executable}: {exc}; mosquitto is not installed "
+                              "(apt-get install mosquitto) or pass --broker HOST:PORT") from exc
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
