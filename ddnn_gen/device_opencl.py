@@ -129,7 +129,9 @@ class OpenCLDevice:
         self.sums_buffer = self._buffer(self.max_batch * program.n_classes * 4, writable=True)
         self.kernels = []
         for plan, layer, buffer in zip(self.plans, program.layers, self.act_buffers):
-            weights = layer.weights.astype(np.int8) if layer.kind == "fconv" else layer.packed_weights
+            # FConv weights in the C runtime's (KH, KW, IC, OC) order; binary layers packed (OC, ..., words).
+            weights = (np.ascontiguousarray(layer.weights.transpose(1, 2, 3, 0), dtype=np.int8)
+                       if layer.kind == "fconv" else layer.packed_weights)
             kernel = self._cl.Kernel(self.cl_program, plan.name)
             kernel.set_args(self.input_buffer, self._buffer(weights),
                             self._buffer(layer.threshold.astype(np.int32)),
