@@ -1,0 +1,81 @@
+"""Nothing is lost when a server dies (SIGKILL, restarted under its --server-id: persistent session and
+manual QoS 1 acks) or is stopped (SIGTERM while another server shares the load: in-flight work finished)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import require_tool
+from net_harness import Expected, ServerProcess, expectations
+
+from ddnn_gen.broker import Broker
+from ddnn_gen.device_sim import run_devices
+
+
+@pytest.fixture(scope="module")
+def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
+    return expectations(fmnist_model_path, fmnist_test.images[:500])  # type: ignore[attr-defined]
+
+
+@pytest.fixture()
+def broker() -> Iterator[Broker]:
+    require_tool("mosquitto")
+    with Broker() as running:
+        yield running
+
+
+def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **kwargs: object):  # noqa: ANN202
+    return run_devices(broker.host, broker.port, expected.program, expected.loaded.hash_bytes,
+                       expected.device.split_words, expected.device.entropy, expected.device.local_class,
+                       n_devices, per_device, all_to_server=True, **kwargs)  # type: ignore[arg-type]
+
+
+def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, expected: Expected,
+                                                            fmnist_model_path: object) -> None:
+    server = ServerProcess(broker.address, fmnist_model_path, workers=2, server_id="ddnn-test-recover").start()
+    restarted: list[ServerProcess] = []
+
+    def crash_and_restart() -> None:
+        time.sleep(1.0)
+        server.kill()  # SIGKILL: no clean shutdown, requests in flight and unacked
+        time.sleep(0.5)
+        restarted.append(ServerProcess(broker.address, fmnist_model_path, workers=2,
+                                       server_id="ddnn-test-recover").start())
+
+    chaos = threading.Thread(target=crash_and_restart)
+    chaos.start()
+    try:
+        report = _run(broker, expected, 6, 250, timeout_s=60.0, window=4)
+    finally:
+        chaos.join()
+        for process in restarted:
+            process.terminate()
+        server.kill()
+    assert len(restarted) == 1
+    assert restarted[0].replies_sent() > 0, "the run ended before the crash; it tests nothing"
+    assert report.count("server") == 1500, {s: report.count(s) for s in ("fallback", "error")}
+    assert report.misrouted == 0  # duplicates are allowed: QoS 1 is at-least-once across a crash
+    got = [o.final_class for o in report.outcomes]
+    assert got == [int(expected.server_class[o.index]) for o in report.outcomes]
+
+
+def test_sigterm_finishes_in_flight_work_while_another_server_takes_over(broker: Broker, expected: Expected,
+                                                                         fmnist_model_path: object) -> None:
+    leaving = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
+    staying = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
+    codes: list[int] = []
+    stopper = threading.Timer(1.0, lambda: codes.append(leaving.terminate()))
+    stopper.start()
+    try:
+        report = _run(broker, expected, 6, 200, timeout_s=30.0, window=4)
+    finally:
+        stopper.join()
+        staying.terminate()
+        leaving.kill()
+    assert codes == [0], leaving.output
+    assert report.count("server") == 1200 and report.duplicates == 0 and report.misrouted == 0
+    assert leaving.replies_sent() > 0 and staying.replies_sent() > 0
+    assert leaving.replies_sent() + staying.replies_sent() == 1200
