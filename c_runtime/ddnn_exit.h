@@ -1,0 +1,30 @@
+/* Local exit: binary linear -> logits in double -> normalized entropy -> exit decision. */
+#ifndef DDNN_EXIT_H
+#define DDNN_EXIT_H
+
+#include "ddnn_types.h"
+
+typedef struct {
+    const char *name;
+    int in_words;
+    int32_t n_valid;
+    int n_classes;
+    const ddnn_word *weights;  /* packed (K, H, W, words) */
+    const double *scale;       /* logits[k] = scale[k] * S_k + offset[k] */
+    const double *offset;
+} ddnn_exit_layer;
+
+/* Entropy of softmax(logits) divided by log(K), via log-sum-exp; NaN if any logit is not finite. */
+double ddnn_normalized_entropy(const double *logits, int n_classes);
+
+/* Index of the largest logit, ties to the lowest index; a NaN counts as largest (as numpy.argmax). */
+int32_t ddnn_argmax(const double *logits, int n_classes);
+
+/* Answer locally iff the entropy is finite and <= threshold. */
+int ddnn_exit_decision(double entropy, double threshold);
+
+/* Fills logits (n_classes doubles), returns the class; *entropy and *exit_local set. */
+int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,
+                  double *entropy, int *exit_local);
+
+#endif

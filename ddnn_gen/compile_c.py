@@ -1,0 +1,284 @@
+"""`ddnngen compile --target c`: render the device part as a self-contained C99 project.
+
+Every ``templates/c/*.j2`` is rendered into the output folder (file name minus ``.j2``) with
+the context built by :func:`render_context`, and every file of ``c_runtime/`` is copied next
+to it, so other targets' templates and runtime files are picked up without editing this
+module. Numbers are fixed here, in Python; the templates hold only loops and C spelling.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from ddnn_gen import __version__, targets
+from ddnn_gen.errors import CompileError
+from ddnn_gen.fold import DeviceProgram, FoldedLayer, fold, words_for
+from ddnn_gen.modelfile import load_model
+from ddnn_gen.resources import c_runtime_dir, templates_dir
+
+log = logging.getLogger(__name__)
+
+# Runtime sources of the standalone runner; the networked runner adds NET_SOURCES.
+CORE_SOURCES = ("ddnn_fconv.c", "ddnn_bconv.c", "ddnn_blinear.c", "ddnn_pool.c", "ddnn_exit.c", "ddnn_samples.c")
+NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c")
+MAX_TAPS = 121  # DDNN_MAX_TAPS in c_runtime/ddnn_types.h
+# Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
+MAX_EXACT_SUM = 2 ** 24
+WORDS_PER_LINE = 4
+INTS_PER_LINE = 16
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Static RAM of the inference path: two ping-pong activation buffers and the conv scratch."""
+
+    even_words: int  # outputs of layers 0, 2, 4, ...
+    odd_words: int  # outputs of layers 1, 3, ...
+    scratch_int32: int
+
+    @property
+    def ram_bytes(self) -> int:
+        return 8 * (self.even_words + self.odd_words) + 4 * self.scratch_int32
+
+
+def _out_words(layer: FoldedLayer) -> int:
+    height, width, channels = layer.out_hwc
+    return height * width * words_for(channels)
+
+
+def memory_plan(program: DeviceProgram) -> MemoryPlan:
+    even = max((_out_words(layer) for layer in program.layers[0::2]), default=0)
+    odd = max((_out_words(layer) for layer in program.layers[1::2]), default=0)
+    scratch = 0
+    for layer in program.layers:
+        if layer.is_conv:
+            pool_k = layer.pool.ksize if layer.pool is not None else 1
+            scratch = max(scratch, (pool_k + 1) * layer.conv_hw[1] * layer.out_hwc[2])
+    # A zero-length array is not C99: keep at least one element.
+    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1))
+
+
+def check_program(program: DeviceProgram) -> None:
+    """Reject what the C runtime cannot compute exactly, naming the layer."""
+    if not program.layers:
+        raise CompileError("the device part has no layers; nothing to compile")
+    for index, layer in enumerate(program.layers):
+        where = f"layer {layer.name!r} ({layer.kind})"
+        if layer.kind not in ("fconv", "bconv", "blinear"):
+            raise CompileError(f"{where}: the C target supports fconv, bconv and blinear device layers only")
+        if (layer.kind == "fconv") != (index == 0):
+            raise CompileError(f"{where}: fconv must be the first device layer and only the first "
+                               "(it reads the raw 8-bit input)")
+        in_h, in_w, in_c = layer.in_hwc
+        if layer.is_conv:
+            if layer.ksize * layer.ksize > MAX_TAPS:
+                raise CompileError(f"{where}: kernel {layer.ksize}x{layer.ksize} has more than {MAX_TAPS} taps "
+                                   "(the C runtime supports up to 11x11)")
+            taps = layer.ksize * layer.ksize * in_c
+            bound = taps * 255 if layer.kind == "fconv" else taps
+        else:
+            bound = in_h * in_w * in_c
+        if bound >= MAX_EXACT_SUM:
+            raise CompileError(f"{where}: its integer sums can reach {bound}, beyond 2^24, where the int32 C "
+                               "kernels and the float32 reference stop being provably exact; use fewer "
+                               "channels or a smaller kernel")
+    n_exit = int(np.prod(program.exit.in_hwc))
+    if n_exit >= MAX_EXACT_SUM:
+        raise CompileError(f"local exit: {n_exit} inputs exceed 2^24; the exit sums would not be exact")
+    names = [layer.name.upper() for layer in program.layers]
+    if len(set(names)) != len(names):
+        raise CompileError(f"layer names {', '.join(layer.name for layer in program.layers)} clash once "
+                           "upper-cased for C macros; rename them")
+
+
+def _hex_words(words: np.ndarray) -> list[str]:
+    return [f"0x{int(word):016x}ull" for word in np.asarray(words, dtype=np.uint64).ravel()]
+
+
+def _lines(items: list[str], per_line: int) -> list[str]:
+    return [", ".join(items[start:start + per_line]) for start in range(0, len(items), per_line)]
+
+
+def c_double(value: float) -> str:
+    """Round-trip exact double literal (%.17g); the C compiler's strtod reads it back exactly."""
+    value = float(value)
+    if not np.isfinite(value):
+        return "NAN" if np.isnan(value) else ("INFINITY" if value > 0 else "-INFINITY")
+    text = f"{value:.17g}"
+    return text if any(ch in text for ch in ".en") else text + ".0"
+
+
+def c_string(text: str) -> str:
+    """A C string literal; anything outside printable ASCII becomes an octal escape."""
+    out = []
+    for byte in text.encode("utf-8"):
+        char = chr(byte)
+        if char in '\\"':
+            out.append("\\" + char)
+        elif 32 <= byte < 127 and char != "?":  # '?' would risk trigraphs
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def _shape_comment(layer: FoldedLayer) -> str:
+    in_h, in_w, in_c = layer.in_hwc
+    out_h, out_w, out_c = layer.out_hwc
+    text = f"{layer.kind} {in_h}x{in_w}x{in_c} -> {out_h}x{out_w}x{out_c}"
+    if layer.is_conv:
+        text += f", {layer.ksize}x{layer.ksize} stride {layer.stride} pad {layer.pad}"
+        if layer.pool is not None:
+            text += f", max-pool {layer.pool.ksize}/{layer.pool.stride}/{layer.pool.pad}"
+    return text
+
+
+def _layer_context(index: int, layer: FoldedLayer) -> dict[str, Any]:
+    in_h, in_w, in_c = layer.in_hwc
+    out_h, out_w, out_c = layer.out_hwc
+    if layer.kind == "fconv":
+        # (OC, KH, KW, IC) -> (KH, KW, IC, OC): the kernel's innermost loop runs over OC.
+        weights = [str(int(v)) for v in layer.weights.transpose(1, 2, 3, 0).ravel()]
+        weight_lines, weight_type = _lines(weights, INTS_PER_LINE * 2), "int8_t"
+    else:
+        weight_lines, weight_type = _lines(_hex_words(layer.packed_weights), WORDS_PER_LINE), "ddnn_word"
+    pool = layer.pool
+    conv_h, conv_w = layer.conv_hw if layer.is_conv else (1, 1)
+    return {
+        "index": index,
+        "name": layer.name,
+        "macro": "DDNN_" + layer.name.upper(),
+        "kind": layer.kind,
+        "is_conv": layer.is_conv,
+        "comment": _shape_comment(layer),
+        "in_h": in_h, "in_w": in_w, "in_c": in_c, "in_words": words_for(in_c),
+        "out_h": out_h, "out_w": out_w, "out_c": out_c, "out_words": words_for(out_c),
+        "ksize": layer.ksize, "stride": layer.stride, "pad": layer.pad,
+        "conv_h": conv_h, "conv_w": conv_w,
+        "pool_k": pool.ksize if pool else 1, "pool_s": pool.stride if pool else 1, "pool_p": pool.pad if pool else 0,
+        "in_total_words": in_h * in_w * words_for(in_c), "n_valid": in_h * in_w * in_c,
+        "weight_type": weight_type,
+        "weight_count": int(layer.weights.size if layer.kind == "fconv" else layer.packed_weights.size),
+        "weight_lines": weight_lines,
+        "threshold_lines": _lines([str(int(v)) for v in layer.threshold], INTS_PER_LINE),
+        "flip_lines": _lines([str(int(v)) for v in layer.flip], INTS_PER_LINE * 2),
+        "input": "input_hwc" if index == 0 else ("act_even" if (index - 1) % 2 == 0 else "act_odd"),
+        "output": "act_even" if index % 2 == 0 else "act_odd",
+    }
+
+
+def render_context(program: DeviceProgram, reproduce: str = "") -> dict[str, Any]:
+    """Everything the C templates see (also documented in docs/c_target.md for other templates)."""
+    check_program(program)
+    plan = memory_plan(program)
+    layers = [_layer_context(index, layer) for index, layer in enumerate(program.layers)]
+    exit_ = program.exit
+    exit_h, exit_w, exit_c = exit_.in_hwc
+    split_h, split_w, split_c = program.split_hwc
+    input_h, input_w, input_c = program.input_hwc
+    return {
+        "version": __version__,
+        "model_name": program.spec.name,
+        "content_hash": program.content_hash,
+        "hash_bytes": [f"0x{byte:02x}" for byte in bytes.fromhex(program.content_hash)],
+        "reproduce": reproduce,
+        "input_h": input_h, "input_w": input_w, "input_c": input_c,
+        "split_h": split_h, "split_w": split_w, "split_c": split_c, "split_words": program.split_words,
+        "n_classes": program.n_classes,
+        "class_names": [c_string(name) for name in program.spec.classes],
+        "threshold": c_double(program.threshold),
+        "layers": layers,
+        "split_buffer": layers[-1]["output"],
+        "exit": {
+            "name": program.spec.device.exit_name,
+            "in_words": exit_h * exit_w * words_for(exit_c),
+            "n_valid": exit_h * exit_w * exit_c,
+            "weight_count": int(exit_.packed_weights.size),
+            "weight_lines": _lines(_hex_words(exit_.packed_weights), WORDS_PER_LINE),
+            "scale": [c_double(v) for v in exit_.scale],
+            "offset": [c_double(v) for v in exit_.offset],
+        },
+        "even_words": plan.even_words, "odd_words": plan.odd_words, "scratch_int32": plan.scratch_int32,
+        "ram_bytes": plan.ram_bytes,
+        "weight_bytes": program.weight_bytes,
+        "core_sources": list(CORE_SOURCES),
+        "net_sources": list(NET_SOURCES),
+    }
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir() / "c")),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True, autoescape=False)
+
+
+def load_program(program_or_model_path: DeviceProgram | str | Path, threshold: float | None = None,
+                 arch: str | None = None) -> DeviceProgram:
+    if isinstance(program_or_model_path, DeviceProgram):
+        program = program_or_model_path
+        if threshold is not None:
+            program = DeviceProgram(program.spec, program.content_hash, program.layers, program.exit, float(threshold))
+        return program
+    return fold(load_model(program_or_model_path, arch=arch), threshold)
+
+
+def measure_code_bytes(out_dir: Path) -> int | None:
+    """Text size of the inference code (model + runtime objects, not the runner) in a host build."""
+    size_tool, compiler = shutil.which("size"), shutil.which("cc") or shutil.which("gcc")
+    if size_tool is None or compiler is None:
+        return None
+    sources = ["ddnn_model.c"] + [name for name in CORE_SOURCES if name != "ddnn_samples.c"]
+    with tempfile.TemporaryDirectory(prefix="ddnn_size_") as tmp:
+        objects = []
+        for source in sources:
+            obj = str(Path(tmp) / (source + ".o"))
+            subprocess.run([compiler, "-std=c99", "-O2", "-ffp-contract=off", "-c", source, "-o", obj],
+                           cwd=out_dir, check=True, capture_output=True)
+            objects.append(obj)
+        result = subprocess.run([size_tool, "-t", *objects], check=True, capture_output=True, text=True)
+    # The last line is the total: text data bss dec hex filename. text includes .rodata (the weights).
+    text = int(result.stdout.strip().splitlines()[-1].split()[0])
+    return text
+
+
+def compile_c(program_or_model_path: DeviceProgram | str | Path, out_dir: str | Path, *,
+              threshold: float | None = None, arch: str | None = None, measure_code: bool = False,
+              reproduce: str | None = None) -> targets.CompileReport:
+    """Write the C project for the device part into ``out_dir``; returns sizes."""
+    program = load_program(program_or_model_path, threshold, arch)
+    if reproduce is None:
+        source = program_or_model_path if not isinstance(program_or_model_path, DeviceProgram) else "MODEL.npz"
+        reproduce = f"ddnngen compile {source} --target c -o OUT"
+    context = render_context(program, reproduce)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    env = _environment()
+    for template_path in sorted((templates_dir() / "c").glob("*.j2")):
+        text = env.get_template(template_path.name).render(**context)
+        target = out / template_path.name[:-len(".j2")]
+        target.write_text(text, encoding="utf-8")
+        files.append(target.name)
+    for runtime_file in sorted(c_runtime_dir().iterdir()):
+        if runtime_file.is_file() and runtime_file.suffix in (".c", ".h", ".md") and runtime_file.name != "__init__.py":
+            shutil.copyfile(runtime_file, out / runtime_file.name)
+            files.append(runtime_file.name)
+    code_bytes = measure_code_bytes(out) if measure_code else None
+    report = targets.CompileReport("c", out, files, context["ram_bytes"], context["weight_bytes"], code_bytes,
+                                   {"even_words": context["even_words"], "odd_words": context["odd_words"],
+                                    "scratch_int32": context["scratch_int32"],
+                                    "input_bytes": context["input_h"] * context["input_w"] * context["input_c"]})
+    log.info("%s", report.summary())
+    return report
+
+
+targets.register_target("c", compile_c, "portable C99 project (weights header, model, runner, Makefile)")
