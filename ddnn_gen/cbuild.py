@@ -113,3 +113,21 @@ def run_runner(binary: str | Path, samples_path: str | Path, threshold: float | 
 
 def have_tool(name: str) -> bool:
     return shutil.which(name) is not None
+
+
+def run_device_c(program: object, images_u8: np.ndarray, threshold: float | None = None,
+                 labels: np.ndarray | None = None, cross: str | None = None, opt: str = "-O2") -> RunnerOutput:
+    """Compile ``program`` (a DeviceProgram) to C in a temporary folder, build it, run it on
+    ``images_u8`` (N, C, H, W) and return the runner's per-sample results and split words."""
+    from ddnn_gen.compile_c import compile_c
+    from ddnn_gen.samples import write_samples
+
+    images_u8 = np.asarray(images_u8, dtype=np.uint8)
+    labels = np.full(len(images_u8), -1, dtype=np.int32) if labels is None else labels
+    with tempfile.TemporaryDirectory(prefix="ddnn_c_") as tmp:
+        compile_c(program, tmp)  # type: ignore[arg-type]
+        binary = build_project(tmp, cross=cross, opt=opt)
+        samples_path = Path(tmp) / "samples.bin"
+        write_samples(samples_path, images_u8, labels)
+        return run_runner(binary, samples_path, threshold=threshold,
+                          split_words=program.split_words, cross=cross)  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import jinja2
 import numpy as np
 
@@ -281,4 +282,16 @@ def compile_c(program_or_model_path: DeviceProgram | str | Path, out_dir: str | 
     return report
 
 
-targets.register_target("c", compile_c, "portable C99 project (weights header, model, runner, Makefile)")
+targets.register_target(
+    "c", compile_c, "portable C99 project (weights header, model, runner, Makefile)",
+    options=[click.Option(["--measure-code/--no-measure-code"], default=True, show_default=True,
+                          help="C target: build the model code for this host and report its size with `size`.")])
+
+
+def _c_impl(program: DeviceProgram, images_u8: np.ndarray, threshold: float | None = None) -> Any:
+    from ddnn_gen.cbuild import run_device_c
+
+    return run_device_c(program, images_u8, threshold)
+
+
+targets.register_impl("c", _c_impl, "the generated C program, built for this host and run on a sample file")

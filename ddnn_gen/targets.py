@@ -4,18 +4,21 @@
 A provider module registers its entries when imported::
 
     from ddnn_gen import targets
-    targets.register_target("opencl", compile_opencl_project, "OpenCL kernels + host program")
+    targets.register_target("opencl", compile_opencl_project, "OpenCL kernels + host program",
+                            options=[click.Option(["--opencl-layers"], default=None, help="...")])
     targets.register_impl("opencl", run_device_opencl, "generated OpenCL kernels (PyOpenCL)")
 
-and is listed in :data:`PROVIDER_MODULES`; modules that are not there yet are skipped, so a
-target appears in the CLI as soon as its module exists. The CLI choices are read lazily
+and is listed in :data:`PROVIDER_MODULES`; a target's ``options`` become options of
+``ddnngen compile`` and are passed (by parameter name) only to that target's function.
+Modules that are not there yet are skipped, so a target appears in the CLI as soon as its
+module exists. The CLI choices are read lazily
 (:class:`RegistryChoice`), so import order does not matter.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ class CompileReport:
     details: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        code = (f"code {self.code_bytes} bytes (text of a host build; device builds differ)"
+        code = (f"code + const data {self.code_bytes} bytes (text of a host build; device builds differ)"
                 if self.code_bytes is not None else "code size not measured")
         return (f"{self.target}: wrote {len(self.files)} files to {self.out_dir}; RAM {self.ram_bytes} bytes "
                 f"(activation buffers + scratch); flash {self.flash_weight_bytes} bytes of weights, {code}")
@@ -56,6 +59,7 @@ class Entry:
     name: str
     function: Callable[..., Any]
     help: str
+    options: tuple[click.Option, ...] = ()
 
 
 _TARGETS: dict[str, Entry] = {}
@@ -63,12 +67,15 @@ _IMPLS: dict[str, Entry] = {}
 _loaded = False
 
 
-def register_target(name: str, function: CompileFn, help: str = "") -> None:
-    _TARGETS[name] = Entry(name, function, help)
+def register_target(name: str, function: CompileFn, help: str = "", options: Sequence[click.Option] = ()) -> None:
+    _TARGETS[name] = Entry(name, function, help, tuple(options))
 
 
-def register_impl(name: str, function: DeviceFn, help: str = "") -> None:
-    _IMPLS[name] = Entry(name, function, help)
+def register_impl(name: str, function: DeviceFn, help: str = "", options: Sequence[click.Option] = ()) -> None:
+    """``function(program, images_u8_NCHW, threshold, **options)`` returns an object with
+    ``local_class``, ``entropy``, ``local_exit`` and ``split_words`` per sample (a
+    :class:`ddnn_gen.reference.DeviceResult` has them)."""
+    _IMPLS[name] = Entry(name, function, help, tuple(options))
 
 
 def _load_providers() -> None:

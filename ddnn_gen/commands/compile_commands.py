@@ -1,0 +1,57 @@
+"""`ddnngen compile`: turn a model file's device part into a device project (--target c, ...)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from ddnn_gen import targets
+
+log = logging.getLogger(__name__)
+
+
+def _compile(model: str, target: str, out_dir: str, threshold: float | None, arch: str | None,
+             **target_options: Any) -> None:
+    """Compile the device part of MODEL (a model .npz) for a device target."""
+    entry = targets.compile_targets()[target]
+    own = {option.name for option in entry.options}
+    defaults = {option.name: option.default for other in targets.compile_targets().values() for option in other.options}
+    for name, value in target_options.items():
+        if name not in own and value is not None and value != defaults.get(name):
+            raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --target {target}")
+    kwargs = {name: value for name, value in target_options.items() if name in own}
+    reproduce = f"ddnngen compile {model} --target {target} -o OUT" + (
+        f" --threshold {threshold!r}" if threshold is not None else "")
+    report = entry.function(model, out_dir, threshold=threshold, arch=arch, reproduce=reproduce, **kwargs)
+    click.echo(report.summary())
+    click.echo(f"RAM bytes: {report.ram_bytes}")
+    click.echo(f"flash weight bytes: {report.flash_weight_bytes}")
+    if report.code_bytes is not None:
+        click.echo(f"flash code+weights bytes (host build text): {report.code_bytes}")
+
+
+def make_command() -> click.Command:
+    params: list[click.Parameter] = [
+        click.Argument(["model"], type=click.Path(exists=True, dir_okay=False)),
+        click.Option(["--target"], type=targets.RegistryChoice(targets.compile_targets), default="c",
+                     show_default=True, help="What to generate."),
+        click.Option(["-o", "--out", "out_dir"], type=click.Path(file_okay=False), required=True,
+                     help="Output folder (created)."),
+        click.Option(["--threshold"], type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Default local-exit entropy threshold (default: the model's)."),
+        click.Option(["--arch"], type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Spec JSON for a bare Chainer npz without an embedded spec."),
+    ]
+    seen = {param.name for param in params}
+    for entry in targets.compile_targets().values():
+        for option in entry.options:
+            if option.name not in seen:
+                params.append(option)
+                seen.add(option.name)
+    return click.Command("compile", callback=_compile, params=params, help=_compile.__doc__)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(make_command())

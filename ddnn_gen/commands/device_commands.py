@@ -1,0 +1,101 @@
+"""Device-side commands: `export-samples` (sample files for the C runner) and `run-device`
+(a model's device part on a dataset with any registered implementation, same CSV for all)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+import numpy as np
+
+from ddnn_gen import datasets, targets
+from ddnn_gen.samples import write_samples
+
+log = logging.getLogger(__name__)
+
+_data_dir = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                         help="Dataset folder (default: $DDNN_DATA_DIR, then the user cache).")
+_dataset = click.option("--dataset", type=click.Choice(datasets.DATASETS), required=True)
+_split = click.option("--split", "split_name", type=click.Choice(["train", "test"]), default="test",
+                      show_default=True)
+_count = click.option("--count", type=click.IntRange(min=1), default=None, help="Number of samples (default: all).")
+_offset = click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+                       help="Index of the first sample.")
+
+
+def _load(dataset: str, split_name: str, count: int | None, offset: int, data_dir: str | None) -> datasets.Dataset:
+    data = datasets.load(dataset, split_name, data_dir)
+    if offset >= len(data):
+        raise click.BadParameter(f"offset {offset} is past the end of {dataset}/{split_name} ({len(data)} samples)",
+                                 param_hint="--offset")
+    return data.subset(count, offset)
+
+
+@click.command("export-samples")
+@_dataset
+@_split
+@_count
+@_offset
+@_data_dir
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="Sample file to write.")
+def export_samples(dataset: str, split_name: str, count: int | None, offset: int, data_dir: str | None,
+                   out: str) -> None:
+    """Write a binary sample file (DDNS, HWC uint8 + labels) for the generated C runner."""
+    data = _load(dataset, split_name, count, offset, data_dir)
+    size = write_samples(out, data.images, data.labels)
+    _, channels, height, width = data.images.shape
+    click.echo(f"wrote {len(data)} samples of {height}x{width}x{channels} from {dataset}/{split_name} to {out} "
+               f"({size} bytes)")
+
+
+def write_results_csv(handle: TextIO, labels: np.ndarray, result: Any) -> None:
+    """The runner's CSV: index,label,class,entropy,exit_local (entropy %.17g)."""
+    handle.write("index,label,class,entropy,exit_local\n")
+    for index, (label, cls, entropy, local) in enumerate(zip(labels.tolist(), result.local_class.tolist(),
+                                                             result.entropy.tolist(), result.local_exit.tolist())):
+        handle.write(f"{index},{label},{cls},{entropy:.17g},{int(local)}\n")
+
+
+@click.command("run-device")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--impl", type=targets.RegistryChoice(targets.device_impls), default="numpy", show_default=True,
+              help="Which implementation of the device part runs.")
+@_dataset
+@_split
+@_count
+@_offset
+@_data_dir
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Local-exit entropy threshold (default: the model's).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="CSV file (default: stdout).")
+def run_device(model: str, impl: str, dataset: str, split_name: str, count: int | None, offset: int,
+               data_dir: str | None, threshold: float | None, out: str | None) -> None:
+    """Run MODEL's device part on a dataset; print per-sample class, entropy and exit decision."""
+    from ddnn_gen.fold import fold
+    from ddnn_gen.modelfile import load_model
+
+    program = fold(load_model(model), threshold)
+    data = _load(dataset, split_name, count, offset, data_dir)
+    expected = program.input_hwc
+    got = data.images.shape[2], data.images.shape[3], data.images.shape[1]
+    if got != expected:
+        raise click.UsageError(f"{dataset} images are {got[0]}x{got[1]}x{got[2]} but {model} expects "
+                               f"{expected[0]}x{expected[1]}x{expected[2]} (HxWxC)")
+    result = targets.device_impls()[impl].function(program, data.images, program.threshold)
+    if out is None:
+        write_results_csv(sys.stdout, data.labels, result)
+    else:
+        with open(Path(out), "w", encoding="ascii") as handle:
+            write_results_csv(handle, data.labels, result)
+    local = np.asarray(result.local_exit, dtype=bool)
+    correct = np.asarray(result.local_class) == data.labels
+    log.info("%s on %d samples: local exit %.2f%%, local accuracy of exited %.2f%%", impl, len(data),
+             100 * local.mean(), 100 * (correct[local].mean() if local.any() else float("nan")))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(export_samples)
+    cli.add_command(run_device)
