@@ -36,7 +36,7 @@ def _records(images_u8: np.ndarray, labels: np.ndarray) -> np.ndarray:
     record = np.dtype([("label", "<i4"), ("pixels", np.uint8, (height * width * channels,))])
     out = np.empty(count, dtype=record)
     out["label"] = labels.astype("<i4")
-    out["pixels"] = images.transpose(0, 2, 3, 1).reshape(count, -1)
+    out["pixels"] = images.transpose(0, 2, 3, 1).reshape(count, height * width * channels)
     return out
 
 
@@ -73,5 +73,5 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                               f"{height}x{width}x{channels} needs {expected}")
     record = np.dtype([("label", "<i4"), ("pixels", np.uint8, (pixels,))])
     records = np.frombuffer(data, dtype=record, offset=HEADER_BYTES, count=count)
-    images = records["pixels"].reshape(count, height, width, channels).transpose(0, 3, 1, 2)
+    images = records["pixels"].reshape((count, height, width, channels)).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(images), records["label"].astype(np.int32)
