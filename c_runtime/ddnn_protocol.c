@@ -1,0 +1,110 @@
+#include "ddnn_protocol.h"
+
+#include <string.h>
+
+static void put_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    int i;
+    for (i = 0; i < 4; ++i)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_u64(uint8_t *p, uint64_t v)
+{
+    int i;
+    for (i = 0; i < 8; ++i)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint16_t get_u16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static uint64_t get_u64(const uint8_t *p)
+{
+    return (uint64_t)get_u32(p) | ((uint64_t)get_u32(p + 4) << 32);
+}
+
+size_t ddnn_request_size(size_t n_words)
+{
+    return DDNN_REQUEST_HEADER_BYTES + 8 * n_words;
+}
+
+size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
+                           size_t out_len)
+{
+    const size_t total = ddnn_request_size(n_words);
+    size_t id_len, i;
+    if (header->device_id == NULL || out_len < total || n_words > 0xffffffffu)
+        return 0;
+    id_len = strlen(header->device_id);
+    if (id_len == 0 || id_len > DDNN_DEVICE_ID_MAX)
+        return 0;
+    memset(out, 0, DDNN_REQUEST_HEADER_BYTES);
+    memcpy(out, "DDNQ", 4);
+    out[4] = DDNN_PROTOCOL_VERSION;
+    out[5] = DDNN_PACKING_BITS_U64;
+    put_u16(out + 6, DDNN_REQUEST_HEADER_BYTES);
+    memcpy(out + 8, header->model_hash, DDNN_WIRE_HASH_BYTES);
+    put_u16(out + 24, header->split_layer);
+    put_u16(out + 26, header->channels);
+    put_u16(out + 28, header->height);
+    put_u16(out + 30, header->width);
+    put_u64(out + 32, header->request_id);
+    put_u64(out + 40, header->device_time_us);
+    put_u32(out + 48, (uint32_t)n_words);
+    /* bytes 52..55 reserved (zero) */
+    memcpy(out + 56, header->device_id, id_len);
+    for (i = 0; i < n_words; ++i)
+        put_u64(out + DDNN_REQUEST_HEADER_BYTES + 8 * i, words[i]);
+    return total;
+}
+
+int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply)
+{
+    size_t n_top, message_len, expected, i, keep;
+    if (len < DDNN_REPLY_HEADER_BYTES || memcmp(data, "DDNR", 4) != 0 || data[4] != DDNN_PROTOCOL_VERSION)
+        return -1;
+    n_top = get_u16(data + 6);
+    message_len = get_u16(data + 28);
+    expected = DDNN_REPLY_HEADER_BYTES + 8 * n_top + message_len;
+    if (len != expected)
+        return -1;
+    reply->status = data[5];
+    reply->request_id = get_u64(data + 8);
+    reply->class_id = (int32_t)get_u32(data + 16);
+    reply->server_us = get_u32(data + 20);
+    reply->queue_us = get_u32(data + 24);
+    reply->n_top = (uint16_t)(n_top < DDNN_REPLY_TOP_MAX ? n_top : DDNN_REPLY_TOP_MAX);
+    for (i = 0; i < reply->n_top; ++i) {
+        const uint8_t *entry = data + DDNN_REPLY_HEADER_BYTES + 8 * i;
+        uint32_t bits = get_u32(entry + 4);
+        reply->top_class[i] = get_u16(entry);
+        memcpy(&reply->top_prob[i], &bits, sizeof(float));
+    }
+    keep = message_len < DDNN_REPLY_MESSAGE_MAX - 1 ? message_len : DDNN_REPLY_MESSAGE_MAX - 1;
+    memcpy(reply->message, data + expected - message_len, keep);
+    reply->message[keep] = '\0';
+    return 0;
+}
+
+const char *ddnn_status_name(int status)
+{
+    static const char *const names[] = {"OK", "MALFORMED", "BAD_MAGIC", "BAD_VERSION", "UNKNOWN_MODEL",
+                                        "SHAPE_MISMATCH", "TOO_LARGE", "NON_FINITE", "INTERNAL", "UNAVAILABLE"};
+    if (status < 0 || status >= (int)(sizeof(names) / sizeof(names[0])))
+        return "UNKNOWN";
+    return names[status];
+}

@@ -1,0 +1,70 @@
+/* Device side of the ddnn-server wire protocol (docs/protocol.md); the Python twin is
+ * ddnn_gen/protocol.py. Pure byte encoding: no MQTT, no allocation, explicit little-endian so
+ * big-endian or strict-alignment targets produce the same bytes.
+ *
+ * Request = 88-byte header + the split activations exactly as ddnn_infer() leaves them
+ * (HWC, channels packed in uint64 words, little-endian). Reply = 32-byte header + top-k
+ * (class, probability) pairs + optional utf-8 error message. */
+#ifndef DDNN_PROTOCOL_H
+#define DDNN_PROTOCOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define DDNN_PROTOCOL_VERSION 1
+#define DDNN_REQUEST_HEADER_BYTES 88
+#define DDNN_REPLY_HEADER_BYTES 32
+#define DDNN_WIRE_HASH_BYTES 16
+#define DDNN_DEVICE_ID_MAX 32
+#define DDNN_PACKING_BITS_U64 1
+#define DDNN_REPLY_TOP_MAX 16
+#define DDNN_REPLY_MESSAGE_MAX 256
+
+/* Reply status codes (same numbers as protocol.Status in Python). */
+enum ddnn_status {
+    DDNN_STATUS_OK = 0,
+    DDNN_STATUS_MALFORMED = 1,
+    DDNN_STATUS_BAD_MAGIC = 2,
+    DDNN_STATUS_BAD_VERSION = 3,
+    DDNN_STATUS_UNKNOWN_MODEL = 4,
+    DDNN_STATUS_SHAPE_MISMATCH = 5,
+    DDNN_STATUS_TOO_LARGE = 6,
+    DDNN_STATUS_NON_FINITE = 7,
+    DDNN_STATUS_INTERNAL = 8,
+    DDNN_STATUS_UNAVAILABLE = 9
+};
+
+typedef struct {
+    uint8_t model_hash[DDNN_WIRE_HASH_BYTES];
+    uint16_t split_layer; /* number of device layers: where the server resumes */
+    uint16_t channels, height, width;
+    uint64_t request_id;
+    uint64_t device_time_us;
+    const char *device_id; /* 1..32 bytes, no NUL inside */
+} ddnn_request_header;
+
+typedef struct {
+    uint64_t request_id;
+    int status; /* enum ddnn_status */
+    int32_t class_id;
+    uint32_t server_us, queue_us;
+    uint16_t n_top;
+    uint16_t top_class[DDNN_REPLY_TOP_MAX];
+    float top_prob[DDNN_REPLY_TOP_MAX];
+    char message[DDNN_REPLY_MESSAGE_MAX]; /* NUL-terminated, possibly truncated */
+} ddnn_reply;
+
+/* Bytes of a request carrying `n_words` split words. */
+size_t ddnn_request_size(size_t n_words);
+
+/* Writes header + words into out. Returns the byte count, or 0 when out_len is too small or the
+ * device id is empty/too long. */
+size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
+                           size_t out_len);
+
+/* Decodes a reply. Returns 0, or -1 if it is not a well-formed reply of this protocol version. */
+int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply);
+
+const char *ddnn_status_name(int status);
+
+#endif

@@ -1,0 +1,147 @@
+"""Network commands: ``threshold set|clear``, ``device-sim`` and ``demo``."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ddnn_gen import datasets, protocol
+from ddnn_gen.broker import BrokerError, parse_broker
+from ddnn_gen.errors import DdnnError
+
+_broker_option = click.option("--broker", "broker_address", default="127.0.0.1:1883", show_default=True,
+                              metavar="HOST:PORT", help="MQTT broker.")
+
+
+def model_wire_hash(model: str) -> bytes:
+    """A model file's 16 wire hash bytes, or the bytes of a 32-hex-digit key given directly."""
+    if re.fullmatch(r"[0-9a-fA-F]{32}", model) and not Path(model).exists():
+        return bytes.fromhex(model)
+    from ddnn_gen.modelfile import load_model
+
+    return load_model(model).hash_bytes
+
+
+def publish_retained(broker_address: str, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = parse_broker(broker_address)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+    try:
+        client.connect(host, port, keepalive=10)
+    except OSError as error:
+        raise BrokerError(f"cannot reach the broker at {host}:{port}: {error}") from error
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout_s)
+        if not info.is_published():
+            raise BrokerError(f"the broker at {host}:{port} did not acknowledge the publish within {timeout_s:.0f} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@click.group("threshold")
+def threshold_group() -> None:
+    """Change local-exit thresholds of running devices (retained MQTT messages)."""
+
+
+@threshold_group.command("set")
+@click.argument("model")
+@click.argument("value", type=click.FloatRange(0.0))
+@click.option("--device", "device_id", default=None, help="Only this device (default: every device of the model).")
+@_broker_option
+def threshold_set(model: str, value: float, device_id: str | None, broker_address: str) -> None:
+    """Publish VALUE as the retained threshold of MODEL (model file or 32-hex wire hash)."""
+    try:
+        topic = protocol.threshold_topic(model_wire_hash(model), protocol.check_device_id(device_id)
+                                         if device_id else None)
+        payload = protocol.encode_threshold(value)
+    except ValueError as error:
+        raise DdnnError(str(error)) from error
+    publish_retained(broker_address, topic, payload)
+    click.echo(f"{topic} = {payload.decode()}")
+
+
+@threshold_group.command("clear")
+@click.argument("model")
+@click.option("--device", "device_id", default=None, help="Only this device's override.")
+@_broker_option
+def threshold_clear(model: str, device_id: str | None, broker_address: str) -> None:
+    """Remove a retained threshold: devices go back to the model-wide one or their built-in default."""
+    topic = protocol.threshold_topic(model_wire_hash(model), device_id)
+    publish_retained(broker_address, topic, b"")
+    click.echo(f"{topic} cleared")
+
+
+@click.command("device-sim")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
+              help="MQTT broker (default 127.0.0.1:1883).")
+@click.option("--devices", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--requests", default=100, show_default=True, type=click.IntRange(1), help="Samples per device.")
+@click.option("--dataset", default="fashion-mnist", show_default=True, type=click.Choice(datasets.DATASETS))
+@click.option("--count", default=1000, show_default=True, type=click.IntRange(1), help="Test samples to draw from.")
+@click.option("--timeout-ms", default=2000, show_default=True, type=click.IntRange(1))
+@click.option("--window", default=1, show_default=True, type=click.IntRange(1, 1000),
+              help="Requests each device keeps in flight.")
+@click.option("--all-to-server", is_flag=True, help="Send every sample to the server (load tests).")
+def device_sim(model: str, broker_address: str | None, devices: int, requests: int, dataset: str, count: int,
+               timeout_ms: int, window: int, all_to_server: bool) -> None:
+    """Simulate DEVICES devices running the NumPy reference of MODEL against ddnn-server."""
+    from ddnn_gen.device_sim import run_devices
+    from ddnn_gen.fold import fold
+    from ddnn_gen.modelfile import load_model
+    from ddnn_gen.reference import run_device
+
+    host, port = parse_broker(broker_address or "127.0.0.1:1883")
+    loaded = load_model(model)
+    program = fold(loaded)
+    data = datasets.load(dataset, "test")
+    images = data.images[:count]
+    result = run_device(program, images)
+    report = run_devices(host, port, program, loaded.hash_bytes, result.split_words, result.entropy,
+                         result.local_class, devices, requests, timeout_s=timeout_ms / 1000, window=window,
+                         all_to_server=all_to_server)
+    labels = data.labels[:count]
+    correct = sum(1 for o in report.outcomes if o.final_class == labels[o.index])
+    sent = [o for o in report.outcomes if o.source != "local"]
+    rtt = np.array([o.t_round_trip_us for o in sent if o.source == "server"], dtype=np.float64)
+    click.echo(f"samples {len(report.outcomes)} in {report.wall_s:.2f} s: " + ", ".join(
+        f"{source} {report.count(source)}" for source in ("local", "server", "fallback", "error")))
+    click.echo(f"accuracy {correct / max(1, len(report.outcomes)):.4f}; duplicates {report.duplicates}, "
+               f"misrouted {report.misrouted}")
+    if len(rtt):
+        click.echo(f"round trip us: median {np.median(rtt):.0f}, p99 {np.percentile(rtt, 99):.0f}; "
+                   f"server requests/s {len(rtt) / report.wall_s:.0f}")
+
+
+@click.command("demo")
+@click.option("--model", "model_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Model file (default: the shipped Fashion-MNIST model).")
+@click.option("--count", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--threshold", default=None, type=click.FloatRange(0.0), help="Local-exit threshold.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--timeout-ms", default=2000, show_default=True, type=click.IntRange(1))
+@click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
+              help="Use this broker instead of a private Mosquitto.")
+def demo(model_path: str | None, count: int, threshold: float | None, workers: int, timeout_ms: int,
+         broker_address: str | None) -> None:
+    """Whole path: C device program -> MQTT -> ddnn-server, on real test images."""
+    from ddnn_gen.demo import run_demo
+
+    started = time.monotonic()
+    run_demo(model_path, count, threshold, workers=workers, timeout_ms=timeout_ms, broker_address=broker_address)
+    click.echo(f"demo took {time.monotonic() - started:.1f} s")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(threshold_group)
+    cli.add_command(device_sim)
+    cli.add_command(demo)
