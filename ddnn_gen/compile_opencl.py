@@ -9,14 +9,21 @@ runtime is chosen at compile time (``--opencl-layers``); see docs/opencl_target.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import click
 import jinja2
+import numpy as np
 
-from ddnn_gen import __version__
+from ddnn_gen import __version__, targets
 from ddnn_gen.errors import CompileError
 from ddnn_gen.fold import WORD_BITS, DeviceProgram, FoldedLayer, words_for
 from ddnn_gen.resources import templates_dir
+
+LOG = logging.getLogger(__name__)
 
 #: Work-items per work-group of the BLinear kernel: one per bit of the output word.
 BLINEAR_GROUP = WORD_BITS
@@ -121,3 +128,95 @@ def parse_opencl_layers(value: str | None, program: DeviceProgram) -> tuple[bool
         raise CompileError(f"--opencl-layers {value!r}: expected all, none or a comma-separated list of device "
                            f"layers ({', '.join(names)}); unknown: {', '.join(unknown) or '(empty list)'}")
     return tuple(name in chosen for name in names)
+
+
+# ---- the generated project: the C target plus the OpenCL host program ----------------------
+
+#: Hand-written host runtime files the OpenCL runner links (copied with the rest of c_runtime/).
+RUNTIME_SOURCES = ("ocl_runtime.c",)
+#: Batch size the generated host buffers are sized for unless --opencl-max-batch says otherwise.
+DEFAULT_MAX_BATCH = 64
+OCL_RUNNER = "ddnn_device_ocl"
+
+
+def _ocl_context(program: DeviceProgram, on_opencl: tuple[bool, ...], placement_arg: str,
+                 max_batch: int, source: str) -> dict[str, Any]:
+    from ddnn_gen.compile_c import c_string
+
+    plans = kernel_plans(program)
+    last = len(program.layers) - 1
+    layers = []
+    for index, (plan, layer) in enumerate(zip(plans, program.layers)):
+        on_cl = on_opencl[index]
+        next_on_cl = index < last and on_opencl[index + 1]
+        layers.append({
+            "on_cl": on_cl, "kernel": plan.name, "work_items": plan.items, "local0": plan.local0,
+            "words": int(np.prod(layer.out_hwc[:2])) * words_for(layer.out_hwc[2]),
+            "host_buffer": (not on_cl) or index == last or not next_on_cl,
+            "device_buffer": on_cl or next_on_cl,
+            "read_back": on_cl and index < last and not next_on_cl,
+        })
+    return {
+        "layers": layers,
+        "exit_on_cl": on_opencl[-1],
+        "exit_kernel": plans[-1].name,
+        "any_on_cl": any(on_opencl),
+        "any_group": any(layer["on_cl"] and layer["local0"] for layer in layers),
+        "needs_upload": any(on_opencl[i] and (i == 0 or not on_opencl[i - 1]) for i in range(len(on_opencl))),
+        "max_batch": max_batch,
+        "placement_arg": placement_arg,
+        "kernel_lines": [c_string(line + "\n") for line in source.splitlines()],
+        "runtime_sources": list(RUNTIME_SOURCES),
+    }
+
+
+def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: str | Path, *,
+                   threshold: float | None = None, arch: str | None = None, opencl_layers: str | None = None,
+                   opencl_max_batch: int | None = None, reproduce: str | None = None,
+                   measure_code: bool = False) -> targets.CompileReport:
+    """The C project (compile_c) plus the OpenCL kernels, host program and runner ``ddnn_device_ocl``."""
+    from ddnn_gen.compile_c import compile_c, load_program, render_context
+
+    program = load_program(program_or_model_path, threshold, arch)
+    placement_arg = DEFAULT_OPENCL_LAYERS if opencl_layers is None else opencl_layers
+    on_opencl = parse_opencl_layers(placement_arg, program)
+    max_batch = DEFAULT_MAX_BATCH if opencl_max_batch is None else int(opencl_max_batch)
+    if not 1 <= max_batch <= 65536:
+        raise CompileError(f"--opencl-max-batch {max_batch}: expected 1..65536")
+    if reproduce is None:
+        source_name = program_or_model_path if not isinstance(program_or_model_path, DeviceProgram) else "MODEL.npz"
+        reproduce = f"ddnngen compile {source_name} --target opencl -o OUT --opencl-layers {placement_arg}"
+    c_report = compile_c(program, out_dir, reproduce=reproduce, measure_code=measure_code)
+    out = Path(out_dir)
+    source = render_kernels(program)
+    context = render_context(program, reproduce)
+    context["ocl"] = _ocl_context(program, on_opencl, placement_arg, max_batch, source)
+    files = list(c_report.files)
+    (out / "ddnn_ocl_kernels.cl").write_text(source, encoding="utf-8")
+    files.append("ddnn_ocl_kernels.cl")
+    env = _environment()
+    for name in ("ddnn_ocl_kernels.h", "ddnn_ocl_model.h", "ddnn_ocl_model.c", "main_ocl.c"):
+        (out / name).write_text(env.get_template(f"host/{name}.j2").render(**context), encoding="utf-8")
+        files.append(name)
+    makefile = out / "Makefile"
+    makefile.write_text(makefile.read_text(encoding="utf-8") + env.get_template("host/Makefile.opencl.j2").render(
+        **context), encoding="utf-8")
+    host_words = sum(layer["words"] for layer in context["ocl"]["layers"] if layer["host_buffer"])
+    host_bytes = max_batch * (8 * host_words + 4 * program.n_classes * int(on_opencl[-1]))
+    report = targets.CompileReport("opencl", out, files, c_report.ram_bytes + host_bytes,
+                                   c_report.flash_weight_bytes, c_report.code_bytes,
+                                   dict(c_report.details, opencl_layers=placement_arg,
+                                        on_opencl=list(on_opencl), max_batch=max_batch,
+                                        ocl_host_buffer_bytes=host_bytes))
+    LOG.info("%s", report.summary())
+    return report
+
+
+targets.register_target(
+    "opencl", compile_opencl, "OpenCL C 1.2 kernels + C host program (the C project plus ddnn_device_ocl)",
+    options=[click.Option(["--opencl-layers"], default=None,
+                          help=f"Layers that run on OpenCL: all, none or name1,name2 (others run on the C "
+                               f"runtime; default {DEFAULT_OPENCL_LAYERS}, see docs/opencl_target.md)."),
+             click.Option(["--opencl-max-batch"], type=click.IntRange(1, 65536), default=None,
+                          help=f"Largest batch the OpenCL runner takes (static host buffers; "
+                               f"default {DEFAULT_MAX_BATCH}).")])
