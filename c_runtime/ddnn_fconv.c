@@ -14,7 +14,7 @@ static void fconv_row(const void *layer_ptr, const void *input_ptr, int oy, int3
     int ox, ky, kx, ic, oc;
 
     for (ox = 0; ox < sh->conv_w; ++ox) {
-        int32_t *acc = row + ox * out_c;
+        int32_t *restrict acc = row + ox * out_c;
         const int ix0 = ox * sh->stride - sh->pad;
         for (oc = 0; oc < out_c; ++oc)
             acc[oc] = 0;
@@ -32,7 +32,7 @@ static void fconv_row(const void *layer_ptr, const void *input_ptr, int oy, int3
                 w = layer->weights + (size_t)(ky * k + kx) * in_c * out_c;
                 for (ic = 0; ic < in_c; ++ic) {
                     const int32_t x = px[ic];
-                    const int8_t *w_ic = w + ic * out_c;
+                    const int8_t *restrict w_ic = w + ic * out_c;
                     for (oc = 0; oc < out_c; ++oc)
                         acc[oc] += w_ic[oc] * x;
                 }
@@ -43,5 +43,5 @@ static void fconv_row(const void *layer_ptr, const void *input_ptr, int oy, int3
 
 void ddnn_fconv(const ddnn_fconv_layer *layer, const uint8_t *input, ddnn_word *out, int32_t *scratch)
 {
-    ddnn_conv_pool_threshold(&layer->shape, layer, input, fconv_row, out, scratch);
+    ddnn_conv_pool_threshold(&layer->shape, layer, input, fconv_row, DDNN_ROW_HWC, out, scratch);
 }

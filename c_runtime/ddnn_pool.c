@@ -8,17 +8,18 @@
 static int imax(int a, int b) { return a > b ? a : b; }
 static int imin(int a, int b) { return a < b ? a : b; }
 
-static void threshold_pack(const ddnn_conv_shape *shape, const int32_t *vmax, int x_lo, int x_hi,
-                           ddnn_word *out_px)
+static void threshold_pack(const ddnn_conv_shape *shape, const int32_t *vmax, int x_stride, int c_stride, int x_lo,
+                           int x_hi, ddnn_word *out_px)
 {
     const int out_c = shape->out_c;
     int c, w, x;
     for (w = 0; w < shape->out_words; ++w)
         out_px[w] = 0;
     for (c = 0; c < out_c; ++c) {
-        int32_t best = vmax[x_lo * out_c + c];
+        const int32_t *column = vmax + c * c_stride;
+        int32_t best = column[x_lo * x_stride];
         for (x = x_lo + 1; x < x_hi; ++x) {
-            const int32_t v = vmax[x * out_c + c];
+            const int32_t v = column[x * x_stride];
             best = v > best ? v : best;
         }
         if ((best >= shape->threshold[c]) != (shape->flip[c] != 0))
@@ -27,8 +28,10 @@ static void threshold_pack(const ddnn_conv_shape *shape, const int32_t *vmax, in
 }
 
 void ddnn_conv_pool_threshold(const ddnn_conv_shape *shape, const void *layer, const void *input,
-                              ddnn_conv_row_fn row_fn, ddnn_word *out, int32_t *scratch)
+                              ddnn_conv_row_fn row_fn, ddnn_row_layout layout, ddnn_word *out, int32_t *scratch)
 {
+    const int x_stride = layout == DDNN_ROW_PLANAR ? 1 : shape->out_c;
+    const int c_stride = layout == DDNN_ROW_PLANAR ? shape->conv_w : 1;
     const int k = shape->pool_k, s = shape->pool_s, p = shape->pool_p;
     const int row_len = shape->conv_w * shape->out_c;
     int32_t *ring = scratch;
@@ -58,7 +61,7 @@ void ddnn_conv_pool_threshold(const ddnn_conv_shape *shape, const void *layer, c
         for (ox = 0; ox < shape->out_w; ++ox) {
             const int x_lo = imax(ox * s - p, 0);
             const int x_hi = imin(ox * s - p + k, shape->conv_w);
-            threshold_pack(shape, vmax, x_lo, x_hi, out + ((size_t)oy * shape->out_w + ox) * shape->out_words);
+            threshold_pack(shape, vmax, x_stride, c_stride, x_lo, x_hi, out + ((size_t)oy * shape->out_w + ox) * shape->out_words);
         }
     }
 }

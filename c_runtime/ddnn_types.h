@@ -14,8 +14,8 @@
 typedef uint64_t ddnn_word;
 #define DDNN_WORD_BITS 64
 
-/* Largest kernel the convolution kernels gather taps for (11 x 11); the compiler rejects more. */
-#define DDNN_MAX_TAPS 121
+/* Largest kernel side the convolution kernels keep per-tap tables for; the compiler rejects more. */
+#define DDNN_MAX_KSIZE 11
 
 /* Geometry and folded BN+sign of one convolution layer (FConv or BConv), with its optional
  * max-pool (a layer without pool is pool 1/1/0). Output bit of channel c:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Runtime sources of the standalone runner; the networked runner adds NET_SOURCES.
 CORE_SOURCES = ("ddnn_fconv.c", "ddnn_bconv.c", "ddnn_blinear.c", "ddnn_pool.c", "ddnn_exit.c", "ddnn_samples.c")
 NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c")
-MAX_TAPS = 121  # DDNN_MAX_TAPS in c_runtime/ddnn_types.h
+MAX_KSIZE = 11  # DDNN_MAX_KSIZE in c_runtime/ddnn_types.h
 # Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
 MAX_EXACT_SUM = 2 ** 24
 WORDS_PER_LINE = 4
@@ -81,9 +81,9 @@ def check_program(program: DeviceProgram) -> None:
                                "(it reads the raw 8-bit input)")
         in_h, in_w, in_c = layer.in_hwc
         if layer.is_conv:
-            if layer.ksize * layer.ksize > MAX_TAPS:
-                raise CompileError(f"{where}: kernel {layer.ksize}x{layer.ksize} has more than {MAX_TAPS} taps "
-                                   "(the C runtime supports up to 11x11)")
+            if layer.ksize > MAX_KSIZE:
+                raise CompileError(f"{where}: kernel {layer.ksize}x{layer.ksize} is larger than the C runtime's "
+                                   f"{MAX_KSIZE}x{MAX_KSIZE} limit")
             taps = layer.ksize * layer.ksize * in_c
             bound = taps * 255 if layer.kind == "fconv" else taps
         else:

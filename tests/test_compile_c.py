@@ -191,7 +191,7 @@ def test_compiler_rejects_unsupported(fmnist_project: Project, tmp_path: Path) -
     cases = [
         (_replace_layer(program, 1, kind="conv"), "'conv2' (conv)"),
         (dataclasses.replace(program, layers=program.layers[::-1]), "fconv must be the first"),
-        (_replace_layer(program, 1, ksize=13), "more than 121 taps"),
+        (_replace_layer(program, 1, ksize=13), "larger than the C runtime's 11x11"),
         (_replace_layer(program, 1, in_hwc=(14, 14, 2_000_000)), "beyond 2^24"),
         (_replace_layer(program, 0, in_hwc=(28, 28, 8000)), "'conv1' (fconv)"),
         (dataclasses.replace(program, layers=()), "no layers"),
