@@ -1,0 +1,197 @@
+"""The generated C networked runner (ddnn_device_net, Paho C) against a real Mosquitto and ddnn-server:
+every sample answered, classes equal the Python evaluation, live thresholds, broker loss and recovery."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require_tool
+from net_harness import Expected, ServerProcess, expectations, wait_for
+
+from ddnn_gen import cbuild, protocol
+from ddnn_gen.broker import Broker
+from ddnn_gen.compile_c import compile_c
+from ddnn_gen.reference import exit_decision
+from ddnn_gen.samples import write_samples
+
+N_SAMPLES = 1000
+SOURCES = {"local", "server", "fallback", "error"}
+# Paho C keeps a few process-lifetime allocations; leaks in our code are covered by the standalone runner tests.
+SAN_ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1"}
+
+
+@pytest.fixture(scope="module")
+def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
+    return expectations(fmnist_model_path, fmnist_test.images[:N_SAMPLES])  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def device_bin(tmp_path_factory: pytest.TempPathFactory, fmnist_model_path: Path) -> Path:
+    require_tool("gcc")
+    if not Path("/usr/include/MQTTClient.h").exists():
+        pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
+    out = tmp_path_factory.mktemp("netproj")
+    compile_c(fmnist_model_path, out)
+    return cbuild.build_project(out, target="net", sanitize=True)
+
+
+@pytest.fixture(scope="module")
+def samples_file(tmp_path_factory: pytest.TempPathFactory, fmnist_test: object) -> Path:
+    path = tmp_path_factory.mktemp("samples") / "fmnist.ddns"
+    write_samples(path, fmnist_test.images[:N_SAMPLES], fmnist_test.labels[:N_SAMPLES])  # type: ignore[attr-defined]
+    return path
+
+
+@pytest.fixture()
+def broker() -> Iterator[Broker]:
+    require_tool("mosquitto")
+    with Broker() as running:
+        yield running
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("threshold")]
+
+
+def _device(device_bin: Path, samples: Path, out: Path, broker: Broker, device_id: str, *extra: str
+            ) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(device_bin), str(samples), "--device-id", device_id, "--broker", broker.address,
+                             "-o", str(out), *extra], stderr=subprocess.PIPE, text=True, env=SAN_ENV)
+
+
+def _finish(process: subprocess.Popen[str], timeout_s: float = 180) -> str:
+    _, stderr = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, stderr
+    return stderr
+
+
+def test_every_sample_answered_and_equal_to_the_python_evaluation(
+        device_bin: Path, samples_file: Path, broker: Broker, expected: Expected, fmnist_model_path: Path,
+        tmp_path: Path) -> None:
+    server = ServerProcess(broker.address, fmnist_model_path, workers=2).start()
+    out = tmp_path / "results.csv"
+    try:
+        stderr = _finish(_device(device_bin, samples_file, out, broker, "c-dev-1", "--timeout-ms", "10000"))
+    finally:
+        assert server.terminate() == 0
+    rows = _rows(out)
+    assert [int(r["index"]) for r in rows] == list(range(N_SAMPLES)), stderr
+    threshold = expected.program.threshold
+    local = np.array([r["exit_local"] == "1" for r in rows])
+    assert np.array_equal(local, expected.device.local_exit)
+    assert np.array_equal([int(r["local_class"]) for r in rows], expected.device.local_class)
+    sources = [r["source"] for r in rows]
+    assert all(s == ("local" if lo else "server") for s, lo in zip(sources, local)), \
+        {s: sources.count(s) for s in SOURCES}
+    assert np.array_equal([int(r["final_class"]) for r in rows], expected.final_class(threshold))
+    assert all(float(r["threshold"]) == threshold for r in rows)
+    assert 0 < local.sum() < N_SAMPLES  # both paths exercised
+    assert server.replies_sent() == N_SAMPLES - int(local.sum())
+    server_rows = [r for r in rows if r["source"] == "server"]
+    assert all(float(r["t_total_us"]) >= float(r["t_device_us"]) + int(r["t_server_us"]) for r in server_rows)
+
+
+def test_threshold_broadcast_mid_run_moves_the_exit_rate(device_bin: Path, samples_file: Path, broker: Broker,
+                                                         expected: Expected, fmnist_model_path: Path,
+                                                         tmp_path: Path) -> None:
+    entropy = expected.device.entropy
+    old = expected.program.threshold
+    # A new threshold far from the old one: exit rate moves by tens of points.
+    new = float(np.quantile(entropy[np.isfinite(entropy)], 0.9 if np.mean(entropy <= old) < 0.6 else 0.2))
+    server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
+    out = tmp_path / "results.csv"
+    try:
+        device = _device(device_bin, samples_file, out, broker, "c-dev-thr", "--timeout-ms", "10000",
+                         "--pace-ms", "2")
+        assert wait_for(lambda: len(_rows(out)) >= 250, timeout_s=60)
+        subprocess.run([sys.executable, "-m", "ddnn_gen", "threshold", "set", str(fmnist_model_path), repr(new),
+                        "--broker", broker.address], check=True, capture_output=True, timeout=60)
+        stderr = _finish(device)
+    finally:
+        server.terminate()
+    rows = _rows(out)
+    assert len(rows) == N_SAMPLES
+    used = np.array([float(r["threshold"]) for r in rows])
+    changed = int(np.argmax(used == new))
+    assert used[changed] == new and 250 <= changed < N_SAMPLES - 300, changed
+    assert np.all(used[:changed] == old) and np.all(used[changed:] == new)
+    assert "threshold changed" in stderr
+    after = slice(changed, N_SAMPLES)
+    local = np.array([r["exit_local"] == "1" for r in rows])
+    reference = exit_decision(entropy[after], new)
+    assert abs(local[after].mean() - reference.mean()) <= 0.01
+    assert np.array_equal(local[after], reference)  # in fact sample by sample
+    assert abs(reference.mean() - exit_decision(entropy[after], old).mean()) > 0.05  # the change mattered
+    assert np.array_equal([int(r["final_class"]) for r in rows][changed:], expected.final_class(new)[after])
+    # A device-specific threshold overrides the model-wide one; clearing it restores the model-wide value.
+    topic = protocol.threshold_topic(expected.loaded.hash_bytes, "c-dev-thr")
+    assert topic.endswith("/c-dev-thr")
+
+
+def test_broker_killed_mid_run_falls_back_then_recovers(device_bin: Path, samples_file: Path, broker: Broker,
+                                                       expected: Expected, fmnist_model_path: Path,
+                                                       tmp_path: Path) -> None:
+    timeout_ms = 400
+    server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
+    out = tmp_path / "results.csv"
+    try:
+        device = _device(device_bin, samples_file, out, broker, "c-dev-kill", "--timeout-ms", str(timeout_ms),
+                         "--pace-ms", "3", "--threshold", "0")  # threshold 0: (almost) every sample goes out
+        assert wait_for(lambda: len(_rows(out)) >= 150, timeout_s=60)
+        broker.kill()
+        down_at = len(_rows(out))
+        assert wait_for(lambda: len(_rows(out)) >= down_at + 100, timeout_s=60)
+        broker.start()
+        stderr = _finish(device)
+    finally:
+        server.terminate()
+    rows = _rows(out)
+    assert [int(r["index"]) for r in rows] == list(range(N_SAMPLES)), stderr
+    sources = [r["source"] for r in rows]
+    fallback = [i for i, s in enumerate(sources) if s == "fallback"]
+    assert len(fallback) >= 90, {s: sources.count(s) for s in SOURCES}
+    assert sources[:100].count("server") >= 95
+    # After the broker is back the device answers through the server again.
+    assert sources[fallback[-1] + 1:].count("server") >= 100, stderr
+    for i in fallback:
+        assert float(rows[i]["t_total_us"]) < (timeout_ms + 250) * 1000
+        assert int(rows[i]["final_class"]) == int(rows[i]["local_class"])
+    server_final = [(int(r["final_class"]), int(expected.server_class[int(r["index"])])) for r in rows
+                    if r["source"] == "server"]
+    assert all(got == want for got, want in server_final)
+
+
+def test_device_rejects_bad_arguments(device_bin: Path, samples_file: Path) -> None:
+    for args in ([], [str(samples_file)], [str(samples_file), "--device-id", "a/b"],
+                 [str(samples_file), "--device-id", "x", "--broker", "host:notaport"],
+                 [str(samples_file), "--device-id", "x", "--timeout-ms", "-5"],
+                 ["/nonexistent.ddns", "--device-id", "x"]):
+        result = subprocess.run([str(device_bin), *args], capture_output=True, text=True, timeout=30, env=SAN_ENV)
+        assert result.returncode in (1, 2), (args, result.stderr)
+        assert "ddnn_device_net" in result.stderr or "ddnn_mqtt" in result.stderr
+
+
+def test_device_without_broker_answers_every_sample_locally(device_bin: Path, samples_file: Path,
+                                                           tmp_path: Path) -> None:
+    from ddnn_gen.broker import free_port
+
+    out = tmp_path / "results.csv"
+    started = time.monotonic()
+    result = subprocess.run([str(device_bin), str(samples_file), "--device-id", "lonely", "--broker",
+                             f"127.0.0.1:{free_port()}", "--connect-wait-ms", "200", "-o", str(out)],
+                            capture_output=True, text=True, timeout=120, env=SAN_ENV)
+    assert result.returncode == 0, result.stderr
+    rows = _rows(out)
+    assert len(rows) == N_SAMPLES and {r["source"] for r in rows} <= {"local", "fallback"}
+    assert time.monotonic() - started < 60
