@@ -117,3 +117,18 @@ def test_parse_opencl_layers(fmnist_program: DeviceProgram, value: str, expected
 def test_parse_opencl_layers_rejects_unknown(fmnist_program: DeviceProgram, value: str) -> None:
     with pytest.raises(CompileError, match="--opencl-layers"):
         parse_opencl_layers(value, fmnist_program)
+
+
+def test_run_device_three_impls_identical_csv(fmnist_model_path: Path, tmp_path: Path) -> None:
+    """`ddnngen run-device --impl numpy|c|opencl`: the same CSV bytes from all three."""
+    outputs = {}
+    for impl in ("numpy", "c", "opencl"):
+        out = tmp_path / f"{impl}.csv"
+        result = subprocess.run([sys.executable, "-m", "ddnn_gen", "run-device", str(fmnist_model_path), "--impl",
+                                 impl, "--dataset", "fashion-mnist", "--count", "150", "--offset", "25",
+                                 "--threshold", "0.4", "-o", str(out)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        outputs[impl] = out.read_bytes()
+    assert outputs["numpy"].count(b"\n") == 151
+    assert outputs["c"] == outputs["numpy"]
+    assert outputs["opencl"] == outputs["numpy"]
