@@ -9,6 +9,10 @@
 #include <string.h>
 #include <time.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <MQTTClient.h>
 
 #define TOPIC_MAX 128
@@ -27,6 +31,7 @@ static struct {
     char status_topic[TOPIC_MAX];
     char model_threshold_topic[TOPIC_MAX];
     char device_threshold_topic[TOPIC_MAX];
+    int port;
     int connect_timeout_s, retry_ms;
 
     pthread_mutex_t lock;
@@ -156,6 +161,27 @@ static int publish_status(const char *status)
     return rc;
 }
 
+/* Paho C leaves Nagle on and does not expose its socket. A request written right after the PUBACK
+ * of the previous reply would then wait for the broker's delayed ACK (~40 ms per sample), so after
+ * each connection we find the TCP socket whose peer is the broker port and set TCP_NODELAY on it. */
+static void set_no_delay(int port)
+{
+    int fd, one = 1;
+    for (fd = 0; fd < 1024; ++fd) {
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof(peer);
+        int type = 0;
+        socklen_t type_len = sizeof(type);
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) != 0 || type != SOCK_STREAM)
+            continue;
+        if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0)
+            continue;
+        if ((peer.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&peer)->sin_port) == port) ||
+            (peer.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&peer)->sin6_port) == port))
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+}
+
 static int connect_once(void)
 {
     MQTTClient_connectOptions options = MQTTClient_connectOptions_initializer5;
@@ -178,6 +204,7 @@ static int connect_once(void)
     MQTTResponse_free(response);
     if (rc != MQTTCLIENT_SUCCESS)
         return rc;
+    set_no_delay(net.port);
     topics[0] = net.reply_topic;
     topics[1] = net.model_threshold_topic;
     topics[2] = net.device_threshold_topic;
@@ -274,6 +301,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     snprintf(net.status_topic, TOPIC_MAX, "ddnn/status/%s", net.device_id);
     snprintf(net.model_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s", hex);
     snprintf(net.device_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s/%s", hex, net.device_id);
+    net.port = config->port;
     net.connect_timeout_s = config->connect_timeout_s > 0 ? config->connect_timeout_s : 2;
     net.retry_ms = config->retry_ms > 0 ? config->retry_ms : 200;
     pthread_mutex_init(&net.lock, NULL);

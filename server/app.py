@@ -28,7 +28,7 @@ class ServerConfig:
     models: str | Path
     workers: int = 2
     max_batch: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     group: str = protocol.DEFAULT_SHARE_GROUP
     server_id: str | None = None  # a fixed id makes the session persistent (crash recovery)
     session_expiry_s: int = 300

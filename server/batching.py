@@ -21,7 +21,7 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+    def __init__(self, max_batch: int = 32, max_wait_ms: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.max_batch = max_batch

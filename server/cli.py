@@ -26,8 +26,9 @@ log = logging.getLogger("ddnn_server")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Largest batch of requests for one model.")
-@click.option("--max-wait-ms", default=2.0, show_default=True, type=click.FloatRange(0, 10000),
-              help="How long the oldest request waits for others to batch with.")
+@click.option("--max-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10000),
+              help="How long the oldest request waits for others to batch with; 0 batches whatever queued "
+                   "up while the workers were busy (lowest latency).")
 @click.option("--group", default=protocol.DEFAULT_SHARE_GROUP, show_default=True,
               help="Shared-subscription group; servers in one group split the load.")
 @click.option("--server-id", default=None,
