@@ -137,7 +137,9 @@ def demo(model_path: str | None, count: int, threshold: float | None, workers: i
     from ddnn_gen.demo import run_demo
 
     started = time.monotonic()
-    run_demo(model_path, count, threshold, workers=workers, timeout_ms=timeout_ms, broker_address=broker_address)
+    report = run_demo(model_path, count, threshold, workers=workers, timeout_ms=timeout_ms,
+                      broker_address=broker_address)
+    click.echo(report.table())
     click.echo(f"demo took {time.monotonic() - started:.1f} s")
 
 

@@ -1,0 +1,139 @@
+"""The whole path on real test images: the shipped model compiled to C, the networked device program,
+a private Mosquitto, ddnn-server; per-exit accuracy and timings as measured by the device program."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ddnn_gen import cbuild, datasets, evaluate, reference
+from ddnn_gen.broker import Broker, parse_broker
+from ddnn_gen.compile_c import compile_c
+from ddnn_gen.errors import DdnnError
+from ddnn_gen.fold import fold
+from ddnn_gen.modelfile import load_model
+from ddnn_gen.samples import write_samples
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fmnist_16.npz"
+
+
+@dataclass
+class DemoReport:
+    samples: int
+    threshold: float
+    local_accuracy: float  # correct local exits / N (as evaluate.py defines it)
+    server_accuracy: float  # accuracy on the samples the server answered
+    overall_accuracy: float
+    ideal_accuracy: float
+    expected_overall: float  # what the Python evaluation predicts at this threshold
+    rates: dict[str, float]  # local / server / fallback / error
+    t_device_us: float
+    t_server_us: float
+    t_comm_us: float
+    t_total_us: float
+
+    def table(self) -> str:
+        rates = ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in self.rates.items())
+        return "\n".join([
+            f"samples {self.samples}, threshold {self.threshold:.4g}",
+            f"accuracy: Local {100 * self.local_accuracy:.2f}%  Server {100 * self.server_accuracy:.2f}%  "
+            f"Overall {100 * self.overall_accuracy:.2f}%  Ideal {100 * self.ideal_accuracy:.2f}%  "
+            f"(Python evaluation predicts Overall {100 * self.expected_overall:.2f}%)",
+            f"exits: {rates}",
+            f"average us: T_Device {self.t_device_us:.1f}  T_Server {self.t_server_us:.1f}  "
+            f"T_Comm {self.t_comm_us:.1f}  T_Total {self.t_total_us:.1f}",
+        ])
+
+
+def _start_server(address: str, model: Path, workers: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
+                                "--models", str(model), "--workers", str(workers)], stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "ddnn-server: ready" in line:
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process
+    process.wait()
+    raise DdnnError("ddnn-server did not start:\n" + "".join(lines))
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold: float | None = None,
+             workers: int = 2, timeout_ms: int = 2000, broker_address: str | None = None,
+             work_dir: str | Path | None = None) -> DemoReport:
+    model = Path(model_path) if model_path else DEFAULT_MODEL
+    loaded = load_model(model)
+    program = fold(loaded, threshold)
+    threshold = program.threshold
+    data = datasets.load(loaded.spec.dataset or "fashion-mnist", "test")
+    images, labels = data.images[:count], data.labels[:count]
+    with tempfile.TemporaryDirectory(prefix="ddnn-demo-") as tmp:
+        work = Path(work_dir) if work_dir else Path(tmp)
+        project = work / "device"
+        compile_c(model, project)
+        binary = cbuild.build_project(project, target="net")
+        samples = work / "samples.ddns"
+        write_samples(samples, images, labels)
+        results = work / "results.csv"
+        broker = Broker().start() if broker_address is None else None
+        address = broker.address if broker else broker_address
+        parse_broker(address)
+        server = None
+        try:
+            server = _start_server(address, model, workers)
+            run = subprocess.run([str(binary), str(samples), "--device-id", "demo-device", "--broker", address,
+                                  "--timeout-ms", str(timeout_ms), "--threshold", repr(threshold), "-o",
+                                  str(results)], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise DdnnError(f"the device program failed ({run.returncode}):\n{run.stderr}")
+            log.info("%s", run.stderr.strip())
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(30)
+            if broker is not None:
+                broker.cleanup()
+        with open(results, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    if len(rows) != len(labels):
+        raise DdnnError(f"the device program answered {len(rows)} of {len(labels)} samples")
+    final = np.array([int(r["final_class"]) for r in rows])
+    sources = np.array([r["source"] for r in rows])
+    local = sources == "local"
+    remote = ~local
+    correct = final == labels
+    device = reference.run_device(program, images)
+    server_class = evaluate.server_classes(loaded, program, device.split_words)
+    outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class, program.split_words * 8,
+                                   program.weight_bytes)
+    expected = evaluate.metrics_at(outputs, threshold)
+    served = [r for r in rows if r["source"] == "server"]
+    return DemoReport(
+        samples=len(rows), threshold=threshold,
+        local_accuracy=float((local & correct).sum() / len(rows)),
+        server_accuracy=float(correct[sources == "server"].mean()) if served else math.nan,
+        overall_accuracy=float(correct.mean()),
+        ideal_accuracy=expected.ideal_accuracy,
+        expected_overall=expected.overall_accuracy,
+        rates={name: float((sources == name).mean()) for name in ("local", "server", "fallback", "error")},
+        t_device_us=_mean([float(r["t_device_us"]) for r in rows]),
+        t_server_us=_mean([float(r["t_server_us"]) for r in served]),
+        t_comm_us=_mean([float(r["t_total_us"]) - float(r["t_device_us"]) - float(r["t_server_us"]) for r in served]),
+        t_total_us=_mean([float(r["t_total_us"]) for r in rows]) if remote.any() or local.any() else math.nan,
+    )
