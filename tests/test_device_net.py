@@ -195,3 +195,14 @@ def test_device_without_broker_answers_every_sample_locally(device_bin: Path, sa
     rows = _rows(out)
     assert len(rows) == N_SAMPLES and {r["source"] for r in rows} <= {"local", "fallback"}
     assert time.monotonic() - started < 60
+
+
+def test_demo_runs_the_whole_path(fmnist_model_path: Path) -> None:
+    require_tool("mosquitto")
+    from ddnn_gen.demo import run_demo
+
+    report = run_demo(fmnist_model_path, count=300, workers=1, timeout_ms=10000)
+    assert report.samples == 300 and report.rates["fallback"] == 0 and report.rates["error"] == 0
+    assert report.overall_accuracy == report.expected_overall
+    assert abs(sum(report.rates.values()) - 1) < 1e-9
+    assert "Overall" in report.table() and report.t_total_us > 0
