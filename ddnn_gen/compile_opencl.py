@@ -32,8 +32,8 @@ LOG = logging.getLogger(__name__)
 #: Work-items per work-group of the BLinear kernel: one per bit of the output word.
 BLINEAR_GROUP = WORD_BITS
 
-#: Default placement (see docs/opencl_target.md for the measurement behind it).
-DEFAULT_OPENCL_LAYERS = "all"
+#: Default placement: the measured rule of :func:`auto_placement` (docs/opencl_target.md).
+DEFAULT_OPENCL_LAYERS = "auto"
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class KernelPlan:
     title: str
     consts: tuple[tuple[str, int], ...]
     pool: bool
+    #: Overlapping pool windows: ``name`` writes int32 conv sums (``sums`` per sample), then
+    #: ``pool_name`` pools/thresholds/packs over ``pool_items`` work-items per sample.
+    split_pool: bool = False
+    pool_name: str = ""
+    pool_items: int = 0
+    sums: int = 0
 
     def global_size(self, n: int) -> tuple[int, int]:
         return (self.items, n)
@@ -84,6 +90,10 @@ def _layer_plan(index: int, layer: FoldedLayer) -> KernelPlan:
     title = title.replace(" ->", f" (k{layer.ksize} s{layer.stride} p{layer.pad}) ->", 1)
     if layer.kind not in ("fconv", "bconv"):
         raise CompileError(f"layer {layer.name!r}: kind {layer.kind!r} has no OpenCL kernel")
+    if layer.pool is not None and layer.pool.stride < layer.pool.ksize:
+        sums = conv_h * conv_w * out_c
+        return KernelPlan(name, index, layer.kind, sums, 0, f"{layer.kind}.cl.j2", title, tuple(consts_list), True,
+                          True, f"ddnn_l{index}_pool", out_h * out_w * out_words, sums)
     return KernelPlan(name, index, layer.kind, out_h * out_w * out_words, 0, f"{layer.kind}.cl.j2", title,
                       tuple(consts_list), layer.pool is not None)
 
@@ -112,16 +122,61 @@ def render_kernels(program: DeviceProgram) -> str:
     template = _environment().get_template("kernels.cl.j2")
     return template.render(model_name=program.spec.name, version=__version__, content_hash=program.content_hash,
                            kernels=[{"fn": plan.name, "template": plan.template, "title": plan.title,
-                                     "consts": plan.consts, "pool": plan.pool} for plan in kernel_plans(program)])
+                                     "consts": plan.consts, "pool": plan.pool, "split_pool": plan.split_pool,
+                                     "pool_fn": plan.pool_name} for plan in kernel_plans(program)])
+
+
+# Measured on this project's build machine (bench/bench_opencl.py, fmnist_16, PoCL 3.1 CPU and the
+# C runner at -O3 -march=native; see docs/opencl_target.md): the C runtime's cost per unit of work
+# and what one stage costs on OpenCL at batch 1 beyond its work (launch, queue drain, transfers).
+C_NS_PER_MAC = 0.54  # FConv multiply-accumulate (conv1: 112 896 MACs in 61 us)
+C_NS_PER_POPCOUNT_WORD = 0.95  # BConv/BLinear/exit 64-bit XOR+popcount (conv2: 56 448 words in 54 us)
+OPENCL_STAGE_OVERHEAD_US = 20.0  # the exit kernel: 21 us on OpenCL for 0.3 us of C work
+
+
+def stage_work(program: DeviceProgram) -> list[tuple[int, int]]:
+    """(FConv MACs, popcount words) per sample of every layer, then of the exit."""
+    work = []
+    for layer in program.layers:
+        in_h, in_w, in_c = layer.in_hwc
+        out_c = layer.out_hwc[2]
+        if layer.is_conv:
+            conv_h, conv_w = layer.conv_hw
+            taps = conv_h * conv_w * out_c * layer.ksize * layer.ksize
+            work.append((taps * in_c, 0) if layer.kind == "fconv" else (0, taps * words_for(in_c)))
+        else:
+            work.append((0, out_c * in_h * in_w * words_for(in_c)))
+    exit_h, exit_w, exit_c = program.exit.in_hwc
+    work.append((0, program.n_classes * exit_h * exit_w * words_for(exit_c)))
+    return work
+
+
+def estimated_c_us(program: DeviceProgram) -> list[float]:
+    """Per-sample C-runtime time of every stage (layers, exit) from the measured rates."""
+    return [(macs * C_NS_PER_MAC + words * C_NS_PER_POPCOUNT_WORD) / 1e3 for macs, words in stage_work(program)]
+
+
+def auto_placement(program: DeviceProgram) -> tuple[bool, ...]:
+    """A stage goes to OpenCL only if the C runtime needs longer for it than one OpenCL stage costs
+    beyond its work: below that, offloading loses even on an infinitely fast device (the paper's
+    "offloading a small layer can cost more than it saves"). The exit follows the rule too; it
+    can only be on OpenCL when the last layer is (it reads that layer's output on the device)."""
+    flags = [cost >= OPENCL_STAGE_OVERHEAD_US for cost in estimated_c_us(program)]
+    flags[-1] = flags[-1] and flags[-2]
+    return tuple(flags)
+
+
+def stage_names(program: DeviceProgram) -> list[str]:
+    return [layer.name for layer in program.layers] + [program.spec.device.exit_name]
 
 
 def parse_opencl_layers(value: str | None, program: DeviceProgram) -> tuple[bool, ...]:
-    """``all`` | ``none`` | comma-separated layer names -> per-layer flag "runs on OpenCL".
-
-    The exit's integer sums follow the last layer's placement (they read its output).
-    """
+    """``auto`` | ``all`` | ``none`` | comma-separated stage names -> "runs on OpenCL" for every
+    device layer and then the exit (its integer sums; logits and entropy are always C)."""
     value = DEFAULT_OPENCL_LAYERS if value is None else value.strip()
-    names = [layer.name for layer in program.layers]
+    names = stage_names(program)
+    if value == "auto":
+        return auto_placement(program)
     if value == "all":
         return tuple(True for _ in names)
     if value == "none":
@@ -129,9 +184,14 @@ def parse_opencl_layers(value: str | None, program: DeviceProgram) -> tuple[bool
     chosen = [part.strip() for part in value.split(",") if part.strip()]
     unknown = sorted(set(chosen) - set(names))
     if not chosen or unknown:
-        raise CompileError(f"--opencl-layers {value!r}: expected all, none or a comma-separated list of device "
-                           f"layers ({', '.join(names)}); unknown: {', '.join(unknown) or '(empty list)'}")
-    return tuple(name in chosen for name in names)
+        raise CompileError(f"--opencl-layers {value!r}: expected auto, all, none or a comma-separated list of "
+                           f"device layers and the exit ({', '.join(names)}); unknown: "
+                           f"{', '.join(unknown) or '(empty list)'}")
+    flags = tuple(name in chosen for name in names)
+    if flags[-1] and not flags[-2]:
+        raise CompileError(f"--opencl-layers {value!r}: the exit {names[-1]!r} can run on OpenCL only together with "
+                           f"the last layer {names[-2]!r} (its sums read that layer's output on the device)")
+    return flags
 
 
 # ---- the generated project: the C target plus the OpenCL host program ----------------------
@@ -149,22 +209,26 @@ def _ocl_context(program: DeviceProgram, on_opencl: tuple[bool, ...], placement_
 
     plans = kernel_plans(program)
     last = len(program.layers) - 1
+    exit_on_cl = on_opencl[-1]
+    on_opencl = on_opencl[:-1]
     layers = []
     for index, (plan, layer) in enumerate(zip(plans, program.layers)):
         on_cl = on_opencl[index]
         next_on_cl = index < last and on_opencl[index + 1]
         layers.append({
             "on_cl": on_cl, "kernel": plan.name, "work_items": plan.items, "local0": plan.local0,
+            "split_pool": plan.split_pool, "pool_kernel": plan.pool_name, "pool_items": plan.pool_items,
+            "sums": plan.sums,
             "words": int(np.prod(layer.out_hwc[:2])) * words_for(layer.out_hwc[2]),
             "host_buffer": (not on_cl) or index == last or not next_on_cl,
             "device_buffer": on_cl or next_on_cl,
-            "read_back": on_cl and index < last and not next_on_cl,
+            "read_back": on_cl and (not next_on_cl if index < last else not exit_on_cl),
         })
     return {
         "layers": layers,
-        "exit_on_cl": on_opencl[-1],
+        "exit_on_cl": exit_on_cl,
         "exit_kernel": plans[-1].name,
-        "any_on_cl": any(on_opencl),
+        "any_on_cl": any(on_opencl) or exit_on_cl,
         "any_group": any(layer["on_cl"] and layer["local0"] for layer in layers),
         "needs_upload": any(on_opencl[i] and (i == 0 or not on_opencl[i - 1]) for i in range(len(on_opencl))),
         "max_batch": max_batch,
@@ -219,8 +283,10 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
 targets.register_target(
     "opencl", compile_opencl, "OpenCL C 1.2 kernels + C host program (the C project plus ddnn_device_ocl)",
     options=[click.Option(["--opencl-layers"], default=None,
-                          help=f"Layers that run on OpenCL: all, none or name1,name2 (others run on the C "
-                               f"runtime; default {DEFAULT_OPENCL_LAYERS}, see docs/opencl_target.md)."),
+                          help=f"Stages that run on OpenCL: auto, all, none or names of layers and the exit "
+                               f"(others run on the C runtime; default {DEFAULT_OPENCL_LAYERS}: offload a stage "
+                               f"only where its C time exceeds an OpenCL stage's measured overhead; see "
+                               f"docs/opencl_target.md)."),
              click.Option(["--opencl-max-batch"], type=click.IntRange(1, 65536), default=None,
                           help=f"Largest batch the OpenCL runner takes (static host buffers; "
                                f"default {DEFAULT_MAX_BATCH}).")])

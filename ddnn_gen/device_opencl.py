@@ -90,8 +90,11 @@ class OpenCLDevice:
         self.on_opencl: tuple[bool, ...] = (parse_opencl_layers(opencl_layers, program)
                                             if opencl_layers is None or isinstance(opencl_layers, str)
                                             else tuple(bool(flag) for flag in opencl_layers))
-        if len(self.on_opencl) != len(program.layers):
-            raise OpenCLError(f"opencl_layers has {len(self.on_opencl)} flags for {len(program.layers)} layers")
+        if len(self.on_opencl) != len(program.layers) + 1:
+            raise OpenCLError(f"opencl_layers has {len(self.on_opencl)} flags; expected one per layer and one for "
+                              f"the exit ({len(program.layers) + 1})")
+        if self.on_opencl[-1] and not self.on_opencl[-2]:
+            raise OpenCLError("the exit can run on OpenCL only together with the last layer")
         self.device = select_device(platform, device)
         self.plans = kernel_plans(program)
         self.source = render_kernels(program) if source is None else source
@@ -128,17 +131,25 @@ class OpenCLDevice:
         self.act_buffers = [self._buffer(self.max_batch * words * 8, writable=True) for words in self.layer_words]
         self.sums_buffer = self._buffer(self.max_batch * program.n_classes * 4, writable=True)
         self.kernels = []
-        for plan, layer, buffer in zip(self.plans, program.layers, self.act_buffers):
+        self.pool_kernels: list[Any] = []
+        for index, (plan, layer, buffer) in enumerate(zip(self.plans, program.layers, self.act_buffers)):
             # FConv weights in the C runtime's (KH, KW, IC, OC) order; binary layers packed (OC, ..., words).
             weights = (np.ascontiguousarray(layer.weights.transpose(1, 2, 3, 0), dtype=np.int8)
                        if layer.kind == "fconv" else layer.packed_weights)
+            source = self.input_buffer if index == 0 else self.act_buffers[index - 1]
+            threshold = self._buffer(layer.threshold.astype(np.int32))
+            flip = self._buffer(layer.flip.astype(np.uint8))
             kernel = self._cl.Kernel(self.cl_program, plan.name)
-            kernel.set_args(self.input_buffer, self._buffer(weights),
-                            self._buffer(layer.threshold.astype(np.int32)),
-                            self._buffer(layer.flip.astype(np.uint8)), buffer)
+            pool_kernel = None
+            if plan.split_pool:
+                sums = self._buffer(self.max_batch * plan.sums * 4, writable=True)
+                kernel.set_args(source, self._buffer(weights), sums)
+                pool_kernel = self._cl.Kernel(self.cl_program, plan.pool_name)
+                pool_kernel.set_args(sums, threshold, flip, buffer)
+            else:
+                kernel.set_args(source, self._buffer(weights), threshold, flip, buffer)
             self.kernels.append(kernel)
-        for index in range(1, len(self.kernels)):
-            self.kernels[index].set_arg(0, self.act_buffers[index - 1])
+            self.pool_kernels.append(pool_kernel)
         self.exit_kernel = self._cl.Kernel(self.cl_program, self.plans[-1].name)
         self.exit_kernel.set_args(self.act_buffers[-1], self._buffer(program.exit.packed_weights), self.sums_buffer)
 
@@ -184,6 +195,9 @@ class OpenCLDevice:
                     source = self.input_buffer if index == 0 else self.act_buffers[index - 1]
                     self._upload(source, host_activation)
                 self._enqueue(self.kernels[index], index, n)
+                if self.pool_kernels[index] is not None:
+                    self._cl.enqueue_nd_range_kernel(self.queue, self.pool_kernels[index],
+                                                     (self.plans[index].pool_items, n), None)
                 host_activation = self._download(self.act_buffers[index], shape, np.uint64)
                 on_device = True
             else:

@@ -58,7 +58,7 @@ def test_mnist_subset_bit_exact(mnist_program: DeviceProgram, mnist_test: datase
     assert_same_as_reference(mnist_program, mnist_test.images[:CI_SAMPLES])
 
 
-@pytest.mark.parametrize("placement", ["none", "conv1", "conv2"])
+@pytest.mark.parametrize("placement", ["none", "conv1", "conv2", "auto", "conv2,local"])
 def test_mixed_placement_bit_exact(fmnist_program: DeviceProgram, fmnist_test: datasets.Dataset,
                                    placement: str) -> None:
     assert_same_as_reference(fmnist_program, fmnist_test.images[:100], placement)
@@ -107,13 +107,17 @@ def test_no_platform_says_how_to_install_pocl(tmp_path: Path) -> None:
     assert "pocl-opencl-icd" in result.stderr
 
 
-@pytest.mark.parametrize(("value", "expected"), [("all", (True, True)), ("none", (False, False)),
-                                                 ("conv2", (False, True)), (" conv1 , conv2 ", (True, True))])
-def test_parse_opencl_layers(fmnist_program: DeviceProgram, value: str, expected: tuple[bool, ...]) -> None:
+@pytest.mark.parametrize(("value", "expected"), [("all", (True, True, True)), ("none", (False, False, False)),
+                                                 ("conv2", (False, True, False)),
+                                                 (" conv1 , conv2 ", (True, True, False)),
+                                                 ("conv2,local", (False, True, True)),
+                                                 ("auto", (True, True, False)), (None, (True, True, False))])
+def test_parse_opencl_layers(fmnist_program: DeviceProgram, value: str | None, expected: tuple[bool, ...]) -> None:
+    """auto (the default) keeps fmnist's two convs on OpenCL and its tiny exit on C (see docs)."""
     assert parse_opencl_layers(value, fmnist_program) == expected
 
 
-@pytest.mark.parametrize("value", ["conv3", "", ",", "conv1,fc9"])
+@pytest.mark.parametrize("value", ["conv3", "", ",", "conv1,fc9", "conv1,local"])
 def test_parse_opencl_layers_rejects_unknown(fmnist_program: DeviceProgram, value: str) -> None:
     with pytest.raises(CompileError, match="--opencl-layers"):
         parse_opencl_layers(value, fmnist_program)

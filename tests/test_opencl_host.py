@@ -115,7 +115,7 @@ def test_mnist_subset_same_as_c_and_reference(mnist_model_path: Path, mnist_test
     assert_matches_c_and_reference(built, samples, mnist_test.images[:CI_SAMPLES], batch=16)
 
 
-@pytest.mark.parametrize("placement", ["none", "conv1", "conv2"])
+@pytest.mark.parametrize("placement", ["none", "conv1", "conv2", "auto"])
 def test_placements_same_as_c(fmnist_program: DeviceProgram, fmnist_test: datasets.Dataset, tmp_path: Path,
                               placement: str) -> None:
     built = build(fmnist_program, tmp_path, opencl_layers=placement)
@@ -227,6 +227,7 @@ def test_opencl_objects_created_once_and_all_released(fmnist_built: Built, fmnis
         assert created == released, f"{kind}: {created} created, {released} released"
         assert per_size[1][kind] == per_size[200][kind], f"{kind} count grows with the number of samples"
     assert per_size[200]["buffer"][0] > 0 and per_size[200]["kernel"][0] == len(fmnist_built.program.layers) + 1
+    assert per_size[1]["launches"][0] == len(fmnist_built.program.layers) + 1  # fmnist: no split pool kernels
     assert per_size[200]["launches"][0] == 200 * per_size[1]["launches"][0]  # batch 1: one launch per kernel
 
 
@@ -302,7 +303,7 @@ def test_cli_compile_opencl_and_option_errors(fmnist_model_path: Path, tmp_path:
     assert result.returncode == 0, result.stderr
     assert "opencl: wrote" in result.stdout
     assert (tmp_path / "p" / "ddnn_ocl_kernels.cl").exists() and (tmp_path / "p" / "main_ocl.c").exists()
-    assert '"c",\n    "opencl",\n    "opencl",' in (tmp_path / "p" / "ddnn_ocl_model.c").read_text()
+    assert '"c",\n    "opencl",\n    "c",\n};' in (tmp_path / "p" / "ddnn_ocl_model.c").read_text()
     result = subprocess.run([*ddnngen, "compile", str(fmnist_model_path), "--target", "opencl", "-o",
                              str(tmp_path / "q"), "--opencl-layers", "conv9"], capture_output=True, text=True)
     assert result.returncode != 0
