@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from ddnn_server.store import ModelStore
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ddnn_gen import datasets, protocol
@@ -29,6 +28,7 @@ from ddnn_gen.broker import Broker
 from ddnn_gen.device_sim import run_devices
 from ddnn_gen.protocol import Packing
 from ddnn_gen.reference import run_device
+from ddnn_server.store import ModelStore
 
 log = logging.getLogger("bench_server")
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ddnn_server.batching import Batcher, Job
-from ddnn_server.store import ModelStore, ServedModel
-from ddnn_server.transport import Incoming, Transport
 
 from ddnn_gen import protocol
 from ddnn_gen.protocol import ProtocolError, Reply, Status
+from ddnn_server.batching import Batcher, Job
+from ddnn_server.store import ModelStore, ServedModel
+from ddnn_server.transport import Incoming, Transport
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ import threading
 from types import FrameType
 
 import click
-from ddnn_server.app import Server, ServerConfig
 
 from ddnn_gen import protocol
 from ddnn_gen.broker import Broker, parse_broker
 from ddnn_gen.errors import DdnnError
+from ddnn_server.app import Server, ServerConfig
 
 log = logging.getLogger("ddnn_server")
 

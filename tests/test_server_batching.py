@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from ddnn_server.batching import Batcher, Job
-from ddnn_server.store import ModelStore
 
 from ddnn_gen.errors import ModelFileError
 from ddnn_gen.protocol import Packing, ProtocolError, RequestHeader, Status
 from ddnn_gen.reference import run_device
+from ddnn_server.batching import Batcher, Job
+from ddnn_server.store import ModelStore
 
 
 def test_batches_per_model_up_to_max_size_oldest_first() -> None:
