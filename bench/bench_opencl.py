@@ -1,9 +1,9 @@
 """OpenCL target vs C target: per-sample device latency with the per-layer breakdown, side by side
 in one run on this machine (prints tables and ratios, writes bench/out/bench_opencl.json).
 
-For every model, one generated project per placement (``--opencl-layers`` all, none and each
-single layer) is built with the same flags as the C runner (-O3 -march=native) and both runners
-time the same sample file with their ``--bench`` option:
+For every model, one generated project per placement (``--opencl-layers`` auto -- the default
+rule --, all, none and each single layer) is built with the same flags as the C runner
+(-O3 -march=native) and both runners time the same sample file with their ``--bench`` option:
 
 * C: ``ddnn_device`` (ddnn_infer, one sample at a time);
 * OpenCL: ``ddnn_device_ocl --batch 1`` for every placement, and ``--batch 64`` for ``all``.
@@ -36,7 +36,13 @@ import numpy as np
 
 from ddnn_gen import cbuild, datasets, zoo
 from ddnn_gen.compile_c import compile_c
-from ddnn_gen.compile_opencl import build_opencl_runner, compile_opencl, run_opencl_runner
+from ddnn_gen.compile_opencl import (
+    build_opencl_runner,
+    compile_opencl,
+    estimated_c_us,
+    parse_opencl_layers,
+    run_opencl_runner,
+)
 from ddnn_gen.fold import DeviceProgram, fold
 from ddnn_gen.modelfile import load_model
 from ddnn_gen.samples import write_samples
@@ -68,7 +74,7 @@ def model_cases(tmp: Path, names: list[str]) -> list[tuple[str, Path, np.ndarray
 
 def placements(program: DeviceProgram) -> list[str]:
     names = [layer.name for layer in program.layers]
-    return ["all", "none"] + (names if len(names) > 1 else [])
+    return ["auto", "all", "none"] + (names if len(names) > 1 else [])
 
 
 def bench_model(name: str, path: Path, images: np.ndarray, tmp: Path, repeat: int) -> dict[str, Any]:
@@ -88,7 +94,9 @@ def bench_model(name: str, path: Path, images: np.ndarray, tmp: Path, repeat: in
             runs[f"OCL all b{BATCH}"] = run_opencl_runner(binary, samples, bench=True, repeat=repeat,
                                                           batch=BATCH).bench
     stages = [layer.name for layer in program.layers] + [program.spec.device.exit_name]
-    return {"stages": stages, "runs": runs}
+    auto = parse_opencl_layers("auto", program)
+    return {"stages": stages, "runs": runs, "estimated_c_us": dict(zip(stages, estimated_c_us(program))),
+            "auto": {stage: "opencl" if flag else "c" for stage, flag in zip(stages, auto)}}
 
 
 def print_table(name: str, source: str, count: int, result: dict[str, Any]) -> None:
@@ -99,7 +107,9 @@ def print_table(name: str, source: str, count: int, result: dict[str, Any]) -> N
     print("stage".ljust(16) + "".join(column.rjust(width) for column in columns))
     for row in [*stages, "stages_total", "total"]:
         cells = "".join(f"{runs[column].get(row, float('nan')):{width}.1f}" for column in columns)
-        print(row.ljust(16) + cells)
+        note = (f"   auto: {result['auto'][row]} (C estimate {result['estimated_c_us'][row]:.1f} us)"
+                if row in stages else "")
+        print(row.ljust(16) + cells + note)
     c_total = runs["C"]["total"]
     print("ratio".ljust(16) + "".join(f"{runs[column]['total'] / c_total:{width}.2f}" for column in columns))
     batch1 = {column: runs[column]["total"] for column in columns if column.endswith(" b1")}

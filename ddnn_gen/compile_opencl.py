@@ -94,8 +94,11 @@ def _layer_plan(index: int, layer: FoldedLayer) -> KernelPlan:
         sums = conv_h * conv_w * out_c
         return KernelPlan(name, index, layer.kind, sums, 0, f"{layer.kind}.cl.j2", title, tuple(consts_list), True,
                           True, f"ddnn_l{index}_pool", out_h * out_w * out_words, sums)
-    return KernelPlan(name, index, layer.kind, out_h * out_w * out_words, 0, f"{layer.kind}.cl.j2", title,
-                      tuple(consts_list), layer.pool is not None)
+    # Fused: a work-group per (output pixel, output word), a work-item per channel of the word.
+    group = min(WORD_BITS, out_c)
+    consts_list.append(("GROUP", group))
+    return KernelPlan(name, index, layer.kind, out_h * out_w * out_words * group, group, f"{layer.kind}.cl.j2",
+                      title, tuple(consts_list), layer.pool is not None)
 
 
 def exit_plan(program: DeviceProgram) -> KernelPlan:
