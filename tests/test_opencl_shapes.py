@@ -150,3 +150,15 @@ def test_random_shapes_bit_exact_pyopencl(shape_programs: dict[str, DeviceProgra
         assert np.array_equal(got.local_class, want.local_class), name
         assert np.array_equal(got.local_exit, want.local_exit), name
         assert np.array_equal(got.split_words, want.split_words), name
+
+
+def test_kernels_build_without_warnings(shape_programs: dict[str, DeviceProgram], fmnist_model_path: Path) -> None:
+    """-Werror: a warning on PoCL's clang is a likely error on a stricter GPU compiler."""
+    import pyopencl as cl
+
+    from ddnn_gen.compile_opencl import render_kernels
+    from ddnn_gen.device_opencl import select_device
+
+    context = cl.Context([select_device()])
+    for program in [fold(load_model(fmnist_model_path)), *shape_programs.values()]:
+        cl.Program(context, render_kernels(program)).build(options=["-cl-std=CL1.2", "-Werror"])
