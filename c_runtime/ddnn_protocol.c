@@ -42,12 +42,12 @@ size_t ddnn_request_size(size_t n_words)
     return DDNN_REQUEST_HEADER_BYTES + 8 * n_words;
 }
 
-size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
-                           size_t out_len)
+/* The 88-byte header; 0 when the device id is unusable or the element count does not fit. */
+static int put_header(const ddnn_request_header *header, int packing, uint16_t split_layer, size_t n_elements,
+                      uint8_t *out)
 {
-    const size_t total = ddnn_request_size(n_words);
-    size_t id_len, i;
-    if (header->device_id == NULL || out_len < total || n_words > 0xffffffffu)
+    size_t id_len;
+    if (header->device_id == NULL || n_elements > 0xffffffffu)
         return 0;
     id_len = strlen(header->device_id);
     if (id_len == 0 || id_len > DDNN_DEVICE_ID_MAX)
@@ -55,20 +55,40 @@ size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *wo
     memset(out, 0, DDNN_REQUEST_HEADER_BYTES);
     memcpy(out, "DDNQ", 4);
     out[4] = DDNN_PROTOCOL_VERSION;
-    out[5] = DDNN_PACKING_BITS_U64;
+    out[5] = (uint8_t)packing;
     put_u16(out + 6, DDNN_REQUEST_HEADER_BYTES);
     memcpy(out + 8, header->model_hash, DDNN_WIRE_HASH_BYTES);
-    put_u16(out + 24, header->split_layer);
+    put_u16(out + 24, split_layer);
     put_u16(out + 26, header->channels);
     put_u16(out + 28, header->height);
     put_u16(out + 30, header->width);
     put_u64(out + 32, header->request_id);
     put_u64(out + 40, header->device_time_us);
-    put_u32(out + 48, (uint32_t)n_words);
+    put_u32(out + 48, (uint32_t)n_elements);
     /* bytes 52..55 reserved (zero) */
     memcpy(out + 56, header->device_id, id_len);
+    return 1;
+}
+
+size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
+                           size_t out_len)
+{
+    const size_t total = ddnn_request_size(n_words);
+    size_t i;
+    if (out_len < total || !put_header(header, DDNN_PACKING_BITS_U64, header->split_layer, n_words, out))
+        return 0;
     for (i = 0; i < n_words; ++i)
         put_u64(out + DDNN_REQUEST_HEADER_BYTES + 8 * i, words[i]);
+    return total;
+}
+
+size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t *pixels, size_t n_bytes, uint8_t *out,
+                               size_t out_len)
+{
+    const size_t total = DDNN_REQUEST_HEADER_BYTES + n_bytes;
+    if (out_len < total || !put_header(header, DDNN_PACKING_RAW_U8, DDNN_RAW_SPLIT_LAYER, n_bytes, out))
+        return 0;
+    memcpy(out + DDNN_REQUEST_HEADER_BYTES, pixels, n_bytes);
     return total;
 }
 

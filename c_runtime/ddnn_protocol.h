@@ -3,7 +3,8 @@
  * big-endian or strict-alignment targets produce the same bytes.
  *
  * Request = 88-byte header + the split activations exactly as ddnn_infer() leaves them
- * (HWC, channels packed in uint64 words, little-endian). Reply = 32-byte header + top-k
+ * (HWC, channels packed in uint64 words, little-endian), or, server-only, + the raw uint8 HWC input
+ * (packing 3, split layer 0: the server runs the whole model). Reply = 32-byte header + top-k
  * (class, probability) pairs + optional utf-8 error message. */
 #ifndef DDNN_PROTOCOL_H
 #define DDNN_PROTOCOL_H
@@ -17,6 +18,8 @@
 #define DDNN_WIRE_HASH_BYTES 16
 #define DDNN_DEVICE_ID_MAX 32
 #define DDNN_PACKING_BITS_U64 1
+#define DDNN_PACKING_RAW_U8 3
+#define DDNN_RAW_SPLIT_LAYER 0
 #define DDNN_REPLY_TOP_MAX 16
 #define DDNN_REPLY_MESSAGE_MAX 256
 
@@ -61,6 +64,12 @@ size_t ddnn_request_size(size_t n_words);
  * device id is empty/too long. */
 size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
                            size_t out_len);
+
+/* Server-only request: writes header + the n_bytes uint8 HWC input pixels into out (the header's
+ * split_layer is ignored and sent as DDNN_RAW_SPLIT_LAYER; channels/height/width are the input's).
+ * Returns the byte count, or 0 as ddnn_request_encode. */
+size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t *pixels, size_t n_bytes, uint8_t *out,
+                               size_t out_len);
 
 /* Decodes a reply. Returns 0, or -1 if it is not a well-formed reply of this protocol version. */
 int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply);

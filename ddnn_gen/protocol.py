@@ -1,7 +1,8 @@
 """Wire format between devices and ``ddnn-server`` (see docs/protocol.md): pure encode/decode, no MQTT.
 
 A request is a fixed 88-byte little-endian header followed by the split-layer activations exactly
-as the device holds them (HWC, channels packed into uint64 words, little-endian). A reply is a
+as the device holds them (HWC, channels packed into uint64 words, little-endian), or, for a
+server-only request (packing RAW_U8, split layer 0), the raw uint8 HWC input image. A reply is a
 fixed 32-byte header, the top-k (class, probability) pairs and an optional utf-8 error message.
 The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same byte layouts.
 """
@@ -45,6 +46,13 @@ class Packing(enum.IntEnum):
 
     BITS_U64 = 1  # channels packed into little-endian uint64 words per pixel, bit 1 = +1, padding bits 0
     FLOAT32 = 2  # float32 HWC values (non-binary splits and tooling); must be finite
+    RAW_U8 = 3  # server-only: the raw uint8 HWC input; split layer 0, the server runs the whole model
+
+
+# Split layer index of a RAW_U8 request: the server starts before the first device layer.
+RAW_SPLIT_LAYER = 0
+_ELEMENT_BYTES = {Packing.BITS_U64: 8, Packing.FLOAT32: 4, Packing.RAW_U8: 1}
+_ELEMENT_DTYPE = {Packing.BITS_U64: "<u8", Packing.FLOAT32: "<f4", Packing.RAW_U8: "u1"}
 
 
 class Status(enum.IntEnum):
@@ -90,20 +98,20 @@ class RequestHeader:
 
     @property
     def payload_words(self) -> int:
-        """Number of 64-bit (BITS_U64) or 32-bit (FLOAT32) elements the payload must hold."""
+        """Number of 64-bit (BITS_U64), 32-bit (FLOAT32) or 8-bit (RAW_U8) elements the payload must hold."""
         if self.packing == Packing.BITS_U64:
             return self.height * self.width * self.words_per_pixel
         return self.height * self.width * self.channels
 
     @property
     def payload_bytes(self) -> int:
-        return self.payload_words * (8 if self.packing == Packing.BITS_U64 else 4)
+        return self.payload_words * _ELEMENT_BYTES[self.packing]
 
 
 @dataclass(frozen=True)
 class Request:
     header: RequestHeader
-    payload: np.ndarray  # uint64 (H, W, words) or float32 (H, W, C)
+    payload: np.ndarray  # uint64 (H, W, words), float32 (H, W, C) or uint8 (H, W, C)
 
 
 @dataclass(frozen=True)
@@ -125,9 +133,9 @@ def _device_id_bytes(device_id: str) -> bytes:
 
 
 def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
-    """Header + payload bytes; ``payload`` is one sample's split (uint64 words or float32 values)."""
-    dtype = "<u8" if header.packing == Packing.BITS_U64 else "<f4"
-    body = np.ascontiguousarray(payload, dtype=dtype).tobytes()
+    """Header + payload bytes; ``payload`` is one sample's split (uint64 words or float32 values) or, for
+    RAW_U8, its uint8 HWC input image."""
+    body = np.ascontiguousarray(payload, dtype=_ELEMENT_DTYPE[header.packing]).tobytes()
     if len(body) != header.payload_bytes:
         raise ValueError(f"payload has {len(body)} bytes, header says {header.payload_bytes}")
     head = _REQUEST.pack(REQUEST_MAGIC, PROTOCOL_VERSION, int(header.packing), REQUEST_HEADER_BYTES,
@@ -165,12 +173,15 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
     if header_len != REQUEST_HEADER_BYTES:
         raise ProtocolError(Status.MALFORMED, f"header length {header_len} != {REQUEST_HEADER_BYTES}",
                             request_id, device_id)
-    if packing not in (Packing.BITS_U64, Packing.FLOAT32):
+    if packing not in Packing._value2member_map_:
         raise ProtocolError(Status.MALFORMED, f"unknown packing {packing}", request_id, device_id)
     if not device_id:
         raise ProtocolError(Status.MALFORMED, "empty device id", request_id, device_id)
     header = RequestHeader(model_hash, split_layer, channels, height, width, request_id, device_id, device_time,
                            Packing(packing))
+    if header.packing == Packing.RAW_U8 and split_layer != RAW_SPLIT_LAYER:
+        raise ProtocolError(Status.SHAPE_MISMATCH, f"a raw-input request starts at split layer {RAW_SPLIT_LAYER}, "
+                            f"not {split_layer}", request_id, device_id)
     if min(channels, height, width) == 0:
         raise ProtocolError(Status.SHAPE_MISMATCH, f"empty split shape C/H/W = {channels}/{height}/{width}",
                             request_id, device_id)
@@ -194,6 +205,8 @@ def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"padding bits above channel {header.channels} are set",
                                 header.request_id, header.device_id)
         return words
+    if header.packing == Packing.RAW_U8:
+        return np.frombuffer(body, dtype=np.uint8).reshape(header.height, header.width, header.channels)
     values = np.frombuffer(body, dtype="<f4").reshape(header.height, header.width, header.channels)
     if not np.all(np.isfinite(values)):
         raise ProtocolError(Status.NON_FINITE, "payload holds non-finite values", header.request_id,

@@ -123,14 +123,14 @@ class Server:
 
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)
-        # One model per batch by construction; packings may differ (bits vs float tooling requests).
+        # One model per batch by construction; packings may differ (bits, float tooling, raw server-only input).
         groups: dict[protocol.Packing, list[int]] = {}
         for index, work in enumerate(works):
             groups.setdefault(work.header.packing, []).append(index)
         for packing, indices in groups.items():
             model = works[indices[0]].model
             try:
-                logits = model.forward(model.server_input([works[i].payload for i in indices], packing))
+                logits = model.logits([works[i].payload for i in indices], packing)
             except Exception as error:  # a model bug must cost this batch, not the server
                 log.exception("forward failed for %d requests of %s", len(indices), model.name)
                 for i in indices:

@@ -46,8 +46,21 @@ class ServedModel:
         height, width, channels = self.program.split_hwc
         return channels, height, width
 
+    @property
+    def input_chw(self) -> tuple[int, int, int]:
+        spec_input = self.loaded.spec.input
+        return spec_input.channels, spec_input.height, spec_input.width
+
     def check(self, header: RequestHeader) -> None:
-        """Raise ProtocolError unless the request's split matches this model."""
+        """Raise ProtocolError unless the request's split (or raw input) matches this model."""
+        if header.packing == Packing.RAW_U8:
+            # decode_request_header already insisted on split layer 0.
+            if (header.channels, header.height, header.width) != self.input_chw:
+                channels, height, width = self.input_chw
+                raise ProtocolError(Status.SHAPE_MISMATCH, f"raw input C/H/W {header.channels}/{header.height}/"
+                                    f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
+                                    header.request_id, header.device_id)
+            return
         channels, height, width = self.split_chw
         if header.split_layer != self.split_layer:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split layer {header.split_layer}, model {self.name} "
@@ -65,6 +78,21 @@ class ServedModel:
         if len(self.loaded.spec.split_shape) == 1:
             return values.reshape(len(values), -1)
         return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+
+    def logits(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
+        """Final-exit logits of one batch of decoded payloads of one packing."""
+        if packing == Packing.RAW_U8:
+            return self.forward_raw(np.stack(payloads))
+        return self.forward(self.server_input(payloads, packing))
+
+    def forward_raw(self, images_hwc: np.ndarray) -> np.ndarray:
+        """Server-only: the whole Chainer model (device tier in test mode, then the server tier) on uint8
+        (N, H, W, C) images; the float device tier, not the bitwise one, as a server without the C device
+        program would run it."""
+        images = np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2))
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            logits = self.loaded.model.forward_images(self.xp.asarray(images)).exit_logits[-1].array
+        return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
 
     def forward(self, server_input: np.ndarray) -> np.ndarray:
         """Final-exit logits (N, K) as float64 on the host, in Chainer test mode."""
