@@ -1,0 +1,55 @@
+"""``ddnngen bench``: the whole-system benchmark (paper Tables II-IV) for any model files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+log = logging.getLogger(__name__)
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", default=Path("bench/out"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where tables, JSON and plots go.")
+@click.option("--samples", default=1000, show_default=True, type=click.IntRange(1, 100000),
+              help="Test samples per model and configuration.")
+@click.option("--threshold", "thresholds", multiple=True, type=click.FloatRange(0.0), default=(0.4, 0.8),
+              show_default=True, help="Local-exit thresholds to run (the model's calibrated one is always added).")
+@click.option("--workload", "workloads", multiple=True, type=click.IntRange(1, 64), default=(2, 6, 10),
+              show_default=True, help="Models loaded at once in the server-load runs (W1, W2, ...).")
+@click.option("--p99-bound-ms", default=50.0, show_default=True, type=click.FloatRange(0.1),
+              help="Latency bound for the sustained request rate.")
+@click.option("--step-s", default=2.0, show_default=True, type=click.FloatRange(0.2, 60),
+              help="Seconds per offered-rate step.")
+@click.option("--per-device-hz", default=1.0, show_default=True, type=click.FloatRange(0.001),
+              help="Samples per second per device, for 'devices one server supports'.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Dataset directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON with every number to stdout.")
+def bench(models: tuple[Path, ...], out_dir: Path, samples: int, thresholds: tuple[float, ...],
+          workloads: tuple[int, ...], p99_bound_ms: float, step_s: float, per_device_hz: float, data_dir: str | None,
+          as_json: bool) -> None:
+    """Measure MODELS end to end (C device program, Mosquitto, ddnn-server): time decomposition, accuracy
+    and exit rates per threshold, bytes on the wire, server load; writes Markdown tables, JSON and PNGs."""
+    from ddnn_gen.bench_report import write_report
+    from ddnn_gen.bench_system import BenchConfig, clean_json, run_bench, write_json
+
+    config = BenchConfig(models=list(models), out_dir=out_dir, samples=samples, thresholds=tuple(thresholds),
+                         workloads=tuple(workloads), step_s=step_s, p99_bound_ms=p99_bound_ms,
+                         per_device_hz=per_device_hz, data_dir=data_dir)
+    result = run_bench(config)
+    json_path = out_dir / "bench_system.json"
+    write_json(result, json_path)
+    files = write_report(clean_json(result), out_dir)
+    if as_json:
+        click.echo(json.dumps(clean_json(result), indent=1))
+    else:
+        click.echo(files["tables"].read_text())
+    click.echo(f"wrote {json_path}, " + ", ".join(str(path) for path in files.values()), err=True)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(bench)
