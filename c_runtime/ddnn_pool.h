@@ -1,21 +1,91 @@
 /* Convolution -> max-pool -> folded BN+sign -> packed bits, computing every convolution
- * output exactly once (no recomputation under overlapping pool windows). */
+ * output exactly once (no recomputation under overlapping pool windows).
+ *
+ * A layer's kernel walks output rows; for each it asks ddnn_pool_window which convolution
+ * rows the pool window covers, computes the ones not yet in the ring of pool_k rows (each row
+ * is conv_w * out_c int32 sums, channel-last: row[x * out_c + c]), then ddnn_pool_emit takes
+ * the vertical and horizontal max and writes the packed output row. Rows no window covers
+ * (pool stride > ksize) are never computed. Pool padding cells are skipped, which is the same
+ * as padding with -inf: they never win. A layer without pool is pool 1/1/0.
+ *
+ * Header-only: instantiated per layer with constant shapes (see DDNN_INLINE). */
 #ifndef DDNN_POOL_H
 #define DDNN_POOL_H
 
-#include "ddnn_types.h"
+#include <string.h>
 
-/* Computes convolution output row `conv_row` of `layer`: conv_w * out_c int32, either
- * channel-last (row[x * out_c + c], DDNN_ROW_HWC) or planar (row[c * conv_w + x], DDNN_ROW_PLANAR),
- * whichever lets the layer's inner loop vectorise. */
-typedef void (*ddnn_conv_row_fn)(const void *layer, const void *input, int conv_row, int32_t *row);
+#include "ddnn_types.h"
 
 /* int32 scratch a layer needs: pool_k ring rows plus one row for the vertical max. */
 #define DDNN_POOL_SCRATCH(pool_k, conv_w, out_c) (((pool_k) + 1) * (conv_w) * (out_c))
 
-typedef enum { DDNN_ROW_HWC = 0, DDNN_ROW_PLANAR = 1 } ddnn_row_layout;
+DDNN_INLINE int ddnn_imax(int a, int b) { return a > b ? a : b; }
+DDNN_INLINE int ddnn_imin(int a, int b) { return a < b ? a : b; }
 
-void ddnn_conv_pool_threshold(const ddnn_conv_shape *shape, const void *layer, const void *input,
-                              ddnn_conv_row_fn row_fn, ddnn_row_layout layout, ddnn_word *out, int32_t *scratch);
+/* Conv rows [*lo, *hi) under the pool window of output row oy. */
+DDNN_INLINE void ddnn_pool_window(const ddnn_conv_shape *sh, int oy, int *lo, int *hi)
+{
+    *lo = ddnn_imax(oy * sh->pool_s - sh->pool_p, 0);
+    *hi = ddnn_imin(oy * sh->pool_s - sh->pool_p + sh->pool_k, sh->conv_h);
+}
+
+DDNN_INLINE int32_t *ddnn_pool_ring_row(const ddnn_conv_shape *sh, int32_t *scratch, int conv_row)
+{
+    return scratch + (size_t)(conv_row % sh->pool_k) * sh->conv_w * sh->out_c;
+}
+
+/* One output word: bit j = (S_j >= threshold[j]) != flip[j] over n <= 64 channels, built
+ * branch-free so the compare + shift + OR reduction vectorises. */
+DDNN_INLINE ddnn_word ddnn_pack_block(const int32_t *restrict s, const int32_t *restrict th,
+                                      const uint8_t *restrict flip, int n)
+{
+    ddnn_word bits = 0;
+    int j;
+    for (j = 0; j < n; ++j)
+        bits |= (ddnn_word)((s[j] >= th[j]) ^ flip[j]) << j;
+    return bits;
+}
+
+/* Pools ring rows [lo, hi) and writes output row oy's out_w * out_words packed words. */
+DDNN_INLINE void ddnn_pool_emit(const ddnn_conv_shape *sh, int32_t *scratch, int lo, int hi, ddnn_word *out_row)
+{
+    const int oc = sh->out_c, row_len = sh->conv_w * oc;
+    int32_t *restrict vmax_buf = scratch + (size_t)sh->pool_k * row_len;
+    const int32_t *vmax;
+    int r, i, ox, x, c, c0;
+
+    if (hi - lo == 1) {
+        vmax = ddnn_pool_ring_row(sh, scratch, lo);
+    } else {
+        memcpy(vmax_buf, ddnn_pool_ring_row(sh, scratch, lo), (size_t)row_len * sizeof(int32_t));
+        for (r = lo + 1; r < hi; ++r) {
+            const int32_t *restrict row = ddnn_pool_ring_row(sh, scratch, r);
+            for (i = 0; i < row_len; ++i)
+                vmax_buf[i] = row[i] > vmax_buf[i] ? row[i] : vmax_buf[i];
+        }
+        vmax = vmax_buf;
+    }
+    for (ox = 0; ox < sh->out_w; ++ox) {
+        const int x_lo = ddnn_imax(ox * sh->pool_s - sh->pool_p, 0);
+        const int x_hi = ddnn_imin(ox * sh->pool_s - sh->pool_p + sh->pool_k, sh->conv_w);
+        for (c0 = 0; c0 < oc; c0 += DDNN_OC_BLOCK) {
+            const int n = ddnn_imin(DDNN_OC_BLOCK, oc - c0);
+            const int32_t *s = vmax + (size_t)x_lo * oc + c0;
+            int32_t best[DDNN_OC_BLOCK];
+            if (x_hi - x_lo > 1) {
+                for (c = 0; c < n; ++c)
+                    best[c] = s[c];
+                for (x = x_lo + 1; x < x_hi; ++x) {
+                    const int32_t *restrict col = vmax + (size_t)x * oc + c0;
+                    for (c = 0; c < n; ++c)
+                        best[c] = col[c] > best[c] ? col[c] : best[c];
+                }
+                s = best;
+            }
+            out_row[(size_t)ox * sh->out_words + c0 / DDNN_WORD_BITS] =
+                ddnn_pack_block(s, sh->threshold + c0, sh->flip + c0, n);
+        }
+    }
+}
 
 #endif

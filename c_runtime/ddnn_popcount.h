@@ -19,6 +19,16 @@ static inline int ddnn_popcount(ddnn_word x)
 }
 #endif
 
+/* Accumulator of popcounts inside one output pixel. 64-bit where words are native, so a
+ * vectorised popcount (AVX-512 VPOPCNTQ, 8 lanes of 64 bits) adds straight in without a
+ * narrowing step; 32-bit elsewhere. Either way it never overflows: |S| < 2^24 (checked by
+ * the compiler). */
+#if UINTPTR_MAX > 0xffffffffu
+typedef uint64_t ddnn_popacc;
+#else
+typedef uint32_t ddnn_popacc;
+#endif
+
 /* Mismatching bits between a and w over n words: a dot product over n_valid values is
  * n_valid - 2 * mismatches. */
 static inline int32_t ddnn_mismatches(const ddnn_word *a, const ddnn_word *w, int n)

@@ -14,6 +14,20 @@
 typedef uint64_t ddnn_word;
 #define DDNN_WORD_BITS 64
 
+/* The convolution kernels are static inline functions instantiated once per layer by the
+ * generated ddnn_model.c with a pointer to the layer's static const description, so the
+ * compiler sees every shape as a constant: loops over output channels and taps get fixed trip
+ * counts and unroll/vectorise. Forcing the inlining keeps that true at -O2 and -Os too. */
+#if defined(__GNUC__) || defined(__clang__)
+#define DDNN_INLINE static inline __attribute__((always_inline))
+#else
+#define DDNN_INLINE static inline
+#endif
+
+/* Output channels are computed in blocks of one output word, so each block's accumulators
+ * are a fixed-size local array the compiler keeps in (vector) registers. */
+#define DDNN_OC_BLOCK DDNN_WORD_BITS
+
 /* Largest kernel side the convolution kernels keep per-tap tables for; the compiler rejects more. */
 #define DDNN_MAX_KSIZE 11
 

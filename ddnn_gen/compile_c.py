@@ -29,7 +29,9 @@ from ddnn_gen.resources import c_runtime_dir, templates_dir
 log = logging.getLogger(__name__)
 
 # Runtime sources of the standalone runner; the networked runner adds NET_SOURCES.
-CORE_SOURCES = ("ddnn_fconv.c", "ddnn_bconv.c", "ddnn_blinear.c", "ddnn_pool.c", "ddnn_exit.c", "ddnn_samples.c")
+# The convolution kernels are header-only (ddnn_fconv.h, ddnn_bconv.h, ddnn_pool.h): ddnn_model.c
+# instantiates them per layer with constant shapes.
+CORE_SOURCES = ("ddnn_blinear.c", "ddnn_exit.c", "ddnn_samples.c")
 NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c")
 MAX_KSIZE = 11  # DDNN_MAX_KSIZE in c_runtime/ddnn_types.h
 # Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
@@ -143,15 +145,28 @@ def _shape_comment(layer: FoldedLayer) -> str:
     return text
 
 
+def device_weights(layer: FoldedLayer) -> np.ndarray:
+    """A layer's weights in the layout of its C kernel (and of the OpenCL kernels, which upload the same array).
+
+    FConv: int8 +-1 (KH, KW, IC, OC); BConv: packed words (KH, KW, in_words, OC); BLinear: packed
+    (OUT, H, W, in_words). The convolutions put output channels innermost so one input value meets
+    the contiguous weights of consecutive output channels (see c_runtime/ddnn_fconv.h, ddnn_bconv.h).
+    """
+    if layer.kind == "fconv":
+        return np.ascontiguousarray(layer.weights.transpose(1, 2, 3, 0), dtype=np.int8)
+    if layer.kind == "bconv":
+        return np.ascontiguousarray(layer.packed_weights.transpose(1, 2, 3, 0), dtype=np.uint64)
+    return np.ascontiguousarray(layer.packed_weights, dtype=np.uint64)
+
+
 def _layer_context(index: int, layer: FoldedLayer) -> dict[str, Any]:
     in_h, in_w, in_c = layer.in_hwc
     out_h, out_w, out_c = layer.out_hwc
+    weights = device_weights(layer)
     if layer.kind == "fconv":
-        # (OC, KH, KW, IC) -> (KH, KW, IC, OC): the kernel's innermost loop runs over OC.
-        weights = [str(int(v)) for v in layer.weights.transpose(1, 2, 3, 0).ravel()]
-        weight_lines, weight_type = _lines(weights, INTS_PER_LINE * 2), "int8_t"
+        weight_lines, weight_type = _lines([str(int(v)) for v in weights.ravel()], INTS_PER_LINE * 2), "int8_t"
     else:
-        weight_lines, weight_type = _lines(_hex_words(layer.packed_weights), WORDS_PER_LINE), "ddnn_word"
+        weight_lines, weight_type = _lines(_hex_words(weights), WORDS_PER_LINE), "ddnn_word"
     pool = layer.pool
     conv_h, conv_w = layer.conv_hw if layer.is_conv else (1, 1)
     return {
@@ -168,7 +183,7 @@ def _layer_context(index: int, layer: FoldedLayer) -> dict[str, Any]:
         "pool_k": pool.ksize if pool else 1, "pool_s": pool.stride if pool else 1, "pool_p": pool.pad if pool else 0,
         "in_total_words": in_h * in_w * words_for(in_c), "n_valid": in_h * in_w * in_c,
         "weight_type": weight_type,
-        "weight_count": int(layer.weights.size if layer.kind == "fconv" else layer.packed_weights.size),
+        "weight_count": int(weights.size),
         "weight_lines": weight_lines,
         "threshold_lines": _lines([str(int(v)) for v in layer.threshold], INTS_PER_LINE),
         "flip_lines": _lines([str(int(v)) for v in layer.flip], INTS_PER_LINE * 2),

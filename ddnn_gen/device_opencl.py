@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ddnn_gen import reference, targets
+from ddnn_gen.compile_c import device_weights
 from ddnn_gen.compile_opencl import kernel_plans, parse_opencl_layers, render_kernels
 from ddnn_gen.errors import OpenCLError
 from ddnn_gen.fold import DeviceProgram, FoldedLayer, pack_bits, words_for
@@ -133,9 +134,8 @@ class OpenCLDevice:
         self.kernels = []
         self.pool_kernels: list[Any] = []
         for index, (plan, layer, buffer) in enumerate(zip(self.plans, program.layers, self.act_buffers)):
-            # FConv weights in the C runtime's (KH, KW, IC, OC) order; binary layers packed (OC, ..., words).
-            weights = (np.ascontiguousarray(layer.weights.transpose(1, 2, 3, 0), dtype=np.int8)
-                       if layer.kind == "fconv" else layer.packed_weights)
+            # The C target's weight arrays (compile_c.device_weights), which the kernels index.
+            weights = device_weights(layer)
             source = self.input_buffer if index == 0 else self.act_buffers[index - 1]
             threshold = self._buffer(layer.threshold.astype(np.int32))
             flip = self._buffer(layer.flip.astype(np.uint8))
