@@ -26,7 +26,7 @@ COMPONENTS = ("bench_c.py", "bench_opencl.py", "bench_server.py")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--components", action="store_true", help="also run the component benchmarks")

@@ -60,18 +60,23 @@ def table_iv(result: dict[str, Any]) -> str:
     lines = [f"| workload | models loaded (random copies) | idle RSS MiB | peak RSS MiB | sustained req/s (p99 <= "
              f"{bound:g} ms) | p99 at that rate ms | server CPU at that rate (1.0 = one core) | first failing step |",
              "|---|---|---|---|---|---|---|---|"]
-    for index, load in enumerate(result["workloads"]):
-        failing = next((step for step in load["steps"] if not step["ok"]), None)
+    rows = [(f"W{index + 1}", load) for index, load in enumerate(result["workloads"])]
+    rows += [("W1, OPENBLAS_NUM_THREADS=1", load) for load in result.get("workloads_single_blas", [])]
+    for name, load in rows:
+        # The last failing step after the sustained one (a failed step is tried twice).
+        failing = next((step for step in reversed(load["steps"]) if not step["ok"]), None)
         fail = "none (top of the list)" if failing is None else (
             f"{failing['offered_rate']:g}/s: p99 {failing['rtt_ms']['p99'] or float('nan'):.1f} ms, "
             f"lost {failing['lost']}, achieved {failing['achieved_rate']:.0f}/s")
         p99 = load["sustained_p99_ms"]
         cpu = load["cpu_utilisation_at_sustained"]
-        lines.append(f"| W{index + 1} | {load['models']} ({load['random_copies']}) | "
+        lines.append(f"| {name} | {load['models']} ({load['random_copies']}) | "
                      f"{load['idle_rss_bytes'] / 2**20:.1f} | {load['peak_rss_bytes'] / 2**20:.1f} | "
                      f"{load['sustained_rate']:g} | {'n/a' if p99 is None else f'{p99:.1f}'} | "
                      f"{'n/a' if cpu is None else f'{cpu:.2f}'} | {fail} |")
-    return "Table IV: server load per workload\n\n" + "\n".join(lines)
+    note = ("Steps of the offered rate last " f"{result['config']['step_s']:g} s each (open loop, Python simulated "
+            "devices on the same machine); a failing step is tried twice.")
+    return "Table IV: server load per workload\n\n" + "\n".join(lines) + "\n\n" + note
 
 
 def encoding_table(result: dict[str, Any]) -> str:
@@ -198,12 +203,14 @@ def plot_load(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     bound = result["config"]["p99_bound_ms"]
-    for index, load in enumerate(result["workloads"]):
+    rows = [(f"W{index + 1}: {load['models']} models", load, "o-") for index, load in enumerate(result["workloads"])]
+    rows += [(f"W1, 1 BLAS thread: {load['models']} models", load, "s--")
+             for load in result.get("workloads_single_blas", [])]
+    for label, load, style in rows:
         steps = [s for s in load["steps"] if s["rtt_ms"]["p99"] is not None]
-        label = f"W{index + 1}: {load['models']} models"
-        left.plot([s["offered_rate"] for s in steps], [s["rtt_ms"]["p99"] for s in steps], "o-", label=label)
+        left.plot([s["offered_rate"] for s in steps], [s["rtt_ms"]["p99"] for s in steps], style, label=label)
         right.plot([s["offered_rate"] for s in load["steps"]], [s["server_cpu_utilisation"] for s in load["steps"]],
-                   "o-", label=label)
+                   style, label=label)
     left.axhline(bound, color="red", linestyle="--", label=f"bound {bound:g} ms")
     left.set_yscale("log")
     left.set_xlabel("offered request rate (requests/s)")

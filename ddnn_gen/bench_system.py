@@ -56,7 +56,10 @@ log = logging.getLogger(__name__)
 SERVER_MAIN = "from ddnn_server.cli import main; main()"
 DEFAULT_THRESHOLDS = (0.4, 0.8)
 DEFAULT_WORKLOADS = (2, 6, 10)
-DEFAULT_RATES = (50, 100, 200, 300, 400, 600, 800, 1200, 1600, 2400)
+DEFAULT_RATES = (50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2400)
+# OpenBLAS worker threads spin after each call: at low request rates they, not the forward passes, dominate
+# the server's CPU time. The load runs are repeated for W1 with one BLAS thread to show the difference.
+SINGLE_BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 REPLY_TOP_K = 3  # ddnn-server's default --top-k
 # The device program's C flags: popcnt and vector units of the host (see docs/c_target.md).
 DEVICE_CFLAGS = ("-march=native",)
@@ -74,7 +77,8 @@ class BenchConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # the model's calibrated threshold is always added
     workloads: tuple[int, ...] = DEFAULT_WORKLOADS
     rates: tuple[float, ...] = DEFAULT_RATES
-    step_s: float = 2.0
+    step_s: float = 3.0
+    single_blas_w1: bool = True  # also measure W1 with OPENBLAS_NUM_THREADS=1
     p99_bound_ms: float = 50.0
     per_device_hz: float = 1.0
     workers: int = 2
@@ -109,14 +113,16 @@ def _proc_status_kb(pid: int, key: str) -> int:
 class ServerHandle:
     """A real ``ddnn-server`` process; CPU time and memory read from /proc."""
 
-    def __init__(self, broker: str, models: Path, workers: int) -> None:
+    def __init__(self, broker: str, models: Path, workers: int, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.args = [sys.executable, "-c", SERVER_MAIN, "--broker", broker, "--models", str(models),
                      "--workers", str(workers)]
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
 
     def start(self, timeout_s: float = 120.0) -> ServerHandle:
-        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                        env=self.env)
         ready = threading.Event()
 
         def read() -> None:
@@ -294,11 +300,12 @@ def summarise_run(rows: list[dict[str, str]], labels: np.ndarray, server_only: b
             "total": stats(t_total),
             "total_offloaded": stats(t_total[served]),
         },
-        # Averages over every sample (0 server/comm time for local exits): these add up to T_Total.
+        # Averages over every sample (a local exit has no server time, and its "comm" is only the few
+        # tenths of a microsecond between the exit decision and the timestamp): these add up to T_Total.
         "mean_per_sample_us": {
             "device": float(t_device.mean()),
-            "server": float(np.where(served, t_server, 0.0).mean()),
-            "comm": float(np.where(served, t_comm, 0.0).mean()),
+            "server": float(t_server.mean()),
+            "comm": float(t_comm.mean()),
             "total": float(t_total.mean()),
         },
         "exit_rates": {name: float((source == name).mean()) for name in ("local", "server", "fallback", "error")},
@@ -429,6 +436,16 @@ def random_copy(spec_source: LoadedModel, seed: int, path: Path) -> str:
     return save_model(path, model, spec_source.spec)
 
 
+def _served_models(base: list[ModelData], folder: Path) -> list[tuple[bytes, ModelData]]:
+    """(wire hash, shipped model with the same architecture) of every model file in a workload folder."""
+    by_stem = {item.path.stem: item for item in base}
+    served = []
+    for path in sorted(folder.glob("*.npz")):
+        stem = path.stem.split("_", 2)[2] if path.stem.startswith("random_") else path.stem
+        served.append((load_model(path).hash_bytes, by_stem[stem]))
+    return served
+
+
 def workload_dir(base: list[ModelData], count: int, folder: Path, seed: int) -> list[tuple[bytes, ModelData]]:
     """``count`` model files in ``folder``: the shipped ones first, then seeded random copies of their
     architectures. Returns (wire hash, the shipped model whose split data the requests reuse)."""
@@ -484,10 +501,13 @@ def offered_load_step(devices: list[SimDevice], served: list[tuple[bytes, ModelD
             "send_rate": total / max(send_end - started, 1e-9), "rtt_ms": stats(rtts)}
 
 
-def bench_workload(base: list[ModelData], count: int, work: Path, broker: Broker, config: BenchConfig) -> dict:
+def bench_workload(base: list[ModelData], count: int, work: Path, broker: Broker, config: BenchConfig,
+                   server_env: dict[str, str] | None = None) -> dict:
     folder = work / f"workload-{count}"
-    served = workload_dir(base, count, folder, config.seed + 1000 * count)
-    server = ServerHandle(broker.address, folder, config.workers).start()
+    if not folder.exists():
+        workload_dir(base, count, folder, config.seed + 1000 * count)
+    served = _served_models(base, folder)
+    server = ServerHandle(broker.address, folder, config.workers, server_env).start()
     devices: list[SimDevice] = []
     try:
         idle_rss = server.rss_bytes()
@@ -497,14 +517,19 @@ def bench_workload(base: list[ModelData], count: int, work: Path, broker: Broker
         steps = []
         sustained: dict[str, Any] | None = None
         for rate in config.rates:
-            with CpuMeter(server) as meter:
-                step = offered_load_step(devices, served, float(rate), config.step_s, config.timeout_ms / 1000)
-            step["server_cpu_utilisation"] = meter.utilisation
-            p99 = step["rtt_ms"]["p99"]
-            step["ok"] = bool(step["lost"] == 0 and step["errors"] == 0 and p99 is not None
-                              and p99 <= config.p99_bound_ms and step["achieved_rate"] >= 0.9 * rate
-                              and step["send_rate"] >= 0.9 * rate)
-            steps.append(step)
+            # A failing step is tried once more: on a shared machine one stall of another process can
+            # break a p99 that the server itself would hold.
+            for _attempt in range(2):
+                with CpuMeter(server) as meter:
+                    step = offered_load_step(devices, served, float(rate), config.step_s, config.timeout_ms / 1000)
+                step["server_cpu_utilisation"] = meter.utilisation
+                p99 = step["rtt_ms"]["p99"]
+                step["ok"] = bool(step["lost"] == 0 and step["errors"] == 0 and p99 is not None
+                                  and p99 <= config.p99_bound_ms and step["achieved_rate"] >= 0.9 * rate
+                                  and step["send_rate"] >= 0.9 * rate)
+                steps.append(step)
+                if step["ok"]:
+                    break
             log.info("W(%d models) %.0f req/s: p99 %.1f ms, cpu %.2f, ok %s", count, rate, p99 or math.nan,
                      meter.utilisation, step["ok"])
             if not step["ok"]:
@@ -512,6 +537,7 @@ def bench_workload(base: list[ModelData], count: int, work: Path, broker: Broker
             sustained = step
         return {
             "models": count,
+            "server_env": server_env or {},
             "model_files": sorted(p.name for p in folder.glob("*.npz")),
             "random_copies": max(0, count - len(base)),
             "idle_rss_bytes": idle_rss,
@@ -589,6 +615,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             server.stop()
         for count in config.workloads:
             result["workloads"].append(bench_workload(data, count, work, broker, config))
+        if config.single_blas_w1 and config.workloads:
+            result["workloads_single_blas"] = [bench_workload(data, config.workloads[0], work, broker, config,
+                                                              SINGLE_BLAS_ENV)]
     sustained = result["workloads"][0]["sustained_rate"] if result["workloads"] else None
     for model in result["models"]:
         for run in model["runs"]:

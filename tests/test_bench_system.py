@@ -1,0 +1,116 @@
+"""Smoke test of the whole-system benchmark: one model, few samples, one small workload, real Mosquitto,
+real C device program and real ddnn-server. Checks every field is there and the numbers agree with
+each other and with ddnn_gen.evaluate on the same samples."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+
+from ddnn_gen import evaluate
+from ddnn_gen.bench_report import write_report
+from ddnn_gen.bench_system import BenchConfig, clean_json, load_model_data, publish_packet_bytes, run_bench, write_json
+
+SAMPLES = 60
+TIME_KEYS = ("device", "server", "comm", "total", "total_offloaded")
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory: pytest.TempPathFactory, fmnist_model_path: Path) -> dict:
+    require_tool("gcc")
+    require_tool("mosquitto")
+    if not Path("/usr/include/MQTTClient.h").exists():
+        pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
+    out = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(models=[fmnist_model_path], out_dir=out, samples=SAMPLES, thresholds=(0.4,),
+                         workloads=(2,), rates=(20, 40), step_s=0.5)
+    result = run_bench(config)
+    write_json(result, out / "bench_system.json")
+    files = write_report(clean_json(result), out)
+    for path in files.values():
+        assert path.stat().st_size > 0
+    return json.loads((out / "bench_system.json").read_text())
+
+
+def test_every_field_is_there(bench_result: dict) -> None:
+    assert {"environment", "config", "models", "workloads", "wall_s", "server_peak_rss_bytes"} <= set(bench_result)
+    env = bench_result["environment"]
+    assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
+    (model,) = bench_result["models"]
+    assert {"name", "content_hash", "calibrated_threshold", "encoding", "sweep", "runs"} <= set(model)
+    configurations = [(run["configuration"], run["threshold"]) for run in model["runs"]]
+    assert ("Server-only", None) in configurations
+    assert ("Device&Server", 0.4) in configurations
+    assert ("Device&Server", model["calibrated_threshold"]) in configurations
+    for run in model["runs"]:
+        assert set(run["times_us"]) == set(TIME_KEYS)
+        for key in TIME_KEYS:
+            assert {"mean", "p50", "p99", "n"} <= set(run["times_us"][key])
+        assert {"local", "server", "overall", "ideal"} <= set(run["accuracy"])
+        assert {"local", "server", "fallback", "error"} == set(run["exit_rates"])
+        assert {"payload_bytes_per_sample", "mqtt_publish_bytes_per_sample", "requests", "replies"} <= set(run["wire"])
+        assert run["server_cpu_utilisation"] is not None and run["server_cpu_utilisation"] >= 0
+        assert "devices_supported" in run
+    (load,) = bench_result["workloads"]
+    assert load["models"] == 2 and load["random_copies"] == 1 and len(set(load["model_files"])) == 2
+    assert load["peak_rss_bytes"] >= load["idle_rss_bytes"] > 0
+    assert load["steps"] and all("server_cpu_utilisation" in step for step in load["steps"])
+
+
+def test_numbers_are_consistent(bench_result: dict) -> None:
+    (model,) = bench_result["models"]
+    for run in model["runs"]:
+        assert run["samples"] == SAMPLES
+        assert math.isclose(sum(run["exit_rates"].values()), 1.0, abs_tol=1e-9)
+        times = run["times_us"]
+        assert times["total"]["mean"] >= times["device"]["mean"]
+        per = run["mean_per_sample_us"]
+        assert math.isclose(per["device"] + per["server"] + per["comm"], per["total"], rel_tol=1e-6, abs_tol=1e-3)
+        assert run["exit_rates"]["fallback"] == 0 and run["exit_rates"]["error"] == 0
+        assert run["mismatches_vs_python"] == 0
+        offloaded = round(run["exit_rates"]["server"] * SAMPLES)
+        assert run["wire"]["requests"] == run["wire"]["replies"] == offloaded
+        if offloaded:
+            assert times["comm"]["mean"] > 0 and times["server"]["mean"] > 0
+            assert run["wire"]["payload_bytes_per_offloaded_sample"] == pytest.approx(
+                (88 + (784 if run["threshold"] is None else model["encoding"]["split_bits_payload_bytes"]))
+                + model["encoding"]["reply_payload_bytes"])
+        if run["threshold"] is None:
+            assert run["exit_rates"]["server"] == 1.0
+            assert times["device"]["p99"] < 1000  # the device computes nothing in server-only
+    (load,) = bench_result["workloads"]
+    ok = [step for step in load["steps"] if step["ok"]]
+    assert load["sustained_rate"] == (ok[-1]["offered_rate"] if ok else 0.0)
+
+
+def test_accuracies_equal_python_evaluation(bench_result: dict, fmnist_model_path: Path) -> None:
+    data = load_model_data(fmnist_model_path, SAMPLES, None)
+    (model,) = bench_result["models"]
+    for run in model["runs"]:
+        if run["threshold"] is None:
+            expected_overall = float((data.full_model_class == data.labels).mean())
+            assert run["accuracy"]["overall"] == pytest.approx(expected_overall)
+            continue
+        metrics = evaluate.metrics_at(data.outputs, run["threshold"])
+        assert run["accuracy"]["local"] == pytest.approx(metrics.local_accuracy)
+        assert run["accuracy"]["overall"] == pytest.approx(metrics.overall_accuracy)
+        assert run["accuracy"]["ideal"] == pytest.approx(metrics.ideal_accuracy)
+        if math.isnan(metrics.server_accuracy):
+            assert run["accuracy"]["server"] is None
+        else:
+            assert run["accuracy"]["server"] == pytest.approx(metrics.server_accuracy)
+        assert run["exit_rates"]["local"] == pytest.approx(metrics.local_exit_rate)
+
+
+def test_publish_packet_size() -> None:
+    class Props:
+        ResponseTopic = "ddnn/reply/dev"
+        CorrelationData = b"12345678"
+
+    # fixed header 1 + remaining-length 1; topic 2+5; packet id 2; props length 1 + (1+2+14) + (1+2+8); payload 10
+    assert publish_packet_bytes("ddnn/", 10, Props()) == 2 + 7 + 2 + 1 + 17 + 11 + 10
+    assert publish_packet_bytes("t", 200, None) == 1 + 2 + 3 + 2 + 1 + 200
