@@ -34,15 +34,28 @@ DDNN_INLINE int32_t *ddnn_pool_ring_row(const ddnn_conv_shape *sh, int32_t *scra
     return scratch + (size_t)(conv_row % sh->pool_k) * sh->conv_w * sh->out_c;
 }
 
-/* One output word: bit j = (S_j >= threshold[j]) != flip[j] over n <= 64 channels, built
- * branch-free so the compare + shift + OR reduction vectorises. */
+/* One output word: bit j = (S_j >= threshold[j]) != flip[j] over n <= 64 channels.
+ * The compares go to a byte per channel (a loop that vectorises); each 8 bytes of 0/1, read
+ * as b0 + b1 << 8 + ... + b7 << 56, become 8 bits with one multiply: b_j * 2^(56 - 7j) lands on
+ * bit 56 + j, and no partial product carries into bits 56..63 (checked for all 256 inputs). */
+#define DDNN_PACK8_MAGIC 0x0102040810204080ull
+
 DDNN_INLINE ddnn_word ddnn_pack_block(const int32_t *restrict s, const int32_t *restrict th,
                                       const uint8_t *restrict flip, int n)
 {
+    uint8_t m[DDNN_WORD_BITS];
     ddnn_word bits = 0;
-    int j;
+    int j, g;
     for (j = 0; j < n; ++j)
-        bits |= (ddnn_word)((s[j] >= th[j]) ^ flip[j]) << j;
+        m[j] = (uint8_t)((s[j] >= th[j]) ^ flip[j]);
+    for (; j % 8 != 0; ++j)
+        m[j] = 0;
+    for (g = 0; g < j / 8; ++g) {
+        const uint8_t *b = m + 8 * g;
+        const uint64_t x = (uint64_t)b[0] | (uint64_t)b[1] << 8 | (uint64_t)b[2] << 16 | (uint64_t)b[3] << 24
+                           | (uint64_t)b[4] << 32 | (uint64_t)b[5] << 40 | (uint64_t)b[6] << 48 | (uint64_t)b[7] << 56;
+        bits |= (ddnn_word)((x * DDNN_PACK8_MAGIC) >> 56) << (8 * g);
+    }
     return bits;
 }
 

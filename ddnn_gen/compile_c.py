@@ -47,15 +47,23 @@ class MemoryPlan:
     even_words: int  # outputs of layers 0, 2, 4, ...
     odd_words: int  # outputs of layers 1, 3, ...
     scratch_int32: int
+    fconv_weights16: int = 0  # int16 weight copy of an FConv on the narrow path
 
     @property
     def ram_bytes(self) -> int:
-        return 8 * (self.even_words + self.odd_words) + 4 * self.scratch_int32
+        return 8 * (self.even_words + self.odd_words) + 4 * self.scratch_int32 + 2 * self.fconv_weights16
 
 
 def _out_words(layer: FoldedLayer) -> int:
     height, width, channels = layer.out_hwc
     return height * width * words_for(channels)
+
+
+def fconv_weights16(layer: FoldedLayer) -> int:
+    """int16 weights an FConv keeps in RAM: its sums fit int16 (DDNN_FCONV_NARROW in ddnn_fconv.h)."""
+    if layer.kind != "fconv" or 255 * layer.ksize * layer.ksize * layer.in_hwc[2] > 32767:
+        return 0
+    return int(layer.weights.size)
 
 
 def memory_plan(program: DeviceProgram) -> MemoryPlan:
@@ -67,7 +75,8 @@ def memory_plan(program: DeviceProgram) -> MemoryPlan:
             pool_k = layer.pool.ksize if layer.pool is not None else 1
             scratch = max(scratch, (pool_k + 1) * layer.conv_hw[1] * layer.out_hwc[2])
     # A zero-length array is not C99: keep at least one element.
-    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1))
+    weights16 = sum(fconv_weights16(layer) for layer in program.layers)
+    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1), weights16)
 
 
 def check_program(program: DeviceProgram) -> None:
@@ -184,6 +193,7 @@ def _layer_context(index: int, layer: FoldedLayer) -> dict[str, Any]:
         "in_total_words": in_h * in_w * words_for(in_c), "n_valid": in_h * in_w * in_c,
         "weight_type": weight_type,
         "weight_count": int(weights.size),
+        "weights16": fconv_weights16(layer),
         "weight_lines": weight_lines,
         "threshold_lines": _lines([str(int(v)) for v in layer.threshold], INTS_PER_LINE),
         "flip_lines": _lines([str(int(v)) for v in layer.flip], INTS_PER_LINE * 2),
