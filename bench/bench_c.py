@@ -8,12 +8,17 @@ Measured side by side in one run on this machine (prints ratios, writes bench/ou
    ``cifar10_deep``, random weights: FConv 3->64 3x3 on 32x32 + pool 2/2/0). Goal >= 50x.
 2. One BConv 64->64, 32x32, 3x3 pad 1 layer (the runner's per-layer time in a random
    FConv+BConv model) against a bare loop of 64-bit XNOR + popcount over the same 589 824
-   words, both -O3 -march=native. Goal within 2x. Also built without -march=native, where
+   words, both -O3 -march=native (layer: mean over samples; loop: mean of its 50 runs, the
+   best-of-50 ratio reported too). Goal within 2x. Also built without -march=native, where
    x86-64 has no popcnt instruction and GCC calls a libgcc helper.
 3. Each device part against its own bound: FConv multiply-accumulates at the measured int32
    MAC rate plus the binary layers' popcount words at the measured XNOR-popcount rate.
 
-Usage: python bench/bench_c.py [--samples 500] [--repeat 5] [--chainer-samples 200]
+The machine may be shared (other processes busy): every C and Chainer figure is the minimum
+over --rounds runs taken in turn, so both sides see the same contention, and only ratios
+measured in the same run are compared.
+
+Usage: python bench/bench_c.py [--samples 500] [--repeat 5] [--chainer-samples 200] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ static int64_t int_macs(void)
 int main(void)
 {
     uint64_t state = 88172645463325252ull;
-    double best_pop = 1e30, best_mac = 1e30;
+    double best_pop = 1e30, best_mac = 1e30, sum_pop = 0;
     int64_t sink = 0;
     int i, rep;
     for (i = 0; i < PIXELS + WORDS; ++i) {
@@ -128,6 +133,7 @@ int main(void)
         t1 = now();
         if (t1 - t0 < best_pop)
             best_pop = t1 - t0;
+        sum_pop += t1 - t0;
         t0 = now();
         sink += int_macs();
         t1 = now();
@@ -135,6 +141,7 @@ int main(void)
             best_mac = t1 - t0;
     }
     printf("xnor_popcount_words=%d seconds=%.9g\n", PIXELS * WORDS, best_pop);
+    printf("xnor_popcount_mean_words=%d seconds=%.9g\n", PIXELS * WORDS, sum_pop / 50);
     printf("int32_macs=%d seconds=%.9g\n", MAC_STEPS, best_mac);
     printf("sink=%lld\n", (long long)sink);
     return 0;
@@ -155,7 +162,8 @@ def measure_bounds(tmp: Path, cflags: str) -> dict[str, float]:
             count, seconds = (float(part.split("=")[1]) for part in [key] + rest)
             values[key.split("=")[0]] = count / seconds
     return {"popcount_words_per_s": values["xnor_popcount_words"], "int32_macs_per_s": values["int32_macs"],
-            "xnor_popcount_589824_us": 589824 / values["xnor_popcount_words"] * 1e6}
+            "xnor_popcount_589824_us": 589824 / values["xnor_popcount_words"] * 1e6,
+            "xnor_popcount_589824_mean_us": 589824 / values["xnor_popcount_mean_words"] * 1e6}
 
 
 def random_model(raw: dict[str, Any], path: Path, seed: int = 0) -> Path:
@@ -207,13 +215,22 @@ def chainer_latency_us(model_path: Path, images: np.ndarray) -> float:
     return elapsed / len(images) * 1e6
 
 
-def c_bench(model_path: Path, images: np.ndarray, tmp: Path, cflags: str, repeat: int) -> dict[str, float]:
+def c_runner(model_path: Path, images: np.ndarray, tmp: Path, cflags: str) -> tuple[Path, Path]:
     out = tmp / f"c_{model_path.stem}_{abs(hash(cflags))}"
     compile_c(model_path, out)
     binary = cbuild.build_project(out, opt=cflags)
     samples = tmp / f"samples_{model_path.stem}.bin"
     write_samples(samples, images, np.zeros(len(images), dtype=np.int32))
+    return binary, samples
+
+
+def c_bench(binary: Path, samples: Path, repeat: int) -> dict[str, float]:
     return cbuild.run_runner(binary, samples, bench=True, repeat=repeat).bench
+
+
+def min_stages(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per-stage minimum over rounds (the least disturbed run of each stage)."""
+    return {key: min(run[key] for run in runs) for key in runs[0]}
 
 
 def load_images(name: str, count: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, str]:
@@ -229,6 +246,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--chainer-samples", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5, help="C and Chainer runs taken in turn; minimum kept")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "bench_c.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -254,13 +272,19 @@ def main() -> None:
         for name, path, dataset, shape in cases:
             images, source = load_images(dataset, max(args.samples, args.chainer_samples), shape)
             program = load_program(path)
-            c = c_bench(path, images[:args.samples], tmp, NATIVE, args.repeat)
-            chainer_us = chainer_latency_us(path, images[:args.chainer_samples])
+            binary, samples = c_runner(path, images[:args.samples], tmp, NATIVE)
+            c_runs, chainer_runs = [], []
+            for _ in range(args.rounds):
+                c_runs.append(c_bench(binary, samples, args.repeat))
+                chainer_runs.append(chainer_latency_us(path, images[:args.chainer_samples]))
+            c, chainer_us = min_stages(c_runs), min(chainer_runs)
             work = device_work(program)
             bound_us = (work["fconv_macs"] / bounds["int32_macs_per_s"]
                         + work["popcount_words"] / bounds["popcount_words_per_s"]) * 1e6
             speedup = chainer_us / c["total"]
             results["models"][name] = {"c_us": c["total"], "c_stage_us": c, "chainer_us": chainer_us,
+                                       "c_us_rounds": [run["total"] for run in c_runs],
+                                       "chainer_us_rounds": chainer_runs,
                                        "speedup": speedup, "bound_us": bound_us, "c_over_bound": c["total"] / bound_us,
                                        "work": work, "data": source, "goal_speedup": 50, "meets_goal": speedup >= 50}
             log.info("%-18s %12.2f %12.1f %8.0fx %12.2f %8.2fx  %s", name, c["total"], chainer_us, speedup,
@@ -277,17 +301,34 @@ def main() -> None:
         ]
         layer_model = random_model(raw, tmp / "bconv_layer.npz")
         images, _ = load_images("cifar10", args.samples, (3, 32, 32))
-        rows = {}
+        rows, bound_rounds = {}, []
         for label, cflags in (("-O3 -march=native", NATIVE), ("-O3 (generic x86-64, no popcnt)", "-O3")):
-            stage = c_bench(layer_model, images[:max(50, args.samples // 5)], tmp, cflags, args.repeat)
-            rows[label] = stage["conv2"]
-        bound = bounds["xnor_popcount_589824_us"]
+            binary, samples = c_runner(layer_model, images[:max(50, args.samples // 5)], tmp, cflags)
+            runs = []
+            for _ in range(args.rounds if cflags == NATIVE else 1):
+                runs.append(c_bench(binary, samples, args.repeat)["conv2"])
+                if cflags == NATIVE:  # the bound loop in turn with the layer, same contention
+                    bound_rounds.append(measure_bounds(tmp, NATIVE))
+            rows[label] = min(runs)
+        # The runner reports a mean over samples, so the layer is compared with the bound loop's mean
+        # over its 50 runs (each round's pair taken in turn); the best-of-50 ratio is kept too.
+        bound = min(b["xnor_popcount_589824_mean_us"] for b in bound_rounds)
+        bound_best = min(b["xnor_popcount_589824_us"] for b in bound_rounds)
         bconv_native = rows["-O3 -march=native"]
-        results["bconv_layer"] = {"c_us": rows, "bound_us": bound, "ratio": bconv_native / bound, "goal_ratio": 2.0,
+        results["bconv_layer"] = {"c_us": rows, "bound_us": bound, "bound_best_of_50_us": bound_best,
+                                  "ratio_vs_best_of_50": bconv_native / bound_best, "bound_rounds": bound_rounds,
+                                  "ratio": bconv_native / bound, "goal_ratio": 2.0,
                                   "meets_goal": bconv_native / bound <= 2.0}
-        log.info("bare XNOR+popcount loop: %.1f us", bound)
+        log.info("bare XNOR+popcount loop: %.1f us mean of 50 runs (best run %.1f us)", bound, bound_best)
         for label, value in rows.items():
             log.info("generated BConv %-32s %8.1f us  = %.2fx the bound", label, value, value / bound)
+
+        log.info("\n== goals (issue 3) ==")
+        for name, row in results["models"].items():
+            log.info("%-18s C %.0fx faster than Chainer (goal >= 50x: %s); %.2fx its own bound", name, row["speedup"],
+                     "met" if row["meets_goal"] else "NOT met", row["c_over_bound"])
+        log.info("%-18s %.2fx the XNOR-popcount bound (goal <= 2x: %s)", "BConv 64->64", bconv_native / bound,
+                 "met" if bconv_native / bound <= 2.0 else "NOT met")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     log.info("\nwrote %s", args.out)
