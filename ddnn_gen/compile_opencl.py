@@ -129,12 +129,13 @@ def render_kernels(program: DeviceProgram) -> str:
                                      "pool_fn": plan.pool_name} for plan in kernel_plans(program)])
 
 
-# Measured on this project's build machine (bench/bench_opencl.py, fmnist_16, PoCL 3.1 CPU and the
-# C runner at -O3 -march=native; see docs/opencl_target.md): the C runtime's cost per unit of work
-# and what one stage costs on OpenCL at batch 1 beyond its work (launch, queue drain, transfers).
-C_NS_PER_MAC = 0.54  # FConv multiply-accumulate (conv1: 112 896 MACs in 61 us)
-C_NS_PER_POPCOUNT_WORD = 0.95  # BConv/BLinear/exit 64-bit XOR+popcount (conv2: 56 448 words in 54 us)
-OPENCL_STAGE_OVERHEAD_US = 20.0  # the exit kernel: 21 us on OpenCL for 0.3 us of C work
+# Measured on this project's build machine (bench/bench_opencl.py, fmnist_16 at batch 1, PoCL 3.1
+# CPU device and the C runner at -O3 -march=native; see docs/opencl_target.md): the C runtime's
+# cost per unit of work, and what one stage costs on OpenCL beyond its work (launch, queue drain,
+# transfers), taken from the exit, whose work is negligible.
+C_NS_PER_MAC = 0.065  # FConv multiply-accumulate (conv1: 112 896 MACs in 7.3 us)
+C_NS_PER_POPCOUNT_WORD = 0.10  # BConv/BLinear/exit 64-bit XOR+popcount (conv2: 56 448 words in 5.8 us)
+OPENCL_STAGE_OVERHEAD_US = 20.0  # the exit kernel: 11-21 us on a quiet machine (100-250 us under load)
 
 
 def stage_work(program: DeviceProgram) -> list[tuple[int, int]]:
@@ -251,6 +252,13 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
     program = load_program(program_or_model_path, threshold, arch)
     placement_arg = DEFAULT_OPENCL_LAYERS if opencl_layers is None else opencl_layers
     on_opencl = parse_opencl_layers(placement_arg, program)
+    if placement_arg.strip() == "auto":
+        where = ", ".join(f"{name}: {'OpenCL' if flag else 'C'} (C estimate {cost:.1f} us)"
+                          for name, flag, cost in zip(stage_names(program), on_opencl, estimated_c_us(program)))
+        log_fn = LOG.warning if not any(on_opencl) else LOG.info
+        log_fn("--opencl-layers auto: %s; a stage goes to OpenCL when its C time is at least %.0f us, the measured "
+               "cost of one OpenCL stage (docs/opencl_target.md)%s", where, OPENCL_STAGE_OVERHEAD_US,
+               "" if any(on_opencl) else "; every stage stays on the C runtime, pass --opencl-layers all to force")
     max_batch = DEFAULT_MAX_BATCH if opencl_max_batch is None else int(opencl_max_batch)
     if not 1 <= max_batch <= 65536:
         raise CompileError(f"--opencl-max-batch {max_batch}: expected 1..65536")
