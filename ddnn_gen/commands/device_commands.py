@@ -63,7 +63,8 @@ def write_results_csv(handle: TextIO, labels: np.ndarray, result: Any) -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--impl", type=targets.RegistryChoice(targets.device_impls), default="numpy", show_default=True,
               help="Which implementation of the device part runs.")
-@_dataset
+@click.option("--dataset", type=click.Choice(datasets.DATASETS), default=None,
+              help="Dataset (default: the one the model was trained on).")
 @_split
 @_count
 @_offset
@@ -71,13 +72,16 @@ def write_results_csv(handle: TextIO, labels: np.ndarray, result: Any) -> None:
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Local-exit entropy threshold (default: the model's).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="CSV file (default: stdout).")
-def run_device(model: str, impl: str, dataset: str, split_name: str, count: int | None, offset: int,
+def run_device(model: str, impl: str, dataset: str | None, split_name: str, count: int | None, offset: int,
                data_dir: str | None, threshold: float | None, out: str | None) -> None:
     """Run MODEL's device part on a dataset; print per-sample class, entropy and exit decision."""
     from ddnn_gen.fold import fold
     from ddnn_gen.modelfile import load_model
 
     program = fold(load_model(model), threshold)
+    dataset = dataset or program.spec.dataset
+    if not dataset:
+        raise click.UsageError(f"{model} names no dataset; pass --dataset")
     data = _load(dataset, split_name, count, offset, data_dir)
     expected = program.input_hwc
     got = data.images.shape[2], data.images.shape[3], data.images.shape[1]
