@@ -68,6 +68,8 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
     optimizer.setup(model)
     if start_epoch and out is not None:
         chainer.serializers.load_npz(str(_optimizer_path(out)), optimizer, path="optimizer/")
+        # Adam's rate is a hyper-parameter, not saved state: replay the decays already passed.
+        optimizer.alpha *= 0.1 ** sum(1 for decay in config.lr_decay_epochs if decay < start_epoch)
     x_all = input_to_float(train_set.images, spec.input.scale)
     t_all = train_set.labels.astype(np.int32)
     n = len(t_all)
