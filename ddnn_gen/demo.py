@@ -51,8 +51,9 @@ class DemoReport:
             f"Overall {100 * self.overall_accuracy:.2f}%  Ideal {100 * self.ideal_accuracy:.2f}%  "
             f"(Python evaluation predicts Overall {100 * self.expected_overall:.2f}%)",
             f"exits: {rates}",
-            f"average us: T_Device {self.t_device_us:.1f}  T_Server {self.t_server_us:.1f}  "
-            f"T_Comm {self.t_comm_us:.1f}  T_Total {self.t_total_us:.1f}",
+            f"mean per sample (us): T_Device {self.t_device_us:.1f}  T_Total {self.t_total_us:.1f}",
+            f"mean per offloaded sample (us): T_Server {self.t_server_us:.1f}  T_Comm {self.t_comm_us:.1f} "
+            "(T_Comm = round trip - server compute)",
         ])
 
 

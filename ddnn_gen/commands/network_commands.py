@@ -134,9 +134,12 @@ def device_sim(model: str, broker_address: str | None, devices: int, requests: i
 def demo(model_path: str | None, count: int, threshold: float | None, workers: int, timeout_ms: int,
          broker_address: str | None) -> None:
     """Whole path: C device program -> MQTT -> ddnn-server, on real test images."""
-    from ddnn_gen.demo import run_demo
+    from ddnn_gen.demo import DEFAULT_MODEL, run_demo
 
     started = time.monotonic()
+    where = broker_address or "a private Mosquitto on a free loopback port"
+    click.echo(f"{model_path or DEFAULT_MODEL}: compiling the device part to C, building the networked device "
+               f"program, starting ddnn-server ({workers} workers) on {where}, classifying {count} test images...")
     report = run_demo(model_path, count, threshold, workers=workers, timeout_ms=timeout_ms,
                       broker_address=broker_address)
     click.echo(report.table())
