@@ -13,11 +13,11 @@ layer's time, the split/sum read-back in the exit's, and the queue is drained af
 (only when timing stages; the ``total`` column is an untimed run). The first batch is run once
 before timing (PoCL compiles work-group functions on first launch).
 
-Models: the shipped fmnist_16 (real Fashion-MNIST), and random-weight CIFAR-10 device parts from
+Models: the shipped fmnist_32 (real Fashion-MNIST), and random-weight CIFAR-10 device parts from
 the zoo (cifar10_shallow 64: FConv 3->64 32x32 pool 3/1/1 + BConv 64->64 pool 2/2/0; cifar10_deep
 64: FConv 3->64 pool 2/2/0), where the layers are large enough for offloading to matter.
 
-Usage: python bench/bench_opencl.py [--samples 200] [--repeat 2] [--models fmnist_16,cifar10_shallow_64]
+Usage: python bench/bench_opencl.py [--samples 200] [--repeat 2] [--models fmnist_32,cifar10_shallow_64]
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ BATCH = 64
 def model_cases(tmp: Path, names: list[str]) -> list[tuple[str, Path, np.ndarray, str]]:
     cases = []
     for name in names:
-        if name == "fmnist_16":
-            path = REPO / "models" / "fmnist_16.npz"
+        if name == "fmnist_32":
+            path = REPO / "models" / "fmnist_32.npz"
             cases.append((name, path, datasets.load("fashion-mnist", "test").images, "fashion-mnist test"))
         elif name in ("cifar10_shallow_64", "cifar10_deep_64"):
             raw = zoo.cifar10_shallow(64) if name.startswith("cifar10_shallow") else zoo.cifar10_deep(64)
@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--models", default="fmnist_16,cifar10_shallow_64,cifar10_deep_64")
+    parser.add_argument("--models", default="fmnist_32,cifar10_shallow_64,cifar10_deep_64")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "bench_opencl.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

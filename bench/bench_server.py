@@ -5,7 +5,7 @@
 2. latency: median request round trip through ddnn-server vs a bare paho-mqtt echo of the same
    payload size over the same broker (QoS 1 both ways); goal ratio <= 1.5.
 
-Usage: python bench/bench_server.py [--model models/fmnist_16.npz] [--requests 4000] [--workers 2]
+Usage: python bench/bench_server.py [--model models/fmnist_32.npz] [--requests 4000] [--workers 2]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def echo_round_trip_us(host: str, port: int, payload_bytes: int, count: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/fmnist_16.npz")
+    parser.add_argument("--model", default="models/fmnist_32.npz")
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--devices", type=int, default=8)

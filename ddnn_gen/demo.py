@@ -25,7 +25,7 @@ from ddnn_gen.samples import write_samples
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fmnist_16.npz"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fmnist_32.npz"
 
 
 @dataclass

@@ -45,7 +45,7 @@ def cifar_test() -> datasets.Dataset:
 
 @pytest.fixture(scope="session")
 def fmnist_model_path() -> Path:
-    return MODELS / "fmnist_16.npz"
+    return MODELS / "fmnist_32.npz"
 
 
 @pytest.fixture(scope="session")
