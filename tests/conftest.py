@@ -53,6 +53,11 @@ def mnist_model_path() -> Path:
     return MODELS / "mnist_16.npz"
 
 
+@pytest.fixture(scope="session")
+def cifar_model_path() -> Path:
+    return MODELS / "cifar10_deep_64.npz"
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -40,6 +40,11 @@ def fmnist_project(fmnist_model_path: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
+def cifar_project(cifar_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return _project(cifar_model_path, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def mnist_project(mnist_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Project:
     return _project(mnist_model_path, tmp_path_factory)
 
@@ -121,7 +126,7 @@ def test_cross_under_qemu(arch: str, fmnist_project: Project, fmnist_test, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["fmnist", "mnist"])
+@pytest.mark.parametrize("model", ["fmnist", "mnist", "cifar"])
 @pytest.mark.parametrize("arch", ["host", "aarch64", "armhf"])
 def test_full_test_set(model: str, arch: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     project = request.getfixturevalue(f"{model}_project")

@@ -138,6 +138,14 @@ def test_mnist_full_test_set(mnist_model_path: Path, mnist_test: datasets.Datase
     assert_matches_c_and_reference(built, samples, mnist_test.images, batch=1)
 
 
+@pytest.mark.slow
+def test_cifar_full_test_set(cifar_model_path: Path, cifar_test: datasets.Dataset, tmp_path: Path) -> None:
+    """The CIFAR-10 deep device part (FConv 3->64 on 32x32): batched, with its layers on OpenCL."""
+    built = build(fold(load_model(cifar_model_path)), tmp_path)
+    samples = samples_file(tmp_path, "full", cifar_test)
+    assert_matches_c_and_reference(built, samples, cifar_test.images, batch=64)
+
+
 def test_random_shapes_same_as_c_and_reference(tmp_path: Path) -> None:
     from test_opencl_shapes import SHAPE_SPECS, build_random_model, random_images
 

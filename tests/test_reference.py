@@ -35,6 +35,11 @@ def test_mnist_reference_equals_chainer(mnist_model_path: Path, mnist_test: data
     assert_reference_matches_chainer(loaded, mnist_test.images[:1500])
 
 
+def test_cifar_reference_equals_chainer(cifar_model_path: Path, cifar_test: datasets.Dataset) -> None:
+    loaded = load_model(cifar_model_path)
+    assert_reference_matches_chainer(loaded, cifar_test.images[:1000])
+
+
 def test_popcount_path_equals_gemm_path(fmnist_model_path: Path, fmnist_test: datasets.Dataset) -> None:
     program = fold(load_model(fmnist_model_path))
     first, second = program.layers[0], program.layers[1]
