@@ -61,7 +61,8 @@ def table_iv(result: dict[str, Any]) -> str:
              f"{bound:g} ms) | p99 at that rate ms | server CPU at that rate (1.0 = one core) | first failing step |",
              "|---|---|---|---|---|---|---|---|"]
     rows = [(f"W{index + 1}", load) for index, load in enumerate(result["workloads"])]
-    rows += [("W1, OPENBLAS_NUM_THREADS=1", load) for load in result.get("workloads_single_blas", [])]
+    rows += [("W1, one BLAS thread per core (server default: 1)", load)
+             for load in result.get("workloads_multi_blas", [])]
     for name, load in rows:
         # The last failing step after the sustained one (a failed step is tried twice).
         failing = next((step for step in reversed(load["steps"]) if not step["ok"]), None)
@@ -204,8 +205,8 @@ def plot_load(result: dict[str, Any], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
     bound = result["config"]["p99_bound_ms"]
     rows = [(f"W{index + 1}: {load['models']} models", load, "o-") for index, load in enumerate(result["workloads"])]
-    rows += [(f"W1, 1 BLAS thread: {load['models']} models", load, "s--")
-             for load in result.get("workloads_single_blas", [])]
+    rows += [(f"W1, BLAS thread per core: {load['models']} models", load, "s--")
+             for load in result.get("workloads_multi_blas", [])]
     for label, load, style in rows:
         final = {step["offered_rate"]: step for step in load["steps"]}  # the retry of a failed step counts
         steps = [s for s in final.values() if s["rtt_ms"]["p99"] is not None]
