@@ -83,23 +83,27 @@ def _parse_bench(stderr: str) -> dict[str, float]:
 
 def run_runner(binary: str | Path, samples_path: str | Path, threshold: float | None = None,
                split_words: int | None = None, bench: bool = False, repeat: int = 1, cross: str | None = None,
-               timeout: float = 600.0) -> RunnerOutput:
-    """Run the runner on a sample file and parse its CSV (and split file when ``split_words``)."""
+               timeout: float = 600.0, extra_args: Sequence[str] = (),
+               env: dict[str, str] | None = None) -> RunnerOutput:
+    """Run a runner (C ``ddnn_device`` or OpenCL ``ddnn_device_ocl``: same options, same CSV) on a sample
+    file and parse its CSV (and split file when ``split_words``)."""
     with tempfile.TemporaryDirectory(prefix="ddnn_run_") as tmp:
         csv_path = Path(tmp) / "results.csv"
         split_path = Path(tmp) / "split.bin"
-        cmd = [*runner_command(binary, cross), str(samples_path), "-o", str(csv_path)]
+        cmd = [*runner_command(binary, cross), str(samples_path), "-o", str(csv_path), *extra_args]
         if threshold is not None:
             cmd += ["--threshold", repr(float(threshold))]
         if split_words is not None:
             cmd += ["--split", str(split_path)]
         if bench:
             cmd += ["--bench", "--repeat", str(repeat)]
-        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
-                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        run_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
+                       UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+        run_env.update(env or {})
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
         if result.returncode != 0:
-            raise BuildError(f"runner failed with exit code {result.returncode}: {' '.join(cmd)}\n{result.stderr}")
+            raise BuildError(f"{Path(binary).name} failed with exit code {result.returncode}: {' '.join(cmd)}\n"
+                             f"{result.stderr}")
         rows = np.genfromtxt(csv_path, delimiter=",", names=True, dtype=None, encoding="ascii",
                              converters={"entropy": float})
         rows = np.atleast_1d(rows)

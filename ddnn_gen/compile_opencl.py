@@ -10,9 +10,6 @@ runtime is chosen at compile time (``--opencl-layers``); see docs/opencl_target.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,36 +315,7 @@ def run_opencl_runner(binary: str | Path, samples_path: str | Path, *, threshold
                       extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
                       timeout: float = 600.0) -> Any:
     """Run ``ddnn_device_ocl`` on a sample file; returns a cbuild.RunnerOutput (same CSV as the C runner)."""
-    from ddnn_gen.cbuild import BuildError, RunnerOutput
+    from ddnn_gen.cbuild import run_runner
 
-    with tempfile.TemporaryDirectory(prefix="ddnn_ocl_run_") as tmp:
-        csv_path = Path(tmp) / "results.csv"
-        split_path = Path(tmp) / "split.bin"
-        cmd = [str(binary), str(samples_path), "-o", str(csv_path), "--batch", str(batch), *extra_args]
-        if threshold is not None:
-            cmd += ["--threshold", repr(float(threshold))]
-        if split_words is not None:
-            cmd += ["--split", str(split_path)]
-        if bench:
-            cmd += ["--bench", "--repeat", str(repeat)]
-        run_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
-                       UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-        run_env.update(env or {})
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
-        if result.returncode != 0:
-            raise BuildError(f"{OCL_RUNNER} failed with exit code {result.returncode}: {' '.join(cmd)}\n"
-                             f"{result.stderr}")
-        rows = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True, dtype=None, encoding="ascii",
-                                           converters={"entropy": float}))
-        split = (np.fromfile(split_path, dtype="<u8").reshape(len(rows), split_words)
-                 if split_words is not None else None)
-    bench_values: dict[str, float] = {}
-    for line in result.stderr.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "stage" and parts[2].startswith("us_per_sample="):
-            bench_values[parts[1]] = float(parts[2].split("=", 1)[1])
-        elif len(parts) == 2 and parts[0] in ("total", "stages_total") and parts[1].startswith("us_per_sample="):
-            bench_values[parts[0]] = float(parts[1].split("=", 1)[1])
-    return RunnerOutput(label=rows["label"].astype(np.int32), local_class=rows["class"].astype(np.int32),
-                        entropy=rows["entropy"].astype(np.float64), local_exit=rows["exit_local"].astype(bool),
-                        split_words=split, bench=bench_values, stderr=result.stderr)
+    return run_runner(binary, samples_path, threshold=threshold, split_words=split_words, bench=bench,
+                      repeat=repeat, timeout=timeout, extra_args=["--batch", str(batch), *extra_args], env=env)

@@ -20,52 +20,36 @@ from ddnn_gen.fold import DeviceProgram, fold
 from ddnn_gen.links import input_to_float, max_pool
 from ddnn_gen.modelfile import load_model, save_model
 from ddnn_gen.network import DDNN
-from ddnn_gen.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
+from ddnn_gen.spec import parse_spec
 
 pytest.importorskip("pyopencl")
 
-
-def _conv(name: str, kind: str, out: int, ksize: int, stride: int, pad: int,
-          pool: tuple[int, int, int] | None = None) -> dict[str, Any]:
-    layer: dict[str, Any] = {"name": name, "type": kind, "out_channels": out, "ksize": ksize, "stride": stride,
-                             "pad": pad}
-    if pool is not None:
-        layer["pool"] = {"ksize": pool[0], "stride": pool[1], "pad": pool[2]}
-    return layer
+from test_c_shapes import conv, spec_dict  # noqa: E402  (after the skip: one builder for both targets)
 
 
 def shape_spec(name: str, channels: int, height: int, width: int, device: list[dict[str, Any]],
                n_classes: int = 7) -> dict[str, Any]:
-    return {
-        "format": SPEC_FORMAT, "version": SPEC_VERSION, "name": name,
-        "input": {"channels": channels, "height": height, "width": width, "scale": 1.0 / 256.0},
-        "classes": [f"c{i}" for i in range(n_classes)],
-        "tiers": [
-            {"name": "device", "kind": "device", "layers": device, "exit": {"name": "local", "type": "bexit"}},
-            {"name": "server", "kind": "server", "layers": [{"name": "sfc", "type": "linear", "out_channels": 8}],
-             "exit": {"name": "final", "type": "linear"}},
-        ],
-        "threshold": 0.5,
-    }
+    """The C shape tests' spec builder, at threshold 0.5 (the exit decision splits the samples)."""
+    return {**spec_dict(name, channels, height, width, device, n_classes), "threshold": 0.5}
 
 
 #: name -> spec. Together they cover every shape feature the issue lists.
 SHAPE_SPECS: dict[str, dict[str, Any]] = {
     "k5s2_pool311_37_65_hidden": shape_spec("shapes_a", 3, 19, 23, [
-        _conv("f1", "fconv", 37, 5, 2, 2, (3, 1, 1)),
-        _conv("b1", "bconv", 65, 3, 1, 1, (2, 2, 0)),
+        conv("f1", "fconv", 37, 5, 2, 2, (3, 1, 1)),
+        conv("b1", "bconv", 65, 3, 1, 1, (2, 2, 0)),
         {"name": "h1", "type": "blinear", "out_channels": 70},
     ]),
     "nonsquare_65_37_s2_k5_two_hidden": shape_spec("shapes_b", 1, 16, 12, [
-        _conv("f1", "fconv", 65, 3, 1, 0),
-        _conv("b1", "bconv", 37, 5, 2, 2, (3, 2, 1)),
+        conv("f1", "fconv", 65, 3, 1, 0),
+        conv("b1", "bconv", 37, 5, 2, 2, (3, 2, 1)),
         {"name": "h1", "type": "blinear", "out_channels": 129},
         {"name": "h2", "type": "blinear", "out_channels": 33},
     ], n_classes=10),
     "wide_128_then_conv_only": shape_spec("shapes_c", 2, 9, 14, [
-        _conv("f1", "fconv", 128, 3, 1, 1),
-        _conv("b1", "bconv", 64, 3, 2, 0, (3, 1, 1)),
-        _conv("b2", "bconv", 31, 1, 1, 0),
+        conv("f1", "fconv", 128, 3, 1, 1),
+        conv("b1", "bconv", 64, 3, 2, 0, (3, 1, 1)),
+        conv("b2", "bconv", 31, 1, 1, 0),
     ], n_classes=3),
 }
 
