@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import struct
 import threading
 import time
@@ -155,7 +154,7 @@ class SimDevice:
         if reason_code.is_failure:
             log.error("device %s: broker refused: %s", self.device_id, reason_code)
             return
-        _no_delay(client)
+        protocol.tcp_no_delay(client)
         client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
                           (self._model_threshold_topic, SubscribeOptions(qos=1)),
                           (self._device_threshold_topic, SubscribeOptions(qos=1))])
@@ -284,12 +283,3 @@ def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes,
     return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
                      sum(dev.misrouted for dev in devices), wall)
 
-
-def _no_delay(client: mqtt.Client) -> None:
-    """Small request/reply packets must not wait for Nagle + delayed ACK (~40 ms per hop)."""
-    sock = client.socket()
-    if sock is not None and hasattr(sock, "setsockopt"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass

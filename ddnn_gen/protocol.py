@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import enum
 import math
+import socket
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -298,3 +300,16 @@ def check_device_id(device_id: str) -> str:
     if any(ch in device_id for ch in "/+#") or not device_id.isprintable():
         raise ValueError(f"device id {device_id!r} may not contain '/', '+', '#' or control characters")
     return device_id
+
+
+def tcp_no_delay(client: Any) -> None:
+    """Small request/reply packets must not wait for Nagle + delayed ACK (~40 ms per hop).
+
+    ``client`` is a connected paho ``mqtt.Client``; every MQTT hop of the protocol sets this.
+    """
+    sock = client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass

@@ -10,7 +10,6 @@ session). Replies go to the request's MQTT 5 Response Topic with its Correlation
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,7 +134,7 @@ class Transport:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        _no_delay(client)
+        protocol.tcp_no_delay(client)
         log.info("connected to %s:%d as %s (session present: %s)", self.host, self.port, self.client_id,
                  flags.session_present)
         if self._taking_work:
@@ -183,12 +182,3 @@ class Transport:
 def _topic_ok(topic: str) -> bool:
     return bool(topic) and "+" not in topic and "#" not in topic and len(topic.encode()) < 65535
 
-
-def _no_delay(client: mqtt.Client) -> None:
-    """Small request/reply packets must not wait for Nagle + delayed ACK (~40 ms per hop)."""
-    sock = client.socket()
-    if sock is not None and hasattr(sock, "setsockopt"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
