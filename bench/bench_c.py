@@ -41,7 +41,7 @@ import numpy as np
 from ddnn_gen import cbuild, datasets, zoo
 from ddnn_gen.compile_c import compile_c, load_program
 from ddnn_gen.errors import DatasetError
-from ddnn_gen.fold import DeviceProgram, words_for
+from ddnn_gen.fold import DeviceProgram, stage_work
 from ddnn_gen.links import input_to_float
 from ddnn_gen.modelfile import load_model, save_model
 from ddnn_gen.network import DDNN
@@ -182,22 +182,8 @@ def random_model(raw: dict[str, Any], path: Path, seed: int = 0) -> Path:
 
 def device_work(program: DeviceProgram) -> dict[str, int]:
     """Multiply-accumulates of FConv and popcount words of the binary layers and the exit."""
-    macs = words = 0
-    for layer in program.layers:
-        in_h, in_w, in_c = layer.in_hwc
-        out_c = layer.out_hwc[2]
-        if layer.is_conv:
-            conv_h, conv_w = layer.conv_hw
-            taps = conv_h * conv_w * out_c * layer.ksize * layer.ksize
-            if layer.kind == "fconv":
-                macs += taps * in_c
-            else:
-                words += taps * words_for(in_c)
-        else:
-            words += out_c * in_h * in_w * words_for(in_c)
-    exit_h, exit_w, exit_c = program.exit.in_hwc
-    words += program.n_classes * exit_h * exit_w * words_for(exit_c)
-    return {"fconv_macs": macs, "popcount_words": words}
+    work = stage_work(program)
+    return {"fconv_macs": sum(macs for macs, _ in work), "popcount_words": sum(words for _, words in work)}
 
 
 def chainer_latency_us(model_path: Path, images: np.ndarray) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ddnn_gen import __version__, targets
 from ddnn_gen.errors import CompileError
-from ddnn_gen.fold import WORD_BITS, DeviceProgram, FoldedLayer, words_for
+from ddnn_gen.fold import WORD_BITS, DeviceProgram, FoldedLayer, stage_work, words_for
 from ddnn_gen.resources import templates_dir
 
 LOG = logging.getLogger(__name__)
@@ -133,23 +133,6 @@ def render_kernels(program: DeviceProgram) -> str:
 C_NS_PER_MAC = 0.065  # FConv multiply-accumulate (conv1: 112 896 MACs in 7.3 us)
 C_NS_PER_POPCOUNT_WORD = 0.10  # BConv/BLinear/exit 64-bit XOR+popcount (conv2: 56 448 words in 5.8 us)
 OPENCL_STAGE_OVERHEAD_US = 20.0  # the exit kernel: 11-21 us on a quiet machine (100-250 us under load)
-
-
-def stage_work(program: DeviceProgram) -> list[tuple[int, int]]:
-    """(FConv MACs, popcount words) per sample of every layer, then of the exit."""
-    work = []
-    for layer in program.layers:
-        in_h, in_w, in_c = layer.in_hwc
-        out_c = layer.out_hwc[2]
-        if layer.is_conv:
-            conv_h, conv_w = layer.conv_hw
-            taps = conv_h * conv_w * out_c * layer.ksize * layer.ksize
-            work.append((taps * in_c, 0) if layer.kind == "fconv" else (0, taps * words_for(in_c)))
-        else:
-            work.append((0, out_c * in_h * in_w * words_for(in_c)))
-    exit_h, exit_w, exit_c = program.exit.in_hwc
-    work.append((0, program.n_classes * exit_h * exit_w * words_for(exit_c)))
-    return work
 
 
 def estimated_c_us(program: DeviceProgram) -> list[float]:

@@ -260,3 +260,20 @@ def fold(loaded: LoadedModel, threshold: float | None = None) -> DeviceProgram:
     exit_ = FoldedExit(weights, a, b, hwc(spec.split_shape))
     return DeviceProgram(spec, loaded.content_hash, tuple(layers), exit_,
                          spec.threshold if threshold is None else float(threshold))
+
+
+def stage_work(program: DeviceProgram) -> list[tuple[int, int]]:
+    """(FConv MACs, popcount words) per sample of every layer, then of the exit."""
+    work = []
+    for layer in program.layers:
+        in_h, in_w, in_c = layer.in_hwc
+        out_c = layer.out_hwc[2]
+        if layer.is_conv:
+            conv_h, conv_w = layer.conv_hw
+            taps = conv_h * conv_w * out_c * layer.ksize * layer.ksize
+            work.append((taps * in_c, 0) if layer.kind == "fconv" else (0, taps * words_for(in_c)))
+        else:
+            work.append((0, out_c * in_h * in_w * words_for(in_c)))
+    exit_h, exit_w, exit_c = program.exit.in_hwc
+    work.append((0, program.n_classes * exit_h * exit_w * words_for(exit_c)))
+    return work
