@@ -14,6 +14,7 @@ import numpy as np
 
 from ddnn_gen import protocol
 from ddnn_gen.protocol import ProtocolError, Reply, Status
+from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.transport import Incoming, Transport
@@ -48,6 +49,7 @@ class _Work:
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
         self.config = config
+        keep_freed_memory()
         if store is None:
             store = ModelStore(gpu=config.gpu)
             store.load_dir(config.models)
