@@ -65,6 +65,12 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
 
+    def minor_faults(self) -> int:
+        """Minor page faults of the server process so far (Linux /proc)."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[7])
+
     def replies_sent(self) -> int:
         """Replies reported by the server's shutdown log line (after terminate)."""
         found = re.findall(r"stopped after (\d+) replies", self.output)

@@ -41,7 +41,9 @@ def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(broker: Bro
                                                                       fmnist_model_path: object) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2).start()
     try:
+        faults_before = server.minor_faults()
         report = _run(broker, expected, 20, 200, all_to_server=True, timeout_s=30.0)
+        faults = server.minor_faults() - faults_before
     finally:
         assert server.terminate() == 0
     assert len(report.outcomes) == 4000
@@ -52,6 +54,9 @@ def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(broker: Bro
     want = expected.server_class[[o.index for o in report.outcomes]]
     assert np.array_equal(got, want), f"{int((got != want).sum())} server classes differ from the reference"
     assert server.replies_sent() == 4000
+    # glibc must not hand the forward's buffers back after every batch (server/allocator.py): measured
+    # on this run, ~33 000 minor faults without the tuning and ~3 000 with it.
+    assert faults < 4000 * 2, f"{faults} minor page faults for 4000 requests"
 
 
 def test_threshold_decides_local_or_server(broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
