@@ -17,12 +17,9 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import protocol
+from ddnn_gen import mqtt_client, protocol
 from ddnn_gen.fold import DeviceProgram
 from ddnn_gen.protocol import Packing, Reply, RequestHeader
 from ddnn_gen.reference import exit_decision
@@ -76,8 +73,7 @@ class SimDevice:
         self.undecodable = 0
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 24)
         self._connected = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ddnn-sim-{device_id}-{os.getpid()}",
-                                   protocol=mqtt.MQTTv5)
+        self._client = mqtt_client.Client(f"ddnn-sim-{device_id}-{os.getpid()}")
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -124,11 +120,9 @@ class SimDevice:
         pending = _Pending(sent=time.monotonic())
         with self._lock:
             self._pending[request_id] = pending
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.reply_topic
-        props.CorrelationData = struct.pack("<Q", request_id)
+        props = mqtt_client.PackedPublishProperties(self.reply_topic, struct.pack("<Q", request_id))
         info = self._client.publish(topic or protocol.request_topic(self.model_hash), payload, qos=1,
-                                    properties=props)
+                                    properties=props)  # type: ignore[arg-type]
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("device %s: publish failed: %s", self.device_id, mqtt.error_string(info.rc))
         return pending

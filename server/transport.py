@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import protocol
+from ddnn_gen import mqtt_client, protocol
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,7 @@ class Transport:
         self._on_request = on_request
         self._persistent = persistent
         self._session_expiry = session_expiry_s if persistent else 0
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                                   manual_ack=True)
+        self._client = mqtt_client.Client(client_id, manual_ack=True)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
@@ -107,10 +105,8 @@ class Transport:
             log.error("request on %s has no usable reply topic (%r); dropping its reply", incoming.topic, topic)
             self._ack(incoming.mid, incoming.qos)
             return
-        props = Properties(PacketTypes.PUBLISH)
-        if incoming.correlation:
-            props.CorrelationData = incoming.correlation
-        info = self._client.publish(topic, payload, qos=1, properties=props)
+        props = mqtt_client.PackedPublishProperties(correlation=incoming.correlation or None)
+        info = self._client.publish(topic, payload, qos=1, properties=props)  # type: ignore[arg-type]
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
             log.error("publishing reply to %s failed: %s", topic, mqtt.error_string(info.rc))
         with self._ack_cond:
