@@ -143,10 +143,12 @@ class Server:
             server_us = int((time.monotonic() - started) * 1e6)
             probabilities = _softmax(logits)
             k = min(self.config.top_k, probabilities.shape[1])
+            top_classes = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+            top_probabilities = np.take_along_axis(probabilities, top_classes, axis=1)
+            final_classes = logits.argmax(axis=1).tolist()
             for row, i in enumerate(indices):
-                order = np.argsort(-probabilities[row], kind="stable")[:k]
-                reply = Reply(works[i].header.request_id, Status.OK, int(np.argmax(logits[row])),
-                              tuple((int(c), float(probabilities[row, c])) for c in order), server_us, queue_us[i])
+                top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
+                reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i])
                 self._send(works[i].incoming, works[i].header.device_id, reply, ok=True)
         with self._stats_lock:
             self.stats["batches"] += 1
