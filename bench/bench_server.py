@@ -1,149 +1,286 @@
-"""ddnn-server speed, side by side in one run on one machine:
+"""ddnn-server speed, side by side in one run on one machine, for each shipped model given:
 
 1. throughput: requests/s answered through MQTT (simulated devices -> Mosquitto -> ddnn-server) vs the
-   raw batched forward of the same server part (ServedModel.forward, no MQTT); goal ratio >= 0.8.
-2. latency: median request round trip through ddnn-server vs a bare paho-mqtt echo of the same
-   payload size over the same broker (QoS 1 both ways); goal ratio <= 1.5.
+   raw batched forward of the same server part (ServedModel.forward, same batch size, same threads, same
+   CPUs, no MQTT); goal ratio >= 0.8.
+2. latency: median round trip of a lone request through ddnn-server vs a bare paho echo of the same payload
+   size over the same broker (QoS 1 both ways, the echo responder on the server's CPUs); goal ratio <= 1.5.
 
-Usage: python bench/bench_server.py [--model models/fmnist_32.npz] [--requests 4000] [--workers 2]
+The load generator and Mosquitto are not part of the server under test, so with two or more CPUs the
+server (and the raw forward it is compared with) gets the upper half of the CPUs and the simulated devices
+and the broker the rest (--no-pin shares them all). The server's CPU time per request (from /proc) is
+printed next to the raw forward's, which is where the ratio comes from.
+
+Usage: python bench/bench_server.py [--model models/fmnist_32.npz ...] [--max-batch 32] [--no-pin]
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import socket
-import statistics
-import subprocess
-import sys
-import threading
-import time
+import os
 
-import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as ddnn-server does; must precede numpy
 
-from ddnn_gen import datasets, protocol
-from ddnn_gen.broker import Broker
-from ddnn_gen.device_sim import run_devices
-from ddnn_gen.protocol import Packing
-from ddnn_gen.reference import run_device
-from ddnn_server.store import ModelStore
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ddnn_gen import datasets, mqtt_client, protocol  # noqa: E402
+from ddnn_gen.broker import Broker  # noqa: E402
+from ddnn_gen.device_sim import run_devices  # noqa: E402
+from ddnn_gen.errors import DatasetError  # noqa: E402
+from ddnn_gen.protocol import Packing  # noqa: E402
+from ddnn_gen.reference import run_device  # noqa: E402
+from ddnn_server.allocator import keep_freed_memory  # noqa: E402
+from ddnn_server.store import ModelStore, ServedModel  # noqa: E402
 
 log = logging.getLogger("bench_server")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = ("models/fmnist_32.npz", "models/cifar10_deep_64.npz")
+ECHO_REQUEST, ECHO_REPLY = "bench/echo/request", "bench/echo/reply"
 
 
-def raw_forward_rate(store: ModelStore, split_words: np.ndarray, batch: int, repeats: int = 3) -> float:
-    served = store.models()[0]
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for start in range(0, len(split_words), batch):
-            chunk = split_words[start:start + batch]
-            logits = served.forward(served.server_input(list(chunk), Packing.BITS_U64))
-            _ = logits.argmax(axis=1)
-        best = min(best, time.perf_counter() - started)
+@dataclass
+class CpuSplit:
+    server: set[int]
+    clients: set[int]
+
+    def describe(self) -> str:
+        if self.server == self.clients:
+            return f"server, broker and devices share CPUs {sorted(self.server)}"
+        return f"server on CPUs {sorted(self.server)}; broker and simulated devices on {sorted(self.clients)}"
+
+
+def split_cpus(pin: bool) -> CpuSplit:
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return CpuSplit(set(cpus), set(cpus))
+    half = len(cpus) // 2
+    return CpuSplit(set(cpus[half:]), set(cpus[:half]))
+
+
+def raw_forward_rate(served: ServedModel, split_words: np.ndarray, batch: int, threads: int, cpus: set[int],
+                     repeats: int = 3) -> float:
+    """Requests/s of ServedModel.forward on batches of ``batch``, ``threads`` threads at once on ``cpus``."""
+    inputs = [served.server_input(list(split_words[s:s + batch]), Packing.BITS_U64)
+              for s in range(0, len(split_words), batch)]
+    shares = [inputs[t::threads] for t in range(threads)]
+
+    def work(share: list[np.ndarray]) -> None:
+        for server_input in share:
+            served.forward(server_input).argmax(axis=1)
+
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        work(inputs[:2])  # warm-up: first-call allocations and BLAS buffers
+        best = float("inf")
+        for _ in range(repeats):
+            workers = [threading.Thread(target=work, args=(share,)) for share in shares]
+            started = time.perf_counter()
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            best = min(best, time.perf_counter() - started)
+    finally:
+        os.sched_setaffinity(0, own)
     return len(split_words) / best
 
 
-def start_server(address: str, model: str, workers: int, max_batch: int) -> subprocess.Popen[str]:
+def _pinned(cpus: set[int]) -> dict[str, object]:
+    return {"preexec_fn": lambda: os.sched_setaffinity(0, cpus)}
+
+
+def start_server(address: str, model: str, workers: int, max_batch: int, cpus: set[int]) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
                                 "--models", model, "--workers", str(workers), "--max-batch", str(max_batch)],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
+    return _wait_ready(process, "ddnn-server: ready")
+
+
+def start_echo_responder(host: str, port: int, cpus: set[int]) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-responder", f"{host}:{port}"],
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
+    return _wait_ready(process, "echo: ready")
+
+
+def _wait_ready(process: subprocess.Popen[str], marker: str) -> subprocess.Popen[str]:
     assert process.stderr is not None
     for line in process.stderr:
-        if "ddnn-server: ready" in line:
+        if marker in line:
             threading.Thread(target=process.stderr.read, daemon=True).start()
             return process
-    raise RuntimeError("ddnn-server did not start")
+    raise RuntimeError(f"{process.args[:3]} did not start")
 
 
-def _client(host: str, port: int, on_message: object) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = on_message  # type: ignore[assignment]
-    client.connect(host, port)
-    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the server and devices do
+def echo_responder(address: str) -> None:
+    """A bare paho echo: every request's payload straight back, QoS 1, from the network thread."""
+    host, port = address.rsplit(":", 1)
+    subscribed = threading.Event()
+    client = mqtt_client.Client(f"bench-echo-{os.getpid()}")
+    client.on_message = lambda c, u, m: c.publish(ECHO_REPLY, m.payload, qos=1)
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect(host, int(port))
+    protocol.tcp_no_delay(client)
+    client.subscribe(ECHO_REQUEST, qos=1)
     client.loop_start()
-    return client
+    subscribed.wait(10)
+    print("echo: ready", file=sys.stderr, flush=True)
+    sys.stdin.read()  # until the bench closes our stdin or kills us
 
 
 def echo_round_trip_us(host: str, port: int, payload_bytes: int, count: int) -> float:
-    """Median round trip of a bare paho request/echo pair, QoS 1 both ways, same payload size."""
-    echo = _client(host, port, lambda c, u, m: c.publish("bench/echo/reply", m.payload, qos=1))
-    echo.subscribe("bench/echo/request", qos=1)
     got = threading.Event()
-    requester = _client(host, port, lambda c, u, m: got.set())
-    requester.subscribe("bench/echo/reply", qos=1)
-    time.sleep(0.3)
+    subscribed = threading.Event()
+    requester = mqtt_client.Client(f"bench-echo-requester-{os.getpid()}")
+    requester.on_message = lambda c, u, m: got.set()
+    requester.on_subscribe = lambda *args: subscribed.set()
+    requester.connect(host, port)
+    protocol.tcp_no_delay(requester)
+    requester.subscribe(ECHO_REPLY, qos=1)
+    requester.loop_start()
+    subscribed.wait(10)
     payload = bytes(payload_bytes)
     samples = []
-    for _ in range(count):
-        got.clear()
-        started = time.perf_counter()
-        requester.publish("bench/echo/request", payload, qos=1)
-        if not got.wait(5):
-            raise RuntimeError("echo timed out")
-        samples.append((time.perf_counter() - started) * 1e6)
-    for client in (echo, requester):
-        client.disconnect()
-        client.loop_stop()
+    try:
+        for _ in range(count):
+            got.clear()
+            started = time.perf_counter()
+            requester.publish(ECHO_REQUEST, payload, qos=1)
+            if not got.wait(5):
+                raise RuntimeError("echo timed out")
+            samples.append((time.perf_counter() - started) * 1e6)
+    finally:
+        requester.disconnect()
+        requester.loop_stop()
     return statistics.median(samples[count // 10:])
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    request_bytes: int
+    workers: int
+    raw_rate: float
+    mqtt_rate: float
+    answered: int
+    sent: int
+    lost: int
+    duplicates: int
+    misrouted: int
+    server_cpu_us: float
+    single_us: float
+    server_rtt_us: float
+    echo_rtt_us: float
+
+
+def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> ModelResult | None:
+    store = ModelStore()
+    served = store.add_file(REPO / model if not Path(model).exists() else model)
+    try:
+        images = datasets.load(served.loaded.spec.dataset, "test", args.data_dir).images[:1000]
+    except DatasetError as error:
+        print(f"skipping {served.name}: {error}")
+        return None
+    device = run_device(served.program, images)
+    raw = raw_forward_rate(served, np.concatenate([device.split_words] * 4)[:max(args.max_batch * 8, 256)],
+                           args.max_batch, workers, cpus.server)
+    # Enough requests for --seconds of work at the raw rate, so a slow server part does not take minutes.
+    n_requests = int(min(args.requests, max(args.devices * 50, raw * args.seconds)))
+    split_words = np.concatenate([device.split_words] * (n_requests // len(images) + 1))[:n_requests]
+    raw = raw_forward_rate(served, split_words, args.max_batch, workers, cpus.server)
+    single_us = 1e6 / raw_forward_rate(served, split_words[:100], 1, 1, cpus.server)
+    latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
+    request_bytes = protocol.REQUEST_HEADER_BYTES + served.program.split_words * 8
+
+    with Broker() as broker:
+        server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server)
+        try:
+            per_device = n_requests // args.devices
+            sim = (broker.host, broker.port, served.program, served.hash_bytes, device.split_words, device.entropy,
+                   device.local_class)
+            run_devices(*sim, args.devices, 10, all_to_server=True, window=4)  # warm-up
+            cpu_before = process_cpu_s(server.pid)
+            report = run_devices(*sim, args.devices, per_device, all_to_server=True, window=args.window,
+                                 timeout_s=60)
+            server_cpu_us = (process_cpu_s(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
+            answered = report.count("server")
+            latency = run_devices(*sim, 1, latency_count, all_to_server=True, window=1, timeout_s=30)
+            rtts = [o.t_round_trip_us for o in latency.outcomes if o.source == "server"]
+        finally:
+            server.terminate()
+            server.wait(30)
+        echo = start_echo_responder(broker.host, broker.port, cpus.server)
+        try:
+            echo_rtt = echo_round_trip_us(broker.host, broker.port, request_bytes, args.latency_count)
+        finally:
+            echo.kill()
+            echo.wait()
+    return ModelResult(served.name, request_bytes, workers, raw, answered / report.wall_s, answered,
+                       len(report.outcomes), report.lost, report.duplicates, report.misrouted, server_cpu_us,
+                       single_us, statistics.median(rtts[len(rtts) // 10:]), echo_rtt)
+
+
+def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
+    print(f"{cpus.describe()}; max batch {args.max_batch}; {args.devices} simulated devices x window {args.window}")
+    print(f"{'model':<18}{'request B':>10}{'workers':>8} | {'MQTT req/s':>11}{'raw req/s':>11}{'ratio':>7}"
+          f"{'goal':>8} | {'RTT us':>8}{'echo us':>9}{'ratio':>7}{'goal':>8}")
+    for r in results:
+        print(f"{r.name:<18}{r.request_bytes:>10}{r.workers:>8} | {r.mqtt_rate:>11.0f}{r.raw_rate:>11.0f}"
+              f"{r.mqtt_rate / r.raw_rate:>7.2f}{'>= 0.8':>8} | {r.server_rtt_us:>8.0f}{r.echo_rtt_us:>9.0f}"
+              f"{r.server_rtt_us / r.echo_rtt_us:>7.2f}{'<= 1.5':>8}")
+    print("where the time goes (per request):")
+    for r in results:
+        forward_us = 1e6 * r.workers / r.raw_rate  # CPU time of the batched forward, all threads
+        floor = r.echo_rtt_us + r.single_us
+        print(f"  {r.name}: server CPU {r.server_cpu_us:.0f} us = batched forward {forward_us:.0f} us + "
+              f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
+              f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
+              f"{r.server_rtt_us / floor:.2f}x that")
+        print(f"    {r.answered}/{r.sent} answered by the server; lost {r.lost}, duplicates {r.duplicates}, "
+              f"misrouted {r.misrouted}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/fmnist_32.npz")
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", action="append", default=None, help="model file (repeat); default: "
+                        + ", ".join(DEFAULT_MODELS))
+    parser.add_argument("--data-dir", default=None, help="data sets (default: DDNN_DATA_DIR, system paths)")
+    parser.add_argument("--requests", type=int, default=12000, help="most requests per model for throughput")
+    parser.add_argument("--seconds", type=float, default=3.0, help="throughput run length at the raw rate")
+    parser.add_argument("--workers", type=int, default=None, help="server worker threads (default: its CPUs)")
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--window", type=int, default=16, help="requests in flight per simulated device")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--latency-count", type=int, default=400)
+    parser.add_argument("--no-pin", action="store_true", help="do not split the CPUs between server and clients")
+    parser.add_argument("--echo-responder", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo_responder:
+        echo_responder(args.echo_responder)
+        return
     logging.basicConfig(level=logging.WARNING)
-
-    store = ModelStore()
-    store.add_file(args.model)
-    served = store.models()[0]
-    images = datasets.load("fashion-mnist", "test").images[:1000]
-    result = run_device(served.program, images)
-    split_words = np.concatenate([result.split_words] * max(1, args.requests // len(images)))[:args.requests]
-    raw = raw_forward_rate(store, split_words, args.max_batch)
-    single_us = 1e6 / raw_forward_rate(store, split_words[:200], 1)  # compute floor of one lone request
-
-    with Broker() as broker:
-        server = start_server(broker.address, args.model, args.workers, args.max_batch)
-        try:
-            per_device = args.requests // args.devices
-            run_devices(broker.host, broker.port, served.program, served.hash_bytes, result.split_words,
-                        result.entropy, result.local_class, args.devices, 50, all_to_server=True, window=4)  # warm-up
-            report = run_devices(broker.host, broker.port, served.program, served.hash_bytes, result.split_words,
-                                 result.entropy, result.local_class, args.devices, per_device, all_to_server=True,
-                                 window=args.window, timeout_s=30)
-            answered = report.count("server")
-            mqtt_rate = answered / report.wall_s
-            latency = run_devices(broker.host, broker.port, served.program, served.hash_bytes, result.split_words,
-                                  result.entropy, result.local_class, 1, args.latency_count, all_to_server=True,
-                                  window=1, timeout_s=30)
-            rtts = [o.t_round_trip_us for o in latency.outcomes if o.source == "server"]
-            server_rtt = statistics.median(rtts[len(rtts) // 10:])
-        finally:
-            server.terminate()
-            server.wait(30)
-        request_bytes = protocol.REQUEST_HEADER_BYTES + served.program.split_words * 8
-        echo_rtt = echo_round_trip_us(broker.host, broker.port, request_bytes, args.latency_count)
-
-    print(f"model {served.name}: split {served.split_chw} = {request_bytes}-byte requests; {args.workers} workers, "
-          f"max batch {args.max_batch}; {args.devices} devices x window {args.window}")
-    print(f"{'throughput (req/s)':<24}{'MQTT':>12}{'raw forward':>14}{'ratio':>9}{'goal':>9}")
-    print(f"{'':<24}{mqtt_rate:>12.0f}{raw:>14.0f}{mqtt_rate / raw:>9.2f}{'>= 0.8':>9}")
-    print(f"  ({answered}/{len(report.outcomes)} answered by the server, lost {report.lost}, duplicates "
-          f"{report.duplicates}, misrouted {report.misrouted})")
-    print(f"{'round trip (us, median)':<24}{'ddnn-server':>12}{'bare echo':>14}{'ratio':>9}{'goal':>9}")
-    print(f"{'':<24}{server_rtt:>12.0f}{echo_rtt:>14.0f}{server_rtt / echo_rtt:>9.2f}{'<= 1.5':>9}")
-    floor = echo_rtt + single_us
-    print(f"  (one request's raw forward alone takes {single_us:.0f} us: echo + forward = {floor:.0f} us, "
-          f"ddnn-server / that = {server_rtt / floor:.2f})")
+    keep_freed_memory()  # the raw forward gets the server's allocator settings
+    cpus = split_cpus(not args.no_pin)
+    workers = args.workers or len(cpus.server)
+    os.sched_setaffinity(0, cpus.clients)  # the simulated devices, and the broker we start, run here
+    results = [r for model in (args.model or DEFAULT_MODELS)
+               if (r := bench_model(model, args, cpus, workers)) is not None]
+    print_results(results, args, cpus)
 
 
 if __name__ == "__main__":
