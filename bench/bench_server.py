@@ -9,7 +9,9 @@
 The load generator and Mosquitto are not part of the server under test, so with two or more CPUs the
 server (and the raw forward it is compared with) gets the upper half of the CPUs and the simulated devices
 and the broker the rest (--no-pin shares them all). The server's CPU time per request (from /proc) is
-printed next to the raw forward's, which is where the ratio comes from.
+printed next to the raw forward's, which is where the ratio comes from, and next to the CPU a bare paho echo
+responder spends per request/reply pair: the ceiling forward / (forward + echo) that no paho-based server
+can pass on this machine.
 
 Usage: python bench/bench_server.py [--model models/fmnist_32.npz ...] [--max-batch 32] [--no-pin]
 """
@@ -165,6 +167,42 @@ def echo_round_trip_us(host: str, port: int, payload_bytes: int, count: int) -> 
     return statistics.median(samples[count // 10:])
 
 
+def echo_cpu_us(host: str, port: int, echo_pid: int, payload_bytes: int, count: int, window: int = 64) -> float:
+    """CPU time of the echo responder per request/reply pair under a windowed load: the floor any
+    paho-based server pays per request before it does any work of its own."""
+    window_free = threading.Semaphore(window)
+    all_back = threading.Event()
+    received = [0]
+
+    def on_message(client: object, userdata: object, message: object) -> None:
+        received[0] += 1
+        window_free.release()
+        if received[0] == count:
+            all_back.set()
+
+    subscribed = threading.Event()
+    loader = mqtt_client.Client(f"bench-echo-load-{os.getpid()}")
+    loader.on_message = on_message
+    loader.on_subscribe = lambda *args: subscribed.set()
+    loader.connect(host, port)
+    protocol.tcp_no_delay(loader)
+    loader.subscribe(ECHO_REPLY, qos=1)
+    loader.loop_start()
+    subscribed.wait(10)
+    payload = bytes(payload_bytes)
+    try:
+        cpu_before = process_cpu_s(echo_pid)
+        for _ in range(count):
+            window_free.acquire()
+            loader.publish(ECHO_REQUEST, payload, qos=1)
+        if not all_back.wait(60):
+            raise RuntimeError(f"echo load: {received[0]} of {count} came back")
+        return (process_cpu_s(echo_pid) - cpu_before) / count * 1e6
+    finally:
+        loader.disconnect()
+        loader.loop_stop()
+
+
 def process_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -186,6 +224,7 @@ class ModelResult:
     single_us: float
     server_rtt_us: float
     echo_rtt_us: float
+    echo_cpu_us: float
 
 
 def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> ModelResult | None:
@@ -227,12 +266,13 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
         echo = start_echo_responder(broker.host, broker.port, cpus.server)
         try:
             echo_rtt = echo_round_trip_us(broker.host, broker.port, request_bytes, args.latency_count)
+            echo_cpu = echo_cpu_us(broker.host, broker.port, echo.pid, request_bytes, args.echo_load)
         finally:
             echo.kill()
             echo.wait()
     return ModelResult(served.name, request_bytes, workers, raw, answered / report.wall_s, answered,
                        len(report.outcomes), report.lost, report.duplicates, report.misrouted, server_cpu_us,
-                       single_us, statistics.median(rtts[len(rtts) // 10:]), echo_rtt)
+                       single_us, statistics.median(rtts[len(rtts) // 10:]), echo_rtt, echo_cpu)
 
 
 def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
@@ -251,6 +291,8 @@ def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus
               f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
               f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
               f"{r.server_rtt_us / floor:.2f}x that")
+        print(f"    a bare paho echo responder spends {r.echo_cpu_us:.0f} us of CPU per request/reply pair, so no "
+              f"paho-based server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw forward here")
         print(f"    {r.answered}/{r.sent} answered by the server; lost {r.lost}, duplicates {r.duplicates}, "
               f"misrouted {r.misrouted}")
 
@@ -267,6 +309,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="requests in flight per simulated device")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--latency-count", type=int, default=400)
+    parser.add_argument("--echo-load", type=int, default=5000, help="requests for the echo responder's CPU cost")
     parser.add_argument("--no-pin", action="store_true", help="do not split the CPUs between server and clients")
     parser.add_argument("--echo-responder", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()

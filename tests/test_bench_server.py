@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_server_short_run(fmnist_model_path: Path) -> None:
     require_tool("mosquitto")
     run = subprocess.run([sys.executable, str(REPO / "bench" / "bench_server.py"), "--model", str(fmnist_model_path),
-                          "--requests", "400", "--seconds", "0.1", "--latency-count", "40", "--devices", "4"],
+                          "--requests", "400", "--seconds", "0.1", "--latency-count", "40", "--devices", "4",
+                          "--echo-load", "200"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     row = re.search(r"^fmnist_32\s+480\s+\d+ \|\s+(\d+)\s+(\d+)\s+([\d.]+)\s+>= 0.8 \|\s+(\d+)\s+(\d+)\s+([\d.]+)",
@@ -25,3 +26,4 @@ def test_bench_server_short_run(fmnist_model_path: Path) -> None:
     mqtt_rate, raw_rate, ratio = int(row[1]), int(row[2]), float(row[3])
     assert mqtt_rate > 0 and raw_rate > 0 and abs(ratio - mqtt_rate / raw_rate) < 0.01
     assert "400/400 answered by the server; lost 0, duplicates 0, misrouted 0" in run.stdout
+    assert re.search(r"bare paho echo responder spends \d+ us of CPU", run.stdout), run.stdout
