@@ -49,6 +49,9 @@ class ReadAheadSocket:
         """Bytes already read from the kernel and not yet returned (paho skips ``select`` while > 0)."""
         return len(self._buffer) - self._offset
 
+    def send(self, data: bytes | bytearray) -> int:  # per packet written: spare it the __getattr__ detour
+        return self._sock.send(data)
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
