@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ddnn_gen import datasets, mqtt_client, protocol  # noqa: E402
+from ddnn_gen import datasets, mqtt_client, procstat, protocol  # noqa: E402
 from ddnn_gen.broker import Broker  # noqa: E402
 from ddnn_gen.device_sim import run_devices  # noqa: E402
 from ddnn_gen.errors import DatasetError  # noqa: E402
@@ -124,33 +124,40 @@ def _wait_ready(process: subprocess.Popen[str], marker: str) -> subprocess.Popen
     raise RuntimeError(f"{process.args[:3]} did not start")
 
 
+def _subscribed_client(host: str, port: int, name: str, topic: str, on_message: object) -> mqtt_client.Client:
+    """A started client (TCP_NODELAY, as the server and devices) whose QoS 1 subscription to ``topic`` is
+    acknowledged."""
+    subscribed = threading.Event()
+    client = mqtt_client.Client(f"{name}-{os.getpid()}")
+    client.on_message = on_message  # type: ignore[assignment]
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect(host, port)
+    protocol.tcp_no_delay(client)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise RuntimeError(f"{name}: no SUBACK for {topic}")
+    return client
+
+
+def _stop(client: mqtt_client.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
+
+
 def echo_responder(address: str) -> None:
     """A bare paho echo: every request's payload straight back, QoS 1, from the network thread."""
     host, port = address.rsplit(":", 1)
-    subscribed = threading.Event()
-    client = mqtt_client.Client(f"bench-echo-{os.getpid()}")
-    client.on_message = lambda c, u, m: c.publish(ECHO_REPLY, m.payload, qos=1)
-    client.on_subscribe = lambda *args: subscribed.set()
-    client.connect(host, int(port))
-    protocol.tcp_no_delay(client)
-    client.subscribe(ECHO_REQUEST, qos=1)
-    client.loop_start()
-    subscribed.wait(10)
+    responder = _subscribed_client(host, int(port), "bench-echo", ECHO_REQUEST,
+                       lambda c, u, m: c.publish(ECHO_REPLY, m.payload, qos=1))
     print("echo: ready", file=sys.stderr, flush=True)
     sys.stdin.read()  # until the bench closes our stdin or kills us
+    _stop(responder)
 
 
 def echo_round_trip_us(host: str, port: int, payload_bytes: int, count: int) -> float:
     got = threading.Event()
-    subscribed = threading.Event()
-    requester = mqtt_client.Client(f"bench-echo-requester-{os.getpid()}")
-    requester.on_message = lambda c, u, m: got.set()
-    requester.on_subscribe = lambda *args: subscribed.set()
-    requester.connect(host, port)
-    protocol.tcp_no_delay(requester)
-    requester.subscribe(ECHO_REPLY, qos=1)
-    requester.loop_start()
-    subscribed.wait(10)
+    requester = _subscribed_client(host, port, "bench-echo-requester", ECHO_REPLY, lambda c, u, m: got.set())
     payload = bytes(payload_bytes)
     samples = []
     try:
@@ -162,8 +169,7 @@ def echo_round_trip_us(host: str, port: int, payload_bytes: int, count: int) -> 
                 raise RuntimeError("echo timed out")
             samples.append((time.perf_counter() - started) * 1e6)
     finally:
-        requester.disconnect()
-        requester.loop_stop()
+        _stop(requester)
     return statistics.median(samples[count // 10:])
 
 
@@ -180,32 +186,18 @@ def echo_cpu_us(host: str, port: int, echo_pid: int, payload_bytes: int, count: 
         if received[0] == count:
             all_back.set()
 
-    subscribed = threading.Event()
-    loader = mqtt_client.Client(f"bench-echo-load-{os.getpid()}")
-    loader.on_message = on_message
-    loader.on_subscribe = lambda *args: subscribed.set()
-    loader.connect(host, port)
-    protocol.tcp_no_delay(loader)
-    loader.subscribe(ECHO_REPLY, qos=1)
-    loader.loop_start()
-    subscribed.wait(10)
+    loader = _subscribed_client(host, port, "bench-echo-load", ECHO_REPLY, on_message)
     payload = bytes(payload_bytes)
     try:
-        cpu_before = process_cpu_s(echo_pid)
+        cpu_before = procstat.cpu_seconds(echo_pid)
         for _ in range(count):
             window_free.acquire()
             loader.publish(ECHO_REQUEST, payload, qos=1)
         if not all_back.wait(60):
             raise RuntimeError(f"echo load: {received[0]} of {count} came back")
-        return (process_cpu_s(echo_pid) - cpu_before) / count * 1e6
+        return (procstat.cpu_seconds(echo_pid) - cpu_before) / count * 1e6
     finally:
-        loader.disconnect()
-        loader.loop_stop()
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        _stop(loader)
 
 
 @dataclass
@@ -253,10 +245,10 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
             sim = (broker.host, broker.port, served.program, served.hash_bytes, device.split_words, device.entropy,
                    device.local_class)
             run_devices(*sim, args.devices, 10, all_to_server=True, window=4)  # warm-up
-            cpu_before = process_cpu_s(server.pid)
+            cpu_before = procstat.cpu_seconds(server.pid)
             report = run_devices(*sim, args.devices, per_device, all_to_server=True, window=args.window,
                                  timeout_s=60)
-            server_cpu_us = (process_cpu_s(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
+            server_cpu_us = (procstat.cpu_seconds(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
             answered = report.count("server")
             latency = run_devices(*sim, 1, latency_count, all_to_server=True, window=1, timeout_s=30)
             rtts = [o.t_round_trip_us for o in latency.outcomes if o.source == "server"]

@@ -41,7 +41,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ddnn_gen import cbuild, datasets, evaluate, protocol, reference
+from ddnn_gen import cbuild, datasets, evaluate, procstat, protocol, reference
 from ddnn_gen.broker import Broker
 from ddnn_gen.compile_c import compile_c
 from ddnn_gen.device_sim import SimDevice, split_header
@@ -100,18 +100,6 @@ def stats(values: Sequence[float] | np.ndarray) -> dict[str, float | None]:
             "p99": float(np.percentile(array, 99)), "n": int(array.size)}
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime of all threads
-
-
-def _proc_status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 class ServerHandle:
     """A real ``ddnn-server`` process; CPU time and memory read from /proc."""
 
@@ -146,13 +134,13 @@ class ServerHandle:
         return self.process.pid
 
     def cpu_s(self) -> float:
-        return _proc_cpu_s(self.pid)
+        return procstat.cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
-        return _proc_status_kb(self.pid, "VmRSS") * 1024
+        return procstat.status_kb(self.pid, "VmRSS") * 1024
 
     def peak_rss_bytes(self) -> int:
-        return _proc_status_kb(self.pid, "VmHWM") * 1024
+        return procstat.status_kb(self.pid, "VmHWM") * 1024
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import chainer
 import numpy as np
 
+from ddnn_gen import procstat
 from ddnn_gen.fold import DeviceProgram, fold
 from ddnn_gen.modelfile import LoadedModel, load_model
 from ddnn_gen.reference import DeviceResult, run_device, split_to_server_input
@@ -68,8 +69,7 @@ class ServerProcess:
     def minor_faults(self) -> int:
         """Minor page faults of the server process so far (Linux /proc)."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[7])
+        return procstat.minor_faults(self.process.pid)
 
     def replies_sent(self) -> int:
         """Replies reported by the server's shutdown log line (after terminate)."""
