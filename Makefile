@@ -6,8 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-# Chainer 7.8.1 builds from sdist only with setuptools<70 in its (isolated) build env.
+# Chainer 7.8.1 builds from sdist only with setuptools<70 in its (isolated) build env. pip >= 26 no
+# longer applies PIP_CONSTRAINT inside build isolation, so the same file is passed as a build
+# constraint too, and pip itself is pinned so set-up does not change with whichever pip is newest.
+PIP_VERSION := 26.3
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_BUILD_CONSTRAINT := $(CURDIR)/constraints.txt
 
 APT_PACKAGES := python3-venv python3-dev build-essential \
 	mosquitto libpaho-mqtt-dev \
@@ -35,7 +39,7 @@ system-packages:
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip wheel 'setuptools<70'
+	$(VENV)/bin/pip install -q 'pip==$(PIP_VERSION)' wheel 'setuptools<70'
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
