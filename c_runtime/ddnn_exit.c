@@ -4,6 +4,8 @@
 #include "ddnn_exit.h"
 
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "ddnn_blinear.h"
 
@@ -44,6 +46,60 @@ int32_t ddnn_argmax(const double *logits, int n_classes)
 int ddnn_exit_decision(double entropy, double threshold)
 {
     return isfinite(entropy) && entropy <= threshold;
+}
+
+static int is_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+static size_t digits(const char *text, size_t at, size_t end)
+{
+    size_t i = at;
+    while (i < end && text[i] >= '0' && text[i] <= '9')
+        ++i;
+    return i - at;
+}
+
+int ddnn_threshold_parse(const char *text, size_t len, double *value)
+{
+    char number[DDNN_THRESHOLD_TEXT_MAX + 1];
+    char *stop;
+    size_t start = 0, end = len, i, whole, fraction = 0;
+    double parsed;
+    while (start < end && is_blank(text[start]))
+        ++start;
+    while (end > start && is_blank(text[end - 1]))
+        --end;
+    i = start;
+    whole = digits(text, i, end);
+    i += whole;
+    if (i < end && text[i] == '.') {
+        ++i;
+        fraction = digits(text, i, end);
+        i += fraction;
+    }
+    if (whole + fraction == 0)
+        return 0;
+    if (i < end && (text[i] == 'e' || text[i] == 'E')) {
+        size_t exponent;
+        ++i;
+        if (i < end && (text[i] == '+' || text[i] == '-'))
+            ++i;
+        exponent = digits(text, i, end);
+        if (exponent == 0)
+            return 0;
+        i += exponent;
+    }
+    if (i != end || end - start > DDNN_THRESHOLD_TEXT_MAX)
+        return 0;
+    memcpy(number, text + start, end - start);
+    number[end - start] = '\0';
+    parsed = strtod(number, &stop); /* the grammar is a subset of strtod's in the C locale */
+    if (*stop != '\0' || !(parsed >= 0.0 && parsed <= 1.0))
+        return 0;
+    *value = parsed;
+    return 1;
 }
 
 int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,

@@ -23,6 +23,14 @@ int32_t ddnn_argmax(const double *logits, int n_classes);
 /* Answer locally iff the entropy is finite and <= threshold. */
 int ddnn_exit_decision(double entropy, double threshold);
 
+/* Longest threshold text (digits, point, exponent) ddnn_threshold_parse reads. */
+#define DDNN_THRESHOLD_TEXT_MAX 63
+
+/* Reads a threshold from `len` bytes of text (not NUL-terminated; a NUL inside is invalid): a plain
+ * decimal with optional exponent and surrounding blanks, a value in [0, 1]. The same grammar and range
+ * as ddnn_gen/spec.py (parse_threshold_text). Returns 1 and sets *value, or 0 leaving it untouched. */
+int ddnn_threshold_parse(const char *text, size_t len, double *value);
+
 /* Fills logits (n_classes doubles), returns the class; *entropy and *exit_local set. */
 int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,
                   double *entropy, int *exit_local);

@@ -15,6 +15,8 @@
 
 #include <MQTTClient.h>
 
+#include "ddnn_exit.h"
+
 #define TOPIC_MAX 128
 #define URI_MAX 300
 
@@ -44,13 +46,9 @@ static struct {
     uint64_t waiting_id; /* request being waited for; 0 = none */
     int have_reply;
     ddnn_reply reply;
-    unsigned long stale_replies;
 
     int model_threshold_valid, device_threshold_valid;
     double model_threshold, device_threshold;
-
-    MQTTProperties publish_props; /* Response Topic + Correlation Data, built once */
-    unsigned char *correlation;   /* the 8 correlation bytes inside publish_props */
 } net;
 
 static void log_line(const char *fmt, ...)
@@ -72,21 +70,6 @@ static void sleep_ms(int ms)
     }
 }
 
-static int parse_threshold(const MQTTClient_message *message, double *value)
-{
-    char text[64];
-    char *end;
-    size_t len = (size_t)(message->payloadlen > 0 ? message->payloadlen : 0);
-    if (len == 0 || len >= sizeof(text))
-        return 0; /* empty retained message: threshold cleared */
-    memcpy(text, message->payload, len);
-    text[len] = '\0';
-    *value = strtod(text, &end);
-    while (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t')
-        ++end;
-    return end != text && *end == '\0' && isfinite(*value) && *value >= 0.0;
-}
-
 static int topic_is(const char *topic, int topic_len, const char *want)
 {
     size_t len = topic_len > 0 ? (size_t)topic_len : strlen(topic);
@@ -102,12 +85,11 @@ static int on_message(void *context, char *topic, int topic_len, MQTTClient_mess
             log_line("undecodable reply of %d bytes ignored", message->payloadlen);
         } else {
             pthread_mutex_lock(&net.lock);
+            /* A reply for another request arrived after its timeout: that sample was answered locally. */
             if (net.waiting_id != 0 && reply.request_id == net.waiting_id && !net.have_reply) {
                 net.reply = reply;
                 net.have_reply = 1;
                 pthread_cond_broadcast(&net.changed);
-            } else {
-                ++net.stale_replies; /* a reply that arrived after its timeout: already answered locally */
             }
             pthread_mutex_unlock(&net.lock);
         }
@@ -115,20 +97,22 @@ static int on_message(void *context, char *topic, int topic_len, MQTTClient_mess
         const int device = topic_is(topic, topic_len, net.device_threshold_topic);
         const int model = topic_is(topic, topic_len, net.model_threshold_topic);
         double value = 0.0;
-        if (device || model) {
-            const int valid = parse_threshold(message, &value);
+        const size_t len = message->payloadlen > 0 ? (size_t)message->payloadlen : 0;
+        if ((device || model) && len > 0 && !ddnn_threshold_parse((const char *)message->payload, len, &value)) {
+            /* Invalid text or out of [0, 1]: keep the previous threshold. */
+            log_line("ignoring invalid threshold on %s", device ? net.device_threshold_topic
+                                                             : net.model_threshold_topic);
+        } else if (device || model) {
+            /* An empty retained message clears the topic's threshold. */
             pthread_mutex_lock(&net.lock);
             if (device) {
-                net.device_threshold_valid = valid;
+                net.device_threshold_valid = len > 0;
                 net.device_threshold = value;
             } else {
-                net.model_threshold_valid = valid;
+                net.model_threshold_valid = len > 0;
                 net.model_threshold = value;
             }
             pthread_mutex_unlock(&net.lock);
-            if (!valid && message->payloadlen > 0)
-                log_line("ignoring unparsable threshold on %s", device ? net.device_threshold_topic
-                                                                     : net.model_threshold_topic);
         }
     }
     MQTTClient_freeMessage(&message);
@@ -249,44 +233,20 @@ static void *reconnect_loop(void *arg)
     return NULL;
 }
 
-static int build_publish_props(void)
-{
-    MQTTProperty property;
-    unsigned char zero[8] = {0};
-    int i;
-    property.identifier = MQTTPROPERTY_CODE_RESPONSE_TOPIC;
-    property.value.data.data = net.reply_topic;
-    property.value.data.len = (int)strlen(net.reply_topic);
-    if (MQTTProperties_add(&net.publish_props, &property) != 0)
-        return -1;
-    property.identifier = MQTTPROPERTY_CODE_CORRELATION_DATA;
-    property.value.data.data = (char *)zero;
-    property.value.data.len = 8;
-    if (MQTTProperties_add(&net.publish_props, &property) != 0)
-        return -1;
-    /* Paho copies property data; each request rewrites these 8 copied bytes instead of rebuilding
-     * (and reallocating) the property list. */
-    for (i = 0; i < net.publish_props.count; ++i)
-        if (net.publish_props.array[i].identifier == MQTTPROPERTY_CODE_CORRELATION_DATA)
-            net.correlation = (unsigned char *)net.publish_props.array[i].value.data.data;
-    return net.correlation != NULL ? 0 : -1;
-}
-
 int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
 {
     MQTTClient_createOptions create = MQTTClient_createOptions_initializer;
-    MQTTProperties empty = MQTTProperties_initializer;
-    size_t id_len = config->device_id ? strlen(config->device_id) : 0;
+    size_t id_len;
     char hex[2 * DDNN_WIRE_HASH_BYTES + 1];
     int i, n;
 
-    if (id_len == 0 || id_len > DDNN_DEVICE_ID_MAX || strpbrk(config->device_id, "/+#") != NULL) {
-        fprintf(stderr, "ddnn_mqtt: device id must be 1..%d characters without '/', '+', '#'\n",
-                DDNN_DEVICE_ID_MAX);
+    if (!ddnn_device_id_valid(config->device_id)) {
+        fprintf(stderr, "ddnn_mqtt: device id must be 1..%d characters of A-Z a-z 0-9 _ . - starting with a "
+                        "letter or digit\n", DDNN_DEVICE_ID_MAX);
         return -1;
     }
+    id_len = strlen(config->device_id);
     memset(&net, 0, sizeof(net));
-    net.publish_props = empty;
     memcpy(net.device_id, config->device_id, id_len + 1);
     for (i = 0; i < DDNN_WIRE_HASH_BYTES; ++i)
         snprintf(hex + 2 * i, 3, "%02x", config->model_hash[i]);
@@ -296,7 +256,9 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     /* Unique per device and per process: two runs of one device never kick each other off. */
     snprintf(net.client_id, sizeof(net.client_id), "ddnn-dev-%s-%lx", net.device_id,
              (unsigned long)(time(NULL) ^ (long)clock()));
-    snprintf(net.request_topic, TOPIC_MAX, "ddnn/req/%s", hex);
+    /* The device id in the request topic is what the server answers (and what a broker ACL ties to this
+     * device's credentials); the reply comes back on the device's own reply topic. */
+    snprintf(net.request_topic, TOPIC_MAX, "ddnn/req/%s/%s", hex, net.device_id);
     snprintf(net.reply_topic, TOPIC_MAX, "ddnn/reply/%s", net.device_id);
     snprintf(net.status_topic, TOPIC_MAX, "ddnn/status/%s", net.device_id);
     snprintf(net.model_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s", hex);
@@ -313,8 +275,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
         return -1;
     }
     net.created = 1;
-    if (MQTTClient_setCallbacks(net.client, NULL, on_connection_lost, on_message, NULL) != MQTTCLIENT_SUCCESS ||
-        build_publish_props() != 0) {
+    if (MQTTClient_setCallbacks(net.client, NULL, on_connection_lost, on_message, NULL) != MQTTCLIENT_SUCCESS) {
         fprintf(stderr, "ddnn_mqtt: cannot set up the client\n");
         return -1;
     }
@@ -354,7 +315,7 @@ int ddnn_mqtt_request(const uint8_t *request, size_t len, uint64_t request_id, i
     MQTTClient_message message = MQTTClient_message_initializer;
     MQTTResponse response;
     struct timespec deadline;
-    int i, rc, result;
+    int rc, result;
 
     if (!ddnn_mqtt_connected() || request_id == 0)
         return DDNN_NET_OFFLINE;
@@ -362,12 +323,9 @@ int ddnn_mqtt_request(const uint8_t *request, size_t len, uint64_t request_id, i
     net.waiting_id = request_id;
     net.have_reply = 0;
     pthread_mutex_unlock(&net.lock);
-    for (i = 0; i < 8; ++i)
-        net.correlation[i] = (unsigned char)(request_id >> (8 * i));
     message.payload = (void *)request;
     message.payloadlen = (int)len;
     message.qos = 1;
-    message.properties = net.publish_props;
     response = MQTTClient_publishMessage5(net.client, net.request_topic, &message, NULL);
     rc = response.reasonCode;
     MQTTResponse_free(response);
@@ -423,7 +381,6 @@ void ddnn_mqtt_stop(void)
         publish_status("offline");
         MQTTClient_disconnect5(net.client, 1000, MQTTREASONCODE_NORMAL_DISCONNECTION, NULL);
     }
-    MQTTProperties_free(&net.publish_props);
     MQTTClient_destroy(&net.client);
     pthread_cond_destroy(&net.changed);
     pthread_mutex_destroy(&net.lock);

@@ -1,7 +1,7 @@
 /* The device's MQTT 5 client for ddnn-server (Paho C, MQTTClient API, one client per process).
  *
- * ddnn_mqtt_request() publishes one request (QoS 1, Response Topic + Correlation Data) and waits
- * for its reply at most timeout_ms; it returns DDNN_NET_OFFLINE at once while the broker is gone,
+ * ddnn_mqtt_request() publishes one request (QoS 1) on ddnn/req/<model>/<device> and waits for the
+ * reply with its request id on ddnn/reply/<device> at most timeout_ms; it returns DDNN_NET_OFFLINE at once while the broker is gone,
  * so the caller answers locally (fallback) and never hangs. A background thread reconnects and
  * re-subscribes. Retained thresholds on ddnn/threshold/<model> and ddnn/threshold/<model>/<device>
  * are tracked; ddnn_mqtt_threshold() hands the caller the current one between samples.
@@ -23,7 +23,7 @@ enum ddnn_net_result {
 typedef struct {
     const char *host;
     int port;
-    const char *device_id;                       /* 1..32 bytes, no '/', '+', '#' */
+    const char *device_id;                       /* ddnn_device_id_valid() */
     const uint8_t *model_hash;                   /* DDNN_WIRE_HASH_BYTES bytes */
     int connect_timeout_s;                       /* per connection attempt */
     int retry_ms;                                /* pause between reconnection attempts */

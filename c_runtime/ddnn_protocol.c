@@ -37,6 +37,20 @@ static uint64_t get_u64(const uint8_t *p)
     return (uint64_t)get_u32(p) | ((uint64_t)get_u32(p + 4) << 32);
 }
 
+int ddnn_device_id_valid(const char *id)
+{
+    size_t i;
+    if (id == NULL || id[0] == '\0')
+        return 0;
+    for (i = 0; id[i] != '\0'; ++i) {
+        const char c = id[i];
+        const int alnum = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+        if (i >= DDNN_DEVICE_ID_MAX || !(alnum || (i > 0 && (c == '_' || c == '.' || c == '-'))))
+            return 0;
+    }
+    return 1;
+}
+
 size_t ddnn_request_size(size_t n_words)
 {
     return DDNN_REQUEST_HEADER_BYTES + 8 * n_words;
@@ -47,11 +61,9 @@ static int put_header(const ddnn_request_header *header, int packing, uint16_t s
                       uint8_t *out)
 {
     size_t id_len;
-    if (header->device_id == NULL || n_elements > 0xffffffffu)
+    if (!ddnn_device_id_valid(header->device_id) || n_elements > 0xffffffffu)
         return 0;
     id_len = strlen(header->device_id);
-    if (id_len == 0 || id_len > DDNN_DEVICE_ID_MAX)
-        return 0;
     memset(out, 0, DDNN_REQUEST_HEADER_BYTES);
     memcpy(out, "DDNQ", 4);
     out[4] = DDNN_PROTOCOL_VERSION;

@@ -43,7 +43,7 @@ typedef struct {
     uint16_t channels, height, width;
     uint64_t request_id;
     uint64_t device_time_us;
-    const char *device_id; /* 1..32 bytes, no NUL inside */
+    const char *device_id; /* ddnn_device_id_valid() */
 } ddnn_request_header;
 
 typedef struct {
@@ -56,6 +56,10 @@ typedef struct {
     float top_prob[DDNN_REPLY_TOP_MAX];
     char message[DDNN_REPLY_MESSAGE_MAX]; /* NUL-terminated, possibly truncated */
 } ddnn_reply;
+
+/* 1 if `id` follows the device-id rule shared with ddnn_gen/protocol.py: 1..32 characters of
+ * A-Z a-z 0-9 _ . - starting with a letter or digit (ids become topic names and ACL patterns). */
+int ddnn_device_id_valid(const char *id);
 
 /* Bytes of a request carrying `n_words` split words. */
 size_t ddnn_request_size(size_t n_words);

@@ -181,16 +181,10 @@ def _varint_len(value: int) -> int:
     return length
 
 
-def publish_packet_bytes(topic: str, payload_len: int, properties: Any) -> int:
-    """Size of the MQTT 5 QoS 1 PUBLISH packet carrying it (fixed + variable header + properties)."""
-    props = 0
-    response = getattr(properties, "ResponseTopic", None) if properties is not None else None
-    correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
-    if response:
-        props += 1 + 2 + len(response.encode())
-    if correlation:
-        props += 1 + 2 + len(correlation)
-    remaining = 2 + len(topic.encode()) + 2 + _varint_len(props) + props + payload_len
+def publish_packet_bytes(topic: str, payload_len: int) -> int:
+    """Size of the MQTT 5 QoS 1 PUBLISH packet carrying it (fixed + variable header, an empty property
+    section: requests and replies carry no MQTT 5 properties)."""
+    remaining = 2 + len(topic.encode()) + 2 + 1 + payload_len
     return 1 + _varint_len(remaining) + remaining
 
 
@@ -204,7 +198,7 @@ class WireSniffer:
         self._lock = threading.Lock()
         self.reset()
         self._client.connect(host, port)
-        self._client.subscribe([(f"{protocol.TOPIC_ROOT}/req/+", 0), (f"{protocol.TOPIC_ROOT}/reply/+", 0)])
+        self._client.subscribe([(f"{protocol.TOPIC_ROOT}/req/+/+", 0), (f"{protocol.TOPIC_ROOT}/reply/+", 0)])
         self._client.loop_start()
         time.sleep(0.2)
 
@@ -214,7 +208,7 @@ class WireSniffer:
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         kind = message.topic.split("/")[1]
-        packet = publish_packet_bytes(message.topic, len(message.payload), getattr(message, "properties", None))
+        packet = publish_packet_bytes(message.topic, len(message.payload))
         with self._lock:
             entry = self.counts.setdefault(kind, [0, 0, 0])
             entry[0] += 1
@@ -471,7 +465,8 @@ def offered_load_step(devices: list[SimDevice], served: list[tuple[bytes, ModelD
         request_id = device.next_request_id()
         header = split_header(data.program, model_hash, request_id, device.device_id)
         split = data.split_words[i % len(data.split_words)]
-        waiter = device.send(protocol.encode_request(header, split), request_id, protocol.request_topic(model_hash))
+        waiter = device.send(protocol.encode_request(header, split), request_id,
+                             protocol.request_topic(model_hash, device.device_id))
         pending.append((device, request_id, waiter))
     send_end = time.monotonic()
     rtts, lost, errors = [], 0, 0

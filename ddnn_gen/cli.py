@@ -12,16 +12,20 @@ from ddnn_gen.errors import DdnnError
 
 
 class _Group(click.Group):
-    """Turns our own errors into one readable line and exit code 2, never a traceback."""
+    """Turns our own errors, and the file system's, into one readable line and exit code 1, never a
+    traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except DdnnError as error:
             raise click.ClickException(str(error)) from error
+        except OSError as error:  # a folder that is not there or not writable, a full disk
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(f"{where}{error.strerror or error}") from error
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ddnngen")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:

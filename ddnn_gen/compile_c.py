@@ -286,7 +286,10 @@ def compile_c(program_or_model_path: DeviceProgram | str | Path, out_dir: str | 
         reproduce = f"ddnngen compile {source} --target c -o OUT"
     context = render_context(program, reproduce)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompileError(f"{out}: cannot create the output folder ({exc.strerror})") from exc
     files = []
     env = _environment()
     for template_path in sorted((templates_dir() / "c").glob("*.j2")):

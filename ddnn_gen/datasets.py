@@ -104,10 +104,10 @@ def load(name: str, split: str = "test", data_dir: str | os.PathLike[str] | None
             return Dataset(name, split, images, labels)
     wanted = (" + ".join(_CIFAR_BIN[split]) + " (or python pickles)" if name == "cifar10"
               else " + ".join(f + "[.gz]" for f in _IDX_FILES[split]))
-    searched = "\n  ".join(str(d) for d in dirs)
+    searched = ", ".join(str(d) for d in dirs)
     hint = ("install Debian's dataset-fashion-mnist or pass --data-dir"
             if name == "fashion-mnist" else "pass --data-dir or set DDNN_DATA_DIR")
-    raise DatasetError(f"{name} {split} split not found: looked for {wanted} in\n  {searched}\n({hint})")
+    raise DatasetError(f"{name} {split} split not found ({hint}): looked for {wanted} in {searched}")
 
 
 def _open_maybe_gz(folder: Path, stem: str) -> Path | None:

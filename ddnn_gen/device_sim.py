@@ -8,10 +8,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen import mqtt_client, protocol
+from ddnn_gen.broker import BrokerError
 from ddnn_gen.fold import DeviceProgram
 from ddnn_gen.protocol import Packing, Reply, RequestHeader
 from ddnn_gen.reference import exit_decision
@@ -61,6 +61,7 @@ class SimDevice:
         self.model_hash = model_hash
         self.timeout_s = timeout_s
         self.reply_topic = protocol.reply_topic(device_id)
+        self.request_topic = protocol.request_topic(model_hash, device_id)
         self._model_threshold_topic = protocol.threshold_topic(model_hash)
         self._device_threshold_topic = protocol.threshold_topic(model_hash, device_id)
         self._thresholds: dict[str, float | None] = {}
@@ -88,7 +89,9 @@ class SimDevice:
         self._client.connect_async(self.host, self.port, keepalive=15, clean_start=True)
         self._client.loop_start()
         if not self._connected.wait(timeout_s):
-            raise TimeoutError(f"device {self.device_id}: no broker at {self.host}:{self.port}")
+            self._client.loop_stop()
+            raise BrokerError(f"device {self.device_id}: no broker answered at {self.host}:{self.port} within "
+                              f"{timeout_s:.0f} s")
         return self
 
     def stop(self) -> None:
@@ -116,13 +119,12 @@ class SimDevice:
         return next(self._ids)
 
     def send(self, payload: bytes, request_id: int, topic: str | None = None) -> _Pending:
-        """Publish raw request bytes (also malformed ones); the reply is matched by correlation data."""
+        """Publish raw request bytes (also malformed ones) carrying ``request_id``; the reply is matched by the
+        request id it echoes, as the C device does."""
         pending = _Pending(sent=time.monotonic())
         with self._lock:
             self._pending[request_id] = pending
-        props = mqtt_client.PackedPublishProperties(self.reply_topic, struct.pack("<Q", request_id))
-        info = self._client.publish(topic or protocol.request_topic(self.model_hash), payload, qos=1,
-                                    properties=props)  # type: ignore[arg-type]
+        info = self._client.publish(topic or self.request_topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("device %s: publish failed: %s", self.device_id, mqtt.error_string(info.rc))
         return pending
@@ -162,6 +164,11 @@ class SimDevice:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
             value = protocol.decode_threshold(message.payload)
+            if value is None and message.payload:
+                # Same rule as the C device: an invalid threshold is ignored, the previous one stays.
+                log.warning("device %s: ignoring invalid threshold %r on %s", self.device_id, message.payload[:64],
+                            message.topic)
+                return
             with self._lock:
                 old = self._thresholds.get(message.topic)
                 self._thresholds[message.topic] = value
@@ -176,8 +183,7 @@ class SimDevice:
             with self._lock:
                 self.undecodable += 1
             return
-        correlation = getattr(message.properties, "CorrelationData", None)
-        request_id = struct.unpack("<Q", correlation)[0] if correlation and len(correlation) == 8 else reply.request_id
+        request_id = reply.request_id
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None or pending.reply is not None:
@@ -217,14 +223,28 @@ def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, dev
 def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
                 entropy: np.ndarray, local_class: np.ndarray, n_devices: int, requests_per_device: int,
                 timeout_s: float = 5.0, all_to_server: bool = False, window: int = 1,
-                sample_indices: Sequence[int] | None = None, device_prefix: str = "sim") -> SimReport:
+                sample_indices: Sequence[int] | None = None, device_prefix: str = "sim",
+                on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
     """``n_devices`` concurrent devices each classifying ``requests_per_device`` samples; device d takes
     samples (d * requests_per_device + i) mod N. ``window`` requests may be outstanding per device. The exit
-    decision uses each device's live threshold (retained threshold topics), as the C runner does."""
+    decision uses each device's live threshold (retained threshold topics), as the C runner does.
+    ``on_outcome`` sees every answer as it happens (from the device threads)."""
     n_samples = len(split_words)
-    devices = [SimDevice(f"{device_prefix}{d}", host, port, model_hash, timeout_s,
-                         default_threshold=program.threshold).start() for d in range(n_devices)]
+    devices: list[SimDevice] = []
+    try:
+        for d in range(n_devices):
+            devices.append(SimDevice(f"{device_prefix}{d}", host, port, model_hash, timeout_s,
+                                     default_threshold=program.threshold).start())
+    except BrokerError:
+        for device in devices:
+            device.stop()
+        raise
     outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
+
+    def record(d: int, outcome: SampleOutcome) -> None:
+        outcomes[d].append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
 
     def drive(d: int) -> None:
         device = devices[d]
@@ -240,8 +260,8 @@ def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes,
                 source, final, status, server_us = "error", int(local_class[index]), int(reply.status), 0
             else:
                 source, final, status, server_us = "server", reply.class_id, 0, reply.server_us
-            outcomes[d].append(SampleOutcome(device.device_id, index, request_id, source, final,
-                                             int(local_class[index]), device.threshold, status, rtt, server_us))
+            record(d, SampleOutcome(device.device_id, index, request_id, source, final, int(local_class[index]),
+                                    device.threshold, status, rtt, server_us))
 
         for i in range(requests_per_device):
             position = d * requests_per_device + i
@@ -249,8 +269,8 @@ def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes,
                 else position % n_samples
             threshold = device.threshold
             if not all_to_server and bool(exit_decision(entropy[index:index + 1], threshold)[0]):
-                outcomes[d].append(SampleOutcome(device.device_id, index, 0, "local", int(local_class[index]),
-                                                 int(local_class[index]), threshold))
+                record(d, SampleOutcome(device.device_id, index, 0, "local", int(local_class[index]),
+                                        int(local_class[index]), threshold))
                 continue
             request_id = device.next_request_id()
             header = split_header(program, model_hash, request_id, device.device_id)

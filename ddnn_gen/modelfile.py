@@ -70,9 +70,13 @@ def save_model(path: str | Path, model: DDNN, spec: ModelSpec | None = None) -> 
     arrays["__spec__"] = np.array(json.dumps(spec.to_dict(), indent=1, sort_keys=True))
     arrays["__hash__"] = np.array(digest)
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelFileError(f"{path}: cannot write the model file ({exc.strerror})") from exc
     return digest
 
 

@@ -1,30 +1,23 @@
-"""paho-mqtt's Client with two per-message costs taken out, for the server and the simulated devices.
+"""paho-mqtt's Client with its per-packet system calls taken out, for the server and the simulated devices.
 
-1. paho reads each packet with one ``recv`` for the command byte, one per remaining-length byte and
-   one for the rest: 3-4 system calls a packet. ``ReadAheadSocket`` reads up to 64 KB at a time and
-   serves those small reads from memory; its ``pending()`` is what paho already asks an SSL socket,
-   so the loop does not sleep in ``select`` while whole packets wait in the read-ahead buffer.
-2. ``paho.mqtt.properties.Properties`` costs tens of microseconds to build and pack per message.
-   ``PackedPublishProperties`` packs a PUBLISH's Response Topic and Correlation Data once, by hand
-   (MQTT 5 section 2.2.2), and hands paho the bytes.
+paho reads each packet with one ``recv`` for the command byte, one per remaining-length byte and one for
+the rest: 3-4 system calls a packet. ``ReadAheadSocket`` reads up to 64 KB at a time and serves those
+small reads from memory; its ``pending()`` is what paho already asks an SSL socket, so the loop does not
+sleep in ``select`` while whole packets wait in the read-ahead buffer.
 
-Both only use what paho's own code path calls (``_create_socket``, ``pending``, ``pack``); with a
-paho that no longer calls ``_create_socket`` the client still works, without the read-ahead.
+It only uses what paho's own code path calls (``_create_socket``, ``pending``); with a paho that no
+longer calls ``_create_socket`` the client still works, without the read-ahead.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 READ_AHEAD_BYTES = 64 * 1024
-
-_RESPONSE_TOPIC = 0x08  # MQTT 5 property identifiers
-_CORRELATION_DATA = 0x09
 
 
 class ReadAheadSocket:
@@ -69,33 +62,3 @@ class Client(mqtt.Client):
         sock = super()._create_socket()
         # TLS and WebSocket sockets buffer on their own terms; only plain TCP/Unix sockets get read-ahead.
         return ReadAheadSocket(sock) if type(sock) is socket.socket else sock
-
-
-class PackedPublishProperties:
-    """A PUBLISH's properties packed once; paho only calls ``pack()`` (again on a resend)."""
-
-    def __init__(self, response_topic: str | None = None, correlation: bytes | None = None) -> None:
-        body = b""
-        if response_topic is not None:
-            topic = response_topic.encode()
-            body += struct.pack("!BH", _RESPONSE_TOPIC, len(topic)) + topic
-        if correlation is not None:
-            body += struct.pack("!BH", _CORRELATION_DATA, len(correlation)) + correlation
-        self.response_topic = response_topic
-        self.correlation = correlation
-        self._packed = _varint(len(body)) + body
-
-    def pack(self) -> bytes:
-        return self._packed
-
-    def __repr__(self) -> str:
-        return f"PackedPublishProperties(response_topic={self.response_topic!r}, correlation={self.correlation!r})"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)

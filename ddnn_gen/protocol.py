@@ -10,7 +10,7 @@ The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same by
 from __future__ import annotations
 
 import enum
-import math
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -18,11 +18,19 @@ from typing import Any
 
 import numpy as np
 
+from ddnn_gen.errors import DdnnError, SpecError
+from ddnn_gen.spec import check_threshold, parse_threshold_text
+
 REQUEST_MAGIC = b"DDNQ"
 REPLY_MAGIC = b"DDNR"
 PROTOCOL_VERSION = 1
 HASH_BYTES = 16
 DEVICE_ID_BYTES = 32
+# The one rule for device ids, shared with c_runtime/ddnn_protocol.c (ddnn_device_id_valid): ids end up
+# in topic names, broker ACL patterns (%c/%u), file names and command lines, so they are short ASCII
+# words: no topic separators or wildcards, no control characters, nothing that reads as a CLI flag.
+DEVICE_ID_RULE = "1..32 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"
+_DEVICE_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 # magic, version, packing, header_len, model hash, split layer, C, H, W, request id, device time (us),
 # payload words, reserved, device id
@@ -127,11 +135,24 @@ class Reply:
     message: str = ""
 
 
+class DeviceIdError(DdnnError, ValueError):
+    """A device id that breaks DEVICE_ID_RULE."""
+
+
+def valid_device_id(raw: bytes | str) -> bool:
+    """Whether ``raw`` follows DEVICE_ID_RULE."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("ascii")
+        except UnicodeEncodeError:
+            return False
+    return _DEVICE_ID.fullmatch(raw) is not None
+
+
 def _device_id_bytes(device_id: str) -> bytes:
-    raw = device_id.encode()
-    if not raw or len(raw) > DEVICE_ID_BYTES or b"\0" in raw:
-        raise ValueError(f"device id must be 1..{DEVICE_ID_BYTES} utf-8 bytes without NUL, got {device_id!r}")
-    return raw
+    if not valid_device_id(device_id):
+        raise DeviceIdError(f"device id {device_id!r} is invalid: {DEVICE_ID_RULE}")
+    return device_id.encode("ascii")
 
 
 def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
@@ -147,12 +168,19 @@ def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
     return head + body
 
 
+def _header_device_id(raw: bytes) -> str:
+    """The header's device id if it follows the rule, else "" (no reply can be addressed to it)."""
+    raw = raw.rstrip(b"\0")
+    return raw.decode("ascii") if valid_device_id(raw) else ""
+
+
 def peek_request_ids(data: bytes) -> tuple[int, str]:
-    """Best-effort (request id, device id) of a request too broken to decode, for its error reply."""
+    """Best-effort (request id, device id) of a request too broken to decode, for its error reply; the
+    device id is "" unless it is valid."""
     if len(data) < REQUEST_HEADER_BYTES or data[:4] != REQUEST_MAGIC:
         return 0, ""
     fields = _REQUEST.unpack_from(data)
-    return fields[9], fields[13].rstrip(b"\0").decode(errors="replace")
+    return fields[9], _header_device_id(fields[13])
 
 
 def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> RequestHeader:
@@ -168,7 +196,7 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
                             f"{REQUEST_HEADER_BYTES}-byte header")
     (_, version, packing, header_len, model_hash, split_layer, channels, height, width, request_id, device_time,
      payload_words, _, device_raw) = _REQUEST.unpack_from(data)
-    device_id = device_raw.rstrip(b"\0").decode(errors="replace")
+    device_id = _header_device_id(device_raw)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(Status.BAD_VERSION, f"protocol version {version} (this server speaks "
                             f"{PROTOCOL_VERSION})", request_id, device_id)
@@ -178,7 +206,7 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
     if packing not in Packing._value2member_map_:
         raise ProtocolError(Status.MALFORMED, f"unknown packing {packing}", request_id, device_id)
     if not device_id:
-        raise ProtocolError(Status.MALFORMED, "empty device id", request_id, device_id)
+        raise ProtocolError(Status.MALFORMED, f"invalid device id: {DEVICE_ID_RULE}", request_id, device_id)
     header = RequestHeader(model_hash, split_layer, channels, height, width, request_id, device_id, device_time,
                            Packing(packing))
     if header.packing == Packing.RAW_U8 and split_layer != RAW_SPLIT_LAYER:
@@ -252,53 +280,73 @@ def model_key(model_hash: bytes) -> str:
     return model_hash.hex()
 
 
-def request_topic(model_hash: bytes) -> str:
-    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}"
+_MODEL_KEY = re.compile(r"[0-9a-f]{32}")
 
 
-def request_subscription(group: str = DEFAULT_SHARE_GROUP) -> str:
-    """Every server subscribes to all models through one shared group, so unknown hashes get error replies."""
-    return f"$share/{group}/{TOPIC_ROOT}/req/+"
+def request_topic(model_hash: bytes, device_id: str) -> str:
+    """Where ``device_id`` publishes requests for a model. The device id is part of the topic so the broker,
+    not the payload, says who sent a request: an ACL (``pattern write ddnn/req/+/%u``) lets a device publish
+    only under its own id, and the server answers only that id."""
+    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}/{check_device_id(device_id)}"
+
+
+def request_subscription(model_hash: bytes, group: str = DEFAULT_SHARE_GROUP) -> str:
+    """A server's subscription to one model it holds: servers of one group split that model's requests, and
+    a server never receives (and races the right one with UNKNOWN_MODEL for) a model it does not hold."""
+    return f"$share/{check_name(group, 'group')}/{TOPIC_ROOT}/req/{model_key(model_hash)}/+"
+
+
+def parse_request_topic(topic: str) -> tuple[str, str] | None:
+    """(model key, device id) of a request topic, or None when the topic is not one (or its id is invalid)."""
+    parts = topic.split("/")
+    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] != "req" or _MODEL_KEY.fullmatch(parts[2]) is None
+            or not valid_device_id(parts[3])):
+        return None
+    return parts[2], parts[3]
+
+
+def check_name(name: str, what: str) -> str:
+    """A server id or shared-subscription group: the device-id rule (they become topic levels and client ids)."""
+    if not valid_device_id(name):
+        raise DeviceIdError(f"{what} {name!r} is invalid: {DEVICE_ID_RULE}")
+    return name
 
 
 def reply_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/reply/{device_id}"
+    return f"{TOPIC_ROOT}/reply/{check_device_id(device_id)}"
 
 
 def threshold_topic(model_hash: bytes, device_id: str | None = None) -> str:
     base = f"{TOPIC_ROOT}/threshold/{model_key(model_hash)}"
-    return base if device_id is None else f"{base}/{device_id}"
+    return base if device_id is None else f"{base}/{check_device_id(device_id)}"
 
 
 def status_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/status/{device_id}"
+    return f"{TOPIC_ROOT}/status/{check_device_id(device_id)}"
 
 
 def server_status_topic(server_id: str) -> str:
-    return f"{TOPIC_ROOT}/server/{server_id}/status"
+    return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
 
 
 def encode_threshold(value: float) -> bytes:
-    """Thresholds travel as short ASCII decimals so operators can also set them with mosquitto_pub."""
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {value}")
-    return repr(float(value)).encode()
+    """Thresholds travel as short ASCII decimals (spec.parse_threshold_text's grammar) so operators can also
+    set them with mosquitto_pub; SpecError unless ``value`` is a valid threshold."""
+    return repr(check_threshold(value)).encode()
 
 
 def decode_threshold(payload: bytes) -> float | None:
-    """The threshold in a retained message; None for an empty (cleared) or unparsable one."""
+    """The threshold in a retained message; None for an empty (cleared) or invalid one (callers keep their
+    previous value for an invalid one and log it; an empty one clears)."""
     try:
-        value = float(payload.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+        return parse_threshold_text(payload)
+    except SpecError:
         return None
-    return value if math.isfinite(value) and value >= 0 else None
 
 
 def check_device_id(device_id: str) -> str:
-    """Device ids end up in topic names: no wildcards, separators or NUL."""
+    """``device_id`` if it follows DEVICE_ID_RULE, else ValueError naming the rule."""
     _device_id_bytes(device_id)
-    if any(ch in device_id for ch in "/+#") or not device_id.isprintable():
-        raise ValueError(f"device id {device_id!r} may not contain '/', '+', '#' or control characters")
     return device_id
 
 

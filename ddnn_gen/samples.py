@@ -46,10 +46,14 @@ def write_samples(path: str | Path, images_u8: np.ndarray, labels: np.ndarray) -
     _, channels, height, width = np.asarray(images_u8).shape
     header = _HEADER.pack(MAGIC, VERSION, len(records), height, width, channels)
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(header)
-        handle.write(records.tobytes())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            handle.write(records.tobytes())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SampleFileError(f"{path}: cannot write the sample file ({exc.strerror})") from exc
     return HEADER_BYTES + records.nbytes
 
 

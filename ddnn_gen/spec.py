@@ -19,17 +19,95 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddnn_gen.datasets import DATASETS
 from ddnn_gen.errors import SpecError
 
 SPEC_FORMAT = "ddnn-spec"
 SPEC_VERSION = 1
+MAX_CLASSES = 1024
 
 DEVICE_LAYERS = ("fconv", "bconv", "blinear")
 SERVER_LAYERS = ("conv", "linear")
 TIER_KINDS = ("device", "server")
+
+# Every key a spec may hold, per object: a misspelt key ("kernel" for "ksize") is an error, not a default.
+_KEYS = {
+    "spec": {"format", "version", "name", "dataset", "input", "classes", "tiers", "threshold", "loss_weights",
+             "training"},
+    "input": {"channels", "height", "width", "scale"},
+    "tier": {"name", "kind", "layers", "exit"},
+    "exit": {"name", "type"},
+    "conv": {"name", "type", "out_channels", "ksize", "stride", "pad", "pool", "bn", "relu"},
+    "linear": {"name", "type", "out_channels", "bn", "relu"},
+    "pool": {"ksize", "stride", "pad"},
+}
+
+THRESHOLD_RULE = "a finite number in [0, 1]"
+# The text form of a threshold everywhere it is typed or sent (CLI options, retained MQTT payloads, the C
+# runners' --threshold): plain ASCII decimal, optional exponent, optional surrounding blanks; no sign, hex,
+# underscores, inf/nan or trailing bytes. c_runtime/ddnn_exit.c (ddnn_threshold_parse) reads the same.
+THRESHOLD_TEXT_MAX = 63
+_THRESHOLD_TEXT = re.compile(rb"[ \t\r\n]*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)[ \t\r\n]*")
+
+# Names that reach generated C and OpenCL source. They only ever appear inside prefixed symbols
+# (layer_<name>_weights, DDNN_<NAME>_IN_H) and string literals, so an ASCII identifier that starts with a
+# letter is enough: no keyword can result, and no character can escape into code.
+_C_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
+
+
+class ThresholdError(SpecError, ValueError):
+    """A threshold that is not a finite number in [0, 1], or not written as one."""
+
+
+def check_threshold(value: Any, what: str = "threshold") -> float:
+    """The one definition of a valid local-exit threshold (normalized entropy): finite, in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ThresholdError(f"{what} must be {THRESHOLD_RULE}, got {value!r}")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ThresholdError(f"{what} {value!r} is not in [0, 1] (a threshold is {THRESHOLD_RULE})")
+    return float(value)
+
+
+def parse_threshold_text(text: str | bytes, what: str = "threshold") -> float:
+    """A threshold from its text form (grammar above), checked by :func:`check_threshold`."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+    match = _THRESHOLD_TEXT.fullmatch(raw)
+    if match is None or len(match.group(1)) > THRESHOLD_TEXT_MAX:
+        shown = raw[:80].decode("ascii", "backslashreplace")
+        raise ThresholdError(f"{what} {shown!r} is not a valid float threshold: write {THRESHOLD_RULE} as a plain "
+                        "decimal such as 0.35 or 2.5e-1")
+    return check_threshold(float(match.group(1)), what)
+
+
+def check_identifier(name: Any, where: str) -> str:
+    """A name that generated C/OpenCL uses in symbols: letters, digits and '_', starting with a letter."""
+    if not isinstance(name, str) or _C_IDENTIFIER.fullmatch(name) is None:
+        raise SpecError(f"{where}: name must be an ASCII identifier (a letter, then letters, digits or '_', at most "
+                        f"63 characters), got {name!r}")
+    return name
+
+
+def _check_keys(obj: dict[str, Any], kind: str, where: str) -> None:
+    unknown = sorted(set(obj) - _KEYS[kind])
+    if unknown:
+        raise SpecError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"allowed: {', '.join(sorted(_KEYS[kind]))}")
+
+
+def check_input_scale(scale: Any) -> float:
+    """FConv's input factor: a power of two, so its +-1-weighted sums of uint8 pixels stay exact integers."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise SpecError(f"input.scale must be a positive number, got {scale!r}")
+    mantissa, _ = math.frexp(float(scale))
+    if mantissa != 0.5 or not 2.0 ** -60 <= scale <= 2.0 ** 60:
+        raise SpecError(f"input.scale must be a power of two (like 1/256 = 0.00390625) so FConv's integer sums "
+                        f"are exact; got {scale!r}")
+    return float(scale)
 
 
 @dataclass(frozen=True)
@@ -170,6 +248,7 @@ def _parse_pool(obj: Any, where: str) -> Pool | None:
         return None
     if not isinstance(obj, dict):
         raise SpecError(f"{where}: 'pool' must be an object like {{\"ksize\": 2, \"stride\": 2, \"pad\": 0}}")
+    _check_keys(obj, "pool", where + ".pool")
     ksize = _int(obj, "ksize", where + ".pool", minimum=1)
     stride = _int(obj, "stride", where + ".pool", default=ksize, minimum=1)
     pad = _int(obj, "pad", where + ".pool", default=0)
@@ -181,13 +260,15 @@ def _parse_pool(obj: Any, where: str) -> Pool | None:
 def _parse_layer(obj: Any, where: str, allowed: tuple[str, ...]) -> Layer:
     if not isinstance(obj, dict):
         raise SpecError(f"{where}: a layer must be an object")
-    name = obj.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise SpecError(f"{where}: layer 'name' must be an identifier, got {name!r}")
+    name = check_identifier(obj.get("name"), where)
     where = f"{where} ({name})"
     kind = obj.get("type")
     if kind not in allowed:
         raise SpecError(f"{where}: unsupported layer type {kind!r} here; allowed: {', '.join(allowed)}")
+    _check_keys(obj, "conv" if kind in ("fconv", "bconv", "conv") else "linear", where)
+    for flag in ("bn", "relu"):
+        if flag in obj and not isinstance(obj[flag], bool):
+            raise SpecError(f"{where}: {flag!r} must be true or false, got {obj[flag]!r}")
     out = _int(obj, "out_channels", where, minimum=1)
     if kind in ("fconv", "bconv", "conv"):
         ksize = _int(obj, "ksize", where, minimum=1)
@@ -228,20 +309,22 @@ def parse_spec(raw: Any) -> ModelSpec:
     version = raw.get("version")
     if version != SPEC_VERSION:
         raise SpecError(f"spec version {version!r} is not supported by this ddnngen (supports {SPEC_VERSION})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise SpecError(f"spec 'name' must be a C-identifier-like string, got {name!r}")
+    _check_keys(raw, "spec", "spec")
+    name = check_identifier(raw.get("name"), "spec")
     inp = raw.get("input")
     if not isinstance(inp, dict):
         raise SpecError("spec needs an 'input' object with channels, height, width")
-    scale = inp.get("scale", 1.0 / 256.0)
-    if not isinstance(scale, (int, float)) or not scale > 0:
-        raise SpecError(f"input.scale must be a positive number, got {scale!r}")
+    _check_keys(inp, "input", "input")
+    scale = check_input_scale(inp.get("scale", 1.0 / 256.0))
     input_spec = InputSpec(_int(inp, "channels", "input", minimum=1), _int(inp, "height", "input", minimum=1),
-                           _int(inp, "width", "input", minimum=1), float(scale))
+                           _int(inp, "width", "input", minimum=1), scale)
     classes = raw.get("classes")
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise SpecError("spec 'classes' must be a list of at least two class names")
+    if (not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES
+            or not all(isinstance(c, str) and 0 < len(c) <= 64 for c in classes)):
+        raise SpecError(f"spec 'classes' must be a list of 2..{MAX_CLASSES} class names of 1..64 characters")
+    dataset = raw.get("dataset", "")
+    if not isinstance(dataset, str) or (dataset and dataset not in DATASETS):
+        raise SpecError(f"spec 'dataset' must be one of {', '.join(DATASETS)} (or absent), got {dataset!r}")
     tiers_raw = raw.get("tiers")
     if not isinstance(tiers_raw, list) or len(tiers_raw) != 2:
         raise SpecError("spec 'tiers' must list exactly two tiers (device, then server) in this version")
@@ -251,6 +334,7 @@ def parse_spec(raw: Any) -> ModelSpec:
         expected_kind = TIER_KINDS[index]
         if not isinstance(tier_raw, dict) or tier_raw.get("kind") != expected_kind:
             raise SpecError(f"tier {index} must be an object with kind {expected_kind!r}")
+        _check_keys(tier_raw, "tier", f"tier {expected_kind}")
         allowed = DEVICE_LAYERS if expected_kind == "device" else SERVER_LAYERS
         layers_raw = tier_raw.get("layers")
         if not isinstance(layers_raw, list):
@@ -262,25 +346,35 @@ def parse_spec(raw: Any) -> ModelSpec:
                 raise SpecError(f"layer name {layer.name!r} is used twice")
             names.add(layer.name)
         exit_raw = tier_raw.get("exit", {})
+        if not isinstance(exit_raw, dict):
+            raise SpecError(f"tier {expected_kind}: 'exit' must be an object like {{\"name\": \"local\"}}")
+        _check_keys(exit_raw, "exit", f"tier {expected_kind} exit")
         exit_type = exit_raw.get("type", "bexit" if expected_kind == "device" else "linear")
         if exit_type != ("bexit" if expected_kind == "device" else "linear"):
             raise SpecError(f"tier {expected_kind}: unsupported exit type {exit_type!r}")
-        tiers.append(Tier(str(tier_raw.get("name", expected_kind)), expected_kind, layers,
-                          str(exit_raw.get("name", "local" if expected_kind == "device" else "final")), exit_type))
+        tier_name = check_identifier(tier_raw.get("name", expected_kind), f"tier {expected_kind}")
+        exit_name = check_identifier(exit_raw.get("name", "local" if expected_kind == "device" else "final"),
+                                     f"tier {expected_kind} exit")
+        if exit_name in names:
+            raise SpecError(f"exit name {exit_name!r} is also a layer name")
+        names.add(exit_name)
+        tiers.append(Tier(tier_name, expected_kind, layers, exit_name, exit_type))
     device = tiers[0]
     if not device.layers or device.layers[0].type != "fconv":
         raise SpecError("the device tier must start with an 'fconv' layer (it reads the raw 8-bit input)")
     if any(layer.type == "fconv" for layer in device.layers[1:]):
         raise SpecError("only the first device layer may be 'fconv'")
-    threshold = raw.get("threshold", 0.5)
-    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise SpecError(f"'threshold' must be a number in [0, 1], got {threshold!r}")
+    upper = [n.upper() for n in names]
+    if len(set(upper)) != len(upper):
+        raise SpecError(f"layer and exit names {', '.join(sorted(names))} clash once upper-cased (generated C "
+                        "macros are upper case); rename them")
+    threshold = check_threshold(raw.get("threshold", 0.5), "'threshold'")
     weights = raw.get("loss_weights", [1.0] * len(tiers))
     if (not isinstance(weights, list) or len(weights) != len(tiers)
             or not all(isinstance(w, (int, float)) and w >= 0 for w in weights)):
         raise SpecError(f"'loss_weights' must list one non-negative weight per tier ({len(tiers)})")
-    spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), float(threshold),
-                     tuple(float(w) for w in weights), str(raw.get("dataset", "")), copy.deepcopy(raw))
+    spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), threshold,
+                     tuple(float(w) for w in weights), dataset, copy.deepcopy(raw))
     _check_shapes(spec)
     return spec
 

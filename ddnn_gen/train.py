@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import chainer
 import numpy as np
 
 from ddnn_gen.datasets import Dataset
+from ddnn_gen.errors import ModelFileError
 from ddnn_gen.links import clip_binary_weights, input_to_float
 from ddnn_gen.modelfile import load_model, save_model
 from ddnn_gen.network import DDNN, predict, softmax_cross_entropy_joint
@@ -45,8 +47,42 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def _optimizer_path(out: Path) -> Path:
+# Without a terminal (a log file, CI) a progress bar writes every update as its own line: log a line
+# this often instead.
+PROGRESS_LINE_S = 30.0
+
+
+def optimizer_path(out: Path) -> Path:
+    """The optimizer state and epoch counter saved beside a checkpoint, for --resume."""
     return out.with_suffix(".opt.npz")
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else an INFO line at most every PROGRESS_LINE_S seconds."""
+
+    def __init__(self, enabled: bool, batches: range, description: str) -> None:
+        self._bar = None
+        self._description = description
+        self._total = len(batches)
+        self._next_line = time.monotonic() + PROGRESS_LINE_S
+        self._lines = enabled and not sys.stderr.isatty()
+        if enabled and not self._lines:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self._total, desc=description, unit="batch", leave=False)
+
+    def update(self, done: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        elif self._lines and time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + PROGRESS_LINE_S
+            log.info("%s: %d/%d batches (%.0f%%), loss %.4f", self._description, done, self._total,
+                     100.0 * done / max(1, self._total), loss)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | None = None,
@@ -55,10 +91,13 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
     weights = config.loss_weights or spec.loss_weights
     start_epoch = 0
     history: list[dict[str, float]] = []
-    if resume and out is not None and out.exists():
+    if resume:
+        if out is None or not out.exists() or not optimizer_path(out).exists():
+            raise ModelFileError(f"cannot resume: {out} and its optimizer checkpoint {out and optimizer_path(out)} "
+                                 "must both exist")
         model = load_model(out).model
         spec = model.spec
-        state = np.load(_optimizer_path(out))
+        state = np.load(optimizer_path(out))
         start_epoch = int(state["epoch"])
         history = json.loads(str(state["history"]))
         log.info("resuming %s at epoch %d", out, start_epoch)
@@ -67,7 +106,7 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
     optimizer = chainer.optimizers.Adam(alpha=config.learning_rate)
     optimizer.setup(model)
     if start_epoch and out is not None:
-        chainer.serializers.load_npz(str(_optimizer_path(out)), optimizer, path="optimizer/")
+        chainer.serializers.load_npz(str(optimizer_path(out)), optimizer, path="optimizer/")
         # Adam's rate is a hyper-parameter, not saved state: replay the decays already passed.
         optimizer.alpha *= 0.1 ** sum(1 for decay in config.lr_decay_epochs if decay < start_epoch)
     x_all = input_to_float(train_set.images, spec.input.scale)
@@ -82,18 +121,12 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
             optimizer.alpha *= 0.1
         order = rng.permutation(n)
         batches = range(0, n, config.batch_size)
-        iterator = batches
-        bar = None
-        if config.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
-            iterator = bar
+        progress = _Progress(config.progress, batches, f"epoch {epoch + 1}/{config.epochs}")
         total_loss = 0.0
         correct = np.zeros(len(spec.tiers))
         seen = 0
         with chainer.using_config("train", True):
-            for begin_index in iterator:
+            for done, begin_index in enumerate(batches, 1):
                 index = order[begin_index:begin_index + config.batch_size]
                 loss, logits = softmax_cross_entropy_joint(model, x_all[index], t_all[index], weights)
                 model.cleargrads()
@@ -105,10 +138,10 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
                     correct[tier] += int((exit_logits.array.argmax(axis=1) == t_all[index]).sum())
                 seen += len(index)
                 steps += 1
-                if bar is not None:
-                    bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+                progress.update(done, total_loss / seen)
                 if config.max_steps is not None and steps >= config.max_steps:
                     break
+        progress.close()
         record = {"epoch": epoch + 1, "loss": total_loss / seen,
                   **{f"train_acc_{t.exit_name}": correct[i] / seen for i, t in enumerate(spec.tiers)}}
         if val_set is not None:
@@ -133,6 +166,6 @@ def _checkpoint(out: Path, model: DDNN, optimizer: chainer.Optimizer, epoch: int
     serializer = chainer.serializers.DictionarySerializer()
     serializer["optimizer"].save(optimizer)
     state = {key.lstrip("/"): np.asarray(value) for key, value in serializer.target.items()}
-    tmp = _optimizer_path(out).with_suffix(".tmp.npz")
+    tmp = optimizer_path(out).with_suffix(".tmp.npz")
     np.savez(tmp, epoch=np.array(epoch), history=np.array(json.dumps(history)), **state)
-    tmp.replace(_optimizer_path(out))
+    tmp.replace(optimizer_path(out))

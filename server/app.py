@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from ddnn_gen import protocol
 from ddnn_gen.protocol import ProtocolError, Reply, Status
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job
+from ddnn_server.log_limits import RateLimitedLog
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.transport import Incoming, Transport
 
@@ -44,6 +44,7 @@ class _Work:
     payload: np.ndarray
     incoming: Incoming
     model: ServedModel
+    device_id: str  # from the topic: where the reply goes
 
 
 class Server:
@@ -56,13 +57,15 @@ class Server:
         self.store = store
         self.batcher = Batcher(config.max_batch, config.max_wait_ms)
         persistent = config.server_id is not None
-        client_id = config.server_id or f"ddnn-server-{socket.gethostname()}-{os.getpid()}"
-        self.transport = Transport(config.host, config.port, client_id, config.group, self._on_request,
-                                   persistent, config.session_expiry_s)
+        client_id = config.server_id or f"ddnn-srv-{os.getpid()}-{os.urandom(4).hex()}"
+        self.transport = Transport(config.host, config.port, client_id, config.group,
+                                   [model.hash_bytes for model in store.models()], self._on_request, persistent,
+                                   config.session_expiry_s)
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
                          for i in range(max(1, config.workers))]
         self._closing = False
-        self.stats = {"ok": 0, "errors": 0, "batches": 0}
+        self.stats = {"ok": 0, "errors": 0, "dropped": 0, "batches": 0}
+        self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
 
     def start(self) -> Server:
@@ -70,6 +73,10 @@ class Server:
             worker.start()
         self.transport.start()
         return self
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """True once the broker has granted the subscriptions: requests can arrive."""
+        return self.transport.wait_ready(timeout_s)
 
     def stop(self) -> None:
         """Stop taking work, answer everything already received, then disconnect cleanly."""
@@ -81,31 +88,46 @@ class Server:
             worker.join()
         self.transport.wait_replies_acked()
         self.transport.close()
-        log.info("stopped after %d replies, %d errors, %d batches", self.stats["ok"], self.stats["errors"],
-                 self.stats["batches"])
+        log.info("stopped after %d replies, %d errors, %d dropped, %d batches", self.stats["ok"],
+                 self.stats["errors"], self.stats["dropped"], self.stats["batches"])
 
     # ---- request intake (network thread) -------------------------------------------------------------
 
     def _on_request(self, incoming: Incoming) -> None:
         data = incoming.payload
+        routed = protocol.parse_request_topic(incoming.topic)
+        if routed is None:
+            # No valid device id in the topic means no topic a reply could be addressed to: ack and count it,
+            # so it is neither redelivered nor able to make the server publish where it should not.
+            self._bad_requests.warning("dropped", "dropped request (%d bytes) on %r: the topic names no valid "
+                                       "device id", len(data), incoming.topic)
+            self.transport.drop(incoming)
+            with self._stats_lock:
+                self.stats["dropped"] += 1
+            return
+        topic_model, device_id = routed
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
             header = protocol.decode_request_header(data, self.config.max_request_bytes)
+            if header.device_id != device_id:
+                raise ProtocolError(Status.MALFORMED, f"header device id {header.device_id!r} is not the topic's "
+                                    f"{device_id!r}", header.request_id, device_id)
             model = self.store.get(header.model_hash)
             if model is None:
                 raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
-                                    header.request_id, header.device_id)
+                                    header.request_id, device_id)
+            if protocol.model_key(header.model_hash) != topic_model:
+                raise ProtocolError(Status.MALFORMED, "header model hash is not the topic's model",
+                                    header.request_id, device_id)
             model.check(header)
             payload = protocol.decode_payload(header, data)
         except ProtocolError as error:
-            request_id, device_id = error.request_id, error.device_id
-            if not device_id:
-                request_id, device_id = protocol.peek_request_ids(data[:protocol.REQUEST_HEADER_BYTES])
-            log.warning("bad request (%d bytes) on %s from %r: %s: %s", len(data), incoming.topic, device_id,
-                        error.status.name, error)
+            request_id = error.request_id or protocol.peek_request_ids(data[:protocol.REQUEST_HEADER_BYTES])[0]
+            self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
+                                       device_id, error.status.name, error)
             self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)
             return
-        work = _Work(header, payload, incoming, model)
+        work = _Work(header, payload, incoming, model, device_id)
         try:
             self.batcher.put(Job(model.hash_bytes, work, incoming))
         except RuntimeError:
@@ -133,11 +155,11 @@ class Server:
             model = works[indices[0]].model
             try:
                 logits = model.logits([works[i].payload for i in indices], packing)
-            except Exception as error:  # a model bug must cost this batch, not the server
+            except Exception:  # a model bug must cost this batch, not the server
                 log.exception("forward failed for %d requests of %s", len(indices), model.name)
                 for i in indices:
-                    self._send(works[i].incoming, works[i].header.device_id,
-                               Reply(works[i].header.request_id, Status.INTERNAL, message=f"server error: {error}"),
+                    self._send(works[i].incoming, works[i].device_id,
+                               Reply(works[i].header.request_id, Status.INTERNAL, message="internal server error"),
                                ok=False)
                 continue
             server_us = int((time.monotonic() - started) * 1e6)
@@ -149,7 +171,7 @@ class Server:
             for row, i in enumerate(indices):
                 top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
                 reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i])
-                self._send(works[i].incoming, works[i].header.device_id, reply, ok=True)
+                self._send(works[i].incoming, works[i].device_id, reply, ok=True)
         with self._stats_lock:
             self.stats["batches"] += 1
 

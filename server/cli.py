@@ -17,6 +17,18 @@ from ddnn_server.app import Server, ServerConfig
 
 log = logging.getLogger("ddnn_server")
 
+# How long to wait for the broker before saying so (the server keeps trying in the background).
+QUIET_CONNECT_S = 3.0
+
+
+def _name_option(what: str) -> object:
+    def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not protocol.valid_device_id(value):
+            raise click.BadParameter(f"{value!r} is invalid: {protocol.DEVICE_ID_RULE}")
+        return value
+
+    return check
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
@@ -29,9 +41,9 @@ log = logging.getLogger("ddnn_server")
 @click.option("--max-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10000),
               help="How long the oldest request waits for others to batch with; 0 batches whatever queued "
                    "up while the workers were busy (lowest latency).")
-@click.option("--group", default=protocol.DEFAULT_SHARE_GROUP, show_default=True,
+@click.option("--group", default=protocol.DEFAULT_SHARE_GROUP, show_default=True, callback=_name_option("group"),
               help="Shared-subscription group; servers in one group split the load.")
-@click.option("--server-id", default=None,
+@click.option("--server-id", default=None, callback=_name_option("server id"),
               help="Fixed MQTT client id: makes the session persistent so a restarted server gets the "
                    "requests that were in flight when it died.")
 @click.option("--session-expiry", default=300, show_default=True, type=click.IntRange(0, 2**31),
@@ -69,8 +81,13 @@ def main(broker_address: str | None, models_dir: str, workers: int, max_batch: i
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
     models = ", ".join(f"{m.name}={protocol.model_key(m.hash_bytes)}" for m in server.store.models())
-    # Tests and scripts wait for this line before sending work.
-    click.echo(f"ddnn-server: ready on {host}:{port} serving {models}", err=True)
+    if not server.wait_ready(QUIET_CONNECT_S):
+        click.echo(f"ddnn-server: waiting for the broker at {host}:{port} (retrying in the background)", err=True)
+        while not stop.is_set() and not server.wait_ready(0.5):
+            pass
+    if not stop.is_set():
+        # Tests and scripts wait for this line before sending work: the subscriptions are in place.
+        click.echo(f"ddnn-server: ready on {host}:{port} serving {models}", err=True)
     while not stop.wait(0.5):
         pass
     server.stop()

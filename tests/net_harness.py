@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import re
 import signal
 import subprocess
@@ -13,8 +15,9 @@ from pathlib import Path
 
 import chainer
 import numpy as np
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import procstat
+from ddnn_gen import mqtt_client, procstat, protocol
 from ddnn_gen.fold import DeviceProgram, fold
 from ddnn_gen.modelfile import LoadedModel, load_model
 from ddnn_gen.reference import DeviceResult, run_device, split_to_server_input
@@ -75,6 +78,38 @@ class ServerProcess:
         """Replies reported by the server's shutdown log line (after terminate)."""
         found = re.findall(r"stopped after (\d+) replies", self.output)
         return int(found[-1]) if found else -1
+
+
+class RawClient:
+    """What no device would do: publish any bytes on any topic; replies to ``device_id`` read in order."""
+
+    def __init__(self, host: str, port: int, device_id: str) -> None:
+        self.device_id = device_id
+        self.replies: queue.Queue[bytes] = queue.Queue()
+        self.disconnected = threading.Event()
+        subscribed = threading.Event()
+        self._client = mqtt_client.Client(f"raw-{device_id}-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+        self._client.on_message = lambda c, u, m: self.replies.put(m.payload)
+        self._client.on_subscribe = lambda *args: subscribed.set()
+        self._client.on_disconnect = lambda *args: self.disconnected.set()
+        self._client.connect(host, port)
+        self._client.subscribe(protocol.reply_topic(device_id), options=SubscribeOptions(qos=1))
+        self._client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("no SUBACK for the raw client's reply topic")
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self._client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def next_reply(self, timeout_s: float) -> protocol.Reply | None:
+        try:
+            return protocol.decode_reply(self.replies.get(timeout=timeout_s))
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
 
 
 @dataclass

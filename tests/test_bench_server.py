@@ -25,5 +25,9 @@ def test_bench_server_short_run(fmnist_model_path: Path) -> None:
     assert row, run.stdout
     mqtt_rate, raw_rate, ratio = int(row[1]), int(row[2]), float(row[3])
     assert mqtt_rate > 0 and raw_rate > 0 and abs(ratio - mqtt_rate / raw_rate) < 0.01
-    assert "400/400 answered by the server; lost 0, duplicates 0, misrouted 0" in run.stdout
+    # How many requests the bench sends depends on this machine's speed (enough for --seconds of work,
+    # at least 50 per device, at most --requests); what must hold is that every one was answered once.
+    answered = re.search(r"(\d+)/(\d+) answered by the server; lost 0, duplicates 0, misrouted 0", run.stdout)
+    assert answered, run.stdout
+    assert answered[1] == answered[2] and 200 <= int(answered[2]) <= 400, answered[0]
     assert re.search(r"bare paho echo responder spends \d+ us of CPU", run.stdout), run.stdout

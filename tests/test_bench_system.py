@@ -107,10 +107,7 @@ def test_accuracies_equal_python_evaluation(bench_result: dict, fmnist_model_pat
 
 
 def test_publish_packet_size() -> None:
-    class Props:
-        ResponseTopic = "ddnn/reply/dev"
-        CorrelationData = b"12345678"
-
-    # fixed header 1 + remaining-length 1; topic 2+5; packet id 2; props length 1 + (1+2+14) + (1+2+8); payload 10
-    assert publish_packet_bytes("ddnn/", 10, Props()) == 2 + 7 + 2 + 1 + 17 + 11 + 10
-    assert publish_packet_bytes("t", 200, None) == 1 + 2 + 3 + 2 + 1 + 200
+    # fixed header 1 + remaining-length 1; topic 2+5; packet id 2; empty property section 1; payload 10
+    assert publish_packet_bytes("ddnn/", 10) == 2 + 7 + 2 + 1 + 10
+    # remaining length 208 needs a two-byte varint
+    assert publish_packet_bytes("t", 200) == 1 + 2 + 3 + 2 + 1 + 200

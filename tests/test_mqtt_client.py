@@ -1,36 +1,17 @@
-"""ddnn_gen/mqtt_client.py: the read-ahead socket and hand-packed PUBLISH properties, checked against
-paho's own packing and a real Mosquitto."""
+"""ddnn_gen/mqtt_client.py: the read-ahead socket, checked against a real Mosquitto."""
 
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 
 import pytest
 from conftest import require_tool
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen import mqtt_client
 from ddnn_gen.broker import Broker
-
-
-@pytest.mark.parametrize("response_topic, correlation", [
-    ("ddnn/reply/dev-1", struct.pack("<Q", 2**63 + 5)),
-    (None, b"\x00" * 8),
-    ("ddnn/reply/" + "x" * 200, None),  # property section longer than 127 bytes: two-byte varint
-    (None, None),
-])
-def test_packed_properties_equal_paho_packing(response_topic: str | None, correlation: bytes | None) -> None:
-    reference = Properties(PacketTypes.PUBLISH)
-    if response_topic is not None:
-        reference.ResponseTopic = response_topic
-    if correlation is not None:
-        reference.CorrelationData = correlation
-    assert mqtt_client.PackedPublishProperties(response_topic, correlation).pack() == reference.pack()
 
 
 def test_read_ahead_socket_serves_small_reads_from_one_recv() -> None:
@@ -90,8 +71,7 @@ def test_client_reads_ahead_and_never_strands_buffered_packets() -> None:
             assert subscribed.wait(5)
             started = time.monotonic()
             for i in range(count):
-                sender.publish("t/burst", i.to_bytes(4, "little") + bytes(60), qos=1,
-                               properties=mqtt_client.PackedPublishProperties("t/reply", struct.pack("<Q", i)))
+                sender.publish("t/burst", i.to_bytes(4, "little") + bytes(60), qos=1)
             assert done.wait(10), f"only {len(received)} of {count} delivered"
             # paho's select timeout is 1 s: a stranded buffer would show as a multi-second delivery.
             assert time.monotonic() - started < 3

@@ -125,8 +125,13 @@ def test_reply_round_trip_and_layout() -> None:
 
 
 def test_topics_and_thresholds() -> None:
-    assert protocol.request_topic(HASH) == "ddnn/req/000102030405060708090a0b0c0d0e0f"
-    assert protocol.request_subscription("g") == "$share/g/ddnn/req/+"
+    assert protocol.request_topic(HASH, "cam-1") == "ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1"
+    assert protocol.request_subscription(HASH, "g") == "$share/g/ddnn/req/000102030405060708090a0b0c0d0e0f/+"
+    assert protocol.parse_request_topic("ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1") == (HASH.hex(), "cam-1")
+    prefix = "ddnn/req/000102030405060708090a0b0c0d0e0f"
+    for bad in (prefix, "ddnn/req/0001/cam", "ddnn/reply/x/y", prefix + "/a b", prefix + "/" + "x" * 33,
+                prefix + "/cam/extra", prefix.upper() + "/cam"):
+        assert protocol.parse_request_topic(bad) is None, bad
     assert protocol.threshold_topic(HASH) == "ddnn/threshold/000102030405060708090a0b0c0d0e0f"
     assert protocol.threshold_topic(HASH, "d7") == "ddnn/threshold/000102030405060708090a0b0c0d0e0f/d7"
     assert protocol.decode_threshold(protocol.encode_threshold(0.25)) == 0.25

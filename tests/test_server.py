@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import Expected, ServerProcess, expectations
+from net_harness import Expected, RawClient, ServerProcess, expectations
 
 from ddnn_gen import protocol
 from ddnn_gen.broker import Broker
-from ddnn_gen.device_sim import SimDevice, run_devices, split_header
+from ddnn_gen.device_sim import run_devices, split_header
 from ddnn_gen.protocol import Packing, RequestHeader, Status
 
 N_SAMPLES = 1000
@@ -95,7 +96,13 @@ def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Sta
         ("random bytes", rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), Status.BAD_MAGIC),
         ("empty", b"", Status.BAD_MAGIC),
         ("bad version", good[:4] + b"\x02" + good[5:], Status.BAD_VERSION),
+        ("another device's id in the header", _with_header_device_id(good, b"someone-else"), Status.MALFORMED),
     ]
+
+
+def _with_header_device_id(request: bytes, raw_id: bytes) -> bytes:
+    field = raw_id[:protocol.DEVICE_ID_BYTES].ljust(protocol.DEVICE_ID_BYTES, b"\0")
+    return request[:56] + field + request[88:]
 
 
 def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broker, expected: Expected,
@@ -105,22 +112,25 @@ def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broke
     flowing = threading.Thread(target=lambda: good_report.append(
         _run(broker, expected, 3, 150, all_to_server=True, timeout_s=30.0)))
     flowing.start()
-    bad_device = SimDevice("bad-sender", broker.host, broker.port, expected.loaded.hash_bytes, timeout_s=20.0).start()
+    bad = RawClient(broker.host, broker.port, "bad-sender")
+    topic = protocol.request_topic(expected.loaded.hash_bytes, bad.device_id)
     try:
         for round_ in range(3):
-            for name, payload, status in _malformed(expected, bad_device.device_id):
-                request_id = bad_device.next_request_id()
-                reply = bad_device.wait(request_id, bad_device.send(payload, request_id))
+            for name, payload, status in _malformed(expected, bad.device_id):
+                bad.publish(topic, payload)
+                reply = bad.next_reply(20.0)
                 assert reply is not None, f"no reply to the {name} request (round {round_})"
                 assert reply.status == status, f"{name}: got {reply.status.name}: {reply.message}"
                 assert reply.message
-        # A request on a model topic nobody serves still reaches the wildcard subscription.
-        request_id = bad_device.next_request_id()
-        reply = bad_device.wait(request_id, bad_device.send(os.urandom(100), request_id,
-                                                            topic=protocol.request_topic(bytes(16))))
-        assert reply is not None and reply.status == Status.BAD_MAGIC
+                if len(payload) >= protocol.REQUEST_HEADER_BYTES and payload[:4] == protocol.REQUEST_MAGIC:
+                    assert reply.request_id == 1, name
+        # Servers subscribe only to the models they hold: a request for another model reaches none of them
+        # (the device answers it locally when its timeout expires), and no server answers UNKNOWN_MODEL
+        # for a model another server of the group may hold.
+        bad.publish(protocol.request_topic(bytes(16), bad.device_id), os.urandom(100))
+        assert bad.next_reply(1.0) is None
     finally:
-        bad_device.stop()
+        bad.close()
         flowing.join()
         assert server.terminate() == 0, server.output
     report = good_report[0]
@@ -156,3 +166,84 @@ def test_server_rejects_bad_arguments(tmp_path: object) -> None:
     result = subprocess.run([sys.executable, "-c", SERVER_MAIN, "--broker", "nonsense:port", "--models",
                              str(empty)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+    for option, value in (("--server-id", "a+b"), ("--group", "g/1"), ("--server-id", "")):
+        result = subprocess.run([sys.executable, "-c", SERVER_MAIN, "--broker", "127.0.0.1:1", "--models",
+                                 str(empty), option, value], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "is invalid" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "ready" not in result.stderr
+
+
+def test_server_without_broker_says_it_is_waiting_not_ready(fmnist_model_path: object) -> None:
+    from ddnn_gen.broker import free_port
+
+    server = ServerProcess(f"127.0.0.1:{free_port()}", fmnist_model_path, workers=1)
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        server.start(timeout_s=6.0)
+    assert "waiting for the broker" in server.output
+    assert "ddnn-server: ready" not in server.output
+
+
+def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object) -> None:
+    require_tool("mosquitto")
+    from ddnn_gen.broker import free_port
+
+    port = free_port()
+    server = ServerProcess(f"127.0.0.1:{port}", fmnist_model_path, workers=1)
+    late = Broker(port=port)
+    starter = threading.Timer(4.0, late.start)
+    starter.start()
+    try:
+        server.start(timeout_s=60.0)  # waits for the ready line, printed only once subscribed
+        assert server.output.index("waiting for the broker") < server.output.index("ddnn-server: ready")
+    finally:
+        starter.join()
+        server.kill()
+        late.cleanup()
+
+
+# Device ids that break the rule. In the header (on a valid topic) they earn a MALFORMED reply to the
+# topic's device; as the topic's last level the server has no one to answer and drops them (logged,
+# acked). Each once caused a reconnect loop or a reply on another device's topic.
+POISON_IDS = [b"\x00abc", b"a\x01b", b"del\x7f", "x\u009f".encode(), "x\ufffe".encode(), b"\xff\xfe\xfd",
+              b"a/b", b"cam+", b"#", b"", b"-flag", b"a b", "\u00e9t\u00e9".encode(), b"x" * 32 + b"y"]
+# Topic levels the broker routes to the server but the device-id rule rejects.
+POISON_TOPIC_IDS = ["-flag", "a b", "\u00e9t\u00e9", "x" * 33, "cam\u00a0", "_lead"]
+
+
+def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
+        broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
+    model_hash = expected.loaded.hash_bytes
+    server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test").start()
+    bad = RawClient(broker.host, broker.port, "bad-sender")
+    good = protocol.encode_request(split_header(expected.program, model_hash, 5, bad.device_id),
+                                   expected.device.split_words[0])
+    try:
+        for raw_id in POISON_IDS:
+            bad.publish(protocol.request_topic(model_hash, bad.device_id), _with_header_device_id(good, raw_id))
+            reply = bad.next_reply(10.0)
+            assert reply is not None and reply.status == Status.MALFORMED, (raw_id, reply)
+            assert reply.request_id == 5
+        for topic_id in POISON_TOPIC_IDS:
+            bad.publish(f"ddnn/req/{protocol.model_key(model_hash)}/{topic_id}", good)
+        # A control character in a topic: the broker itself disconnects that publisher.
+        rogue = RawClient(broker.host, broker.port, "rogue")
+        rogue._client.publish(f"ddnn/req/{protocol.model_key(model_hash)}/a\x01b", good, qos=1)
+        assert rogue.disconnected.wait(5)
+        rogue.close()
+        assert bad.next_reply(1.0) is None  # nothing was answered to anyone
+        report = _run(broker, expected, 2, 100, all_to_server=True, timeout_s=10.0)
+        assert report.count("server") == 200, {s: report.count(s) for s in ("fallback", "error")}
+        assert "dropped request" in server.output
+        # A crash and a restart under the same --server-id: the dropped requests were acked, nothing replays.
+        server.kill()
+        restarted_at = len(server.lines)
+        server.start()
+        report = _run(broker, expected, 2, 100, all_to_server=True, timeout_s=10.0)
+        assert report.count("server") == 200
+    finally:
+        bad.close()
+        assert server.terminate() == 0, server.output
+    after_restart = "".join(server.lines[restarted_at:])
+    assert "lost the broker" not in server.output, server.output
+    assert "dropped request" not in after_restart, "a dropped request came back"
+    assert re.search(r"stopped after 200 replies, 0 errors, 0 dropped", after_restart), after_restart

@@ -37,9 +37,11 @@ def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, expe
                                                             fmnist_model_path: object) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2, server_id="ddnn-test-recover").start()
     restarted: list[ServerProcess] = []
+    answered = threading.Semaphore(0)
 
     def crash_and_restart() -> None:
-        time.sleep(1.0)
+        for _ in range(300):  # mid-run, whatever the machine's speed: 300 of the 1500 answered
+            answered.acquire()
         server.kill()  # SIGKILL: no clean shutdown, requests in flight and unacked
         time.sleep(0.5)
         restarted.append(ServerProcess(broker.address, fmnist_model_path, workers=2,
@@ -48,7 +50,7 @@ def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, expe
     chaos = threading.Thread(target=crash_and_restart)
     chaos.start()
     try:
-        report = _run(broker, expected, 6, 250, timeout_s=60.0, window=4)
+        report = _run(broker, expected, 6, 250, timeout_s=60.0, window=4, on_outcome=lambda _: answered.release())
     finally:
         chaos.join()
         for process in restarted:
@@ -67,10 +69,17 @@ def test_sigterm_finishes_in_flight_work_while_another_server_takes_over(broker:
     leaving = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
     staying = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
     codes: list[int] = []
-    stopper = threading.Timer(1.0, lambda: codes.append(leaving.terminate()))
+    answered = threading.Semaphore(0)
+
+    def stop_one_mid_run() -> None:
+        for _ in range(300):  # 300 of the 1200 answered
+            answered.acquire()
+        codes.append(leaving.terminate())
+
+    stopper = threading.Thread(target=stop_one_mid_run)
     stopper.start()
     try:
-        report = _run(broker, expected, 6, 200, timeout_s=30.0, window=4)
+        report = _run(broker, expected, 6, 200, timeout_s=30.0, window=4, on_outcome=lambda _: answered.release())
     finally:
         stopper.join()
         staying.terminate()

@@ -68,3 +68,18 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     resumed = train(spec, train_set, TrainConfig(epochs=2, batch_size=100, progress=False), out=out, resume=True)
     assert [record["epoch"] for record in resumed.history] == [1, 2]
     assert load_model(out).content_hash != first.content_hash
+
+
+def test_progress_without_a_terminal_is_periodic_lines(fmnist_test: datasets.Dataset, monkeypatch: Any,
+                                                       caplog: Any, capsys: Any) -> None:
+    import logging
+
+    from ddnn_gen import train as train_module
+
+    monkeypatch.setattr(train_module, "PROGRESS_LINE_S", 0.0)  # a line at every batch, to see them in a short run
+    spec = parse_spec(odd_spec(28, 28))
+    with caplog.at_level(logging.INFO, logger="ddnn_gen.train"):
+        train(spec, fmnist_test.subset(64), TrainConfig(epochs=1, batch_size=16, progress=True))
+    lines = [record.getMessage() for record in caplog.records if "batches" in record.getMessage()]
+    assert lines and lines[0].startswith("epoch 1/1: 1/4 batches (25%), loss ")
+    assert "\r" not in capsys.readouterr().err  # no progress bar written to a file

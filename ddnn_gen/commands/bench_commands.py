@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP
+
 log = logging.getLogger(__name__)
 
 
@@ -17,8 +19,9 @@ log = logging.getLogger(__name__)
               type=click.Path(file_okay=False, path_type=Path), help="Where tables, JSON and plots go.")
 @click.option("--samples", default=1000, show_default=True, type=click.IntRange(1, 100000),
               help="Test samples per model and configuration.")
-@click.option("--threshold", "thresholds", multiple=True, type=click.FloatRange(0.0), default=(0.4, 0.8),
-              show_default=True, help="Local-exit thresholds to run (the model's calibrated one is always added).")
+@click.option("--threshold", "thresholds", multiple=True, type=THRESHOLD, default=(0.4, 0.8),
+              show_default=True, help=f"Local-exit thresholds {THRESHOLD_HELP} to run (the model's calibrated one is "
+                                      "always added).")
 @click.option("--workload", "workloads", multiple=True, type=click.IntRange(1, 64), default=(2, 6, 10),
               show_default=True, help="Models loaded at once in the server-load runs (W1, W2, ...).")
 @click.option("--p99-bound-ms", default=50.0, show_default=True, type=click.FloatRange(0.1),

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ddnn_gen import targets
+from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def make_command() -> click.Command:
                      show_default=True, help="What to generate."),
         click.Option(["-o", "--out", "out_dir"], type=click.Path(file_okay=False), required=True,
                      help="Output folder (created)."),
-        click.Option(["--threshold"], type=click.FloatRange(0.0, 1.0), default=None,
-                     help="Default local-exit entropy threshold (default: the model's)."),
+        click.Option(["--threshold"], type=THRESHOLD, default=None,
+                     help=f"Default local-exit entropy threshold {THRESHOLD_HELP} (default: the model's)."),
         click.Option(["--arch"], type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Spec JSON for a bare Chainer npz without an embedded spec."),
     ]

@@ -12,12 +12,12 @@ import click
 import numpy as np
 
 from ddnn_gen import datasets, targets
+from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option
 from ddnn_gen.samples import write_samples
 
 log = logging.getLogger(__name__)
 
-_data_dir = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                         help="Dataset folder (default: $DDNN_DATA_DIR, then the user cache).")
+_data_dir = data_dir_option
 _dataset = click.option("--dataset", type=click.Choice(datasets.DATASETS), required=True)
 _split = click.option("--split", "split_name", type=click.Choice(["train", "test"]), default="test",
                       show_default=True)
@@ -69,8 +69,8 @@ def write_results_csv(handle: TextIO, labels: np.ndarray, result: Any) -> None:
 @_count
 @_offset
 @_data_dir
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Local-exit entropy threshold (default: the model's).")
+@click.option("--threshold", type=THRESHOLD, default=None,
+              help=f"Local-exit entropy threshold {THRESHOLD_HELP} (default: the model's).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="CSV file (default: stdout).")
 def run_device(model: str, impl: str, dataset: str | None, split_name: str, count: int | None, offset: int,
                data_dir: str | None, threshold: float | None, out: str | None) -> None:
@@ -83,11 +83,7 @@ def run_device(model: str, impl: str, dataset: str | None, split_name: str, coun
     if not dataset:
         raise click.UsageError(f"{model} names no dataset; pass --dataset")
     data = _load(dataset, split_name, count, offset, data_dir)
-    expected = program.input_hwc
-    got = data.images.shape[2], data.images.shape[3], data.images.shape[1]
-    if got != expected:
-        raise click.UsageError(f"{dataset} images are {got[0]}x{got[1]}x{got[2]} but {model} expects "
-                               f"{expected[0]}x{expected[1]}x{expected[2]} (HxWxC)")
+    check_dataset_shape(program.spec, data)
     result = targets.device_impls()[impl].function(program, data.images, program.threshold)
     if out is None:
         write_results_csv(sys.stdout, data.labels, result)

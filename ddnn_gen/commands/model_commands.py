@@ -9,13 +9,11 @@ from pathlib import Path
 import click
 
 from ddnn_gen import datasets, zoo
-from ddnn_gen.errors import SpecError
+from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option, writable_file
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.spec import ModelSpec, load_spec_file, parse_spec
 
 log = logging.getLogger(__name__)
-
-data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                               help="Dataset folder (default: $DDNN_DATA_DIR, then the user cache).")
 
 
 def _unit_interval(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
@@ -72,6 +70,9 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
     from ddnn_gen.train import TrainConfig, train
 
     spec = _spec_from(zoo_name, filters, arch)
+    out_path = writable_file(out, "-o")
+    if resume:
+        _check_resumable(out_path)
     try:
         decay = tuple(int(part) for part in lr_decay_epochs.split(",") if part.strip())
     except ValueError as error:
@@ -80,14 +81,30 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
     if weights is not None and len(weights) != len(spec.tiers):
         raise click.BadParameter(f"{len(weights)} loss weights for {len(spec.tiers)} exits",
                                  param_hint="--loss-weights")
+    if not spec.dataset:
+        raise click.UsageError(f"spec {spec.name} names no dataset to train on ('dataset' in the spec)")
     train_set = datasets.load(spec.dataset, "train", data_dir).subset(train_count)
+    check_dataset_shape(spec, train_set)
+    if progress:
+        # Progress and epoch lines are INFO records of the trainer; show them without -v.
+        logging.getLogger("ddnn_gen.train").setLevel(logging.INFO)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, loss_weights=weights,
                          max_steps=max_steps, progress=progress, lr_decay_epochs=decay)
-    result = train(spec, train_set, config, out=Path(out), resume=resume)
+    result = train(spec, train_set, config, out=out_path, resume=resume)
     last = result.history[-1] if result.history else {}
     log.info("trained %d epochs in %.1f s", result.epochs_done, result.seconds)
     click.echo(f"wrote {out} ({result.epochs_done} epochs, {result.seconds:.1f} s; "
                + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "epoch") + ")")
+
+
+def _check_resumable(out: Path) -> None:
+    from ddnn_gen.train import optimizer_path
+
+    if not out.exists():
+        raise click.UsageError(f"--resume: {out} does not exist; leave out --resume to start training")
+    if not optimizer_path(out).exists():
+        raise click.UsageError(f"--resume: {out} has no optimizer checkpoint {optimizer_path(out)} beside it "
+                               "(it was not written by `ddnngen train`); leave out --resume to start over")
 
 
 def _spec_from(zoo_name: str | None, filters: int | None, arch: str | None) -> ModelSpec:
@@ -101,9 +118,9 @@ def _spec_from(zoo_name: str | None, filters: int | None, arch: str | None) -> M
 
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("more_thresholds", nargs=-1, type=float, metavar="[T...]")
-@click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
-              help="Local-exit threshold(s); list several after one --threshold: -t 0.4 0.8.")
+@click.argument("more_thresholds", nargs=-1, type=THRESHOLD, metavar="[T...]")
+@click.option("--threshold", "-t", "thresholds", type=THRESHOLD, multiple=True,
+              help=f"Local-exit threshold(s) {THRESHOLD_HELP}; list several after one --threshold: -t 0.4 0.8.")
 @click.option("--arch", type=click.Path(exists=True, dir_okay=False), help="Spec for a file without one.")
 @click.option("--dataset", "dataset_name", default=None, help="Dataset (default: the model's).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
@@ -121,11 +138,11 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
 
     loaded = load_model(model, arch)
     values = list(thresholds) + list(more_thresholds) or [loaded.spec.threshold]
-    for value in values:
-        if not 0.0 <= value <= 1.0:
-            raise click.BadParameter(f"{value} is not in [0, 1]", param_hint="--threshold")
-    dataset = datasets.load(dataset_name or loaded.spec.dataset, split, data_dir).subset(count)
-    _check_dataset_shape(loaded.spec, dataset)
+    dataset_name = dataset_name or loaded.spec.dataset
+    if not dataset_name:
+        raise click.UsageError(f"{model} names no dataset; pass --dataset")
+    dataset = datasets.load(dataset_name, split, data_dir).subset(count)
+    check_dataset_shape(loaded.spec, dataset)
     outputs = evaluate.compute_outputs(loaded, dataset)
     rows = [evaluate.metrics_at(outputs, value) for value in values]
     margins = {value: evaluate.threshold_margin(outputs.entropy, value) for value in values}
@@ -151,12 +168,6 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
         click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
 
 
-def _check_dataset_shape(spec: ModelSpec, dataset: datasets.Dataset) -> None:
-    if tuple(dataset.images.shape[1:]) != spec.input.shape:
-        raise SpecError(f"dataset {dataset.name} has images {tuple(dataset.images.shape[1:])}, "
-                        f"model {spec.name} expects {spec.input.shape}")
-
-
 @click.command("calibrate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target-exit-rate", type=float, callback=_unit_interval, help="Wanted local-exit rate (0..1).")
@@ -174,7 +185,12 @@ def calibrate_command(model: str, target_exit_rate: float | None, min_accuracy: 
     if (target_exit_rate is None) == (min_accuracy is None):
         raise click.UsageError("give exactly one of --target-exit-rate and --min-accuracy")
     loaded = load_model(model)
+    if out is not None:
+        writable_file(out, "-o")
+    if not loaded.spec.dataset:
+        raise DdnnError(f"{model} names no dataset to calibrate on")
     train_set = datasets.load(loaded.spec.dataset, "train", data_dir)
+    check_dataset_shape(loaded.spec, train_set)
     val = train_set.subset(val_count, offset=max(0, len(train_set) - val_count))
     outputs = evaluate.compute_outputs(loaded, val)
     result = evaluate.calibrate(outputs, target_exit_rate, min_accuracy)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ddnn_gen import datasets, protocol
 from ddnn_gen.broker import BrokerError, parse_broker
-from ddnn_gen.errors import DdnnError
+from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option
 
 _broker_option = click.option("--broker", "broker_address", default="127.0.0.1:1883", show_default=True,
                               metavar="HOST:PORT", help="MQTT broker.")
@@ -52,19 +52,18 @@ def threshold_group() -> None:
     """Change local-exit thresholds of running devices (retained MQTT messages)."""
 
 
-@threshold_group.command("set")
+# ignore_unknown_options: a negative VALUE such as -0.2 reaches the threshold check (and its message)
+# instead of being read as an unknown option "-0".
+@threshold_group.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("model")
-@click.argument("value", type=click.FloatRange(0.0))
+@click.argument("value", type=THRESHOLD)
 @click.option("--device", "device_id", default=None, help="Only this device (default: every device of the model).")
 @_broker_option
 def threshold_set(model: str, value: float, device_id: str | None, broker_address: str) -> None:
-    """Publish VALUE as the retained threshold of MODEL (model file or 32-hex wire hash)."""
-    try:
-        topic = protocol.threshold_topic(model_wire_hash(model), protocol.check_device_id(device_id)
-                                         if device_id else None)
-        payload = protocol.encode_threshold(value)
-    except ValueError as error:
-        raise DdnnError(str(error)) from error
+    """Publish VALUE (a number in [0, 1]) as the retained threshold of MODEL (model file or 32-hex wire
+    hash); devices apply it between samples."""
+    topic = protocol.threshold_topic(model_wire_hash(model), device_id)
+    payload = protocol.encode_threshold(value)
     publish_retained(broker_address, topic, payload)
     click.echo(f"{topic} = {payload.decode()}")
 
@@ -86,14 +85,16 @@ def threshold_clear(model: str, device_id: str | None, broker_address: str) -> N
               help="MQTT broker (default 127.0.0.1:1883).")
 @click.option("--devices", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--requests", default=100, show_default=True, type=click.IntRange(1), help="Samples per device.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, type=click.Choice(datasets.DATASETS))
+@click.option("--dataset", default=None, type=click.Choice(datasets.DATASETS),
+              help="Dataset (default: the one the model was trained on).")
 @click.option("--count", default=1000, show_default=True, type=click.IntRange(1), help="Test samples to draw from.")
+@data_dir_option
 @click.option("--timeout-ms", default=2000, show_default=True, type=click.IntRange(1))
 @click.option("--window", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Requests each device keeps in flight.")
 @click.option("--all-to-server", is_flag=True, help="Send every sample to the server (load tests).")
-def device_sim(model: str, broker_address: str | None, devices: int, requests: int, dataset: str, count: int,
-               timeout_ms: int, window: int, all_to_server: bool) -> None:
+def device_sim(model: str, broker_address: str | None, devices: int, requests: int, dataset: str | None, count: int,
+               data_dir: str | None, timeout_ms: int, window: int, all_to_server: bool) -> None:
     """Simulate DEVICES devices running the NumPy reference of MODEL against ddnn-server."""
     from ddnn_gen.device_sim import run_devices
     from ddnn_gen.fold import fold
@@ -103,7 +104,11 @@ def device_sim(model: str, broker_address: str | None, devices: int, requests: i
     host, port = parse_broker(broker_address or "127.0.0.1:1883")
     loaded = load_model(model)
     program = fold(loaded)
-    data = datasets.load(dataset, "test")
+    dataset = dataset or loaded.spec.dataset
+    if not dataset:
+        raise click.UsageError(f"{model} names no dataset; pass --dataset")
+    data = datasets.load(dataset, "test", data_dir)
+    check_dataset_shape(loaded.spec, data)
     images = data.images[:count]
     result = run_device(program, images)
     report = run_devices(host, port, program, loaded.hash_bytes, result.split_words, result.entropy,
@@ -126,7 +131,7 @@ def device_sim(model: str, broker_address: str | None, devices: int, requests: i
 @click.option("--model", "model_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Model file (default: the shipped Fashion-MNIST model).")
 @click.option("--count", default=1000, show_default=True, type=click.IntRange(1))
-@click.option("--threshold", default=None, type=click.FloatRange(0.0), help="Local-exit threshold.")
+@click.option("--threshold", default=None, type=THRESHOLD, help=f"Local-exit threshold {THRESHOLD_HELP}.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--timeout-ms", default=2000, show_default=True, type=click.IntRange(1))
 @click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
