@@ -1,6 +1,10 @@
-/* The arithmetic mirrors ddnn_gen.reference.normalized_entropy operation by operation (same
- * order of sums, exp/log from the C library), so host builds agree bit for bit. Build with
- * -ffp-contract=off: a fused multiply-add would round differently from the reference. */
+/* The arithmetic mirrors ddnn_gen.reference.normalized_entropy operation by operation (same order of
+ * sums, the same exp and log), so every target agrees bit for bit with the reference and with each
+ * other. exp and log are written here with IEEE double +, -, *, / and exact bit manipulation only: the C
+ * library's exp/log differ between platforms in the last bits (glibc on x86-64 vs armhf did on one
+ * CIFAR-10 sample in 1000), and a sample whose entropy sits within those ulps of the threshold would
+ * exit differently on the device than `ddnngen eval` says. Build with -ffp-contract=off: a fused
+ * multiply-add would round differently. */
 #include "ddnn_exit.h"
 
 #include <math.h>
@@ -8,6 +12,109 @@
 #include <string.h>
 
 #include "ddnn_blinear.h"
+
+/* fdlibm's constants (e_exp.c, e_log.c): ln 2 split so that k * LN2_HI is exact for |k| < 2^11. */
+#define LN2_HI 6.93147180369123816490e-01
+#define LN2_LO 1.90821492927058770002e-10
+#define INV_LN2 1.44269504088896338700e+00
+#define EXP_P1 1.66666666666666019037e-01
+#define EXP_P2 -2.77777777770155933842e-03
+#define EXP_P3 6.61375632143793436117e-05
+#define EXP_P4 -1.65339022054652515390e-06
+#define EXP_P5 4.13813679705723846039e-08
+#define LOG_LG1 6.666666666666735130e-01
+#define LOG_LG2 3.999999999940941908e-01
+#define LOG_LG3 2.857142874366239149e-01
+#define LOG_LG4 2.222219843214978396e-01
+#define LOG_LG5 1.818357216161805012e-01
+#define LOG_LG6 1.531383769920937332e-01
+#define LOG_LG7 1.479819860511658591e-01
+#define SQRT2 1.41421356237309504880
+
+static double from_bits(uint64_t bits)
+{
+    double value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
+static uint64_t to_bits(double value)
+{
+    uint64_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    return bits;
+}
+
+/* 2^k for -1022 <= k <= 1023, exactly. */
+static double pow2(int k)
+{
+    return from_bits((uint64_t)(k + 1023) << 52);
+}
+
+double ddnn_exp(double x)
+{
+    double hi, lo, r, t, c, y;
+    int k;
+    if (x != x)
+        return x;
+    if (x > 709.782712893383973096)
+        return INFINITY;
+    if (x < -745.133219101941108420)
+        return 0.0;
+    /* x = k ln2 + r, |r| <= ln2 / 2; the conversion truncates, so round half away from zero first. */
+    k = (int)(x * INV_LN2 + (x < 0.0 ? -0.5 : 0.5));
+    hi = x - (double)k * LN2_HI;
+    lo = (double)k * LN2_LO;
+    r = hi - lo;
+    /* exp(r) = 1 + r + r c / (2 - c), c = r - r^2 (P1 + r^2 (P2 + ...)): a Remez fit, error < 2^-59. */
+    t = r * r;
+    c = r - t * (EXP_P1 + t * (EXP_P2 + t * (EXP_P3 + t * (EXP_P4 + t * EXP_P5))));
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi);
+    /* Scale by 2^k in steps whose factors are normal numbers, so only the last product rounds. */
+    if (k > 1023)
+        return y * pow2(k - 1) * 2.0;
+    if (k < -1021)
+        return y * pow2(k + 1000) * pow2(-1000);
+    return y * pow2(k);
+}
+
+double ddnn_log(double x)
+{
+    double f, s, z, w, t1, t2, r, hfsq, m, dk;
+    uint64_t bits;
+    int k;
+    if (x != x || x < 0.0)
+        return NAN;
+    if (x == 0.0)
+        return -INFINITY;
+    if (x == INFINITY)
+        return x;
+    bits = to_bits(x);
+    k = 0;
+    if ((bits >> 52) == 0) { /* subnormal: scale into the normal range first (exact) */
+        x *= 18014398509481984.0; /* 2^54 */
+        bits = to_bits(x);
+        k = -54;
+    }
+    /* x = m 2^k with m in [1, 2), then in [sqrt(2)/2, sqrt(2)); f = m - 1 is exact (Sterbenz). */
+    k += (int)(bits >> 52) - 1023;
+    m = from_bits((bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
+    if (m > SQRT2) {
+        m = m * 0.5;
+        k += 1;
+    }
+    f = m - 1.0;
+    dk = (double)k;
+    /* log(1 + f) = 2 atanh(s), s = f / (2 + f), as a polynomial in s^2 (fdlibm's Lg1..Lg7). */
+    s = f / (2.0 + f);
+    z = s * s;
+    w = z * z;
+    t1 = w * (LOG_LG2 + w * (LOG_LG4 + w * LOG_LG6));
+    t2 = z * (LOG_LG1 + w * (LOG_LG3 + w * (LOG_LG5 + w * LOG_LG7)));
+    r = t2 + t1;
+    hfsq = 0.5 * f * f;
+    return dk * LN2_HI - ((hfsq - (s * (hfsq + r) + dk * LN2_LO)) - f);
+}
 
 double ddnn_normalized_entropy(const double *logits, int n_classes)
 {
@@ -20,12 +127,16 @@ double ddnn_normalized_entropy(const double *logits, int n_classes)
     for (k = 1; k < n_classes; ++k)
         peak = logits[k] > peak ? logits[k] : peak;
     for (k = 0; k < n_classes; ++k)
-        total += exp(logits[k] - peak);
-    log_total = log(total);
-    /* exp() is recomputed rather than stored: it is deterministic and saves a K-sized buffer. */
-    for (k = 0; k < n_classes; ++k)
-        entropy -= (exp(logits[k] - peak) / total) * ((logits[k] - peak) - log_total);
-    return entropy / log((double)n_classes);
+        total += ddnn_exp(logits[k] - peak);
+    log_total = ddnn_log(total);
+    /* exp is recomputed rather than stored: it is deterministic and saves a K-sized buffer. A term whose
+     * exp underflowed to 0 adds nothing (p log p -> 0; it also avoids 0 * -inf on an overflowed gap). */
+    for (k = 0; k < n_classes; ++k) {
+        const double e = ddnn_exp(logits[k] - peak);
+        if (e > 0.0)
+            entropy -= (e / total) * ((logits[k] - peak) - log_total);
+    }
+    return entropy / ddnn_log((double)n_classes);
 }
 
 int32_t ddnn_argmax(const double *logits, int n_classes)

@@ -17,6 +17,11 @@ typedef struct {
 /* Entropy of softmax(logits) divided by log(K), via log-sum-exp; NaN if any logit is not finite. */
 double ddnn_normalized_entropy(const double *logits, int n_classes);
 
+/* exp and log from IEEE +, -, *, / and bit manipulation only (fdlibm's algorithms, < 1 ulp): the same
+ * bits on every target and in the NumPy reference (ddnn_gen.reference.exp_ieee, log_ieee). */
+double ddnn_exp(double x);
+double ddnn_log(double x);
+
 /* Index of the largest logit, ties to the lowest index; a NaN counts as largest (as numpy.argmax). */
 int32_t ddnn_argmax(const double *logits, int n_classes);
 

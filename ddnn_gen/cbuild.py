@@ -42,6 +42,7 @@ class RunnerOutput:
     split_words: np.ndarray | None  # uint64 (N, split_words) when requested
     bench: dict[str, float] = field(default_factory=dict)  # stage name / "total" -> us per sample
     stderr: str = ""
+    csv_text: str = ""  # the runner's CSV as written
 
 
 def build_project(out_dir: str | Path, cross: str | None = None, sanitize: bool = False,
@@ -104,6 +105,7 @@ def run_runner(binary: str | Path, samples_path: str | Path, threshold: float | 
         if result.returncode != 0:
             raise BuildError(f"{Path(binary).name} failed with exit code {result.returncode}: {' '.join(cmd)}\n"
                              f"{result.stderr}")
+        csv_text = csv_path.read_text(encoding="ascii")
         rows = np.genfromtxt(csv_path, delimiter=",", names=True, dtype=None, encoding="ascii",
                              converters={"entropy": float})
         rows = np.atleast_1d(rows)
@@ -112,7 +114,8 @@ def run_runner(binary: str | Path, samples_path: str | Path, threshold: float | 
             split = np.fromfile(split_path, dtype="<u8").reshape(len(rows), split_words)
     return RunnerOutput(label=rows["label"].astype(np.int32), local_class=rows["class"].astype(np.int32),
                         entropy=rows["entropy"].astype(np.float64), local_exit=rows["exit_local"].astype(bool),
-                        split_words=split, bench=_parse_bench(result.stderr), stderr=result.stderr)
+                        split_words=split, bench=_parse_bench(result.stderr), stderr=result.stderr,
+                        csv_text=csv_text)
 
 
 def have_tool(name: str) -> bool:

@@ -8,13 +8,13 @@ by +-1 weights in int32. Pooling takes the max of integer pre-activations before
 folded BN threshold, exactly like the C runtime.
 
 The exit: integer dot products S, logits ``a * S + b`` in double, normalized entropy via
-log-sum-exp in double divided by log(K) (terms with exp(z - max) == 0 are skipped); a
+log-sum-exp in double divided by log(K) (terms with exp(z - max) == 0 are skipped), with an exp and a
+log built from IEEE arithmetic alone so every target computes the same bits; a
 sample exits locally iff its entropy is finite and ``<= threshold``. argmax ties go to the lowest class index.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,32 +155,104 @@ def exit_logits(exit_: FoldedExit, sums: np.ndarray) -> np.ndarray:
     return exit_.scale[None, :] * sums.astype(np.float64) + exit_.offset[None, :]
 
 
+# fdlibm's constants (e_exp.c, e_log.c), the same literals as c_runtime/ddnn_exit.c.
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
+_EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05,
+          -1.65339022054652515390e-06, 4.13813679705723846039e-08)
+_LOG_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01,
+           2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
+           1.479819860511658591e-01)
+_SQRT2 = 1.41421356237309504880
+_EXP_MAX = 709.782712893383973096
+_EXP_MIN = -745.133219101941108420
+
+
+def _pow2(k: np.ndarray) -> np.ndarray:
+    """2^k for -1022 <= k <= 1023, exactly (other k give garbage that callers mask out)."""
+    return ((k.astype(np.int64) + 1023) << 52).view(np.float64)
+
+
+def exp_ieee(x: np.ndarray) -> np.ndarray:
+    """exp with IEEE double +, -, *, / only, operation for operation as ``ddnn_exp`` in c_runtime/ddnn_exit.c,
+    so the bits are the same as on every device (the C library's and NumPy's exp differ in the last bits
+    between platforms). NumPy's elementwise arithmetic is correctly rounded and never fused."""
+    x = np.asarray(x, dtype=np.float64)
+    special = ~((x >= _EXP_MIN) & (x <= _EXP_MAX))  # NaN, overflow, underflow
+    safe = np.where(special, 0.0, x)
+    p1, p2, p3, p4, p5 = _EXP_P
+    kd = np.trunc(safe * _INV_LN2 + np.where(safe < 0.0, -0.5, 0.5))  # C's (int) conversion truncates
+    hi = safe - kd * _LN2_HI
+    lo = kd * _LN2_LO
+    r = hi - lo
+    t = r * r
+    c = r - t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))))
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    k = kd.astype(np.int64)
+    with np.errstate(over="ignore"):
+        scaled = np.where(k > 1023, y * _pow2(k - 1) * 2.0,
+                          np.where(k < -1021, y * _pow2(k + 1000) * _pow2(np.array(-1000)), y * _pow2(k)))
+    return np.where(special, np.where(x > _EXP_MAX, np.inf, np.where(x < _EXP_MIN, 0.0, x)), scaled)
+
+
+def log_ieee(x: np.ndarray) -> np.ndarray:
+    """log with IEEE double +, -, *, / and exact bit manipulation only, as ``ddnn_log`` in ddnn_exit.c."""
+    x = np.asarray(x, dtype=np.float64)
+    special = ~((x > 0.0) & (x < np.inf))  # NaN, <= 0, inf
+    safe = np.where(special, 1.0, x)
+    subnormal = safe < 2.2250738585072014e-308
+    safe = np.where(subnormal, np.where(subnormal, safe, 1.0) * 18014398509481984.0, safe)  # 2^54, exactly
+    bits = safe.view(np.int64)
+    k = (bits >> 52) - 1023 - np.where(subnormal, 54, 0)
+    m = ((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(np.float64)
+    big = m > _SQRT2
+    m = np.where(big, m * 0.5, m)
+    k = k + big
+    lg1, lg2, lg3, lg4, lg5, lg6, lg7 = _LOG_LG
+    f = m - 1.0
+    dk = k.astype(np.float64)
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (lg2 + w * (lg4 + w * lg6))
+    t2 = z * (lg1 + w * (lg3 + w * (lg5 + w * lg7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    value = dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
+    with np.errstate(invalid="ignore"):
+        fixed = np.where(x == 0.0, -np.inf, np.where(x == np.inf, np.inf, np.nan))
+    return np.where(special, fixed, value)
+
+
 def normalized_entropy(logits: np.ndarray) -> np.ndarray:
     """Entropy of softmax(logits) / log(K), per row, in double; NaN when any logit is not finite.
 
-    Uses math.exp / math.log (the C library's, as the C target does) rather than NumPy's SIMD
-    versions, which may round differently in the last bit.
+    Operation for operation ``ddnn_normalized_entropy`` (c_runtime/ddnn_exit.c): the same peak, the same
+    order of sums, :func:`exp_ieee` / :func:`log_ieee`, so the result is bit-identical on every target.
+    Vectorised over rows, sequential over classes.
     """
     logits = np.asarray(logits, dtype=np.float64)
     n_classes = logits.shape[1]
-    out = np.empty(len(logits), dtype=np.float64)
-    log_k = math.log(n_classes)
-    for row_index, row in enumerate(logits.tolist()):
-        if not all(math.isfinite(z) for z in row):
-            out[row_index] = math.nan
-            continue
-        peak = max(row)
-        exps = [math.exp(z - peak) for z in row]
-        total = 0.0
-        for value in exps:
-            total += value
-        log_total = math.log(total)
-        entropy = 0.0
-        for z, value in zip(row, exps):
-            if value > 0.0:  # p log p -> 0; skipping also avoids 0 * -inf = NaN on overflowed gaps
-                entropy -= (value / total) * ((z - peak) - log_total)
-        out[row_index] = entropy / log_k
-    return out
+    finite = np.isfinite(logits).all(axis=1)
+    z = np.where(finite[:, None], logits, 0.0)
+    peak = z[:, 0].copy()
+    for k in range(1, n_classes):
+        peak = np.where(z[:, k] > peak, z[:, k], peak)
+    total = np.zeros(len(z))
+    entropy = np.zeros(len(z))
+    # A gap may overflow to -inf (logits 1e308 apart): its exp is 0, as in C.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(n_classes):
+            total = total + exp_ieee(z[:, k] - peak)
+        log_total = log_ieee(total)
+        for k in range(n_classes):
+            gap = z[:, k] - peak
+            e = exp_ieee(gap)
+            # p log p -> 0 where exp underflowed; skipping also avoids 0 * -inf on an overflowed gap.
+            entropy = np.where(e > 0.0, entropy - (e / total) * (gap - log_total), entropy)
+    out = entropy / log_ieee(np.array(float(n_classes)))
+    return np.where(finite, out, np.nan)
 
 
 def exit_decision(entropy: np.ndarray, threshold: float) -> np.ndarray:
