@@ -38,15 +38,16 @@ from typing import Any
 import chainer
 import numpy as np
 
-from ddnn_gen import cbuild, datasets, zoo
-from ddnn_gen.compile_c import compile_c, load_program
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c, load_program
+from ddnn_gen.device.samples import write_samples
 from ddnn_gen.errors import DatasetError
-from ddnn_gen.fold import DeviceProgram, stage_work
-from ddnn_gen.links import input_to_float
-from ddnn_gen.modelfile import load_model, save_model
-from ddnn_gen.network import DDNN
-from ddnn_gen.samples import write_samples
-from ddnn_gen.spec import parse_spec
+from ddnn_gen.fold.program import DeviceProgram, stage_work
+from ddnn_gen.model import datasets, zoo
+from ddnn_gen.model.links import input_to_float
+from ddnn_gen.model.modelfile import load_model, save_model
+from ddnn_gen.model.network import DDNN
+from ddnn_gen.model.spec import parse_spec
 
 log = logging.getLogger("bench_c")
 REPO = Path(__file__).resolve().parent.parent
@@ -204,14 +205,14 @@ def chainer_latency_us(model_path: Path, images: np.ndarray) -> float:
 def c_runner(model_path: Path, images: np.ndarray, tmp: Path, cflags: str) -> tuple[Path, Path]:
     out = tmp / f"c_{model_path.stem}_{abs(hash(cflags))}"
     compile_c(model_path, out)
-    binary = cbuild.build_project(out, opt=cflags)
+    binary = toolchain.build_project(out, opt=cflags)
     samples = tmp / f"samples_{model_path.stem}.bin"
     write_samples(samples, images, np.zeros(len(images), dtype=np.int32))
     return binary, samples
 
 
 def c_bench(binary: Path, samples: Path, repeat: int) -> dict[str, float]:
-    return cbuild.run_runner(binary, samples, bench=True, repeat=repeat).bench
+    return toolchain.run_runner(binary, samples, bench=True, repeat=repeat).bench
 
 
 def min_stages(runs: list[dict[str, float]]) -> dict[str, float]:

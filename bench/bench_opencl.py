@@ -34,18 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_gen import cbuild, datasets, zoo
-from ddnn_gen.compile_c import compile_c
-from ddnn_gen.compile_opencl import (
-    build_opencl_runner,
-    compile_opencl,
-    estimated_c_us,
-    parse_opencl_layers,
-    run_opencl_runner,
-)
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.samples import write_samples
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.codegen.opencl_target import compile_opencl, estimated_c_us, parse_opencl_layers
+from ddnn_gen.codegen.toolchain import build_opencl_runner, run_opencl_runner
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.model import datasets, zoo
+from ddnn_gen.model.modelfile import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_c import random_model  # noqa: E402  (the C bench's random-weight model builder)
@@ -83,8 +79,8 @@ def bench_model(name: str, path: Path, images: np.ndarray, tmp: Path, repeat: in
     write_samples(samples, images, np.zeros(len(images), dtype=np.int32))
     c_dir = tmp / f"{name}_c"
     compile_c(program, c_dir)
-    c_binary = cbuild.build_project(c_dir, opt=NATIVE)
-    runs: dict[str, dict[str, float]] = {"C": cbuild.run_runner(c_binary, samples, bench=True, repeat=repeat).bench}
+    c_binary = toolchain.build_project(c_dir, opt=NATIVE)
+    runs: dict[str, dict[str, float]] = {"C": toolchain.run_runner(c_binary, samples, bench=True, repeat=repeat).bench}
     for placement in placements(program):
         folder = tmp / f"{name}_ocl_{placement}"
         compile_opencl(program, folder, opencl_layers=placement, opencl_max_batch=BATCH)

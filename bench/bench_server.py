@@ -22,27 +22,29 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as ddnn-server does; must precede numpy
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import logging
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ddnn_gen import datasets, mqtt_client, procstat, protocol  # noqa: E402
-from ddnn_gen.broker import Broker  # noqa: E402
-from ddnn_gen.device_sim import run_devices  # noqa: E402
-from ddnn_gen.errors import DatasetError  # noqa: E402
-from ddnn_gen.protocol import Packing  # noqa: E402
-from ddnn_gen.reference import run_device  # noqa: E402
-from ddnn_server.allocator import keep_freed_memory  # noqa: E402
-from ddnn_server.store import ModelStore, ServedModel  # noqa: E402
+from ddnn_gen.bench import procstat
+from ddnn_gen.device.simulated import run_devices
+from ddnn_gen.errors import DatasetError
+from ddnn_gen.fold.reference import run_device
+from ddnn_gen.model import datasets
+from ddnn_gen.wire import codec, mqtt_client
+from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.codec import Packing
+from ddnn_server.allocator import keep_freed_memory
+from ddnn_server.store import ModelStore, ServedModel
 
 log = logging.getLogger("bench_server")
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +134,7 @@ def _subscribed_client(host: str, port: int, name: str, topic: str, on_message: 
     client.on_message = on_message  # type: ignore[assignment]
     client.on_subscribe = lambda *args: subscribed.set()
     client.connect(host, port)
-    protocol.tcp_no_delay(client)
+    mqtt_client.tcp_no_delay(client)
     client.subscribe(topic, qos=1)
     client.loop_start()
     if not subscribed.wait(10):
@@ -236,7 +238,7 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
     raw = raw_forward_rate(served, split_words, args.max_batch, workers, cpus.server)
     single_us = 1e6 / raw_forward_rate(served, split_words[:100], 1, 1, cpus.server)
     latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
-    request_bytes = protocol.REQUEST_HEADER_BYTES + served.program.split_words * 8
+    request_bytes = codec.REQUEST_HEADER_BYTES + served.program.split_words * 8
 
     with Broker() as broker:
         server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server)

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from ddnn_gen.bench_report import write_report
-from ddnn_gen.bench_system import BenchConfig, clean_json, run_bench, write_json
+from ddnn_gen.bench.report import write_report
+from ddnn_gen.bench.system import BenchConfig, clean_json, run_bench, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = ("bench_c.py", "bench_opencl.py", "bench_server.py")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddnn_gen import protocol
-from ddnn_gen.protocol import ProtocolError, Reply, Status
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job
 from ddnn_server.log_limits import RateLimitedLog
@@ -30,17 +30,17 @@ class ServerConfig:
     workers: int = 2
     max_batch: int = 32
     max_wait_ms: float = 0.0
-    group: str = protocol.DEFAULT_SHARE_GROUP
+    group: str = topics.DEFAULT_SHARE_GROUP
     server_id: str | None = None  # a fixed id makes the session persistent (crash recovery)
     session_expiry_s: int = 300
-    max_request_bytes: int = protocol.MAX_REQUEST_BYTES
+    max_request_bytes: int = codec.MAX_REQUEST_BYTES
     top_k: int = 3
     gpu: int | None = None
 
 
 @dataclass
 class _Work:
-    header: protocol.RequestHeader
+    header: codec.RequestHeader
     payload: np.ndarray
     incoming: Incoming
     model: ServedModel
@@ -95,7 +95,7 @@ class Server:
 
     def _on_request(self, incoming: Incoming) -> None:
         data = incoming.payload
-        routed = protocol.parse_request_topic(incoming.topic)
+        routed = topics.parse_request_topic(incoming.topic)
         if routed is None:
             # No valid device id in the topic means no topic a reply could be addressed to: ack and count it,
             # so it is neither redelivered nor able to make the server publish where it should not.
@@ -108,7 +108,7 @@ class Server:
         topic_model, device_id = routed
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
-            header = protocol.decode_request_header(data, self.config.max_request_bytes)
+            header = codec.decode_request_header(data, self.config.max_request_bytes)
             if header.device_id != device_id:
                 raise ProtocolError(Status.MALFORMED, f"header device id {header.device_id!r} is not the topic's "
                                     f"{device_id!r}", header.request_id, device_id)
@@ -116,13 +116,13 @@ class Server:
             if model is None:
                 raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
                                     header.request_id, device_id)
-            if protocol.model_key(header.model_hash) != topic_model:
+            if topics.model_key(header.model_hash) != topic_model:
                 raise ProtocolError(Status.MALFORMED, "header model hash is not the topic's model",
                                     header.request_id, device_id)
             model.check(header)
-            payload = protocol.decode_payload(header, data)
+            payload = codec.decode_payload(header, data)
         except ProtocolError as error:
-            request_id = error.request_id or protocol.peek_request_ids(data[:protocol.REQUEST_HEADER_BYTES])[0]
+            request_id = error.request_id or codec.peek_request_ids(data[:codec.REQUEST_HEADER_BYTES])[0]
             self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
                                        device_id, error.status.name, error)
             self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)
@@ -148,7 +148,7 @@ class Server:
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)
         # One model per batch by construction; packings may differ (bits, float tooling, raw server-only input).
-        groups: dict[protocol.Packing, list[int]] = {}
+        groups: dict[codec.Packing, list[int]] = {}
         for index, work in enumerate(works):
             groups.setdefault(work.header.packing, []).append(index)
         for packing, indices in groups.items():
@@ -176,7 +176,7 @@ class Server:
             self.stats["batches"] += 1
 
     def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool) -> None:
-        self.transport.reply(incoming, device_id, protocol.encode_reply(reply))
+        self.transport.reply(incoming, device_id, codec.encode_reply(reply))
         with self._stats_lock:
             self.stats["ok" if ok else "errors"] += 1
 

@@ -10,9 +10,9 @@ from types import FrameType
 
 import click
 
-from ddnn_gen import protocol
-from ddnn_gen.broker import Broker, parse_broker
 from ddnn_gen.errors import DdnnError
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.broker import Broker, parse_broker
 from ddnn_server.app import Server, ServerConfig
 
 log = logging.getLogger("ddnn_server")
@@ -23,8 +23,8 @@ QUIET_CONNECT_S = 3.0
 
 def _name_option(what: str) -> object:
     def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-        if value is not None and not protocol.valid_device_id(value):
-            raise click.BadParameter(f"{value!r} is invalid: {protocol.DEVICE_ID_RULE}")
+        if value is not None and not topics.valid_device_id(value):
+            raise click.BadParameter(f"{value!r} is invalid: {topics.DEVICE_ID_RULE}")
         return value
 
     return check
@@ -41,15 +41,15 @@ def _name_option(what: str) -> object:
 @click.option("--max-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10000),
               help="How long the oldest request waits for others to batch with; 0 batches whatever queued "
                    "up while the workers were busy (lowest latency).")
-@click.option("--group", default=protocol.DEFAULT_SHARE_GROUP, show_default=True, callback=_name_option("group"),
+@click.option("--group", default=topics.DEFAULT_SHARE_GROUP, show_default=True, callback=_name_option("group"),
               help="Shared-subscription group; servers in one group split the load.")
 @click.option("--server-id", default=None, callback=_name_option("server id"),
               help="Fixed MQTT client id: makes the session persistent so a restarted server gets the "
                    "requests that were in flight when it died.")
 @click.option("--session-expiry", default=300, show_default=True, type=click.IntRange(0, 2**31),
               help="Seconds the broker keeps a --server-id session while the server is away.")
-@click.option("--max-request-bytes", default=protocol.MAX_REQUEST_BYTES, show_default=True,
-              type=click.IntRange(protocol.REQUEST_HEADER_BYTES + 8, 2**30))
+@click.option("--max-request-bytes", default=codec.MAX_REQUEST_BYTES, show_default=True,
+              type=click.IntRange(codec.REQUEST_HEADER_BYTES + 8, 2**30))
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -80,7 +80,7 @@ def main(broker_address: str | None, models_dir: str, workers: int, max_batch: i
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
-    models = ", ".join(f"{m.name}={protocol.model_key(m.hash_bytes)}" for m in server.store.models())
+    models = ", ".join(f"{m.name}={topics.model_key(m.hash_bytes)}" for m in server.store.models())
     if not server.wait_ready(QUIET_CONNECT_S):
         click.echo(f"ddnn-server: waiting for the broker at {host}:{port} (retrying in the background)", err=True)
         while not stop.is_set() and not server.wait_ready(0.5):

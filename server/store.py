@@ -14,10 +14,11 @@ import chainer
 import numpy as np
 
 from ddnn_gen.errors import DdnnError, ModelFileError
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import LoadedModel, load_model
-from ddnn_gen.protocol import Packing, ProtocolError, RequestHeader, Status, model_key
-from ddnn_gen.reference import split_to_server_input
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.fold.reference import split_to_server_input
+from ddnn_gen.model.modelfile import LoadedModel, load_model
+from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
+from ddnn_gen.wire.topics import model_key
 
 log = logging.getLogger(__name__)
 

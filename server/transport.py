@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import mqtt_client, protocol
+from ddnn_gen.wire import mqtt_client, topics
 from ddnn_server.acks import AckLedger
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ class Transport:
     def __init__(self, host: str, port: int, client_id: str, group: str, model_hashes: Sequence[bytes],
                  on_request: Callable[[Incoming], None], persistent: bool, session_expiry_s: int = 300) -> None:
         self.host, self.port = host, port
-        self.client_id = protocol.check_name(client_id, "server id")
-        self.subscriptions = [protocol.request_subscription(model_hash, group) for model_hash in model_hashes]
+        self.client_id = topics.check_name(client_id, "server id")
+        self.subscriptions = [topics.request_subscription(model_hash, group) for model_hash in model_hashes]
         self._on_request = on_request
         self._persistent = persistent
         self._session_expiry = session_expiry_s if persistent else 0
@@ -57,7 +57,7 @@ class Transport:
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(0.1, 2.0)
-        status = protocol.server_status_topic(client_id)
+        status = topics.server_status_topic(client_id)
         self._client.will_set(status, b"offline", qos=1, retain=True)
         self._acks: AckLedger[tuple[int, int]] = AckLedger()  # reply mid -> (request mid, request qos)
         self._subscribed_event = threading.Event()
@@ -91,7 +91,7 @@ class Transport:
 
     def close(self) -> None:
         """Clean disconnect that also ends the session, so nothing queues for a server that has gone."""
-        self._client.publish(protocol.server_status_topic(self.client_id), b"offline", qos=1, retain=True)
+        self._client.publish(topics.server_status_topic(self.client_id), b"offline", qos=1, retain=True)
         props = Properties(PacketTypes.DISCONNECT)
         props.SessionExpiryInterval = 0
         self._client.disconnect(properties=props)
@@ -105,8 +105,8 @@ class Transport:
 
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         """Publish a reply to ``device_id``'s reply topic; the request is acked once the broker has accepted
-        the reply. ``device_id`` must be valid (protocol.check_device_id)."""
-        topic = protocol.reply_topic(device_id)
+        the reply. ``device_id`` must be valid (topics.check_device_id)."""
+        topic = topics.reply_topic(device_id)
         started = self._acks.before_publish()
         info = self._client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
@@ -125,12 +125,12 @@ class Transport:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        protocol.tcp_no_delay(client)
+        mqtt_client.tcp_no_delay(client)
         log.info("connected to %s:%d as %s (session present: %s)", self.host, self.port, self.client_id,
                  flags.session_present)
         if self._taking_work:
             client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions])
-        client.publish(protocol.server_status_topic(self.client_id), b"online", qos=1, retain=True)
+        client.publish(topics.server_status_topic(self.client_id), b"online", qos=1, retain=True)
 
     def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         refused = [(topic, str(code)) for topic, code in zip(self.subscriptions, reason_codes) if code.is_failure]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import chainer
 import numpy as np
 
-from ddnn_gen import reference
-from ddnn_gen.fold import fold, unpack_bits
-from ddnn_gen.links import input_to_float
-from ddnn_gen.modelfile import LoadedModel
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import fold, unpack_bits
+from ddnn_gen.model.links import input_to_float
+from ddnn_gen.model.modelfile import LoadedModel
 
 
 def chainer_device_bits(loaded: LoadedModel, images_u8: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ddnn_gen import datasets
 from ddnn_gen.errors import DatasetError
+from ddnn_gen.model import datasets
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"

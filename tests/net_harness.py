@@ -17,10 +17,11 @@ import chainer
 import numpy as np
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import mqtt_client, procstat, protocol
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import LoadedModel, load_model
-from ddnn_gen.reference import DeviceResult, run_device, split_to_server_input
+from ddnn_gen.bench import procstat
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.fold.reference import DeviceResult, run_device, split_to_server_input
+from ddnn_gen.model.modelfile import LoadedModel, load_model
+from ddnn_gen.wire import codec, mqtt_client, topics
 
 SERVER_MAIN = "from ddnn_server.cli import main; main()"
 
@@ -93,7 +94,7 @@ class RawClient:
         self._client.on_subscribe = lambda *args: subscribed.set()
         self._client.on_disconnect = lambda *args: self.disconnected.set()
         self._client.connect(host, port)
-        self._client.subscribe(protocol.reply_topic(device_id), options=SubscribeOptions(qos=1))
+        self._client.subscribe(topics.reply_topic(device_id), options=SubscribeOptions(qos=1))
         self._client.loop_start()
         if not subscribed.wait(10):
             raise RuntimeError("no SUBACK for the raw client's reply topic")
@@ -101,9 +102,9 @@ class RawClient:
     def publish(self, topic: str, payload: bytes) -> None:
         self._client.publish(topic, payload, qos=1).wait_for_publish(5)
 
-    def next_reply(self, timeout_s: float) -> protocol.Reply | None:
+    def next_reply(self, timeout_s: float) -> codec.Reply | None:
         try:
-            return protocol.decode_reply(self.replies.get(timeout=timeout_s))
+            return codec.decode_reply(self.replies.get(timeout=timeout_s))
         except queue.Empty:
             return None
 
@@ -120,7 +121,7 @@ class Expected:
     server_class: np.ndarray  # argmax of model.server_forward on each sample's split
 
     def final_class(self, threshold: float) -> np.ndarray:
-        from ddnn_gen.reference import exit_decision
+        from ddnn_gen.fold.reference import exit_decision
 
         local = exit_decision(self.device.entropy, threshold)
         return np.where(local, self.device.local_class, self.server_class)

@@ -1,6 +1,6 @@
 """Smoke test of the whole-system benchmark: one model, few samples, one small workload, real Mosquitto,
 real C device program and real ddnn-server. Checks every field is there and the numbers agree with
-each other and with ddnn_gen.evaluate on the same samples."""
+each other and with ddnn_gen.model.evaluate on the same samples."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 
-from ddnn_gen import evaluate
-from ddnn_gen.bench_report import write_report
-from ddnn_gen.bench_system import BenchConfig, clean_json, load_model_data, publish_packet_bytes, run_bench, write_json
+from ddnn_gen.bench.report import write_report
+from ddnn_gen.bench.system import BenchConfig, clean_json, load_model_data, publish_packet_bytes, run_bench, write_json
+from ddnn_gen.model import evaluate
 
 SAMPLES = 60
 TIME_KEYS = ("device", "server", "comm", "total", "total_offloaded")

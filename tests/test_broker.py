@@ -1,4 +1,4 @@
-"""The private Mosquitto launcher (ddnn_gen/broker.py) against the real mosquitto binary."""
+"""The private Mosquitto launcher (ddnn_gen/wire/broker.py) against the real mosquitto binary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import pytest
 from conftest import require_tool
 
-from ddnn_gen.broker import Broker, BrokerError, parse_broker
+from ddnn_gen.wire.broker import Broker, BrokerError, parse_broker
 
 
 def test_parse_broker() -> None:

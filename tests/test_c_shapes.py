@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ddnn_gen import cbuild, reference
-from ddnn_gen.compile_c import compile_c, load_program
-from ddnn_gen.modelfile import save_model
-from ddnn_gen.network import DDNN
-from ddnn_gen.samples import write_samples
-from ddnn_gen.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c, load_program
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.fold import reference
+from ddnn_gen.model.modelfile import save_model
+from ddnn_gen.model.network import DDNN
+from ddnn_gen.model.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
 
 
 def conv(name: str, kind: str, out: int, ksize: int = 3, stride: int = 1, pad: int = 1,
@@ -123,12 +124,12 @@ def test_random_model_bit_exact(case: str, tmp_path: Path) -> None:
     images = images_for(raw, 48, seed=1)
     out_dir = tmp_path / "c"
     compile_c(model_path, out_dir)
-    binary = cbuild.build_project(out_dir, sanitize=True)
+    binary = toolchain.build_project(out_dir, sanitize=True)
     samples = tmp_path / "samples.bin"
     write_samples(samples, images, np.arange(len(images), dtype=np.int32))
     entropy = reference.run_device(program, images).entropy
     threshold = float(np.median(entropy))  # both exit decisions occur
-    out = cbuild.run_runner(binary, samples, threshold=threshold, split_words=program.split_words)
+    out = toolchain.run_runner(binary, samples, threshold=threshold, split_words=program.split_words)
     ref = reference.run_device(program, images, threshold)
     assert 0 < ref.local_exit.sum() < len(images)
     split = ref.split_words.reshape(len(images), -1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ddnn_gen import zoo
 from ddnn_gen.cli import cli
+from ddnn_gen.model import zoo
 
 
 def _spec_file(tmp_path: Path, name: str, edit: object) -> Path:

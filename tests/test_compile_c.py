@@ -11,12 +11,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import require_tool
 
-from ddnn_gen import cbuild, reference
 from ddnn_gen.cli import cli
-from ddnn_gen.compile_c import compile_c, load_program
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c, load_program
+from ddnn_gen.device.samples import write_samples
 from ddnn_gen.errors import CompileError
-from ddnn_gen.fold import DeviceProgram
-from ddnn_gen.samples import write_samples
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import DeviceProgram
 
 CROSS = {"aarch64": "aarch64-linux-gnu-", "armhf": "arm-linux-gnueabihf-"}
 
@@ -55,7 +56,7 @@ def _samples(tmp: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
-def assert_matches_reference(program: DeviceProgram, images: np.ndarray, out: cbuild.RunnerOutput,
+def assert_matches_reference(program: DeviceProgram, images: np.ndarray, out: toolchain.RunnerOutput,
                              threshold: float | None = None) -> reference.DeviceResult:
     ref = reference.run_device(program, images, threshold)
     np.testing.assert_array_equal(out.local_class, ref.local_class)
@@ -69,11 +70,11 @@ def assert_matches_reference(program: DeviceProgram, images: np.ndarray, out: cb
 
 
 def _check(project: Project, images: np.ndarray, labels: np.ndarray, tmp: Path, cross: str | None = None,
-           sanitize: bool = False, threshold: float | None = None) -> cbuild.RunnerOutput:
+           sanitize: bool = False, threshold: float | None = None) -> toolchain.RunnerOutput:
     build_dir = tmp / f"build_{cross or 'host'}_{int(sanitize)}"
     compile_c(project.program, build_dir)
-    binary = cbuild.build_project(build_dir, cross=cross, sanitize=sanitize)
-    out = cbuild.run_runner(binary, _samples(tmp, images, labels), threshold=threshold,
+    binary = toolchain.build_project(build_dir, cross=cross, sanitize=sanitize)
+    out = toolchain.run_runner(binary, _samples(tmp, images, labels), threshold=threshold,
                             split_words=project.program.split_words, cross=cross)
     np.testing.assert_array_equal(out.label, labels)
     assert_matches_reference(project.program, images, out, threshold)
@@ -99,8 +100,8 @@ def test_threshold_override_and_exact_tie(fmnist_project: Project, fmnist_test, 
     out = _check(fmnist_project, data.images, data.labels, tmp_path, threshold=tie)
     assert out.local_exit.sum() == 101
     for threshold in (0.0, 0.2, 1.0):
-        binary = cbuild.build_project(tmp_path / "build_host_0")
-        out = cbuild.run_runner(binary, _samples(tmp_path, data.images, data.labels), threshold=threshold,
+        binary = toolchain.build_project(tmp_path / "build_host_0")
+        out = toolchain.run_runner(binary, _samples(tmp_path, data.images, data.labels), threshold=threshold,
                                 split_words=fmnist_project.program.split_words)
         assert_matches_reference(fmnist_project.program, data.images, out, threshold)
 
@@ -116,7 +117,7 @@ def test_sanitizers_clean(fmnist_project: Project, fmnist_test, tmp_path: Path) 
 def test_cross_under_qemu(arch: str, fmnist_project: Project, fmnist_test, tmp_path: Path) -> None:
     cross = CROSS[arch]
     require_tool(cross + "gcc")
-    require_tool(cbuild.CROSS_TARGETS[cross][0])
+    require_tool(toolchain.CROSS_TARGETS[cross][0])
     data = fmnist_test.subset(300, offset=2000)
     out = _check(fmnist_project, data.images, data.labels, tmp_path, cross=cross)
     host = _check(fmnist_project, data.images, data.labels, tmp_path)
@@ -133,7 +134,7 @@ def test_full_test_set(model: str, arch: str, request: pytest.FixtureRequest, tm
     cross = CROSS.get(arch)
     if cross:
         require_tool(cross + "gcc")
-        require_tool(cbuild.CROSS_TARGETS[cross][0])
+        require_tool(toolchain.CROSS_TARGETS[cross][0])
     assert len(data) == 10000
     _check(project, data.images, data.labels, tmp_path, cross=cross)
 
@@ -144,8 +145,9 @@ def test_every_target_writes_the_same_csv(model: str, count: int, request: pytes
                                           tmp_path: Path) -> None:
     """The whole CSV, entropy digits (%.17g) included, of the host build, aarch64 and armhf under qemu, the
     OpenCL runner (all stages on PoCL, logits and entropy on its host) and the NumPy reference."""
+    from ddnn_gen.codegen.opencl_target import compile_opencl
+    from ddnn_gen.codegen.toolchain import build_opencl_runner, run_opencl_runner
     from ddnn_gen.commands.device_commands import write_results_csv
-    from ddnn_gen.compile_opencl import build_opencl_runner, compile_opencl, run_opencl_runner
 
     project = request.getfixturevalue(f"{model}_project")
     data = request.getfixturevalue(f"{model}_test").subset(count)
@@ -155,11 +157,11 @@ def test_every_target_writes_the_same_csv(model: str, count: int, request: pytes
         cross = CROSS.get(arch)
         if cross:
             require_tool(cross + "gcc")
-            require_tool(cbuild.CROSS_TARGETS[cross][0])
+            require_tool(toolchain.CROSS_TARGETS[cross][0])
         build_dir = tmp_path / arch
         compile_c(project.program, build_dir)
-        binary = cbuild.build_project(build_dir, cross=cross)
-        csvs[arch] = cbuild.run_runner(binary, samples, cross=cross).csv_text
+        binary = toolchain.build_project(build_dir, cross=cross)
+        csvs[arch] = toolchain.run_runner(binary, samples, cross=cross).csv_text
     require_tool("clinfo")
     compile_opencl(project.program, tmp_path / "opencl", opencl_layers="all")
     ocl = build_opencl_runner(tmp_path / "opencl")
@@ -185,7 +187,7 @@ def _run_raw(binary: Path, path: Path) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def fmnist_binary(fmnist_project: Project) -> Path:
-    return cbuild.build_project(fmnist_project.out)
+    return toolchain.build_project(fmnist_project.out)
 
 
 def test_runner_rejects_wrong_shape(fmnist_binary: Path, tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddnn_gen import datasets
 from ddnn_gen.errors import DatasetError
+from ddnn_gen.model import datasets
 
 
 def test_fashion_mnist_from_debian_package(fmnist_test: datasets.Dataset) -> None:

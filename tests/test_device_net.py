@@ -16,11 +16,12 @@ import pytest
 from conftest import require_tool
 from net_harness import Expected, ServerProcess, expectations, wait_for
 
-from ddnn_gen import cbuild, protocol
-from ddnn_gen.broker import Broker
-from ddnn_gen.compile_c import compile_c
-from ddnn_gen.reference import exit_decision
-from ddnn_gen.samples import write_samples
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.fold.reference import exit_decision
+from ddnn_gen.wire import topics
+from ddnn_gen.wire.broker import Broker
 
 N_SAMPLES = 1000
 SOURCES = {"local", "server", "fallback", "error"}
@@ -40,7 +41,7 @@ def device_bin(tmp_path_factory: pytest.TempPathFactory, fmnist_model_path: Path
         pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
     out = tmp_path_factory.mktemp("netproj")
     compile_c(fmnist_model_path, out)
-    return cbuild.build_project(out, target="net", sanitize=True)
+    return toolchain.build_project(out, target="net", sanitize=True)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_threshold_broadcast_mid_run_moves_the_exit_rate(device_bin: Path, sampl
     assert abs(reference.mean() - exit_decision(entropy[after], old).mean()) > 0.05  # the change mattered
     assert np.array_equal([int(r["final_class"]) for r in rows][changed:], expected.final_class(new)[after])
     # A device-specific threshold overrides the model-wide one; clearing it restores the model-wide value.
-    topic = protocol.threshold_topic(expected.loaded.hash_bytes, "c-dev-thr")
+    topic = topics.threshold_topic(expected.loaded.hash_bytes, "c-dev-thr")
     assert topic.endswith("/c-dev-thr")
 
 
@@ -184,7 +185,7 @@ def test_device_rejects_bad_arguments(device_bin: Path, samples_file: Path) -> N
 
 def test_device_without_broker_answers_every_sample_locally(device_bin: Path, samples_file: Path,
                                                            tmp_path: Path) -> None:
-    from ddnn_gen.broker import free_port
+    from ddnn_gen.wire.broker import free_port
 
     out = tmp_path / "results.csv"
     started = time.monotonic()
@@ -199,7 +200,7 @@ def test_device_without_broker_answers_every_sample_locally(device_bin: Path, sa
 
 def test_demo_runs_the_whole_path(fmnist_model_path: Path) -> None:
     require_tool("mosquitto")
-    from ddnn_gen.demo import run_demo
+    from ddnn_gen.bench.demo import run_demo
 
     report = run_demo(fmnist_model_path, count=300, workers=1, timeout_ms=10000)
     assert report.samples == 300 and report.rates["fallback"] == 0 and report.rates["error"] == 0

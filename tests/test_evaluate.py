@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddnn_gen import datasets
 from ddnn_gen.cli import cli
-from ddnn_gen.evaluate import ExitOutputs, calibrate, compute_outputs, metrics_at
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.network import predict
+from ddnn_gen.fold.exits import compute_outputs
+from ddnn_gen.model import datasets
+from ddnn_gen.model.evaluate import ExitOutputs, calibrate, metrics_at
+from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.model.network import predict
 
 
 def _toy() -> ExitOutputs:

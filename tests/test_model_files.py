@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddnn_gen import zoo
 from ddnn_gen.errors import ModelFileError, SpecError
-from ddnn_gen.modelfile import load_model, save_model
-from ddnn_gen.network import DDNN
-from ddnn_gen.spec import load_spec_file, parse_spec
+from ddnn_gen.model import zoo
+from ddnn_gen.model.modelfile import load_model, save_model
+from ddnn_gen.model.network import DDNN
+from ddnn_gen.model.spec import load_spec_file, parse_spec
 
 
 def test_zoo_specs_parse_and_have_expected_split_shapes() -> None:

@@ -1,4 +1,4 @@
-"""ddnn_gen/mqtt_client.py: the read-ahead socket, checked against a real Mosquitto."""
+"""ddnn_gen/wire/mqtt_client.py: the read-ahead socket, checked against a real Mosquitto."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from conftest import require_tool
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import mqtt_client
-from ddnn_gen.broker import Broker
+from ddnn_gen.wire import mqtt_client
+from ddnn_gen.wire.broker import Broker
 
 
 def test_read_ahead_socket_serves_small_reads_from_one_recv() -> None:

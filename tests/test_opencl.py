@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddnn_gen import datasets, reference
-from ddnn_gen.compile_opencl import parse_opencl_layers, render_kernels
+from ddnn_gen.codegen.opencl_target import parse_opencl_layers, render_kernels
 from ddnn_gen.errors import CompileError, OpenCLError
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import load_model
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.model import datasets
+from ddnn_gen.model.modelfile import load_model
 
 pytest.importorskip("pyopencl")
 
-from ddnn_gen.device_opencl import OpenCLDevice  # noqa: E402  (needs pyopencl)
+from ddnn_gen.device.opencl import OpenCLDevice  # noqa: E402  (needs pyopencl)
 
 CI_SAMPLES = 500
 
@@ -100,7 +101,7 @@ def test_unknown_device_lists_available(fmnist_program: DeviceProgram) -> None:
 def test_no_platform_says_how_to_install_pocl(tmp_path: Path) -> None:
     """With an empty ICD vendor folder the loader finds no platform: one clear line, no traceback."""
     env = dict(os.environ, OCL_ICD_VENDORS=str(tmp_path))
-    code = "from ddnn_gen.device_opencl import select_device\nselect_device()"
+    code = "from ddnn_gen.device.opencl import select_device\nselect_device()"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "no OpenCL platform found" in result.stderr
@@ -144,7 +145,7 @@ def test_auto_placement_rule(fmnist_program: DeviceProgram) -> None:
     the exit only with the last layer; a layer 20x fmnist's conv1 goes to OpenCL."""
     from dataclasses import replace
 
-    from ddnn_gen.compile_opencl import OPENCL_STAGE_OVERHEAD_US, auto_placement, estimated_c_us
+    from ddnn_gen.codegen.opencl_target import OPENCL_STAGE_OVERHEAD_US, auto_placement, estimated_c_us
 
     costs = estimated_c_us(fmnist_program)
     flags = auto_placement(fmnist_program)

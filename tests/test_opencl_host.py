@@ -15,13 +15,21 @@ import numpy as np
 import pytest
 from conftest import require_tool
 
-from ddnn_gen import datasets, reference
-from ddnn_gen.cbuild import BuildError, build_project, run_runner
-from ddnn_gen.compile_c import compile_c
-from ddnn_gen.compile_opencl import OCL_RUNNER, build_opencl_runner, compile_opencl, run_opencl_runner
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.samples import write_samples
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.codegen.opencl_target import compile_opencl
+from ddnn_gen.codegen.toolchain import (
+    OCL_RUNNER,
+    BuildError,
+    build_opencl_runner,
+    build_project,
+    run_opencl_runner,
+    run_runner,
+)
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.model import datasets
+from ddnn_gen.model.modelfile import load_model
 
 CI_SAMPLES = 500
 

@@ -15,12 +15,12 @@ import chainer
 import numpy as np
 import pytest
 
-from ddnn_gen import reference
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.links import input_to_float, max_pool
-from ddnn_gen.modelfile import load_model, save_model
-from ddnn_gen.network import DDNN
-from ddnn_gen.spec import parse_spec
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.model.links import input_to_float, max_pool
+from ddnn_gen.model.modelfile import load_model, save_model
+from ddnn_gen.model.network import DDNN
+from ddnn_gen.model.spec import parse_spec
 
 pytest.importorskip("pyopencl")
 
@@ -112,7 +112,7 @@ def test_random_models_have_both_bit_values(shape_programs: dict[str, DeviceProg
 
 @pytest.mark.parametrize("placement", ["all", "alternate"])
 def test_random_shapes_bit_exact_pyopencl(shape_programs: dict[str, DeviceProgram], placement: str) -> None:
-    from ddnn_gen.device_opencl import OpenCLDevice
+    from ddnn_gen.device.opencl import OpenCLDevice
 
     for name, program in shape_programs.items():
         images = random_images(program, 40, 2)
@@ -140,8 +140,8 @@ def test_kernels_build_without_warnings(shape_programs: dict[str, DeviceProgram]
     """-Werror: a warning on PoCL's clang is a likely error on a stricter GPU compiler."""
     import pyopencl as cl
 
-    from ddnn_gen.compile_opencl import render_kernels
-    from ddnn_gen.device_opencl import select_device
+    from ddnn_gen.codegen.opencl_target import render_kernels
+    from ddnn_gen.device.opencl import select_device
 
     context = cl.Context([select_device()])
     for program in [fold(load_model(fmnist_model_path)), *shape_programs.values()]:

@@ -28,7 +28,7 @@ def test_wheel_contains_templates_runtime_and_server(tmp_path: Path) -> None:
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True)
-    probe = ("import ddnn_gen.resources as r; print(r.templates_dir()); print(r.c_runtime_dir())")
+    probe = ("import ddnn_gen.codegen.resources as r; print(r.templates_dir()); print(r.c_runtime_dir())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert all(path.startswith(str(site)) for path in out), out

@@ -1,4 +1,4 @@
-"""Offline tests of the wire format (ddnn_gen/protocol.py): byte layout, round trips, rejections."""
+"""Offline tests of the wire format (ddnn_gen/wire/codec.py, wire/topics.py): byte layout, round trips, rejections."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from ddnn_gen import protocol
-from ddnn_gen.fold import pack_bits
-from ddnn_gen.protocol import Packing, ProtocolError, Reply, RequestHeader, Status
+from ddnn_gen.fold.program import pack_bits
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.codec import Packing, ProtocolError, Reply, RequestHeader, Status
 
 HASH = bytes(range(16))
 
@@ -26,8 +26,8 @@ def _bits(channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def test_request_layout_is_fixed_little_endian() -> None:
     header = _header()
-    data = protocol.encode_request(header, _bits(33, 2, 3))
-    assert protocol.REQUEST_HEADER_BYTES == 88
+    data = codec.encode_request(header, _bits(33, 2, 3))
+    assert codec.REQUEST_HEADER_BYTES == 88
     assert data[:4] == b"DDNQ" and data[4] == 1 and data[5] == Packing.BITS_U64
     assert struct.unpack_from("<H", data, 6)[0] == 88
     assert data[8:24] == HASH
@@ -40,7 +40,7 @@ def test_request_layout_is_fixed_little_endian() -> None:
 @pytest.mark.parametrize("channels", [1, 31, 32, 33, 64, 65, 128])
 def test_request_round_trip(channels: int) -> None:
     split = _bits(channels, 3, 2, seed=channels)
-    decoded = protocol.decode_request(protocol.encode_request(_header(channels, 3, 2), split))
+    decoded = codec.decode_request(codec.encode_request(_header(channels, 3, 2), split))
     assert decoded.header == _header(channels, 3, 2)
     np.testing.assert_array_equal(decoded.payload, split)
 
@@ -48,10 +48,10 @@ def test_request_round_trip(channels: int) -> None:
 def test_float_packing_round_trip_and_non_finite() -> None:
     values = np.linspace(-1, 1, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     header = _header(4, 2, 3, Packing.FLOAT32)
-    np.testing.assert_array_equal(protocol.decode_request(protocol.encode_request(header, values)).payload, values)
+    np.testing.assert_array_equal(codec.decode_request(codec.encode_request(header, values)).payload, values)
     values[1, 2, 3] = np.nan
     with pytest.raises(ProtocolError) as error:
-        protocol.decode_request(protocol.encode_request(header, values))
+        codec.decode_request(codec.encode_request(header, values))
     assert error.value.status == Status.NON_FINITE and error.value.request_id == header.request_id
 
 
@@ -68,9 +68,9 @@ def test_float_packing_round_trip_and_non_finite() -> None:
     (lambda d: d[:56] + bytes(32) + d[88:], Status.MALFORMED),  # no device id
 ])
 def test_bad_requests_are_rejected_with_a_status(mutate: object, status: Status) -> None:
-    data = protocol.encode_request(_header(), _bits(33, 2, 3))
+    data = codec.encode_request(_header(), _bits(33, 2, 3))
     with pytest.raises(ProtocolError) as error:
-        protocol.decode_request(mutate(data))  # type: ignore[operator]
+        codec.decode_request(mutate(data))  # type: ignore[operator]
     assert error.value.status == status
 
 
@@ -78,14 +78,14 @@ def test_padding_bits_must_be_zero() -> None:
     split = _bits(33, 2, 3)
     split[1, 1, 0] |= np.uint64(1) << np.uint64(40)  # channel 40 does not exist
     with pytest.raises(ProtocolError) as error:
-        protocol.decode_request(protocol.encode_request(_header(), split))
+        codec.decode_request(codec.encode_request(_header(), split))
     assert error.value.status == Status.SHAPE_MISMATCH
 
 
 def test_oversized_rejected_before_decoding() -> None:
-    data = protocol.encode_request(_header(), _bits(33, 2, 3)) + bytes(10_000_000)
+    data = codec.encode_request(_header(), _bits(33, 2, 3)) + bytes(10_000_000)
     with pytest.raises(ProtocolError) as error:
-        protocol.decode_request_header(data, max_bytes=1 << 20)
+        codec.decode_request_header(data, max_bytes=1 << 20)
     assert error.value.status == Status.TOO_LARGE
     assert (error.value.request_id, error.value.device_id) == (0x0102030405060708, "dev-1")
 
@@ -98,45 +98,45 @@ def test_random_bytes_never_crash() -> None:
             if length >= 4 and rng.random() < 0.5:
                 data = b"DDNQ" + data[4:]
             try:
-                protocol.decode_request(data)
+                codec.decode_request(data)
             except ProtocolError as error:
                 assert isinstance(error.status, Status)
 
 
 def test_encode_rejects_wrong_payload_and_device_id() -> None:
     with pytest.raises(ValueError):
-        protocol.encode_request(_header(), _bits(33, 2, 2))
+        codec.encode_request(_header(), _bits(33, 2, 2))
     with pytest.raises(ValueError):
-        protocol.encode_request(RequestHeader(HASH, 2, 33, 2, 3, 1, "x" * 33), _bits(33, 2, 3))
+        codec.encode_request(RequestHeader(HASH, 2, 33, 2, 3, 1, "x" * 33), _bits(33, 2, 3))
     with pytest.raises(ValueError):
-        protocol.check_device_id("a/b")
+        topics.check_device_id("a/b")
 
 
 def test_reply_round_trip_and_layout() -> None:
     reply = Reply(42, Status.OK, 7, ((7, 0.75), (2, 0.125)), server_us=1500, queue_us=300)
-    data = protocol.encode_reply(reply)
+    data = codec.encode_reply(reply)
     assert data[:4] == b"DDNR" and len(data) == 32 + 2 * 8
     assert struct.unpack_from("<BBHQiIIHH", data, 4) == (1, 0, 2, 42, 7, 1500, 300, 0, 0)
-    assert protocol.decode_reply(data) == reply
+    assert codec.decode_reply(data) == reply
     error = Reply(9, Status.UNKNOWN_MODEL, message="unknown model hash ab")
-    assert protocol.decode_reply(protocol.encode_reply(error)) == error
+    assert codec.decode_reply(codec.encode_reply(error)) == error
     with pytest.raises(ProtocolError):
-        protocol.decode_reply(data[:-1])
+        codec.decode_reply(data[:-1])
 
 
 def test_topics_and_thresholds() -> None:
-    assert protocol.request_topic(HASH, "cam-1") == "ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1"
-    assert protocol.request_subscription(HASH, "g") == "$share/g/ddnn/req/000102030405060708090a0b0c0d0e0f/+"
-    assert protocol.parse_request_topic("ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1") == (HASH.hex(), "cam-1")
+    assert topics.request_topic(HASH, "cam-1") == "ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1"
+    assert topics.request_subscription(HASH, "g") == "$share/g/ddnn/req/000102030405060708090a0b0c0d0e0f/+"
+    assert topics.parse_request_topic("ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1") == (HASH.hex(), "cam-1")
     prefix = "ddnn/req/000102030405060708090a0b0c0d0e0f"
     for bad in (prefix, "ddnn/req/0001/cam", "ddnn/reply/x/y", prefix + "/a b", prefix + "/" + "x" * 33,
                 prefix + "/cam/extra", prefix.upper() + "/cam"):
-        assert protocol.parse_request_topic(bad) is None, bad
-    assert protocol.threshold_topic(HASH) == "ddnn/threshold/000102030405060708090a0b0c0d0e0f"
-    assert protocol.threshold_topic(HASH, "d7") == "ddnn/threshold/000102030405060708090a0b0c0d0e0f/d7"
-    assert protocol.decode_threshold(protocol.encode_threshold(0.25)) == 0.25
-    assert protocol.decode_threshold(b"") is None
-    assert protocol.decode_threshold(b"nan") is None
-    assert protocol.decode_threshold(b"-1") is None
+        assert topics.parse_request_topic(bad) is None, bad
+    assert topics.threshold_topic(HASH) == "ddnn/threshold/000102030405060708090a0b0c0d0e0f"
+    assert topics.threshold_topic(HASH, "d7") == "ddnn/threshold/000102030405060708090a0b0c0d0e0f/d7"
+    assert codec.decode_threshold(codec.encode_threshold(0.25)) == 0.25
+    assert codec.decode_threshold(b"") is None
+    assert codec.decode_threshold(b"nan") is None
+    assert codec.decode_threshold(b"-1") is None
     with pytest.raises(ValueError):
-        protocol.encode_threshold(float("inf"))
+        codec.encode_threshold(float("inf"))

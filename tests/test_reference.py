@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from _checks import assert_reference_matches_chainer, chainer_device_bits
 
-from ddnn_gen import datasets, reference
-from ddnn_gen.fold import fold, pack_bits, unpack_bits
-from ddnn_gen.modelfile import load_model
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import fold, pack_bits, unpack_bits
+from ddnn_gen.model import datasets
+from ddnn_gen.model.modelfile import load_model
 
 
 def test_pack_unpack_round_trip() -> None:
@@ -86,7 +87,7 @@ def test_normalized_entropy_edges() -> None:
 
 
 def test_threshold_margin_reported(fmnist_model_path: Path, fmnist_test: datasets.Dataset) -> None:
-    from ddnn_gen.evaluate import threshold_margin
+    from ddnn_gen.model.evaluate import threshold_margin
 
     program = fold(load_model(fmnist_model_path))
     result = reference.run_device(program, fmnist_test.images[:2000])

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ddnn_gen.cli import cli
-from ddnn_gen.samples import HEADER_BYTES, SampleFileError, read_samples, write_samples
+from ddnn_gen.device.samples import HEADER_BYTES, SampleFileError, read_samples, write_samples
 
 
 def test_round_trip_and_layout(tmp_path: Path) -> None:

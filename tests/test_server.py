@@ -1,4 +1,4 @@
-"""ddnn-server end to end through a real Mosquitto, driven by simulated devices (ddnn_gen/device_sim.py)."""
+"""ddnn-server end to end through a real Mosquitto, driven by simulated devices (ddnn_gen/device/simulated.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from conftest import require_tool
 from net_harness import Expected, RawClient, ServerProcess, expectations
 
-from ddnn_gen import protocol
-from ddnn_gen.broker import Broker
-from ddnn_gen.device_sim import run_devices, split_header
-from ddnn_gen.protocol import Packing, RequestHeader, Status
+from ddnn_gen.device.simulated import run_devices, split_header
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.codec import Packing, RequestHeader, Status
 
 N_SAMPLES = 1000
 
@@ -78,7 +78,7 @@ def test_threshold_decides_local_or_server(broker: Broker, expected: Expected, f
 
 def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Status]]:
     program, model_hash = expected.program, expected.loaded.hash_bytes
-    good = protocol.encode_request(split_header(program, model_hash, 1, device_id), expected.device.split_words[0])
+    good = codec.encode_request(split_header(program, model_hash, 1, device_id), expected.device.split_words[0])
     height, width, channels = program.split_hwc
     wrong_shape = RequestHeader(model_hash, len(program.layers), channels + 64, height, width, 1, device_id)
     rng = np.random.default_rng(0)
@@ -87,10 +87,10 @@ def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Sta
         ("truncated", good[:-40], Status.MALFORMED),
         ("10 MB", good + bytes(10 * 1024 * 1024), Status.TOO_LARGE),
         ("wrong hash", good[:8] + bytes(16) + good[24:], Status.UNKNOWN_MODEL),
-        ("wrong shape", protocol.encode_request(wrong_shape, np.zeros((height, width, 2), np.uint64)),
+        ("wrong shape", codec.encode_request(wrong_shape, np.zeros((height, width, 2), np.uint64)),
          Status.SHAPE_MISMATCH),
         ("wrong split layer", good[:24] + b"\x07\x00" + good[26:], Status.SHAPE_MISMATCH),
-        ("non-finite", protocol.encode_request(RequestHeader(model_hash, len(program.layers), channels, height,
+        ("non-finite", codec.encode_request(RequestHeader(model_hash, len(program.layers), channels, height,
                                                              width, 1, device_id, 0, Packing.FLOAT32), nan_values),
          Status.NON_FINITE),
         ("random bytes", rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), Status.BAD_MAGIC),
@@ -101,7 +101,7 @@ def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Sta
 
 
 def _with_header_device_id(request: bytes, raw_id: bytes) -> bytes:
-    field = raw_id[:protocol.DEVICE_ID_BYTES].ljust(protocol.DEVICE_ID_BYTES, b"\0")
+    field = raw_id[:codec.DEVICE_ID_BYTES].ljust(codec.DEVICE_ID_BYTES, b"\0")
     return request[:56] + field + request[88:]
 
 
@@ -113,7 +113,7 @@ def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broke
         _run(broker, expected, 3, 150, all_to_server=True, timeout_s=30.0)))
     flowing.start()
     bad = RawClient(broker.host, broker.port, "bad-sender")
-    topic = protocol.request_topic(expected.loaded.hash_bytes, bad.device_id)
+    topic = topics.request_topic(expected.loaded.hash_bytes, bad.device_id)
     try:
         for round_ in range(3):
             for name, payload, status in _malformed(expected, bad.device_id):
@@ -122,12 +122,12 @@ def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broke
                 assert reply is not None, f"no reply to the {name} request (round {round_})"
                 assert reply.status == status, f"{name}: got {reply.status.name}: {reply.message}"
                 assert reply.message
-                if len(payload) >= protocol.REQUEST_HEADER_BYTES and payload[:4] == protocol.REQUEST_MAGIC:
+                if len(payload) >= codec.REQUEST_HEADER_BYTES and payload[:4] == codec.REQUEST_MAGIC:
                     assert reply.request_id == 1, name
         # Servers subscribe only to the models they hold: a request for another model reaches none of them
         # (the device answers it locally when its timeout expires), and no server answers UNKNOWN_MODEL
         # for a model another server of the group may hold.
-        bad.publish(protocol.request_topic(bytes(16), bad.device_id), os.urandom(100))
+        bad.publish(topics.request_topic(bytes(16), bad.device_id), os.urandom(100))
         assert bad.next_reply(1.0) is None
     finally:
         bad.close()
@@ -174,7 +174,7 @@ def test_server_rejects_bad_arguments(tmp_path: object) -> None:
 
 
 def test_server_without_broker_says_it_is_waiting_not_ready(fmnist_model_path: object) -> None:
-    from ddnn_gen.broker import free_port
+    from ddnn_gen.wire.broker import free_port
 
     server = ServerProcess(f"127.0.0.1:{free_port()}", fmnist_model_path, workers=1)
     with pytest.raises(RuntimeError, match="did not become ready"):
@@ -185,7 +185,7 @@ def test_server_without_broker_says_it_is_waiting_not_ready(fmnist_model_path: o
 
 def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object) -> None:
     require_tool("mosquitto")
-    from ddnn_gen.broker import free_port
+    from ddnn_gen.wire.broker import free_port
 
     port = free_port()
     server = ServerProcess(f"127.0.0.1:{port}", fmnist_model_path, workers=1)
@@ -215,19 +215,19 @@ def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
     model_hash = expected.loaded.hash_bytes
     server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test").start()
     bad = RawClient(broker.host, broker.port, "bad-sender")
-    good = protocol.encode_request(split_header(expected.program, model_hash, 5, bad.device_id),
+    good = codec.encode_request(split_header(expected.program, model_hash, 5, bad.device_id),
                                    expected.device.split_words[0])
     try:
         for raw_id in POISON_IDS:
-            bad.publish(protocol.request_topic(model_hash, bad.device_id), _with_header_device_id(good, raw_id))
+            bad.publish(topics.request_topic(model_hash, bad.device_id), _with_header_device_id(good, raw_id))
             reply = bad.next_reply(10.0)
             assert reply is not None and reply.status == Status.MALFORMED, (raw_id, reply)
             assert reply.request_id == 5
         for topic_id in POISON_TOPIC_IDS:
-            bad.publish(f"ddnn/req/{protocol.model_key(model_hash)}/{topic_id}", good)
+            bad.publish(f"ddnn/req/{topics.model_key(model_hash)}/{topic_id}", good)
         # A control character in a topic: the broker itself disconnects that publisher.
         rogue = RawClient(broker.host, broker.port, "rogue")
-        rogue._client.publish(f"ddnn/req/{protocol.model_key(model_hash)}/a\x01b", good, qos=1)
+        rogue._client.publish(f"ddnn/req/{topics.model_key(model_hash)}/a\x01b", good, qos=1)
         assert rogue.disconnected.wait(5)
         rogue.close()
         assert bad.next_reply(1.0) is None  # nothing was answered to anyone

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ddnn_gen.errors import ModelFileError
-from ddnn_gen.protocol import Packing, ProtocolError, RequestHeader, Status
-from ddnn_gen.reference import run_device
+from ddnn_gen.fold.reference import run_device
+from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
 from ddnn_server.batching import Batcher, Job
 from ddnn_server.store import ModelStore
 

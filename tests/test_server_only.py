@@ -15,14 +15,15 @@ import pytest
 from conftest import require_tool
 from net_harness import ServerProcess
 
-from ddnn_gen import cbuild, protocol
-from ddnn_gen.broker import Broker
-from ddnn_gen.compile_c import compile_c
-from ddnn_gen.device_sim import SimDevice
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.network import predict
-from ddnn_gen.protocol import Packing, ProtocolError, RequestHeader, Status
-from ddnn_gen.samples import write_samples
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.device.simulated import SimDevice
+from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.model.network import predict
+from ddnn_gen.wire import codec
+from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
 
 N_SAMPLES = 300
 HASH = bytes(range(16))
@@ -36,12 +37,12 @@ def _raw_header(channels: int = 1, height: int = 28, width: int = 28, split_laye
 
 def test_raw_request_round_trip_and_layout() -> None:
     image = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
-    data = protocol.encode_request(_raw_header(), image)
-    assert len(data) == protocol.REQUEST_HEADER_BYTES + 784
+    data = codec.encode_request(_raw_header(), image)
+    assert len(data) == codec.REQUEST_HEADER_BYTES + 784
     assert data[5] == Packing.RAW_U8 == 3 and data[24:26] == b"\0\0"
     assert int.from_bytes(data[48:52], "little") == 784
-    assert data[protocol.REQUEST_HEADER_BYTES:] == image.tobytes()  # HWC, no conversion
-    decoded = protocol.decode_request(data)
+    assert data[codec.REQUEST_HEADER_BYTES:] == image.tobytes()  # HWC, no conversion
+    decoded = codec.decode_request(data)
     assert decoded.header == _raw_header()
     assert decoded.payload.dtype == np.uint8 and np.array_equal(decoded.payload, image)
 
@@ -49,10 +50,10 @@ def test_raw_request_round_trip_and_layout() -> None:
 def test_raw_request_must_start_at_layer_zero_and_match_its_length() -> None:
     image = np.zeros((28, 28, 1), dtype=np.uint8)
     with pytest.raises(ProtocolError) as error:
-        protocol.decode_request(protocol.encode_request(_raw_header(split_layer=2), image))
+        codec.decode_request(codec.encode_request(_raw_header(split_layer=2), image))
     assert error.value.status == Status.SHAPE_MISMATCH and error.value.request_id == 7
     with pytest.raises(ProtocolError) as error:
-        protocol.decode_request(protocol.encode_request(_raw_header(), image)[:-1])
+        codec.decode_request(codec.encode_request(_raw_header(), image)[:-1])
     assert error.value.status == Status.MALFORMED
 
 
@@ -78,7 +79,7 @@ def test_c_runner_server_only_equals_chainer_full_model(tmp_path: Path, broker: 
     images = fmnist_test.images[:N_SAMPLES]  # type: ignore[attr-defined]
     labels = fmnist_test.labels[:N_SAMPLES]  # type: ignore[attr-defined]
     compile_c(fmnist_model_path, tmp_path / "proj")
-    binary = cbuild.build_project(tmp_path / "proj", target="net", sanitize=True)
+    binary = toolchain.build_project(tmp_path / "proj", target="net", sanitize=True)
     samples = tmp_path / "s.ddns"
     write_samples(samples, images, labels)
     out = tmp_path / "r.csv"

@@ -11,8 +11,8 @@ import pytest
 from conftest import require_tool
 from net_harness import Expected, ServerProcess, expectations
 
-from ddnn_gen.broker import Broker
-from ddnn_gen.device_sim import run_devices
+from ddnn_gen.device.simulated import run_devices
+from ddnn_gen.wire.broker import Broker
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 from _checks import assert_reference_matches_chainer
 
-from ddnn_gen import datasets
-from ddnn_gen.evaluate import compute_outputs, metrics_at
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.spec import parse_spec
-from ddnn_gen.train import TrainConfig, train
+from ddnn_gen.fold.exits import compute_outputs
+from ddnn_gen.model import datasets
+from ddnn_gen.model.evaluate import metrics_at
+from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.model.spec import parse_spec
+from ddnn_gen.model.train import TrainConfig, train
 
 
 def odd_spec(height: int, width: int) -> dict[str, Any]:
@@ -74,11 +75,11 @@ def test_progress_without_a_terminal_is_periodic_lines(fmnist_test: datasets.Dat
                                                        caplog: Any, capsys: Any) -> None:
     import logging
 
-    from ddnn_gen import train as train_module
+    from ddnn_gen.model import train as train_module
 
     monkeypatch.setattr(train_module, "PROGRESS_LINE_S", 0.0)  # a line at every batch, to see them in a short run
     spec = parse_spec(odd_spec(28, 28))
-    with caplog.at_level(logging.INFO, logger="ddnn_gen.train"):
+    with caplog.at_level(logging.INFO, logger="ddnn_gen.model.train"):
         train(spec, fmnist_test.subset(64), TrainConfig(epochs=1, batch_size=16, progress=True))
     lines = [record.getMessage() for record in caplog.records if "batches" in record.getMessage()]
     assert lines and lines[0].startswith("epoch 1/1: 1/4 batches (25%), loss ")

@@ -37,8 +37,8 @@ def bench(models: tuple[Path, ...], out_dir: Path, samples: int, thresholds: tup
           as_json: bool) -> None:
     """Measure MODELS end to end (C device program, Mosquitto, ddnn-server): time decomposition, accuracy
     and exit rates per threshold, bytes on the wire, server load; writes Markdown tables, JSON and PNGs."""
-    from ddnn_gen.bench_report import write_report
-    from ddnn_gen.bench_system import BenchConfig, clean_json, run_bench, write_json
+    from ddnn_gen.bench.report import write_report
+    from ddnn_gen.bench.system import BenchConfig, clean_json, run_bench, write_json
 
     config = BenchConfig(models=list(models), out_dir=out_dir, samples=samples, thresholds=tuple(thresholds),
                          workloads=tuple(workloads), step_s=step_s, p99_bound_ms=p99_bound_ms,

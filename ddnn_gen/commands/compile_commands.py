@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ddnn_gen import targets
+from ddnn_gen.codegen import targets
 from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP
 
 log = logging.getLogger(__name__)

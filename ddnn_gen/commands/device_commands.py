@@ -11,9 +11,11 @@ from typing import Any, TextIO
 import click
 import numpy as np
 
-from ddnn_gen import datasets, targets
+from ddnn_gen.codegen.targets import RegistryChoice
 from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option
-from ddnn_gen.samples import write_samples
+from ddnn_gen.device import impls
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.model import datasets
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def write_results_csv(handle: TextIO, labels: np.ndarray, result: Any) -> None:
 
 @click.command("run-device")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--impl", type=targets.RegistryChoice(targets.device_impls), default="numpy", show_default=True,
+@click.option("--impl", type=RegistryChoice(impls.device_impls), default="numpy", show_default=True,
               help="Which implementation of the device part runs.")
 @click.option("--dataset", type=click.Choice(datasets.DATASETS), default=None,
               help="Dataset (default: the one the model was trained on).")
@@ -75,8 +77,8 @@ def write_results_csv(handle: TextIO, labels: np.ndarray, result: Any) -> None:
 def run_device(model: str, impl: str, dataset: str | None, split_name: str, count: int | None, offset: int,
                data_dir: str | None, threshold: float | None, out: str | None) -> None:
     """Run MODEL's device part on a dataset; print per-sample class, entropy and exit decision."""
-    from ddnn_gen.fold import fold
-    from ddnn_gen.modelfile import load_model
+    from ddnn_gen.fold.program import fold
+    from ddnn_gen.model.modelfile import load_model
 
     program = fold(load_model(model), threshold)
     dataset = dataset or program.spec.dataset
@@ -84,7 +86,7 @@ def run_device(model: str, impl: str, dataset: str | None, split_name: str, coun
         raise click.UsageError(f"{model} names no dataset; pass --dataset")
     data = _load(dataset, split_name, count, offset, data_dir)
     check_dataset_shape(program.spec, data)
-    result = targets.device_impls()[impl].function(program, data.images, program.threshold)
+    result = impls.device_impls()[impl].function(program, data.images, program.threshold)
     if out is None:
         write_results_csv(sys.stdout, data.labels, result)
     else:

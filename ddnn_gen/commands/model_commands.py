@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from ddnn_gen import datasets, zoo
 from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option, writable_file
 from ddnn_gen.errors import DdnnError
-from ddnn_gen.spec import ModelSpec, load_spec_file, parse_spec
+from ddnn_gen.fold import exits
+from ddnn_gen.model import datasets, zoo
+from ddnn_gen.model.spec import ModelSpec, load_spec_file, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
                   max_steps: int | None, train_count: int | None, resume: bool, progress: bool,
                   data_dir: str | None) -> None:
     """Jointly train all exits of a DDNN and write a self-describing model file."""
-    from ddnn_gen.train import TrainConfig, train
+    from ddnn_gen.model.train import TrainConfig, train
 
     spec = _spec_from(zoo_name, filters, arch)
     out_path = writable_file(out, "-o")
@@ -87,7 +88,7 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
     check_dataset_shape(spec, train_set)
     if progress:
         # Progress and epoch lines are INFO records of the trainer; show them without -v.
-        logging.getLogger("ddnn_gen.train").setLevel(logging.INFO)
+        logging.getLogger("ddnn_gen.model.train").setLevel(logging.INFO)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, loss_weights=weights,
                          max_steps=max_steps, progress=progress, lr_decay_epochs=decay)
     result = train(spec, train_set, config, out=out_path, resume=resume)
@@ -98,7 +99,7 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
 
 
 def _check_resumable(out: Path) -> None:
-    from ddnn_gen.train import optimizer_path
+    from ddnn_gen.model.train import optimizer_path
 
     if not out.exists():
         raise click.UsageError(f"--resume: {out} does not exist; leave out --resume to start training")
@@ -133,8 +134,8 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
                  dataset_name: str | None, split: str, count: int | None, as_json: bool,
                  sweep_prefix: str | None, data_dir: str | None) -> None:
     """Local / Server / Overall / Ideal accuracy and exit rates per threshold."""
-    from ddnn_gen import evaluate
-    from ddnn_gen.modelfile import load_model
+    from ddnn_gen.model import evaluate
+    from ddnn_gen.model.modelfile import load_model
 
     loaded = load_model(model, arch)
     values = list(thresholds) + list(more_thresholds) or [loaded.spec.threshold]
@@ -143,7 +144,7 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
         raise click.UsageError(f"{model} names no dataset; pass --dataset")
     dataset = datasets.load(dataset_name, split, data_dir).subset(count)
     check_dataset_shape(loaded.spec, dataset)
-    outputs = evaluate.compute_outputs(loaded, dataset)
+    outputs = exits.compute_outputs(loaded, dataset)
     rows = [evaluate.metrics_at(outputs, value) for value in values]
     margins = {value: evaluate.threshold_margin(outputs.entropy, value) for value in values}
     if sweep_prefix:
@@ -179,8 +180,8 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
 def calibrate_command(model: str, target_exit_rate: float | None, min_accuracy: float | None, val_count: int,
                       out: str | None, data_dir: str | None) -> None:
     """Choose the local-exit threshold on a validation split and store it in the model file."""
-    from ddnn_gen import evaluate
-    from ddnn_gen.modelfile import load_model, save_model
+    from ddnn_gen.model import evaluate
+    from ddnn_gen.model.modelfile import load_model, save_model
 
     if (target_exit_rate is None) == (min_accuracy is None):
         raise click.UsageError("give exactly one of --target-exit-rate and --min-accuracy")
@@ -192,7 +193,7 @@ def calibrate_command(model: str, target_exit_rate: float | None, min_accuracy: 
     train_set = datasets.load(loaded.spec.dataset, "train", data_dir)
     check_dataset_shape(loaded.spec, train_set)
     val = train_set.subset(val_count, offset=max(0, len(train_set) - val_count))
-    outputs = evaluate.compute_outputs(loaded, val)
+    outputs = exits.compute_outputs(loaded, val)
     result = evaluate.calibrate(outputs, target_exit_rate, min_accuracy)
     save_model(out or model, loaded.model, loaded.spec.with_threshold(result.threshold))
     click.echo(f"threshold {result.threshold:.6f} ({result.goal}) on {len(val)} validation samples: "

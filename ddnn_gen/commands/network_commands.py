@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ddnn_gen import datasets, protocol
-from ddnn_gen.broker import BrokerError, parse_broker
 from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option
+from ddnn_gen.model import datasets
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.broker import BrokerError, parse_broker
 
 _broker_option = click.option("--broker", "broker_address", default="127.0.0.1:1883", show_default=True,
                               metavar="HOST:PORT", help="MQTT broker.")
@@ -21,7 +22,7 @@ def model_wire_hash(model: str) -> bytes:
     """A model file's 16 wire hash bytes, or the bytes of a 32-hex-digit key given directly."""
     if re.fullmatch(r"[0-9a-fA-F]{32}", model) and not Path(model).exists():
         return bytes.fromhex(model)
-    from ddnn_gen.modelfile import load_model
+    from ddnn_gen.model.modelfile import load_model
 
     return load_model(model).hash_bytes
 
@@ -62,8 +63,8 @@ def threshold_group() -> None:
 def threshold_set(model: str, value: float, device_id: str | None, broker_address: str) -> None:
     """Publish VALUE (a number in [0, 1]) as the retained threshold of MODEL (model file or 32-hex wire
     hash); devices apply it between samples."""
-    topic = protocol.threshold_topic(model_wire_hash(model), device_id)
-    payload = protocol.encode_threshold(value)
+    topic = topics.threshold_topic(model_wire_hash(model), device_id)
+    payload = codec.encode_threshold(value)
     publish_retained(broker_address, topic, payload)
     click.echo(f"{topic} = {payload.decode()}")
 
@@ -74,7 +75,7 @@ def threshold_set(model: str, value: float, device_id: str | None, broker_addres
 @_broker_option
 def threshold_clear(model: str, device_id: str | None, broker_address: str) -> None:
     """Remove a retained threshold: devices go back to the model-wide one or their built-in default."""
-    topic = protocol.threshold_topic(model_wire_hash(model), device_id)
+    topic = topics.threshold_topic(model_wire_hash(model), device_id)
     publish_retained(broker_address, topic, b"")
     click.echo(f"{topic} cleared")
 
@@ -96,10 +97,10 @@ def threshold_clear(model: str, device_id: str | None, broker_address: str) -> N
 def device_sim(model: str, broker_address: str | None, devices: int, requests: int, dataset: str | None, count: int,
                data_dir: str | None, timeout_ms: int, window: int, all_to_server: bool) -> None:
     """Simulate DEVICES devices running the NumPy reference of MODEL against ddnn-server."""
-    from ddnn_gen.device_sim import run_devices
-    from ddnn_gen.fold import fold
-    from ddnn_gen.modelfile import load_model
-    from ddnn_gen.reference import run_device
+    from ddnn_gen.device.simulated import run_devices
+    from ddnn_gen.fold.program import fold
+    from ddnn_gen.fold.reference import run_device
+    from ddnn_gen.model.modelfile import load_model
 
     host, port = parse_broker(broker_address or "127.0.0.1:1883")
     loaded = load_model(model)
@@ -139,7 +140,7 @@ def device_sim(model: str, broker_address: str | None, devices: int, requests: i
 def demo(model_path: str | None, count: int, threshold: float | None, workers: int, timeout_ms: int,
          broker_address: str | None) -> None:
     """Whole path: C device program -> MQTT -> ddnn-server, on real test images."""
-    from ddnn_gen.demo import DEFAULT_MODEL, run_demo
+    from ddnn_gen.bench.demo import DEFAULT_MODEL, run_demo
 
     started = time.monotonic()
     where = broker_address or "a private Mosquitto on a free loopback port"

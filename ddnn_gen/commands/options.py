@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from ddnn_gen.datasets import Dataset
 from ddnn_gen.errors import DdnnError, SpecError
-from ddnn_gen.spec import THRESHOLD_RULE, ModelSpec, parse_threshold_text
+from ddnn_gen.model.datasets import Dataset
+from ddnn_gen.model.spec import THRESHOLD_RULE, ModelSpec, parse_threshold_text
 
 
 class ThresholdType(click.ParamType):

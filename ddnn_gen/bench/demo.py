@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ddnn_gen import cbuild, datasets, evaluate, reference
-from ddnn_gen.broker import Broker, parse_broker
-from ddnn_gen.compile_c import compile_c
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.device.samples import write_samples
 from ddnn_gen.errors import DdnnError
-from ddnn_gen.fold import fold
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.samples import write_samples
+from ddnn_gen.fold import exits, reference
+from ddnn_gen.fold.program import fold
+from ddnn_gen.model import datasets, evaluate
+from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.wire.broker import Broker, parse_broker
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
         work = Path(work_dir) if work_dir else Path(tmp)
         project = work / "device"
         compile_c(model, project)
-        binary = cbuild.build_project(project, target="net")
+        binary = toolchain.build_project(project, target="net")
         samples = work / "samples.ddns"
         write_samples(samples, images, labels)
         results = work / "results.csv"
@@ -120,7 +122,7 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
     remote = ~local
     correct = final == labels
     device = reference.run_device(program, images)
-    server_class = evaluate.server_classes(loaded, program, device.split_words)
+    server_class = exits.server_classes(loaded, program, device.split_words)
     outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class, program.split_words * 8,
                                    program.weight_bytes)
     expected = evaluate.metrics_at(outputs, threshold)

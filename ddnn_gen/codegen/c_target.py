@@ -20,11 +20,12 @@ import click
 import jinja2
 import numpy as np
 
-from ddnn_gen import __version__, targets
+from ddnn_gen import __version__
+from ddnn_gen.codegen import targets
+from ddnn_gen.codegen.resources import c_runtime_dir, templates_dir
 from ddnn_gen.errors import CompileError
-from ddnn_gen.fold import DeviceProgram, FoldedLayer, fold, words_for
-from ddnn_gen.modelfile import load_model
-from ddnn_gen.resources import c_runtime_dir, templates_dir
+from ddnn_gen.fold.program import DeviceProgram, FoldedLayer, fold, words_for
+from ddnn_gen.model.modelfile import load_model
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +315,3 @@ targets.register_target(
     "c", compile_c, "portable C99 project (weights header, model, runner, Makefile)",
     options=[click.Option(["--measure-code/--no-measure-code"], default=True, show_default=True,
                           help="C target: build the model code for this host and report its size with `size`.")])
-
-
-def _c_impl(program: DeviceProgram, images_u8: np.ndarray, threshold: float | None = None) -> Any:
-    from ddnn_gen.cbuild import run_device_c
-
-    return run_device_c(program, images_u8, threshold)
-
-
-targets.register_impl("c", _c_impl, "the generated C program, built for this host and run on a sample file")

@@ -1,20 +1,20 @@
 """The whole system measured the way the adaptive-DDNN paper reports it (its Tables II-IV).
 
-Everything runs for real on this machine: a private Mosquitto (ddnn_gen.broker), the generated C
-networked device program (compile_c + cbuild, ``ddnn_device_net``), and a ``ddnn-server`` process.
+Everything runs for real on this machine: a private Mosquitto (ddnn_gen.wire.broker), the generated C
+networked device program (codegen.c_target + codegen.toolchain, ``ddnn_device_net``), and a ``ddnn-server`` process.
 
 * Time decomposition (Table II) per configuration: Device&Server at several thresholds and Server-only
   (``ddnn_device_net --server-only``: raw input, the server runs the whole model). Per sample, from the
   device program's CSV: T_Device (device compute), T_Server (server compute of the batch, from the reply),
   T_Comm (round trip minus server time: T_Total - T_Device - T_Server), T_Total (as the device sees it).
-* Accuracy and exit rates (Table III) of the same runs, next to ddnn_gen.evaluate on the same samples;
+* Accuracy and exit rates (Table III) of the same runs, next to ddnn_gen.model.evaluate on the same samples;
   bytes on the wire counted by a sniffing MQTT client subscribed to the request and reply topics.
 * Server load (Table IV): fresh ddnn-server processes serving W1/W2/W3 (2, 6, 10 models; the extra ones
   are differently seeded random-weight copies of the shipped architectures, written to a temp dir);
   process CPU time / wall and peak RSS (/proc), and the highest offered request rate (open loop, Python
   simulated devices) whose p99 round trip stays under a bound.
 
-Tables, plots and the JSON are written by ddnn_gen.bench_report.
+Tables, plots and the JSON are written by ddnn_gen.bench.report.
 """
 
 from __future__ import annotations
@@ -41,15 +41,19 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ddnn_gen import cbuild, datasets, evaluate, procstat, protocol, reference
-from ddnn_gen.broker import Broker
-from ddnn_gen.compile_c import compile_c
-from ddnn_gen.device_sim import SimDevice, split_header
+from ddnn_gen.bench import procstat
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.device.simulated import SimDevice, split_header
 from ddnn_gen.errors import DatasetError, DdnnError
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import LoadedModel, load_model, save_model
-from ddnn_gen.network import DDNN, predict
-from ddnn_gen.samples import write_samples
+from ddnn_gen.fold import exits, reference
+from ddnn_gen.fold.program import DeviceProgram, fold
+from ddnn_gen.model import datasets, evaluate
+from ddnn_gen.model.modelfile import LoadedModel, load_model, save_model
+from ddnn_gen.model.network import DDNN, predict
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +202,7 @@ class WireSniffer:
         self._lock = threading.Lock()
         self.reset()
         self._client.connect(host, port)
-        self._client.subscribe([(f"{protocol.TOPIC_ROOT}/req/+/+", 0), (f"{protocol.TOPIC_ROOT}/reply/+", 0)])
+        self._client.subscribe([(f"{topics.TOPIC_ROOT}/req/+/+", 0), (f"{topics.TOPIC_ROOT}/reply/+", 0)])
         self._client.loop_start()
         time.sleep(0.2)
 
@@ -247,7 +251,7 @@ def load_model_data(path: Path, samples: int, data_dir: str | None) -> ModelData
     data = datasets.load(name, "test", data_dir)
     images, labels = data.images[:samples], data.labels[:samples]
     device = reference.run_device(program, images)
-    server_class = evaluate.server_classes(loaded, program, device.split_words)
+    server_class = exits.server_classes(loaded, program, device.split_words)
     outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class,
                                    program.split_words * 8, program.weight_bytes)
     _, final_logits = predict(loaded.model, images)
@@ -324,8 +328,8 @@ def encoding_comparison(data: ModelData) -> dict[str, Any]:
         "raw_input_bytes": int(np.prod(data.images.shape[1:])),
         "raw_input_float32_bytes": int(np.prod(data.images.shape[1:]) * 4),
         "raw_input_text_bytes": _text_bytes(raw / 255.0),
-        "request_header_bytes": protocol.REQUEST_HEADER_BYTES,
-        "reply_payload_bytes": protocol.REPLY_HEADER_BYTES + 8 * min(REPLY_TOP_K, program.n_classes),
+        "request_header_bytes": codec.REQUEST_HEADER_BYTES,
+        "reply_payload_bytes": codec.REPLY_HEADER_BYTES + 8 * min(REPLY_TOP_K, program.n_classes),
     }
 
 
@@ -382,7 +386,7 @@ def bench_model(data: ModelData, work: Path, broker: Broker, server: ServerHandl
     name = data.loaded.spec.name
     project = work / f"device-{data.path.stem}"
     compile_c(data.path, project)
-    binary = cbuild.build_project(project, target="net", opt="-O2", extra_cflags=DEVICE_CFLAGS)
+    binary = toolchain.build_project(project, target="net", opt="-O2", extra_cflags=DEVICE_CFLAGS)
     samples = work / f"{data.path.stem}.ddns"
     write_samples(samples, data.images, data.labels)
     calibrated = float(data.program.threshold)
@@ -443,7 +447,7 @@ def workload_dir(base: list[ModelData], count: int, folder: Path, seed: int) -> 
             served.append((source.loaded.hash_bytes, source))
             continue
         digest = random_copy(source.loaded, seed + index, folder / f"random_{index}_{source.path.stem}.npz")
-        served.append((bytes.fromhex(digest)[:protocol.HASH_BYTES], source))
+        served.append((bytes.fromhex(digest)[:codec.HASH_BYTES], source))
     if len({key for key, _ in served}) != count:
         raise BenchError("random model copies collided in content hash")
     return served
@@ -465,8 +469,8 @@ def offered_load_step(devices: list[SimDevice], served: list[tuple[bytes, ModelD
         request_id = device.next_request_id()
         header = split_header(data.program, model_hash, request_id, device.device_id)
         split = data.split_words[i % len(data.split_words)]
-        waiter = device.send(protocol.encode_request(header, split), request_id,
-                             protocol.request_topic(model_hash, device.device_id))
+        waiter = device.send(codec.encode_request(header, split), request_id,
+                             topics.request_topic(model_hash, device.device_id))
         pending.append((device, request_id, waiter))
     send_end = time.monotonic()
     rtts, lost, errors = [], 0, 0
@@ -475,7 +479,7 @@ def offered_load_step(devices: list[SimDevice], served: list[tuple[bytes, ModelD
         reply = device.wait(request_id, waiter, max(0.0, timeout_s - (time.monotonic() - send_end)))
         if reply is None:
             lost += 1
-        elif reply.status != protocol.Status.OK:
+        elif reply.status != codec.Status.OK:
             errors += 1
         else:
             rtts.append((waiter.received - waiter.sent) * 1e3)

@@ -9,14 +9,14 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-from ddnn_gen.links import (
+from ddnn_gen.model.links import (
     BinaryConvBlock,
     BinaryLinearBlock,
     FloatConvBlock,
     FloatLinearBlock,
     input_to_float,
 )
-from ddnn_gen.spec import ModelSpec
+from ddnn_gen.model.spec import ModelSpec
 
 
 @dataclass

@@ -26,6 +26,7 @@ CROSS_TARGETS = {
     "arm-linux-gnueabihf-": ("qemu-arm", "/usr/arm-linux-gnueabihf"),
 }
 WARNING_CFLAGS = ("-Wall", "-Wextra", "-Werror")
+OCL_RUNNER = "ddnn_device_ocl"
 SANITIZE_CFLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
 
 
@@ -122,19 +123,16 @@ def have_tool(name: str) -> bool:
     return shutil.which(name) is not None
 
 
-def run_device_c(program: object, images_u8: np.ndarray, threshold: float | None = None,
-                 labels: np.ndarray | None = None, cross: str | None = None, opt: str = "-O2") -> RunnerOutput:
-    """Compile ``program`` (a DeviceProgram) to C in a temporary folder, build it, run it on
-    ``images_u8`` (N, C, H, W) and return the runner's per-sample results and split words."""
-    from ddnn_gen.compile_c import compile_c
-    from ddnn_gen.samples import write_samples
+def build_opencl_runner(out_dir: str | Path, sanitize: bool = False, opt: str = "-O2") -> Path:
+    """``make ddnn_device_ocl`` in a project written by ``compile_opencl`` (warnings are errors)."""
+    build_project(out_dir, sanitize=sanitize, opt=opt, target=OCL_RUNNER)
+    return Path(out_dir) / OCL_RUNNER
 
-    images_u8 = np.asarray(images_u8, dtype=np.uint8)
-    labels = np.full(len(images_u8), -1, dtype=np.int32) if labels is None else labels
-    with tempfile.TemporaryDirectory(prefix="ddnn_c_") as tmp:
-        compile_c(program, tmp)  # type: ignore[arg-type]
-        binary = build_project(tmp, cross=cross, opt=opt)
-        samples_path = Path(tmp) / "samples.bin"
-        write_samples(samples_path, images_u8, labels)
-        return run_runner(binary, samples_path, threshold=threshold,
-                          split_words=program.split_words, cross=cross)  # type: ignore[attr-defined]
+
+def run_opencl_runner(binary: str | Path, samples_path: str | Path, *, threshold: float | None = None,
+                      split_words: int | None = None, batch: int = 1, bench: bool = False, repeat: int = 1,
+                      extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                      timeout: float = 600.0) -> RunnerOutput:
+    """Run ``ddnn_device_ocl`` on a sample file: same options and CSV as the C runner, plus ``--batch``."""
+    return run_runner(binary, samples_path, threshold=threshold, split_words=split_words, bench=bench,
+                      repeat=repeat, timeout=timeout, extra_args=["--batch", str(batch), *extra_args], env=env)

@@ -1,18 +1,14 @@
-"""Registries of compile targets (`ddnngen compile --target`) and device implementations
-(`ddnngen run-device --impl`).
+"""The registry of compile targets (`ddnngen compile --target`).
 
-A provider module registers its entries when imported::
+A provider module registers its targets when imported::
 
-    from ddnn_gen import targets
+    from ddnn_gen.codegen import targets
     targets.register_target("opencl", compile_opencl_project, "OpenCL kernels + host program",
                             options=[click.Option(["--opencl-layers"], default=None, help="...")])
-    targets.register_impl("opencl", run_device_opencl, "generated OpenCL kernels (PyOpenCL)")
 
-and is listed in :data:`PROVIDER_MODULES`; a target's ``options`` become options of
-``ddnngen compile`` and are passed (by parameter name) only to that target's function.
-Modules that are not there yet are skipped, so a target appears in the CLI as soon as its
-module exists. The CLI choices are read lazily
-(:class:`RegistryChoice`), so import order does not matter.
+and is listed in :data:`PROVIDER_MODULES`; a target's ``options`` become options of ``ddnngen compile`` and
+are passed (by parameter name) only to that target's function. The CLI choices are read lazily
+(:class:`RegistryChoice`, also used for ``run-device --impl``), so import order does not matter.
 """
 
 from __future__ import annotations
@@ -24,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
-PROVIDER_MODULES = ("ddnn_gen.compile_c", "ddnn_gen.compile_opencl", "ddnn_gen.device_opencl")
+PROVIDER_MODULES = ("ddnn_gen.codegen.c_target", "ddnn_gen.codegen.opencl_target")
 
 
 @dataclass
@@ -50,8 +45,6 @@ class CompileReport:
 
 # compile(program_or_model_path, out_dir, *, threshold=None, **target_options) -> CompileReport
 CompileFn = Callable[..., CompileReport]
-# run(program, images_u8_NCHW, threshold) -> ddnn_gen.reference.DeviceResult
-DeviceFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -63,19 +56,11 @@ class Entry:
 
 
 _TARGETS: dict[str, Entry] = {}
-_IMPLS: dict[str, Entry] = {}
 _loaded = False
 
 
 def register_target(name: str, function: CompileFn, help: str = "", options: Sequence[click.Option] = ()) -> None:
     _TARGETS[name] = Entry(name, function, help, tuple(options))
-
-
-def register_impl(name: str, function: DeviceFn, help: str = "", options: Sequence[click.Option] = ()) -> None:
-    """``function(program, images_u8_NCHW, threshold, **options)`` returns an object with
-    ``local_class``, ``entropy``, ``local_exit`` and ``split_words`` per sample (a
-    :class:`ddnn_gen.reference.DeviceResult` has them)."""
-    _IMPLS[name] = Entry(name, function, help, tuple(options))
 
 
 def _load_providers() -> None:
@@ -84,30 +69,12 @@ def _load_providers() -> None:
         return
     _loaded = True
     for module_name in PROVIDER_MODULES:
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-
-
-def _numpy_impl(program: Any, images_u8: np.ndarray, threshold: float | None = None) -> Any:
-    from ddnn_gen import reference
-
-    return reference.run_device(program, images_u8, threshold)
-
-
-register_impl("numpy", _numpy_impl, "the bitwise NumPy reference (the definition of correct)")
+        importlib.import_module(module_name)
 
 
 def compile_targets() -> dict[str, Entry]:
     _load_providers()
     return dict(_TARGETS)
-
-
-def device_impls() -> dict[str, Entry]:
-    _load_providers()
-    return dict(_IMPLS)
 
 
 class RegistryChoice(click.Choice):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddnn_gen.errors import CompileError
-from ddnn_gen.modelfile import LoadedModel
-from ddnn_gen.spec import Layer, ModelSpec, Pool
+from ddnn_gen.model.modelfile import LoadedModel
+from ddnn_gen.model.spec import Layer, ModelSpec, Pool
 
 WORD_BITS = 64
 

@@ -1,4 +1,4 @@
-"""Wire format between devices and ``ddnn-server`` (see docs/protocol.md): pure encode/decode, no MQTT.
+"""Wire format between devices and ``ddnn-server`` (see docs/protocol.md): pure bytes <-> records, no MQTT.
 
 A request is a fixed 88-byte little-endian header followed by the split-layer activations exactly
 as the device holds them (HWC, channels packed into uint64 words, little-endian), or, for a
@@ -10,27 +10,19 @@ The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same by
 from __future__ import annotations
 
 import enum
-import re
-import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from ddnn_gen.errors import DdnnError, SpecError
-from ddnn_gen.spec import check_threshold, parse_threshold_text
+from ddnn_gen.errors import SpecError
+from ddnn_gen.model.spec import check_threshold, parse_threshold_text
+from ddnn_gen.wire.topics import DEVICE_ID_RULE, check_device_id, valid_device_id
 
 REQUEST_MAGIC = b"DDNQ"
 REPLY_MAGIC = b"DDNR"
 PROTOCOL_VERSION = 1
 HASH_BYTES = 16
-DEVICE_ID_BYTES = 32
-# The one rule for device ids, shared with c_runtime/ddnn_protocol.c (ddnn_device_id_valid): ids end up
-# in topic names, broker ACL patterns (%c/%u), file names and command lines, so they are short ASCII
-# words: no topic separators or wildcards, no control characters, nothing that reads as a CLI flag.
-DEVICE_ID_RULE = "1..32 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"
-_DEVICE_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 # magic, version, packing, header_len, model hash, split layer, C, H, W, request id, device time (us),
 # payload words, reserved, device id
@@ -43,8 +35,6 @@ _REPLY = struct.Struct("<4sBBHQiIIHH")
 REPLY_HEADER_BYTES = _REPLY.size  # 32
 _TOPK = struct.Struct("<Hxxf")
 
-TOPIC_ROOT = "ddnn"
-DEFAULT_SHARE_GROUP = "ddnn-servers"
 # The largest split this protocol carries (bit-packed): generous for any device tier, small enough
 # that a single bad request cannot make a server allocate much.
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -135,24 +125,8 @@ class Reply:
     message: str = ""
 
 
-class DeviceIdError(DdnnError, ValueError):
-    """A device id that breaks DEVICE_ID_RULE."""
-
-
-def valid_device_id(raw: bytes | str) -> bool:
-    """Whether ``raw`` follows DEVICE_ID_RULE."""
-    if isinstance(raw, str):
-        try:
-            raw = raw.encode("ascii")
-        except UnicodeEncodeError:
-            return False
-    return _DEVICE_ID.fullmatch(raw) is not None
-
-
 def _device_id_bytes(device_id: str) -> bytes:
-    if not valid_device_id(device_id):
-        raise DeviceIdError(f"device id {device_id!r} is invalid: {DEVICE_ID_RULE}")
-    return device_id.encode("ascii")
+    return check_device_id(device_id).encode("ascii")
 
 
 def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
@@ -273,62 +247,6 @@ def decode_reply(data: bytes) -> Reply:
                  class_id, tuple((int(c), float(p)) for c, p in top_k), server_us, queue_us, message)
 
 
-# ---- topics -------------------------------------------------------------------------------------------
-
-def model_key(model_hash: bytes) -> str:
-    """Topic segment naming a model: hex of the 16 wire hash bytes."""
-    return model_hash.hex()
-
-
-_MODEL_KEY = re.compile(r"[0-9a-f]{32}")
-
-
-def request_topic(model_hash: bytes, device_id: str) -> str:
-    """Where ``device_id`` publishes requests for a model. The device id is part of the topic so the broker,
-    not the payload, says who sent a request: an ACL (``pattern write ddnn/req/+/%u``) lets a device publish
-    only under its own id, and the server answers only that id."""
-    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}/{check_device_id(device_id)}"
-
-
-def request_subscription(model_hash: bytes, group: str = DEFAULT_SHARE_GROUP) -> str:
-    """A server's subscription to one model it holds: servers of one group split that model's requests, and
-    a server never receives (and races the right one with UNKNOWN_MODEL for) a model it does not hold."""
-    return f"$share/{check_name(group, 'group')}/{TOPIC_ROOT}/req/{model_key(model_hash)}/+"
-
-
-def parse_request_topic(topic: str) -> tuple[str, str] | None:
-    """(model key, device id) of a request topic, or None when the topic is not one (or its id is invalid)."""
-    parts = topic.split("/")
-    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] != "req" or _MODEL_KEY.fullmatch(parts[2]) is None
-            or not valid_device_id(parts[3])):
-        return None
-    return parts[2], parts[3]
-
-
-def check_name(name: str, what: str) -> str:
-    """A server id or shared-subscription group: the device-id rule (they become topic levels and client ids)."""
-    if not valid_device_id(name):
-        raise DeviceIdError(f"{what} {name!r} is invalid: {DEVICE_ID_RULE}")
-    return name
-
-
-def reply_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/reply/{check_device_id(device_id)}"
-
-
-def threshold_topic(model_hash: bytes, device_id: str | None = None) -> str:
-    base = f"{TOPIC_ROOT}/threshold/{model_key(model_hash)}"
-    return base if device_id is None else f"{base}/{check_device_id(device_id)}"
-
-
-def status_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/status/{check_device_id(device_id)}"
-
-
-def server_status_topic(server_id: str) -> str:
-    return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
-
-
 def encode_threshold(value: float) -> bytes:
     """Thresholds travel as short ASCII decimals (spec.parse_threshold_text's grammar) so operators can also
     set them with mosquitto_pub; SpecError unless ``value`` is a valid threshold."""
@@ -342,22 +260,3 @@ def decode_threshold(payload: bytes) -> float | None:
         return parse_threshold_text(payload)
     except SpecError:
         return None
-
-
-def check_device_id(device_id: str) -> str:
-    """``device_id`` if it follows DEVICE_ID_RULE, else ValueError naming the rule."""
-    _device_id_bytes(device_id)
-    return device_id
-
-
-def tcp_no_delay(client: Any) -> None:
-    """Small request/reply packets must not wait for Nagle + delayed ACK (~40 ms per hop).
-
-    ``client`` is a connected paho ``mqtt.Client``; every MQTT hop of the protocol sets this.
-    """
-    sock = client.socket()
-    if sock is not None and hasattr(sock, "setsockopt"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass

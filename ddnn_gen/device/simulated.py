@@ -18,11 +18,11 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ddnn_gen import mqtt_client, protocol
-from ddnn_gen.broker import BrokerError
-from ddnn_gen.fold import DeviceProgram
-from ddnn_gen.protocol import Packing, Reply, RequestHeader
-from ddnn_gen.reference import exit_decision
+from ddnn_gen.fold.program import DeviceProgram
+from ddnn_gen.fold.reference import exit_decision
+from ddnn_gen.wire import codec, mqtt_client, topics
+from ddnn_gen.wire.broker import BrokerError
+from ddnn_gen.wire.codec import Packing, Reply, RequestHeader
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,14 @@ class SimDevice:
 
     def __init__(self, device_id: str, host: str, port: int, model_hash: bytes, timeout_s: float = 2.0,
                  default_threshold: float = 0.5) -> None:
-        self.device_id = protocol.check_device_id(device_id)
+        self.device_id = topics.check_device_id(device_id)
         self.host, self.port = host, port
         self.model_hash = model_hash
         self.timeout_s = timeout_s
-        self.reply_topic = protocol.reply_topic(device_id)
-        self.request_topic = protocol.request_topic(model_hash, device_id)
-        self._model_threshold_topic = protocol.threshold_topic(model_hash)
-        self._device_threshold_topic = protocol.threshold_topic(model_hash, device_id)
+        self.reply_topic = topics.reply_topic(device_id)
+        self.request_topic = topics.request_topic(model_hash, device_id)
+        self._model_threshold_topic = topics.threshold_topic(model_hash)
+        self._device_threshold_topic = topics.threshold_topic(model_hash, device_id)
         self._thresholds: dict[str, float | None] = {}
         self.default_threshold = default_threshold
         self._pending: dict[int, _Pending] = {}
@@ -81,7 +81,7 @@ class SimDevice:
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(0.05, 1.0)
-        self._client.will_set(protocol.status_topic(device_id), b"offline", qos=1, retain=True)
+        self._client.will_set(topics.status_topic(device_id), b"offline", qos=1, retain=True)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -95,7 +95,7 @@ class SimDevice:
         return self
 
     def stop(self) -> None:
-        self._client.publish(protocol.status_topic(self.device_id), b"offline", qos=1, retain=True)
+        self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -138,7 +138,7 @@ class SimDevice:
 
     def request(self, header: RequestHeader, split: np.ndarray) -> tuple[Reply | None, int]:
         """Send one split and wait for its reply; (reply or None on timeout, round trip us)."""
-        pending = self.send(protocol.encode_request(header, split), header.request_id)
+        pending = self.send(codec.encode_request(header, split), header.request_id)
         reply = self.wait(header.request_id, pending)
         end = pending.received if reply is not None else time.monotonic()
         return reply, int((end - pending.sent) * 1e6)
@@ -150,11 +150,11 @@ class SimDevice:
         if reason_code.is_failure:
             log.error("device %s: broker refused: %s", self.device_id, reason_code)
             return
-        protocol.tcp_no_delay(client)
+        mqtt_client.tcp_no_delay(client)
         client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
                           (self._model_threshold_topic, SubscribeOptions(qos=1)),
                           (self._device_threshold_topic, SubscribeOptions(qos=1))])
-        client.publish(protocol.status_topic(self.device_id), b"online", qos=1, retain=True)
+        client.publish(topics.status_topic(self.device_id), b"online", qos=1, retain=True)
         self._connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
@@ -163,7 +163,7 @@ class SimDevice:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
-            value = protocol.decode_threshold(message.payload)
+            value = codec.decode_threshold(message.payload)
             if value is None and message.payload:
                 # Same rule as the C device: an invalid threshold is ignored, the previous one stays.
                 log.warning("device %s: ignoring invalid threshold %r on %s", self.device_id, message.payload[:64],
@@ -177,8 +177,8 @@ class SimDevice:
             return
         received = time.monotonic()
         try:
-            reply = protocol.decode_reply(message.payload)
-        except protocol.ProtocolError as error:
+            reply = codec.decode_reply(message.payload)
+        except codec.ProtocolError as error:
             log.warning("device %s: undecodable reply: %s", self.device_id, error)
             with self._lock:
                 self.undecodable += 1
@@ -256,7 +256,7 @@ def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes,
             rtt = int((end - pending.sent) * 1e6)
             if reply is None:
                 source, final, status, server_us = "fallback", int(local_class[index]), -1, 0
-            elif reply.status != protocol.Status.OK:
+            elif reply.status != codec.Status.OK:
                 source, final, status, server_us = "error", int(local_class[index]), int(reply.status), 0
             else:
                 source, final, status, server_us = "server", reply.class_id, 0, reply.server_us
@@ -274,7 +274,7 @@ def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes,
                 continue
             request_id = device.next_request_id()
             header = split_header(program, model_hash, request_id, device.device_id)
-            pending = device.send(protocol.encode_request(header, split_words[index]), request_id)
+            pending = device.send(codec.encode_request(header, split_words[index]), request_id)
             in_flight.append((index, request_id, pending))
             if len(in_flight) >= window:
                 finish(*in_flight.pop(0))

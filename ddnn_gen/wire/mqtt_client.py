@@ -62,3 +62,16 @@ class Client(mqtt.Client):
         sock = super()._create_socket()
         # TLS and WebSocket sockets buffer on their own terms; only plain TCP/Unix sockets get read-ahead.
         return ReadAheadSocket(sock) if type(sock) is socket.socket else sock
+
+
+def tcp_no_delay(client: Any) -> None:
+    """Small request/reply packets must not wait for Nagle + delayed ACK (~40 ms per hop).
+
+    ``client`` is a connected paho ``mqtt.Client``; every MQTT hop of the protocol sets this.
+    """
+    sock = client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass

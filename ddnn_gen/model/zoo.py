@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ddnn_gen.datasets import CLASS_NAMES
-from ddnn_gen.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
+from ddnn_gen.model.datasets import CLASS_NAMES
+from ddnn_gen.model.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
 
 Raw = dict[str, Any]
 

@@ -1,8 +1,8 @@
 """Accuracy of the exit hierarchy at a threshold, as the adaptive-DDNN paper reports it.
 
-The local exit is evaluated with the bitwise reference (what the device really computes),
-the server exit with Chainer's test-mode forward resumed from the reference's split bits
-(what ddnn-server really computes). Definitions, per threshold t over N samples:
+The answers of both exits come from ddnn_gen.fold.exits (the local exit with the bitwise reference,
+what the device really computes; the server exit with Chainer's test-mode forward resumed from the
+reference's split bits, what ddnn-server really computes). Definitions, per threshold t over N samples:
 
 * Local   = samples that exit locally *and* are correct there / N
 * Server  = accuracy on the samples that reach the server (NaN when none do)
@@ -17,13 +17,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import chainer
 import numpy as np
 
-from ddnn_gen import reference
-from ddnn_gen.datasets import Dataset
-from ddnn_gen.fold import DeviceProgram, fold
-from ddnn_gen.modelfile import LoadedModel
+from ddnn_gen.model.spec import exit_decision
 
 
 @dataclass
@@ -57,30 +53,9 @@ class ThresholdMetrics:
                 for key, value in asdict(self).items()}
 
 
-def server_classes(loaded: LoadedModel, program: DeviceProgram, split_words: np.ndarray,
-                   batch_size: int = 500) -> np.ndarray:
-    """Final-exit class of each sample, resumed from the device's split bits in test mode."""
-    classes = []
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
-        for start in range(0, len(split_words), batch_size):
-            server_input = reference.split_to_server_input(program, split_words[start:start + batch_size])
-            logits = loaded.model.server_forward(server_input).array
-            classes.append(np.asarray(logits).argmax(axis=1))
-    return np.concatenate(classes).astype(np.int32) if classes else np.zeros(0, dtype=np.int32)
-
-
-def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
-    program = fold(loaded)
-    device = reference.run_device(program, dataset.images)
-    final = server_classes(loaded, program, device.split_words)
-    return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
-                       final_class=final, split_bytes=program.split_words * 8,
-                       device_bytes=program.weight_bytes)
-
-
 def metrics_at(outputs: ExitOutputs, threshold: float) -> ThresholdMetrics:
     n = len(outputs.labels)
-    exits = reference.exit_decision(outputs.entropy, threshold)
+    exits = exit_decision(outputs.entropy, threshold)
     local_correct = outputs.local_class == outputs.labels
     server_correct = outputs.final_class == outputs.labels
     to_server = ~exits

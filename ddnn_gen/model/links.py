@@ -15,7 +15,7 @@ import chainer.links as L
 import numpy as np
 from chainer import function_node
 
-from ddnn_gen.spec import Layer, Pool
+from ddnn_gen.model.spec import Layer, Pool
 
 
 class BinarizeSTE(function_node.FunctionNode):

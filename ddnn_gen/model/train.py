@@ -17,12 +17,12 @@ from pathlib import Path
 import chainer
 import numpy as np
 
-from ddnn_gen.datasets import Dataset
 from ddnn_gen.errors import ModelFileError
-from ddnn_gen.links import clip_binary_weights, input_to_float
-from ddnn_gen.modelfile import load_model, save_model
-from ddnn_gen.network import DDNN, predict, softmax_cross_entropy_joint
-from ddnn_gen.spec import ModelSpec, parse_spec
+from ddnn_gen.model.datasets import Dataset
+from ddnn_gen.model.links import clip_binary_weights, input_to_float
+from ddnn_gen.model.modelfile import load_model, save_model
+from ddnn_gen.model.network import DDNN, predict, softmax_cross_entropy_joint
+from ddnn_gen.model.spec import ModelSpec, parse_spec
 
 log = logging.getLogger(__name__)
 

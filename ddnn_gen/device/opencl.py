@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ddnn_gen import reference, targets
-from ddnn_gen.compile_c import device_weights
-from ddnn_gen.compile_opencl import kernel_plans, parse_opencl_layers, render_kernels
+from ddnn_gen.codegen.c_target import device_weights
+from ddnn_gen.codegen.opencl_target import kernel_plans, parse_opencl_layers, render_kernels
 from ddnn_gen.errors import OpenCLError
-from ddnn_gen.fold import DeviceProgram, FoldedLayer, pack_bits, words_for
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import DeviceProgram, FoldedLayer, pack_bits, words_for
 
 LOG = logging.getLogger(__name__)
 
@@ -250,10 +250,3 @@ def run_device(program: DeviceProgram, images_u8: np.ndarray, threshold: float |
     """One-shot convenience twin of reference.run_device on OpenCL."""
     with OpenCLDevice(program, opencl_layers=opencl_layers, max_batch=max_batch) as device:
         return device.run(images_u8, threshold)
-
-
-def _opencl_impl(program: DeviceProgram, images_u8: np.ndarray, threshold: float | None = None) -> Any:
-    return run_device(program, images_u8, threshold)
-
-
-targets.register_impl("opencl", _opencl_impl, "the generated OpenCL kernels through PyOpenCL (all layers)")

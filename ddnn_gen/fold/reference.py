@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ddnn_gen.fold import DeviceProgram, FoldedExit, FoldedLayer, pack_bits, unpack_bits, words_for
+from ddnn_gen.fold.program import DeviceProgram, FoldedExit, FoldedLayer, pack_bits, unpack_bits, words_for
+from ddnn_gen.model.spec import exit_decision
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -253,13 +254,6 @@ def normalized_entropy(logits: np.ndarray) -> np.ndarray:
             entropy = np.where(e > 0.0, entropy - (e / total) * (gap - log_total), entropy)
     out = entropy / log_ieee(np.array(float(n_classes)))
     return np.where(finite, out, np.nan)
-
-
-def exit_decision(entropy: np.ndarray, threshold: float) -> np.ndarray:
-    """Exit locally iff the normalized entropy is finite and <= threshold (NaN is not confident)."""
-    entropy = np.asarray(entropy, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(entropy) & (entropy <= threshold)
 
 
 def images_to_hwc(images_u8: np.ndarray) -> np.ndarray:

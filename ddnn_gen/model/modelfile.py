@@ -22,8 +22,8 @@ import chainer
 import numpy as np
 
 from ddnn_gen.errors import ModelFileError, SpecError
-from ddnn_gen.network import DDNN
-from ddnn_gen.spec import ModelSpec, load_spec_file, parse_spec
+from ddnn_gen.model.network import DDNN
+from ddnn_gen.model.spec import ModelSpec, load_spec_file, parse_spec
 
 MODEL_FORMAT = "ddnn-model"
 MODEL_VERSION = 1

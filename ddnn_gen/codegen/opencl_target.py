@@ -10,7 +10,6 @@ runtime is chosen at compile time (``--opencl-layers``); see docs/opencl_target.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ import click
 import jinja2
 import numpy as np
 
-from ddnn_gen import __version__, targets
+from ddnn_gen import __version__
+from ddnn_gen.codegen import targets
+from ddnn_gen.codegen.resources import templates_dir
 from ddnn_gen.errors import CompileError
-from ddnn_gen.fold import WORD_BITS, DeviceProgram, FoldedLayer, stage_work, words_for
-from ddnn_gen.resources import templates_dir
+from ddnn_gen.fold.program import WORD_BITS, DeviceProgram, FoldedLayer, stage_work, words_for
 
 LOG = logging.getLogger(__name__)
 
@@ -184,12 +184,11 @@ def parse_opencl_layers(value: str | None, program: DeviceProgram) -> tuple[bool
 RUNTIME_SOURCES = ("ocl_runtime.c",)
 #: Batch size the generated host buffers are sized for unless --opencl-max-batch says otherwise.
 DEFAULT_MAX_BATCH = 64
-OCL_RUNNER = "ddnn_device_ocl"
 
 
 def _ocl_context(program: DeviceProgram, on_opencl: tuple[bool, ...], placement_arg: str,
                  max_batch: int, source: str) -> dict[str, Any]:
-    from ddnn_gen.compile_c import c_string
+    from ddnn_gen.codegen.c_target import c_string
 
     plans = kernel_plans(program)
     last = len(program.layers) - 1
@@ -227,7 +226,7 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
                    opencl_max_batch: int | None = None, reproduce: str | None = None,
                    measure_code: bool = False) -> targets.CompileReport:
     """The C project (compile_c) plus the OpenCL kernels, host program and runner ``ddnn_device_ocl``."""
-    from ddnn_gen.compile_c import compile_c, load_program, render_context
+    from ddnn_gen.codegen.c_target import compile_c, load_program, render_context
 
     program = load_program(program_or_model_path, threshold, arch)
     placement_arg = DEFAULT_OPENCL_LAYERS if opencl_layers is None else opencl_layers
@@ -281,24 +280,3 @@ targets.register_target(
              click.Option(["--opencl-max-batch"], type=click.IntRange(1, 65536), default=None,
                           help=f"Largest batch the OpenCL runner takes (static host buffers; "
                                f"default {DEFAULT_MAX_BATCH}).")])
-
-
-# ---- building and running the generated OpenCL runner (tests, bench, nothing on the device) ----
-
-def build_opencl_runner(out_dir: str | Path, sanitize: bool = False, opt: str = "-O2") -> Path:
-    """``make ddnn_device_ocl`` in a project written by :func:`compile_opencl` (warnings are errors)."""
-    from ddnn_gen.cbuild import build_project
-
-    build_project(out_dir, sanitize=sanitize, opt=opt, target=OCL_RUNNER)
-    return Path(out_dir) / OCL_RUNNER
-
-
-def run_opencl_runner(binary: str | Path, samples_path: str | Path, *, threshold: float | None = None,
-                      split_words: int | None = None, batch: int = 1, bench: bool = False, repeat: int = 1,
-                      extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                      timeout: float = 600.0) -> Any:
-    """Run ``ddnn_device_ocl`` on a sample file; returns a cbuild.RunnerOutput (same CSV as the C runner)."""
-    from ddnn_gen.cbuild import run_runner
-
-    return run_runner(binary, samples_path, threshold=threshold, split_words=split_words, bench=bench,
-                      repeat=repeat, timeout=timeout, extra_args=["--batch", str(batch), *extra_args], env=env)

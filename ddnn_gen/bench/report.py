@@ -1,5 +1,5 @@
 """Markdown tables shaped like the adaptive-DDNN paper's Tables II-IV and PNG plots, from the JSON that
-ddnn_gen.bench_system produces (so they can be re-rendered without re-running anything)."""
+ddnn_gen.bench.system produces (so they can be re-rendered without re-running anything)."""
 
 from __future__ import annotations
 

@@ -24,8 +24,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ddnn_gen.datasets import DATASETS
+import numpy as np
+
 from ddnn_gen.errors import SpecError
+from ddnn_gen.model.datasets import DATASETS
 
 SPEC_FORMAT = "ddnn-spec"
 SPEC_VERSION = 1
@@ -71,6 +73,14 @@ def check_threshold(value: Any, what: str = "threshold") -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ThresholdError(f"{what} {value!r} is not in [0, 1] (a threshold is {THRESHOLD_RULE})")
     return float(value)
+
+
+def exit_decision(entropy: np.ndarray, threshold: float) -> np.ndarray:
+    """The exit rule (c_runtime ddnn_exit_decision): exit locally iff the normalized entropy is finite and
+    <= threshold (NaN is not confident)."""
+    entropy = np.asarray(entropy, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(entropy) & (entropy <= threshold)
 
 
 def parse_threshold_text(text: str | bytes, what: str = "threshold") -> float:

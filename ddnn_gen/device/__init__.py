@@ -1,0 +1,1 @@
+"""Running a device part from Python: NumPy, PyOpenCL, the generated C; sample files; simulated devices."""

@@ -1,0 +1,1 @@
+"""Integer folding of a trained device part (the device program) and its bitwise NumPy reference."""

@@ -1,0 +1,91 @@
+"""Topic names and the ids that appear in them (devices, servers, groups); see docs/protocol.md."""
+
+from __future__ import annotations
+
+import re
+
+from ddnn_gen.errors import DdnnError
+
+TOPIC_ROOT = "ddnn"
+DEFAULT_SHARE_GROUP = "ddnn-servers"
+DEVICE_ID_BYTES = 32
+# The one rule for device ids, shared with c_runtime/ddnn_protocol.c (ddnn_device_id_valid): ids end up
+# in topic names, broker ACL patterns (%c/%u), file names and command lines, so they are short ASCII
+# words: no topic separators or wildcards, no control characters, nothing that reads as a CLI flag.
+DEVICE_ID_RULE = "1..32 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"
+_DEVICE_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+class DeviceIdError(DdnnError, ValueError):
+    """A device id that breaks DEVICE_ID_RULE."""
+
+
+def valid_device_id(raw: bytes | str) -> bool:
+    """Whether ``raw`` follows DEVICE_ID_RULE."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("ascii")
+        except UnicodeEncodeError:
+            return False
+    return _DEVICE_ID.fullmatch(raw) is not None
+
+
+def check_device_id(device_id: str) -> str:
+    """``device_id`` if it follows DEVICE_ID_RULE, else DeviceIdError (a ValueError) naming the rule."""
+    if not valid_device_id(device_id):
+        raise DeviceIdError(f"device id {device_id!r} is invalid: {DEVICE_ID_RULE}")
+    return device_id
+
+
+_MODEL_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def model_key(model_hash: bytes) -> str:
+    """Topic segment naming a model: hex of the 16 wire hash bytes."""
+    return model_hash.hex()
+
+
+def request_topic(model_hash: bytes, device_id: str) -> str:
+    """Where ``device_id`` publishes requests for a model. The device id is part of the topic so the broker,
+    not the payload, says who sent a request: an ACL (``pattern write ddnn/req/+/%u``) lets a device publish
+    only under its own id, and the server answers only that id."""
+    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}/{check_device_id(device_id)}"
+
+
+def request_subscription(model_hash: bytes, group: str = DEFAULT_SHARE_GROUP) -> str:
+    """A server's subscription to one model it holds: servers of one group split that model's requests, and
+    a server never receives (and races the right one with UNKNOWN_MODEL for) a model it does not hold."""
+    return f"$share/{check_name(group, 'group')}/{TOPIC_ROOT}/req/{model_key(model_hash)}/+"
+
+
+def parse_request_topic(topic: str) -> tuple[str, str] | None:
+    """(model key, device id) of a request topic, or None when the topic is not one (or its id is invalid)."""
+    parts = topic.split("/")
+    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] != "req" or _MODEL_KEY.fullmatch(parts[2]) is None
+            or not valid_device_id(parts[3])):
+        return None
+    return parts[2], parts[3]
+
+
+def check_name(name: str, what: str) -> str:
+    """A server id or shared-subscription group: the device-id rule (they become topic levels and client ids)."""
+    if not valid_device_id(name):
+        raise DeviceIdError(f"{what} {name!r} is invalid: {DEVICE_ID_RULE}")
+    return name
+
+
+def reply_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/reply/{check_device_id(device_id)}"
+
+
+def threshold_topic(model_hash: bytes, device_id: str | None = None) -> str:
+    base = f"{TOPIC_ROOT}/threshold/{model_key(model_hash)}"
+    return base if device_id is None else f"{base}/{check_device_id(device_id)}"
+
+
+def status_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/status/{check_device_id(device_id)}"
+
+
+def server_status_topic(server_id: str) -> str:
+    return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
