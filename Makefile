@@ -49,8 +49,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# Quick feedback while editing: no full test sets, no broker, no OpenCL, no qemu (about a minute).
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slow" -x $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not slow and not broker and not opencl and not cross" -x $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check ddnn_gen server tests bench

@@ -63,7 +63,6 @@ class Server:
                                    config.session_expiry_s)
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
                          for i in range(max(1, config.workers))]
-        self._closing = False
         self.stats = {"ok": 0, "errors": 0, "dropped": 0, "batches": 0}
         self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
@@ -82,7 +81,6 @@ class Server:
         """Stop taking work, answer everything already received, then disconnect cleanly."""
         log.info("stopping: no new requests; finishing %d queued", self.batcher.pending)
         self.transport.stop_taking_work()
-        self._closing = True
         self.batcher.close()
         for worker in self._workers:
             worker.join()

@@ -1,4 +1,5 @@
-"""Shared fixtures: real datasets (MNIST/CIFAR-10 skip when absent), shipped models, tools."""
+"""Shared fixtures: real datasets (MNIST/CIFAR-10 skip when absent), shipped models, tools; and the markers
+that say what a test needs, so `make test-fast` can leave the slow parts out."""
 
 from __future__ import annotations
 
@@ -56,6 +57,26 @@ def mnist_model_path() -> Path:
 @pytest.fixture(scope="session")
 def cifar_model_path() -> Path:
     return MODELS / "cifar10_deep_64.npz"
+
+
+# What each test module needs beyond Python: a real Mosquitto, or an OpenCL driver (PoCL). Cross builds run
+# under qemu-user wherever a test is parametrised over a cross architecture.
+BROKER_MODULES = {"test_broker", "test_mqtt_client", "test_server", "test_server_only", "test_server_recovery",
+                  "test_device_net", "test_bench_server", "test_bench_system"}
+OPENCL_MODULES = {"test_opencl", "test_opencl_host", "test_opencl_shapes"}
+CROSS_ARCHS = {"aarch64", "armhf"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if getattr(item, "module", None) else ""  # type: ignore[attr-defined]
+        if module in BROKER_MODULES:
+            item.add_marker(pytest.mark.broker)
+        if module in OPENCL_MODULES:
+            item.add_marker(pytest.mark.opencl)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("arch") in CROSS_ARCHS:
+            item.add_marker(pytest.mark.cross)
 
 
 def require_tool(name: str) -> str:

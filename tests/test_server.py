@@ -101,7 +101,7 @@ def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Sta
 
 
 def _with_header_device_id(request: bytes, raw_id: bytes) -> bytes:
-    field = raw_id[:codec.DEVICE_ID_BYTES].ljust(codec.DEVICE_ID_BYTES, b"\0")
+    field = raw_id[:topics.DEVICE_ID_BYTES].ljust(topics.DEVICE_ID_BYTES, b"\0")
     return request[:56] + field + request[88:]
 
 

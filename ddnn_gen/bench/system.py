@@ -141,10 +141,10 @@ class ServerHandle:
         return procstat.cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
-        return procstat.status_kb(self.pid, "VmRSS") * 1024
+        return procstat.rss_bytes(self.pid)
 
     def peak_rss_bytes(self) -> int:
-        return procstat.status_kb(self.pid, "VmHWM") * 1024
+        return procstat.peak_rss_bytes(self.pid)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
