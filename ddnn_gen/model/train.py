@@ -21,7 +21,7 @@ from ddnn_gen.errors import ModelFileError
 from ddnn_gen.model.datasets import Dataset
 from ddnn_gen.model.links import clip_binary_weights, input_to_float
 from ddnn_gen.model.modelfile import load_model, save_model
-from ddnn_gen.model.network import DDNN, predict, softmax_cross_entropy_joint
+from ddnn_gen.model.network import DDNN, predict_exits, softmax_cross_entropy_joint
 from ddnn_gen.model.spec import ModelSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,8 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         record = {"epoch": epoch + 1, "loss": total_loss / seen,
                   **{f"train_acc_{t.exit_name}": correct[i] / seen for i, t in enumerate(spec.tiers)}}
         if val_set is not None:
-            local, final = predict(model, val_set.images)
-            record["val_acc_local"] = float((local.argmax(1) == val_set.labels).mean())
-            record["val_acc_final"] = float((final.argmax(1) == val_set.labels).mean())
+            for tier, exit_logits in zip(spec.tiers, predict_exits(model, val_set.images)):
+                record[f"val_acc_{tier.exit_name}"] = float((exit_logits.argmax(1) == val_set.labels).mean())
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if out is not None:
