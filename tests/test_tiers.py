@@ -21,7 +21,6 @@ from ddnn_gen.model.evaluate import answering_exit, calibrate, metrics_at
 from ddnn_gen.model.modelfile import load_model, save_model
 from ddnn_gen.model.network import DDNN, predict_exits
 from ddnn_gen.model.spec import parse_spec
-from ddnn_gen.model.train import TrainConfig, train
 
 
 def _linear_tier(name: str, kind: str, exit_name: str) -> dict[str, Any]:
@@ -71,14 +70,8 @@ def test_version_1_files_keep_their_identity(fmnist_model_path: Path, tmp_path: 
 
 
 @pytest.fixture(scope="module")
-def three_tier(tmp_path_factory: pytest.TempPathFactory, fmnist_test: datasets.Dataset) -> Any:
-    """A 3-tier Fashion-MNIST model trained for a few hundred steps on real data (exits must disagree)."""
-    train_set = datasets.load("fashion-mnist", "train").subset(6000)
-    spec = parse_spec(zoo.build("fashion-mnist-3tier", 8))
-    result = train(spec, train_set, TrainConfig(epochs=1, batch_size=50, progress=False, seed=3))
-    path = tmp_path_factory.mktemp("tiers") / "fmnist3.npz"
-    save_model(path, result.model)
-    return load_model(path)
+def three_tier(small_three_tier: Any) -> Any:
+    return small_three_tier
 
 
 def test_binary_edge_tier_is_exact_against_chainer(three_tier: Any, fmnist_test: datasets.Dataset) -> None:
