@@ -230,7 +230,9 @@ def calibrate_command(model: str, target_exit_rate: tuple[float, ...] | None, mi
     val = train_set.subset(val_count, offset=max(0, len(train_set) - val_count))
     outputs = exits.compute_outputs(loaded, val)
     result = evaluate.calibrate(outputs, target_exit_rate, min_accuracy)
-    save_model(out or model, loaded.model, loaded.spec.with_thresholds(result.thresholds))
+    curves = evaluate.calibration_curves(outputs, result.thresholds,
+                                         f"{loaded.spec.dataset} train[{len(train_set) - len(val)}:]")
+    save_model(out or model, loaded.model, loaded.spec.with_thresholds(result.thresholds).with_calibration(curves))
     shares = ", ".join(f"{tier.exit_name} {100 * rate:.2f}%"
                        for tier, rate in zip(loaded.spec.tiers, result.metrics.exit_rates))
     click.echo(f"threshold{'s' if len(result.thresholds) > 1 else ''} "

@@ -311,6 +311,23 @@ def _calibrate_accuracy_grid(outputs: ExitOutputs, min_accuracy: float, per_exit
     return Calibration(best[0][0], best[1], goal, best[0])
 
 
+def calibration_curves(outputs: ExitOutputs, thresholds: Sequence[float], samples: str,
+                       steps: int = 101) -> dict[str, object]:
+    """For each early exit, its threshold from 0 to 1 with the other exits at ``thresholds``: the share of
+    samples it answers, the share that go on past it (the load on the tiers above) and the overall accuracy.
+    Stored in the model at calibrate time, so whoever moves thresholds at run time knows what each costs."""
+    grid = [round(float(t), 6) for t in np.linspace(0.0, 1.0, steps)]
+    curves = []
+    for index in range(outputs.n_early):
+        rows = [metrics_at(outputs, (*thresholds[:index], t, *thresholds[index + 1:])) for t in grid]
+        curves.append({"exit": outputs.exit_names[index] if outputs.exit_names else f"exit{index}",
+                       "thresholds": grid,
+                       "exit_rate": [round(row.exit_rates[index], 6) for row in rows],
+                       "onward_rate": [round(float(sum(row.exit_rates[index + 1:])), 6) for row in rows],
+                       "overall_accuracy": [round(row.overall_accuracy, 6) for row in rows]})
+    return {"samples": samples, "thresholds": [float(t) for t in thresholds], "exits": curves}
+
+
 def threshold_margin(entropy: np.ndarray, threshold: float) -> float:
     """How close the nearest sample's entropy comes to the threshold (exit decisions flip inside it)."""
     finite = entropy[np.isfinite(entropy)]

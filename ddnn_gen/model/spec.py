@@ -47,7 +47,7 @@ TIER_KINDS = ("device", "edge", "cloud", "server")
 # Every key a spec may hold, per object: a misspelt key ("kernel" for "ksize") is an error, not a default.
 _KEYS = {
     "spec": {"format", "version", "name", "dataset", "input", "classes", "tiers", "threshold", "thresholds",
-             "loss_weights", "training"},
+             "loss_weights", "training", "calibration"},
     "input": {"channels", "height", "width", "scale"},
     "tier": {"name", "kind", "layers", "exit"},
     "exit": {"name", "type"},
@@ -256,6 +256,18 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.raw)
 
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """What each exit's threshold costs, measured on a validation split when the thresholds were
+        calibrated (model/evaluate.py calibration_curves); the threshold controller reads it."""
+        value = self.raw.get("calibration")
+        return copy.deepcopy(value) if isinstance(value, dict) else None
+
+    def with_calibration(self, calibration: dict[str, Any]) -> ModelSpec:
+        raw = self.to_dict()
+        raw["calibration"] = calibration
+        return parse_spec(raw)
+
     def with_threshold(self, threshold: float) -> ModelSpec:
         """The same model with the device exit's threshold changed (the others kept)."""
         return self.with_thresholds((float(threshold), *self.thresholds[1:]))
@@ -278,6 +290,7 @@ class ModelSpec:
         raw.pop("threshold", None)
         raw.pop("thresholds", None)
         raw.pop("training", None)
+        raw.pop("calibration", None)
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     def identity_hash(self) -> str:
