@@ -70,13 +70,15 @@ def zoo_command(name: str | None, filters: int | None) -> None:
 @click.option("--lr-decay-epochs", default="", help="Comma-separated epochs at which the rate drops 10x.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--loss-weights", default=None, help="Exit loss weights, local first (default: from spec).")
+@click.option("--augment", default="", help="Training augmentation, comma-separated: crop:P (pad by P pixels and "
+                                            "crop back at random), flip (horizontal), e.g. crop:4,flip.")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many batches.")
 @click.option("--train-count", type=click.IntRange(1), default=None, help="Use only the first N training samples.")
 @click.option("--resume", is_flag=True, help="Continue from OUT and its .opt.npz checkpoint.")
 @click.option("--progress/--no-progress", default=True)
 @data_dir_option
 def train_command(zoo_name: str | None, filters: int | None, arch: str | None, out: str, epochs: int,
-                  batch_size: int, lr: float, lr_decay_epochs: str, seed: int, loss_weights: str | None,
+                  batch_size: int, lr: float, lr_decay_epochs: str, seed: int, loss_weights: str | None, augment: str,
                   max_steps: int | None, train_count: int | None, resume: bool, progress: bool,
                   data_dir: str | None) -> None:
     """Jointly train all exits of a DDNN and write a self-describing model file."""
@@ -90,6 +92,12 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
         decay = tuple(int(part) for part in lr_decay_epochs.split(",") if part.strip())
     except ValueError as error:
         raise click.BadParameter(f"{lr_decay_epochs!r}: expected comma-separated epochs") from error
+    from ddnn_gen.model.train import parse_augment
+
+    try:
+        augmentations = parse_augment(augment)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--augment") from error
     weights = _parse_loss_weights(loss_weights)
     if weights is not None and len(weights) != len(spec.tiers):
         raise click.BadParameter(f"{len(weights)} loss weights for {len(spec.tiers)} exits",
@@ -102,7 +110,7 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
         # Progress and epoch lines are INFO records of the trainer; show them without -v.
         logging.getLogger("ddnn_gen.model.train").setLevel(logging.INFO)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, loss_weights=weights,
-                         max_steps=max_steps, progress=progress, lr_decay_epochs=decay)
+                         max_steps=max_steps, progress=progress, lr_decay_epochs=decay, augment=augmentations)
     result = train(spec, train_set, config, out=out_path, resume=resume)
     last = result.history[-1] if result.history else {}
     log.info("trained %d epochs in %.1f s", result.epochs_done, result.seconds)
