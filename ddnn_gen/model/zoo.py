@@ -98,19 +98,31 @@ def fmnist28_3tier(filters: int = 32) -> Raw:
 
 
 def cifar10_3tier(filters: int = 64) -> Raw:
-    """CIFAR-10, 3 tiers. Device: the paper's FConv 3->64 with a 2x2 pool (16x16 split, 2 KB). Edge: two BConv
-    128 blocks pooled to 4x4 and their binary exit (256 B onward). Cloud: strided float convolutions (cheap per
-    sample, unlike four full-resolution ones) and a hidden linear layer."""
-    device = [_conv("conv1", "fconv", filters, pool=POOL_2)]
-    edge = [_conv("econv1", "bconv", 2 * filters, pool=POOL_2), _conv("econv2", "bconv", 2 * filters, pool=POOL_2)]
-    cloud = [_conv("sconv1", "conv", 256), _conv("sconv2", "conv", 256, pool=POOL_2),
-             {"name": "sfc1", "type": "linear", "out_channels": 256}]
+    """CIFAR-10, 3 tiers. Device: FConv 3->64 and BConv 64, each with a 2x2 pool (8x8 split, 512 B), so the
+    local exit sees two binary layers. Edge: a BConv 128 pooled to 4x4 and its binary exit (256 B onward).
+    Cloud: two float 3x3 convolutions at 4x4 (the second pooled) and a hidden linear layer: cheap per sample,
+    unlike four full-resolution ones."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", filters, pool=POOL_2)]
+    edge = [_conv("econv1", "bconv", 2 * filters, pool=POOL_2)]
+    cloud = [_conv("sconv1", "conv", 4 * filters), _conv("sconv2", "conv", 4 * filters, pool=POOL_2),
+             {"name": "sfc1", "type": "linear", "out_channels": 8 * filters}]
     return _three_tier(f"cifar10_3tier_{filters}", "cifar10", 3, 32, device, edge, cloud, [0.5, 0.5])
+
+
+def cifar10_2tier(filters: int = 64) -> Raw:
+    """cifar10_3tier without its edge: the same device part, and a cloud that runs the edge's convolution
+    (float, as every cloud layer is) before the same cloud layers. Its two-tier counterpart for comparisons."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", filters, pool=POOL_2)]
+    cloud = [_conv("econv1", "conv", 2 * filters, pool=POOL_2), _conv("sconv1", "conv", 4 * filters),
+             _conv("sconv2", "conv", 4 * filters, pool=POOL_2),
+             {"name": "sfc1", "type": "linear", "out_channels": 8 * filters}]
+    return _two_tier(f"cifar10_2tier_{filters}", "cifar10", 3, 32, device, cloud, 0.5)
 
 
 ZOO: dict[str, Callable[..., Raw]] = {
     "cifar10_shallow": cifar10_shallow,
     "cifar10_deep": cifar10_deep,
+    "cifar10_2tier": cifar10_2tier,
     "cifar10_3tier": cifar10_3tier,
     "mnist": lambda filters=16: mnist28(filters, "mnist"),
     "fashion-mnist": lambda filters=16: mnist28(filters, "fashion-mnist"),
