@@ -26,7 +26,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -281,6 +281,11 @@ class CModel:
             answer = (int(result.class_id), float(result.entropy), bool(result.exit_local))
         split_h, split_w, _ = self.program.split_hwc
         return LocalAnswer(*answer, split.reshape(split_h, split_w, -1))
+
+    def answers(self, images_u8: np.ndarray) -> Callable[[int, float], LocalAnswer]:
+        """(sample index, threshold) -> that image's answer through :meth:`infer` (a simulated device's part)."""
+        hwc = self._images_hwc(images_u8)
+        return lambda index, threshold: self.infer(hwc[index], threshold)
 
 
 _loaded: dict[tuple[str, str, float, tuple[str, ...]], CModel] = {}
