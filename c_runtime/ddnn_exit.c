@@ -1,4 +1,4 @@
-/* The arithmetic mirrors ddnn_gen.reference.normalized_entropy operation by operation (same order of
+/* The arithmetic mirrors ddnn_gen.fold.reference.normalized_entropy operation by operation (same order of
  * sums, the same exp and log), so every target agrees bit for bit with the reference and with each
  * other. exp and log are written here with IEEE double +, -, *, / and exact bit manipulation only: the C
  * library's exp/log differ between platforms in the last bits (glibc on x86-64 vs armhf did on one

@@ -129,6 +129,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "ddnn_device_net: --broker must be HOST:PORT, got '%s'\n", broker);
         return 2;
     }
+    if (ddnn_request_size((size_t)model->split_words) > model->request_bytes ||
+        DDNN_REQUEST_HEADER_BYTES + model->input_bytes > model->request_bytes) {
+        fprintf(stderr, "ddnn_device_net: %s's request buffer (%lu bytes) is smaller than its requests\n", model->name,
+                (unsigned long)model->request_bytes);
+        return 1;
+    }
     if (ddnn_runner_open_samples("ddnn_device_net", model, samples_path, &samples) != 0)
         return 1;
     if (csv_path != NULL && (csv = fopen(csv_path, "w")) == NULL) {

@@ -21,6 +21,7 @@ from ddnn_gen.errors import CompileError
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.wire import codec
 
 # Calls both models sample by sample, interleaved, and prints each model's answer only after the other model
 # has run: a model whose result pointed into shared (or the other model's) buffers would print wrong bits.
@@ -132,7 +133,10 @@ def test_metadata_json(programs: dict[str, DeviceProgram], tmp_path: Path) -> No
     assert meta["threshold"] == program.threshold
     assert meta["memory"]["ram_bytes"] == report.ram_bytes and meta["memory"]["flash_weight_bytes"] == 9456
     assert meta["memory"]["code_bytes"] == report.code_bytes and report.code_bytes is not None
-    assert meta["memory"]["request_bytes"] == 88 + 784  # the raw input is larger than the 392-byte split
+    assert meta["memory"]["request_bytes"] == codec.REQUEST_HEADER_BYTES + 784  # raw input > the 392-byte split
+    assert c_target.REQUEST_HEADER_BYTES == codec.REQUEST_HEADER_BYTES
+    assert f"#define DDNN_REQUEST_HEADER_BYTES {codec.REQUEST_HEADER_BYTES}\n" in (
+        c_runtime_dir() / "ddnn_protocol.h").read_text()
     assert meta["reproduce"].startswith("ddnngen compile")
     assert meta["symbols"]["infer"] == "fmnist_32_infer" and meta["symbols"]["macro_prefix"] == "FMNIST_32_"
     shipped = sorted(path.name for path in (tmp_path / "a").iterdir())

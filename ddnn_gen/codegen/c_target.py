@@ -56,6 +56,9 @@ METADATA_VERSION = 1
 # Names the runtime owns: a model called "ddnn" would define ddnn_model, the descriptor type.
 RESERVED_PREFIXES = ("ddnn",)
 MAX_KSIZE = 11  # DDNN_MAX_KSIZE in c_runtime/ddnn_types.h
+# DDNN_REQUEST_HEADER_BYTES in c_runtime/ddnn_protocol.h (wire.codec.REQUEST_HEADER_BYTES; codegen sits below
+# wire, so the number is repeated here and a test holds the three equal).
+REQUEST_HEADER_BYTES = 88
 # Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
 MAX_EXACT_SUM = 2 ** 24
 WORDS_PER_LINE = 4
@@ -105,8 +108,6 @@ def memory_plan(program: DeviceProgram) -> MemoryPlan:
 
 def request_bytes(program: DeviceProgram) -> int:
     """The larger of the model's two requests: its split, or its raw input image (server-only)."""
-    from ddnn_gen.wire.codec import REQUEST_HEADER_BYTES
-
     return REQUEST_HEADER_BYTES + max(8 * program.split_words, int(np.prod(program.input_hwc)))
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,8 +44,10 @@ from ddnn_gen.fold.program import DeviceProgram
 log = logging.getLogger(__name__)
 
 #: Flags of the extension's C code: the Makefile's DDNN_CFLAGS (bit-exact exit) and its default
-#: optimisation for a native build, so the binding runs the code the runner runs.
-CFLAGS = ("-std=c99", "-D_POSIX_C_SOURCE=200112L", "-ffp-contract=off", "-O3", "-march=native")
+#: optimisation for a native build, so the binding runs the code the runner runs. They come after Python's
+#: own CFLAGS, whose -fwrapv (signed overflow wraps) cost mnist_16 ~15% in bench/bench_binding.py: the
+#: runtime never relies on signed wrap-around (UBSan-clean), so it is switched back off.
+CFLAGS = ("-std=c99", "-D_POSIX_C_SOURCE=200112L", "-ffp-contract=off", "-O3", "-march=native", "-fno-wrapv")
 
 _RESULT_CDEF = """
 typedef struct {
@@ -174,9 +176,9 @@ class CResult:
     split_words: np.ndarray  # uint64 (N, H, W, words)
 
 
-@dataclass(frozen=True)
-class LocalAnswer:
-    """One sample's device answer: the local exit's class, entropy and decision, and its split."""
+class LocalAnswer(NamedTuple):
+    """One sample's device answer: the local exit's class, entropy and decision, and its split (a tuple: built
+    once per sample on the per-sample path, where a frozen dataclass costs a microsecond)."""
 
     local_class: int
     entropy: float
@@ -209,6 +211,10 @@ class CModel:
         self._descriptor_ptr = self.lib.ddnn_binding_model()
         self.descriptor = self._descriptor_ptr[0]
         self._infer = getattr(self.lib, f"{self.name}_infer")
+        self._result = self.ffi.new("ddnn_result *")  # reused under the lock by infer()
+        split_h, split_w, _ = program.split_hwc
+        self._split_shape = (split_h, split_w, program.split_words // (split_h * split_w))
+        self._split_bytes = 8 * program.split_words
         self._check_descriptor()
 
     def _sources(self) -> list[str]:
@@ -239,15 +245,15 @@ class CModel:
     def run(self, images_u8: np.ndarray, threshold: float | None = None) -> CResult:
         """The device part on images (N, C, H, W) uint8, one ``ddnn_infer_batch`` call."""
         hwc = self._images_hwc(images_u8)
-        n = len(hwc)
-        program = self.program
-        split_h, split_w, _ = program.split_hwc
-        result = CResult(np.empty((n, program.n_classes), np.float64), np.empty(n, np.int32), np.empty(n, np.float64),
-                         np.empty(n, np.uint8),
-                         np.empty((n, split_h, split_w, program.split_words // (split_h * split_w)), np.uint64))
+        result = self.empty_result(len(hwc))
         self.infer_into(hwc, self._threshold(threshold), result)
         result.local_exit = result.local_exit.astype(bool)
         return result
+
+    def empty_result(self, n: int) -> CResult:
+        """Output arrays for ``n`` samples, as :meth:`infer_into` fills them (exit decisions as uint8)."""
+        return CResult(np.empty((n, self.program.n_classes), np.float64), np.empty(n, np.int32),
+                       np.empty(n, np.float64), np.empty(n, np.uint8), np.empty((n, *self._split_shape), np.uint64))
 
     def infer_into(self, images_hwc: np.ndarray, threshold: float, out: CResult) -> None:
         """``ddnn_infer_batch`` on contiguous (N, H, W, C) uint8 images into ``out``'s arrays (exit as uint8)."""
@@ -271,16 +277,15 @@ class CModel:
         image = np.ascontiguousarray(image_hwc, dtype=np.uint8)
         if image.shape != self.program.input_hwc:
             raise ValueError(f"image is {image.shape} (HWC), {self.name} expects {self.program.input_hwc}")
-        ffi = self.ffi
-        result = ffi.new("ddnn_result *")
-        words = self.program.split_words
-        split = np.empty(words, dtype=np.uint64)
+        threshold = self._threshold(threshold)
+        result = self._result
         with self._lock:
-            self._infer(ffi.from_buffer("uint8_t[]", image), self._threshold(threshold), result)
-            ffi.memmove(ffi.from_buffer("uint64_t[]", split, require_writable=True), result.split, 8 * words)
-            answer = (int(result.class_id), float(result.entropy), bool(result.exit_local))
-        split_h, split_w, _ = self.program.split_hwc
-        return LocalAnswer(*answer, split.reshape(split_h, split_w, -1))
+            self._infer(self.ffi.from_buffer("uint8_t[]", image), threshold, result)
+            # The split lives in the model's static buffer: copy it out before the next call reuses it.
+            split = np.frombuffer(self.ffi.buffer(result.split, self._split_bytes), dtype=np.uint64).copy()
+            answer = LocalAnswer(int(result.class_id), float(result.entropy), bool(result.exit_local),
+                                 split.reshape(self._split_shape))
+        return answer
 
     def answers(self, images_u8: np.ndarray) -> Callable[[int, float], LocalAnswer]:
         """(sample index, threshold) -> that image's answer through :meth:`infer` (a simulated device's part)."""
