@@ -4,6 +4,8 @@ under concurrent threads, the build cache, and simulated devices whose device pa
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,17 +108,24 @@ def test_threads_take_turns_on_one_model(model: c_binding.CModel, program: Devic
     assert not wrong, f"{len(wrong)} samples answered wrongly under concurrency, e.g. {wrong[:5]}"
 
 
-def test_extensions_are_cached_by_content(program: DeviceProgram, tmp_path: Path, monkeypatch) -> None:
+def test_extensions_are_cached_by_content(program: DeviceProgram, fmnist_model_path: Path, tmp_path: Path) -> None:
     first = c_binding.CModel(program, cache_dir=tmp_path)
     entries = sorted(tmp_path.iterdir())
     assert len(entries) == 1 and entries[0].name.startswith(f"{program.spec.name}-{program.content_hash[:16]}-")
     built = next(entries[0].glob("*.so"))
     stamp = built.stat().st_mtime_ns
-    monkeypatch.setattr(c_binding.subprocess, "run", None)  # a cache hit must not build anything
-    second = c_binding.CModel(program, cache_dir=tmp_path)
-    monkeypatch.undo()
+    # Another process finds it on disk and builds nothing (it could not: it has no subprocess module).
+    child = ("import sys; from ddnn_gen.device import c_binding; from ddnn_gen.fold.program import fold; "
+             "from ddnn_gen.model.modelfile import load_model; c_binding.subprocess = None; "
+             "m = c_binding.CModel(fold(load_model(sys.argv[1])), cache_dir=sys.argv[2]); "
+             "print(m.descriptor.n_classes)")
+    result = subprocess.run([sys.executable, "-c", child, str(fmnist_model_path), str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "10", result.stderr
     assert built.stat().st_mtime_ns == stamp and sorted(tmp_path.iterdir()) == entries
-    assert second.lib is not None and first.descriptor.n_classes == program.n_classes
+    # In this process a second binding of the same sources shares the module and its lock.
+    second = c_binding.CModel(program, cache_dir=tmp_path)
+    assert second.lib is first.lib and second._lock is first._lock
     # The threshold is in the generated sources but not in the content hash: another extension.
     other = DeviceProgram(program.spec, program.content_hash, program.layers, program.exit, 0.375)
     assert c_binding.CModel(other, cache_dir=tmp_path).descriptor.default_threshold == 0.375

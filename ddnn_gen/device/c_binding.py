@@ -139,17 +139,34 @@ def _load_module(name: str, path: Path) -> ModuleType:
     return module
 
 
+# Extensions loaded in this process, by file: one module and one lock per extension, however many CModel
+# objects wrap it (they would share its static buffers).
+_loaded: dict[Path, tuple[ModuleType, threading.Lock]] = {}
+_loaded_lock = threading.Lock()
+
+
 def _build_extension(cache_dir: str | Path | None, label: str, cdef: str, source: str, sources: Sequence[Path],
-                     include_dirs: Sequence[Path], cflags: Sequence[str], key_files: Sequence[Path]) -> ModuleType:
-    """The extension for exactly these inputs, from the cache or built first. The key digests everything
-    the build reads (``key_files`` are the C sources and headers); a finished build is renamed into place,
-    so concurrent builders never see half a file."""
+                     include_dirs: Sequence[Path], cflags: Sequence[str],
+                     key_files: Sequence[Path]) -> tuple[ModuleType, threading.Lock]:
+    """The extension for exactly these inputs and its lock, from this process, the cache or built first. The
+    key digests everything the build reads (``key_files`` are the C sources and headers); a finished build
+    is renamed into place, so concurrent builders never see half a file."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     key = _digest([__version__.encode(), cdef.encode(), source.encode(), " ".join(cflags).encode(), suffix.encode(),
                    *(path.name.encode() + b"\0" + path.read_bytes() for path in sorted(key_files))])[:16]
     key_dir = (Path(cache_dir) if cache_dir is not None else cache_root()) / f"{label}-{key}"
     module = f"_ddnn_{label.replace('-', '_').replace('.', '_')}_{key}"
-    target = key_dir / (module + suffix)
+    target = (key_dir / (module + suffix)).resolve()
+    with _loaded_lock:
+        if target not in _loaded:
+            _build_if_missing(target, module, cdef, source, sources, include_dirs, cflags)
+            _loaded[target] = (_load_module(module, target), threading.Lock())
+        return _loaded[target]
+
+
+def _build_if_missing(target: Path, module: str, cdef: str, source: str, sources: Sequence[Path],
+                      include_dirs: Sequence[Path], cflags: Sequence[str]) -> None:
+    key_dir = target.parent
     if not target.exists():
         key_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="build_", dir=key_dir) as tmp:
@@ -162,7 +179,6 @@ def _build_extension(cache_dir: str | Path | None, label: str, cdef: str, source
                 raise BuildError(f"building the cffi extension {module} failed:\n{result.stdout}{result.stderr}")
             os.replace(built, target)
         log.info("built %s", target)
-    return _load_module(module, target)
 
 
 @dataclass
@@ -193,7 +209,6 @@ class CModel:
                  cache_dir: str | Path | None = None) -> None:
         self.program = program
         self.name = program.spec.name
-        self._lock = threading.Lock()
         with tempfile.TemporaryDirectory(prefix="ddnn_cffi_src_") as tmp:
             project = Path(tmp)
             c_target.compile_c(program, project, reproduce="ddnngen (cffi binding)")
@@ -204,8 +219,8 @@ class CModel:
             source = (f'#include "{self.name}_model.h"\n'
                       f"static const ddnn_model *ddnn_binding_model(void) {{ return &{self.name}_model; }}\n")
             label = f"{self.name}-{program.content_hash[:16]}-{__version__}"
-            self.module = _build_extension(cache_dir, label, cdef, source, sources, [project], cflags,
-                                           sorted(project.glob("*.[ch]")))
+            self.module, self._lock = _build_extension(cache_dir, label, cdef, source, sources, [project], cflags,
+                                                       sorted(project.glob("*.[ch]")))
         self.ffi: Any = self.module.ffi
         self.lib: Any = self.module.lib
         self._descriptor_ptr = self.lib.ddnn_binding_model()
@@ -293,17 +308,10 @@ class CModel:
         return lambda index, threshold: self.infer(hwc[index], threshold)
 
 
-_loaded: dict[tuple[str, str, float, tuple[str, ...]], CModel] = {}
-_loaded_lock = threading.Lock()
-
-
 def load(program: DeviceProgram, cflags: Sequence[str] = CFLAGS) -> CModel:
-    """The binding of ``program``, built or taken from the cache, loaded once per process."""
-    key = (program.spec.name, program.content_hash, program.threshold, tuple(cflags))
-    with _loaded_lock:
-        if key not in _loaded:
-            _loaded[key] = CModel(program, cflags)
-        return _loaded[key]
+    """The binding of ``program``: its extension built or taken from the cache, loaded once per process (a
+    second CModel of the same sources shares the module and its lock)."""
+    return CModel(program, cflags)
 
 
 class CRuntime:
@@ -312,9 +320,9 @@ class CRuntime:
     def __init__(self, cflags: Sequence[str] = CFLAGS, cache_dir: str | Path | None = None) -> None:
         runtime = c_runtime_dir()
         sources = [runtime / name for name in RUNTIME_SOURCES]
-        self.module = _build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF,
-                                       '#include "ddnn_exit.h"\n#include "ddnn_protocol.h"\n', sources, [runtime],
-                                       cflags, [*sources, *runtime.glob("*.h")])
+        self.module, _ = _build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF,
+                                          '#include "ddnn_exit.h"\n#include "ddnn_protocol.h"\n', sources,
+                                          [runtime], cflags, [*sources, *runtime.glob("*.h")])
         self.ffi: Any = self.module.ffi
         self.lib: Any = self.module.lib
 
