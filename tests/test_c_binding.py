@@ -159,6 +159,7 @@ def broker() -> Iterator[Broker]:
         yield running
 
 
+@pytest.mark.broker
 def test_simulated_devices_run_the_binding(broker: Broker, model: c_binding.CModel, fmnist_model_path: Path,
                                            fmnist_test) -> None:
     images = fmnist_test.images[:300]

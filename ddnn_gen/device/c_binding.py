@@ -240,7 +240,7 @@ class CModel:
         d, p = self.descriptor, self.program
         got = (d.input_h, d.input_w, d.input_c, d.split_h, d.split_w, d.split_c, d.split_words, d.split_layer,
                d.n_classes)
-        want = (*p.input_hwc, *p.split_hwc, p.split_words, len(p.layers), p.n_classes)
+        want = (*p.input_hwc, *p.split_hwc, p.split_words, p.split_layer, p.n_classes)
         if got != want:
             raise BuildError(f"the cffi extension of {self.name} has shapes {got}, the model {want}; clear "
                              f"{cache_root()}")

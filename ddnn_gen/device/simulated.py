@@ -219,7 +219,7 @@ class SimReport:
 
 def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
     height, width, channels = program.split_hwc
-    return RequestHeader(model_hash, len(program.layers), channels, height, width, request_id, device_id,
+    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id, device_id,
                          time.monotonic_ns() // 1000, Packing.BITS_U64)
 
 
