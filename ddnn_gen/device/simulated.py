@@ -1,6 +1,7 @@
-"""Simulated devices: the NumPy reference device tier plus the same MQTT client behaviour as the C
-networked runner (request, wait with timeout, fall back to the local answer), for load tests and the
-benchmark. Each device counts lost, duplicated and misrouted replies so tests can assert on them.
+"""Simulated devices: a device part (the generated C through the cffi binding, or answers computed beforehand
+by the NumPy reference) plus the same MQTT client behaviour as the C networked runner (request, wait with
+timeout, fall back to the local answer), for load tests and the benchmark. Each device counts lost,
+duplicated and misrouted replies so tests can assert on them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ddnn_gen.device.c_binding import LocalAnswer
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, topics
@@ -49,6 +51,7 @@ class SampleOutcome:
     status: int = -1  # reply status, -1 when no reply
     t_round_trip_us: int = 0
     t_server_us: int = 0
+    t_device_us: int = 0  # the device part's time for this sample
 
 
 class SimDevice:
@@ -216,20 +219,41 @@ class SimReport:
 
 def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
     height, width, channels = program.split_hwc
-    return RequestHeader(model_hash, len(program.layers), channels, height, width, request_id, device_id,
+    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id, device_id,
                          time.monotonic_ns() // 1000, Packing.BITS_U64)
+
+
+#: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the
+#: device threads, so it must be thread-safe (the cffi binding holds its model's lock).
+DevicePart = Callable[[int, float], LocalAnswer]
+
+
+def precomputed(split_words: np.ndarray, entropy: np.ndarray, local_class: np.ndarray) -> DevicePart:
+    """A device part answering from arrays computed beforehand (e.g. reference.run_device over the data set);
+    the exit decision is taken at the live threshold, as the C code would."""
+    def part(index: int, threshold: float) -> LocalAnswer:
+        local = bool(exit_decision(entropy[index:index + 1], threshold)[0])
+        return LocalAnswer(int(local_class[index]), float(entropy[index]), local, split_words[index])
+
+    return part
 
 
 def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
                 entropy: np.ndarray, local_class: np.ndarray, n_devices: int, requests_per_device: int,
-                timeout_s: float = 5.0, all_to_server: bool = False, window: int = 1,
-                sample_indices: Sequence[int] | None = None, device_prefix: str = "sim",
-                on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
-    """``n_devices`` concurrent devices each classifying ``requests_per_device`` samples; device d takes
-    samples (d * requests_per_device + i) mod N. ``window`` requests may be outstanding per device. The exit
-    decision uses each device's live threshold (retained threshold topics), as the C runner does.
-    ``on_outcome`` sees every answer as it happens (from the device threads)."""
-    n_samples = len(split_words)
+                **options: Any) -> SimReport:
+    """:func:`simulate` with the device part's answers computed beforehand for all N samples."""
+    return simulate(host, port, program, model_hash, precomputed(split_words, entropy, local_class),
+                    len(split_words), n_devices, requests_per_device, **options)
+
+
+def simulate(host: str, port: int, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
+             n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
+             all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
+             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
+    """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
+    ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
+    outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
+    as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads)."""
     devices: list[SimDevice] = []
     try:
         for d in range(n_devices):
@@ -248,34 +272,37 @@ def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes,
 
     def drive(d: int) -> None:
         device = devices[d]
-        in_flight: list[tuple[int, int, _Pending]] = []
+        in_flight: list[tuple[int, int, _Pending, int, int]] = []
 
-        def finish(index: int, request_id: int, pending: _Pending) -> None:
+        def finish(index: int, request_id: int, pending: _Pending, local_class: int, device_us: int) -> None:
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             rtt = int((end - pending.sent) * 1e6)
             if reply is None:
-                source, final, status, server_us = "fallback", int(local_class[index]), -1, 0
+                source, final, status, server_us = "fallback", local_class, -1, 0
             elif reply.status != codec.Status.OK:
-                source, final, status, server_us = "error", int(local_class[index]), int(reply.status), 0
+                source, final, status, server_us = "error", local_class, int(reply.status), 0
             else:
                 source, final, status, server_us = "server", reply.class_id, 0, reply.server_us
-            record(d, SampleOutcome(device.device_id, index, request_id, source, final, int(local_class[index]),
-                                    device.threshold, status, rtt, server_us))
+            record(d, SampleOutcome(device.device_id, index, request_id, source, final, local_class,
+                                    device.threshold, status, rtt, server_us, device_us))
 
         for i in range(requests_per_device):
             position = d * requests_per_device + i
             index = int(sample_indices[position % len(sample_indices)]) if sample_indices is not None \
                 else position % n_samples
             threshold = device.threshold
-            if not all_to_server and bool(exit_decision(entropy[index:index + 1], threshold)[0]):
-                record(d, SampleOutcome(device.device_id, index, 0, "local", int(local_class[index]),
-                                        int(local_class[index]), threshold))
+            started_ns = time.perf_counter_ns()
+            answer = device_part(index, threshold)
+            device_us = (time.perf_counter_ns() - started_ns) // 1000
+            if not all_to_server and answer.local_exit:
+                record(d, SampleOutcome(device.device_id, index, 0, "local", answer.local_class, answer.local_class,
+                                        threshold, t_device_us=device_us))
                 continue
             request_id = device.next_request_id()
             header = split_header(program, model_hash, request_id, device.device_id)
-            pending = device.send(codec.encode_request(header, split_words[index]), request_id)
-            in_flight.append((index, request_id, pending))
+            pending = device.send(codec.encode_request(header, answer.split_words), request_id)
+            in_flight.append((index, request_id, pending, answer.local_class, device_us))
             if len(in_flight) >= window:
                 finish(*in_flight.pop(0))
         for item in in_flight:
