@@ -50,11 +50,22 @@ def _name_option(what: str) -> object:
               help="Seconds the broker keeps a --server-id session while the server is away.")
 @click.option("--max-request-bytes", default=codec.MAX_REQUEST_BYTES, show_default=True,
               type=click.IntRange(codec.REQUEST_HEADER_BYTES + 8, 2**30))
+@click.option("--role", type=click.Choice(["cloud", "edge"]), default="cloud", show_default=True,
+              help="cloud: run every tier from where requests resume to the final exit. edge: run the model's "
+                   "edge tier, answer at its exit when confident, send the rest on to the cloud (--upstream).")
+@click.option("--upstream", "upstream_address", default=None, metavar="HOST:PORT",
+              help="Edge: the broker the cloud listens on (default: this server's broker).")
+@click.option("--upstream-timeout-ms", default=1000.0, show_default=True, type=click.FloatRange(1, 600000),
+              help="Edge: how long to wait for the cloud before answering with the edge's own exit (fallback).")
+@click.option("--from-tier", default=None, type=click.IntRange(1, 7),
+              help="Cloud: the tier requests resume at (default: after the device for two-tier models, after the "
+                   "last edge tier for deeper ones; 1 when a deeper model runs without an edge).")
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker_address: str | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float, group: str,
-         server_id: str | None, session_expiry: int, max_request_bytes: int, gpu: int | None, verbose: int) -> None:
+         server_id: str | None, session_expiry: int, max_request_bytes: int, role: str, upstream_address: str | None,
+         upstream_timeout_ms: float, from_tier: int | None, gpu: int | None, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -66,8 +77,13 @@ def main(broker_address: str | None, models_dir: str, workers: int, max_batch: i
             host, port = broker.host, broker.port
         else:
             host, port = parse_broker(broker_address)
+        upstream_host, upstream_port = parse_broker(upstream_address) if upstream_address else (None, None)
+        if role != "edge" and upstream_address:
+            raise click.BadParameter("only an edge has a tier above to send to", param_hint="--upstream")
         config = ServerConfig(host, port, models_dir, workers, max_batch, max_wait_ms, group, server_id,
-                              session_expiry, max_request_bytes, gpu=gpu)
+                              session_expiry, max_request_bytes, gpu=gpu, role=role, from_tier=from_tier,
+                              upstream_host=upstream_host, upstream_port=upstream_port,
+                              upstream_timeout_ms=upstream_timeout_ms)
         server = Server(config).start()
     except DdnnError as error:
         if broker is not None:
@@ -80,7 +96,9 @@ def main(broker_address: str | None, models_dir: str, workers: int, max_batch: i
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
-    models = ", ".join(f"{m.name}={topics.model_key(m.hash_bytes)}" for m in server.store.models())
+    models = ", ".join(f"{m.name}={topics.model_key(m.hash_bytes)}" + ("" if m.role == "cloud" and m.entry_tier <= 1
+                                                                        else f" ({m.role}, tier {m.entry_tier})")
+                       for m in server.store.models())
     if not server.wait_ready(QUIET_CONNECT_S):
         click.echo(f"ddnn-server: waiting for the broker at {host}:{port} (retrying in the background)", err=True)
         while not stop.is_set() and not server.wait_ready(0.5):
