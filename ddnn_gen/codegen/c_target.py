@@ -9,6 +9,7 @@ spelling. Every generated symbol carries the model's name, so several models lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -342,7 +343,7 @@ def load_program(program_or_model_path: DeviceProgram | str | Path, threshold: f
     if isinstance(program_or_model_path, DeviceProgram):
         program = program_or_model_path
         if threshold is not None:
-            program = DeviceProgram(program.spec, program.content_hash, program.layers, program.exit, float(threshold))
+            program = dataclasses.replace(program, threshold=float(threshold))
         return program
     return fold(load_model(program_or_model_path, arch=arch), threshold)
 
