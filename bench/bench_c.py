@@ -12,7 +12,8 @@ Measured side by side in one run on this machine (prints ratios, writes bench/ou
 3. Per-sample latency of the shipped models' device parts (models/mnist_16.npz, models/cifar10_deep_64.npz)
    per path, against Chainer's test-mode forward of the same device part and local exit at batch 1
    (goal >= 50x), against Larq Compute Engine on the same shapes (below) and against the part's bound:
-   FConv MACs at the int32 MAC loop's rate plus popcount words at the SIMD limit's rate.
+   FConv MACs at the fastest MAC loop's rate (bench/limits.c: int32, AVX2 VPMADDUBSW, AVX-VNNI or AVX-512
+   VNNI VPDPBUSD) plus popcount words at the SIMD limit's rate; FConv alone against its MAC limit.
 4. Larq Compute Engine 0.16, one thread, when its venv exists (bench/lce_peer.py, bench/requirements-lce.txt;
    ``$DDNN_LCE_PYTHON`` or ~/.cache/ddnngen/lce-venv/bin/python): the two device parts and the BConv layer
    (the difference of a 3- and a 2-layer BConv stack: a middle layer reads and writes packed bits as
@@ -63,6 +64,7 @@ LCE_PEER = REPO / "bench" / "lce_peer.py"
 LCE_VENV_PYTHON = Path.home() / ".cache" / "ddnngen" / "lce-venv" / "bin" / "python"
 NATIVE = "-O3 -march=native"
 BCONV_WORDS = 589824  # 32 * 32 pixels * 9 taps * 64 output channels * 1 input word
+FCONV_MACS = 1769472  # bench/limits.c's MAC loops: 32 * 32 pixels * 27 taps * 64 output channels
 # (label, CFLAGS after the Makefile's -march=native, predefined macro the variant needs on the host).
 # The generic build's later -march wins over the Makefile's.
 VARIANTS = (
@@ -97,31 +99,31 @@ def build_limits(tmp: Path, label: str, cflags: str) -> Path:
 
 
 def run_limits(binary: Path) -> dict[str, Any]:
-    """us per 589 824 words of every loop (best and mean of 50 runs), the build's limit loop, the MAC rate."""
+    """us of every XNOR-popcount loop (589 824 words) and MAC loop (1 769 472 MACs): best and mean of 50 runs."""
     out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
-    loops, result = {}, {}
+    result: dict[str, Any] = {"loops": {}, "macs": {}}
     for line in out.splitlines():
         parts = line.split()
         fields = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
-        if parts[0] == "loop":
-            loops[parts[1]] = {"best_us": float(fields["best_s"]) * 1e6, "mean_us": float(fields["mean_s"]) * 1e6}
-        elif parts[0] == "best":
-            result["limit_loop"] = parts[1]
-        elif parts[0] == "macs":
-            result["int32_macs_per_s"] = float(fields["macs"]) / float(fields["best_s"])
-    result["loops"] = loops
+        if parts[0] in ("loop", "macs") and "best_s" in fields:
+            result["loops" if parts[0] == "loop" else "macs"][parts[1]] = {
+                "best_us": float(fields["best_s"]) * 1e6, "mean_us": float(fields["mean_s"]) * 1e6}
     return result
 
 
 def min_limits(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per loop, the minimum over rounds of its best and of its mean; the limit is the fastest loop."""
-    loops = {name: {key: min(run["loops"][name][key] for run in runs) for key in ("best_us", "mean_us")}
-             for name in runs[0]["loops"]}
-    limit = min(loops, key=lambda name: loops[name]["best_us"])
+    """Per loop, the minimum over rounds of its best and of its mean; a limit is the fastest loop of its kind."""
+    def fastest(kind: str) -> tuple[dict[str, dict[str, float]], str]:
+        loops = {name: {key: min(run[kind][name][key] for run in runs) for key in ("best_us", "mean_us")}
+                 for name in runs[0][kind]}
+        return loops, min(loops, key=lambda name: loops[name]["best_us"])
+
+    loops, limit = fastest("loops")
+    macs, mac_limit = fastest("macs")
     return {"loops": loops, "limit_loop": limit, "limit_best_us": loops[limit]["best_us"],
             "limit_mean_us": loops[limit]["mean_us"], "scalar_best_us": loops["scalar"]["best_us"],
-            "scalar_mean_us": loops["scalar"]["mean_us"],
-            "int32_macs_per_s": max(run["int32_macs_per_s"] for run in runs)}
+            "scalar_mean_us": loops["scalar"]["mean_us"], "macs": macs, "mac_loop": mac_limit,
+            "macs_per_s": FCONV_MACS / (macs[mac_limit]["best_us"] * 1e-6)}
 
 
 def runner_simd(binary: Path, samples: Path) -> str:
@@ -387,11 +389,12 @@ def main() -> None:
             runs = c_runs[label][name]
             c, c_mean = min_over([run["min"] for run in runs]), min_over([run["mean"] for run in runs])
             limits = path["limits"]
-            bound_us = (work["fconv_macs"] / limits["int32_macs_per_s"]
-                        + work["popcount_words"] / (BCONV_WORDS / (limits["limit_best_us"] * 1e-6))) * 1e6
+            fconv_limit_us = work["fconv_macs"] / limits["macs_per_s"] * 1e6
+            bound_us = fconv_limit_us + work["popcount_words"] / (BCONV_WORDS / (limits["limit_best_us"] * 1e-6)) * 1e6
             row = {"c_us": c["total"], "c_stage_us": c, "c_mean_us": c_mean["total"], "c_stage_mean_us": c_mean,
                    "speedup_vs_chainer": chainer_us["min"] / c["total"], "bound_us": bound_us,
-                   "c_over_bound": c["total"] / bound_us}
+                   "c_over_bound": c["total"] / bound_us, "fconv_us": c["conv1"], "fconv_limit_us": fconv_limit_us,
+                   "fconv_over_limit": c["conv1"] / fconv_limit_us, "mac_loop": limits["mac_loop"]}
             lce_text = f"{'':>9} {'':>8}"
             if lce:
                 row["lce_over_c"] = model_row["lce_us"] / c["total"]
@@ -400,8 +403,9 @@ def main() -> None:
             log.info("%-16s %-15s %-17s %8.2f %10.1f %7.0fx %s %9.2f %7.2fx", name, label, path["simd"], c["total"],
                      chainer_us["min"], row["speedup_vs_chainer"], lce_text, bound_us, row["c_over_bound"])
         native = model_row["paths"]["native"]
-        log.info("   native C per stage (us, least sample): %s",
-                 ", ".join(f"{k} {v:.2f}" for k, v in native["c_stage_us"].items() if k != "total"))
+        log.info("   native C per stage (us, least sample): %s; FConv %.2fx its MAC limit (%s loop, %.2f us)",
+                 ", ".join(f"{k} {v:.2f}" for k, v in native["c_stage_us"].items() if k != "total"),
+                 native["fconv_over_limit"], native["mac_loop"], native["fconv_limit_us"])
         model_row["goal_speedup"], model_row["meets_goal"] = 50, native["speedup_vs_chainer"] >= 50
         results["models"][name] = model_row
 

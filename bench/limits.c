@@ -18,9 +18,17 @@
  *                   (Mula, Kurz, Lemire, "Faster population counts using AVX2 instructions", 2018)
  *   neon            CNT on q registers, byte counts widened every 16 vectors (__ARM_NEON)
  *
+ * FConv's limit, the same way: multiply-accumulates of uint8 pixels by +-1 int8 weights, per pixel
+ * 27 taps (3x3 on RGB) x 64 output channels, 1024 pixels:
+ *   int32           acc[oc] += w[oc] * x, vectorised by the compiler (the shape of FConv's loop)
+ *   avx2-maddubs    VPMADDUBSW: 2 taps x 16 channels per instruction into int16 (exact: |S| <= 6885)
+ *   avx-vnni        VPDPBUSD on ymm: 4 taps x 8 channels into int32 (__AVXVNNI__)
+ *   avx512-vnni     VPDPBUSD on zmm: 4 taps x 16 channels into int32 (__AVX512VNNI__)
+ * (taps padded with zero weights to a multiple of 2 or 4).
+ *
  * Prints one line per loop: "loop NAME words=N best_s=T mean_s=T" over REPS timed runs, then
- * "best NAME" (the build's limit), a checksum that every loop must agree on, and
- * "macs int32 macs=N best_s=T mean_s=T". */
+ * "best NAME" (the build's limit), a checksum that every loop must agree on, then
+ * "macs NAME macs=N best_s=T mean_s=T" per MAC loop and "macs_check" (the loops agree). */
 #define _POSIX_C_SOURCE 200112L
 #include <stdint.h>
 #include <stdio.h>
@@ -42,9 +50,15 @@
 
 static uint64_t in_words[PIXELS];
 static uint64_t weights[WORDS] __attribute__((aligned(64)));
+#define TAPS4 28 /* TAPS rounded up to pairs and quads */
 static int8_t mac_w[TAPS * OC];
 static uint8_t mac_x[PIXELS * TAPS];
 static int32_t mac_acc[OC];
+/* The same weights for the 8-bit loops: [TAPS4 / 4][OC][4] (pairs: [TAPS4 / 2][OC][2]), zero past TAPS;
+ * pixels padded to TAPS4 bytes. */
+static int8_t mac_w4[TAPS4 * OC] __attribute__((aligned(64)));
+static int8_t mac_w2[TAPS4 * OC] __attribute__((aligned(64)));
+static uint8_t mac_x4[PIXELS * TAPS4 + 4];
 
 static double now(void)
 {
@@ -220,6 +234,90 @@ __attribute__((noinline)) static int64_t int_macs(void)
     return total;
 }
 
+#if defined(__AVX2__)
+/* int16 lanes: 16 channels per ymm, 4 ymm per 64 channels; each step two taps. */
+__attribute__((noinline)) static int64_t macs_avx2_maddubs(void)
+{
+    int64_t total = 0;
+    int p, t, v;
+    for (p = 0; p < PIXELS; ++p) {
+        __m256i acc[4], sum = _mm256_setzero_si256();
+        const uint8_t *x = mac_x4 + p * TAPS4;
+        for (v = 0; v < 4; ++v)
+            acc[v] = _mm256_setzero_si256();
+        for (t = 0; t < TAPS4; t += 2) {
+            const __m256i a = _mm256_set1_epi16((short)(x[t] | x[t + 1] << 8));
+            for (v = 0; v < 4; ++v)
+                acc[v] = _mm256_add_epi16(acc[v], _mm256_maddubs_epi16(a, _mm256_load_si256(
+                    (const __m256i *)(const void *)(mac_w2 + t * OC + 32 * v))));
+        }
+        for (v = 0; v < 4; ++v)
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(acc[v], _mm256_set1_epi16(1)));
+        total += _mm256_extract_epi32(sum, 0) + _mm256_extract_epi32(sum, 1) + _mm256_extract_epi32(sum, 2)
+                 + _mm256_extract_epi32(sum, 3) + _mm256_extract_epi32(sum, 4) + _mm256_extract_epi32(sum, 5)
+                 + _mm256_extract_epi32(sum, 6) + _mm256_extract_epi32(sum, 7);
+    }
+    return total;
+}
+#endif
+
+#if defined(__AVXVNNI__) || defined(__AVX512VNNI__)
+static int32_t quad(const uint8_t *x)
+{
+    int32_t q;
+    memcpy(&q, x, sizeof q);
+    return q;
+}
+#endif
+
+#if defined(__AVXVNNI__)
+__attribute__((noinline)) static int64_t macs_avx_vnni(void)
+{
+    int64_t total = 0;
+    int p, t, v;
+    for (p = 0; p < PIXELS; ++p) {
+        __m256i acc[8], sum = _mm256_setzero_si256();
+        const uint8_t *x = mac_x4 + p * TAPS4;
+        for (v = 0; v < 8; ++v)
+            acc[v] = _mm256_setzero_si256();
+        for (t = 0; t < TAPS4; t += 4) {
+            const __m256i a = _mm256_set1_epi32(quad(x + t));
+            for (v = 0; v < 8; ++v)
+                acc[v] = _mm256_dpbusd_avx_epi32(acc[v], a, _mm256_load_si256(
+                    (const __m256i *)(const void *)(mac_w4 + t * OC + 32 * v)));
+        }
+        for (v = 0; v < 8; ++v)
+            sum = _mm256_add_epi32(sum, acc[v]);
+        total += _mm256_extract_epi32(sum, 0) + _mm256_extract_epi32(sum, 1) + _mm256_extract_epi32(sum, 2)
+                 + _mm256_extract_epi32(sum, 3) + _mm256_extract_epi32(sum, 4) + _mm256_extract_epi32(sum, 5)
+                 + _mm256_extract_epi32(sum, 6) + _mm256_extract_epi32(sum, 7);
+    }
+    return total;
+}
+#endif
+
+#if defined(__AVX512VNNI__)
+__attribute__((noinline)) static int64_t macs_avx512_vnni(void)
+{
+    int64_t total = 0;
+    int p, t, v;
+    for (p = 0; p < PIXELS; ++p) {
+        __m512i acc[4];
+        const uint8_t *x = mac_x4 + p * TAPS4;
+        for (v = 0; v < 4; ++v)
+            acc[v] = _mm512_setzero_si512();
+        for (t = 0; t < TAPS4; t += 4) {
+            const __m512i a = _mm512_set1_epi32(quad(x + t));
+            for (v = 0; v < 4; ++v)
+                acc[v] = _mm512_dpbusd_epi32(acc[v], a, _mm512_load_si512(mac_w4 + t * OC + 64 * v));
+        }
+        total += _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]),
+                                                          _mm512_add_epi32(acc[2], acc[3])));
+    }
+    return total;
+}
+#endif
+
 typedef int64_t (*loop_fn)(void);
 
 static void time_loop(loop_fn fn, double *best, double *mean)
@@ -290,7 +388,42 @@ int main(void)
         }
     }
     printf("best %s\ncheck %lld\n", best_name, (long long)check);
-    time_loop(int_macs, &best, &mean);
-    printf("macs int32 macs=%d best_s=%.9g mean_s=%.9g\n", PIXELS * TAPS * OC, best, mean);
+    for (i = 0; i < TAPS4 * OC; ++i) {
+        const int t = i / OC, oc = i % OC; /* mac_w is [TAPS][OC] */
+        const int8_t w = t < TAPS ? mac_w[t * OC + oc] : 0;
+        mac_w4[(t / 4 * OC + oc) * 4 + t % 4] = w;
+        mac_w2[(t / 2 * OC + oc) * 2 + t % 2] = w;
+    }
+    for (i = 0; i < PIXELS * TAPS4; ++i)
+        mac_x4[i] = i % TAPS4 < TAPS ? mac_x[i / TAPS4 * TAPS + i % TAPS4] : 0;
+    {
+        static const struct {
+            const char *name;
+            loop_fn fn;
+        } macs[] = {
+            {"int32", int_macs},
+#if defined(__AVX2__)
+            {"avx2-maddubs", macs_avx2_maddubs},
+#endif
+#if defined(__AVXVNNI__)
+            {"avx-vnni", macs_avx_vnni},
+#endif
+#if defined(__AVX512VNNI__)
+            {"avx512-vnni", macs_avx512_vnni},
+#endif
+        };
+        check = -1;
+        for (k = 0; k < (int)(sizeof macs / sizeof macs[0]); ++k) {
+            const int64_t result = macs[k].fn();
+            if (check >= 0 && result != check) {
+                fprintf(stderr, "macs %s sums %lld, not %lld\n", macs[k].name, (long long)result, (long long)check);
+                return 1;
+            }
+            check = result;
+            time_loop(macs[k].fn, &best, &mean);
+            printf("macs %s macs=%d best_s=%.9g mean_s=%.9g\n", macs[k].name, PIXELS * TAPS * OC, best, mean);
+        }
+        printf("macs_check %lld\n", (long long)check);
+    }
     return 0;
 }
