@@ -235,6 +235,17 @@ __attribute__((noinline)) static int64_t int_macs(void)
 }
 
 #if defined(__AVX2__)
+static inline int64_t int32_lanes_sum(__m256i v)
+{
+    int32_t lanes[8];
+    int64_t sum = 0;
+    int i;
+    _mm256_storeu_si256((__m256i *)(void *)lanes, v);
+    for (i = 0; i < 8; ++i)
+        sum += lanes[i];
+    return sum;
+}
+
 /* int16 lanes: 16 channels per ymm, 4 ymm per 64 channels; each step two taps. */
 __attribute__((noinline)) static int64_t macs_avx2_maddubs(void)
 {
@@ -253,9 +264,7 @@ __attribute__((noinline)) static int64_t macs_avx2_maddubs(void)
         }
         for (v = 0; v < 4; ++v)
             sum = _mm256_add_epi32(sum, _mm256_madd_epi16(acc[v], _mm256_set1_epi16(1)));
-        total += _mm256_extract_epi32(sum, 0) + _mm256_extract_epi32(sum, 1) + _mm256_extract_epi32(sum, 2)
-                 + _mm256_extract_epi32(sum, 3) + _mm256_extract_epi32(sum, 4) + _mm256_extract_epi32(sum, 5)
-                 + _mm256_extract_epi32(sum, 6) + _mm256_extract_epi32(sum, 7);
+        total += int32_lanes_sum(sum);
     }
     return total;
 }
@@ -288,9 +297,7 @@ __attribute__((noinline)) static int64_t macs_avx_vnni(void)
         }
         for (v = 0; v < 8; ++v)
             sum = _mm256_add_epi32(sum, acc[v]);
-        total += _mm256_extract_epi32(sum, 0) + _mm256_extract_epi32(sum, 1) + _mm256_extract_epi32(sum, 2)
-                 + _mm256_extract_epi32(sum, 3) + _mm256_extract_epi32(sum, 4) + _mm256_extract_epi32(sum, 5)
-                 + _mm256_extract_epi32(sum, 6) + _mm256_extract_epi32(sum, 7);
+        total += int32_lanes_sum(sum);
     }
     return total;
 }
