@@ -297,9 +297,10 @@ def main() -> None:
         peer = None
         python = lce_python()
         if python is None:
-            log.info("Larq Compute Engine: no venv at %s (nor $DDNN_LCE_PYTHON): LCE columns left out. To add "
-                     "them: python3 -m venv ~/.cache/ddnngen/lce-venv && ~/.cache/ddnngen/lce-venv/bin/pip "
-                     "install -r bench/requirements-lce.txt", LCE_VENV_PYTHON)
+            log.info("Larq Compute Engine: no interpreter at %s ($DDNN_LCE_PYTHON, else the default venv): LCE "
+                     "columns left out. To add them: python3 -m venv ~/.cache/ddnngen/lce-venv && "
+                     "~/.cache/ddnngen/lce-venv/bin/pip install -r bench/requirements-lce.txt",
+                     os.environ.get("DDNN_LCE_PYTHON", LCE_VENV_PYTHON))
         else:
             lce_cases = [bconv_stack("bconv2", 2), bconv_stack("bconv3", 3)]
             for name in ("mnist_16", "cifar10_deep_64"):
