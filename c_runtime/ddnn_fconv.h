@@ -6,7 +6,8 @@
  * instruction, and are widened once per pixel; otherwise in int32. Both are exact, so the choice
  * only changes speed. The narrow path reads int16 weights that each call first widens from the
  * int8 array into a small RAM buffer (k*k*in_c*out_c values), so the hot loop does no
- * per-tap sign extension.
+ * per-tap sign extension; on AVX-512 VNNI (DDNN_FCONV_VNNI, below) the same buffer holds the
+ * dot-product layout instead.
  *
  * Loop order: per output pixel and block of <= 64 output channels, the block's accumulators
  * stay in registers while every tap broadcasts one pixel byte against the tap's contiguous
