@@ -48,8 +48,9 @@ def main() -> int:
         for script in COMPONENTS:
             subprocess.run([sys.executable, str(REPO / "bench" / script)], check=False)
     else:
-        print("component benchmarks: python bench/bench_c.py (C vs Chainer), bench/bench_opencl.py (OpenCL vs C), "
-              "bench/bench_server.py (MQTT vs raw forward); or bench/run_all.py --components")
+        print("component benchmarks: python bench/bench_c.py (C vs Chainer, LCE and the SIMD limit), "
+              "bench/bench_opencl.py (OpenCL vs C), bench/bench_server.py (MQTT vs raw forward); "
+              "or bench/run_all.py --components")
     return 0
 
 

@@ -14,6 +14,7 @@
 
 #include <string.h>
 
+#include "ddnn_popcount.h"
 #include "ddnn_types.h"
 
 /* int32 scratch a layer needs: pool_k ring rows plus one row for the vertical max. */
@@ -34,8 +35,46 @@ DDNN_INLINE int32_t *ddnn_pool_ring_row(const ddnn_conv_shape *sh, int32_t *scra
     return scratch + (size_t)(conv_row % sh->pool_k) * sh->conv_w * sh->out_c;
 }
 
-/* One output word: bit j = (S_j >= threshold[j]) != flip[j] over n <= 64 channels.
- * The compares go to a byte per channel (a loop that vectorises); each 8 bytes of 0/1, read
+/* One output word: bit j = (S_j >= threshold[j]) != flip[j] over n <= 64 channels. */
+#if defined(DDNN_SIMD_AVX512) && defined(__AVX512BW__)
+/* AVX-512: compares straight into mask registers, 16 channels each; flip's bytes tested into a
+ * 64-bit mask. Lanes past n are masked off: nothing past n is read, their bits are 0. */
+DDNN_INLINE ddnn_word ddnn_pack_block(const int32_t *restrict s, const int32_t *restrict th,
+                                      const uint8_t *restrict flip, int n)
+{
+    const __mmask64 flip_lanes = n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
+    const __m512i f = _mm512_maskz_loadu_epi8(flip_lanes, flip);
+    ddnn_word bits = 0;
+    int g;
+    for (g = 0; g < n; g += 16) {
+        const __mmask16 lanes = n - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - g)) - 1u);
+        const __m512i sv = _mm512_maskz_loadu_epi32(lanes, s + g), tv = _mm512_maskz_loadu_epi32(lanes, th + g);
+        bits |= (ddnn_word)_mm512_mask_cmpge_epi32_mask(lanes, sv, tv) << g;
+    }
+    return bits ^ (ddnn_word)_mm512_test_epi8_mask(f, f);
+}
+#elif defined(DDNN_SIMD_AVX2)
+/* AVX2: 8 channels per compare, their sign bits gathered by VMOVMSKPS; flip's bytes by
+ * VPMOVMSKB. The tail past the last full 8 takes the scalar rule. */
+DDNN_INLINE ddnn_word ddnn_pack_block(const int32_t *restrict s, const int32_t *restrict th,
+                                      const uint8_t *restrict flip, int n)
+{
+    ddnn_word bits = 0;
+    int g, j;
+    for (g = 0; g + 8 <= n; g += 8) {
+        const __m256i below = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(th + g)),
+                                                 _mm256_loadu_si256((const __m256i *)(const void *)(s + g)));
+        const __m128i f = _mm_loadl_epi64((const __m128i *)(const void *)(flip + g));
+        const unsigned ge = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)) & 0xffu;
+        const unsigned flipped = (unsigned)_mm_movemask_epi8(_mm_cmpgt_epi8(f, _mm_setzero_si128())) & 0xffu;
+        bits |= (ddnn_word)(ge ^ flipped) << g;
+    }
+    for (j = g; j < n; ++j)
+        bits |= (ddnn_word)((s[j] >= th[j]) ^ (flip[j] != 0)) << j;
+    return bits;
+}
+#else
+/* The compares go to a byte per channel (a loop that vectorises); each 8 bytes of 0/1, read
  * as b0 + b1 << 8 + ... + b7 << 56, become 8 bits with one multiply: b_j * 2^(56 - 7j) lands on
  * bit 56 + j, and no partial product carries into bits 56..63 (checked for all 256 inputs). */
 #define DDNN_PACK8_MAGIC 0x0102040810204080ull
@@ -58,6 +97,7 @@ DDNN_INLINE ddnn_word ddnn_pack_block(const int32_t *restrict s, const int32_t *
     }
     return bits;
 }
+#endif
 
 /* Pools ring rows [lo, hi) and writes output row oy's out_w * out_words packed words. */
 DDNN_INLINE void ddnn_pool_emit(const ddnn_conv_shape *sh, int32_t *scratch, int lo, int hi, ddnn_word *out_row)

@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include "ddnn_exit.h"
+#include "ddnn_popcount.h"
 
 int ddnn_parse_long(const char *text, long min, long max, long *value)
 {
@@ -123,7 +124,10 @@ void ddnn_runner_bench_report(const ddnn_model *model, const uint64_t *stage_ns,
 {
     uint64_t stages_total = 0;
     int i;
-    fprintf(stderr, "bench model=%s samples=%lu%s\n", model->name, (unsigned long)n_timed, extra);
+    /* simd= names the popcount path this build compiled (ddnn_popcount.h), so a figure is never
+     * read as another path's. */
+    fprintf(stderr, "bench model=%s samples=%lu simd=%s%s\n", model->name, (unsigned long)n_timed, DDNN_SIMD_PATH,
+            extra);
     for (i = 0; i < model->n_stages; ++i) {
         fprintf(stderr, "stage %s us_per_sample=%.3f\n", model->stage_names[i], stage_ns[i] / 1e3 / n_timed);
         if (placement != NULL)
@@ -132,6 +136,14 @@ void ddnn_runner_bench_report(const ddnn_model *model, const uint64_t *stage_ns,
     }
     fprintf(stderr, "stages_total us_per_sample=%.3f\n", stages_total / 1e3 / n_timed);
     fprintf(stderr, "total us_per_sample=%.3f\n", infer_ns / 1e3 / n_timed);
+}
+
+void ddnn_runner_bench_min_report(const ddnn_model *model, const uint64_t *stage_min_ns, uint64_t infer_min_ns)
+{
+    int i;
+    for (i = 0; stage_min_ns != NULL && i < model->n_stages; ++i)
+        fprintf(stderr, "stage_min %s us=%.3f\n", model->stage_names[i], stage_min_ns[i] / 1e3);
+    fprintf(stderr, "total_min us=%.3f\n", infer_min_ns / 1e3);
 }
 
 int ddnn_runner_close_outputs(const char *program, const ddnn_runner_options *options, FILE *csv, FILE *split,

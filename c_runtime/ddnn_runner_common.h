@@ -47,10 +47,14 @@ int ddnn_runner_open_outputs(const char *program, const ddnn_runner_options *opt
 int ddnn_runner_write_sample(const char *program, const ddnn_runner_options *options, const ddnn_model *model,
                              FILE *csv, FILE *split, uint32_t index, int32_t label, const ddnn_result *result);
 
-/* The --bench report on stderr: a "bench model=NAME samples=N<extra>" line, one line per stage (and
+/* The --bench report on stderr: a "bench model=NAME samples=N simd=PATH<extra>" line, one line per stage (and
  * its placement when placement is not NULL), the stages' sum and the whole inference's time. */
 void ddnn_runner_bench_report(const ddnn_model *model, const uint64_t *stage_ns, uint64_t infer_ns, uint64_t n_timed,
                               const char *extra, const char *const *placement);
+
+/* The least per-sample times: "stage_min NAME us=T" per stage (none when stage_min_ns is NULL) and
+ * "total_min us=T". */
+void ddnn_runner_bench_min_report(const ddnn_model *model, const uint64_t *stage_min_ns, uint64_t infer_min_ns);
 
 /* Closes the outputs (flushes stdout). Returns status, or 1 when a file could not be written. */
 int ddnn_runner_close_outputs(const char *program, const ddnn_runner_options *options, FILE *csv, FILE *split,
