@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # The convolution kernels are header-only (ddnn_fconv.h, ddnn_bconv.h, ddnn_pool.h): ddnn_model.c
 # instantiates them per layer with constant shapes.
 CORE_SOURCES = ("ddnn_blinear.c", "ddnn_exit.c", "ddnn_samples.c")
-NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c")
+NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c", "ddnn_nodelay.c")
 MAX_KSIZE = 11  # DDNN_MAX_KSIZE in c_runtime/ddnn_types.h
 # Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
 MAX_EXACT_SUM = 2 ** 24
