@@ -3,7 +3,7 @@
 Measured side by side in one run on this machine (prints ratios, writes bench/out/bench_c.json):
 
 1. Per-sample latency of the generated C device part (-O3 -march=native, the runner's
-   --bench timing of ddnn_infer) against Chainer's test-mode forward of the same device part
+   --bench timing of <name>_infer) against Chainer's test-mode forward of the same device part
    and local exit at batch 1, for the MNIST model and a CIFAR-10 deep-64 device part (zoo
    ``cifar10_deep``, random weights: FConv 3->64 3x3 on 32x32 + pool 2/2/0). Goal >= 50x.
 2. One BConv 64->64, 32x32, 3x3 pad 1 layer (the runner's per-layer time in a random
@@ -38,9 +38,8 @@ from typing import Any
 import chainer
 import numpy as np
 
-from ddnn_gen.codegen import toolchain
-from ddnn_gen.codegen.c_target import compile_c, load_program
-from ddnn_gen.device.samples import write_samples
+from ddnn_gen.bench.c_timing import build_runner, runner_bench
+from ddnn_gen.codegen.c_target import load_program
 from ddnn_gen.errors import DatasetError
 from ddnn_gen.fold.program import DeviceProgram, stage_work
 from ddnn_gen.model import datasets, zoo
@@ -203,16 +202,11 @@ def chainer_latency_us(model_path: Path, images: np.ndarray) -> float:
 
 
 def c_runner(model_path: Path, images: np.ndarray, tmp: Path, cflags: str) -> tuple[Path, Path]:
-    out = tmp / f"c_{model_path.stem}_{abs(hash(cflags))}"
-    compile_c(model_path, out)
-    binary = toolchain.build_project(out, opt=cflags)
-    samples = tmp / f"samples_{model_path.stem}.bin"
-    write_samples(samples, images, np.zeros(len(images), dtype=np.int32))
-    return binary, samples
+    return build_runner(model_path, model_path.stem, images, tmp, cflags)
 
 
 def c_bench(binary: Path, samples: Path, repeat: int) -> dict[str, float]:
-    return toolchain.run_runner(binary, samples, bench=True, repeat=repeat).bench
+    return runner_bench(binary, samples, repeat)
 
 
 def min_stages(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -5,7 +5,7 @@ For every model, one generated project per placement (``--opencl-layers`` auto -
 rule --, all, none and each single layer) is built with the same flags as the C runner
 (-O3 -march=native) and both runners time the same sample file with their ``--bench`` option:
 
-* C: ``ddnn_device`` (ddnn_infer, one sample at a time);
+* C: ``ddnn_device`` (<name>_infer, one sample at a time);
 * OpenCL: ``ddnn_device_ocl --batch 1`` for every placement, and ``--batch 64`` for ``all``.
 
 Stage times include what a stage causes on the host: the input upload is in the first OpenCL

@@ -2,8 +2,8 @@
 (models/*.npz), written to bench/out/ (bench_system.md, bench_system.json, bench_*.png).
 
 MNIST models need DDNN_DATA_DIR (or --data-dir); a model whose data set is missing is skipped and named in
-the JSON. The component benchmarks (bench_c.py, bench_opencl.py, bench_server.py) take minutes each on a
-small machine, so they run only with --components.
+the JSON. The component benchmarks (bench_c.py, bench_binding.py, bench_opencl.py, bench_server.py) take
+minutes each on a small machine, so they run only with --components.
 
 Usage: python bench/run_all.py [--samples N] [--data-dir DIR] [--components]
 """
@@ -21,7 +21,7 @@ from ddnn_gen.bench.report import write_report
 from ddnn_gen.bench.system import BenchConfig, clean_json, run_bench, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-COMPONENTS = ("bench_c.py", "bench_opencl.py", "bench_server.py")
+COMPONENTS = ("bench_c.py", "bench_binding.py", "bench_opencl.py", "bench_server.py")
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-/* The arithmetic mirrors ddnn_gen.reference.normalized_entropy operation by operation (same order of
+/* The arithmetic mirrors ddnn_gen.fold.reference.normalized_entropy operation by operation (same order of
  * sums, the same exp and log), so every target agrees bit for bit with the reference and with each
  * other. exp and log are written here with IEEE double +, -, *, / and exact bit manipulation only: the C
  * library's exp/log differ between platforms in the last bits (glibc on x86-64 vs armhf did on one
@@ -213,16 +213,35 @@ int ddnn_threshold_parse(const char *text, size_t len, double *value)
     return 1;
 }
 
+/* logits[k] = scale[k] * S_k + offset[k] in double: the one place the exit's affine map is written. */
+static double exit_logit(const ddnn_exit_layer *layer, int k, int32_t sum)
+{
+    return layer->scale[k] * (double)sum + layer->offset[k];
+}
+
+static int32_t exit_answer(const ddnn_exit_layer *layer, const double *logits, double threshold, double *entropy,
+                           int *exit_local)
+{
+    *entropy = ddnn_normalized_entropy(logits, layer->n_classes);
+    *exit_local = ddnn_exit_decision(*entropy, threshold);
+    return ddnn_argmax(logits, layer->n_classes);
+}
+
+int32_t ddnn_exit_from_sums(const ddnn_exit_layer *layer, const int32_t *sums, double threshold, double *logits,
+                            double *entropy, int *exit_local)
+{
+    int k;
+    for (k = 0; k < layer->n_classes; ++k)
+        logits[k] = exit_logit(layer, k, sums[k]);
+    return exit_answer(layer, logits, threshold, entropy, exit_local);
+}
+
 int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,
                   double *entropy, int *exit_local)
 {
     int k;
-    for (k = 0; k < layer->n_classes; ++k) {
-        const int32_t s = ddnn_binary_dot(input, layer->weights + (size_t)k * layer->in_words, layer->in_words,
-                                          layer->n_valid);
-        logits[k] = layer->scale[k] * (double)s + layer->offset[k];
-    }
-    *entropy = ddnn_normalized_entropy(logits, layer->n_classes);
-    *exit_local = ddnn_exit_decision(*entropy, threshold);
-    return ddnn_argmax(logits, layer->n_classes);
+    for (k = 0; k < layer->n_classes; ++k)
+        logits[k] = exit_logit(layer, k, ddnn_binary_dot(input, layer->weights + (size_t)k * layer->in_words,
+                                                         layer->in_words, layer->n_valid));
+    return exit_answer(layer, logits, threshold, entropy, exit_local);
 }

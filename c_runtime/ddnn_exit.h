@@ -18,7 +18,7 @@ typedef struct {
 double ddnn_normalized_entropy(const double *logits, int n_classes);
 
 /* exp and log from IEEE +, -, *, / and bit manipulation only (fdlibm's algorithms, < 1 ulp): the same
- * bits on every target and in the NumPy reference (ddnn_gen.reference.exp_ieee, log_ieee). */
+ * bits on every target and in the NumPy reference (ddnn_gen.fold.reference.exp_ieee, log_ieee). */
 double ddnn_exp(double x);
 double ddnn_log(double x);
 
@@ -33,11 +33,15 @@ int ddnn_exit_decision(double entropy, double threshold);
 
 /* Reads a threshold from `len` bytes of text (not NUL-terminated; a NUL inside is invalid): a plain
  * decimal with optional exponent and surrounding blanks, a value in [0, 1]. The same grammar and range
- * as ddnn_gen/spec.py (parse_threshold_text). Returns 1 and sets *value, or 0 leaving it untouched. */
+ * as ddnn_gen/model/spec.py (parse_threshold_text). Returns 1 and sets *value, or 0 leaving it untouched. */
 int ddnn_threshold_parse(const char *text, size_t len, double *value);
 
 /* Fills logits (n_classes doubles), returns the class; *entropy and *exit_local set. */
 int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,
                   double *entropy, int *exit_local);
+
+/* ddnn_exit from the exit's integer sums S_k (n_classes) computed elsewhere (the OpenCL exit kernel). */
+int32_t ddnn_exit_from_sums(const ddnn_exit_layer *layer, const int32_t *sums, double threshold, double *logits,
+                            double *entropy, int *exit_local);
 
 #endif

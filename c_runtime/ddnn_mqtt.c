@@ -12,6 +12,7 @@
 #include <MQTTClient.h>
 
 #include "ddnn_exit.h"
+#include "ddnn_runner_common.h"
 
 #define TOPIC_MAX 128
 #define URI_MAX 300
@@ -58,15 +59,6 @@ static void log_line(const char *fmt, ...)
     vfprintf(stderr, fmt, args);
     fputc('\n', stderr);
     va_end(args);
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts;
-    ts.tv_sec = ms / 1000;
-    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
 }
 
 static int topic_is(const char *topic, int topic_len, const char *want)
@@ -289,7 +281,7 @@ static void *reconnect_loop(void *arg)
                 net.last_refusal = rc;
             }
         }
-        sleep_ms(net.retry_ms);
+        ddnn_sleep_ms(net.retry_ms);
     }
     return NULL;
 }
@@ -454,7 +446,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     }
     net.reconnector_started = 1;
     for (i = 0; i < wait_ms / 10 && !ddnn_mqtt_connected(); ++i)
-        sleep_ms(10);
+        ddnn_sleep_ms(10);
     return 0;
 }
 

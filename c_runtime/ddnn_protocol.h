@@ -1,8 +1,8 @@
 /* Device side of the ddnn-server wire protocol (docs/protocol.md); the Python twin is
- * ddnn_gen/protocol.py. Pure byte encoding: no MQTT, no allocation, explicit little-endian so
+ * ddnn_gen/wire/codec.py. Pure byte encoding: no MQTT, no allocation, explicit little-endian so
  * big-endian or strict-alignment targets produce the same bytes.
  *
- * Request = 88-byte header + the split activations exactly as ddnn_infer() leaves them
+ * Request = 88-byte header + the split activations exactly as <name>_infer() leaves them
  * (HWC, channels packed in uint64 words, little-endian), or, server-only, + the raw uint8 HWC input
  * (packing 3, split layer 0: the server runs the whole model). Reply = 32-byte header + top-k
  * (class, probability) pairs + optional utf-8 error message. */
@@ -57,7 +57,7 @@ typedef struct {
     char message[DDNN_REPLY_MESSAGE_MAX]; /* NUL-terminated, possibly truncated */
 } ddnn_reply;
 
-/* 1 if `id` follows the device-id rule shared with ddnn_gen/protocol.py: 1..32 characters of
+/* 1 if `id` follows the device-id rule shared with ddnn_gen/wire/topics.py: 1..32 characters of
  * A-Z a-z 0-9 _ . - starting with a letter or digit (ids become topic names and ACL patterns). */
 int ddnn_device_id_valid(const char *id);
 

@@ -1,4 +1,4 @@
-/* ddnngen C runtime: the one place the bit layout is defined (mirrored in ddnn_gen/fold.py).
+/* ddnngen C runtime: the one place the bit layout is defined (mirrored in ddnn_gen/fold/program.py).
  *
  * Activations are channel-last (H, W, C). Channels are packed into 64-bit words: bit i of
  * word w holds channel 64*w + i; bit 1 means +1, bit 0 means -1; unused high bits of the last
@@ -15,7 +15,7 @@ typedef uint64_t ddnn_word;
 #define DDNN_WORD_BITS 64
 
 /* The convolution kernels are static inline functions instantiated once per layer by the
- * generated ddnn_model.c with a pointer to the layer's static const description, so the
+ * generated <name>_model.c with a pointer to the layer's static const description, so the
  * compiler sees every shape as a constant: loops over output channels and taps get fixed trip
  * counts and unroll/vectorise. Forcing the inlining keeps that true at -O2 and -Os too. */
 #if defined(__GNUC__) || defined(__clang__)

@@ -1,6 +1,6 @@
 /* OpenCL host runtime of the ddnngen OpenCL target: device selection, context, queue, program
  * build and buffers, every cl* call checked with a readable message. Model-independent; the
- * generated ddnn_ocl_model.c uses it. OpenCL 1.2 API only, no vendor extensions.
+ * generated <name>_ocl_model.c uses it. OpenCL 1.2 API only, no vendor extensions.
  *
  * Errors are printed to stderr as one line "ddnn-ocl: <what>: <CL_ERROR_NAME> (<code>)" and
  * reported to the caller as -1 (or NULL); nothing here exits the process. */

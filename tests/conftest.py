@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,23 @@ def mnist_train() -> datasets.Dataset:
 @pytest.fixture(scope="session")
 def cifar_test() -> datasets.Dataset:
     return _load_or_skip("cifar10", "test")
+
+
+@pytest.fixture(scope="session")
+def small_three_tier(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small device + edge + cloud Fashion-MNIST model trained here for one short epoch on real data (a few
+    seconds): its exits are weak but disagree, which is what tests of the tiers need."""
+    from ddnn_gen.model import zoo
+    from ddnn_gen.model.modelfile import load_model, save_model
+    from ddnn_gen.model.spec import parse_spec
+    from ddnn_gen.model.train import TrainConfig, train
+
+    train_set = datasets.load("fashion-mnist", "train").subset(6000)
+    spec = parse_spec(zoo.build("fashion-mnist-3tier", 8))
+    result = train(spec, train_set, TrainConfig(epochs=1, batch_size=50, progress=False, seed=3))
+    path = tmp_path_factory.mktemp("tiers") / "fmnist3_8.npz"
+    save_model(path, result.model)
+    return load_model(path)
 
 
 @pytest.fixture(scope="session")

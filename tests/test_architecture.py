@@ -18,8 +18,10 @@ ALLOWED = {
     "ddnn_server": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.wire"},
     "ddnn_gen.bench": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire", "ddnn_gen.device",
                        "ddnn_server"},
+    "ddnn_gen.ops": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.wire", "ddnn_gen.device"},
+    "ddnn_gen.plan": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire", "ddnn_gen.device"},
     "ddnn_gen.commands": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire",
-                          "ddnn_gen.device", "ddnn_gen.bench"},
+                          "ddnn_gen.device", "ddnn_gen.bench", "ddnn_gen.plan", "ddnn_gen.ops"},
     "ddnn_gen.cli": {"ddnn_gen.commands"},
 }
 ALWAYS = {"ddnn_gen", "ddnn_gen.errors"}
@@ -78,7 +80,7 @@ def test_no_layer_imports_one_above_it() -> None:
 
 def test_the_layout_reads_as_the_data_path() -> None:
     packages = {path.name for path in (REPO / "ddnn_gen").iterdir() if (path / "__init__.py").exists()}
-    assert {"model", "fold", "codegen", "device", "wire", "bench", "commands"} <= packages
+    assert {"model", "fold", "codegen", "device", "wire", "plan", "ops", "bench", "commands"} <= packages
     for package in packages:
         doc = ast.get_docstring(ast.parse((REPO / "ddnn_gen" / package / "__init__.py").read_text()))
         assert doc and len(doc.splitlines()) == 1, f"ddnn_gen/{package} needs a one-line docstring of what it owns"

@@ -17,7 +17,7 @@ from ddnn_gen.device.samples import write_samples
 from ddnn_gen.fold import reference
 from ddnn_gen.model.modelfile import save_model
 from ddnn_gen.model.network import DDNN
-from ddnn_gen.model.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
+from ddnn_gen.model.spec import SPEC_FORMAT, parse_spec
 
 
 def conv(name: str, kind: str, out: int, ksize: int = 3, stride: int = 1, pad: int = 1,
@@ -32,7 +32,7 @@ def conv(name: str, kind: str, out: int, ksize: int = 3, stride: int = 1, pad: i
 def spec_dict(name: str, channels: int, height: int, width: int, device: list[dict[str, Any]],
               n_classes: int = 10) -> dict[str, Any]:
     return {
-        "format": SPEC_FORMAT, "version": SPEC_VERSION, "name": name, "dataset": "",
+        "format": SPEC_FORMAT, "version": 1, "name": name, "dataset": "",
         "input": {"channels": channels, "height": height, "width": width, "scale": 1.0 / 256.0},
         "classes": [f"c{i}" for i in range(n_classes)],
         "tiers": [

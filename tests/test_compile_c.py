@@ -248,7 +248,7 @@ def test_cli_compile_and_run_device(fmnist_model_path: Path, tmp_path: Path) -> 
     result = runner.invoke(cli, ["compile", str(fmnist_model_path), "--target", "c", "-o", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     assert "RAM bytes:" in result.output and "flash weight bytes:" in result.output
-    assert (tmp_path / "p" / "ddnn_model.h").is_file() and (tmp_path / "p" / "Makefile").is_file()
+    assert (tmp_path / "p" / "fmnist_32_model.h").is_file() and (tmp_path / "p" / "Makefile").is_file()
     outputs = {}
     for impl in ("numpy", "c"):
         result = runner.invoke(cli, ["run-device", str(fmnist_model_path), "--impl", impl, "--dataset",
@@ -272,11 +272,12 @@ def test_cli_bad_input(fmnist_model_path: Path, tmp_path: Path) -> None:
 
 
 def test_generated_header_contract(fmnist_project: Project) -> None:
-    header = (fmnist_project.out / "ddnn_model.h").read_text()
-    for name in ("DDNN_INPUT_H", "DDNN_INPUT_BYTES", "DDNN_N_CLASSES", "DDNN_SPLIT_WORDS", "DDNN_DEFAULT_THRESHOLD",
-                 "ddnn_model_hash[32]", "DDNN_MODEL_NAME", "void ddnn_infer(const uint8_t *input_hwc"):
+    header = (fmnist_project.out / "fmnist_32_model.h").read_text()
+    for name in ("FMNIST_32_INPUT_H", "FMNIST_32_INPUT_BYTES", "FMNIST_32_N_CLASSES", "FMNIST_32_SPLIT_WORDS",
+                 "FMNIST_32_DEFAULT_THRESHOLD", "fmnist_32_model_hash[32]", "FMNIST_32_MODEL_NAME",
+                 "void fmnist_32_infer(const uint8_t *input_hwc", "extern const ddnn_model fmnist_32_model;"):
         assert name in header
-    source = (fmnist_project.out / "ddnn_model.c").read_text()
+    source = (fmnist_project.out / "fmnist_32_model.c").read_text()
     digest = bytes.fromhex(fmnist_project.program.content_hash)
     assert ", ".join(f"0x{b:02x}" for b in digest[:16]) in source
     assert "malloc" not in source and all("malloc" not in p.read_text() for p in fmnist_project.out.glob("ddnn_*.c")

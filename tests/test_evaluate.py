@@ -81,3 +81,25 @@ def test_calibrate_cli_stores_threshold(tmp_path: Path, fmnist_model_path: Path)
     train_tail = datasets.load("fashion-mnist", "train").subset(500, offset=59500)
     rate = metrics_at(compute_outputs(calibrated, train_tail), calibrated.spec.threshold).local_exit_rate
     assert rate >= 0.7
+
+
+def test_calibrate_stores_what_each_threshold_costs(tmp_path: Path, fmnist_model_path: Path) -> None:
+    out = tmp_path / "calibrated.npz"
+    result = CliRunner().invoke(cli, ["calibrate", str(fmnist_model_path), "--target-exit-rate", "0.6",
+                                      "--val-count", "500", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    calibrated = load_model(out)
+    curve = calibrated.spec.calibration
+    assert curve is not None and curve["samples"] == "fashion-mnist train[59500:]"
+    assert curve["thresholds"] == [calibrated.spec.threshold]
+    (local,) = curve["exits"]
+    assert local["exit"] == "local" and len(local["thresholds"]) == 101
+    assert local["exit_rate"] == sorted(local["exit_rate"]) and local["exit_rate"][-1] > 0.95
+    assert all(abs(a + b - 1) < 1e-5 for a, b in zip(local["exit_rate"], local["onward_rate"]))
+    # The curve is the evaluation on those samples: its point nearest the stored threshold agrees.
+    train_tail = datasets.load("fashion-mnist", "train").subset(500, offset=59500)
+    outputs = compute_outputs(calibrated, train_tail)
+    for t, rate, accuracy in list(zip(local["thresholds"], local["exit_rate"], local["overall_accuracy"]))[::10]:
+        metrics = metrics_at(outputs, t)
+        assert (round(metrics.local_exit_rate, 6), round(metrics.overall_accuracy, 6)) == (rate, accuracy)
+    assert calibrated.content_hash == load_model(fmnist_model_path).content_hash  # not part of the identity

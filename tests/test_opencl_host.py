@@ -127,7 +127,7 @@ def test_mnist_subset_same_as_c_and_reference(mnist_model_path: Path, mnist_test
 def test_placements_same_as_c(fmnist_program: DeviceProgram, fmnist_test: datasets.Dataset, tmp_path: Path,
                               placement: str) -> None:
     built = build(fmnist_program, tmp_path, opencl_layers=placement)
-    header = (tmp_path / "ddnn_ocl_model.h").read_text()
+    header = (tmp_path / f"{fmnist_program.spec.name}_ocl_model.h").read_text()
     assert f"--opencl-layers {placement}" in header
     samples = samples_file(tmp_path, "s", fmnist_test, 100)
     assert_matches_c_and_reference(built, samples, fmnist_test.images[:100], batch=8)
@@ -284,9 +284,9 @@ def test_no_platform_says_how_to_install_pocl(fmnist_built: Built, fmnist_sample
 
 def test_broken_kernel_prints_build_log(fmnist_program: DeviceProgram, fmnist_samples: Path, tmp_path: Path) -> None:
     compile_opencl(fmnist_program, tmp_path)
-    header = tmp_path / "ddnn_ocl_kernels.h"
+    header = tmp_path / "fmnist_32_ocl_kernels.h"
     text = header.read_text()
-    anchor = "static const char ddnn_ocl_kernel_source[] =\n"
+    anchor = "static const char fmnist_32_ocl_kernel_source[] =\n"
     assert anchor in text
     header.write_text(text.replace(anchor, anchor + '    "this is not OpenCL C;\\n"\n', 1))
     binary = build_opencl_runner(tmp_path)
@@ -326,8 +326,8 @@ def test_cli_compile_opencl_and_option_errors(fmnist_model_path: Path, tmp_path:
                              str(tmp_path / "p"), "--opencl-layers", "conv2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "opencl: wrote" in result.stdout
-    assert (tmp_path / "p" / "ddnn_ocl_kernels.cl").exists() and (tmp_path / "p" / "main_ocl.c").exists()
-    assert '"c",\n    "opencl",\n    "c",\n};' in (tmp_path / "p" / "ddnn_ocl_model.c").read_text()
+    assert (tmp_path / "p" / "fmnist_32_ocl_kernels.cl").exists() and (tmp_path / "p" / "ddnn_runner_ocl.c").exists()
+    assert '"c",\n    "opencl",\n    "c",\n};' in (tmp_path / "p" / "fmnist_32_ocl_model.c").read_text()
     result = subprocess.run([*ddnngen, "compile", str(fmnist_model_path), "--target", "opencl", "-o",
                              str(tmp_path / "q"), "--opencl-layers", "conv9"], capture_output=True, text=True)
     assert result.returncode != 0
@@ -339,9 +339,12 @@ def test_cli_compile_opencl_and_option_errors(fmnist_model_path: Path, tmp_path:
 
 
 def test_c_target_projects_do_not_need_opencl(fmnist_program: DeviceProgram, tmp_path: Path) -> None:
-    """ocl_runtime.c is copied into every project but only the OpenCL runner compiles it."""
+    """The C target ships no OpenCL host file and its Makefile never names one."""
     compile_c(fmnist_program, tmp_path)
-    assert (tmp_path / "ocl_runtime.c").exists()
+    shipped = {path.name for path in tmp_path.iterdir()}
+    for name in ("ocl_runtime.c", "ocl_runtime.h", "ddnn_ocl_api.h", "ddnn_runner_ocl.c"):
+        assert name not in shipped
+    assert not any("ocl" in name for name in shipped), shipped
     makefile = (tmp_path / "Makefile").read_text()
     assert "ocl_runtime" not in makefile and OCL_RUNNER not in makefile
     shutil.rmtree(tmp_path)

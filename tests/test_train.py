@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from _checks import assert_reference_matches_chainer
 
 from ddnn_gen.fold.exits import compute_outputs
@@ -84,3 +85,23 @@ def test_progress_without_a_terminal_is_periodic_lines(fmnist_test: datasets.Dat
     lines = [record.getMessage() for record in caplog.records if "batches" in record.getMessage()]
     assert lines and lines[0].startswith("epoch 1/1: 1/4 batches (25%), loss ")
     assert "\r" not in capsys.readouterr().err  # no progress bar written to a file
+
+
+def test_augmentation_crops_and_flips_real_images(cifar_test: datasets.Dataset) -> None:
+    import numpy as np
+
+    from ddnn_gen.model.train import augment_batch, parse_augment
+
+    images = cifar_test.images[:64]
+    rng = np.random.RandomState(0)
+    flipped = augment_batch(images, parse_augment("flip"), rng)
+    same = [np.array_equal(a, b) for a, b in zip(flipped, images)]
+    mirrored = [np.array_equal(a, b[..., ::-1]) for a, b in zip(flipped, images)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(mirrored) < 54
+    cropped = augment_batch(images, parse_augment("crop:4"), np.random.RandomState(1))
+    assert cropped.shape == images.shape and cropped.dtype == np.uint8
+    for got, original in zip(cropped, images):  # each is the original shifted by <= 4 pixels, zeros coming in
+        padded = np.pad(original, ((0, 0), (4, 4), (4, 4)))
+        assert any(np.array_equal(got, padded[:, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        parse_augment("rotate:10")

@@ -1,13 +1,15 @@
 """`ddnngen compile --target c`: render the device part as a self-contained C99 project.
 
-Every ``templates/c/*.j2`` is rendered into the output folder (file name minus ``.j2``) with
-the context built by :func:`render_context`, and every file of ``c_runtime/`` is copied next
-to it, so other targets' templates and runtime files are picked up without editing this
-module. Numbers are fixed here, in Python; the templates hold only loops and C spelling.
+The templates of :data:`TEMPLATES` are rendered into the output folder under names that carry the
+model's name (``<name>_model.h`` ...), with the context built by :func:`render_context`; the
+hand-written runtime files of :data:`RUNTIME_FILES` are copied next to them, and ``metadata.json``
+describes the project. Numbers are fixed here, in Python; the templates hold only loops and C
+spelling. Every generated symbol carries the model's name, so several models link into one program.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -29,12 +31,34 @@ from ddnn_gen.model.modelfile import load_model
 
 log = logging.getLogger(__name__)
 
-# Runtime sources of the standalone runner; the networked runner adds NET_SOURCES.
-# The convolution kernels are header-only (ddnn_fconv.h, ddnn_bconv.h, ddnn_pool.h): ddnn_model.c
-# instantiates them per layer with constant shapes.
-CORE_SOURCES = ("ddnn_blinear.c", "ddnn_exit.c", "ddnn_samples.c")
+# The hand-written runtime (c_runtime/) a C project ships, by what needs it. The convolution kernels are
+# header-only (ddnn_fconv.h, ddnn_bconv.h, ddnn_pool.h): <name>_model.c instantiates them per layer with
+# constant shapes.
+#: What a program that calls <name>_infer links besides <name>_model.c (a firmware needs only these).
+INFERENCE_SOURCES = ("ddnn_blinear.c", "ddnn_exit.c", "ddnn_model_api.c")
+INFERENCE_HEADERS = ("ddnn_types.h", "ddnn_popcount.h", "ddnn_pool.h", "ddnn_fconv.h", "ddnn_bconv.h",
+                     "ddnn_blinear.h", "ddnn_exit.h", "ddnn_timer.h", "ddnn_model_api.h")
+#: The sample-file runners' shared code (the runner programs themselves: RUNNER_PROGRAMS).
+RUNNER_SOURCES = ("ddnn_runner_common.c", "ddnn_samples.c")
+RUNNER_HEADERS = ("ddnn_runner_common.h", "ddnn_samples.h")
+#: The networked runner's MQTT client and wire format, and the connect() that sets TCP_NODELAY on its socket.
 NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c", "ddnn_nodelay.c")
+NET_HEADERS = ("ddnn_mqtt.h", "ddnn_protocol.h")
+RUNNER_PROGRAMS = ("ddnn_runner.c", "ddnn_runner_net.c")
+#: Every c_runtime/ file the C target copies; other targets add theirs (opencl_target.RUNTIME_FILES).
+RUNTIME_FILES = (INFERENCE_HEADERS + INFERENCE_SOURCES + RUNNER_HEADERS + RUNNER_SOURCES + NET_HEADERS
+                 + NET_SOURCES + RUNNER_PROGRAMS)
+#: Template (templates/c/) -> output file; {name} is the model's name.
+TEMPLATES = {"model.h.j2": "{name}_model.h", "weights.h.j2": "{name}_weights.h", "model.c.j2": "{name}_model.c",
+             "Makefile.j2": "Makefile", "README.md.j2": "README.md"}
+METADATA_FORMAT = "ddnngen-device-project"
+METADATA_VERSION = 1
+# Names the runtime owns: a model called "ddnn" would define ddnn_model, the descriptor type.
+RESERVED_PREFIXES = ("ddnn",)
 MAX_KSIZE = 11  # DDNN_MAX_KSIZE in c_runtime/ddnn_types.h
+# DDNN_REQUEST_HEADER_BYTES in c_runtime/ddnn_protocol.h (wire.codec.REQUEST_HEADER_BYTES; codegen sits below
+# wire, so the number is repeated here and a test holds the three equal).
+REQUEST_HEADER_BYTES = 88
 # Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
 MAX_EXACT_SUM = 2 ** 24
 WORDS_PER_LINE = 4
@@ -49,10 +73,12 @@ class MemoryPlan:
     odd_words: int  # outputs of layers 1, 3, ...
     scratch_int32: int
     fconv_weights16: int = 0  # int16 weight copy of an FConv on the narrow path
+    logits: int = 0  # the exit's logits (double), which the result points to
 
     @property
     def ram_bytes(self) -> int:
-        return 8 * (self.even_words + self.odd_words) + 4 * self.scratch_int32 + 2 * self.fconv_weights16
+        return (8 * (self.even_words + self.odd_words) + 4 * self.scratch_int32 + 2 * self.fconv_weights16
+                + 8 * self.logits)
 
 
 def _out_words(layer: FoldedLayer) -> int:
@@ -77,7 +103,12 @@ def memory_plan(program: DeviceProgram) -> MemoryPlan:
             scratch = max(scratch, (pool_k + 1) * layer.conv_hw[1] * layer.out_hwc[2])
     # A zero-length array is not C99: keep at least one element.
     weights16 = sum(fconv_weights16(layer) for layer in program.layers)
-    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1), weights16)
+    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1), weights16, program.n_classes)
+
+
+def request_bytes(program: DeviceProgram) -> int:
+    """The larger of the model's two requests: its split, or its raw input image (server-only)."""
+    return REQUEST_HEADER_BYTES + max(8 * program.split_words, int(np.prod(program.input_hwc)))
 
 
 def check_program(program: DeviceProgram) -> None:
@@ -111,6 +142,13 @@ def check_program(program: DeviceProgram) -> None:
     if len(set(names)) != len(names):
         raise CompileError(f"layer names {', '.join(layer.name for layer in program.layers)} clash once "
                            "upper-cased for C macros; rename them")
+    if "EXIT" in names:
+        raise CompileError("a device layer named 'exit' would clash with the exit's C macros (<MODEL>_EXIT_...); "
+                           "rename it")
+    model = program.spec.name
+    if model.lower().startswith(RESERVED_PREFIXES):
+        raise CompileError(f"model name {model!r}: names starting with {' or '.join(RESERVED_PREFIXES)} belong to the "
+                           "C runtime (ddnn_model, ddnn_infer_batch, ...); rename the model in its spec")
 
 
 def _hex_words(words: np.ndarray) -> list[str]:
@@ -169,7 +207,7 @@ def device_weights(layer: FoldedLayer) -> np.ndarray:
     return np.ascontiguousarray(layer.packed_weights, dtype=np.uint64)
 
 
-def _layer_context(index: int, layer: FoldedLayer) -> dict[str, Any]:
+def _layer_context(index: int, layer: FoldedLayer, macro_prefix: str) -> dict[str, Any]:
     in_h, in_w, in_c = layer.in_hwc
     out_h, out_w, out_c = layer.out_hwc
     weights = device_weights(layer)
@@ -182,7 +220,7 @@ def _layer_context(index: int, layer: FoldedLayer) -> dict[str, Any]:
     return {
         "index": index,
         "name": layer.name,
-        "macro": "DDNN_" + layer.name.upper(),
+        "macro": f"{macro_prefix}_{layer.name.upper()}",
         "kind": layer.kind,
         "is_conv": layer.is_conv,
         "comment": _shape_comment(layer),
@@ -207,7 +245,8 @@ def render_context(program: DeviceProgram, reproduce: str = "") -> dict[str, Any
     """Everything the C templates see (also documented in docs/c_target.md for other templates)."""
     check_program(program)
     plan = memory_plan(program)
-    layers = [_layer_context(index, layer) for index, layer in enumerate(program.layers)]
+    prefix = program.spec.name
+    layers = [_layer_context(index, layer, prefix.upper()) for index, layer in enumerate(program.layers)]
     exit_ = program.exit
     exit_h, exit_w, exit_c = exit_.in_hwc
     split_h, split_w, split_c = program.split_hwc
@@ -215,11 +254,15 @@ def render_context(program: DeviceProgram, reproduce: str = "") -> dict[str, Any
     return {
         "version": __version__,
         "model_name": program.spec.name,
+        # Prefix of every generated symbol (p) and macro (P).
+        "p": prefix,
+        "P": prefix.upper(),
         "content_hash": program.content_hash,
         "hash_bytes": [f"0x{byte:02x}" for byte in bytes.fromhex(program.content_hash)],
         "reproduce": reproduce,
         "input_h": input_h, "input_w": input_w, "input_c": input_c,
         "split_h": split_h, "split_w": split_w, "split_c": split_c, "split_words": program.split_words,
+        "split_layer": program.split_layer,
         "n_classes": program.n_classes,
         "class_names": [c_string(name) for name in program.spec.classes],
         "threshold": c_double(program.threshold),
@@ -237,9 +280,55 @@ def render_context(program: DeviceProgram, reproduce: str = "") -> dict[str, Any
         "even_words": plan.even_words, "odd_words": plan.odd_words, "scratch_int32": plan.scratch_int32,
         "ram_bytes": plan.ram_bytes,
         "weight_bytes": program.weight_bytes,
-        "core_sources": list(CORE_SOURCES),
+        "request_bytes": request_bytes(program),
+        "core_sources": [f"{prefix}_model.c", *INFERENCE_SOURCES],
+        "runner_sources": list(RUNNER_SOURCES),
         "net_sources": list(NET_SOURCES),
     }
+
+
+def project_files(model_name: str) -> dict[str, str]:
+    """Template -> generated file name for a model (glad's get_templates)."""
+    return {template: output.format(name=model_name) for template, output in TEMPLATES.items()}
+
+
+def io_buffer_bytes(program: DeviceProgram) -> int:
+    """The descriptor's I/O buffers (input, request, stage counters) in <name>_model.c, not in ram_bytes:
+    callers that size their own (a firmware's frame buffer) can ignore them."""
+    return int(np.prod(program.input_hwc)) + request_bytes(program) + 8 * (len(program.layers) + 1)
+
+
+def metadata(program: DeviceProgram, target: str, files: list[str], ram_bytes: int, flash_weight_bytes: int,
+             code_bytes: int | None, reproduce: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The project's metadata.json: what it is, what it needs, how to make it again (no timestamp, so the
+    same model and command give the same bytes)."""
+    name = program.spec.name
+    input_h, input_w, input_c = program.input_hwc
+    split_h, split_w, split_c = program.split_hwc
+    return {
+        "format": METADATA_FORMAT,
+        "version": METADATA_VERSION,
+        "generator": {"name": "ddnngen", "version": __version__},
+        "reproduce": reproduce,
+        "target": target,
+        "model": {"name": name, "content_hash": program.content_hash, "dataset": program.spec.dataset,
+                  "classes": list(program.spec.classes)},
+        "input": {"height": input_h, "width": input_w, "channels": input_c, "dtype": "uint8", "layout": "HWC",
+                  "bytes": input_h * input_w * input_c},
+        "split": {"layer": program.split_layer, "height": split_h, "width": split_w, "channels": split_c,
+                  "words": program.split_words, "bytes": 8 * program.split_words, "packing": "bits_u64"},
+        "threshold": program.threshold,
+        "memory": {"ram_bytes": ram_bytes, "flash_weight_bytes": flash_weight_bytes, "code_bytes": code_bytes,
+                   "io_buffer_bytes": io_buffer_bytes(program), "request_bytes": request_bytes(program)},
+        "symbols": {"header": f"{name}_model.h", "infer": f"{name}_infer", "infer_timed": f"{name}_infer_timed",
+                    "descriptor": f"{name}_model", "macro_prefix": name.upper() + "_"},
+        "files": sorted(files),
+        **(extra or {}),
+    }
+
+
+def write_metadata(out: Path, meta: dict[str, Any]) -> None:
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def _environment() -> jinja2.Environment:
@@ -258,12 +347,12 @@ def load_program(program_or_model_path: DeviceProgram | str | Path, threshold: f
     return fold(load_model(program_or_model_path, arch=arch), threshold)
 
 
-def measure_code_bytes(out_dir: Path) -> int | None:
-    """Text size of the inference code (model + runtime objects, not the runner) in a host build."""
+def measure_code_bytes(out_dir: Path, model_name: str) -> int | None:
+    """Text size of the inference code (model + its runtime objects, not the runner) in a host build."""
     size_tool, compiler = shutil.which("size"), shutil.which("cc") or shutil.which("gcc")
     if size_tool is None or compiler is None:
         return None
-    sources = ["ddnn_model.c"] + [name for name in CORE_SOURCES if name != "ddnn_samples.c"]
+    sources = [f"{model_name}_model.c", "ddnn_blinear.c", "ddnn_exit.c"]
     with tempfile.TemporaryDirectory(prefix="ddnn_size_") as tmp:
         objects = []
         for source in sources:
@@ -291,24 +380,35 @@ def compile_c(program_or_model_path: DeviceProgram | str | Path, out_dir: str | 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CompileError(f"{out}: cannot create the output folder ({exc.strerror})") from exc
-    files = []
     env = _environment()
-    for template_path in sorted((templates_dir() / "c").glob("*.j2")):
-        text = env.get_template(template_path.name).render(**context)
-        target = out / template_path.name[:-len(".j2")]
-        target.write_text(text, encoding="utf-8")
-        files.append(target.name)
-    for runtime_file in sorted(c_runtime_dir().iterdir()):
-        if runtime_file.is_file() and runtime_file.suffix in (".c", ".h", ".md") and runtime_file.name != "__init__.py":
-            shutil.copyfile(runtime_file, out / runtime_file.name)
-            files.append(runtime_file.name)
-    code_bytes = measure_code_bytes(out) if measure_code else None
+    files = render_templates(env, project_files(program.spec.name), context, out)
+    files += copy_runtime(RUNTIME_FILES, out)
+    code_bytes = measure_code_bytes(out, program.spec.name) if measure_code else None
     report = targets.CompileReport("c", out, files, context["ram_bytes"], context["weight_bytes"], code_bytes,
                                    {"even_words": context["even_words"], "odd_words": context["odd_words"],
                                     "scratch_int32": context["scratch_int32"],
                                     "input_bytes": context["input_h"] * context["input_w"] * context["input_c"]})
+    write_metadata(out, metadata(program, "c", files, report.ram_bytes, report.flash_weight_bytes, code_bytes,
+                                 reproduce))
+    report.files.append("metadata.json")
     log.info("%s", report.summary())
     return report
+
+
+def render_templates(env: jinja2.Environment, outputs: dict[str, str], context: dict[str, Any],
+                     out: Path) -> list[str]:
+    """Renders each template into ``out`` under its output name; returns the names written."""
+    for template, name in outputs.items():
+        (out / name).write_text(env.get_template(template).render(**context), encoding="utf-8")
+    return list(outputs.values())
+
+
+def copy_runtime(names: tuple[str, ...], out: Path) -> list[str]:
+    """Copies the named c_runtime/ files into ``out``; returns their names."""
+    runtime = c_runtime_dir()
+    for name in names:
+        shutil.copyfile(runtime / name, out / name)
+    return list(names)
 
 
 targets.register_target(

@@ -180,8 +180,13 @@ def parse_opencl_layers(value: str | None, program: DeviceProgram) -> tuple[bool
 
 # ---- the generated project: the C target plus the OpenCL host program ----------------------
 
-#: Hand-written host runtime files the OpenCL runner links (copied with the rest of c_runtime/).
+#: Hand-written host runtime sources the OpenCL runner links besides the C project's.
 RUNTIME_SOURCES = ("ocl_runtime.c",)
+#: The c_runtime/ files this target adds to the C project's (c_target.RUNTIME_FILES).
+RUNTIME_FILES = ("ocl_runtime.h", "ocl_runtime.c", "ddnn_ocl_api.h", "ddnn_runner_ocl.c")
+#: Host template (templates/opencl/) -> output file; {name} is the model's name.
+HOST_TEMPLATES = {"host/ocl_kernels.h.j2": "{name}_ocl_kernels.h", "host/ocl_model.h.j2": "{name}_ocl_model.h",
+                  "host/ocl_model.c.j2": "{name}_ocl_model.c"}
 #: Batch size the generated host buffers are sized for unless --opencl-max-batch says otherwise.
 DEFAULT_MAX_BATCH = 64
 
@@ -226,7 +231,15 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
                    opencl_max_batch: int | None = None, reproduce: str | None = None,
                    measure_code: bool = False) -> targets.CompileReport:
     """The C project (compile_c) plus the OpenCL kernels, host program and runner ``ddnn_device_ocl``."""
-    from ddnn_gen.codegen.c_target import compile_c, load_program, render_context
+    from ddnn_gen.codegen.c_target import (
+        compile_c,
+        copy_runtime,
+        load_program,
+        metadata,
+        render_context,
+        render_templates,
+        write_metadata,
+    )
 
     program = load_program(program_or_model_path, threshold, arch)
     placement_arg = DEFAULT_OPENCL_LAYERS if opencl_layers is None else opencl_layers
@@ -249,23 +262,31 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
     source = render_kernels(program)
     context = render_context(program, reproduce)
     context["ocl"] = _ocl_context(program, on_opencl, placement_arg, max_batch, source)
-    files = list(c_report.files)
-    (out / "ddnn_ocl_kernels.cl").write_text(source, encoding="utf-8")
-    files.append("ddnn_ocl_kernels.cl")
+    name = program.spec.name
+    files = [file for file in c_report.files if file != "metadata.json"]
+    (out / f"{name}_ocl_kernels.cl").write_text(source, encoding="utf-8")
+    files.append(f"{name}_ocl_kernels.cl")
     env = _environment()
-    for name in ("ddnn_ocl_kernels.h", "ddnn_ocl_model.h", "ddnn_ocl_model.c", "main_ocl.c"):
-        (out / name).write_text(env.get_template(f"host/{name}.j2").render(**context), encoding="utf-8")
-        files.append(name)
+    files += render_templates(env, {template: output.format(name=name) for template, output in HOST_TEMPLATES.items()},
+                              context, out)
+    files += copy_runtime(RUNTIME_FILES, out)
     makefile = out / "Makefile"
     makefile.write_text(makefile.read_text(encoding="utf-8") + env.get_template("host/Makefile.opencl.j2").render(
         **context), encoding="utf-8")
     host_words = sum(layer["words"] for layer in context["ocl"]["layers"] if layer["host_buffer"])
-    host_bytes = max_batch * (8 * host_words + 4 * program.n_classes * int(on_opencl[-1]))
+    # Per sample of a batch: the host copies of layer outputs, the exit's sums (exit on OpenCL) and logits.
+    host_bytes = max_batch * (8 * host_words + 4 * program.n_classes * int(on_opencl[-1]) + 8 * program.n_classes)
     report = targets.CompileReport("opencl", out, files, c_report.ram_bytes + host_bytes,
                                    c_report.flash_weight_bytes, c_report.code_bytes,
                                    dict(c_report.details, opencl_layers=placement_arg,
                                         on_opencl=list(on_opencl), max_batch=max_batch,
                                         ocl_host_buffer_bytes=host_bytes))
+    placement = dict(zip(stage_names(program), ("opencl" if flag else "c" for flag in on_opencl)))
+    write_metadata(out, metadata(program, "opencl", files, report.ram_bytes, report.flash_weight_bytes,
+                                 report.code_bytes, reproduce,
+                                 {"opencl": {"placement_arg": placement_arg, "placement": placement,
+                                             "max_batch": max_batch, "host_buffer_bytes": host_bytes}}))
+    report.files.append("metadata.json")
     LOG.info("%s", report.summary())
     return report
 

@@ -72,7 +72,7 @@ def runner_command(binary: str | Path, cross: str | None = None) -> list[str]:
     return [qemu, "-L", sysroot, str(binary)]
 
 
-def _parse_bench(stderr: str) -> dict[str, float]:
+def parse_bench(stderr: str) -> dict[str, float]:
     bench = {}
     for line in stderr.splitlines():
         parts = line.split()
@@ -115,7 +115,7 @@ def run_runner(binary: str | Path, samples_path: str | Path, threshold: float | 
             split = np.fromfile(split_path, dtype="<u8").reshape(len(rows), split_words)
     return RunnerOutput(label=rows["label"].astype(np.int32), local_class=rows["class"].astype(np.int32),
                         entropy=rows["entropy"].astype(np.float64), local_exit=rows["exit_local"].astype(bool),
-                        split_words=split, bench=_parse_bench(result.stderr), stderr=result.stderr,
+                        split_words=split, bench=parse_bench(result.stderr), stderr=result.stderr,
                         csv_text=csv_text)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option, writable_file
+from ddnn_gen.commands.options import THRESHOLD_HELP, THRESHOLDS, check_dataset_shape, data_dir_option, writable_file
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold import exits
 from ddnn_gen.model import datasets, zoo
@@ -21,6 +21,18 @@ def _unit_interval(_ctx: click.Context, _param: click.Parameter, value: float | 
     if value is not None and not 0.0 <= value <= 1.0:
         raise click.BadParameter(f"{value} is not in [0, 1]")
     return value
+
+
+def _unit_intervals(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        values = tuple(float(part) for part in value.split(","))
+    except ValueError as error:
+        raise click.BadParameter(f"{value!r}: expected numbers in [0, 1], comma-separated") from error
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise click.BadParameter(f"{value} is not in [0, 1]")
+    return values
 
 
 def _parse_loss_weights(value: str | None) -> tuple[float, ...] | None:
@@ -58,13 +70,15 @@ def zoo_command(name: str | None, filters: int | None) -> None:
 @click.option("--lr-decay-epochs", default="", help="Comma-separated epochs at which the rate drops 10x.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--loss-weights", default=None, help="Exit loss weights, local first (default: from spec).")
+@click.option("--augment", default="", help="Training augmentation, comma-separated: crop:P (pad by P pixels and "
+                                            "crop back at random), flip (horizontal), e.g. crop:4,flip.")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many batches.")
 @click.option("--train-count", type=click.IntRange(1), default=None, help="Use only the first N training samples.")
 @click.option("--resume", is_flag=True, help="Continue from OUT and its .opt.npz checkpoint.")
 @click.option("--progress/--no-progress", default=True)
 @data_dir_option
 def train_command(zoo_name: str | None, filters: int | None, arch: str | None, out: str, epochs: int,
-                  batch_size: int, lr: float, lr_decay_epochs: str, seed: int, loss_weights: str | None,
+                  batch_size: int, lr: float, lr_decay_epochs: str, seed: int, loss_weights: str | None, augment: str,
                   max_steps: int | None, train_count: int | None, resume: bool, progress: bool,
                   data_dir: str | None) -> None:
     """Jointly train all exits of a DDNN and write a self-describing model file."""
@@ -78,6 +92,12 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
         decay = tuple(int(part) for part in lr_decay_epochs.split(",") if part.strip())
     except ValueError as error:
         raise click.BadParameter(f"{lr_decay_epochs!r}: expected comma-separated epochs") from error
+    from ddnn_gen.model.train import parse_augment
+
+    try:
+        augmentations = parse_augment(augment)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--augment") from error
     weights = _parse_loss_weights(loss_weights)
     if weights is not None and len(weights) != len(spec.tiers):
         raise click.BadParameter(f"{len(weights)} loss weights for {len(spec.tiers)} exits",
@@ -90,7 +110,7 @@ def train_command(zoo_name: str | None, filters: int | None, arch: str | None, o
         # Progress and epoch lines are INFO records of the trainer; show them without -v.
         logging.getLogger("ddnn_gen.model.train").setLevel(logging.INFO)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, loss_weights=weights,
-                         max_steps=max_steps, progress=progress, lr_decay_epochs=decay)
+                         max_steps=max_steps, progress=progress, lr_decay_epochs=decay, augment=augmentations)
     result = train(spec, train_set, config, out=out_path, resume=resume)
     last = result.history[-1] if result.history else {}
     log.info("trained %d epochs in %.1f s", result.epochs_done, result.seconds)
@@ -119,9 +139,10 @@ def _spec_from(zoo_name: str | None, filters: int | None, arch: str | None) -> M
 
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("more_thresholds", nargs=-1, type=THRESHOLD, metavar="[T...]")
-@click.option("--threshold", "-t", "thresholds", type=THRESHOLD, multiple=True,
-              help=f"Local-exit threshold(s) {THRESHOLD_HELP}; list several after one --threshold: -t 0.4 0.8.")
+@click.argument("more_thresholds", nargs=-1, type=THRESHOLDS, metavar="[T...]")
+@click.option("--threshold", "-t", "thresholds", type=THRESHOLDS, multiple=True,
+              help=f"Exit threshold(s) {THRESHOLD_HELP}; list several after one --threshold: -t 0.4 0.8. A model "
+                   "with edge tiers takes one per early exit, device first, comma-separated: -t 0.3,0.5.")
 @click.option("--arch", type=click.Path(exists=True, dir_okay=False), help="Spec for a file without one.")
 @click.option("--dataset", "dataset_name", default=None, help="Dataset (default: the model's).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
@@ -130,15 +151,23 @@ def _spec_from(zoo_name: str | None, filters: int | None, arch: str | None) -> M
 @click.option("--sweep", "sweep_prefix", type=click.Path(dir_okay=False), default=None,
               help="Also write PREFIX.csv and PREFIX.png over thresholds 0..1.")
 @data_dir_option
-def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tuple[float, ...], arch: str | None,
+def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thresholds: tuple[tuple[float, ...], ...],
+                 arch: str | None,
                  dataset_name: str | None, split: str, count: int | None, as_json: bool,
                  sweep_prefix: str | None, data_dir: str | None) -> None:
-    """Local / Server / Overall / Ideal accuracy and exit rates per threshold."""
+    """Local / Server / Overall / Ideal accuracy, each exit's share and accuracy, and bytes per hop, per threshold
+    (one per early exit)."""
     from ddnn_gen.model import evaluate
     from ddnn_gen.model.modelfile import load_model
 
     loaded = load_model(model, arch)
-    values = list(thresholds) + list(more_thresholds) or [loaded.spec.threshold]
+    values = list(thresholds) + list(more_thresholds) or [loaded.spec.thresholds]
+    for value in values:
+        if len(value) != len(loaded.spec.thresholds):
+            raise click.BadParameter(f"{','.join(map(str, value))}: {loaded.spec.name} has "
+                                     f"{len(loaded.spec.thresholds)} early exit(s) "
+                                     f"({', '.join(t.exit_name for t in loaded.spec.tiers[:-1])}); give one "
+                                     "threshold for each, comma-separated", param_hint="--threshold")
     dataset_name = dataset_name or loaded.spec.dataset
     if not dataset_name:
         raise click.UsageError(f"{model} names no dataset; pass --dataset")
@@ -146,46 +175,60 @@ def eval_command(model: str, more_thresholds: tuple[float, ...], thresholds: tup
     check_dataset_shape(loaded.spec, dataset)
     outputs = exits.compute_outputs(loaded, dataset)
     rows = [evaluate.metrics_at(outputs, value) for value in values]
-    margins = {value: evaluate.threshold_margin(outputs.entropy, value) for value in values}
+    margins = [[evaluate.threshold_margin(entropy, t) for entropy, t in zip(outputs.early_entropy, value)]
+               for value in values]
     if sweep_prefix:
         prefix = Path(sweep_prefix)
-        evaluate.write_sweep(evaluate.sweep(outputs), prefix.with_suffix(".csv"), prefix.with_suffix(".png"),
+        evaluate.write_sweep(evaluate.sweep(outputs, others=values[0][1:]), prefix.with_suffix(".csv"),
+                             prefix.with_suffix(".png"),
                              f"{loaded.spec.name} on {dataset.name} {split} ({len(dataset)} samples)")
     if as_json:
         click.echo(json.dumps({"model": str(model), "content_hash": loaded.content_hash, "dataset": dataset.name,
                                "split": split, "samples": len(dataset),
                                "device_part_bytes": outputs.device_bytes, "split_bytes": outputs.split_bytes,
-                               "results": [row.as_dict() | {"nearest_entropy_distance": margins[row.threshold]}
-                                           for row in rows]}, indent=2))
+                               "hop_bytes": outputs.hop_bytes,
+                               "results": [row.as_dict() | {"nearest_entropy_distance": margin[0],
+                                                            "nearest_entropy_distances": margin}
+                                           for row, margin in zip(rows, margins)]}, indent=2))
         return
     click.echo(f"{loaded.spec.name} ({loaded.content_hash[:12]}) on {dataset.name} {split}, {len(dataset)} samples")
     click.echo(evaluate.format_table(rows))
     click.echo(f"local exit alone: {100 * rows[0].local_classifier_accuracy:.2f}%, "
                f"server exit alone: {100 * rows[0].server_classifier_accuracy:.2f}%; "
                f"device part {outputs.device_bytes} bytes, split activations {outputs.split_bytes} bytes")
-    for value in values:
-        click.echo(f"nearest sample entropy to t={value:g}: {margins[value]:.3e} away")
+    if outputs.edges:
+        click.echo("bytes per forwarded sample on each hop: " + ", ".join(map(str, outputs.hop_bytes)))
+    for value, margin in zip(values, margins):
+        for tier, t, distance in zip(loaded.spec.tiers, value, margin):
+            at = f" at the {tier.exit_name} exit" if outputs.edges else ""
+            click.echo(f"nearest sample entropy to t={t:g}{at}: {distance:.3e} away")
     if sweep_prefix:
         click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
 
 
 @click.command("calibrate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--target-exit-rate", type=float, callback=_unit_interval, help="Wanted local-exit rate (0..1).")
+@click.option("--target-exit-rate", callback=_unit_intervals,
+              help="Wanted local-exit rate (0..1); with edge tiers one share of all samples per early exit, "
+                   "comma-separated: 0.5,0.3.")
 @click.option("--min-accuracy", type=float, callback=_unit_interval, help="Lowest acceptable overall accuracy.")
 @click.option("--val-count", type=click.IntRange(100), default=5000, show_default=True,
               help="Validation samples: the last N of the training split (the test split stays unseen).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write here (default: in place).")
 @data_dir_option
-def calibrate_command(model: str, target_exit_rate: float | None, min_accuracy: float | None, val_count: int,
+def calibrate_command(model: str, target_exit_rate: tuple[float, ...] | None, min_accuracy: float | None,
+                      val_count: int,
                       out: str | None, data_dir: str | None) -> None:
-    """Choose the local-exit threshold on a validation split and store it in the model file."""
+    """Choose the exit thresholds on a validation split and store them in the model file."""
     from ddnn_gen.model import evaluate
     from ddnn_gen.model.modelfile import load_model, save_model
 
     if (target_exit_rate is None) == (min_accuracy is None):
         raise click.UsageError("give exactly one of --target-exit-rate and --min-accuracy")
     loaded = load_model(model)
+    if target_exit_rate is not None and len(target_exit_rate) != len(loaded.spec.thresholds):
+        raise click.BadParameter(f"{loaded.spec.name} has {len(loaded.spec.thresholds)} early exit(s); give one "
+                                 "rate for each, comma-separated", param_hint="--target-exit-rate")
     if out is not None:
         writable_file(out, "-o")
     if not loaded.spec.dataset:
@@ -195,10 +238,16 @@ def calibrate_command(model: str, target_exit_rate: float | None, min_accuracy: 
     val = train_set.subset(val_count, offset=max(0, len(train_set) - val_count))
     outputs = exits.compute_outputs(loaded, val)
     result = evaluate.calibrate(outputs, target_exit_rate, min_accuracy)
-    save_model(out or model, loaded.model, loaded.spec.with_threshold(result.threshold))
-    click.echo(f"threshold {result.threshold:.6f} ({result.goal}) on {len(val)} validation samples: "
-               f"overall {100 * result.metrics.overall_accuracy:.2f}%, "
-               f"local exits {100 * result.metrics.local_exit_rate:.2f}%; stored in {out or model}")
+    curves = evaluate.calibration_curves(outputs, result.thresholds,
+                                         f"{loaded.spec.dataset} train[{len(train_set) - len(val)}:]")
+    save_model(out or model, loaded.model, loaded.spec.with_thresholds(result.thresholds).with_calibration(curves))
+    shares = ", ".join(f"{tier.exit_name} {100 * rate:.2f}%"
+                       for tier, rate in zip(loaded.spec.tiers, result.metrics.exit_rates))
+    click.echo(f"threshold{'s' if len(result.thresholds) > 1 else ''} "
+               f"{'/'.join(f'{t:.6f}' for t in result.thresholds)} ({result.goal}) on {len(val)} validation "
+               f"samples: overall {100 * result.metrics.overall_accuracy:.2f}%, "
+               + (f"local exits {100 * result.metrics.local_exit_rate:.2f}%" if len(result.thresholds) == 1
+                  else f"answered by {shares}") + f"; stored in {out or model}")
 
 
 def register(cli: click.Group) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ddnn_gen.codegen.toolchain import have_tool
 from ddnn_gen.commands.options import (
     THRESHOLD,
     THRESHOLD_HELP,
@@ -121,11 +122,14 @@ def threshold_clear(model: str, device_id: str | None, broker: BrokerConnection)
 @click.option("--window", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Requests each device keeps in flight.")
 @click.option("--all-to-server", is_flag=True, help="Send every sample to the server (load tests).")
+@click.option("--impl", type=click.Choice(["c", "numpy"]), default=None,
+              help="Device part: the generated C called in-process (cffi; default when a C compiler is present) "
+                   "or the NumPy reference computed beforehand.")
 def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None, device_prefix: str, devices: int,
                requests: int, dataset: str | None, count: int, data_dir: str | None, timeout_ms: int, window: int,
-               all_to_server: bool) -> None:
-    """Simulate DEVICES devices running the NumPy reference of MODEL against ddnn-server."""
-    from ddnn_gen.device.simulated import run_devices
+               all_to_server: bool, impl: str | None) -> None:
+    """Simulate DEVICES devices running MODEL's device part against ddnn-server."""
+    from ddnn_gen.device.simulated import precomputed, simulate
     from ddnn_gen.fold.program import fold
     from ddnn_gen.fold.reference import run_device
     from ddnn_gen.model.modelfile import load_model
@@ -149,10 +153,17 @@ def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None
     data = datasets.load(dataset, "test", data_dir)
     check_dataset_shape(loaded.spec, data)
     images = data.images[:count]
-    result = run_device(program, images)
-    report = run_devices(connection, program, loaded.hash_bytes, result.split_words, result.entropy,
-                         result.local_class, devices, requests, timeout_s=timeout_ms / 1000, window=window,
-                         all_to_server=all_to_server, device_prefix=device_prefix)
+    impl = impl or ("c" if have_tool("cc") or have_tool("gcc") else "numpy")
+    if impl == "c":
+        from ddnn_gen.device import c_binding
+
+        device_part = c_binding.load(program).answers(images)
+    else:
+        result = run_device(program, images)
+        device_part = precomputed(result.split_words, result.entropy, result.local_class)
+    report = simulate(connection, program, loaded.hash_bytes, device_part, len(images), devices, requests,
+                      timeout_s=timeout_ms / 1000, window=window, all_to_server=all_to_server,
+                      device_prefix=device_prefix)
     labels = data.labels[:count]
     correct = sum(1 for o in report.outcomes if o.final_class == labels[o.index])
     sent = [o for o in report.outcomes if o.source != "local"]
@@ -161,6 +172,9 @@ def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None
         f"{source} {report.count(source)}" for source in ("local", "server", "fallback", "error")))
     click.echo(f"accuracy {correct / max(1, len(report.outcomes)):.4f}; duplicates {report.duplicates}, "
                f"misrouted {report.misrouted}")
+    if impl == "c":
+        device_us = np.array([o.t_device_us for o in report.outcomes], dtype=np.float64)
+        click.echo(f"device part (generated C, in-process) us per sample: median {np.median(device_us):.0f}")
     if len(rtt):
         click.echo(f"round trip us: median {np.median(rtt):.0f}, p99 {np.percentile(rtt, 99):.0f}; "
                    f"server requests/s {len(rtt) / report.wall_s:.0f}")

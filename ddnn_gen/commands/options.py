@@ -33,7 +33,19 @@ class ThresholdType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+class ThresholdsType(ThresholdType):
+    """One threshold per early exit, comma-separated (device first): ``0.3`` or ``0.3,0.5``."""
+
+    name = "thresholds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(ThresholdType.convert(self, part, param, ctx) for part in str(value).split(","))
+
+
 THRESHOLD = ThresholdType()
+THRESHOLDS = ThresholdsType()
 THRESHOLD_HELP = f"({THRESHOLD_RULE})"
 
 data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False), default=None,

@@ -1,6 +1,6 @@
 """The generated C device program as a subprocess: compile, build (host, or cross under qemu-user), run on a
-sample file. Bit-exact tests across targets and the benchmarks use it; in-process calls go through the cffi
-binding instead."""
+sample file. Bit-exact tests across targets (ARM under qemu) and the benchmarks use it; in-process calls go
+through the cffi binding (device/c_binding.py) instead."""
 
 from __future__ import annotations
 

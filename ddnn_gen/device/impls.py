@@ -30,6 +30,12 @@ def _numpy(program: DeviceProgram, images_u8: np.ndarray, threshold: float | Non
 
 
 def _c(program: DeviceProgram, images_u8: np.ndarray, threshold: float | None = None) -> Any:
+    from ddnn_gen.device import c_binding
+
+    return c_binding.load(program).run(images_u8, threshold)
+
+
+def _c_runner(program: DeviceProgram, images_u8: np.ndarray, threshold: float | None = None) -> Any:
     from ddnn_gen.device.c_runner import run_device_c
 
     return run_device_c(program, images_u8, threshold)
@@ -43,7 +49,8 @@ def _opencl(program: DeviceProgram, images_u8: np.ndarray, threshold: float | No
 
 IMPLS = {impl.name: impl for impl in (
     Impl("numpy", _numpy, "the bitwise NumPy reference (the definition of correct)"),
-    Impl("c", _c, "the generated C program, built for this host and run on a sample file"),
+    Impl("c", _c, "the generated C, built for this host and called in-process (cffi)"),
+    Impl("c-runner", _c_runner, "the generated C runner program, built for this host and run on a sample file"),
     Impl("opencl", _opencl, "the generated OpenCL kernels through PyOpenCL (all layers)"),
 )}
 

@@ -3,7 +3,7 @@
 Little-endian. Header (24 bytes): magic ``DDNS``, uint32 version (1), uint32 count, uint32
 height, uint32 width, uint32 channels. Then ``count`` records: int32 label followed by
 height * width * channels uint8 pixels in HWC order (the device's layout, so the runner
-feeds records to ``ddnn_infer`` as they are). Reader: ``c_runtime/ddnn_samples.c``.
+feeds records to ``<name>_infer`` as they are). Reader: ``c_runtime/ddnn_samples.c``.
 """
 
 from __future__ import annotations

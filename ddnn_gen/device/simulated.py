@@ -1,6 +1,7 @@
-"""Simulated devices: the NumPy reference device tier plus the same MQTT client behaviour as the C
-networked runner (request, wait with timeout, fall back to the local answer), for load tests and the
-benchmark. Each device counts lost, duplicated and misrouted replies so tests can assert on them.
+"""Simulated devices: a device part (the generated C through the cffi binding, or answers computed beforehand
+by the NumPy reference) plus the same MQTT client behaviour as the C networked runner (request, wait with
+timeout, fall back to the local answer), for load tests and the benchmark. Each device counts lost,
+duplicated and misrouted replies so tests can assert on them.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ddnn_gen.device.c_binding import LocalAnswer
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, topics
@@ -51,6 +53,7 @@ class SampleOutcome:
     status: int = -1  # reply status, -1 when no reply
     t_round_trip_us: int = 0
     t_server_us: int = 0
+    t_device_us: int = 0  # the device part's time for this sample
 
 
 class SimDevice:
@@ -114,8 +117,12 @@ class SimDevice:
         if not self._settled.is_set() or self.problem is not None:
             self._client.disconnect()
             self._client.loop_stop()
-            why = self.problem or self._client.last_connect_error or "no answer"
-            raise BrokerError(f"device {self.device_id}: cannot use the broker at {self.connection.url}: {why}")
+            why = self._client.last_connect_error
+            if self.problem is not None or (why or "").startswith("TLS"):
+                raise BrokerError(f"device {self.device_id}: cannot use the broker at {self.connection.url}: "
+                                  f"{self.problem or why}")
+            raise BrokerError(f"device {self.device_id}: no broker answered at {self.connection.url} within "
+                              f"{timeout_s:.0f} s" + (f" ({why})" if why else ""))
         return self
 
     def stop(self) -> None:
@@ -282,22 +289,45 @@ class SimReport:
 
 def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
     height, width, channels = program.split_hwc
-    return RequestHeader(model_hash, len(program.layers), channels, height, width, request_id, device_id,
+    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id, device_id,
                          time.monotonic_ns() // 1000, Packing.BITS_U64)
 
 
-def run_devices(connection: BrokerConnection | Callable[[str], BrokerConnection], program: DeviceProgram,
-                model_hash: bytes, split_words: np.ndarray, entropy: np.ndarray, local_class: np.ndarray,
-                n_devices: int, requests_per_device: int,
-                timeout_s: float = 5.0, all_to_server: bool = False, window: int = 1,
-                sample_indices: Sequence[int] | None = None, device_prefix: str = "sim",
-                on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
-    """``n_devices`` concurrent devices each classifying ``requests_per_device`` samples; device d takes
-    samples (d * requests_per_device + i) mod N. ``window`` requests may be outstanding per device. The exit
-    decision uses each device's live threshold (retained threshold topics), as the C runner does.
-    ``on_outcome`` sees every answer as it happens (from the device threads). ``connection`` is the broker, or
-    a function giving each device id its own credentials."""
-    n_samples = len(split_words)
+#: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the
+#: device threads, so it must be thread-safe (the cffi binding holds its model's lock).
+DevicePart = Callable[[int, float], LocalAnswer]
+
+
+def precomputed(split_words: np.ndarray, entropy: np.ndarray, local_class: np.ndarray) -> DevicePart:
+    """A device part answering from arrays computed beforehand (e.g. reference.run_device over the data set);
+    the exit decision is taken at the live threshold, as the C code would."""
+    def part(index: int, threshold: float) -> LocalAnswer:
+        local = bool(exit_decision(entropy[index:index + 1], threshold)[0])
+        return LocalAnswer(int(local_class[index]), float(entropy[index]), local, split_words[index])
+
+    return part
+
+
+Brokers = Union[BrokerConnection, Callable[[str], BrokerConnection]]
+
+
+def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
+                entropy: np.ndarray, local_class: np.ndarray, n_devices: int, requests_per_device: int,
+                **options: Any) -> SimReport:
+    """:func:`simulate` with the device part's answers computed beforehand for all N samples."""
+    return simulate(connection, program, model_hash, precomputed(split_words, entropy, local_class),
+                    len(split_words), n_devices, requests_per_device, **options)
+
+
+def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
+             n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
+             all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
+             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
+    """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
+    ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
+    outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
+    as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
+    ``connection`` is the broker, or a function giving each device id its own credentials."""
     devices: list[SimDevice] = []
     try:
         for d in range(n_devices):
@@ -318,34 +348,37 @@ def run_devices(connection: BrokerConnection | Callable[[str], BrokerConnection]
 
     def drive(d: int) -> None:
         device = devices[d]
-        in_flight: list[tuple[int, int, _Pending]] = []
+        in_flight: list[tuple[int, int, _Pending, int, int]] = []
 
-        def finish(index: int, request_id: int, pending: _Pending) -> None:
+        def finish(index: int, request_id: int, pending: _Pending, local_class: int, device_us: int) -> None:
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             rtt = int((end - pending.sent) * 1e6)
             if reply is None:
-                source, final, status, server_us = "fallback", int(local_class[index]), -1, 0
+                source, final, status, server_us = "fallback", local_class, -1, 0
             elif reply.status != codec.Status.OK:
-                source, final, status, server_us = "error", int(local_class[index]), int(reply.status), 0
+                source, final, status, server_us = "error", local_class, int(reply.status), 0
             else:
                 source, final, status, server_us = "server", reply.class_id, 0, reply.server_us
-            record(d, SampleOutcome(device.device_id, index, request_id, source, final, int(local_class[index]),
-                                    device.threshold, status, rtt, server_us))
+            record(d, SampleOutcome(device.device_id, index, request_id, source, final, local_class,
+                                    device.threshold, status, rtt, server_us, device_us))
 
         for i in range(requests_per_device):
             position = d * requests_per_device + i
             index = int(sample_indices[position % len(sample_indices)]) if sample_indices is not None \
                 else position % n_samples
             threshold = device.threshold
-            if not all_to_server and bool(exit_decision(entropy[index:index + 1], threshold)[0]):
-                record(d, SampleOutcome(device.device_id, index, 0, "local", int(local_class[index]),
-                                        int(local_class[index]), threshold))
+            started_ns = time.perf_counter_ns()
+            answer = device_part(index, threshold)
+            device_us = (time.perf_counter_ns() - started_ns) // 1000
+            if not all_to_server and answer.local_exit:
+                record(d, SampleOutcome(device.device_id, index, 0, "local", answer.local_class, answer.local_class,
+                                        threshold, t_device_us=device_us))
                 continue
             request_id = device.next_request_id()
             header = split_header(program, model_hash, request_id, device.device_id)
-            pending = device.send(codec.encode_request(header, split_words[index]), request_id)
-            in_flight.append((index, request_id, pending))
+            pending = device.send(codec.encode_request(header, answer.split_words), request_id)
+            in_flight.append((index, request_id, pending, answer.local_class, device_us))
             if len(in_flight) >= window:
                 finish(*in_flight.pop(0))
         for item in in_flight:

@@ -1,35 +1,81 @@
-"""Both exits' answers on a data set, computed as the deployed system computes them: the device part with
-the bitwise reference of its folded program, the server part with Chainer's test-mode forward resumed
-from the reference's split bits. ddnn_gen.model.evaluate turns them into accuracies and exit rates."""
+"""Every exit's answers on a data set, computed as the deployed system computes them: binary tiers (the
+device, binary edges) with the bitwise reference of their folded programs, float tiers with Chainer's
+test-mode forward resumed from the previous tier's output. ddnn_gen.model.evaluate turns them into
+accuracies and exit rates."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import chainer
 import numpy as np
 
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.model.datasets import Dataset
-from ddnn_gen.model.evaluate import ExitOutputs
+from ddnn_gen.model.evaluate import EdgeExit, ExitOutputs
 from ddnn_gen.model.modelfile import LoadedModel
+
+BATCH = 500
 
 
 def server_classes(loaded: LoadedModel, program: DeviceProgram, split_words: np.ndarray,
-                   batch_size: int = 500) -> np.ndarray:
-    """Final-exit class of each sample, resumed from the device's split bits in test mode."""
+                   batch_size: int = BATCH) -> np.ndarray:
+    """Final-exit class of each sample, resumed after ``program``'s tier from its split bits, in test mode."""
+    return resume_classes(loaded, program.tier + 1, lambda start, stop: reference.split_to_server_input(
+        program, split_words[start:stop]), len(split_words), batch_size)
+
+
+def resume_classes(loaded: LoadedModel, tier: int, inputs: Any, count: int, batch_size: int = BATCH) -> np.ndarray:
+    """Final-exit class of ``count`` samples resumed at ``tier``; ``inputs(start, stop)`` gives a batch of that
+    tier's input."""
     classes = []
     with chainer.using_config("train", False), chainer.no_backprop_mode():
-        for start in range(0, len(split_words), batch_size):
-            server_input = reference.split_to_server_input(program, split_words[start:start + batch_size])
-            logits = loaded.model.server_forward(server_input).array
+        for start in range(0, count, batch_size):
+            logits = loaded.model.resume_forward(inputs(start, min(count, start + batch_size)), tier).array
             classes.append(np.asarray(logits).argmax(axis=1))
     return np.concatenate(classes).astype(np.int32) if classes else np.zeros(0, dtype=np.int32)
 
 
+def _float_tier(loaded: LoadedModel, tier: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A float edge tier in test mode: its exit logits (float64) and its output, batch by batch."""
+    logits, outputs = [], []
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        for start in range(0, len(inputs), BATCH):
+            result = loaded.model.run_tiers(inputs[start:start + BATCH], tier, tier + 1)
+            logits.append(np.asarray(result.exit_logits[0].array, dtype=np.float64))
+            outputs.append(np.asarray(result.tier_outputs[0].array))
+    return np.concatenate(logits), np.concatenate(outputs)
+
+
 def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
+    spec = loaded.spec
+    if len(spec.tiers) < 2:
+        raise DdnnError(f"{spec.name} is a cloud-only model: it has no early exit to evaluate thresholds of")
     program = fold(loaded)
     device = reference.run_device(program, dataset.images)
-    final = server_classes(loaded, program, device.split_words)
+    edges: list[EdgeExit] = []
+    last_binary, split = program, device.split_words
+    float_output: np.ndarray | None = None
+    for tier in range(1, len(spec.tiers) - 1):
+        name = spec.tiers[tier].exit_name
+        if spec.tiers[tier].binary:
+            edge_program = fold(loaded, tier=tier)
+            result = reference.run_device(edge_program, split)
+            edges.append(EdgeExit(name, result.local_class, result.entropy, edge_program.split_words * 8))
+            last_binary, split = edge_program, result.split_words
+            continue
+        inputs = float_output if float_output is not None else reference.split_to_server_input(last_binary, split)
+        logits, float_output = _float_tier(loaded, tier, inputs)
+        edges.append(EdgeExit(name, logits.argmax(axis=1).astype(np.int32), reference.normalized_entropy(logits),
+                              4 * int(np.prod(spec.tier_output_shape(tier)))))
+    last = len(spec.tiers) - 1
+    if float_output is None:
+        final = server_classes(loaded, last_binary, split)
+    else:
+        kept = float_output
+        final = resume_classes(loaded, last, lambda start, stop: kept[start:stop], len(kept))
     return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
-                       final_class=final, split_bytes=program.split_words * 8,
-                       device_bytes=program.weight_bytes)
+                       final_class=final, split_bytes=program.split_words * 8, device_bytes=program.weight_bytes,
+                       edges=tuple(edges), exit_names=tuple(tier.exit_name for tier in spec.tiers))

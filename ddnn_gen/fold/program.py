@@ -107,15 +107,26 @@ class FoldedExit:
 
 @dataclass(frozen=True)
 class DeviceProgram:
+    """One binary tier in integer form: the device tier (``tier`` 0, reading uint8 pixels) or a binary edge
+    tier (reading the previous tier's packed split), with its early exit."""
+
     spec: ModelSpec
     content_hash: str
     layers: tuple[FoldedLayer, ...]
     exit: FoldedExit
     threshold: float
+    tier: int = 0
 
     @property
     def input_hwc(self) -> tuple[int, int, int]:
-        return hwc(self.spec.input.shape)
+        if self.tier == 0:
+            return hwc(self.spec.input.shape)
+        return hwc(self.spec.tier_output_shape(self.tier - 1))
+
+    @property
+    def split_layer(self) -> int:
+        """The split layer index of what this tier sends on (the wire's split-layer field)."""
+        return self.spec.split_layer(self.tier + 1)
 
     @property
     def split_hwc(self) -> tuple[int, int, int]:
@@ -236,30 +247,34 @@ def _fold_layer(layer: Layer, block: object, in_shape: tuple[int, ...], input_sc
                        layer.pad, layer.pool, weights, threshold, flip)
 
 
-def fold(loaded: LoadedModel, threshold: float | None = None) -> DeviceProgram:
-    """Fold the device tier and local exit of a loaded model."""
+def fold(loaded: LoadedModel, threshold: float | None = None, tier: int = 0) -> DeviceProgram:
+    """Fold binary tier ``tier`` (the device tier by default) and its early exit of a loaded model."""
     spec = loaded.spec
     model = loaded.model
+    if not 0 <= tier < len(spec.tiers) - 1 or not spec.tiers[tier].binary:
+        raise CompileError(f"{spec.name}: tier {tier} is not a binary tier with an early exit; binary tiers: "
+                           f"{[i for i, t in enumerate(spec.tiers[:-1]) if t.binary] or 'none'}")
     scale = spec.input.scale
     if not float(np.float32(scale)) == scale or scale <= 0 or np.log2(scale) != np.round(np.log2(scale)):
         raise CompileError(f"input scale {scale} must be a power of two for exact integer FConv sums")
     layers = []
-    for index, (layer, block, in_shape) in enumerate(zip(spec.device.layers, model.device_layers,
-                                                         spec.tier_shapes(0))):
-        if layer.type == "fconv" and index != 0:
-            raise CompileError(f"layer {layer.name!r}: fconv must be the first device layer (it reads the 8-bit input)")
-        if layer.type != "fconv" and index == 0:
-            raise CompileError(f"layer {layer.name!r}: the first device layer must be fconv (8-bit input)")
+    for index, (layer, block, in_shape) in enumerate(zip(spec.tiers[tier].layers, model.tier_layers(tier),
+                                                         spec.tier_shapes(tier))):
+        first_of_model = tier == 0 and index == 0
+        if (layer.type == "fconv") != first_of_model:
+            raise CompileError(f"layer {layer.name!r}: fconv must be the model's first layer and only the first "
+                               "(it reads the 8-bit input)")
         layers.append(_fold_layer(layer, block, in_shape, scale))
-    exit_link = model.local_exit
+    split_shape = spec.tier_output_shape(tier)
+    exit_link = model.tier_exit(tier)
     gamma, beta, mean, var, eps = _bn_params(exit_link.bn)
-    weights = _sign_int8(_linear_weights_device_order(np.asarray(exit_link.fc.W.array), spec.split_shape))
+    weights = _sign_int8(_linear_weights_device_order(np.asarray(exit_link.fc.W.array), split_shape))
     # Defined in double: logits = a * S + b. C prints a, b with %.17g so both sides agree exactly.
     a = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
     b = beta.astype(np.float64) - a * mean.astype(np.float64)
-    exit_ = FoldedExit(weights, a, b, hwc(spec.split_shape))
+    exit_ = FoldedExit(weights, a, b, hwc(split_shape))
     return DeviceProgram(spec, loaded.content_hash, tuple(layers), exit_,
-                         spec.threshold if threshold is None else float(threshold))
+                         spec.thresholds[tier] if threshold is None else float(threshold), tier)
 
 
 def stage_work(program: DeviceProgram) -> list[tuple[int, int]]:

@@ -261,9 +261,18 @@ def images_to_hwc(images_u8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(images_u8, dtype=np.uint8).transpose(0, 2, 3, 1))
 
 
+def tier_input(program: DeviceProgram, inputs: np.ndarray) -> np.ndarray:
+    """What the first layer reads: uint8 images (N, C, H, W) -> HWC for the device tier; a binary edge tier
+    reads the previous tier's packed split (N, H, W, words) or (N, words) as it is."""
+    if program.tier == 0:
+        return images_to_hwc(inputs)
+    height, width, channels = program.input_hwc
+    return np.ascontiguousarray(inputs, dtype=np.uint64).reshape(len(inputs), height, width, words_for(channels))
+
+
 def device_activations(program: DeviceProgram, images_u8: np.ndarray) -> list[np.ndarray]:
-    """Packed output words of every device layer, (N, H, W, words) each."""
-    activation: np.ndarray = images_to_hwc(images_u8)
+    """Packed output words of every layer of the tier, (N, H, W, words) each."""
+    activation: np.ndarray = tier_input(program, images_u8)
     outputs = []
     for layer in program.layers:
         activation = pack_bits(threshold_bits(layer, layer_preactivation(layer, activation)))
@@ -273,7 +282,8 @@ def device_activations(program: DeviceProgram, images_u8: np.ndarray) -> list[np
 
 def run_device(program: DeviceProgram, images_u8: np.ndarray, threshold: float | None = None,
                batch_size: int = 256) -> DeviceResult:
-    """The whole device tier on a batch of uint8 images (N, C, H, W)."""
+    """The whole tier on a batch of its inputs: uint8 images (N, C, H, W) for the device tier, the previous
+    tier's packed split for a binary edge tier."""
     threshold = program.threshold if threshold is None else threshold
     splits, sums = [], []
     for start in range(0, len(images_u8), batch_size):
@@ -290,10 +300,10 @@ def run_device(program: DeviceProgram, images_u8: np.ndarray, threshold: float |
 
 
 def split_to_server_input(program: DeviceProgram, split_words: np.ndarray) -> np.ndarray:
-    """Packed split activations (N, H, W, words) -> the server tier's +-1 float32 input (N, C, H, W)."""
+    """Packed split activations (N, H, W, words) -> the next tier's +-1 float32 input (N, C, H, W) or (N, F)."""
     height, width, channels = program.split_hwc
     bits = unpack_bits(split_words.reshape(len(split_words), height, width, -1), channels)
     values = np.where(bits, np.float32(1), np.float32(-1))
-    if len(program.spec.split_shape) == 1:
+    if len(program.spec.tier_output_shape(program.tier)) == 1:
         return values.reshape(len(split_words), channels)
     return np.ascontiguousarray(values.transpose(0, 3, 1, 2))

@@ -1,20 +1,24 @@
-"""Accuracy of the exit hierarchy at a threshold, as the adaptive-DDNN paper reports it.
+"""Accuracy of the exit hierarchy at its thresholds, as the adaptive-DDNN and DDNN papers report it.
 
-The answers of both exits come from ddnn_gen.fold.exits (the local exit with the bitwise reference,
-what the device really computes; the server exit with Chainer's test-mode forward resumed from the
-reference's split bits, what ddnn-server really computes). Definitions, per threshold t over N samples:
+The answers of every exit come from ddnn_gen.fold.exits (binary tiers with the bitwise reference, what the
+device and a binary edge really compute; float tiers with Chainer's test-mode forward resumed from the
+previous split, what ddnn-server computes). A sample is answered by the first exit whose normalized entropy
+is finite and <= that exit's threshold, else by the final exit. Definitions, over N samples:
 
-* Local   = samples that exit locally *and* are correct there / N
-* Server  = accuracy on the samples that reach the server (NaN when none do)
-* Overall = accuracy of the hierarchy at t (local answer if it exits, else the server's)
-* Ideal   = samples correct at either exit / N (an oracle choosing the exit; independent of t)
+* Local   = samples answered by the device's exit *and* correct there / N
+* Server  = accuracy on the samples that leave the device (answered by an edge or the cloud; NaN if none)
+* Overall = accuracy of the hierarchy (each sample's answer from the exit that took it)
+* Ideal   = samples correct at any exit / N (an oracle choosing the exit; independent of the thresholds)
+* per exit: the share of samples it answers and its accuracy on them; per hop: split bytes per sample
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +26,44 @@ import numpy as np
 from ddnn_gen.model.spec import exit_decision
 
 
+@dataclass(frozen=True)
+class EdgeExit:
+    """An early exit after the device's: its answers and what it sends on when it does not answer."""
+
+    name: str
+    classes: np.ndarray  # int32 (N,)
+    entropy: np.ndarray  # float64 (N,)
+    split_bytes: int  # what the hop after it carries per forwarded sample
+
+
 @dataclass
 class ExitOutputs:
-    """Both exits' answers for every sample; thresholds are applied afterwards (cheap)."""
+    """Every exit's answers for every sample; thresholds are applied afterwards (cheap)."""
 
     labels: np.ndarray
     local_class: np.ndarray
     entropy: np.ndarray
     final_class: np.ndarray
-    split_bytes: int  # bit-packed split activations per offloaded sample
+    split_bytes: int  # bit-packed device split per offloaded sample (the first hop)
     device_bytes: int  # folded device part: packed weights, thresholds, exit constants
+    edges: tuple[EdgeExit, ...] = ()  # early exits between the device's and the final one, in order
+    exit_names: tuple[str, ...] = ()
+
+    @property
+    def n_early(self) -> int:
+        return 1 + len(self.edges)
+
+    @property
+    def early_classes(self) -> list[np.ndarray]:
+        return [self.local_class, *(edge.classes for edge in self.edges)]
+
+    @property
+    def early_entropy(self) -> list[np.ndarray]:
+        return [self.entropy, *(edge.entropy for edge in self.edges)]
+
+    @property
+    def hop_bytes(self) -> list[int]:
+        return [self.split_bytes, *(edge.split_bytes for edge in self.edges)]
 
 
 @dataclass
@@ -45,38 +77,73 @@ class ThresholdMetrics:
     server_exit_rate: float
     offload_bytes_per_sample: float
     local_classifier_accuracy: float  # the local exit alone on every sample
-    server_classifier_accuracy: float  # the server exit alone on every sample
+    server_classifier_accuracy: float  # the final exit alone on every sample
     samples: int
+    thresholds: tuple[float, ...] = ()  # one per early exit (device first)
+    exit_rates: tuple[float, ...] = ()  # share of samples each exit answers (final exit last)
+    exit_accuracies: tuple[float, ...] = ()  # accuracy of each exit on the samples it answers (NaN if none)
+    hop_bytes_per_sample: tuple[float, ...] = ()  # bytes each hop carries, averaged over all samples
+    exit_names: tuple[str, ...] = field(default=())
 
-    def as_dict(self) -> dict[str, float]:
-        return {key: (None if isinstance(value, float) and math.isnan(value) else value)
-                for key, value in asdict(self).items()}
+    def as_dict(self) -> dict[str, object]:
+        def clean(value: object) -> object:
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            if isinstance(value, tuple):
+                return [clean(item) for item in value]
+            return value
+
+        return {key: clean(value) for key, value in asdict(self).items()}
 
 
-def metrics_at(outputs: ExitOutputs, threshold: float) -> ThresholdMetrics:
+def answering_exit(outputs: ExitOutputs, thresholds: Sequence[float]) -> np.ndarray:
+    """Index of the exit that answers each sample: the first early exit that is confident, else the final."""
+    if len(thresholds) != outputs.n_early:
+        raise ValueError(f"{outputs.n_early} early exits need {outputs.n_early} thresholds, got {len(thresholds)}")
+    answered = np.full(len(outputs.labels), outputs.n_early, dtype=np.int32)
+    for index in reversed(range(outputs.n_early)):
+        answered = np.where(exit_decision(outputs.early_entropy[index], thresholds[index]), index, answered)
+    return answered
+
+
+def metrics_at(outputs: ExitOutputs, threshold: float | Sequence[float]) -> ThresholdMetrics:
+    thresholds = (float(threshold),) if isinstance(threshold, (int, float)) else tuple(float(t) for t in threshold)
     n = len(outputs.labels)
-    exits = exit_decision(outputs.entropy, threshold)
-    local_correct = outputs.local_class == outputs.labels
-    server_correct = outputs.final_class == outputs.labels
-    to_server = ~exits
-    answered_correct = np.where(exits, local_correct, server_correct)
-    n_server = int(to_server.sum())
+    answered = answering_exit(outputs, thresholds)
+    classes = [*outputs.early_classes, outputs.final_class]
+    correct = [cls == outputs.labels for cls in classes]
+    answered_correct = np.choose(answered, correct)
+    local = answered == 0
+    local_correct, server_correct = correct[0], correct[-1]
+    leaves = ~local
+    n_leaving = int(leaves.sum())
+    rates = tuple(float((answered == e).mean()) for e in range(len(classes)))
+    accuracies = tuple(float(correct[e][answered == e].mean()) if (answered == e).any() else math.nan
+                       for e in range(len(classes)))
+    hops = tuple(float((answered > e).mean() * size) for e, size in enumerate(outputs.hop_bytes))
     return ThresholdMetrics(
-        threshold=float(threshold),
-        local_accuracy=float((exits & local_correct).sum() / n),
-        server_accuracy=float(server_correct[to_server].mean()) if n_server else math.nan,
+        threshold=thresholds[0],
+        local_accuracy=float((local & local_correct).sum() / n),
+        server_accuracy=float(answered_correct[leaves].mean()) if n_leaving else math.nan,
         overall_accuracy=float(answered_correct.mean()),
-        ideal_accuracy=float((local_correct | server_correct).mean()),
-        local_exit_rate=float(exits.mean()),
-        server_exit_rate=float(to_server.mean()),
-        offload_bytes_per_sample=float(to_server.mean() * outputs.split_bytes),
+        ideal_accuracy=float(np.logical_or.reduce(correct).mean()),
+        local_exit_rate=float(local.mean()),
+        server_exit_rate=float(leaves.mean()),
+        offload_bytes_per_sample=hops[0],
         local_classifier_accuracy=float(local_correct.mean()),
         server_classifier_accuracy=float(server_correct.mean()),
         samples=n,
+        thresholds=thresholds,
+        exit_rates=rates,
+        exit_accuracies=accuracies,
+        hop_bytes_per_sample=hops,
+        exit_names=outputs.exit_names,
     )
 
 
 def format_table(rows: list[ThresholdMetrics]) -> str:
+    if rows and len(rows[0].thresholds) > 1:
+        return _format_tiers_table(rows)
     header = f"{'threshold':>9} {'local':>7} {'server':>7} {'overall':>7} {'ideal':>7} " \
              f"{'exit@dev':>8} {'exit@srv':>8} {'offload B':>9}"
     lines = [header, "-" * len(header)]
@@ -89,8 +156,29 @@ def format_table(rows: list[ThresholdMetrics]) -> str:
     return "\n".join(lines)
 
 
-def sweep(outputs: ExitOutputs, steps: int = 51) -> list[ThresholdMetrics]:
-    return [metrics_at(outputs, float(t)) for t in np.linspace(0.0, 1.0, steps)]
+def _format_tiers_table(rows: list[ThresholdMetrics]) -> str:
+    """One row per threshold tuple: overall / ideal, then each exit's share of samples and accuracy on them,
+    then the bytes each hop carries per sample."""
+    names = rows[0].exit_names or tuple(f"exit{i}" for i in range(len(rows[0].exit_rates)))
+    width = max(9, 6 * len(rows[0].thresholds))
+    header = (f"{'thresholds':>{width}} {'overall':>7} {'ideal':>7} "
+              + " ".join(f"{name[:12]:>19}" for name in names)
+              + " " + " ".join(f"{f'hop{i} B':>8}" for i in range(len(rows[0].hop_bytes_per_sample))))
+    lines = [header, " " * (width + 17) + " ".join(f"{'answers @ accuracy':>19}" for _ in names), "-" * len(header)]
+    for row in rows:
+        cells = []
+        for rate, accuracy in zip(row.exit_rates, row.exit_accuracies):
+            shown = "   n/a" if math.isnan(accuracy) else f"{100 * accuracy:6.2f}%"
+            cells.append(f"{100 * rate:7.2f}% @ {shown:>8}")
+        lines.append(f"{'/'.join(f'{t:.3f}' for t in row.thresholds):>{width}} {100 * row.overall_accuracy:6.2f}% "
+                     f"{100 * row.ideal_accuracy:6.2f}% " + " ".join(f"{cell:>19}" for cell in cells) + " "
+                     + " ".join(f"{hop:8.1f}" for hop in row.hop_bytes_per_sample))
+    return "\n".join(lines)
+
+
+def sweep(outputs: ExitOutputs, steps: int = 51, others: Sequence[float] = ()) -> list[ThresholdMetrics]:
+    """The device threshold from 0 to 1; the edge exits' thresholds fixed at ``others``."""
+    return [metrics_at(outputs, (float(t), *others)) for t in np.linspace(0.0, 1.0, steps)]
 
 
 def write_sweep(rows: list[ThresholdMetrics], csv_path: Path, png_path: Path, title: str) -> None:
@@ -125,40 +213,119 @@ def write_sweep(rows: list[ThresholdMetrics], csv_path: Path, png_path: Path, ti
 
 @dataclass
 class Calibration:
-    threshold: float
+    threshold: float  # the device exit's
     metrics: ThresholdMetrics
     goal: str
+    thresholds: tuple[float, ...] = ()  # every early exit's
 
 
-def calibrate(outputs: ExitOutputs, target_exit_rate: float | None = None,
+def _candidates(entropy: np.ndarray, count: int | None = None) -> np.ndarray:
+    """Thresholds worth trying for one exit: every distinct finite entropy (the decision points), or
+    ``count`` of its quantiles, plus 0 and 1."""
+    finite = np.sort(entropy[np.isfinite(entropy)])
+    if count is not None and len(finite) > count:
+        finite = np.quantile(finite, np.linspace(0.0, 1.0, count))
+    return np.unique(np.concatenate([[0.0], finite, [1.0]]))
+
+
+def calibrate(outputs: ExitOutputs, target_exit_rate: float | Sequence[float] | None = None,
               min_accuracy: float | None = None) -> Calibration:
-    """Pick a threshold from the candidate entropies themselves (every distinct decision point).
+    """Pick thresholds from the candidate entropies themselves (decision points).
 
-    * target_exit_rate: the smallest threshold whose local-exit rate reaches the target.
-    * min_accuracy: the largest threshold whose overall accuracy stays >= the bound
-      (most local exits while accurate enough).
+    * target_exit_rate: the smallest thresholds whose exits answer at least these shares of all samples
+      (one per early exit, device first; a single number for a two-tier model).
+    * min_accuracy: the thresholds that answer the most samples before the final exit while the overall
+      accuracy stays >= the bound (ties: more answered earlier).
     """
     if (target_exit_rate is None) == (min_accuracy is None):
         raise ValueError("give exactly one of target_exit_rate and min_accuracy")
-    finite = np.sort(outputs.entropy[np.isfinite(outputs.entropy)])
-    candidates = np.unique(np.concatenate([[0.0], finite, [1.0]]))
     if target_exit_rate is not None:
-        for candidate in candidates:
-            metrics = metrics_at(outputs, float(candidate))
-            if metrics.local_exit_rate >= target_exit_rate:
-                return Calibration(float(candidate), metrics, f"local-exit rate >= {target_exit_rate:.3f}")
-        metrics = metrics_at(outputs, 1.0)
-        return Calibration(1.0, metrics, f"local-exit rate >= {target_exit_rate:.3f} (unreachable; max shown)")
+        rates = ((float(target_exit_rate),) if isinstance(target_exit_rate, (int, float))
+                 else tuple(float(r) for r in target_exit_rate))
+        if len(rates) != outputs.n_early:
+            raise ValueError(f"{outputs.n_early} early exits need {outputs.n_early} target exit rates")
+        return _calibrate_rates(outputs, rates)
     assert min_accuracy is not None
+    if outputs.n_early == 1:
+        return _calibrate_accuracy_one(outputs, min_accuracy)
+    return _calibrate_accuracy_grid(outputs, min_accuracy)
+
+
+def _calibrate_rates(outputs: ExitOutputs, rates: tuple[float, ...]) -> Calibration:
+    chosen: list[float] = []
+    reached = True
+    for index, rate in enumerate(rates):
+        candidates = _candidates(outputs.early_entropy[index])
+        later = [0.0] * (outputs.n_early - index - 1)
+
+        def share(position: int, index: int = index, later: list[float] = later,
+                  candidates: np.ndarray = candidates) -> float:
+            return metrics_at(outputs, (*chosen, float(candidates[position]), *later)).exit_rates[index]
+
+        # The share an exit answers only grows with its threshold: binary search the decision points.
+        low, high = 0, len(candidates) - 1
+        if share(high) < rate:
+            reached, low = False, high
+        while low < high:
+            middle = (low + high) // 2
+            if share(middle) >= rate:
+                high = middle
+            else:
+                low = middle + 1
+        chosen.append(float(candidates[low]))
+    metrics = metrics_at(outputs, chosen)
+    goal = ("local-exit rate" if len(rates) == 1 else "exit rates") + " >= " + "/".join(f"{r:.3f}" for r in rates)
+    return Calibration(chosen[0], metrics, goal + ("" if reached else " (unreachable; max shown)"), tuple(chosen))
+
+
+def _calibrate_accuracy_one(outputs: ExitOutputs, min_accuracy: float) -> Calibration:
     best: Calibration | None = None
-    for candidate in candidates:
+    for candidate in _candidates(outputs.entropy):
         metrics = metrics_at(outputs, float(candidate))
         if metrics.overall_accuracy >= min_accuracy:
-            best = Calibration(float(candidate), metrics, f"overall accuracy >= {min_accuracy:.4f}")
+            best = Calibration(float(candidate), metrics, f"overall accuracy >= {min_accuracy:.4f}",
+                               (float(candidate),))
     if best is None:
         metrics = metrics_at(outputs, 0.0)
-        return Calibration(0.0, metrics, f"overall accuracy >= {min_accuracy:.4f} (unreachable; all to server)")
+        return Calibration(0.0, metrics, f"overall accuracy >= {min_accuracy:.4f} (unreachable; all to server)",
+                           (0.0,))
     return best
+
+
+def _calibrate_accuracy_grid(outputs: ExitOutputs, min_accuracy: float, per_exit: int = 41) -> Calibration:
+    """Every combination of ``per_exit`` quantile thresholds per early exit (two edge exits: 43^3 points at
+    most; the search is meant for the few exits a hierarchy has)."""
+    grids = [_candidates(entropy, per_exit) for entropy in outputs.early_entropy]
+    best: tuple[tuple[float, ...], ThresholdMetrics] | None = None
+    for point in itertools.product(*grids):
+        metrics = metrics_at(outputs, point)
+        if metrics.overall_accuracy < min_accuracy:
+            continue
+        key = (1.0 - metrics.exit_rates[-1], metrics.exit_rates[:-1])
+        if best is None or key > (1.0 - best[1].exit_rates[-1], best[1].exit_rates[:-1]):
+            best = (tuple(float(t) for t in point), metrics)
+    goal = f"overall accuracy >= {min_accuracy:.4f}"
+    if best is None:
+        zeros = (0.0,) * outputs.n_early
+        return Calibration(0.0, metrics_at(outputs, zeros), goal + " (unreachable; all to the final exit)", zeros)
+    return Calibration(best[0][0], best[1], goal, best[0])
+
+
+def calibration_curves(outputs: ExitOutputs, thresholds: Sequence[float], samples: str,
+                       steps: int = 101) -> dict[str, object]:
+    """For each early exit, its threshold from 0 to 1 with the other exits at ``thresholds``: the share of
+    samples it answers, the share that go on past it (the load on the tiers above) and the overall accuracy.
+    Stored in the model at calibrate time, so whoever moves thresholds at run time knows what each costs."""
+    grid = [round(float(t), 6) for t in np.linspace(0.0, 1.0, steps)]
+    curves = []
+    for index in range(outputs.n_early):
+        rows = [metrics_at(outputs, (*thresholds[:index], t, *thresholds[index + 1:])) for t in grid]
+        curves.append({"exit": outputs.exit_names[index] if outputs.exit_names else f"exit{index}",
+                       "thresholds": grid,
+                       "exit_rate": [round(row.exit_rates[index], 6) for row in rows],
+                       "onward_rate": [round(float(sum(row.exit_rates[index + 1:])), 6) for row in rows],
+                       "overall_accuracy": [round(row.overall_accuracy, 6) for row in rows]})
+    return {"samples": samples, "thresholds": [float(t) for t in thresholds], "exits": curves}
 
 
 def threshold_margin(entropy: np.ndarray, threshold: float) -> float:

@@ -1,17 +1,21 @@
 """Declarative, versioned description of a DDNN.
 
-A model is a chain of *tiers* (device, then server; an edge tier can sit between them
-later). Each tier is a list of layers followed by one exit classifier. The input of a
-tier is the output of the previous tier's last layer; that boundary is the split layer
-whose activations travel over the wire.
+A model is a chain of *tiers* mapped onto a computing hierarchy: the end device first, then any number of
+edge tiers, then the cloud (Teerapittayanon et al.'s configurations: (a) cloud only is one tier, (b) device +
+cloud two, (d) device + edge + cloud three). Each tier is a list of layers followed by one exit classifier;
+every exit but the last is an early exit with its own threshold on the normalized entropy. The input of a
+tier is the output of the previous tier's last layer; that boundary is a split whose activations travel to
+the next tier.
 
-Device tier layers are binary (eBNN style):
-  fconv   uint8 input x scale, binary weights: conv -> [max-pool] -> BN -> sign
+Binary tiers (eBNN style) come first:
+  fconv   uint8 input x scale, binary weights: conv -> [max-pool] -> BN -> sign (first layer of the model)
   bconv   binary input and weights:           conv -> [max-pool] -> BN -> sign
   blinear binary input and weights:           linear -> BN -> sign
-and its exit is ``bexit`` (binary linear -> BN -> softmax).
-Server tier layers are float: ``conv`` (conv -> [BN] -> [ReLU] -> [max-pool]) and
-``linear`` (linear -> [BN] -> [ReLU]); its exit is ``linear``.
+and end in a ``bexit`` (binary linear -> BN -> softmax). Float tiers follow: ``conv`` (conv -> [BN] ->
+[ReLU] -> [max-pool]) and ``linear`` (linear -> [BN] -> [ReLU]), ending in a ``linear`` exit.
+
+Version 1 files (exactly a device and a server tier, one ``threshold``) load unchanged: their content
+hashes, and so their wire identity, do not move.
 """
 
 from __future__ import annotations
@@ -30,17 +34,20 @@ from ddnn_gen.errors import SpecError
 from ddnn_gen.model.datasets import DATASETS
 
 SPEC_FORMAT = "ddnn-spec"
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_CLASSES = 1024
+MAX_TIERS = 8
 
-DEVICE_LAYERS = ("fconv", "bconv", "blinear")
-SERVER_LAYERS = ("conv", "linear")
-TIER_KINDS = ("device", "server")
+BINARY_LAYERS = ("fconv", "bconv", "blinear")
+FLOAT_LAYERS = ("conv", "linear")
+# Where a tier runs. Version 1 calls the last tier "server"; version 2 says "cloud".
+TIER_KINDS = ("device", "edge", "cloud", "server")
 
 # Every key a spec may hold, per object: a misspelt key ("kernel" for "ksize") is an error, not a default.
 _KEYS = {
-    "spec": {"format", "version", "name", "dataset", "input", "classes", "tiers", "threshold", "loss_weights",
-             "training"},
+    "spec": {"format", "version", "name", "dataset", "input", "classes", "tiers", "threshold", "thresholds",
+             "loss_weights", "training", "calibration"},
     "input": {"channels", "height", "width", "scale"},
     "tier": {"name", "kind", "layers", "exit"},
     "exit": {"name", "type"},
@@ -166,6 +173,11 @@ class Tier:
     exit_name: str
     exit_type: str
 
+    @property
+    def binary(self) -> bool:
+        """Binarized (+-1 activations and weights, foldable into integer form) rather than float."""
+        return self.exit_type == "bexit"
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -188,7 +200,7 @@ class ModelSpec:
     input: InputSpec
     classes: tuple[str, ...]
     tiers: tuple[Tier, ...]
-    threshold: float = 0.5
+    thresholds: tuple[float, ...] = (0.5,)  # one per early exit (every tier but the last)
     loss_weights: tuple[float, ...] = ()
     dataset: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -203,7 +215,26 @@ class ModelSpec:
 
     @property
     def server(self) -> Tier:
+        """The last tier (the cloud): its exit is the final answer."""
         return self.tiers[-1]
+
+    @property
+    def threshold(self) -> float:
+        """The device's (first) early exit threshold; 0.0 for a one-tier (cloud-only) model."""
+        return self.thresholds[0] if self.thresholds else 0.0
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.tiers)
+
+    def split_layer(self, tier_index: int) -> int:
+        """Index of the first layer of tier ``tier_index`` in the whole network (= layers before it): the split
+        layer a request resuming there names on the wire."""
+        return sum(len(tier.layers) for tier in self.tiers[:tier_index])
+
+    def tier_output_shape(self, tier_index: int) -> tuple[int, ...]:
+        """Shape (C, H, W) or (F,) of what tier ``tier_index`` passes on (its exit reads it too)."""
+        return self.tier_shapes(tier_index)[-1]
 
     def tier_shapes(self, tier_index: int) -> list[tuple[int, ...]]:
         """Input shape of the tier followed by each layer's output shape."""
@@ -225,17 +256,41 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.raw)
 
-    def with_threshold(self, threshold: float) -> ModelSpec:
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """What each exit's threshold costs, measured on a validation split when the thresholds were
+        calibrated (model/evaluate.py calibration_curves); the threshold controller reads it."""
+        value = self.raw.get("calibration")
+        return copy.deepcopy(value) if isinstance(value, dict) else None
+
+    def with_calibration(self, calibration: dict[str, Any]) -> ModelSpec:
         raw = self.to_dict()
-        raw["threshold"] = float(threshold)
+        raw["calibration"] = calibration
+        return parse_spec(raw)
+
+    def with_threshold(self, threshold: float) -> ModelSpec:
+        """The same model with the device exit's threshold changed (the others kept)."""
+        return self.with_thresholds((float(threshold), *self.thresholds[1:]))
+
+    def with_thresholds(self, thresholds: tuple[float, ...] | list[float]) -> ModelSpec:
+        """The same model with one threshold per early exit."""
+        if len(thresholds) != len(self.thresholds):
+            raise SpecError(f"{self.name} has {len(self.thresholds)} early exits; got {len(thresholds)} thresholds")
+        raw = self.to_dict()
+        if raw.get("version") == 1:
+            raw["threshold"] = float(thresholds[0])
+        else:
+            raw["thresholds"] = [float(t) for t in thresholds]
         return parse_spec(raw)
 
     def identity_json(self) -> str:
-        """Canonical JSON of everything that defines the network (not the threshold,
-        which is an operating point and may change without changing the model)."""
+        """Canonical JSON of everything that defines the network (not the thresholds, which are operating
+        points and may change without changing the model)."""
         raw = self.to_dict()
         raw.pop("threshold", None)
+        raw.pop("thresholds", None)
         raw.pop("training", None)
+        raw.pop("calibration", None)
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     def identity_hash(self) -> str:
@@ -288,8 +343,8 @@ def _parse_layer(obj: Any, where: str, allowed: tuple[str, ...]) -> Layer:
     else:
         ksize, stride, pad, pool = 0, 1, 0, None
     bn = bool(obj.get("bn", True))
-    relu = bool(obj.get("relu", kind in SERVER_LAYERS))
-    if kind in DEVICE_LAYERS and not bn:
+    relu = bool(obj.get("relu", kind in FLOAT_LAYERS))
+    if kind in BINARY_LAYERS and not bn:
         raise SpecError(f"{where}: binary layers always end in BN + sign ('bn' cannot be false)")
     return Layer(name, kind, out, ksize, stride, pad, pool, bn, relu)
 
@@ -310,6 +365,98 @@ def _check_shapes(spec: ModelSpec) -> None:
             shape = new_shape
 
 
+def _parse_tier(tier_raw: Any, index: int, kind: str, binary: bool, names: set[str]) -> Tier:
+    where = f"tier {index} ({kind})"
+    _check_keys(tier_raw, "tier", where)
+    layers_raw = tier_raw.get("layers")
+    if not isinstance(layers_raw, list):
+        raise SpecError(f"{where}: 'layers' must be a list")
+    allowed = BINARY_LAYERS if binary else FLOAT_LAYERS
+    layers = tuple(_parse_layer(obj, f"{where} layer {i}", allowed) for i, obj in enumerate(layers_raw))
+    for layer in layers:
+        if layer.name in names:
+            raise SpecError(f"layer name {layer.name!r} is used twice")
+        names.add(layer.name)
+    exit_raw = tier_raw.get("exit", {})
+    if not isinstance(exit_raw, dict):
+        raise SpecError(f"{where}: 'exit' must be an object like {{\"name\": \"local\"}}")
+    _check_keys(exit_raw, "exit", f"{where} exit")
+    expected_exit = "bexit" if binary else "linear"
+    exit_type = exit_raw.get("type", expected_exit)
+    if exit_type != expected_exit:
+        raise SpecError(f"{where}: a {'binary' if binary else 'float'} tier ends in a {expected_exit!r} exit, "
+                        f"not {exit_type!r}")
+    default_name = {"device": "local", "edge": f"edge{index}"}.get(kind, "final")
+    tier_name = check_identifier(tier_raw.get("name", kind), where)
+    exit_name = check_identifier(exit_raw.get("name", default_name), f"{where} exit")
+    if exit_name in names:
+        raise SpecError(f"exit name {exit_name!r} is also a layer or exit name")
+    names.add(exit_name)
+    return Tier(tier_name, kind, layers, exit_name, exit_type)
+
+
+def _tier_is_binary(tier_raw: dict[str, Any]) -> bool:
+    """A tier is binary when its layers (or, without layers, its exit) are: the first layer's type decides,
+    and _parse_tier then insists that every layer agrees."""
+    layers = tier_raw.get("layers")
+    if isinstance(layers, list) and layers and isinstance(layers[0], dict):
+        return layers[0].get("type") in BINARY_LAYERS
+    exit_raw = tier_raw.get("exit")
+    return isinstance(exit_raw, dict) and exit_raw.get("type") == "bexit"
+
+
+def _parse_tiers(tiers_raw: Any, version: int) -> tuple[list[Tier], set[str]]:
+    if version == 1:
+        if not isinstance(tiers_raw, list) or len(tiers_raw) != 2:
+            raise SpecError("a version 1 spec lists exactly two tiers (device, then server)")
+    elif not isinstance(tiers_raw, list) or not 1 <= len(tiers_raw) <= MAX_TIERS:
+        raise SpecError(f"spec 'tiers' must list 1..{MAX_TIERS} tiers (device, edge..., cloud)")
+    tiers: list[Tier] = []
+    names: set[str] = set()
+    last = len(tiers_raw) - 1
+    for index, tier_raw in enumerate(tiers_raw):
+        if not isinstance(tier_raw, dict):
+            raise SpecError(f"tier {index} must be an object")
+        kind = tier_raw.get("kind")
+        if version == 1:
+            expected = ("device", "server")[index]
+        else:
+            expected = "cloud" if index == last else ("device" if index == 0 else "edge")
+        if kind != expected:
+            raise SpecError(f"tier {index} must have kind {expected!r} (device first, edge tiers between, the cloud "
+                            f"last), got {kind!r}")
+        binary = True if version == 1 and index == 0 else (False if version == 1 else _tier_is_binary(tier_raw))
+        if binary and tiers and not tiers[-1].binary:
+            raise SpecError(f"tier {index}: a binary tier cannot follow a float one (binary tiers come first)")
+        if binary and index == last and last > 0:
+            raise SpecError(f"tier {index}: the last tier gives the final answer with a float 'linear' exit")
+        tiers.append(_parse_tier(tier_raw, index, kind, binary, names))
+    for index, tier in enumerate(tiers):
+        if not tier.layers and index < last:
+            raise SpecError(f"tier {index} ({tier.name}) has no layers; only the last tier may be an exit alone")
+        if not tier.binary:
+            continue
+        first_is_fconv = bool(tier.layers) and tier.layers[0].type == "fconv"
+        if index == 0 and not first_is_fconv:
+            raise SpecError("the device tier must start with an 'fconv' layer (it reads the raw 8-bit input)")
+        if any(layer.type == "fconv" for layer in tier.layers[1:]) or (index > 0 and first_is_fconv):
+            raise SpecError("only the first layer of the device tier may be 'fconv'")
+    return tiers, names
+
+
+def _parse_thresholds(raw: dict[str, Any], version: int, n_early: int) -> tuple[float, ...]:
+    if version == 1:
+        if "thresholds" in raw:
+            raise SpecError("a version 1 spec has one 'threshold'; 'thresholds' needs version 2")
+        return (check_threshold(raw.get("threshold", 0.5), "'threshold'"),)
+    if "threshold" in raw:
+        raise SpecError("a version 2 spec lists 'thresholds', one per early exit (every tier but the last)")
+    values = raw.get("thresholds", [0.5] * n_early)
+    if not isinstance(values, list) or len(values) != n_early:
+        raise SpecError(f"'thresholds' must list one threshold per early exit ({n_early})")
+    return tuple(check_threshold(value, f"thresholds[{i}]") for i, value in enumerate(values))
+
+
 def parse_spec(raw: Any) -> ModelSpec:
     """Validate a spec dict (as read from JSON) and build a ModelSpec."""
     if not isinstance(raw, dict):
@@ -317,8 +464,9 @@ def parse_spec(raw: Any) -> ModelSpec:
     if raw.get("format") != SPEC_FORMAT:
         raise SpecError(f"not a ddnn model spec: 'format' must be {SPEC_FORMAT!r}")
     version = raw.get("version")
-    if version != SPEC_VERSION:
-        raise SpecError(f"spec version {version!r} is not supported by this ddnngen (supports {SPEC_VERSION})")
+    if version not in SUPPORTED_VERSIONS:
+        raise SpecError(f"spec version {version!r} is not supported by this ddnngen (supports "
+                        f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     _check_keys(raw, "spec", "spec")
     name = check_identifier(raw.get("name"), "spec")
     inp = raw.get("input")
@@ -335,55 +483,17 @@ def parse_spec(raw: Any) -> ModelSpec:
     dataset = raw.get("dataset", "")
     if not isinstance(dataset, str) or (dataset and dataset not in DATASETS):
         raise SpecError(f"spec 'dataset' must be one of {', '.join(DATASETS)} (or absent), got {dataset!r}")
-    tiers_raw = raw.get("tiers")
-    if not isinstance(tiers_raw, list) or len(tiers_raw) != 2:
-        raise SpecError("spec 'tiers' must list exactly two tiers (device, then server) in this version")
-    tiers: list[Tier] = []
-    names: set[str] = set()
-    for index, tier_raw in enumerate(tiers_raw):
-        expected_kind = TIER_KINDS[index]
-        if not isinstance(tier_raw, dict) or tier_raw.get("kind") != expected_kind:
-            raise SpecError(f"tier {index} must be an object with kind {expected_kind!r}")
-        _check_keys(tier_raw, "tier", f"tier {expected_kind}")
-        allowed = DEVICE_LAYERS if expected_kind == "device" else SERVER_LAYERS
-        layers_raw = tier_raw.get("layers")
-        if not isinstance(layers_raw, list):
-            raise SpecError(f"tier {index}: 'layers' must be a list")
-        layers = tuple(_parse_layer(obj, f"tier {expected_kind} layer {i}", allowed)
-                       for i, obj in enumerate(layers_raw))
-        for layer in layers:
-            if layer.name in names:
-                raise SpecError(f"layer name {layer.name!r} is used twice")
-            names.add(layer.name)
-        exit_raw = tier_raw.get("exit", {})
-        if not isinstance(exit_raw, dict):
-            raise SpecError(f"tier {expected_kind}: 'exit' must be an object like {{\"name\": \"local\"}}")
-        _check_keys(exit_raw, "exit", f"tier {expected_kind} exit")
-        exit_type = exit_raw.get("type", "bexit" if expected_kind == "device" else "linear")
-        if exit_type != ("bexit" if expected_kind == "device" else "linear"):
-            raise SpecError(f"tier {expected_kind}: unsupported exit type {exit_type!r}")
-        tier_name = check_identifier(tier_raw.get("name", expected_kind), f"tier {expected_kind}")
-        exit_name = check_identifier(exit_raw.get("name", "local" if expected_kind == "device" else "final"),
-                                     f"tier {expected_kind} exit")
-        if exit_name in names:
-            raise SpecError(f"exit name {exit_name!r} is also a layer name")
-        names.add(exit_name)
-        tiers.append(Tier(tier_name, expected_kind, layers, exit_name, exit_type))
-    device = tiers[0]
-    if not device.layers or device.layers[0].type != "fconv":
-        raise SpecError("the device tier must start with an 'fconv' layer (it reads the raw 8-bit input)")
-    if any(layer.type == "fconv" for layer in device.layers[1:]):
-        raise SpecError("only the first device layer may be 'fconv'")
+    tiers, names = _parse_tiers(raw.get("tiers"), version)
     upper = [n.upper() for n in names]
     if len(set(upper)) != len(upper):
         raise SpecError(f"layer and exit names {', '.join(sorted(names))} clash once upper-cased (generated C "
                         "macros are upper case); rename them")
-    threshold = check_threshold(raw.get("threshold", 0.5), "'threshold'")
+    thresholds = _parse_thresholds(raw, version, len(tiers) - 1)
     weights = raw.get("loss_weights", [1.0] * len(tiers))
     if (not isinstance(weights, list) or len(weights) != len(tiers)
-            or not all(isinstance(w, (int, float)) and w >= 0 for w in weights)):
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
         raise SpecError(f"'loss_weights' must list one non-negative weight per tier ({len(tiers)})")
-    spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), threshold,
+    spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), thresholds,
                      tuple(float(w) for w in weights), dataset, copy.deepcopy(raw))
     _check_shapes(spec)
     return spec

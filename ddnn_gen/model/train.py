@@ -21,7 +21,7 @@ from ddnn_gen.errors import ModelFileError
 from ddnn_gen.model.datasets import Dataset
 from ddnn_gen.model.links import clip_binary_weights, input_to_float
 from ddnn_gen.model.modelfile import load_model, save_model
-from ddnn_gen.model.network import DDNN, predict, softmax_cross_entropy_joint
+from ddnn_gen.model.network import DDNN, predict_exits, softmax_cross_entropy_joint
 from ddnn_gen.model.spec import ModelSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, smoke runs)
     progress: bool = True
     lr_decay_epochs: tuple[int, ...] = ()
+    augment: tuple[str, ...] = ()  # "crop:P" (pad by P pixels, crop back at random), "flip" (horizontal)
 
 
 @dataclass
@@ -85,6 +86,40 @@ class _Progress:
             self._bar.close()
 
 
+AUGMENTATIONS = ("crop:P", "flip")
+
+
+def parse_augment(text: str) -> tuple[str, ...]:
+    """``crop:4,flip`` -> ("crop:4", "flip"); ValueError naming the choices otherwise."""
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    for part in parts:
+        name, _, value = part.partition(":")
+        if part == "flip" or (name == "crop" and value.isdigit() and 0 < int(value) <= 16):
+            continue
+        raise ValueError(f"unknown augmentation {part!r}; choose from {', '.join(AUGMENTATIONS)} (P in 1..16)")
+    return parts
+
+
+def augment_batch(images: np.ndarray, augment: tuple[str, ...], rng: np.random.RandomState) -> np.ndarray:
+    """Random crops of zero-padded images and horizontal flips, on uint8 (N, C, H, W): training only."""
+    out = images
+    for part in augment:
+        if part == "flip":
+            flip = rng.random_sample(len(out)) < 0.5
+            out = np.where(flip[:, None, None, None], out[..., ::-1], out)
+        else:
+            pad = int(part.partition(":")[2])
+            n, _, height, width = out.shape
+            padded = np.pad(out, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+            top = rng.randint(0, 2 * pad + 1, n)
+            left = rng.randint(0, 2 * pad + 1, n)
+            rows = top[:, None] + np.arange(height)[None, :]
+            cols = left[:, None] + np.arange(width)[None, :]
+            out = padded[np.arange(n)[:, None, None, None], np.arange(out.shape[1])[None, :, None, None],
+                         rows[:, None, :, None], cols[:, None, None, :]]
+    return np.ascontiguousarray(out)
+
+
 def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | None = None,
           resume: bool = False, val_set: Dataset | None = None) -> TrainResult:
     np.random.seed(config.seed)
@@ -109,7 +144,8 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         chainer.serializers.load_npz(str(optimizer_path(out)), optimizer, path="optimizer/")
         # Adam's rate is a hyper-parameter, not saved state: replay the decays already passed.
         optimizer.alpha *= 0.1 ** sum(1 for decay in config.lr_decay_epochs if decay < start_epoch)
-    x_all = input_to_float(train_set.images, spec.input.scale)
+    # Without augmentation the float input is made once; with it, per batch from the augmented pixels.
+    x_all = None if config.augment else input_to_float(train_set.images, spec.input.scale)
     t_all = train_set.labels.astype(np.int32)
     n = len(t_all)
     rng = np.random.RandomState(config.seed + start_epoch)
@@ -120,6 +156,8 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         if epoch in config.lr_decay_epochs:
             optimizer.alpha *= 0.1
         order = rng.permutation(n)
+        # Seeded by the epoch alone: a run resumed at this epoch draws the same crops and flips.
+        augment_rng = np.random.RandomState(config.seed + 7919 * (epoch + 1))
         batches = range(0, n, config.batch_size)
         progress = _Progress(config.progress, batches, f"epoch {epoch + 1}/{config.epochs}")
         total_loss = 0.0
@@ -128,7 +166,9 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         with chainer.using_config("train", True):
             for done, begin_index in enumerate(batches, 1):
                 index = order[begin_index:begin_index + config.batch_size]
-                loss, logits = softmax_cross_entropy_joint(model, x_all[index], t_all[index], weights)
+                x = (x_all[index] if x_all is not None else input_to_float(
+                    augment_batch(train_set.images[index], config.augment, augment_rng), spec.input.scale))
+                loss, logits = softmax_cross_entropy_joint(model, x, t_all[index], weights)
                 model.cleargrads()
                 loss.backward()
                 optimizer.update()
@@ -145,9 +185,8 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         record = {"epoch": epoch + 1, "loss": total_loss / seen,
                   **{f"train_acc_{t.exit_name}": correct[i] / seen for i, t in enumerate(spec.tiers)}}
         if val_set is not None:
-            local, final = predict(model, val_set.images)
-            record["val_acc_local"] = float((local.argmax(1) == val_set.labels).mean())
-            record["val_acc_final"] = float((final.argmax(1) == val_set.labels).mean())
+            for tier, exit_logits in zip(spec.tiers, predict_exits(model, val_set.images)):
+                record[f"val_acc_{tier.exit_name}"] = float((exit_logits.argmax(1) == val_set.labels).mean())
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if out is not None:

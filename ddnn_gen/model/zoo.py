@@ -1,4 +1,5 @@
-"""Model zoo: the adaptive-DDNN paper's CIFAR-10 families and a 28x28 family for MNIST-like data.
+"""Model zoo: the adaptive-DDNN paper's CIFAR-10 families, a 28x28 family for MNIST-like data, and
+three-tier (device, edge, cloud) families for Fashion-MNIST and CIFAR-10.
 
 Every builder returns a raw spec dict (see ``spec.parse_spec``); ``filters`` scales the
 device part, as in the paper's deep-16/32/64 variants.
@@ -15,8 +16,12 @@ from ddnn_gen.model.spec import SPEC_FORMAT, SPEC_VERSION, parse_spec
 Raw = dict[str, Any]
 
 
-def _spec(name: str, dataset: str, channels: int, size: int, device: list[Raw], server: list[Raw],
-          threshold: float) -> Raw:
+def _tier(name: str, kind: str, layers: list[Raw], exit_name: str, binary: bool) -> Raw:
+    return {"name": name, "kind": kind, "layers": layers,
+            "exit": {"name": exit_name, "type": "bexit" if binary else "linear"}}
+
+
+def _spec(name: str, dataset: str, channels: int, size: int, tiers: list[Raw], thresholds: list[float]) -> Raw:
     raw: Raw = {
         "format": SPEC_FORMAT,
         "version": SPEC_VERSION,
@@ -24,15 +29,19 @@ def _spec(name: str, dataset: str, channels: int, size: int, device: list[Raw], 
         "dataset": dataset,
         "input": {"channels": channels, "height": size, "width": size, "scale": 1.0 / 256.0},
         "classes": list(CLASS_NAMES[dataset]),
-        "tiers": [
-            {"name": "device", "kind": "device", "layers": device, "exit": {"name": "local", "type": "bexit"}},
-            {"name": "server", "kind": "server", "layers": server, "exit": {"name": "final", "type": "linear"}},
-        ],
-        "threshold": threshold,
-        "loss_weights": [1.0, 1.0],
+        "tiers": tiers,
+        "thresholds": thresholds,
+        "loss_weights": [1.0] * len(tiers),
     }
     parse_spec(raw)  # a zoo entry must always be valid
     return raw
+
+
+def _two_tier(name: str, dataset: str, channels: int, size: int, device: list[Raw], cloud: list[Raw],
+              threshold: float) -> Raw:
+    """Configuration (b): device + cloud."""
+    return _spec(name, dataset, channels, size, [_tier("device", "device", device, "local", True),
+                                                 _tier("cloud", "cloud", cloud, "final", False)], [threshold])
 
 
 def _conv(name: str, kind: str, out: int, ksize: int = 3, pad: int = 1, pool: Raw | None = None) -> Raw:
@@ -50,14 +59,14 @@ def cifar10_shallow(filters: int = 64) -> Raw:
     """Device: FConv + BConv, local exit BLinear. Server: two float conv blocks + linear."""
     device = [_conv("conv1", "fconv", filters, pool=POOL_3_1_1), _conv("conv2", "bconv", filters, pool=POOL_2)]
     server = [_conv("sconv1", "conv", 64, pool=POOL_2), _conv("sconv2", "conv", 64, pool=POOL_2)]
-    return _spec(f"cifar10_shallow_{filters}", "cifar10", 3, 32, device, server, 0.8)
+    return _two_tier(f"cifar10_shallow_{filters}", "cifar10", 3, 32, device, server, 0.8)
 
 
 def cifar10_deep(filters: int = 64) -> Raw:
     """Device: FConv only, local exit BLinear. Server: four conv3x3-64/BN/ReLU/max-pool 3-1-1 blocks + linear."""
     device = [_conv("conv1", "fconv", filters, pool=POOL_2)]
     server = [_conv(f"sconv{i}", "conv", 64, pool=POOL_3_1_1) for i in range(1, 5)]
-    return _spec(f"cifar10_deep_{filters}", "cifar10", 3, 32, device, server, 0.8)
+    return _two_tier(f"cifar10_deep_{filters}", "cifar10", 3, 32, device, server, 0.8)
 
 
 def mnist28(filters: int = 16, dataset: str = "mnist") -> Raw:
@@ -67,14 +76,57 @@ def mnist28(filters: int = 16, dataset: str = "mnist") -> Raw:
     server = [_conv("sconv1", "conv", 64), _conv("sconv2", "conv", 64, pool=POOL_2),
               {"name": "sfc1", "type": "linear", "out_channels": 128}]
     prefix = "fmnist" if dataset == "fashion-mnist" else "mnist"
-    return _spec(f"{prefix}_{filters}", dataset, 1, 28, device, server, 0.5)
+    return _two_tier(f"{prefix}_{filters}", dataset, 1, 28, device, server, 0.5)
+
+
+def _three_tier(name: str, dataset: str, channels: int, size: int, device: list[Raw], edge: list[Raw],
+                cloud: list[Raw], thresholds: list[float]) -> Raw:
+    """Configuration (d): device + edge + cloud, the device and edge binarized (the edge's layers run on a
+    gateway as XNOR-popcount kernels), the cloud float."""
+    return _spec(name, dataset, channels, size, [_tier("device", "device", device, "local", True),
+                                                 _tier("edge", "edge", edge, "edge", True),
+                                                 _tier("cloud", "cloud", cloud, "final", False)], thresholds)
+
+
+def fmnist28_3tier(filters: int = 32) -> Raw:
+    """Fashion-MNIST, 3 tiers. Device: FConv + BConv (7x7 split, 392 B). Edge: a wider BConv pooled to 3x3 and
+    its binary exit (144 B onward). Cloud: one float conv and a hidden linear layer."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", 2 * filters, pool=POOL_2)]
+    edge = [_conv("econv1", "bconv", 4 * filters, pool=POOL_2)]
+    cloud = [_conv("sconv1", "conv", 128), {"name": "sfc1", "type": "linear", "out_channels": 256}]
+    return _three_tier(f"fmnist3_{filters}", "fashion-mnist", 1, 28, device, edge, cloud, [0.3, 0.3])
+
+
+def cifar10_3tier(filters: int = 64) -> Raw:
+    """CIFAR-10, 3 tiers. Device: FConv 3->64 and BConv 64, each with a 2x2 pool (8x8 split, 512 B), so the
+    local exit sees two binary layers. Edge: a BConv 128 pooled to 4x4 and its binary exit (256 B onward).
+    Cloud: two float 3x3 convolutions at 4x4 (the second pooled) and a hidden linear layer: cheap per sample,
+    unlike four full-resolution ones."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", filters, pool=POOL_2)]
+    edge = [_conv("econv1", "bconv", 2 * filters, pool=POOL_2)]
+    cloud = [_conv("sconv1", "conv", 4 * filters), _conv("sconv2", "conv", 4 * filters, pool=POOL_2),
+             {"name": "sfc1", "type": "linear", "out_channels": 8 * filters}]
+    return _three_tier(f"cifar10_3tier_{filters}", "cifar10", 3, 32, device, edge, cloud, [0.5, 0.5])
+
+
+def cifar10_2tier(filters: int = 64) -> Raw:
+    """cifar10_3tier without its edge: the same device part, and a cloud that runs the edge's convolution
+    (float, as every cloud layer is) before the same cloud layers. Its two-tier counterpart for comparisons."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", filters, pool=POOL_2)]
+    cloud = [_conv("econv1", "conv", 2 * filters, pool=POOL_2), _conv("sconv1", "conv", 4 * filters),
+             _conv("sconv2", "conv", 4 * filters, pool=POOL_2),
+             {"name": "sfc1", "type": "linear", "out_channels": 8 * filters}]
+    return _two_tier(f"cifar10_2tier_{filters}", "cifar10", 3, 32, device, cloud, 0.5)
 
 
 ZOO: dict[str, Callable[..., Raw]] = {
     "cifar10_shallow": cifar10_shallow,
     "cifar10_deep": cifar10_deep,
+    "cifar10_2tier": cifar10_2tier,
+    "cifar10_3tier": cifar10_3tier,
     "mnist": lambda filters=16: mnist28(filters, "mnist"),
     "fashion-mnist": lambda filters=16: mnist28(filters, "fashion-mnist"),
+    "fashion-mnist-3tier": fmnist28_3tier,
 }
 
 

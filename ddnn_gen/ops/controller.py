@@ -1,0 +1,139 @@
+"""The load-driven threshold controller: keep the server load (or its p99) at the operator's target by
+moving a model's device-exit threshold along the model's calibration curve.
+
+The curve (stored by `ddnngen calibrate`, model/evaluate.py calibration_curves) says which share of samples
+leaves the device at each threshold, and the accuracy that buys. The controller corrects it with the share
+it observes (devices' counters), estimates the sample rate the devices offer, and picks the *lowest*
+threshold (most accurate) whose predicted server load stays under the target. Raising the threshold (more
+local exits, less load) happens at once when the load is over target; lowering it only when the lower one
+leaves a margin, and by a bounded step per interval: so a step in offered load settles in a bounded number
+of intervals without oscillating. In p99 mode the allowed load itself adapts (multiplicative decrease when
+the p99 is over target; additive increase, never far ahead of the load seen, when it is well under), and
+the same rule follows it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ddnn_gen.errors import DdnnError
+
+
+class ControlError(DdnnError):
+    """A model without a calibration curve, or a target that cannot be met."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One exit's cost curve: thresholds ascending, the share of samples sent on, the overall accuracy."""
+
+    thresholds: np.ndarray
+    onward: np.ndarray
+    accuracy: np.ndarray
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, object] | None, exit_index: int = 0) -> Curve:
+        if not calibration or "exits" not in calibration:
+            raise ControlError("the model has no calibration curve; run `ddnngen calibrate` on it first")
+        exits = calibration["exits"]
+        assert isinstance(exits, list)
+        entry = exits[exit_index]
+        return cls(np.asarray(entry["thresholds"], float), np.asarray(entry["onward_rate"], float),
+                   np.asarray(entry["overall_accuracy"], float))
+
+    def onward_at(self, threshold: float) -> float:
+        return float(np.interp(threshold, self.thresholds, self.onward))
+
+    def accuracy_at(self, threshold: float) -> float:
+        return float(np.interp(threshold, self.thresholds, self.accuracy))
+
+
+@dataclass
+class Observation:
+    """What one interval showed: samples the devices classified per second, the share they sent on, and the
+    server's p99 round trip (ms; NaN when unknown)."""
+
+    sample_rate: float
+    onward_share: float
+    p99_ms: float = math.nan
+
+
+@dataclass
+class Decision:
+    threshold: float
+    predicted_load: float  # requests/s the server gets at that threshold
+    allowed_load: float
+    expected_accuracy: float
+    reason: str
+
+
+@dataclass
+class ThresholdController:
+    curve: Curve
+    capacity: float  # requests/s the server sustains (measured)
+    threshold: float
+    t_min: float = 0.0
+    t_max: float = 1.0
+    max_load: float | None = 0.8  # share of capacity (load mode)
+    target_p99_ms: float | None = None  # p99 mode
+    margin: float = 0.1  # lower the threshold only if the load stays this far under the allowed load
+    max_step_down: float = 0.05  # per interval
+    smoothing: float = 0.5  # EWMA weight of a new observation
+    rate: float | None = None
+    correction: float = 1.0
+    allowed: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        if (self.max_load is None) == (self.target_p99_ms is None):
+            raise ControlError("give exactly one target: a share of capacity, or a p99 in ms")
+        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
+            raise ControlError(f"threshold bounds [{self.t_min}, {self.t_max}] are not within [0, 1]")
+        if self.capacity <= 0:
+            raise ControlError("the server capacity must be > 0 requests/s")
+        self.threshold = min(max(self.threshold, self.t_min), self.t_max)
+        self.allowed = (self.max_load if self.max_load is not None else 0.8) * self.capacity
+
+    def _predicted(self, threshold: float) -> float:
+        assert self.rate is not None
+        return self.rate * min(1.0, self.correction * self.curve.onward_at(threshold))
+
+    def update(self, seen: Observation) -> Decision:
+        weight = self.smoothing
+        self.rate = seen.sample_rate if self.rate is None else (1 - weight) * self.rate + weight * seen.sample_rate
+        expected = self.curve.onward_at(self.threshold)
+        if expected > 1e-3 and seen.sample_rate > 0:
+            ratio = min(2.0, max(0.5, seen.onward_share / expected))
+            self.correction = (1 - weight) * self.correction + weight * ratio
+        if self.target_p99_ms is not None and math.isfinite(seen.p99_ms):
+            load = seen.sample_rate * seen.onward_share
+            if seen.p99_ms > self.target_p99_ms:
+                self.allowed = max(0.1 * self.capacity, 0.8 * min(self.allowed, load))
+            elif seen.p99_ms < 0.75 * self.target_p99_ms:
+                # Grow the allowed load only a little ahead of the load actually seen, so the threshold comes
+                # down gradually and the p99 is watched on the way instead of overshot and cut back.
+                ceiling = min(self.capacity, 1.2 * load + 0.05 * self.capacity)
+                if self.allowed < ceiling:
+                    self.allowed = min(ceiling, self.allowed + 0.05 * self.capacity)
+        grid = self.curve.thresholds[(self.curve.thresholds >= self.t_min) & (self.curve.thresholds <= self.t_max)]
+        grid = np.unique(np.concatenate([grid, [self.t_min, self.t_max, self.threshold]]))
+        fits = [t for t in grid if self._predicted(float(t)) <= self.allowed]
+        wanted = float(min(fits)) if fits else self.t_max
+        now = self._predicted(self.threshold)
+        if now > self.allowed:
+            # Lowest threshold that fits is above the current one (the load only falls as it rises): go there.
+            self.threshold, reason = wanted, "over target: more local exits"
+        elif wanted < self.threshold:
+            roomy = [t for t in grid if t < self.threshold and self._predicted(float(t)) <= (1 - self.margin)
+                     * self.allowed]
+            if roomy:
+                self.threshold = max(float(min(roomy)), self.threshold - self.max_step_down)
+                reason = "room: more accuracy"
+            else:
+                reason = "holding (within the margin)"
+        else:
+            reason = "holding"
+        return Decision(self.threshold, self._predicted(self.threshold), self.allowed,
+                        self.curve.accuracy_at(self.threshold), reason)

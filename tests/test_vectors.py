@@ -1,0 +1,122 @@
+"""One table of vectors (tests/vectors/wire_and_text.json) run against both twins: the threshold text grammar
+(Python parse_threshold_text, C ddnn_threshold_parse), the device-id rule (valid_device_id,
+ddnn_device_id_valid) and the wire layouts (codec.encode_request vs ddnn_request_encode[_raw], codec.encode_reply
+decoded by ddnn_reply_decode). The C side runs through the cffi binding of the runtime (device/c_binding.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import require_tool
+
+from ddnn_gen.device.c_binding import CRuntime
+from ddnn_gen.errors import SpecError
+from ddnn_gen.model.spec import parse_threshold_text
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.codec import Packing, RequestHeader
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "wire_and_text.json").read_text(encoding="utf-8"))
+
+
+def _ids(key: str, field: str) -> list[str]:
+    return [repr(item[field]) for item in VECTORS[key]]
+
+
+@pytest.fixture(scope="module")
+def runtime() -> CRuntime:
+    require_tool("cc")
+    return CRuntime()
+
+
+def _python_threshold(raw: bytes) -> float | None:
+    try:
+        return parse_threshold_text(raw)
+    except SpecError:
+        return None
+
+
+@pytest.mark.parametrize("vector", VECTORS["threshold_text"], ids=_ids("threshold_text", "text"))
+def test_threshold_text(vector: dict[str, Any], runtime: CRuntime) -> None:
+    raw = vector["text"].encode("utf-8")
+    want = vector["value"]
+    for side, got in (("python", _python_threshold(raw)), ("c", runtime.threshold_parse(raw))):
+        if want is None:
+            assert got is None, f"{side} accepted {raw!r} as {got!r}"
+        else:
+            # Exactly the double strtod and float() both round to.
+            assert got is not None and got == want and math.copysign(1, got) == 1, (side, got)
+
+
+def test_threshold_table_covers_the_length_limit() -> None:
+    lengths = {len(item["text"].strip()): item["value"] is not None for item in VECTORS["threshold_text"]}
+    assert lengths[63] is True and lengths[64] is False
+
+
+@pytest.mark.parametrize("vector", VECTORS["device_id"], ids=_ids("device_id", "id"))
+def test_device_id_rule(vector: dict[str, Any], runtime: CRuntime) -> None:
+    raw = vector["id"].encode("utf-8")
+    assert topics.valid_device_id(raw) is vector["valid"]
+    assert topics.valid_device_id(vector["id"]) is vector["valid"]
+    assert runtime.device_id_valid(raw) is vector["valid"]
+
+
+def _header(vector: dict[str, Any]) -> RequestHeader:
+    return RequestHeader(bytes.fromhex(vector["model_hash"]), vector["split_layer"], vector["channels"],
+                         vector["height"], vector["width"], vector["request_id"], vector["device_id"],
+                         vector["device_time_us"], Packing[vector["packing"].upper()])
+
+
+@pytest.mark.parametrize("vector", VECTORS["requests"], ids=_ids("requests", "name"))
+def test_request_bytes(vector: dict[str, Any], runtime: CRuntime) -> None:
+    header = _header(vector)
+    raw = header.packing == Packing.RAW_U8
+    payload = np.array(vector["payload"], dtype=np.uint8 if raw else np.uint64)
+    python = codec.encode_request(header, payload)
+    args = (header.model_hash, header.channels, header.height, header.width, header.request_id, header.device_time_us,
+            header.device_id.encode())
+    c = (runtime.request_encode_raw(*args, payload) if raw
+         else runtime.request_encode(header.model_hash, header.split_layer, *args[1:], payload))
+    assert python.hex() == vector["hex"]
+    assert c is not None and c.hex() == vector["hex"]
+    decoded = codec.decode_request(c)
+    assert decoded.header == header
+    assert np.array_equal(decoded.payload.ravel(), payload)
+
+
+@pytest.mark.parametrize("vector", VECTORS["requests_refused"], ids=_ids("requests_refused", "name"))
+def test_requests_refused_by_both(vector: dict[str, Any], runtime: CRuntime) -> None:
+    words = np.zeros(1, dtype=np.uint64)
+    header = RequestHeader(bytes(16), 1, 64, 1, 1, 1, vector["device_id"])
+    with pytest.raises(ValueError):
+        codec.encode_request(header, words)
+    assert runtime.request_encode(bytes(16), 1, 64, 1, 1, 1, 0, vector["device_id"].encode(), words) is None
+    assert runtime.request_encode_raw(bytes(16), 1, 1, 1, 1, 0, vector["device_id"].encode(),
+                                      np.zeros(1, np.uint8)) is None
+
+
+@pytest.mark.parametrize("vector", VECTORS["replies"], ids=_ids("replies", "name"))
+def test_reply_bytes(vector: dict[str, Any], runtime: CRuntime) -> None:
+    reply = codec.Reply(vector["request_id"], codec.Status(vector["status"]), vector["class_id"],
+                        tuple((int(c), float(p)) for c, p in vector["top_k"]), vector["server_us"], vector["queue_us"],
+                        vector["message"])
+    data = codec.encode_reply(reply)
+    assert data.hex() == vector["hex"]
+    assert codec.decode_reply(data) == reply
+    decoded = runtime.reply_decode(data)
+    assert decoded is not None
+    assert decoded == {"request_id": reply.request_id, "status": int(reply.status), "class_id": reply.class_id,
+                       "server_us": reply.server_us, "queue_us": reply.queue_us, "top_k": list(reply.top_k),
+                       "message": reply.message}
+
+
+@pytest.mark.parametrize("vector", VECTORS["replies_rejected"], ids=_ids("replies_rejected", "name"))
+def test_replies_rejected_by_both(vector: dict[str, Any], runtime: CRuntime) -> None:
+    data = bytes.fromhex(vector["hex"])
+    with pytest.raises(codec.ProtocolError):
+        codec.decode_reply(data)
+    assert runtime.reply_decode(data) is None
