@@ -221,3 +221,15 @@ def test_reply_deadline_is_kept(net_device_bin: Path, fmnist_samples_file: Path,
     fallback = [float(r["t_total_us"]) for r in rows if r["source"] == "fallback"]
     assert len(fallback) >= N_SAMPLES - 5, stderr
     assert min(fallback) >= 30_000 and float(np.median(fallback)) < 45_000, (min(fallback), np.median(fallback))
+
+
+def test_secure_demo_equals_the_python_evaluation(fmnist_model_path: Path) -> None:
+    """`ddnngen demo --secure`: device and server log in as themselves on a TLS broker with the deployment."""
+    require_tool("mosquitto")
+    require_tool("openssl")
+    from ddnn_gen.bench.demo import run_demo
+
+    report = run_demo(fmnist_model_path, count=300, workers=1, timeout_ms=10000, secure=True)
+    assert report.samples == 300 and report.rates["fallback"] == 0 and report.rates["error"] == 0
+    assert report.overall_accuracy == report.expected_overall
+    assert report.t_comm_us < MAX_MEDIAN_COMM_US

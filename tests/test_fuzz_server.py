@@ -27,9 +27,9 @@ GOOD_EVERY = 20  # one good request among the fuzzer's own every 20
 WINDOW = 400  # requests the fuzzer keeps unanswered: below the server's queue, so no good one meets UNAVAILABLE
 GOOD_ID_BASE = 1 << 63  # good requests' ids; mutated ones are drawn below 2**62
 N_SAMPLES = 1000
-# Resident memory may grow while allocator pools and paho's buffers warm up; a leak of even 100 bytes per
-# request would add 10 MB over the run.
-RSS_GROWTH_LIMIT = 48 * 1024 * 1024
+# Resident memory may grow while allocator pools and paho's buffers warm up; a leak of 150 bytes per request
+# would add the limit over the 75 000 requests after warm-up.
+RSS_GROWTH_LIMIT = 12 * 1024 * 1024
 HOSTILE_IDS = [b"\x00abc", b"a\x01b", b"del\x7f", "x\u009f".encode(), "x\ufffe".encode(), b"\xff\xfe", b"a/b",
                b"cam+", b"#", b"", b"-flag", b"x" * 32, b"good"]
 
@@ -125,7 +125,7 @@ def test_100k_mutated_requests(secure: Broker, fmnist_expected: Expected, fmnist
     started = time.monotonic()
     try:
         beside.start()
-        rss_warm = 0
+        rss: list[int] = []  # every 10 000 requests
         for n in range(N_MUTATED + N_MUTATED // GOOD_EVERY):
             index = rng.randrange(N_SAMPLES)
             if n % GOOD_EVERY == GOOD_EVERY - 1:
@@ -142,12 +142,12 @@ def test_100k_mutated_requests(secure: Broker, fmnist_expected: Expected, fmnist
             while sent - received > WINDOW:
                 drain(30.0)
                 assert server.process is not None and server.process.poll() is None, server.output[-3000:]
-            if n == 10_000:
-                rss_warm = procstat.rss_bytes(server.process.pid)  # type: ignore[union-attr]
+            if n % 10_000 == 0:
+                rss.append(procstat.rss_bytes(server.process.pid))  # type: ignore[union-attr]
         deadline = time.monotonic() + 120
         while received < sent and time.monotonic() < deadline:
             drain(1.0)
-        rss_end = procstat.rss_bytes(server.process.pid)  # type: ignore[union-attr]
+        rss.append(procstat.rss_bytes(server.process.pid))  # type: ignore[union-attr]
         beside.join()
     finally:
         fuzzer.close()
@@ -161,10 +161,11 @@ def test_100k_mutated_requests(secure: Broker, fmnist_expected: Expected, fmnist
     assert not wrong, f"{len(wrong)} good requests got another class"
     report = bystander[0]
     assert report.count("server") == 3000 and report.duplicates == 0 and report.misrouted == 0
-    assert rss_end - rss_warm < RSS_GROWTH_LIMIT, (rss_warm, rss_end)
+    # After the first 30 000 requests (allocator pools, paho's buffers, the batch shapes seen) memory is flat.
+    assert rss[-1] - rss[3] < RSS_GROWTH_LIMIT, [value >> 20 for value in rss]
     # Bad requests are logged rate limited: a few lines per kind every 5 s, not one per request.
     assert len(server.lines) < 2000, len(server.lines)
-    print(f"fuzz: {sent} requests in {elapsed:.0f} s, rss {rss_warm >> 20} -> {rss_end >> 20} MiB, "
+    print(f"fuzz: {sent} requests in {elapsed:.0f} s, rss every 10k (MiB) {[value >> 20 for value in rss]}, "
           f"{len(server.lines)} log lines")
 
 
