@@ -152,6 +152,19 @@ def test_no_anonymous_no_plain_tcp_no_wrong_password_no_foreign_ca(secure: Broke
     SimDevice("devA", insecure, model_hash, timeout_s=1).start(timeout_s=5).stop()
 
 
+def test_server_options_that_do_not_fit_are_one_line_errors(fmnist_model_path: Path, tmp_path: Path) -> None:
+    from net_harness import SERVER_MAIN
+
+    missing = tmp_path / "missing.pem"
+    for args, message in ((["--ca-file", str(missing)], "need --broker"),
+                          (["--broker", "127.0.0.1:1", "--ca-file", str(missing)], "cannot read it"),
+                          (["--broker", "127.0.0.1:1", "--insecure"], "need TLS")):
+        result = subprocess.run([sys.executable, "-c", SERVER_MAIN, "--models", str(fmnist_model_path), *args],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "ready" not in result.stderr
+
+
 def test_server_with_a_devices_credentials_says_why_it_is_not_ready(secure: Broker,
                                                                      fmnist_model_path: Path) -> None:
     wrong = ServerProcess(secure.connection("devA"), fmnist_model_path, workers=1)
@@ -227,7 +240,7 @@ def test_device_a_cannot_read_impersonate_or_steer_device_b(secure: Broker, serv
 
 
 def test_operator_sets_thresholds_and_a_device_cannot(secure: Broker, fmnist_expected: Expected,
-                                                      fmnist_model_path: Path) -> None:
+                                                      fmnist_model_path: Path, tmp_path: Path) -> None:
     def threshold_set(user: str, value: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "ddnn_gen", "threshold", "set", str(fmnist_model_path), value,
                                "--device", "devB", *secure.connection(user).runner_args()],
@@ -238,6 +251,18 @@ def test_operator_sets_thresholds_and_a_device_cannot(secure: Broker, fmnist_exp
         refused = threshold_set("devA", "0.3")
         assert refused.returncode == 1 and "refused the publish" in refused.stderr and NOT_AUTHORIZED in refused.stderr
         assert "Traceback" not in refused.stderr
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("guess\n")
+        result = subprocess.run([sys.executable, "-m", "ddnn_gen", "threshold", "set", str(fmnist_model_path), "0.3",
+                                 *secure.connection("ops").as_user("ops", wrong).runner_args()],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "refused the connection" in result.stderr, result.stderr
+        for bad, message in ((["--insecure"], "need TLS"), (["--password-file", str(wrong)], "needs --username"),
+                             (["--cert", str(wrong)], "go together")):
+            result = subprocess.run([sys.executable, "-m", "ddnn_gen", "threshold", "set", str(fmnist_model_path),
+                                     "0.3", "--broker", secure.connection("ops").address, *bad],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, bad
         done = threshold_set("ops", "0.3")
         assert done.returncode == 0, done.stderr
         assert wait_for(lambda: device.threshold == 0.3, timeout_s=10)

@@ -39,18 +39,19 @@ def publish_retained(broker: BrokerConnection, topic: str, payload: bytes, timeo
     from ddnn_gen.wire import mqtt_client
 
     client = mqtt_client.Client("", broker)
-    acked = threading.Event()
+    connected, acked = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
-    def published(_client: object, _userdata: object, mid: int, reason_code: object, _properties: object) -> None:
-        outcome["reason"] = reason_code
+    def on_connect(_client: object, _userdata: object, _flags: object, reason_code: object, _props: object) -> None:
+        outcome["connack"] = reason_code
+        connected.set()
+
+    def on_publish(_client: object, _userdata: object, mid: int, reason_code: object, _properties: object) -> None:
+        outcome["puback"] = reason_code
         acked.set()
 
-    def connected(_client: object, _userdata: object, _flags: object, reason_code: object, _props: object) -> None:
-        outcome["connack"] = reason_code
-
-    client.on_publish = published
-    client.on_connect = connected
+    client.on_connect = on_connect
+    client.on_publish = on_publish
     try:
         client.connect(broker.host, broker.port, keepalive=10)
     except OSError as error:
@@ -58,15 +59,15 @@ def publish_retained(broker: BrokerConnection, topic: str, payload: bytes, timeo
             from error
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=1, retain=True)
+        if not connected.wait(timeout_s):
+            raise BrokerError(f"the broker at {broker.url} did not answer the connection within {timeout_s:.0f} s")
+        if getattr(outcome["connack"], "is_failure", False):
+            raise BrokerError(f"the broker at {broker.url} refused the connection: {outcome['connack']}")
+        client.publish(topic, payload, qos=1, retain=True)
         if not acked.wait(timeout_s):
-            why = outcome.get("connack")
-            raise BrokerError(f"the broker at {broker.url} did not acknowledge the publish within {timeout_s:.0f} s"
-                              + (f" (connection: {why})" if why is not None else ""))
-        reason = outcome["reason"]
-        if getattr(reason, "is_failure", False):
-            raise BrokerError(f"the broker at {broker.url} refused the publish on {topic}: {reason}")
-        del info
+            raise BrokerError(f"the broker at {broker.url} did not acknowledge the publish within {timeout_s:.0f} s")
+        if getattr(outcome["puback"], "is_failure", False):
+            raise BrokerError(f"the broker at {broker.url} refused the publish on {topic}: {outcome['puback']}")
     finally:
         client.disconnect()
         client.loop_stop()
