@@ -110,7 +110,7 @@ int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply)
     if (len < DDNN_REPLY_HEADER_BYTES || memcmp(data, "DDNR", 4) != 0 || data[4] != DDNN_PROTOCOL_VERSION)
         return -1;
     n_top = get_u16(data + 6);
-    message_len = get_u16(data + 28);
+    message_len = get_u16(data + 38);
     expected = DDNN_REPLY_HEADER_BYTES + 8 * n_top + message_len;
     if (len != expected)
         return -1;
@@ -119,6 +119,10 @@ int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply)
     reply->class_id = (int32_t)get_u32(data + 16);
     reply->server_us = get_u32(data + 20);
     reply->queue_us = get_u32(data + 24);
+    reply->upstream_us = get_u32(data + 28);
+    reply->upstream_server_us = get_u32(data + 32);
+    reply->answered_by = data[36];
+    reply->flags = data[37];
     reply->n_top = (uint16_t)(n_top < DDNN_REPLY_TOP_MAX ? n_top : DDNN_REPLY_TOP_MAX);
     for (i = 0; i < reply->n_top; ++i) {
         const uint8_t *entry = data + DDNN_REPLY_HEADER_BYTES + 8 * i;

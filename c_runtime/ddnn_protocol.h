@@ -12,9 +12,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define DDNN_PROTOCOL_VERSION 1
+/* 2: replies say which tier answered and how long the tiers above took. */
+#define DDNN_PROTOCOL_VERSION 2
 #define DDNN_REQUEST_HEADER_BYTES 88
-#define DDNN_REPLY_HEADER_BYTES 32
+#define DDNN_REPLY_HEADER_BYTES 40
+/* ddnn_reply.flags: a tier above did not answer in time, so the answering tier's own exit did. */
+#define DDNN_REPLY_FALLBACK 0x01
 #define DDNN_WIRE_HASH_BYTES 16
 #define DDNN_DEVICE_ID_MAX 32
 #define DDNN_PACKING_BITS_U64 1
@@ -50,7 +53,11 @@ typedef struct {
     uint64_t request_id;
     int status; /* enum ddnn_status */
     int32_t class_id;
-    uint32_t server_us, queue_us;
+    uint32_t server_us, queue_us;  /* the answering server's own compute, and its queue wait */
+    uint32_t upstream_us;          /* how long it waited for the tiers above (0 if it answered itself) */
+    uint32_t upstream_server_us;   /* their compute */
+    uint8_t answered_by;           /* index of the tier whose exit gave the class */
+    uint8_t flags;                 /* DDNN_REPLY_FALLBACK */
     uint16_t n_top;
     uint16_t top_class[DDNN_REPLY_TOP_MAX];
     float top_prob[DDNN_REPLY_TOP_MAX];

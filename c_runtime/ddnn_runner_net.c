@@ -35,7 +35,8 @@ static void usage(FILE *out, const ddnn_model *model)
             "  --broker HOST:PORT    MQTT broker (default 127.0.0.1:1883; port 8883 by default with TLS)\n"
             "  --timeout-ms N        wait at most N ms for a reply, then answer locally (default 1000)\n"
             "  -o FILE               CSV (default stdout): index,label,local_class,entropy,exit_local,final_class,\n"
-            "                        source,t_device_us,t_server_us,t_total_us,threshold\n"
+            "                        source,t_device_us,t_server_us,t_total_us,threshold,answered_by,\n"
+            "                        t_upstream_us,t_upstream_server_us,upstream_fallback\n"
             "  --threshold T         initial local-exit threshold (default %.17g); retained MQTT thresholds win\n"
             "  --pace-ms N           pause N ms between samples (demos, live threshold changes)\n"
             "  --connect-wait-ms N   wait up to N ms for the broker before the first sample (default 3000)\n"
@@ -176,13 +177,18 @@ int main(int argc, char **argv)
     }
     request_id = (ddnn_now_ns() << 8) | 1u; /* distinct across runs; never 0 */
 
+    /* answered_by: the tier whose exit gave final_class (0 = this device). t_server_us is the answering
+     * server's own compute; a server that asked the tiers above it (an edge) reports how long that took
+     * (t_upstream_us) and their compute (t_upstream_server_us), and upstream_fallback = 1 when they did
+     * not answer in time and its own exit answered. */
     fprintf(csv, "index,label,local_class,entropy,exit_local,final_class,source,t_device_us,t_server_us,t_total_us,"
-                 "threshold\n");
+                 "threshold,answered_by,t_upstream_us,t_upstream_server_us,upstream_fallback\n");
     while ((got = ddnn_samples_next(&samples, &label, pixels)) == 1) {
         const char *threshold_source;
         double previous = threshold;
         uint64_t start, device_done;
-        uint32_t server_us = 0;
+        uint32_t server_us = 0, upstream_us = 0, upstream_server_us = 0;
+        int answered_by = 0, upstream_fallback = 0;
         int32_t final_class;
         int source;
 
@@ -232,6 +238,10 @@ int main(int argc, char **argv)
                 source = 1;
                 final_class = reply.class_id;
                 server_us = reply.server_us;
+                upstream_us = reply.upstream_us;
+                upstream_server_us = reply.upstream_server_us;
+                answered_by = reply.answered_by;
+                upstream_fallback = (reply.flags & DDNN_REPLY_FALLBACK) != 0;
             } else {
                 if (net == DDNN_NET_OK) {
                     source = 3;
@@ -246,10 +256,11 @@ int main(int argc, char **argv)
             }
         }
         ++counts[source];
-        fprintf(csv, "%lu,%ld,%ld,%.17g,%d,%ld,%s,%.1f,%lu,%.1f,%.17g\n", (unsigned long)index, (long)label,
-                (long)result.class_id, result.entropy, result.exit_local, (long)final_class, source_names[source],
-                (double)(device_done - start) / 1e3, (unsigned long)server_us,
-                (double)(ddnn_now_ns() - start) / 1e3, threshold);
+        fprintf(csv, "%lu,%ld,%ld,%.17g,%d,%ld,%s,%.1f,%lu,%.1f,%.17g,%d,%lu,%lu,%d\n", (unsigned long)index,
+                (long)label, (long)result.class_id, result.entropy, result.exit_local, (long)final_class,
+                source_names[source], (double)(device_done - start) / 1e3, (unsigned long)server_us,
+                (double)(ddnn_now_ns() - start) / 1e3, threshold, answered_by, (unsigned long)upstream_us,
+                (unsigned long)upstream_server_us, upstream_fallback);
         ++index;
         if (pace_ms > 0)
             ddnn_sleep_ms(pace_ms);

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_gen.wire.connection import BrokerConnection
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job, QueueFull
+from ddnn_server.edge import Forward, Upstream
 from ddnn_server.log_limits import RateLimitedLog
 from ddnn_server.store import ModelStore, ServedModel
+from ddnn_server.thresholds import TierThresholds
 from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, Transport
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,10 @@ class ServerConfig:
     gpu: int | None = None
     max_queue: int = 1024  # requests waiting per model; beyond it the server answers UNAVAILABLE
     receive_maximum: int = RECEIVE_MAXIMUM  # MQTT 5: requests the broker may have in flight to this server
+    role: str = "cloud"  # or "edge": answer at the edge tier's exit when confident, else ask the tier above
+    from_tier: int | None = None  # cloud: the tier requests resume at (default: where they come from)
+    upstream: BrokerConnection | None = None  # edge: the broker of the tier above (default: the same broker)
+    upstream_timeout_ms: float = 1000.0
 
 
 @dataclass
@@ -56,7 +63,7 @@ class Server:
         self.config = config
         keep_freed_memory()
         if store is None:
-            store = ModelStore(gpu=config.gpu)
+            store = ModelStore(gpu=config.gpu, role=config.role, from_tier=config.from_tier)
             store.load_dir(config.models)
         self.store = store
         self.batcher = Batcher(config.max_batch, config.max_wait_ms, config.max_queue)
@@ -65,9 +72,18 @@ class Server:
         # anyway; naming it here keeps the status topic the one the broker's rules grant this server.
         client_id = (config.server_id or config.broker.username
                      or f"ddnn-srv-{os.getpid()}-{os.urandom(4).hex()}")
+        self.thresholds = TierThresholds()
+        edges = [model for model in store.models() if model.role == "edge"]
+        extra = [topic for model in edges for topic in TierThresholds.subscriptions(model.hash_bytes,
+                                                                                    model.entry_tier)]
         self.transport = Transport(config.broker, client_id, config.group,
-                                   [model.hash_bytes for model in store.models()], self._on_request, persistent,
-                                   config.session_expiry_s, config.receive_maximum)
+                                   [(model.hash_bytes, model.topic_tier) for model in store.models()],
+                                   self._on_request, persistent, config.session_expiry_s, extra,
+                                   self.thresholds.update if extra else None, config.receive_maximum)
+        self.upstream: Upstream | None = None
+        if edges:
+            self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
+                                     self._answer_forward)
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
                          for i in range(max(1, config.workers))]
         self.stats = {"ok": 0, "errors": 0, "dropped": 0, "busy": 0, "batches": 0}
@@ -77,6 +93,8 @@ class Server:
     def start(self) -> Server:
         for worker in self._workers:
             worker.start()
+        if self.upstream is not None:
+            self.upstream.start()
         self.transport.start()
         return self
 
@@ -91,20 +109,29 @@ class Server:
         self.batcher.close()
         for worker in self._workers:
             worker.join()
+        if self.upstream is not None:
+            # What the tier above still owes is waited for as long as a device would wait, then answered here.
+            self.upstream.drain(self.config.upstream_timeout_ms / 1000.0)
         self.transport.wait_replies_acked()
         self.transport.close()
+        if self.upstream is not None:
+            self.upstream.close()
         log.info("stopped after %d replies, %d errors, %d dropped, %d batches", self.stats["ok"],
                  self.stats["errors"], self.stats["dropped"], self.stats["batches"])
         if self.stats["busy"] or self.transport.unsent_replies:
             log.warning("%d requests answered UNAVAILABLE (queue full), %d replies not sent (outgoing queue full)",
                         self.stats["busy"], self.transport.unsent_replies)
+        if self.upstream is not None:
+            up = self.upstream.stats
+            log.info("edge: %d sent to the tier above, %d answered by it, %d answered here as fallback, %d late "
+                     "replies", up["forwarded"], up["answered"], up["fallback"], up["late"])
 
     # ---- request intake (network thread) -------------------------------------------------------------
 
     def _on_request(self, incoming: Incoming) -> None:
         data = incoming.payload
         routed = topics.parse_request_topic(incoming.topic)
-        if routed is None:
+        if routed is None or routed[2] != self._topic_tier(routed[0]):
             # No valid device id in the topic means no topic a reply could be addressed to: ack and count it,
             # so it is neither redelivered nor able to make the server publish where it should not.
             self._bad_requests.warning("dropped", "dropped request (%d bytes) on %r: the topic names no valid "
@@ -113,7 +140,7 @@ class Server:
             with self._stats_lock:
                 self.stats["dropped"] += 1
             return
-        topic_model, device_id = routed
+        topic_model, device_id, _ = routed
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
             header = codec.decode_request_header(data, self.config.max_request_bytes)
@@ -160,6 +187,46 @@ class Server:
             queue_us = [int((started - job.arrived) * 1e6) for job in batch]
             self._run_batch(works, started, queue_us)
 
+    def _topic_tier(self, model_key: str) -> int:
+        """The request tier this server takes for a model (0 when it does not serve it)."""
+        model = self.store.get(bytes.fromhex(model_key))
+        return model.topic_tier if model is not None else 0
+
+    def _top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities = _softmax(logits)
+        k = min(self.config.top_k, probabilities.shape[1])
+        top_classes = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return top_classes, np.take_along_axis(probabilities, top_classes, axis=1)
+
+    def _run_edge(self, works: list[_Work], indices: list[int], started: float, queue_us: list[int]) -> None:
+        """An edge's batch: its tier, its exit decision per request at the live threshold, and the
+        requests it is not confident about on to the tier above."""
+        model = works[indices[0]].model
+        assert model.edge_program is not None and self.upstream is not None
+        result = model.edge_forward([works[i].payload for i in indices])
+        server_us = int((time.monotonic() - started) * 1e6)
+        top_classes, top_probabilities = self._top_k(result.logits)
+        next_tier = model.entry_tier + 1
+        spec = model.loaded.spec
+        chw = spec.tier_output_shape(model.entry_tier)
+        chw3 = (chw[0], 1, 1) if len(chw) == 1 else (chw[0], chw[1], chw[2])
+        for row, i in enumerate(indices):
+            work = works[i]
+            threshold = self.thresholds.for_request(model.hash_bytes, model.entry_tier, work.device_id,
+                                                    model.edge_program.threshold)
+            top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
+            own = Reply(work.header.request_id, Status.OK, int(result.local_class[row]), top_k, server_us, queue_us[i],
+                        answered_by=model.entry_tier)
+            if bool(exit_decision(result.entropy[row:row + 1], threshold)[0]):
+                self._send(work.incoming, work.device_id, own, ok=True)
+                continue
+            self.upstream.forward(Forward(work, work.header.request_id, own), model.hash_bytes,
+                                  spec.split_layer(next_tier), chw3, result.split_words[row], next_tier)
+
+    def _answer_forward(self, forward: Forward, reply: Reply) -> None:
+        work: _Work = forward.context
+        self._send(work.incoming, work.device_id, reply, ok=True)
+
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)
         # One model per batch by construction; packings may differ (bits, float tooling, raw server-only input).
@@ -169,6 +236,9 @@ class Server:
         for packing, indices in groups.items():
             model = works[indices[0]].model
             try:
+                if model.edge_program is not None and packing == codec.Packing.BITS_U64:
+                    self._run_edge(works, indices, started, queue_us)
+                    continue
                 logits = model.logits([works[i].payload for i in indices], packing)
             except Exception:  # a model bug must cost this batch, not the server
                 log.exception("forward failed for %d requests of %s", len(indices), model.name)
@@ -178,14 +248,13 @@ class Server:
                                ok=False)
                 continue
             server_us = int((time.monotonic() - started) * 1e6)
-            probabilities = _softmax(logits)
-            k = min(self.config.top_k, probabilities.shape[1])
-            top_classes = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-            top_probabilities = np.take_along_axis(probabilities, top_classes, axis=1)
+            top_classes, top_probabilities = self._top_k(logits)
             final_classes = logits.argmax(axis=1).tolist()
+            last_tier = len(model.loaded.spec.tiers) - 1
             for row, i in enumerate(indices):
                 top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
-                reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i])
+                reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i],
+                              answered_by=last_tier)
                 self._send(works[i].incoming, works[i].device_id, reply, ok=True)
         with self._stats_lock:
             self.stats["batches"] += 1

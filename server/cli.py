@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -13,7 +14,7 @@ import click
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.broker import Broker
-from ddnn_gen.wire.connection import BrokerConnection, broker_options
+from ddnn_gen.wire.connection import DEFAULT_PORT, DEFAULT_TLS_PORT, BrokerConnection, broker_options, parse_address
 from ddnn_server.app import Server, ServerConfig
 from ddnn_server.transport import RECEIVE_MAXIMUM
 
@@ -56,12 +57,24 @@ def _name_option(what: str) -> object:
               help="Requests waiting per model; more are answered UNAVAILABLE (busy).")
 @click.option("--receive-maximum", default=RECEIVE_MAXIMUM, show_default=True, type=click.IntRange(1, 65535),
               help="MQTT 5 Receive Maximum: requests the broker may have in flight to this server.")
+@click.option("--role", type=click.Choice(["cloud", "edge"]), default="cloud", show_default=True,
+              help="cloud: run every tier from where requests resume to the final exit. edge: run the model's "
+                   "edge tier, answer at its exit when confident, send the rest on to the cloud (--upstream).")
+@click.option("--upstream", "upstream_address", default=None, metavar="HOST[:PORT]",
+              help="Edge: the broker the cloud listens on (default: this server's broker); reached with the same "
+                   "TLS settings and credentials.")
+@click.option("--upstream-timeout-ms", default=1000.0, show_default=True, type=click.FloatRange(1, 600000),
+              help="Edge: how long to wait for the cloud before answering with the edge's own exit (fallback).")
+@click.option("--from-tier", default=None, type=click.IntRange(1, 7),
+              help="Cloud: the tier requests resume at (default: after the device for two-tier models, after the "
+                   "last edge tier for deeper ones; 1 when a deeper model runs without an edge).")
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
-         receive_maximum: int, gpu: int | None, verbose: int) -> None:
+         receive_maximum: int, role: str, upstream_address: str | None, upstream_timeout_ms: float,
+         from_tier: int | None, gpu: int | None, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -71,9 +84,16 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
             private = Broker().start()
             click.echo(f"ddnn-server: started private mosquitto at {private.address}", err=True)
             broker = private.connection()
+        if role != "edge" and upstream_address:
+            raise click.BadParameter("only an edge has a tier above to send to", param_hint="--upstream")
+        upstream = None
+        if upstream_address:
+            host, port = parse_address(upstream_address, DEFAULT_TLS_PORT if broker.tls else DEFAULT_PORT)
+            upstream = dataclasses.replace(broker, host=host, port=port)
         config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
                               session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
-                              receive_maximum=receive_maximum)
+                              receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
+                              upstream_timeout_ms=upstream_timeout_ms)
         server = Server(config).start()
     except DdnnError as error:
         if private is not None:
@@ -86,7 +106,9 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
-    models = ", ".join(f"{m.name}={topics.model_key(m.hash_bytes)}" for m in server.store.models())
+    models = ", ".join(f"{m.name}={topics.model_key(m.hash_bytes)}" + ("" if m.role == "cloud" and m.entry_tier <= 1
+                                                                        else f" ({m.role}, tier {m.entry_tier})")
+                       for m in server.store.models())
     if not server.wait_ready(QUIET_CONNECT_S):
         problem = server.transport.connection_problem
         click.echo(f"ddnn-server: waiting for the broker at {broker.url}" + (f" ({problem})" if problem else "")

@@ -14,6 +14,7 @@ import chainer
 import numpy as np
 
 from ddnn_gen.errors import DdnnError, ModelFileError
+from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.fold.reference import split_to_server_input
 from ddnn_gen.model.modelfile import LoadedModel, load_model
@@ -23,12 +24,22 @@ from ddnn_gen.wire.topics import model_key
 log = logging.getLogger(__name__)
 
 
+ROLES = ("cloud", "edge")
+
+
 @dataclass
 class ServedModel:
-    """One loaded model plus what the server checks requests against."""
+    """One loaded model, the tier of it this server starts at, and what requests are checked against.
+
+    A cloud server runs every tier from ``entry_tier`` to the end (the final exit answers). An edge server
+    runs its binary tier ``entry_tier`` with the bitwise reference and answers at that tier's early exit when
+    it is confident; otherwise the tier's split goes on to the tiers above.
+    """
 
     loaded: LoadedModel
-    program: DeviceProgram
+    entry_tier: int
+    program: DeviceProgram | None  # the binary tier whose split arrives here (entry_tier - 1); None: float
+    edge_program: DeviceProgram | None = None  # an edge's own binary tier (entry_tier)
     xp: Any = np  # numpy, or cupy with --gpu
 
     @property
@@ -40,14 +51,28 @@ class ServedModel:
         return self.loaded.spec.name
 
     @property
+    def role(self) -> str:
+        return "edge" if self.edge_program is not None else "cloud"
+
+    @property
+    def topic_tier(self) -> int:
+        """The request topic's tier this server subscribes to (raw input to a cloud-only model: tier 1)."""
+        return max(1, self.entry_tier)
+
+    @property
     def split_layer(self) -> int:
-        """Index of the first server layer in the whole network == number of device layers."""
-        return len(self.loaded.spec.device.layers)
+        """Index of the first layer this server runs == the split layer requests must name."""
+        return self.loaded.spec.split_layer(self.entry_tier)
 
     @property
     def split_chw(self) -> tuple[int, int, int]:
-        height, width, channels = self.program.split_hwc
-        return channels, height, width
+        shape = self.loaded.spec.tier_output_shape(self.entry_tier - 1) if self.entry_tier else self.input_chw
+        return (shape[0], 1, 1) if len(shape) == 1 else (shape[0], shape[1], shape[2])
+
+    @property
+    def answering_tier(self) -> int:
+        """The tier whose exit answers what this server answers itself (an edge: its own; a cloud: the last)."""
+        return self.entry_tier if self.edge_program is not None else len(self.loaded.spec.tiers) - 1
 
     @property
     def input_chw(self) -> tuple[int, int, int]:
@@ -64,21 +89,31 @@ class ServedModel:
                                     f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
                                     header.request_id, header.device_id)
             return
+        if self.entry_tier == 0:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is cloud-only: it takes raw input only",
+                                header.request_id, header.device_id)
         channels, height, width = self.split_chw
         if header.split_layer != self.split_layer:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split layer {header.split_layer}, model {self.name} "
-                                f"splits at {self.split_layer}", header.request_id, header.device_id)
+                                f"resumes here at {self.split_layer}", header.request_id, header.device_id)
         if (header.channels, header.height, header.width) != (channels, height, width):
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split C/H/W {header.channels}/{header.height}/"
                                 f"{header.width}, model {self.name} sends {channels}/{height}/{width}",
                                 header.request_id, header.device_id)
+        # Float32 values are taken everywhere (tooling, and float tiers' outputs); bits only where the tier
+        # before is binary.
+        if header.packing == Packing.BITS_U64 and self.program is None:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"bit-packed payload, but model {self.name}'s tier "
+                                f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id,
+                                header.device_id)
 
     def server_input(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
-        """Stack one batch of payloads into the server tier's +-1 float32 input."""
+        """Stack one batch of payloads into the entry tier's float32 input (+-1 for a binary split)."""
         if packing == Packing.BITS_U64:
+            assert self.program is not None  # check() refused bits where the tier before is float
             return split_to_server_input(self.program, np.stack(payloads))
         values = np.stack(payloads).astype(np.float32)  # (N, H, W, C)
-        if len(self.loaded.spec.split_shape) == 1:
+        if len(self.loaded.spec.tier_output_shape(self.entry_tier - 1)) == 1:
             return values.reshape(len(values), -1)
         return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
 
@@ -88,8 +123,14 @@ class ServedModel:
             return self.forward_raw(np.stack(payloads))
         return self.forward(self.server_input(payloads, packing))
 
+    def edge_forward(self, payloads: list[np.ndarray]) -> reference.DeviceResult:
+        """An edge's tier on one batch of bit-packed splits: the bitwise reference, exactly what `ddnngen eval`
+        computes for this exit (its decision uses the live threshold, applied by the caller)."""
+        assert self.edge_program is not None
+        return reference.run_device(self.edge_program, np.stack(payloads), threshold=1.0)
+
     def forward_raw(self, images_hwc: np.ndarray) -> np.ndarray:
-        """Server-only: the whole Chainer model (device tier in test mode, then the server tier) on uint8
+        """Server-only: the whole Chainer model (device tier in test mode, then the rest) on uint8
         (N, H, W, C) images; the float device tier, not the bitwise one, as a server without the C device
         program would run it."""
         images = np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2))
@@ -98,10 +139,32 @@ class ServedModel:
         return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
 
     def forward(self, server_input: np.ndarray) -> np.ndarray:
-        """Final-exit logits (N, K) as float64 on the host, in Chainer test mode."""
+        """Final-exit logits (N, K) as float64 on the host, in Chainer test mode, resumed at the entry tier."""
         with _inference_config():
-            logits = self.loaded.model.server_forward(self.xp.asarray(server_input)).array
+            logits = self.loaded.model.resume_forward(self.xp.asarray(server_input), self.entry_tier).array
         return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
+
+
+def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None) -> ServedModel:
+    """What a server of ``role`` runs of ``loaded``. A cloud starts, by default, where requests come from:
+    after the device for a two-tier model, after the last edge for a deeper one (``from_tier`` overrides:
+    1 when no edge is deployed). An edge runs the first edge tier, which must be binary."""
+    spec = loaded.spec
+    last = len(spec.tiers) - 1
+    if role not in ROLES:
+        raise ModelFileError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if role == "edge":
+        if last < 2 or not spec.tiers[1].binary:
+            raise ModelFileError(f"{spec.name}: an edge runs a binary edge tier with an early exit; this model's "
+                                 f"tiers are {', '.join(t.kind for t in spec.tiers)}")
+        return ServedModel(loaded, 1, fold(loaded), fold(loaded, tier=1))
+    if last == 0:
+        return ServedModel(loaded, 0, None)
+    entry = from_tier if from_tier is not None else (1 if last == 1 else last)
+    if not 1 <= entry <= last:
+        raise ModelFileError(f"{spec.name}: --from-tier {entry} is not one of its server tiers 1..{last}")
+    previous = spec.tiers[entry - 1]
+    return ServedModel(loaded, entry, fold(loaded, tier=entry - 1) if previous.binary else None)
 
 
 @contextlib.contextmanager
@@ -117,14 +180,16 @@ def _inference_config() -> Iterator[None]:
 class ModelStore:
     """Loads every model file in a directory once; thread-safe lookups by wire hash."""
 
-    def __init__(self, gpu: int | None = None) -> None:
+    def __init__(self, gpu: int | None = None, role: str = "cloud", from_tier: int | None = None) -> None:
         self._models: dict[bytes, ServedModel] = {}
         self._lock = threading.Lock()
         self._gpu = gpu
+        self._role = role
+        self._from_tier = from_tier
 
     def add_file(self, path: str | Path) -> ServedModel:
         loaded = load_model(path)
-        served = ServedModel(loaded, fold(loaded))
+        served = serve(loaded, self._role, self._from_tier)
         if self._gpu is not None:
             served = _to_gpu(served, self._gpu)
         with self._lock:
@@ -133,8 +198,8 @@ class ModelStore:
                 log.info("%s has the same content hash as %s; serving it once", path, existing.loaded.path)
                 return existing
             self._models[loaded.hash_bytes] = served
-        log.info("serving %s (%s) hash %s split C/H/W %s", served.name, path, model_key(served.hash_bytes),
-                 "/".join(map(str, served.split_chw)))
+        log.info("serving %s (%s) hash %s as %s from tier %d, split C/H/W %s", served.name, path,
+                 model_key(served.hash_bytes), served.role, served.entry_tier, "/".join(map(str, served.split_chw)))
         return served
 
     def load_dir(self, directory: str | Path) -> list[ServedModel]:

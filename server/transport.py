@@ -50,12 +50,18 @@ class Incoming:
 
 
 class Transport:
-    def __init__(self, connection: BrokerConnection, client_id: str, group: str, model_hashes: Sequence[bytes],
+    def __init__(self, connection: BrokerConnection, client_id: str, group: str, served: Sequence[tuple[bytes, int]],
                  on_request: Callable[[Incoming], None], persistent: bool, session_expiry_s: int = 300,
-                 receive_maximum: int = RECEIVE_MAXIMUM, queued_replies: int = QUEUED_REPLIES) -> None:
+                 extra_subscriptions: Sequence[str] = (),
+                 on_other: Callable[[str, bytes], None] | None = None, receive_maximum: int = RECEIVE_MAXIMUM,
+                 queued_replies: int = QUEUED_REPLIES) -> None:
+        """``served``: (model hash, request topic tier) for every model. ``extra_subscriptions`` (retained
+        thresholds, say) are delivered to ``on_other`` instead of ``on_request``."""
         self.connection = connection
         self.client_id = topics.check_name(client_id, "server id")
-        self.subscriptions = [topics.request_subscription(model_hash, group) for model_hash in model_hashes]
+        self.subscriptions = [topics.request_subscription(model_hash, group, tier) for model_hash, tier in served]
+        self._extra = list(extra_subscriptions)
+        self._on_other = on_other
         self._on_request = on_request
         self._persistent = persistent
         self._session_expiry = session_expiry_s if persistent else 0
@@ -158,11 +164,12 @@ class Transport:
         log.info("connected to %s as %s (session present: %s)", self.connection.url, self.client_id,
                  flags.session_present)
         if self._taking_work:
-            client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions])
+            client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions + self._extra])
         client.publish(topics.server_status_topic(self.client_id), b"online", qos=1, retain=True)
 
     def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        refused = [(topic, str(code)) for topic, code in zip(self.subscriptions, reason_codes) if code.is_failure]
+        refused = [(topic, str(code)) for topic, code in zip(self.subscriptions + self._extra, reason_codes)
+                   if code.is_failure]
         if refused:
             self._refused = f"the broker refused the subscriptions {refused}"
             log.error("%s; this server receives no requests for them", self._refused)
@@ -188,6 +195,10 @@ class Transport:
             self._ack(*request)
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._on_other is not None and not message.topic.startswith(f"{topics.TOPIC_ROOT}/req/"):
+            self._on_other(message.topic, message.payload)
+            self._ack(message.mid, message.qos)
+            return
         incoming = Incoming(message.payload, message.topic, message.mid, message.qos)
         try:
             self._on_request(incoming)

@@ -28,7 +28,7 @@ def test_request_layout_is_fixed_little_endian() -> None:
     header = _header()
     data = codec.encode_request(header, _bits(33, 2, 3))
     assert codec.REQUEST_HEADER_BYTES == 88
-    assert data[:4] == b"DDNQ" and data[4] == 1 and data[5] == Packing.BITS_U64
+    assert data[:4] == b"DDNQ" and data[4] == 2 and data[5] == Packing.BITS_U64
     assert struct.unpack_from("<H", data, 6)[0] == 88
     assert data[8:24] == HASH
     assert struct.unpack_from("<HHHH", data, 24) == (2, 33, 2, 3)
@@ -102,7 +102,7 @@ def _expected_status(data: bytes) -> Status | None:
     channels, height, width = (int.from_bytes(data[i:i + 2], "little") for i in (26, 28, 30))
     words = int.from_bytes(data[48:52], "little")
     device_id = data[56:88].rstrip(b"\0")
-    if version != 1:
+    if version != 2:
         return Status.BAD_VERSION
     if header_len != 88 or packing not in (1, 2, 3) or not topics.valid_device_id(device_id):
         return Status.MALFORMED
@@ -175,8 +175,8 @@ def test_encode_rejects_wrong_payload_and_device_id() -> None:
 def test_reply_round_trip_and_layout() -> None:
     reply = Reply(42, Status.OK, 7, ((7, 0.75), (2, 0.125)), server_us=1500, queue_us=300)
     data = codec.encode_reply(reply)
-    assert data[:4] == b"DDNR" and len(data) == 32 + 2 * 8
-    assert struct.unpack_from("<BBHQiIIHH", data, 4) == (1, 0, 2, 42, 7, 1500, 300, 0, 0)
+    assert data[:4] == b"DDNR" and len(data) == 40 + 2 * 8
+    assert struct.unpack_from("<BBHQiIIIIBBH", data, 4) == (2, 0, 2, 42, 7, 1500, 300, 0, 0, 0, 0, 0)
     assert codec.decode_reply(data) == reply
     error = Reply(9, Status.UNKNOWN_MODEL, message="unknown model hash ab")
     assert codec.decode_reply(codec.encode_reply(error)) == error
@@ -187,10 +187,16 @@ def test_reply_round_trip_and_layout() -> None:
 def test_topics_and_thresholds() -> None:
     assert topics.request_topic(HASH, "cam-1") == "ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1"
     assert topics.request_subscription(HASH, "g") == "$share/g/ddnn/req/000102030405060708090a0b0c0d0e0f/+"
-    assert topics.parse_request_topic("ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1") == (HASH.hex(), "cam-1")
+    assert topics.parse_request_topic("ddnn/req/000102030405060708090a0b0c0d0e0f/cam-1") == (HASH.hex(), "cam-1", 1)
+    assert topics.request_topic(HASH, "edge-3", tier=2) == "ddnn/req/000102030405060708090a0b0c0d0e0f/edge-3/t2"
+    assert topics.parse_request_topic(topics.request_topic(HASH, "edge-3", tier=2)) == (HASH.hex(), "edge-3", 2)
+    assert topics.request_subscription(HASH, "g", tier=2) == "$share/g/ddnn/req/000102030405060708090a0b0c0d0e0f/+/t2"
+    assert (topics.tier_threshold_topic(HASH, 1, "cam-1")
+            == "ddnn/tier-threshold/000102030405060708090a0b0c0d0e0f/1/cam-1")
     prefix = "ddnn/req/000102030405060708090a0b0c0d0e0f"
     for bad in (prefix, "ddnn/req/0001/cam", "ddnn/reply/x/y", prefix + "/a b", prefix + "/" + "x" * 33,
-                prefix + "/cam/extra", prefix.upper() + "/cam"):
+                prefix + "/cam/extra", prefix.upper() + "/cam", prefix + "/cam/t1", prefix + "/cam/t9",
+                prefix + "/cam/t02x"):
         assert topics.parse_request_topic(bad) is None, bad
     assert topics.threshold_topic(HASH) == "ddnn/threshold/000102030405060708090a0b0c0d0e0f"
     assert topics.threshold_topic(HASH, "d7") == "ddnn/threshold/000102030405060708090a0b0c0d0e0f/d7"

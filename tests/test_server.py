@@ -95,7 +95,7 @@ def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Sta
          Status.NON_FINITE),
         ("random bytes", rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), Status.BAD_MAGIC),
         ("empty", b"", Status.BAD_MAGIC),
-        ("bad version", good[:4] + b"\x02" + good[5:], Status.BAD_VERSION),
+        ("bad version (a version-1 peer)", good[:4] + b"\x01" + good[5:], Status.BAD_VERSION),
         ("another device's id in the header", _with_header_device_id(good, b"someone-else"), Status.MALFORMED),
     ]
 

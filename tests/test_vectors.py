@@ -103,15 +103,17 @@ def test_requests_refused_by_both(vector: dict[str, Any], runtime: CRuntime) -> 
 def test_reply_bytes(vector: dict[str, Any], runtime: CRuntime) -> None:
     reply = codec.Reply(vector["request_id"], codec.Status(vector["status"]), vector["class_id"],
                         tuple((int(c), float(p)) for c, p in vector["top_k"]), vector["server_us"], vector["queue_us"],
-                        vector["message"])
+                        vector["message"], vector["upstream_us"], vector["upstream_server_us"], vector["answered_by"],
+                        vector["flags"])
     data = codec.encode_reply(reply)
     assert data.hex() == vector["hex"]
     assert codec.decode_reply(data) == reply
     decoded = runtime.reply_decode(data)
     assert decoded is not None
     assert decoded == {"request_id": reply.request_id, "status": int(reply.status), "class_id": reply.class_id,
-                       "server_us": reply.server_us, "queue_us": reply.queue_us, "top_k": list(reply.top_k),
-                       "message": reply.message}
+                       "server_us": reply.server_us, "queue_us": reply.queue_us, "upstream_us": reply.upstream_us,
+                       "upstream_server_us": reply.upstream_server_us, "answered_by": reply.answered_by,
+                       "flags": reply.flags, "top_k": list(reply.top_k), "message": reply.message}
 
 
 @pytest.mark.parametrize("vector", VECTORS["replies_rejected"], ids=_ids("replies_rejected", "name"))

@@ -75,7 +75,41 @@ def publish_retained(broker: BrokerConnection, topic: str, payload: bytes, timeo
 
 @click.group("threshold")
 def threshold_group() -> None:
-    """Change local-exit thresholds of running devices (retained MQTT messages)."""
+    """Change exit thresholds of running devices and edges (retained MQTT messages)."""
+
+
+_tier_option = click.option("--tier", default="device", show_default=True,
+                            help="Whose exit: the device's, or an edge tier's, by name or kind (edge) or index (1, "
+                                 "2, ... with a 32-hex model hash).")
+
+
+def threshold_topic_for(model: str, tier: str, device_id: str | None) -> str:
+    """The retained topic of MODEL's exit at ``tier`` (the device's by default), model-wide or one device's."""
+    model_hash = model_wire_hash(model)
+    if tier in ("device", "0"):
+        return topics.threshold_topic(model_hash, device_id)
+    if tier.isdigit():
+        index = int(tier)
+    else:
+        if not Path(model).exists():
+            raise click.BadParameter(f"{tier!r}: name tiers by index when MODEL is a wire hash", param_hint="--tier")
+        from ddnn_gen.model.modelfile import load_model
+
+        spec = load_model(model).spec
+        matches = [i for i, t in enumerate(spec.tiers) if tier in (t.name, t.kind)]
+        if not matches:
+            raise click.BadParameter(f"{spec.name} has no tier {tier!r}; its tiers: "
+                                     f"{', '.join(t.name for t in spec.tiers)}", param_hint="--tier")
+        index = matches[0]
+        if index >= len(spec.tiers) - 1:
+            raise click.BadParameter(f"tier {tier!r} is {spec.name}'s last: its exit is final, it has no threshold",
+                                     param_hint="--tier")
+    if index == 0:
+        return topics.threshold_topic(model_hash, device_id)
+    try:
+        return topics.tier_threshold_topic(model_hash, index, device_id)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--tier") from error
 
 
 # ignore_unknown_options: a negative VALUE such as -0.2 reaches the threshold check (and its message)
@@ -84,11 +118,12 @@ def threshold_group() -> None:
 @click.argument("model")
 @click.argument("value", type=THRESHOLD)
 @click.option("--device", "device_id", default=None, help="Only this device (default: every device of the model).")
+@_tier_option
 @broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
-def threshold_set(model: str, value: float, device_id: str | None, broker: BrokerConnection) -> None:
+def threshold_set(model: str, value: float, device_id: str | None, tier: str, broker: BrokerConnection) -> None:
     """Publish VALUE (a number in [0, 1]) as the retained threshold of MODEL (model file or 32-hex wire
-    hash); devices apply it between samples."""
-    topic = topics.threshold_topic(model_wire_hash(model), device_id)
+    hash); devices (or, with --tier, edges) apply it to the next samples."""
+    topic = threshold_topic_for(model, tier, device_id)
     payload = codec.encode_threshold(value)
     publish_retained(broker, topic, payload)
     click.echo(f"{topic} = {payload.decode()}")
@@ -97,10 +132,11 @@ def threshold_set(model: str, value: float, device_id: str | None, broker: Broke
 @threshold_group.command("clear")
 @click.argument("model")
 @click.option("--device", "device_id", default=None, help="Only this device's override.")
+@_tier_option
 @broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
-def threshold_clear(model: str, device_id: str | None, broker: BrokerConnection) -> None:
+def threshold_clear(model: str, device_id: str | None, tier: str, broker: BrokerConnection) -> None:
     """Remove a retained threshold: devices go back to the model-wide one or their built-in default."""
-    topic = topics.threshold_topic(model_wire_hash(model), device_id)
+    topic = threshold_topic_for(model, tier, device_id)
     publish_retained(broker, topic, b"")
     click.echo(f"{topic} cleared")
 

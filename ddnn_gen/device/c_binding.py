@@ -87,11 +87,13 @@ typedef struct {
     uint64_t request_id;
     int status;
     int32_t class_id;
-    uint32_t server_us, queue_us;
+    uint32_t server_us, queue_us, upstream_us, upstream_server_us;
+    uint8_t answered_by, flags;
     uint16_t n_top;
     uint16_t top_class[16];
     float top_prob[16];
     char message[256];
+    ...;
 } ddnn_reply;
 size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
                            size_t out_len);
@@ -376,5 +378,7 @@ class CRuntime:
             return None
         return {"request_id": int(reply.request_id), "status": int(reply.status), "class_id": int(reply.class_id),
                 "server_us": int(reply.server_us), "queue_us": int(reply.queue_us),
+                "upstream_us": int(reply.upstream_us), "upstream_server_us": int(reply.upstream_server_us),
+                "answered_by": int(reply.answered_by), "flags": int(reply.flags),
                 "top_k": [(int(reply.top_class[i]), float(reply.top_prob[i])) for i in range(reply.n_top)],
                 "message": self.ffi.string(reply.message).decode("utf-8", "replace")}

@@ -21,7 +21,8 @@ from ddnn_gen.wire.topics import DEVICE_ID_RULE, check_device_id, valid_device_i
 
 REQUEST_MAGIC = b"DDNQ"
 REPLY_MAGIC = b"DDNR"
-PROTOCOL_VERSION = 1
+# 2: replies say which tier's exit answered and how long the tiers above took (device -> edge -> cloud).
+PROTOCOL_VERSION = 2
 HASH_BYTES = 16
 
 # magic, version, packing, header_len, model hash, split layer, C, H, W, request id, device time (us),
@@ -29,10 +30,11 @@ HASH_BYTES = 16
 _REQUEST = struct.Struct("<4sBBH16sHHHHQQII32s")
 REQUEST_HEADER_BYTES = _REQUEST.size  # 88: the payload starts 8-byte aligned
 
-# magic, version, status, top-k count, request id, class, server compute us, queue wait us, message length,
-# reserved
-_REPLY = struct.Struct("<4sBBHQiIIHH")
-REPLY_HEADER_BYTES = _REPLY.size  # 32
+# magic, version, status, top-k count, request id, class, server compute us, queue wait us, upstream round
+# trip us, upstream compute us, answering tier, flags, message length
+_REPLY = struct.Struct("<4sBBHQiIIIIBBH")
+REPLY_HEADER_BYTES = _REPLY.size  # 40
+REPLY_FALLBACK = 0x01  # flags: a tier above did not answer in time, so this tier's own exit answered
 _TOPK = struct.Struct("<Hxxf")
 
 # The largest split this protocol carries (bit-packed): generous for any device tier, small enough
@@ -120,9 +122,17 @@ class Reply:
     status: Status
     class_id: int = -1
     top_k: tuple[tuple[int, float], ...] = ()
-    server_us: int = 0
+    server_us: int = 0  # compute of the answering (or relaying) server's own tier for this request's batch
     queue_us: int = 0
     message: str = ""
+    upstream_us: int = 0  # how long that server waited for the tiers above it (0: it answered itself)
+    upstream_server_us: int = 0  # compute of the tiers above, as they reported it
+    answered_by: int = 0  # index of the tier whose exit gave the class (0 in error replies)
+    flags: int = 0  # REPLY_FALLBACK
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.flags & REPLY_FALLBACK)
 
 
 def _device_id_bytes(device_id: str) -> bytes:
@@ -227,15 +237,16 @@ def encode_reply(reply: Reply) -> bytes:
     message = reply.message.encode()[:1024]
     top = b"".join(_TOPK.pack(class_id, probability) for class_id, probability in reply.top_k)
     head = _REPLY.pack(REPLY_MAGIC, PROTOCOL_VERSION, int(reply.status), len(reply.top_k), reply.request_id,
-                       reply.class_id, min(reply.server_us, 0xFFFFFFFF), min(reply.queue_us, 0xFFFFFFFF),
-                       len(message), 0)
+                       reply.class_id, _u32(reply.server_us), _u32(reply.queue_us), _u32(reply.upstream_us),
+                       _u32(reply.upstream_server_us), reply.answered_by & 0xFF, reply.flags & 0xFF, len(message))
     return head + top + message
 
 
 def decode_reply(data: bytes) -> Reply:
     if len(data) < REPLY_HEADER_BYTES or data[:4] != REPLY_MAGIC:
         raise ProtocolError(Status.MALFORMED, f"not a reply ({len(data)} bytes)")
-    _, version, status, n_top, request_id, class_id, server_us, queue_us, message_len, _ = _REPLY.unpack_from(data)
+    (_, version, status, n_top, request_id, class_id, server_us, queue_us, upstream_us, upstream_server_us,
+     answered_by, flags, message_len) = _REPLY.unpack_from(data)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(Status.BAD_VERSION, f"reply protocol version {version}")
     expected = REPLY_HEADER_BYTES + n_top * _TOPK.size + message_len
@@ -244,7 +255,12 @@ def decode_reply(data: bytes) -> Reply:
     top_k = tuple(_TOPK.unpack_from(data, REPLY_HEADER_BYTES + i * _TOPK.size) for i in range(n_top))
     message = bytes(data[expected - message_len:]).decode(errors="replace")
     return Reply(request_id, Status(status) if status in Status._value2member_map_ else Status.INTERNAL,
-                 class_id, tuple((int(c), float(p)) for c, p in top_k), server_us, queue_us, message)
+                 class_id, tuple((int(c), float(p)) for c, p in top_k), server_us, queue_us, message, upstream_us,
+                 upstream_server_us, answered_by, flags)
+
+
+def _u32(value: int) -> int:
+    return max(0, min(int(value), 0xFFFFFFFF))
 
 
 def encode_threshold(value: float) -> bytes:

@@ -45,26 +45,45 @@ def model_key(model_hash: bytes) -> str:
     return model_hash.hex()
 
 
-def request_topic(model_hash: bytes, device_id: str) -> str:
-    """Where ``device_id`` publishes requests for a model. The device id is part of the topic so the broker,
+MAX_TIER = 7
+
+
+def _tier_suffix(tier: int) -> str:
+    if not 1 <= tier <= MAX_TIER:
+        raise ValueError(f"requests go to tiers 1..{MAX_TIER}, not {tier}")
+    return "" if tier == 1 else f"/t{tier}"
+
+
+def request_topic(model_hash: bytes, device_id: str, tier: int = 1) -> str:
+    """Where ``device_id`` publishes requests for a model's tier ``tier`` (1: the first server tier, what
+    devices send to; 2 and up: what an edge sends on). The sender's id is part of the topic so the broker,
     not the payload, says who sent a request: an ACL (``pattern write ddnn/req/+/%u``) lets a device publish
-    only under its own id, and the server answers only that id."""
-    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}/{check_device_id(device_id)}"
+    only under its own id, and the server answers only that id. Tiers above the first get their own topic
+    level, so an edge and a cloud sharing a broker never receive each other's requests."""
+    return f"{TOPIC_ROOT}/req/{model_key(model_hash)}/{check_device_id(device_id)}{_tier_suffix(tier)}"
 
 
-def request_subscription(model_hash: bytes, group: str = DEFAULT_SHARE_GROUP) -> str:
-    """A server's subscription to one model it holds: servers of one group split that model's requests, and
-    a server never receives (and races the right one with UNKNOWN_MODEL for) a model it does not hold."""
-    return f"$share/{check_name(group, 'group')}/{TOPIC_ROOT}/req/{model_key(model_hash)}/+"
+def request_subscription(model_hash: bytes, group: str = DEFAULT_SHARE_GROUP, tier: int = 1) -> str:
+    """A server's subscription to one model it holds, at the tier it serves: servers of one group split that
+    model's requests, and a server never receives (and races the right one with UNKNOWN_MODEL for) a model
+    it does not hold."""
+    return f"$share/{check_name(group, 'group')}/{TOPIC_ROOT}/req/{model_key(model_hash)}/+{_tier_suffix(tier)}"
 
 
-def parse_request_topic(topic: str) -> tuple[str, str] | None:
-    """(model key, device id) of a request topic, or None when the topic is not one (or its id is invalid)."""
+def parse_request_topic(topic: str) -> tuple[str, str, int] | None:
+    """(model key, sender id, tier) of a request topic, or None when the topic is not one (or its id is
+    invalid)."""
     parts = topic.split("/")
-    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] != "req" or _MODEL_KEY.fullmatch(parts[2]) is None
+    if len(parts) == 5 and parts[4][:1] == "t" and parts[4][1:].isdigit() and 2 <= int(parts[4][1:]) <= MAX_TIER:
+        tier = int(parts[4][1:])
+    elif len(parts) == 4:
+        tier = 1
+    else:
+        return None
+    if (parts[0] != TOPIC_ROOT or parts[1] != "req" or _MODEL_KEY.fullmatch(parts[2]) is None
             or not valid_device_id(parts[3])):
         return None
-    return parts[2], parts[3]
+    return parts[2], parts[3], tier
 
 
 def check_name(name: str, what: str) -> str:
@@ -80,6 +99,15 @@ def reply_topic(device_id: str) -> str:
 
 def threshold_topic(model_hash: bytes, device_id: str | None = None) -> str:
     base = f"{TOPIC_ROOT}/threshold/{model_key(model_hash)}"
+    return base if device_id is None else f"{base}/{check_device_id(device_id)}"
+
+
+def tier_threshold_topic(model_hash: bytes, tier: int, device_id: str | None = None) -> str:
+    """The retained threshold of a server tier's early exit (an edge's), model-wide or for one device's
+    requests; the device's own exit keeps threshold_topic."""
+    if not 1 <= tier <= MAX_TIER:
+        raise ValueError(f"tier thresholds are for server tiers 1..{MAX_TIER}, not {tier}")
+    base = f"{TOPIC_ROOT}/tier-threshold/{model_key(model_hash)}/{tier}"
     return base if device_id is None else f"{base}/{check_device_id(device_id)}"
 
 

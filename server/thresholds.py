@@ -1,0 +1,54 @@
+"""The live thresholds of a server tier's early exit (an edge's), as operators set them: retained messages
+on ddnn/tier-threshold/<model>/<tier> (model-wide) and .../<tier>/<device> (one device's requests)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ddnn_gen.wire import codec, topics
+
+log = logging.getLogger(__name__)
+
+
+class TierThresholds:
+    """Thread-safe: the network thread writes, the workers read."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def subscriptions(model_hash: bytes, tier: int) -> list[str]:
+        base = topics.tier_threshold_topic(model_hash, tier)
+        return [base, base + "/+"]
+
+    @staticmethod
+    def handles(topic: str) -> bool:
+        return topic.startswith(f"{topics.TOPIC_ROOT}/tier-threshold/")
+
+    def update(self, topic: str, payload: bytes) -> None:
+        """A retained message arrived: an empty one clears, an invalid one is ignored (the last value stays)."""
+        if not payload:
+            with self._lock:
+                self._values.pop(topic, None)
+            return
+        value = codec.decode_threshold(payload)
+        if value is None:
+            log.warning("ignoring invalid threshold %r on %s", payload[:64], topic)
+            return
+        with self._lock:
+            old = self._values.get(topic)
+            self._values[topic] = value
+        if old != value:
+            log.info("threshold on %s now %s", topic, value)
+
+    def for_request(self, model_hash: bytes, tier: int, device_id: str, default: float) -> float:
+        """The device's own value, else the model-wide one, else ``default`` (the model file's)."""
+        device_topic = topics.tier_threshold_topic(model_hash, tier, device_id)
+        model_topic = topics.tier_threshold_topic(model_hash, tier)
+        with self._lock:
+            for topic in (device_topic, model_topic):
+                if topic in self._values:
+                    return self._values[topic]
+        return default
