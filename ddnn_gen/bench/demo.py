@@ -28,7 +28,8 @@ from ddnn_gen.wire.connection import BrokerConnection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fmnist_32.npz"
+# The repository's shipped model: ddnn_gen/bench/demo.py -> the repository root.
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fmnist_32.npz"
 
 
 @dataclass
