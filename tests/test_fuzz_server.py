@@ -88,10 +88,14 @@ def _mutations(fmnist_expected: Expected, rng: random.Random) -> list[Callable[[
 
 def test_100k_mutated_requests(secure: Broker, fmnist_expected: Expected, fmnist_model_path: Path) -> None:
     model_hash = fmnist_expected.loaded.hash_bytes
-    server = ServerProcess(secure.connection("srv"), fmnist_model_path, workers=2).start()
     rng = random.Random(13)
     mutations = _mutations(fmnist_expected, rng)
-    fuzzer = RawClient(secure.connection("fuzz"), "fuzz")
+    server = ServerProcess(secure.connection("srv"), fmnist_model_path, workers=2).start()
+    try:
+        fuzzer = RawClient(secure.connection("fuzz"), "fuzz")
+    except BaseException:
+        server.kill()
+        raise
     topic = topics.request_topic(model_hash, "fuzz")
     replies: queue.Queue[bytes] = fuzzer.replies
     good: dict[int, int] = {}  # request id -> sample index

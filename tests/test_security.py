@@ -111,6 +111,8 @@ def test_broker_config_writes_a_deployment_and_keeps_passwords(tmp_path: Path) -
         failed = runner.invoke(cli, ["broker-config", "-o", str(tmp_path / "bad"), *bad])
         assert failed.exit_code != 0 and message in failed.output, failed.output
         assert "Traceback" not in failed.output
+    blank = runner.invoke(cli, ["broker-config", "-o", str(tmp_path / "with blank"), "--device", "d", "--server", "s"])
+    assert blank.exit_code == 1 and "paths with blanks" in blank.output and not (tmp_path / "with blank").exists()
 
 
 def test_hashlib_password_file_is_accepted_by_the_broker() -> None:
@@ -295,28 +297,23 @@ def test_monitor_reads_everything_and_writes_nothing(secure: Broker, server: Ser
 
 
 def test_client_certificates_identify_devices(fmnist_expected: Expected, fmnist_model_path: Path) -> None:
-    require_tool("mosquitto")
-    broker = Broker.secure({"certdev": "device", "certsrv": "server"}, client_certificates=True)
-    with broker:
+    with secure_broker({"certdev": "device", "certsrv": "server"}, client_certificates=True) as broker, \
+            serving(broker.connection("certsrv"), fmnist_model_path):
         connection = broker.connection("certdev")
         assert connection.username is None and connection.cert_file is not None
-        server = ServerProcess(broker.connection("certsrv"), fmnist_model_path, workers=1).start()
+        client = RawClient(connection, "certdev")
         try:
-            client = RawClient(connection, "certdev")
-            try:
-                assert client.subscribe(topics.reply_topic("someone-else")) == NOT_AUTHORIZED
-                client.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "certdev"),
-                               _good_request(fmnist_expected, "certdev", 9, 2))
-                reply = client.next_reply(20.0)
-                assert reply is not None and reply.status == Status.OK
-                assert reply.class_id == int(fmnist_expected.server_class[2])
-            finally:
-                client.close()
-            without = type(connection)(connection.host, connection.port, tls=True, ca_file=connection.ca_file)
-            with pytest.raises(BrokerError):
-                SimDevice("certdev", without, fmnist_expected.loaded.hash_bytes).start(timeout_s=5)
+            assert client.subscribe(topics.reply_topic("someone-else")) == NOT_AUTHORIZED
+            client.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "certdev"),
+                           _good_request(fmnist_expected, "certdev", 9, 2))
+            reply = client.next_reply(20.0)
+            assert reply is not None and reply.status == Status.OK
+            assert reply.class_id == int(fmnist_expected.server_class[2])
         finally:
-            assert server.terminate() == 0
+            client.close()
+        without = type(connection)(connection.host, connection.port, tls=True, ca_file=connection.ca_file)
+        with pytest.raises(BrokerError):
+            SimDevice("certdev", without, fmnist_expected.loaded.hash_bytes).start(timeout_s=5)
 
 
 # ---- bounded everything -----------------------------------------------------------------------------------
@@ -421,23 +418,24 @@ def _mqtt_length(packet: bytes) -> int:
 
 def test_simulated_device_forgets_answered_requests(plain: Broker, fmnist_expected: Expected,
                                                     fmnist_model_path: Path) -> None:
-    server = ServerProcess(plain.address, fmnist_model_path, workers=1).start()
-    device = SimDevice("forgetful", plain.connection(), fmnist_expected.loaded.hash_bytes, timeout_s=20).start()
-    late = RawClient(plain.connection(), "late-replier", subscribe_replies=False)
-    try:
-        issued = []
-        for i in range(3000):
-            request_id = device.next_request_id()
-            issued.append(request_id)
-            header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, request_id, "forgetful")
-            reply, _ = device.request(header, fmnist_expected.device.split_words[i % N_SAMPLES])
-            assert reply is not None and reply.status == Status.OK
-        assert device.outstanding == 0 and len(device._custom_ids) == 0
-        # A reply that comes again later is still known as a duplicate, one never asked for as misrouted.
-        late.publish(topics.reply_topic("forgetful"), codec.encode_reply(codec.Reply(issued[5], Status.OK, 1)))
-        late.publish(topics.reply_topic("forgetful"), codec.encode_reply(codec.Reply(issued[-1] + 999, Status.OK, 1)))
-        assert wait_for(lambda: device.duplicates == 1 and device.misrouted == 1, timeout_s=5)
-    finally:
-        late.close()
-        device.stop()
-        assert server.terminate() == 0
+    with serving(plain.address, fmnist_model_path):
+        device = SimDevice("forgetful", plain.connection(), fmnist_expected.loaded.hash_bytes, timeout_s=20).start()
+        late = RawClient(plain.connection(), "late-replier", subscribe_replies=False)
+        try:
+            issued = []
+            for i in range(3000):
+                request_id = device.next_request_id()
+                issued.append(request_id)
+                header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, request_id,
+                                      "forgetful")
+                reply, _ = device.request(header, fmnist_expected.device.split_words[i % N_SAMPLES])
+                assert reply is not None and reply.status == Status.OK
+            assert device.outstanding == 0 and len(device._custom_ids) == 0
+            # A reply that comes again later is still known as a duplicate, one never asked for as misrouted.
+            late.publish(topics.reply_topic("forgetful"), codec.encode_reply(codec.Reply(issued[5], Status.OK, 1)))
+            late.publish(topics.reply_topic("forgetful"),
+                         codec.encode_reply(codec.Reply(issued[-1] + 999, Status.OK, 1)))
+            assert wait_for(lambda: device.duplicates == 1 and device.misrouted == 1, timeout_s=5)
+        finally:
+            late.close()
+            device.stop()

@@ -248,6 +248,8 @@ class Deployment:
             except ValueError:
                 return str(path)
 
+        for path in (base, self.ca_file, self.cert_file, self.key_file, self.plugin):
+            _check_no_blanks(path)
         lines = ["per_listener_settings false", "allow_anonymous false"]
         if not self.client_certificates:  # else the certificate's common name is the identity, no password
             lines.append(f"password_file {installed(self.password_path)}")
@@ -329,6 +331,13 @@ class Deployment:
                     for user, (c, k) in manifest.get("client_certs", {}).items()})
 
 
+def _check_no_blanks(path: Path) -> None:
+    if any(char.isspace() for char in str(path)):
+        # mosquitto.conf has no quoting: the rest of a line after its first blank would be lost.
+        raise DeploymentError(f"{path}: Mosquitto's configuration cannot name paths with blanks; use a folder "
+                              "without them (or --install-dir)")
+
+
 def _write_private(path: Path, text: str) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     with os.fdopen(descriptor, "w") as handle:
@@ -344,6 +353,7 @@ def make_deployment(directory: Path, users: Mapping[str, str], *, server_names: 
     ``server_names`` are made; with ``client_certificates`` every user also gets a client certificate (made
     when the CA's key is at hand)."""
     directory = Path(directory).resolve()
+    _check_no_blanks(install_dir or directory)
     if not users:
         raise DeploymentError("no users: give at least one device and one server")
     for name, role in users.items():
