@@ -11,23 +11,30 @@ from ddnn_gen.model.links import input_to_float
 from ddnn_gen.model.modelfile import LoadedModel
 
 
-def chainer_device_bits(loaded: LoadedModel, images_u8: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Chainer test-mode forward: every device layer's sign bits (N, H, W, C) and the local logits."""
+def chainer_device_bits(loaded: LoadedModel, images_u8: np.ndarray,
+                        view: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Chainer test-mode forward: every device layer's sign bits (N, H, W, C) and the local logits; of view
+    ``view``'s device part on ``images_u8`` (that view's crops) in a multi-view model."""
     bits = []
+    model = loaded.model
+    blocks, exit_link = ((model.device_layers, model.local_exit) if view is None
+                         else (model.view_layers(view), model.view_exit(view)))
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         h = input_to_float(images_u8, loaded.spec.input.scale)
-        for block in loaded.model.device_layers:
+        for block in blocks:
             h = block(h).array
             layer_bits = h > 0
             bits.append(layer_bits.transpose(0, 2, 3, 1) if h.ndim == 4 else layer_bits[:, None, None, :])
-        logits = loaded.model.local_exit(h).array
+        logits = exit_link(h).array
     return bits, logits
 
 
-def assert_reference_matches_chainer(loaded: LoadedModel, images_u8: np.ndarray) -> reference.DeviceResult:
-    program = fold(loaded)
+def assert_reference_matches_chainer(loaded: LoadedModel, images_u8: np.ndarray,
+                                     view: int | None = None) -> reference.DeviceResult:
+    """The folded device part (of view ``view``, reading its crops ``images_u8``) bit-exact against Chainer."""
+    program = fold(loaded, view=view)
     packed = reference.device_activations(program, images_u8)
-    expected_bits, chainer_logits = chainer_device_bits(loaded, images_u8)
+    expected_bits, chainer_logits = chainer_device_bits(loaded, images_u8, view)
     for layer, ours, theirs in zip(program.layers, packed, expected_bits):
         got = unpack_bits(ours, layer.out_hwc[2])
         mismatches = int((got != theirs).sum())

@@ -27,7 +27,7 @@ def test_every_runnable_placement_is_a_candidate(planned: Any) -> None:
     loaded, _, _ = planned
     assert candidates.assignments(loaded.spec) == [
         ("device", "edge", "edge"), ("device", "edge", "cloud"), ("device", "cloud", "cloud"),
-        ("edge", "edge", "edge"), ("edge", "edge", "cloud"), ("edge", "cloud", "cloud"), ("cloud", "cloud", "cloud")]
+        ("edge", "edge", "edge"), ("cloud", "cloud", "cloud")]
 
 
 def test_predictions_follow_the_evaluation_and_the_links(planned: Any) -> None:

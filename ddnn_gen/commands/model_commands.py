@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+import numpy as np
 
 from ddnn_gen.commands.options import THRESHOLD_HELP, THRESHOLDS, check_dataset_shape, data_dir_option, writable_file
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold import exits
 from ddnn_gen.model import datasets, zoo
 from ddnn_gen.model.spec import ModelSpec, load_spec_file, parse_spec
+
+if TYPE_CHECKING:
+    from ddnn_gen.model.evaluate import ExitOutputs, ViewRow
+    from ddnn_gen.model.modelfile import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +179,11 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
         raise click.UsageError(f"{model} names no dataset; pass --dataset")
     dataset = datasets.load(dataset_name, split, data_dir).subset(count)
     check_dataset_shape(loaded.spec, dataset)
-    outputs = exits.compute_outputs(loaded, dataset)
+    view_rows: list[evaluate.ViewRow] = []
+    if loaded.spec.views is None:
+        outputs = exits.compute_outputs(loaded, dataset)
+    else:
+        outputs, view_rows = _view_evaluation(loaded, dataset, values[0])
     rows = [evaluate.metrics_at(outputs, value) for value in values]
     margins = [[evaluate.threshold_margin(entropy, t) for entropy, t in zip(outputs.early_entropy, value)]
                for value in values]
@@ -189,21 +199,68 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
                                "hop_bytes": outputs.hop_bytes,
                                "results": [row.as_dict() | {"nearest_entropy_distance": margin[0],
                                                             "nearest_entropy_distances": margin}
-                                           for row, margin in zip(rows, margins)]}, indent=2))
+                                           for row, margin in zip(rows, margins)]}
+                              | (_views_json(loaded.spec, view_rows) if view_rows else {}), indent=2))
         return
     click.echo(f"{loaded.spec.name} ({loaded.content_hash[:12]}) on {dataset.name} {split}, {len(dataset)} samples")
     click.echo(evaluate.format_table(rows))
     click.echo(f"local exit alone: {100 * rows[0].local_classifier_accuracy:.2f}%, "
                f"server exit alone: {100 * rows[0].server_classifier_accuracy:.2f}%; "
-               f"device part {outputs.device_bytes} bytes, split activations {outputs.split_bytes} bytes")
+               + (f"device part {outputs.device_bytes} bytes, split activations {outputs.split_bytes} bytes"
+                  if loaded.spec.views is None else
+                  f"device part {outputs.device_bytes} bytes per view, split activations {loaded.spec.views.count} x "
+                  f"{outputs.split_bytes // loaded.spec.views.count} bytes"))
     if outputs.edges:
         click.echo("bytes per forwarded sample on each hop: " + ", ".join(map(str, outputs.hop_bytes)))
     for value, margin in zip(values, margins):
         for tier, t, distance in zip(loaded.spec.tiers, value, margin):
             at = f" at the {tier.exit_name} exit" if outputs.edges else ""
             click.echo(f"nearest sample entropy to t={t:g}{at}: {distance:.3e} away")
+    if view_rows:
+        _echo_views(loaded.spec, outputs, view_rows)
     if sweep_prefix:
         click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
+
+
+def _view_evaluation(loaded: LoadedModel, dataset: datasets.Dataset,
+                     thresholds: tuple[float, ...]) -> tuple[ExitOutputs, list[ViewRow]]:
+    """A multi-view model: its outputs with every view present (the plain table's) and one row per evaluated set
+    of views present (``evaluate.view_subsets``) at ``thresholds``."""
+    from ddnn_gen.fold.views import ViewAggregator
+    from ddnn_gen.model import evaluate
+
+    aggregator = ViewAggregator(loaded)
+    runs = aggregator.run_devices(dataset.images)
+    subsets = evaluate.view_subsets(aggregator.count)
+    per_set = [aggregator.outputs(runs, dataset.labels, present) for present in subsets]
+    return per_set[-1], evaluate.view_rows(per_set, thresholds)
+
+
+def _views_json(spec: ModelSpec, rows: list[ViewRow]) -> dict[str, object]:
+    from ddnn_gen.model import evaluate
+
+    assert spec.views is not None
+    return {"views": {"description": spec.views.describe(), "count": spec.views.count,
+                      "thresholds": list(rows[0].metrics.thresholds),
+                      "by_devices": [row.as_dict() for row in evaluate.by_device_count(rows)],
+                      "sets": [row.as_dict() for row in rows]}}
+
+
+def _echo_views(spec: ModelSpec, outputs: ExitOutputs, rows: list[ViewRow]) -> None:
+    from ddnn_gen.model import evaluate
+
+    views = spec.views
+    assert views is not None
+    split = outputs.split_bytes // views.count
+    click.echo("")
+    click.echo(f"{views.describe()}; the views are crops of single-view images (no multi-camera data set is "
+               "installable here)")
+    click.echo(evaluate.format_view_tables(rows, views.count))
+    click.echo(f"per event: each present device sends {outputs.score_bytes // views.count} B of local-exit scores "
+               f"to the local aggregator, and its {split} B split when the aggregated local exit does not answer; "
+               f"all {views.count} splits are {outputs.split_bytes} B, the {views.count} raw views "
+               f"{views.count * views.height * views.width * spec.input.channels} B, the whole image "
+               f"{int(np.prod(spec.input.shape))} B")
 
 
 @click.command("calibrate")

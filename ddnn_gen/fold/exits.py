@@ -1,7 +1,7 @@
 """Every exit's answers on a data set, computed as the deployed system computes them: binary tiers (the
 device, binary edges) with the bitwise reference of their folded programs, float tiers with Chainer's
-test-mode forward resumed from the previous tier's output. ddnn_gen.model.evaluate turns them into
-accuracies and exit rates."""
+test-mode forward resumed from the previous tier's output (multi-view models: fold/views.py, the views'
+aggregator, then the same tiers). ddnn_gen.model.evaluate turns them into accuracies and exit rates."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def resume_classes(loaded: LoadedModel, tier: int, inputs: Any, count: int, batc
     return np.concatenate(classes).astype(np.int32) if classes else np.zeros(0, dtype=np.int32)
 
 
-def _float_tier(loaded: LoadedModel, tier: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A float edge tier in test mode: its exit logits (float64) and its output, batch by batch."""
+def float_tier(loaded: LoadedModel, tier: int, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A float tier with an early exit, in test mode: its exit logits (float64) and its output, batch by batch."""
     logits, outputs = [], []
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         for start in range(0, len(inputs), BATCH):
@@ -49,33 +49,56 @@ def _float_tier(loaded: LoadedModel, tier: int, inputs: np.ndarray) -> tuple[np.
     return np.concatenate(logits), np.concatenate(outputs)
 
 
+def binary_tier(loaded: LoadedModel, tier: int, split: np.ndarray) -> tuple[DeviceProgram, reference.DeviceResult]:
+    """A binary edge tier folded and run with the bitwise reference on the previous tier's packed split."""
+    program = fold(loaded, tier=tier)
+    return program, reference.run_device(program, split)
+
+
+def float_output_bytes(loaded: LoadedModel, tier: int) -> int:
+    """Bytes a float tier's output takes per forwarded sample (float32)."""
+    return 4 * int(np.prod(loaded.spec.tier_output_shape(tier)))
+
+
+def upper_exits(loaded: LoadedModel, start: int, last_binary: DeviceProgram, split: np.ndarray | None,
+                float_input: np.ndarray | None) -> tuple[list[EdgeExit], np.ndarray]:
+    """Tiers ``start`` .. last on their input (the packed ``split`` of binary program ``last_binary``, or a float
+    ``float_input``): the early exits of those before the last, and the final exit's classes."""
+    spec = loaded.spec
+    edges: list[EdgeExit] = []
+    for tier in range(start, len(spec.tiers) - 1):
+        name = spec.tiers[tier].exit_name
+        if spec.tiers[tier].binary:
+            assert split is not None
+            edge_program, result = binary_tier(loaded, tier, split)
+            edges.append(EdgeExit(name, result.local_class, result.entropy, edge_program.split_words * 8))
+            last_binary, split = edge_program, result.split_words
+            continue
+        inputs = float_input if float_input is not None else reference.split_to_server_input(last_binary, split)
+        logits, float_input = float_tier(loaded, tier, inputs)
+        edges.append(EdgeExit(name, logits.argmax(axis=1).astype(np.int32), reference.normalized_entropy(logits),
+                              float_output_bytes(loaded, tier)))
+    last = len(spec.tiers) - 1
+    if float_input is None:
+        assert split is not None
+        return edges, server_classes(loaded, last_binary, split)
+    kept = float_input
+    return edges, resume_classes(loaded, last, lambda begin, stop: kept[begin:stop], len(kept))
+
+
 def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
     spec = loaded.spec
     if len(spec.tiers) < 2:
         raise DdnnError(f"{spec.name} is a cloud-only model: it has no early exit to evaluate thresholds of")
+    if spec.views is not None:
+        # fold/views.py builds the views' aggregation on this module's tier runners: imported here, not above.
+        from ddnn_gen.fold.views import ViewAggregator
+
+        aggregator = ViewAggregator(loaded)
+        return aggregator.outputs(aggregator.run_devices(dataset.images), dataset.labels)
     program = fold(loaded)
     device = reference.run_device(program, dataset.images)
-    edges: list[EdgeExit] = []
-    last_binary, split = program, device.split_words
-    float_output: np.ndarray | None = None
-    for tier in range(1, len(spec.tiers) - 1):
-        name = spec.tiers[tier].exit_name
-        if spec.tiers[tier].binary:
-            edge_program = fold(loaded, tier=tier)
-            result = reference.run_device(edge_program, split)
-            edges.append(EdgeExit(name, result.local_class, result.entropy, edge_program.split_words * 8))
-            last_binary, split = edge_program, result.split_words
-            continue
-        inputs = float_output if float_output is not None else reference.split_to_server_input(last_binary, split)
-        logits, float_output = _float_tier(loaded, tier, inputs)
-        edges.append(EdgeExit(name, logits.argmax(axis=1).astype(np.int32), reference.normalized_entropy(logits),
-                              4 * int(np.prod(spec.tier_output_shape(tier)))))
-    last = len(spec.tiers) - 1
-    if float_output is None:
-        final = server_classes(loaded, last_binary, split)
-    else:
-        kept = float_output
-        final = resume_classes(loaded, last, lambda start, stop: kept[start:stop], len(kept))
+    edges, final = upper_exits(loaded, 1, program, device.split_words, None)
     return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
                        final_class=final, split_bytes=program.split_words * 8, device_bytes=program.weight_bytes,
                        edges=tuple(edges), exit_names=tuple(tier.exit_name for tier in spec.tiers))

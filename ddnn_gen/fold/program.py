@@ -108,7 +108,11 @@ class FoldedExit:
 @dataclass(frozen=True)
 class DeviceProgram:
     """One binary tier in integer form: the device tier (``tier`` 0, reading uint8 pixels) or a binary edge
-    tier (reading the previous tier's packed split), with its early exit."""
+    tier (reading the previous tier's packed split), with its early exit.
+
+    In a multi-view model each view's device part is one such program (``view`` k, reading that view's crop);
+    its exit is the view's own local exit, whose scores the local aggregator combines: ``threshold`` is then
+    the aggregated local exit's, and the device does not answer on its own."""
 
     spec: ModelSpec
     content_hash: str
@@ -116,12 +120,12 @@ class DeviceProgram:
     exit: FoldedExit
     threshold: float
     tier: int = 0
+    view: int = 0
 
     @property
     def input_hwc(self) -> tuple[int, int, int]:
-        if self.tier == 0:
-            return hwc(self.spec.input.shape)
-        return hwc(self.spec.tier_output_shape(self.tier - 1))
+        """What the tier reads (H, W, C): the image, one view of it, or the previous tier's (aggregated) split."""
+        return hwc(self.spec.tier_input_shape(self.tier))
 
     @property
     def split_layer(self) -> int:
@@ -247,26 +251,46 @@ def _fold_layer(layer: Layer, block: object, in_shape: tuple[int, ...], input_sc
                        layer.pad, layer.pool, weights, threshold, flip)
 
 
-def fold(loaded: LoadedModel, threshold: float | None = None, tier: int = 0) -> DeviceProgram:
-    """Fold binary tier ``tier`` (the device tier by default) and its early exit of a loaded model."""
+def _check_view(spec: ModelSpec, tier: int, view: int | None) -> int:
+    """The view to fold: any for shared weights (all give the same program), one named for separate weights."""
+    views = spec.views
+    if views is None or tier != 0:
+        if view not in (None, 0):
+            raise CompileError(f"{spec.name}: view {view} names a view, but "
+                               + ("the model has none" if views is None else f"tier {tier} is not the devices'"))
+        return 0
+    if view is None:
+        if not views.shared:
+            raise CompileError(f"{spec.name}: its {views.count} views have separate device weights; fold one view "
+                               f"at a time (view 0..{views.count - 1})")
+        return 0
+    if isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < views.count:
+        raise CompileError(f"{spec.name}: view {view!r} is not one of its views 0..{views.count - 1}")
+    return view
+
+
+def fold(loaded: LoadedModel, threshold: float | None = None, tier: int = 0, view: int | None = None) -> DeviceProgram:
+    """Fold binary tier ``tier`` (the device tier by default) and its early exit of a loaded model; in a
+    multi-view model, tier 0 of view ``view`` (needed when the views have separate weights)."""
     spec = loaded.spec
     model = loaded.model
     if not 0 <= tier < len(spec.tiers) - 1 or not spec.tiers[tier].binary:
         raise CompileError(f"{spec.name}: tier {tier} is not a binary tier with an early exit; binary tiers: "
                            f"{[i for i, t in enumerate(spec.tiers[:-1]) if t.binary] or 'none'}")
+    view = _check_view(spec, tier, view)
+    blocks = model.tier_layers(tier) if spec.views is None or tier else model.view_layers(view)
+    exit_link = model.tier_exit(tier) if spec.views is None or tier else model.view_exit(view)
     scale = spec.input.scale
     if not float(np.float32(scale)) == scale or scale <= 0 or np.log2(scale) != np.round(np.log2(scale)):
         raise CompileError(f"input scale {scale} must be a power of two for exact integer FConv sums")
     layers = []
-    for index, (layer, block, in_shape) in enumerate(zip(spec.tiers[tier].layers, model.tier_layers(tier),
-                                                         spec.tier_shapes(tier))):
+    for index, (layer, block, in_shape) in enumerate(zip(spec.tiers[tier].layers, blocks, spec.tier_shapes(tier))):
         first_of_model = tier == 0 and index == 0
         if (layer.type == "fconv") != first_of_model:
             raise CompileError(f"layer {layer.name!r}: fconv must be the model's first layer and only the first "
                                "(it reads the 8-bit input)")
         layers.append(_fold_layer(layer, block, in_shape, scale))
     split_shape = spec.tier_output_shape(tier)
-    exit_link = model.tier_exit(tier)
     gamma, beta, mean, var, eps = _bn_params(exit_link.bn)
     weights = _sign_int8(_linear_weights_device_order(np.asarray(exit_link.fc.W.array), split_shape))
     # Defined in double: logits = a * S + b. C prints a, b with %.17g so both sides agree exactly.
@@ -274,7 +298,7 @@ def fold(loaded: LoadedModel, threshold: float | None = None, tier: int = 0) -> 
     b = beta.astype(np.float64) - a * mean.astype(np.float64)
     exit_ = FoldedExit(weights, a, b, hwc(split_shape))
     return DeviceProgram(spec, loaded.content_hash, tuple(layers), exit_,
-                         spec.thresholds[tier] if threshold is None else float(threshold), tier)
+                         spec.thresholds[tier] if threshold is None else float(threshold), tier, view)
 
 
 def stage_work(program: DeviceProgram) -> list[tuple[int, int]]:

@@ -10,6 +10,12 @@ is finite and <= that exit's threshold, else by the final exit. Definitions, ove
 * Overall = accuracy of the hierarchy (each sample's answer from the exit that took it)
 * Ideal   = samples correct at any exit / N (an oracle choosing the exit; independent of the thresholds)
 * per exit: the share of samples it answers and its accuracy on them; per hop: split bytes per sample
+
+Multi-view models (several devices, one scene) are evaluated once per set of views present: the local exit is
+the aggregated one, the first hop carries the present views' splits of every offloaded event, and each
+present device sends its local exit's scores to the local aggregator for every event. :func:`view_rows` and
+:func:`format_view_tables` give the DDNN paper's tables: accuracy vs the number of devices present, and with
+each single device missing.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class ExitOutputs:
     device_bytes: int  # folded device part: packed weights, thresholds, exit constants
     edges: tuple[EdgeExit, ...] = ()  # early exits between the device's and the final one, in order
     exit_names: tuple[str, ...] = ()
+    views_present: tuple[int, ...] = ()  # multi-view: the views every sample had (empty: one device per sample)
+    score_bytes: int = 0  # multi-view: what the present devices send the local aggregator per event
 
     @property
     def n_early(self) -> int:
@@ -332,3 +340,112 @@ def threshold_margin(entropy: np.ndarray, threshold: float) -> float:
     """How close the nearest sample's entropy comes to the threshold (exit decisions flip inside it)."""
     finite = entropy[np.isfinite(entropy)]
     return float(np.abs(finite - threshold).min()) if len(finite) else math.inf
+
+
+def view_subsets(count: int, per_size: int = 8, seed: int = 0) -> list[tuple[int, ...]]:
+    """The sets of views present to evaluate for ``count`` views: every set of each size when there are at most
+    ``per_size`` of them, else ``per_size`` drawn at random (seeded); always each view alone, each view missing
+    and all of them. Smallest first."""
+    rng = np.random.RandomState(seed)
+    chosen: list[tuple[int, ...]] = []
+    for size in range(1, count + 1):
+        sets = list(itertools.combinations(range(count), size))
+        if len(sets) > per_size and size not in (1, count - 1):
+            sets = [sets[i] for i in sorted(rng.choice(len(sets), per_size, replace=False))]
+        chosen.extend(sets)
+    return chosen
+
+
+@dataclass
+class ViewRow:
+    """A multi-view model with the views ``present``: its metrics at the thresholds, and what goes up per event."""
+
+    present: tuple[int, ...]
+    metrics: ThresholdMetrics
+    score_bytes: int  # every event: the present devices' local-exit scores to the local aggregator
+    split_bytes: float  # per event on average: the present devices' splits of the offloaded events to tier 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {"present": list(self.present), "score_bytes": self.score_bytes, "split_bytes": self.split_bytes,
+                **self.metrics.as_dict()}
+
+
+def view_rows(outputs: Sequence[ExitOutputs], thresholds: Sequence[float]) -> list[ViewRow]:
+    rows = []
+    for output in outputs:
+        metrics = metrics_at(output, thresholds)
+        rows.append(ViewRow(output.views_present, metrics, output.score_bytes, metrics.hop_bytes_per_sample[0]))
+    return rows
+
+
+@dataclass
+class CountRow:
+    """The mean over the evaluated sets of views of one size."""
+
+    devices: int
+    sets: int
+    local_alone: float
+    final_alone: float
+    overall: float
+    local_exit_rate: float
+    score_bytes: float
+    split_bytes: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def by_device_count(rows: Sequence[ViewRow]) -> list[CountRow]:
+    counts = sorted({len(row.present) for row in rows})
+    table = []
+    for count in counts:
+        group = [row for row in rows if len(row.present) == count]
+
+        def mean(values: list[float]) -> float:
+            return float(np.mean(values))
+
+        table.append(CountRow(count, len(group), mean([r.metrics.local_classifier_accuracy for r in group]),
+                              mean([r.metrics.server_classifier_accuracy for r in group]),
+                              mean([r.metrics.overall_accuracy for r in group]),
+                              mean([r.metrics.local_exit_rate for r in group]),
+                              mean([float(r.score_bytes) for r in group]), mean([r.split_bytes for r in group])))
+    return table
+
+
+def _present_label(present: tuple[int, ...], count: int) -> str:
+    if len(present) == count:
+        return "all"
+    missing = sorted(set(range(count)) - set(present))
+    if len(missing) == 1:
+        return f"all but {missing[0]}"
+    if len(present) == 1:
+        return f"only {present[0]}"
+    return ",".join(map(str, present))
+
+
+def format_view_tables(rows: Sequence[ViewRow], count: int) -> str:
+    """Accuracy vs the number of devices present, then each device alone and each one missing."""
+    thresholds = "/".join(f"{t:.3f}" for t in rows[0].metrics.thresholds)
+    header = (f"{'devices':>7} {'sets':>4} {'local':>7} {'final':>7} {'overall':>7} {'exit@agg':>8} "
+              f"{'scores B':>8} {'splits B':>8}")
+    lines = [f"accuracy vs devices present at t={thresholds} (local, final: each exit alone on every sample; "
+             "mean over the sets of each size)", header, "-" * len(header)]
+    for row in by_device_count(rows):
+        lines.append(f"{row.devices:7d} {row.sets:4d} {100 * row.local_alone:6.2f}% {100 * row.final_alone:6.2f}% "
+                     f"{100 * row.overall:6.2f}% {100 * row.local_exit_rate:7.2f}% {row.score_bytes:8.1f} "
+                     f"{row.split_bytes:8.1f}")
+    header = (f"{'present':>10} {'local':>7} {'final':>7} {'overall':>7} {'exit@agg':>8} {'scores B':>8} "
+              f"{'splits B':>8}")
+    lines += ["", "each device alone and each one missing", header, "-" * len(header)]
+    shown = [row for row in rows if len(row.present) in (1, count - 1, count)]
+
+    def order(row: ViewRow) -> tuple[int, tuple[int, ...]]:
+        missing = tuple(sorted(set(range(count)) - set(row.present)))
+        return -len(row.present), missing if len(row.present) == count - 1 else row.present
+
+    for row in sorted(shown, key=order):
+        metrics = row.metrics
+        lines.append(f"{_present_label(row.present, count):>10} {100 * metrics.local_classifier_accuracy:6.2f}% "
+                     f"{100 * metrics.server_classifier_accuracy:6.2f}% {100 * metrics.overall_accuracy:6.2f}% "
+                     f"{100 * metrics.local_exit_rate:7.2f}% {row.score_bytes:8d} {row.split_bytes:8.1f}")
+    return "\n".join(lines)

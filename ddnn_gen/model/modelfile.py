@@ -118,6 +118,11 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if missing:
         raise ModelFileError(f"{path}: parameters do not match the spec; missing {', '.join(missing[:5])}"
                              + (" ..." if len(missing) > 5 else ""))
+    unexpected = sorted(set(params) - set(expected))
+    if unexpected:
+        # Say so rather than ignore them: a spec with fewer views than the file's would drop devices silently.
+        raise ModelFileError(f"{path}: parameters do not match the spec; the file also has {', '.join(unexpected[:5])}"
+                             + (" ..." if len(unexpected) > 5 else ""))
     for key, value in expected.items():
         if params[key].shape != value.shape:
             raise ModelFileError(f"{path}: parameter {key} has shape {params[key].shape}, "

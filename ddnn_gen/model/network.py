@@ -1,4 +1,5 @@
-"""The DDNN as a Chainer chain built from a ModelSpec: each tier's layers and exit, in order."""
+"""The DDNN as a Chainer chain built from a ModelSpec: each tier's layers and exit, in order; with views, the
+device tier once per view, their local exits and splits aggregated (model/views.py) before tier 1."""
 
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ from ddnn_gen.model.links import (
     input_to_float,
 )
 from ddnn_gen.model.spec import ModelSpec, Tier
+from ddnn_gen.model.views import FEATURE_LOW, aggregate_chainer, aggregate_scores_chainer, extract_views, present_mask
 
 
 @dataclass
 class ForwardResult:
-    """Exit logits per tier (device first) and every tier's output (the splits, then the last tier's)."""
+    """Exit logits per tier (device first) and every tier's output (the splits, then the last tier's). With
+    views, the device tier's exit is the aggregated local exit and its output the aggregated splits (tier 1's
+    input); each view's own exit logits and split are kept beside them."""
 
     exit_logits: list[Any]
     tier_outputs: list[Any]
+    view_logits: list[Any] | None = None
+    view_splits: list[Any] | None = None
 
     @property
     def split(self) -> Any:
@@ -45,6 +51,18 @@ def tier_link_names(spec: ModelSpec, index: int) -> tuple[str, str]:
     if index == 0:
         return "device_layers", "local_exit"
     return f"tier{index}_layers", f"tier{index}_exit"
+
+
+def view_link_names(spec: ModelSpec, view: int) -> tuple[str, str]:
+    """Attribute names of view ``view``'s device layers and local exit: the device tier's own for every view when
+    the views share weights, else for view 0, and ``view<k>_layers`` / ``view<k>_exit`` for the others."""
+    assert spec.views is not None
+    if spec.views.shared or view == 0:
+        return tier_link_names(spec, 0)
+    return f"view{view}_layers", f"view{view}_exit"
+
+
+LOCAL_AGGREGATOR = "local_concat"  # CC's linear layer from K concatenated score vectors to the classes
 
 
 def _tier_links(tier: Tier, shapes: list[tuple[int, ...]], n_classes: int) -> tuple[chainer.ChainList, chainer.Link]:
@@ -72,12 +90,33 @@ class DDNN(chainer.Chain):
                 layers_name, exit_name = tier_link_names(spec, index)
                 setattr(self, layers_name, layers)
                 setattr(self, exit_name, exit_link)
+            views = spec.views
+            if views is not None:
+                for view in range(1, 1 if views.shared else views.count):
+                    layers, exit_link = _tier_links(spec.tiers[0], spec.tier_shapes(0), spec.n_classes)
+                    layers_name, exit_name = view_link_names(spec, view)
+                    setattr(self, layers_name, layers)
+                    setattr(self, exit_name, exit_link)
+                if views.local_aggregation == "concat":
+                    setattr(self, LOCAL_AGGREGATOR, chainer.links.Linear(views.count * spec.n_classes,
+                                                                         spec.n_classes))
 
     def tier_layers(self, index: int) -> chainer.ChainList:
         return getattr(self, tier_link_names(self.spec, index)[0])
 
     def tier_exit(self, index: int) -> chainer.Link:
         return getattr(self, tier_link_names(self.spec, index)[1])
+
+    def view_layers(self, view: int) -> chainer.ChainList:
+        return getattr(self, view_link_names(self.spec, view)[0])
+
+    def view_exit(self, view: int) -> chainer.Link:
+        return getattr(self, view_link_names(self.spec, view)[1])
+
+    @property
+    def local_aggregator(self) -> chainer.Link | None:
+        """CC's linear layer, None for MP and AP (no parameters)."""
+        return getattr(self, LOCAL_AGGREGATOR, None)
 
     def run_tiers(self, x: Any, start: int = 0, stop: int | None = None) -> ForwardResult:
         """Tiers ``start`` .. ``stop - 1`` on ``x`` (the input of tier ``start``): each one's exit logits and
@@ -111,11 +150,33 @@ class DDNN(chainer.Chain):
         """Final-exit logits resumed after the device tier: what a cloud computes for an offloaded sample."""
         return self.resume_forward(split, 1)
 
-    def forward(self, x: Any) -> ForwardResult:
-        return self.run_tiers(x)
+    def forward(self, x: Any, present: np.ndarray | None = None) -> ForwardResult:
+        """Every exit on a batch of float inputs; with views, ``x`` is the scene and ``present`` (bool (N, K),
+        default all) says which views each sample has."""
+        if self.spec.views is None:
+            return self.run_tiers(x)
+        return self.forward_views(x, present)
 
-    def forward_images(self, images_u8: np.ndarray) -> ForwardResult:
-        return self.forward(input_to_float(images_u8, self.spec.input.scale))
+    def forward_views(self, x: Any, present: np.ndarray | None = None) -> ForwardResult:
+        """Each view's device part on its crop of the scene ``x``, the aggregated local exit, then tiers 1.. on
+        the aggregated splits."""
+        views = self.spec.views
+        assert views is not None
+        mask = present_mask(views, len(x)) if present is None else present
+        splits, logits = [], []
+        for view, crop in enumerate(extract_views(views, x)):
+            h = crop
+            for block in self.view_layers(view):
+                h = block(h)
+            splits.append(h)
+            logits.append(self.view_exit(view)(h))
+        local = aggregate_scores_chainer(views, logits, mask, self.local_aggregator)
+        features = aggregate_chainer(splits, mask, views.split_aggregation, FEATURE_LOW)
+        upper = self.run_tiers(features, 1)
+        return ForwardResult([local, *upper.exit_logits], [features, *upper.tier_outputs], logits, splits)
+
+    def forward_images(self, images_u8: np.ndarray, present: np.ndarray | None = None) -> ForwardResult:
+        return self.forward(input_to_float(images_u8, self.spec.input.scale), present)
 
 
 def predict_exits(model: DDNN, images_u8: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
@@ -135,9 +196,11 @@ def predict(model: DDNN, images_u8: np.ndarray, batch_size: int = 500) -> tuple[
     return logits[0], logits[-1]
 
 
-def softmax_cross_entropy_joint(model: DDNN, x: Any, t: Any, weights: tuple[float, ...]) -> tuple[Any, list[Any]]:
-    """Weighted sum of the exits' softmax cross-entropies (DDNN joint training)."""
-    result = model(x)
+def softmax_cross_entropy_joint(model: DDNN, x: Any, t: Any, weights: tuple[float, ...],
+                                present: np.ndarray | None = None) -> tuple[Any, list[Any]]:
+    """Weighted sum of the exits' softmax cross-entropies (DDNN joint training); with views the local exit's is
+    the aggregated one's, over the views ``present``."""
+    result = model(x, present) if present is not None else model(x)
     losses = [F.softmax_cross_entropy(logits, t) for logits in result.exit_logits]
     total = sum(w * loss for w, loss in zip(weights, losses))
     return total, result.exit_logits

@@ -14,6 +14,13 @@ Binary tiers (eBNN style) come first:
 and end in a ``bexit`` (binary linear -> BN -> softmax). Float tiers follow: ``conv`` (conv -> [BN] ->
 [ReLU] -> [max-pool]) and ``linear`` (linear -> [BN] -> [ReLU]), ending in a ``linear`` exit.
 
+Horizontal DDNN (configurations (c), (e), (f)): an optional ``views`` object makes K end devices look at one
+scene. Each view is a crop of the input image (the views are derived from single-view images: no multi-camera
+data set is installable here), the device tier runs once per view (shared or separate weights), a local
+aggregator combines the K local exits (max, average or concatenation + linear: the paper's MP / AP / CC) into
+one aggregated local exit, and tier 1 (an edge or the cloud) reads the K splits combined the same way. A view
+that is absent (a device down or late) is left out of max and average and is zeros in a concatenation.
+
 Version 1 files (exactly a device and a server tier, one ``threshold``) load unchanged: their content
 hashes, and so their wire identity, do not move.
 """
@@ -47,7 +54,9 @@ TIER_KINDS = ("device", "edge", "cloud", "server")
 # Every key a spec may hold, per object: a misspelt key ("kernel" for "ksize") is an error, not a default.
 _KEYS = {
     "spec": {"format", "version", "name", "dataset", "input", "classes", "tiers", "threshold", "thresholds",
-             "loss_weights", "training", "calibration"},
+             "loss_weights", "training", "calibration", "views"},
+    "views": {"height", "width", "crops", "weights", "local_aggregation", "split_aggregation", "dropout"},
+    "crop": {"top", "left"},
     "input": {"channels", "height", "width", "scale"},
     "tier": {"name", "kind", "layers", "exit"},
     "exit": {"name", "type"},
@@ -55,6 +64,12 @@ _KEYS = {
     "linear": {"name", "type", "out_channels", "bn", "relu"},
     "pool": {"ksize", "stride", "pad"},
 }
+
+# How K views are combined (the DDNN paper's names): max pooling, average pooling, concatenation.
+VIEW_AGGREGATIONS = {"max": "MP", "average": "AP", "concat": "CC"}
+VIEW_WEIGHTS = ("shared", "separate")
+MIN_VIEWS = 2
+MAX_VIEWS = 16
 
 THRESHOLD_RULE = "a finite number in [0, 1]"
 # The text form of a threshold everywhere it is typed or sent (CLI options, retained MQTT payloads, the C
@@ -195,6 +210,54 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Crop:
+    """Where one view sits in the scene image: its top-left pixel (the size is the views')."""
+
+    top: int
+    left: int
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """K devices seeing one scene: the crop each sees, whether their device parts share weights, and how their
+    local exits and their splits are aggregated (``VIEW_AGGREGATIONS``). ``dropout`` is the share of views the
+    training leaves out of each sample, so the model learns to answer with views missing."""
+
+    crops: tuple[Crop, ...]
+    height: int
+    width: int
+    weights: str = "shared"
+    local_aggregation: str = "max"
+    split_aggregation: str = "concat"
+    dropout: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.crops)
+
+    @property
+    def shared(self) -> bool:
+        return self.weights == "shared"
+
+    def input_shape(self, channels: int) -> tuple[int, int, int]:
+        """(C, H, W) one device reads."""
+        return (channels, self.height, self.width)
+
+    def aggregated_shape(self, split_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """What tier 1 reads, given one view's split: the same shape for max and average, K times the channels
+        (or features) for a concatenation."""
+        if self.split_aggregation != "concat":
+            return split_shape
+        return (self.count * split_shape[0], *split_shape[1:])
+
+    def describe(self) -> str:
+        crops = " ".join(f"({crop.top},{crop.left})" for crop in self.crops)
+        return (f"{self.count} views {self.height}x{self.width} at {crops}; {self.weights} weights; local "
+                f"aggregation {self.local_aggregation} ({VIEW_AGGREGATIONS[self.local_aggregation]}), split "
+                f"aggregation {self.split_aggregation} ({VIEW_AGGREGATIONS[self.split_aggregation]})")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     input: InputSpec
@@ -204,6 +267,7 @@ class ModelSpec:
     loss_weights: tuple[float, ...] = ()
     dataset: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    views: ViewSpec | None = None  # K devices seeing one scene; None: one device per request
 
     @property
     def n_classes(self) -> int:
@@ -236,12 +300,21 @@ class ModelSpec:
         """Shape (C, H, W) or (F,) of what tier ``tier_index`` passes on (its exit reads it too)."""
         return self.tier_shapes(tier_index)[-1]
 
-    def tier_shapes(self, tier_index: int) -> list[tuple[int, ...]]:
-        """Input shape of the tier followed by each layer's output shape."""
-        shape: tuple[int, ...] = self.input.shape
-        for tier in self.tiers[:tier_index]:
+    def tier_input_shape(self, tier_index: int) -> tuple[int, ...]:
+        """What tier ``tier_index`` reads: the image (one view of it with views), or the previous tier's output
+        (tier 1 of a multi-view model: the views' splits aggregated)."""
+        shape: tuple[int, ...] = self.input.shape if self.views is None else self.views.input_shape(
+            self.input.channels)
+        for index, tier in enumerate(self.tiers[:tier_index]):
             for layer in tier.layers:
                 shape = layer.out_shape(shape)
+            if index == 0 and self.views is not None:
+                shape = self.views.aggregated_shape(shape)
+        return shape
+
+    def tier_shapes(self, tier_index: int) -> list[tuple[int, ...]]:
+        """Input shape of the tier followed by each layer's output shape."""
+        shape = self.tier_input_shape(tier_index)
         shapes = [shape]
         for layer in self.tiers[tier_index].layers:
             shape = layer.out_shape(shape)
@@ -250,7 +323,7 @@ class ModelSpec:
 
     @property
     def split_shape(self) -> tuple[int, ...]:
-        """Shape of the device tier's output: the activations sent to the server."""
+        """Shape of the device tier's output: the activations sent to the server (one view's, with views)."""
         return self.tier_shapes(0)[-1]
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,8 +423,9 @@ def _parse_layer(obj: Any, where: str, allowed: tuple[str, ...]) -> Layer:
 
 
 def _check_shapes(spec: ModelSpec) -> None:
-    shape: tuple[int, ...] = spec.input.shape
-    for tier in spec.tiers:
+    for index, tier in enumerate(spec.tiers):
+        # Earlier tiers were checked in earlier rounds, so their shapes are valid here.
+        shape = spec.tier_input_shape(index)
         for layer in tier.layers:
             if layer.is_conv and len(shape) != 3:
                 raise SpecError(f"layer {layer.name}: a convolution cannot follow a linear layer")
@@ -457,6 +531,58 @@ def _parse_thresholds(raw: dict[str, Any], version: int, n_early: int) -> tuple[
     return tuple(check_threshold(value, f"thresholds[{i}]") for i, value in enumerate(values))
 
 
+def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...], default: str, where: str) -> str:
+    value = obj.get(key, default)
+    if value not in choices:
+        raise SpecError(f"{where}: {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return str(value)
+
+
+def _parse_views(obj: Any, version: int, input_spec: InputSpec, tiers: list[Tier]) -> ViewSpec:
+    where = "views"
+    if version < 2:
+        raise SpecError("'views' needs a version 2 spec")
+    if not isinstance(obj, dict):
+        raise SpecError("'views' must be an object like {\"height\": 20, \"width\": 20, \"crops\": [{\"top\": 0, "
+                        "\"left\": 0}, ...]}")
+    _check_keys(obj, "views", where)
+    height = _int(obj, "height", where, minimum=1)
+    width = _int(obj, "width", where, minimum=1)
+    if height > input_spec.height or width > input_spec.width:
+        raise SpecError(f"{where}: a {height}x{width} view does not fit the {input_spec.height}x{input_spec.width} "
+                        "input image")
+    crops_raw = obj.get("crops")
+    if not isinstance(crops_raw, list) or not MIN_VIEWS <= len(crops_raw) <= MAX_VIEWS:
+        raise SpecError(f"{where}: 'crops' must list {MIN_VIEWS}..{MAX_VIEWS} views (one per device), each "
+                        "{\"top\": T, \"left\": L}")
+    crops = []
+    for index, crop_raw in enumerate(crops_raw):
+        at = f"{where}.crops[{index}]"
+        if not isinstance(crop_raw, dict):
+            raise SpecError(f"{at}: a view must be an object like {{\"top\": 0, \"left\": 0}}")
+        _check_keys(crop_raw, "crop", at)
+        top, left = _int(crop_raw, "top", at), _int(crop_raw, "left", at)
+        if top + height > input_spec.height or left + width > input_spec.width:
+            raise SpecError(f"{at}: a {height}x{width} view at top {top}, left {left} reaches past the "
+                            f"{input_spec.height}x{input_spec.width} input image")
+        crops.append(Crop(top, left))
+    dropout = obj.get("dropout", 0.0)
+    if (isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not math.isfinite(dropout)
+            or not 0.0 <= dropout < 1.0):
+        raise SpecError(f"{where}: 'dropout' (the share of views training leaves out) must be in [0, 1), "
+                        f"got {dropout!r}")
+    aggregations = tuple(VIEW_AGGREGATIONS)
+    views = ViewSpec(tuple(crops), height, width, _choice(obj, "weights", VIEW_WEIGHTS, "shared", where),
+                     _choice(obj, "local_aggregation", aggregations, "max", where),
+                     _choice(obj, "split_aggregation", aggregations, "concat", where), float(dropout))
+    if len(tiers) < 2:
+        raise SpecError(f"{where}: a multi-view model needs a tier after the devices' to aggregate their splits at")
+    if tiers[1].binary and views.split_aggregation != "max":
+        raise SpecError(f"{where}: tier 1 ({tiers[1].name}) is binary, so it can only aggregate the views' split bits "
+                        f"by 'max' (their OR); {views.split_aggregation!r} needs a float tier 1")
+    return views
+
+
 def parse_spec(raw: Any) -> ModelSpec:
     """Validate a spec dict (as read from JSON) and build a ModelSpec."""
     if not isinstance(raw, dict):
@@ -493,8 +619,9 @@ def parse_spec(raw: Any) -> ModelSpec:
     if (not isinstance(weights, list) or len(weights) != len(tiers)
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
         raise SpecError(f"'loss_weights' must list one non-negative weight per tier ({len(tiers)})")
+    views = None if "views" not in raw else _parse_views(raw["views"], version, input_spec, tiers)
     spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), thresholds,
-                     tuple(float(w) for w in weights), dataset, copy.deepcopy(raw))
+                     tuple(float(w) for w in weights), dataset, copy.deepcopy(raw), views)
     _check_shapes(spec)
     return spec
 

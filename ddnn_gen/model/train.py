@@ -1,4 +1,5 @@
-"""Joint training of all exits (DDNN): loss = sum_i w_i * CE(exit_i), Adam, weight clipping.
+"""Joint training of all exits (DDNN): loss = sum_i w_i * CE(exit_i), Adam, weight clipping. A multi-view
+model's local exit is the aggregated one, trained with random views left out (``views.dropout``).
 
 Checkpoints are ordinary self-describing model files plus an ``.opt.npz`` with the
 optimizer state and the epoch counter, so ``--resume`` continues exactly where it stopped.
@@ -23,6 +24,7 @@ from ddnn_gen.model.links import clip_binary_weights, input_to_float
 from ddnn_gen.model.modelfile import load_model, save_model
 from ddnn_gen.model.network import DDNN, predict_exits, softmax_cross_entropy_joint
 from ddnn_gen.model.spec import ModelSpec, parse_spec
+from ddnn_gen.model.views import dropout_mask
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,9 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         if epoch in config.lr_decay_epochs:
             optimizer.alpha *= 0.1
         order = rng.permutation(n)
-        # Seeded by the epoch alone: a run resumed at this epoch draws the same crops and flips.
+        # Seeded by the epoch alone: a run resumed at this epoch draws the same crops, flips and missing views.
         augment_rng = np.random.RandomState(config.seed + 7919 * (epoch + 1))
+        view_rng = np.random.RandomState(config.seed + 104729 * (epoch + 1))
         batches = range(0, n, config.batch_size)
         progress = _Progress(config.progress, batches, f"epoch {epoch + 1}/{config.epochs}")
         total_loss = 0.0
@@ -168,7 +171,9 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
                 index = order[begin_index:begin_index + config.batch_size]
                 x = (x_all[index] if x_all is not None else input_to_float(
                     augment_batch(train_set.images[index], config.augment, augment_rng), spec.input.scale))
-                loss, logits = softmax_cross_entropy_joint(model, x, t_all[index], weights)
+                present = (dropout_mask(spec.views, len(index), view_rng)
+                           if spec.views is not None and spec.views.dropout > 0 else None)
+                loss, logits = softmax_cross_entropy_joint(model, x, t_all[index], weights, present)
                 model.cleargrads()
                 loss.backward()
                 optimizer.update()

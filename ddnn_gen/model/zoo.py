@@ -1,5 +1,6 @@
-"""Model zoo: the adaptive-DDNN paper's CIFAR-10 families, a 28x28 family for MNIST-like data, and
-three-tier (device, edge, cloud) families for Fashion-MNIST and CIFAR-10.
+"""Model zoo: the adaptive-DDNN paper's CIFAR-10 families, a 28x28 family for MNIST-like data,
+three-tier (device, edge, cloud) families for Fashion-MNIST and CIFAR-10, and a multi-view family (four devices
+seeing overlapping crops of one Fashion-MNIST image).
 
 Every builder returns a raw spec dict (see ``spec.parse_spec``); ``filters`` scales the
 device part, as in the paper's deep-16/32/64 variants.
@@ -119,6 +120,29 @@ def cifar10_2tier(filters: int = 64) -> Raw:
     return _two_tier(f"cifar10_2tier_{filters}", "cifar10", 3, 32, device, cloud, 0.5)
 
 
+def corner_crops(size: int, view: int) -> list[Raw]:
+    """Four ``view`` x ``view`` crops of a ``size`` x ``size`` image, one per corner: four cameras that overlap in
+    the middle of the scene."""
+    far = size - view
+    return [{"top": top, "left": left} for top in (0, far) for left in (0, far)]
+
+
+def fmnist28_views(filters: int = 16) -> Raw:
+    """Fashion-MNIST seen by four devices, each a 20x20 corner crop of the 28x28 image (configuration (e): devices,
+    local aggregator, cloud). Device (per view, separate weights: each camera its own): FConv + BConv with 2x2
+    pools, a 5x5 split of 2 * filters bits (200 B for up to 32 filters) and a binary local exit; the local
+    aggregator takes the max of the four exits' scores (MP), the cloud concatenates the four splits (CC) before
+    two float convolutions and a hidden linear layer. Trained with a quarter of the views left out at random."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", 2 * filters, pool=POOL_2)]
+    cloud = [_conv("sconv1", "conv", 64), _conv("sconv2", "conv", 64, pool=POOL_2),
+             {"name": "sfc1", "type": "linear", "out_channels": 128}]
+    raw = _two_tier(f"fmnist_views_{filters}", "fashion-mnist", 1, 28, device, cloud, 0.5)
+    raw["views"] = {"height": 20, "width": 20, "crops": corner_crops(28, 20), "weights": "separate",
+                    "local_aggregation": "max", "split_aggregation": "concat", "dropout": 0.25}
+    parse_spec(raw)
+    return raw
+
+
 ZOO: dict[str, Callable[..., Raw]] = {
     "cifar10_shallow": cifar10_shallow,
     "cifar10_deep": cifar10_deep,
@@ -127,6 +151,7 @@ ZOO: dict[str, Callable[..., Raw]] = {
     "mnist": lambda filters=16: mnist28(filters, "mnist"),
     "fashion-mnist": lambda filters=16: mnist28(filters, "fashion-mnist"),
     "fashion-mnist-3tier": fmnist28_3tier,
+    "fashion-mnist-views": fmnist28_views,
 }
 
 

@@ -50,7 +50,9 @@ class Prediction:
 
 def assignments(spec: ModelSpec) -> list[tuple[str, ...]]:
     """Every placement of the tiers, in order, that the product can run: only the binary device tier can run
-    on the device (it is the one compiled to C); every tier can run on an edge or in the cloud."""
+    on the device (it is the one compiled to C); an edge runs the first edge tier on the device's split
+    (ddnn-server --role edge); any location can run every tier from some point on (a cloud-role server, with
+    --from-tier). A raw-input upload therefore goes to one location that runs the whole model."""
     found = []
     for locations in itertools.product(LOCATIONS, repeat=len(spec.tiers)):
         ranks = [LOCATIONS.index(loc) for loc in locations]
@@ -60,6 +62,12 @@ def assignments(spec: ModelSpec) -> list[tuple[str, ...]]:
             continue
         if locations[0] == "device" and not (spec.tiers[0].binary and len(spec.tiers) > 1):
             continue
+        if locations[0] != "device" and len(set(locations)) > 1:
+            continue  # raw input split across servers: no server role runs the device tier and forwards
+        rest = locations[1:]
+        if locations[0] == "device" and len(set(rest)) > 1 and not (
+                rest[0] != rest[1] and len(set(rest[1:])) == 1 and spec.tiers[1].binary):
+            continue  # an edge runs exactly tier 1 (a binary one) and one location above it the rest
         found.append(locations)
     return found
 
