@@ -244,7 +244,7 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
         server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server)
         try:
             per_device = n_requests // args.devices
-            sim = (broker.host, broker.port, served.program, served.hash_bytes, device.split_words, device.entropy,
+            sim = (broker.connection(), served.program, served.hash_bytes, device.split_words, device.entropy,
                    device.local_class)
             run_devices(*sim, args.devices, 10, all_to_server=True, window=4)  # warm-up
             cpu_before = procstat.cpu_seconds(server.pid)

@@ -9,10 +9,6 @@
 #include <string.h>
 #include <time.h>
 
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
-
 #include <MQTTClient.h>
 
 #include "ddnn_exit.h"
@@ -20,6 +16,7 @@
 
 #define TOPIC_MAX 128
 #define URI_MAX 300
+#define PASSWORD_MAX 255 /* the same bound as ddnn_gen/wire/connection.py */
 
 /* All state is static: one client per device process, no allocation by this module after start
  * (Paho allocates internally). `lock` guards everything the callback thread touches. */
@@ -27,20 +24,22 @@ static struct {
     MQTTClient client;
     int created;
     char uri[URI_MAX];
-    char client_id[64];
+    char password[PASSWORD_MAX + 1];
+    ddnn_mqtt_config config; /* the caller's strings must outlive the client (argv does) */
     char device_id[DDNN_DEVICE_ID_MAX + 1];
     char request_topic[TOPIC_MAX];
     char reply_topic[TOPIC_MAX];
     char status_topic[TOPIC_MAX];
     char model_threshold_topic[TOPIC_MAX];
     char device_threshold_topic[TOPIC_MAX];
-    int port;
     int connect_timeout_s, retry_ms;
 
     pthread_mutex_t lock;
-    pthread_cond_t changed;
+    pthread_cond_t changed; /* timed waits on CLOCK_MONOTONIC: a wall-clock step cannot cut a wait short */
     int connected;
     int running;
+    int taken_over;
+    int last_refusal; /* the last connection failure logged, so a broker that keeps refusing is said once */
     pthread_t reconnector;
     int reconnector_started;
 
@@ -112,6 +111,24 @@ static int on_message(void *context, char *topic, int topic_len, MQTTClient_mess
     return 1;
 }
 
+/* The broker's DISCONNECT (MQTT 5). 0x8E: another client connected with this device id. */
+static void on_disconnected(void *context, MQTTProperties *properties, enum MQTTReasonCodes reason)
+{
+    (void)context;
+    (void)properties;
+    pthread_mutex_lock(&net.lock);
+    net.connected = 0;
+    if (reason == MQTTREASONCODE_SESSION_TAKEN_OVER)
+        net.taken_over = 1;
+    pthread_cond_broadcast(&net.changed);
+    pthread_mutex_unlock(&net.lock);
+    if (reason == MQTTREASONCODE_SESSION_TAKEN_OVER)
+        log_line("another client connected as device %s and took the session over; answering locally from now on",
+                 net.device_id);
+    else
+        log_line("the broker disconnected this device: %s", MQTTReasonCode_toString(reason));
+}
+
 static void on_connection_lost(void *context, char *cause)
 {
     (void)context;
@@ -137,31 +154,51 @@ static int publish_status(const char *status)
     return rc;
 }
 
-/* Paho C leaves Nagle on and does not expose its socket. A request written right after the PUBACK
- * of the previous reply would then wait for the broker's delayed ACK (~40 ms per sample), so after
- * each connection we find the TCP socket whose peer is the broker port and set TCP_NODELAY on it. */
-static void set_no_delay(int port)
+static int tls_error(const char *text, size_t len, void *context)
 {
-    int fd, one = 1;
-    for (fd = 0; fd < 1024; ++fd) {
-        struct sockaddr_storage peer;
-        socklen_t len = sizeof(peer);
-        int type = 0;
-        socklen_t type_len = sizeof(type);
-        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) != 0 || type != SOCK_STREAM)
+    (void)context;
+    while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r'))
+        --len;
+    if (net.last_refusal == 0) /* the first failing attempt says why; the retries every retry_ms do not */
+        log_line("TLS: %.*s", (int)len, text);
+    return 0;
+}
+
+/* The SUBACK's verdict on topic i: Paho C 1.3 puts the first reason code in reasonCode and, when there are
+ * several, all of them in reasonCodes[]. A SUBACK with fewer codes than topics refused the rest. */
+static enum MQTTReasonCodes subscription_code(const MQTTResponse *response, int i)
+{
+    if (i >= response->reasonCodeCount)
+        return MQTTREASONCODE_UNSPECIFIED_ERROR;
+    if (response->reasonCodeCount > 1 && response->reasonCodes != NULL)
+        return response->reasonCodes[i];
+    return response->reasonCode;
+}
+
+/* A refused reply subscription leaves the device deaf: it disconnects and retries later (the broker's
+ * rules may be fixed meanwhile). Refused threshold subscriptions only cost live thresholds. */
+static int check_subscriptions(const MQTTResponse *response, char *const *topics)
+{
+    static const char *const names[3] = {"replies", "model threshold", "device threshold"};
+    int i, reply_ok = 1;
+    for (i = 0; i < 3; ++i) {
+        const enum MQTTReasonCodes code = subscription_code(response, i);
+        if (code <= MQTTREASONCODE_GRANTED_QOS_2)
             continue;
-        if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0)
-            continue;
-        if ((peer.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&peer)->sin_port) == port) ||
-            (peer.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&peer)->sin6_port) == port))
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (net.last_refusal == 0)
+            log_line("the broker refused the %s subscription %s: %s", names[i], topics[i],
+                     MQTTReasonCode_toString(code));
+        if (i == 0)
+            reply_ok = 0;
     }
+    return reply_ok;
 }
 
 static int connect_once(void)
 {
     MQTTClient_connectOptions options = MQTTClient_connectOptions_initializer5;
     MQTTClient_willOptions will = MQTTClient_willOptions_initializer;
+    MQTTClient_SSLOptions ssl = MQTTClient_SSLOptions_initializer;
     MQTTResponse response;
     char *topics[3];
     int qos[3] = {1, 1, 1};
@@ -175,19 +212,32 @@ static int connect_once(void)
     options.cleanstart = 1; /* replies to an earlier connection are stale: they were answered locally */
     options.connectTimeout = net.connect_timeout_s;
     options.will = &will;
+    options.username = net.config.username;
+    options.password = net.config.password_file != NULL ? net.password : NULL;
+    if (net.config.tls) {
+        ssl.trustStore = net.config.ca_file; /* NULL: Paho loads OpenSSL's default verify paths */
+        ssl.keyStore = net.config.cert_file;
+        ssl.privateKey = net.config.key_file;
+        ssl.enableServerCertAuth = !net.config.insecure;
+        ssl.verify = !net.config.insecure; /* the certificate must name the host (or address) dialled */
+        ssl.sslVersion = MQTT_SSL_VERSION_TLS_1_2;
+        ssl.ssl_error_cb = tls_error;
+        options.ssl = &ssl;
+    }
     response = MQTTClient_connect5(net.client, &options, NULL, NULL);
     rc = response.reasonCode;
     MQTTResponse_free(response);
     if (rc != MQTTCLIENT_SUCCESS)
         return rc;
-    set_no_delay(net.port);
     topics[0] = net.reply_topic;
     topics[1] = net.model_threshold_topic;
     topics[2] = net.device_threshold_topic;
     response = MQTTClient_subscribeMany5(net.client, 3, topics, qos, NULL, NULL);
     rc = response.reasonCode;
+    if (rc >= 0 && !check_subscriptions(&response, topics))
+        rc = MQTTREASONCODE_NOT_AUTHORIZED;
     MQTTResponse_free(response);
-    if (rc > 2) { /* granted QoS 0..2 are successes */
+    if (rc < 0 || rc > MQTTREASONCODE_GRANTED_QOS_2) {
         MQTTClient_disconnect5(net.client, 0, MQTTREASONCODE_UNSPECIFIED_ERROR, NULL);
         return rc;
     }
@@ -196,28 +246,39 @@ static int connect_once(void)
     net.connected = 1;
     pthread_cond_broadcast(&net.changed);
     pthread_mutex_unlock(&net.lock);
-    log_line("connected to %s as %s", net.uri, net.client_id);
+    log_line("connected to %s as %s%s", net.uri, net.device_id,
+             net.config.tls ? (net.config.insecure ? " (TLS, broker NOT verified: --insecure)" : " (TLS)") : "");
     return 0;
+}
+
+/* One line for a failed attempt: Paho's own codes are negative, the broker's MQTT 5 reason codes positive. */
+static const char *failure_text(int rc)
+{
+    if (rc < 0)
+        return MQTTClient_strerror(rc);
+    return MQTTReasonCode_toString((enum MQTTReasonCodes)rc);
 }
 
 static void *reconnect_loop(void *arg)
 {
-    int logged = 0;
     (void)arg;
     for (;;) {
-        int connected, running;
+        int connected, running, taken_over, rc;
         pthread_mutex_lock(&net.lock);
         connected = net.connected;
         running = net.running;
+        taken_over = net.taken_over;
         pthread_mutex_unlock(&net.lock);
-        if (!running)
+        if (!running || taken_over)
             break;
         if (!connected) {
-            if (connect_once() == 0) {
-                logged = 0;
-            } else if (!logged) {
-                log_line("no broker at %s; retrying every %d ms", net.uri, net.retry_ms);
-                logged = 1;
+            rc = connect_once();
+            if (rc == 0) {
+                net.last_refusal = 0;
+            } else if (rc != net.last_refusal) {
+                log_line("cannot use the broker at %s (%s); retrying every %d ms", net.uri, failure_text(rc),
+                         net.retry_ms);
+                net.last_refusal = rc;
             }
         }
         ddnn_sleep_ms(net.retry_ms);
@@ -225,9 +286,100 @@ static void *reconnect_loop(void *arg)
     return NULL;
 }
 
+static int read_password(const char *path)
+{
+    FILE *file = fopen(path, "rb");
+    size_t len;
+    int extra;
+    if (file == NULL) {
+        fprintf(stderr, "ddnn_mqtt: --password-file %s: cannot read it\n", path);
+        return -1;
+    }
+    if (fgets(net.password, sizeof(net.password), file) == NULL)
+        net.password[0] = '\0';
+    len = strcspn(net.password, "\r\n");
+    extra = len == strlen(net.password) && !feof(file) ? fgetc(file) : EOF;
+    fclose(file);
+    if (extra != EOF && extra != '\n' && extra != '\r') {
+        fprintf(stderr, "ddnn_mqtt: --password-file %s: the password is longer than %d bytes\n", path, PASSWORD_MAX);
+        return -1;
+    }
+    net.password[len] = '\0';
+    if (len == 0) {
+        fprintf(stderr, "ddnn_mqtt: --password-file %s: the first line is empty\n", path);
+        return -1;
+    }
+    return 0;
+}
+
+void ddnn_mqtt_config_init(ddnn_mqtt_config *config)
+{
+    memset(config, 0, sizeof(*config));
+}
+
+int ddnn_mqtt_parse_option(ddnn_mqtt_config *config, int argc, char **argv, int *i)
+{
+    static const char *const with_value[] = {"--ca-file", "--cert", "--key", "--username", "--password-file"};
+    const char **targets[5];
+    const char *arg = argv[*i];
+    size_t k;
+    targets[0] = &config->ca_file;
+    targets[1] = &config->cert_file;
+    targets[2] = &config->key_file;
+    targets[3] = &config->username;
+    targets[4] = &config->password_file;
+    if (strcmp(arg, "--tls") == 0) {
+        config->tls = 1;
+        return 1;
+    }
+    if (strcmp(arg, "--insecure") == 0) {
+        config->insecure = 1;
+        return 1;
+    }
+    for (k = 0; k < sizeof(with_value) / sizeof(with_value[0]); ++k) {
+        if (strcmp(arg, with_value[k]) == 0) {
+            if (*i + 1 >= argc || argv[*i + 1][0] == '\0') {
+                fprintf(stderr, "ddnn_mqtt: %s needs a value\n", arg);
+                return -1;
+            }
+            *targets[k] = argv[++*i];
+            if (k <= 2)
+                config->tls = 1; /* a CA file or a client certificate only mean something over TLS */
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void ddnn_mqtt_usage(FILE *out)
+{
+    fprintf(out, "  --tls                 connect with TLS (ssl://); implied by --ca-file, --cert and --key\n"
+                 "  --ca-file FILE        CA certificates (PEM) the broker's must chain to (default: system store)\n"
+                 "  --cert FILE --key FILE  client certificate and key (PEM), for brokers that identify by them\n"
+                 "  --username NAME       MQTT user name\n"
+                 "  --password-file FILE  file whose first line is the MQTT password\n"
+                 "  --insecure            TLS without checking the broker's certificate and name (testing only)\n");
+}
+
+/* A flag the callback thread writes, read under the lock. */
+static int read_flag(const int *flag)
+{
+    int value;
+    pthread_mutex_lock(&net.lock);
+    value = *flag;
+    pthread_mutex_unlock(&net.lock);
+    return value;
+}
+
+int ddnn_mqtt_taken_over(void)
+{
+    return read_flag(&net.taken_over);
+}
+
 int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
 {
     MQTTClient_createOptions create = MQTTClient_createOptions_initializer;
+    pthread_condattr_t clock_attr;
     size_t id_len;
     char hex[2 * DDNN_WIRE_HASH_BYTES + 1];
     int i, n;
@@ -237,17 +389,29 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
                         "letter or digit\n", DDNN_DEVICE_ID_MAX);
         return -1;
     }
+    if ((config->cert_file == NULL) != (config->key_file == NULL)) {
+        fprintf(stderr, "ddnn_mqtt: --cert and --key go together (a client certificate and its key)\n");
+        return -1;
+    }
+    if (config->insecure && !config->tls) {
+        fprintf(stderr, "ddnn_mqtt: --insecure needs --tls\n");
+        return -1;
+    }
+    if (config->password_file != NULL && config->username == NULL) {
+        fprintf(stderr, "ddnn_mqtt: --password-file needs --username\n");
+        return -1;
+    }
     id_len = strlen(config->device_id);
     memset(&net, 0, sizeof(net));
+    net.config = *config;
     memcpy(net.device_id, config->device_id, id_len + 1);
+    if (config->password_file != NULL && read_password(config->password_file) != 0)
+        return -1;
     for (i = 0; i < DDNN_WIRE_HASH_BYTES; ++i)
         snprintf(hex + 2 * i, 3, "%02x", config->model_hash[i]);
-    n = snprintf(net.uri, sizeof(net.uri), "tcp://%s:%d", config->host, config->port);
+    n = snprintf(net.uri, sizeof(net.uri), "%s://%s:%d", config->tls ? "ssl" : "tcp", config->host, config->port);
     if (n < 0 || (size_t)n >= sizeof(net.uri))
         return -1;
-    /* Unique per device and per process: two runs of one device never kick each other off. */
-    snprintf(net.client_id, sizeof(net.client_id), "ddnn-dev-%s-%lx", net.device_id,
-             (unsigned long)(time(NULL) ^ (long)clock()));
     /* The device id in the request topic is what the server answers (and what a broker ACL ties to this
      * device's credentials); the reply comes back on the device's own reply topic. */
     snprintf(net.request_topic, TOPIC_MAX, "ddnn/req/%s/%s", hex, net.device_id);
@@ -255,19 +419,23 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     snprintf(net.status_topic, TOPIC_MAX, "ddnn/status/%s", net.device_id);
     snprintf(net.model_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s", hex);
     snprintf(net.device_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s/%s", hex, net.device_id);
-    net.port = config->port;
     net.connect_timeout_s = config->connect_timeout_s > 0 ? config->connect_timeout_s : 2;
     net.retry_ms = config->retry_ms > 0 ? config->retry_ms : 200;
     pthread_mutex_init(&net.lock, NULL);
-    pthread_cond_init(&net.changed, NULL);
+    pthread_condattr_init(&clock_attr);
+    pthread_condattr_setclock(&clock_attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&net.changed, &clock_attr);
+    pthread_condattr_destroy(&clock_attr);
     create.MQTTVersion = MQTTVERSION_5;
-    if (MQTTClient_createWithOptions(&net.client, net.uri, net.client_id, MQTTCLIENT_PERSISTENCE_NONE, NULL,
+    /* Client id = device id: one identity per device on the broker (see ddnn_mqtt.h for two processes). */
+    if (MQTTClient_createWithOptions(&net.client, net.uri, net.device_id, MQTTCLIENT_PERSISTENCE_NONE, NULL,
                                      &create) != MQTTCLIENT_SUCCESS) {
         fprintf(stderr, "ddnn_mqtt: cannot create a client for %s\n", net.uri);
         return -1;
     }
     net.created = 1;
-    if (MQTTClient_setCallbacks(net.client, NULL, on_connection_lost, on_message, NULL) != MQTTCLIENT_SUCCESS) {
+    if (MQTTClient_setCallbacks(net.client, NULL, on_connection_lost, on_message, NULL) != MQTTCLIENT_SUCCESS ||
+        MQTTClient_setDisconnected(net.client, NULL, on_disconnected) != MQTTCLIENT_SUCCESS) {
         fprintf(stderr, "ddnn_mqtt: cannot set up the client\n");
         return -1;
     }
@@ -284,16 +452,12 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
 
 int ddnn_mqtt_connected(void)
 {
-    int connected;
-    pthread_mutex_lock(&net.lock);
-    connected = net.connected;
-    pthread_mutex_unlock(&net.lock);
-    return connected;
+    return read_flag(&net.connected);
 }
 
 static void deadline_after(struct timespec *ts, int ms)
 {
-    clock_gettime(CLOCK_REALTIME, ts);
+    clock_gettime(CLOCK_MONOTONIC, ts); /* the clock net.changed waits on */
     ts->tv_sec += ms / 1000;
     ts->tv_nsec += (long)(ms % 1000) * 1000000L;
     if (ts->tv_nsec >= 1000000000L) {
@@ -325,7 +489,6 @@ int ddnn_mqtt_request(const uint8_t *request, size_t len, uint64_t request_id, i
     if (rc != MQTTCLIENT_SUCCESS) {
         result = DDNN_NET_OFFLINE;
     } else {
-        /* CLOCK_REALTIME deadline: pthread_condattr_setclock is not in every libc this targets. */
         deadline_after(&deadline, timeout_ms);
         while (!net.have_reply && net.connected)
             if (pthread_cond_timedwait(&net.changed, &net.lock, &deadline) == ETIMEDOUT)

@@ -5,12 +5,21 @@
  * so the caller answers locally (fallback) and never hangs. A background thread reconnects and
  * re-subscribes. Retained thresholds on ddnn/threshold/<model> and ddnn/threshold/<model>/<device>
  * are tracked; ddnn_mqtt_threshold() hands the caller the current one between samples.
- * Birth/last-will: retained "online"/"offline" on ddnn/status/<device>. */
+ * Birth/last-will: retained "online"/"offline" on ddnn/status/<device>.
+ *
+ * The MQTT client id is the device id, so a broker can tie it to the credentials (use_username_as_clientid,
+ * %c patterns). TLS (ssl://, Paho C's SSL library libpaho-mqtt3cs) verifies the broker's certificate against
+ * ca_file (else OpenSSL's default trust store) and its host name, unless `insecure` is set explicitly.
+ * Credentials: a user name and a password read from a file, and/or a client certificate and key.
+ * A second process connecting with the same device id takes the session over; when the broker says so
+ * (MQTT 5 DISCONNECT 0x8E) this process stops using the network and answers locally from then on, so two
+ * processes of one id do not take the session from each other in turns. */
 #ifndef DDNN_MQTT_H
 #define DDNN_MQTT_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "ddnn_protocol.h"
 
@@ -27,7 +36,27 @@ typedef struct {
     const uint8_t *model_hash;                   /* DDNN_WIRE_HASH_BYTES bytes */
     int connect_timeout_s;                       /* per connection attempt */
     int retry_ms;                                /* pause between reconnection attempts */
+    int tls;                                     /* ssl:// instead of tcp:// */
+    const char *ca_file;                         /* PEM CA bundle; NULL: OpenSSL's default trust store */
+    const char *cert_file, *key_file;            /* client certificate and its key (PEM), or NULL */
+    const char *username;                        /* or NULL */
+    const char *password_file;                   /* first line = the password (kept off the command line) */
+    int insecure;                                /* TLS without certificate or host name checks */
 } ddnn_mqtt_config;
+
+/* Zeroes a configuration (plain TCP, no credentials). */
+void ddnn_mqtt_config_init(ddnn_mqtt_config *config);
+
+/* Command-line options for the connection, shared by every runner: --tls, --ca-file F, --cert F, --key F,
+ * --username U, --password-file F, --insecure. Looks at argv[*i]; returns 1 and advances *i past what it
+ * consumed, 0 when argv[*i] is none of them, -1 (message printed) when its value is missing. */
+int ddnn_mqtt_parse_option(ddnn_mqtt_config *config, int argc, char **argv, int *i);
+
+/* Usage lines for those options. */
+void ddnn_mqtt_usage(FILE *out);
+
+/* 1 once another client took this device's session over (see above). */
+int ddnn_mqtt_taken_over(void);
 
 /* Creates the client and starts connecting in the background; waits up to wait_ms for the first
  * connection. Returns 0 (even if not yet connected), or -1 on bad configuration. */

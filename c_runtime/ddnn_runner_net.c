@@ -28,10 +28,11 @@ static void usage(FILE *out, const ddnn_model *model)
     fprintf(out,
             "usage: ddnn_device_net SAMPLES --device-id ID [--broker HOST:PORT] [--timeout-ms N] [-o RESULTS.csv]\n"
             "                       [--threshold T] [--pace-ms N] [--connect-wait-ms N] [--server-only]\n"
+            "                       [--tls] [--ca-file F] [--cert F --key F] [--username U --password-file F]\n"
             "  Classifies every sample of SAMPLES with %s, asking ddnn-server when the local\n"
             "  exit is not confident.\n"
             "  --device-id ID        unique device name (topics ddnn/reply/ID, ddnn/status/ID)\n"
-            "  --broker HOST:PORT    MQTT broker (default 127.0.0.1:1883)\n"
+            "  --broker HOST:PORT    MQTT broker (default 127.0.0.1:1883; port 8883 by default with TLS)\n"
             "  --timeout-ms N        wait at most N ms for a reply, then answer locally (default 1000)\n"
             "  -o FILE               CSV (default stdout): index,label,local_class,entropy,exit_local,final_class,\n"
             "                        source,t_device_us,t_server_us,t_total_us,threshold,answered_by,\n"
@@ -42,13 +43,14 @@ static void usage(FILE *out, const ddnn_model *model)
             "  --server-only         send every raw input image; the server runs the whole model (local_class -1,\n"
             "                        entropy nan; the device part runs only for a fallback answer)\n",
             model->name, model->default_threshold);
+    ddnn_mqtt_usage(out);
 }
 
-static int parse_broker(const char *text, char *host, size_t host_len, int *port)
+static int parse_broker(const char *text, char *host, size_t host_len, int *port, long default_port)
 {
     const char *colon = strrchr(text, ':');
     size_t len = colon != NULL ? (size_t)(colon - text) : strlen(text);
-    long value = 1883;
+    long value = default_port;
     if (len == 0 || len >= host_len)
         return 0;
     if (colon != NULL && !ddnn_parse_long(colon + 1, 1, 65535, &value))
@@ -67,7 +69,7 @@ int main(int argc, char **argv)
     double initial_threshold = model->default_threshold, threshold;
     long timeout_ms = 1000, pace_ms = 0, connect_wait_ms = 3000;
     char host[256];
-    int port, i, got, status = 0, server_only = 0;
+    int port, i, got, used, status = 0, server_only = 0;
     uint64_t request_id;
     uint32_t index = 0;
     int32_t label;
@@ -79,6 +81,7 @@ int main(int argc, char **argv)
     ddnn_reply reply;
     ddnn_mqtt_config config;
 
+    ddnn_mqtt_config_init(&config);
     for (i = 1; i < argc; ++i) {
         const int has_value = i + 1 < argc;
         if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
@@ -113,6 +116,9 @@ int main(int argc, char **argv)
                 fprintf(stderr, "ddnn_device_net: --threshold needs a number in [0, 1], got '%s'\n", argv[i]);
                 return 2;
             }
+        } else if ((used = ddnn_mqtt_parse_option(&config, argc, argv, &i)) != 0) {
+            if (used < 0)
+                return 2;
         } else if (argv[i][0] != '-' && samples_path == NULL) {
             samples_path = argv[i];
         } else {
@@ -126,7 +132,7 @@ int main(int argc, char **argv)
         usage(stderr, model);
         return 2;
     }
-    if (!parse_broker(broker, host, sizeof(host), &port)) {
+    if (!parse_broker(broker, host, sizeof(host), &port, config.tls ? 8883 : 1883)) {
         fprintf(stderr, "ddnn_device_net: --broker must be HOST:PORT, got '%s'\n", broker);
         return 2;
     }

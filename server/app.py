@@ -14,21 +14,23 @@ import numpy as np
 from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
+from ddnn_gen.wire.connection import BrokerConnection
 from ddnn_server.allocator import keep_freed_memory
-from ddnn_server.batching import Batcher, Job
+from ddnn_server.batching import Batcher, Job, QueueFull
 from ddnn_server.edge import Forward, Upstream
 from ddnn_server.log_limits import RateLimitedLog
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.thresholds import TierThresholds
-from ddnn_server.transport import Incoming, Transport
+from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, Transport
 
 log = logging.getLogger(__name__)
+
+BUSY_MESSAGE = "server busy: the model's request queue is full"
 
 
 @dataclass
 class ServerConfig:
-    host: str
-    port: int
+    broker: BrokerConnection
     models: str | Path
     workers: int = 2
     max_batch: int = 32
@@ -39,10 +41,11 @@ class ServerConfig:
     max_request_bytes: int = codec.MAX_REQUEST_BYTES
     top_k: int = 3
     gpu: int | None = None
+    max_queue: int = 1024  # requests waiting per model; beyond it the server answers UNAVAILABLE
+    receive_maximum: int = RECEIVE_MAXIMUM  # MQTT 5: requests the broker may have in flight to this server
     role: str = "cloud"  # or "edge": answer at the edge tier's exit when confident, else ask the tier above
     from_tier: int | None = None  # cloud: the tier requests resume at (default: where they come from)
-    upstream_host: str | None = None  # edge: the broker of the tier above (default: the same broker)
-    upstream_port: int | None = None
+    upstream: BrokerConnection | None = None  # edge: the broker of the tier above (default: the same broker)
     upstream_timeout_ms: float = 1000.0
 
 
@@ -63,24 +66,27 @@ class Server:
             store = ModelStore(gpu=config.gpu, role=config.role, from_tier=config.from_tier)
             store.load_dir(config.models)
         self.store = store
-        self.batcher = Batcher(config.max_batch, config.max_wait_ms)
+        self.batcher = Batcher(config.max_batch, config.max_wait_ms, config.max_queue)
         persistent = config.server_id is not None
-        client_id = config.server_id or f"ddnn-srv-{os.getpid()}-{os.urandom(4).hex()}"
+        # A broker that identifies clients by user name (use_username_as_clientid) uses it as client id
+        # anyway; naming it here keeps the status topic the one the broker's rules grant this server.
+        client_id = (config.server_id or config.broker.username
+                     or f"ddnn-srv-{os.getpid()}-{os.urandom(4).hex()}")
         self.thresholds = TierThresholds()
         edges = [model for model in store.models() if model.role == "edge"]
         extra = [topic for model in edges for topic in TierThresholds.subscriptions(model.hash_bytes,
                                                                                     model.entry_tier)]
-        self.transport = Transport(config.host, config.port, client_id, config.group,
+        self.transport = Transport(config.broker, client_id, config.group,
                                    [(model.hash_bytes, model.topic_tier) for model in store.models()],
                                    self._on_request, persistent, config.session_expiry_s, extra,
-                                   self.thresholds.update if extra else None)
+                                   self.thresholds.update if extra else None, config.receive_maximum)
         self.upstream: Upstream | None = None
         if edges:
-            self.upstream = Upstream(config.upstream_host or config.host, config.upstream_port or config.port,
-                                     client_id, config.upstream_timeout_ms / 1000.0, self._answer_forward)
+            self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
+                                     self._answer_forward)
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
                          for i in range(max(1, config.workers))]
-        self.stats = {"ok": 0, "errors": 0, "dropped": 0, "batches": 0}
+        self.stats = {"ok": 0, "errors": 0, "dropped": 0, "busy": 0, "batches": 0}
         self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
 
@@ -112,6 +118,9 @@ class Server:
             self.upstream.close()
         log.info("stopped after %d replies, %d errors, %d dropped, %d batches", self.stats["ok"],
                  self.stats["errors"], self.stats["dropped"], self.stats["batches"])
+        if self.stats["busy"] or self.transport.unsent_replies:
+            log.warning("%d requests answered UNAVAILABLE (queue full), %d replies not sent (outgoing queue full)",
+                        self.stats["busy"], self.transport.unsent_replies)
         if self.upstream is not None:
             up = self.upstream.stats
             log.info("edge: %d sent to the tier above, %d answered by it, %d answered here as fallback, %d late "
@@ -156,6 +165,13 @@ class Server:
         work = _Work(header, payload, incoming, model, device_id)
         try:
             self.batcher.put(Job(model.hash_bytes, work, incoming))
+        except QueueFull:
+            self._bad_requests.warning("busy", "%s's queue is full (%d requests): answering UNAVAILABLE",
+                                       model.name, self.config.max_queue)
+            with self._stats_lock:
+                self.stats["busy"] += 1
+            self._send(incoming, device_id, Reply(header.request_id, Status.UNAVAILABLE, message=BUSY_MESSAGE),
+                       ok=False)
         except RuntimeError:
             self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
 

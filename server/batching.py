@@ -1,5 +1,11 @@
 """Per-model request queues feeding the worker pool: a worker takes up to ``max_batch`` requests of
-one model, waiting at most ``max_wait_ms`` after the oldest one arrived for more to join."""
+one model, waiting at most ``max_wait_ms`` after the oldest one arrived for more to join.
+
+Each model's queue holds at most ``max_queue`` requests; ``put`` refuses more (QueueFull) and the server
+answers UNAVAILABLE, so a flood of requests costs replies, not memory. With QoS 1 requests the broker
+never sends more than the server's MQTT 5 Receive Maximum unacknowledged, and a request stays
+unacknowledged until answered: a queue larger than that window never fills from QoS 1 traffic alone.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +26,18 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
 
 
+class QueueFull(Exception):
+    """The model's queue already holds ``max_queue`` requests."""
+
+
 class Batcher:
-    def __init__(self, max_batch: int = 32, max_wait_ms: float = 0.0) -> None:
+    def __init__(self, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self._queues: dict[bytes, deque[Job]] = {}
         self._cond = threading.Condition()
@@ -35,7 +48,10 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
-            self._queues.setdefault(job.model_key, deque()).append(job)
+            queue = self._queues.setdefault(job.model_key, deque())
+            if len(queue) >= self.max_queue:
+                raise QueueFull(job.model_key)
+            queue.append(job)
             self._pending += 1
             self._cond.notify()
 

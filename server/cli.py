@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -12,8 +13,10 @@ import click
 
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.wire import codec, topics
-from ddnn_gen.wire.broker import Broker, parse_broker
+from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.connection import DEFAULT_PORT, DEFAULT_TLS_PORT, BrokerConnection, broker_options, parse_address
 from ddnn_server.app import Server, ServerConfig
+from ddnn_server.transport import RECEIVE_MAXIMUM
 
 log = logging.getLogger("ddnn_server")
 
@@ -31,8 +34,8 @@ def _name_option(what: str) -> object:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
-              help="MQTT broker; default: start a private Mosquitto on a free loopback port.")
+@broker_options(default=None, address_help="MQTT broker; default: start a private Mosquitto on a free loopback "
+                                            "port (plain TCP, anonymous).")
 @click.option("--models", "models_dir", required=True, type=click.Path(exists=True),
               help="Directory of model files (*.npz), or one model file.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")
@@ -50,11 +53,16 @@ def _name_option(what: str) -> object:
               help="Seconds the broker keeps a --server-id session while the server is away.")
 @click.option("--max-request-bytes", default=codec.MAX_REQUEST_BYTES, show_default=True,
               type=click.IntRange(codec.REQUEST_HEADER_BYTES + 8, 2**30))
+@click.option("--max-queue", default=1024, show_default=True, type=click.IntRange(1, 10**6),
+              help="Requests waiting per model; more are answered UNAVAILABLE (busy).")
+@click.option("--receive-maximum", default=RECEIVE_MAXIMUM, show_default=True, type=click.IntRange(1, 65535),
+              help="MQTT 5 Receive Maximum: requests the broker may have in flight to this server.")
 @click.option("--role", type=click.Choice(["cloud", "edge"]), default="cloud", show_default=True,
               help="cloud: run every tier from where requests resume to the final exit. edge: run the model's "
                    "edge tier, answer at its exit when confident, send the rest on to the cloud (--upstream).")
-@click.option("--upstream", "upstream_address", default=None, metavar="HOST:PORT",
-              help="Edge: the broker the cloud listens on (default: this server's broker).")
+@click.option("--upstream", "upstream_address", default=None, metavar="HOST[:PORT]",
+              help="Edge: the broker the cloud listens on (default: this server's broker); reached with the same "
+                   "TLS settings and credentials.")
 @click.option("--upstream-timeout-ms", default=1000.0, show_default=True, type=click.FloatRange(1, 600000),
               help="Edge: how long to wait for the cloud before answering with the edge's own exit (fallback).")
 @click.option("--from-tier", default=None, type=click.IntRange(1, 7),
@@ -63,31 +71,33 @@ def _name_option(what: str) -> object:
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(broker_address: str | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float, group: str,
-         server_id: str | None, session_expiry: int, max_request_bytes: int, role: str, upstream_address: str | None,
-         upstream_timeout_ms: float, from_tier: int | None, gpu: int | None, verbose: int) -> None:
+def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
+         group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
+         receive_maximum: int, role: str, upstream_address: str | None, upstream_timeout_ms: float,
+         from_tier: int | None, gpu: int | None, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    broker: Broker | None = None
+    private: Broker | None = None
     try:
-        if broker_address is None:
-            broker = Broker().start()
-            click.echo(f"ddnn-server: started private mosquitto at {broker.address}", err=True)
-            host, port = broker.host, broker.port
-        else:
-            host, port = parse_broker(broker_address)
-        upstream_host, upstream_port = parse_broker(upstream_address) if upstream_address else (None, None)
+        if broker is None:
+            private = Broker().start()
+            click.echo(f"ddnn-server: started private mosquitto at {private.address}", err=True)
+            broker = private.connection()
         if role != "edge" and upstream_address:
             raise click.BadParameter("only an edge has a tier above to send to", param_hint="--upstream")
-        config = ServerConfig(host, port, models_dir, workers, max_batch, max_wait_ms, group, server_id,
-                              session_expiry, max_request_bytes, gpu=gpu, role=role, from_tier=from_tier,
-                              upstream_host=upstream_host, upstream_port=upstream_port,
+        upstream = None
+        if upstream_address:
+            host, port = parse_address(upstream_address, DEFAULT_TLS_PORT if broker.tls else DEFAULT_PORT)
+            upstream = dataclasses.replace(broker, host=host, port=port)
+        config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
+                              session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
+                              receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
                               upstream_timeout_ms=upstream_timeout_ms)
         server = Server(config).start()
     except DdnnError as error:
-        if broker is not None:
-            broker.cleanup()
+        if private is not None:
+            private.cleanup()
         raise click.ClickException(str(error)) from error
     stop = threading.Event()
 
@@ -100,14 +110,20 @@ def main(broker_address: str | None, models_dir: str, workers: int, max_batch: i
                                                                         else f" ({m.role}, tier {m.entry_tier})")
                        for m in server.store.models())
     if not server.wait_ready(QUIET_CONNECT_S):
-        click.echo(f"ddnn-server: waiting for the broker at {host}:{port} (retrying in the background)", err=True)
+        problem = server.transport.connection_problem
+        click.echo(f"ddnn-server: waiting for the broker at {broker.url}" + (f" ({problem})" if problem else "")
+                   + "; retrying in the background", err=True)
+        reported = problem
         while not stop.is_set() and not server.wait_ready(0.5):
-            pass
+            problem = server.transport.connection_problem
+            if problem and problem != reported:
+                click.echo(f"ddnn-server: still waiting for the broker at {broker.url} ({problem})", err=True)
+                reported = problem
     if not stop.is_set():
         # Tests and scripts wait for this line before sending work: the subscriptions are in place.
-        click.echo(f"ddnn-server: ready on {host}:{port} serving {models}", err=True)
+        click.echo(f"ddnn-server: ready on {broker.url} serving {models}", err=True)
     while not stop.wait(0.5):
         pass
     server.stop()
-    if broker is not None:
-        broker.cleanup()
+    if private is not None:
+        private.cleanup()

@@ -26,6 +26,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen.wire import codec, mqtt_client, topics
 from ddnn_gen.wire.codec import Packing, Reply, RequestHeader
+from ddnn_gen.wire.connection import BrokerConnection
 from ddnn_server.log_limits import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ class Upstream:
     """The edge's client of the tier above: one MQTT connection (its own broker address), requests published
     as the edge's id on the next tier's request topic, replies matched by request id on its reply topic."""
 
-    def __init__(self, host: str, port: int, edge_id: str, timeout_s: float,
+    def __init__(self, connection: BrokerConnection, edge_id: str, timeout_s: float,
                  answer: Callable[[Forward, Reply], None]) -> None:
         self.edge_id = topics.check_name(edge_id, "edge id")
-        self.host, self.port = host, port
+        self.connection = connection
         self.timeout_s = timeout_s
         self._answer = answer
         self._pending: dict[int, Forward] = {}
@@ -63,7 +64,7 @@ class Upstream:
         self._stopping = threading.Event()
         self._late = RateLimitedLog(log)
         self.stats = {"forwarded": 0, "answered": 0, "fallback": 0, "late": 0}
-        self._client = mqtt_client.Client(f"{self.edge_id}-up")
+        self._client = mqtt_client.Client(f"{self.edge_id}-up", connection)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = lambda *args: self._connected.clear()
         self._client.on_message = self._on_message
@@ -72,7 +73,7 @@ class Upstream:
         self._timer = threading.Thread(target=self._expire_loop, name="ddnn-upstream-timeouts", daemon=True)
 
     def start(self) -> Upstream:
-        self._client.connect_async(self.host, self.port, keepalive=15, clean_start=True)
+        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15, clean_start=True)
         self._client.loop_start()
         self._timer.start()
         return self
@@ -150,7 +151,7 @@ class Upstream:
         mqtt_client.tcp_no_delay(client)
         client.subscribe(topics.reply_topic(self.edge_id), options=SubscribeOptions(qos=1))
         self._connected.set()
-        log.info("edge %s connected to the tier above at %s:%d", self.edge_id, self.host, self.port)
+        log.info("edge %s connected to the tier above at %s", self.edge_id, self.connection.url)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         received = time.monotonic()

@@ -7,6 +7,11 @@ dies with work in flight gets it redelivered when it comes back under the same `
 (persistent session). Replies go only to ``ddnn/reply/<device-id>`` of the device id in the request's
 topic (which a broker ACL ties to the sender's credentials); nothing in a request chooses where the
 server publishes.
+
+Bounded: the CONNECT asks for an MQTT 5 Receive Maximum, so the broker keeps at most that many requests
+unacknowledged with this server (the rest wait in the broker, where its own limits apply); replies waiting
+to go out are capped too (paho's own queue is unlimited by default). A reply that finds the queue full is
+dropped and counted; its device answers locally when its timeout expires.
 """
 
 from __future__ import annotations
@@ -23,9 +28,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen.wire import mqtt_client, topics
+from ddnn_gen.wire.connection import BrokerConnection
 from ddnn_server.acks import AckLedger
+from ddnn_server.log_limits import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+RECEIVE_MAXIMUM = 512  # requests the broker may have in flight to this server (MQTT 5 Receive Maximum)
+IN_FLIGHT_REPLIES = 1000  # replies in flight to the broker (QoS 1, awaiting PUBACK)
+QUEUED_REPLIES = 10000  # replies waiting behind those; beyond this a reply is dropped (counted, logged)
 
 
 @dataclass
@@ -39,13 +50,14 @@ class Incoming:
 
 
 class Transport:
-    def __init__(self, host: str, port: int, client_id: str, group: str, served: Sequence[tuple[bytes, int]],
+    def __init__(self, connection: BrokerConnection, client_id: str, group: str, served: Sequence[tuple[bytes, int]],
                  on_request: Callable[[Incoming], None], persistent: bool, session_expiry_s: int = 300,
                  extra_subscriptions: Sequence[str] = (),
-                 on_other: Callable[[str, bytes], None] | None = None) -> None:
+                 on_other: Callable[[str, bytes], None] | None = None, receive_maximum: int = RECEIVE_MAXIMUM,
+                 queued_replies: int = QUEUED_REPLIES) -> None:
         """``served``: (model hash, request topic tier) for every model. ``extra_subscriptions`` (retained
         thresholds, say) are delivered to ``on_other`` instead of ``on_request``."""
-        self.host, self.port = host, port
+        self.connection = connection
         self.client_id = topics.check_name(client_id, "server id")
         self.subscriptions = [topics.request_subscription(model_hash, group, tier) for model_hash, tier in served]
         self._extra = list(extra_subscriptions)
@@ -53,15 +65,16 @@ class Transport:
         self._on_request = on_request
         self._persistent = persistent
         self._session_expiry = session_expiry_s if persistent else 0
-        self._client = mqtt_client.Client(client_id, manual_ack=True)
+        self._receive_maximum = receive_maximum
+        self._client = mqtt_client.Client(client_id, connection, manual_ack=True)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._client.on_publish = self._published
         self._client.on_subscribe = self._subscribed
         self._client.on_unsubscribe = self._unsubscribed
-        self._client.max_inflight_messages_set(1000)
-        self._client.max_queued_messages_set(0)
+        self._client.max_inflight_messages_set(IN_FLIGHT_REPLIES)
+        self._client.max_queued_messages_set(queued_replies)
         self._client.reconnect_delay_set(0.1, 2.0)
         status = topics.server_status_topic(client_id)
         self._client.will_set(status, b"offline", qos=1, retain=True)
@@ -69,6 +82,14 @@ class Transport:
         self._subscribed_event = threading.Event()
         self._unsubscribed_event = threading.Event()
         self._taking_work = True
+        self.unsent_replies = 0
+        self._problems = RateLimitedLog(log, interval_s=30.0)
+        self._refused: str | None = None
+
+    @property
+    def connection_problem(self) -> str | None:
+        """Why the last connection attempt failed (refused, TLS), or None."""
+        return self._refused or self._client.last_connect_error
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -76,8 +97,9 @@ class Transport:
         """Connect in the background; :meth:`wait_ready` says when requests can arrive."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
-        self._client.connect_async(self.host, self.port, keepalive=15, clean_start=not self._persistent,
-                                   properties=props)
+        props.ReceiveMaximum = self._receive_maximum
+        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15,
+                                   clean_start=not self._persistent, properties=props)
         self._client.loop_start()
 
     def wait_ready(self, timeout_s: float) -> bool:
@@ -115,8 +137,13 @@ class Transport:
         topic = topics.reply_topic(device_id)
         started = self._acks.before_publish()
         info = self._client.publish(topic, payload, qos=1)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
-            log.error("publishing reply to %s failed: %s", topic, mqtt.error_string(info.rc))
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            # Not queued (the outgoing queue is full, or worse): no PUBACK will come. Ack the request so it
+            # does not hold one of the broker's in-flight slots forever; its device falls back locally.
+            self.unsent_replies += 1
+            self._problems.warning("unsent", "reply to %s not sent: %s", topic, mqtt.error_string(info.rc))
+            self._ack(incoming.mid, incoming.qos)
+            return
         if self._acks.after_publish(info.mid, started, (incoming.mid, incoming.qos)):
             self._ack(incoming.mid, incoming.qos)
 
@@ -129,10 +156,12 @@ class Transport:
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                    properties: Any) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            self._refused = f"the broker refused the connection: {reason_code}"
+            self._problems.warning("refused", "%s (%s)", self._refused, self.connection.url)
             return
+        self._refused = None
         mqtt_client.tcp_no_delay(client)
-        log.info("connected to %s:%d as %s (session present: %s)", self.host, self.port, self.client_id,
+        log.info("connected to %s as %s (session present: %s)", self.connection.url, self.client_id,
                  flags.session_present)
         if self._taking_work:
             client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions + self._extra])
@@ -142,7 +171,8 @@ class Transport:
         refused = [(topic, str(code)) for topic, code in zip(self.subscriptions + self._extra, reason_codes)
                    if code.is_failure]
         if refused:
-            log.error("the broker refused subscriptions %s; this server receives no requests for them", refused)
+            self._refused = f"the broker refused the subscriptions {refused}"
+            log.error("%s; this server receives no requests for them", self._refused)
             return
         self._subscribed_event.set()
 

@@ -80,7 +80,8 @@ def cifar_model_path() -> Path:
 # What each test module needs beyond Python: a real Mosquitto, or an OpenCL driver (PoCL). Cross builds run
 # under qemu-user wherever a test is parametrised over a cross architecture.
 BROKER_MODULES = {"test_broker", "test_mqtt_client", "test_server", "test_server_only", "test_server_recovery",
-                  "test_device_net", "test_bench_server", "test_bench_system"}
+                  "test_device_net", "test_bench_server", "test_bench_system", "test_security", "test_fuzz_server",
+                  "test_device_tls"}
 OPENCL_MODULES = {"test_opencl", "test_opencl_host", "test_opencl_shapes"}
 CROSS_ARCHS = {"aarch64", "armhf"}
 
@@ -95,6 +96,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if params.get("arch") in CROSS_ARCHS:
             item.add_marker(pytest.mark.cross)
+
+
+NET_SAMPLES = 1000  # Fashion-MNIST test images the networked device tests classify
+
+
+@pytest.fixture(scope="session")
+def net_device_bin(tmp_path_factory: pytest.TempPathFactory, fmnist_model_path: Path) -> Path:
+    """The generated networked C runner of the shipped Fashion-MNIST model, built with ASan/UBSan."""
+    from ddnn_gen.codegen import toolchain
+    from ddnn_gen.codegen.c_target import compile_c
+
+    require_tool("gcc")
+    if not Path("/usr/include/MQTTClient.h").exists():
+        pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
+    out = tmp_path_factory.mktemp("netproj")
+    compile_c(fmnist_model_path, out)
+    return toolchain.build_project(out, target="net", sanitize=True)
+
+
+@pytest.fixture(scope="session")
+def fmnist_expected(fmnist_test: datasets.Dataset, fmnist_model_path: Path) -> object:
+    """What the Python evaluation says about the first NET_SAMPLES test images (net_harness.Expected)."""
+    from net_harness import expectations
+
+    return expectations(fmnist_model_path, fmnist_test.images[:NET_SAMPLES])
+
+
+@pytest.fixture(scope="session")
+def fmnist_samples_file(tmp_path_factory: pytest.TempPathFactory, fmnist_test: datasets.Dataset) -> Path:
+    """The first NET_SAMPLES Fashion-MNIST test images as a sample file for the runners."""
+    from ddnn_gen.device.samples import write_samples
+
+    path = tmp_path_factory.mktemp("samples") / "fmnist.ddns"
+    write_samples(path, fmnist_test.images[:NET_SAMPLES], fmnist_test.labels[:NET_SAMPLES])
+    return path
 
 
 def require_tool(name: str) -> str:

@@ -111,3 +111,23 @@ def test_publish_packet_size() -> None:
     assert publish_packet_bytes("ddnn/", 10) == 2 + 7 + 2 + 1 + 10
     # remaining length 208 needs a two-byte varint
     assert publish_packet_bytes("t", 200) == 1 + 2 + 3 + 2 + 1 + 200
+
+
+def test_secure_bench_runs_everything_over_tls_with_per_role_identities(tmp_path: Path,
+                                                                         fmnist_model_path: Path) -> None:
+    """`ddnngen bench --secure`: C devices, load devices, server and the byte counter each log in as
+    themselves on a TLS broker with the deployment's rules; the answers are the same as without."""
+    require_tool("gcc")
+    require_tool("mosquitto")
+    require_tool("openssl")
+    config = BenchConfig(models=[fmnist_model_path], out_dir=tmp_path, samples=SAMPLES, thresholds=(),
+                         workloads=(2,), rates=(20,), step_s=0.5, multi_blas_w1=False, secure=True)
+    result = run_bench(config)
+    assert result["config"]["secure"] is True
+    (model,) = result["models"]
+    for run in model["runs"]:
+        assert run["mismatches_vs_python"] == 0
+        assert run["exit_rates"]["fallback"] == 0 and run["exit_rates"]["error"] == 0
+        assert run["wire"]["requests"] == run["wire"]["replies"] > 0  # the monitor saw every request and reply
+    (load,) = result["workloads"]
+    assert load["steps"][0]["lost"] == 0 and load["steps"][0]["errors"] == 0

@@ -166,7 +166,7 @@ def test_simulated_devices_run_the_binding(broker: Broker, model: c_binding.CMod
     expected = expectations(fmnist_model_path, images)
     server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
     try:
-        report = simulate(broker.host, broker.port, expected.program, expected.loaded.hash_bytes,
+        report = simulate(broker.connection(), expected.program, expected.loaded.hash_bytes,
                           model.answers(images), len(images), 3, 100, timeout_s=30.0)
         result = CliRunner().invoke(cli, ["device-sim", str(fmnist_model_path), "--broker", broker.address,
                                           "--devices", "2", "--requests", "50", "--count", "300", "--impl", "c"])

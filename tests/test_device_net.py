@@ -3,8 +3,6 @@ every sample answered, classes equal the Python evaluation, live thresholds, bro
 
 from __future__ import annotations
 
-import csv
-import os
 import subprocess
 import sys
 import time
@@ -14,41 +12,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import Expected, ServerProcess, expectations, wait_for
+from net_harness import (
+    SAN_ENV,
+    Expected,
+    ServerProcess,
+    device_rows,
+    expectations,
+    finish_device,
+    start_device,
+    wait_for,
+)
 
-from ddnn_gen.codegen import toolchain
-from ddnn_gen.codegen.c_target import compile_c
-from ddnn_gen.device.samples import write_samples
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import topics
 from ddnn_gen.wire.broker import Broker
 
 N_SAMPLES = 1000
 SOURCES = {"local", "server", "fallback", "error"}
-# Paho C keeps a few process-lifetime allocations; leaks in our code are covered by the standalone runner tests.
-SAN_ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1"}
 
 
 @pytest.fixture(scope="module")
 def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
     return expectations(fmnist_model_path, fmnist_test.images[:N_SAMPLES])  # type: ignore[attr-defined]
-
-
-@pytest.fixture(scope="module")
-def device_bin(tmp_path_factory: pytest.TempPathFactory, fmnist_model_path: Path) -> Path:
-    require_tool("gcc")
-    if not Path("/usr/include/MQTTClient.h").exists():
-        pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
-    out = tmp_path_factory.mktemp("netproj")
-    compile_c(fmnist_model_path, out)
-    return toolchain.build_project(out, target="net", sanitize=True)
-
-
-@pytest.fixture(scope="module")
-def samples_file(tmp_path_factory: pytest.TempPathFactory, fmnist_test: object) -> Path:
-    path = tmp_path_factory.mktemp("samples") / "fmnist.ddns"
-    write_samples(path, fmnist_test.images[:N_SAMPLES], fmnist_test.labels[:N_SAMPLES])  # type: ignore[attr-defined]
-    return path
 
 
 @pytest.fixture()
@@ -58,35 +43,22 @@ def broker() -> Iterator[Broker]:
         yield running
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return [row for row in csv.DictReader(handle) if row.get("threshold")]
-
-
-def _device(device_bin: Path, samples: Path, out: Path, broker: Broker, device_id: str, *extra: str
+def _device(net_device_bin: Path, samples: Path, out: Path, broker: Broker, device_id: str, *extra: str
             ) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(device_bin), str(samples), "--device-id", device_id, "--broker", broker.address,
-                             "-o", str(out), *extra], stderr=subprocess.PIPE, text=True, env=SAN_ENV)
-
-
-def _finish(process: subprocess.Popen[str], timeout_s: float = 180) -> str:
-    _, stderr = process.communicate(timeout=timeout_s)
-    assert process.returncode == 0, stderr
-    return stderr
+    return start_device(net_device_bin, samples, out, device_id, broker.connection(), *extra)
 
 
 def test_every_sample_answered_and_equal_to_the_python_evaluation(
-        device_bin: Path, samples_file: Path, broker: Broker, expected: Expected, fmnist_model_path: Path,
+        net_device_bin: Path, fmnist_samples_file: Path, broker: Broker, expected: Expected, fmnist_model_path: Path,
         tmp_path: Path) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2).start()
     out = tmp_path / "results.csv"
     try:
-        stderr = _finish(_device(device_bin, samples_file, out, broker, "c-dev-1", "--timeout-ms", "10000"))
+        stderr = finish_device(_device(net_device_bin, fmnist_samples_file, out, broker, "c-dev-1", "--timeout-ms",
+                                       "10000"))
     finally:
         assert server.terminate() == 0
-    rows = _rows(out)
+    rows = device_rows(out)
     assert [int(r["index"]) for r in rows] == list(range(N_SAMPLES)), stderr
     threshold = expected.program.threshold
     local = np.array([r["exit_local"] == "1" for r in rows])
@@ -103,8 +75,8 @@ def test_every_sample_answered_and_equal_to_the_python_evaluation(
     assert all(float(r["t_total_us"]) >= float(r["t_device_us"]) + int(r["t_server_us"]) for r in server_rows)
 
 
-def test_threshold_broadcast_mid_run_moves_the_exit_rate(device_bin: Path, samples_file: Path, broker: Broker,
-                                                         expected: Expected, fmnist_model_path: Path,
+def test_threshold_broadcast_mid_run_moves_the_exit_rate(net_device_bin: Path, fmnist_samples_file: Path,
+                                                         broker: Broker, expected: Expected, fmnist_model_path: Path,
                                                          tmp_path: Path) -> None:
     entropy = expected.device.entropy
     old = expected.program.threshold
@@ -113,15 +85,15 @@ def test_threshold_broadcast_mid_run_moves_the_exit_rate(device_bin: Path, sampl
     server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
     out = tmp_path / "results.csv"
     try:
-        device = _device(device_bin, samples_file, out, broker, "c-dev-thr", "--timeout-ms", "10000",
+        device = _device(net_device_bin, fmnist_samples_file, out, broker, "c-dev-thr", "--timeout-ms", "10000",
                          "--pace-ms", "2")
-        assert wait_for(lambda: len(_rows(out)) >= 250, timeout_s=60)
+        assert wait_for(lambda: len(device_rows(out)) >= 250, timeout_s=60)
         subprocess.run([sys.executable, "-m", "ddnn_gen", "threshold", "set", str(fmnist_model_path), repr(new),
                         "--broker", broker.address], check=True, capture_output=True, timeout=60)
-        stderr = _finish(device)
+        stderr = finish_device(device)
     finally:
         server.terminate()
-    rows = _rows(out)
+    rows = device_rows(out)
     assert len(rows) == N_SAMPLES
     used = np.array([float(r["threshold"]) for r in rows])
     changed = int(np.argmax(used == new))
@@ -140,24 +112,25 @@ def test_threshold_broadcast_mid_run_moves_the_exit_rate(device_bin: Path, sampl
     assert topic.endswith("/c-dev-thr")
 
 
-def test_broker_killed_mid_run_falls_back_then_recovers(device_bin: Path, samples_file: Path, broker: Broker,
+def test_broker_killed_mid_run_falls_back_then_recovers(net_device_bin: Path, fmnist_samples_file: Path, broker: Broker,
                                                        expected: Expected, fmnist_model_path: Path,
                                                        tmp_path: Path) -> None:
     timeout_ms = 400
     server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
     out = tmp_path / "results.csv"
     try:
-        device = _device(device_bin, samples_file, out, broker, "c-dev-kill", "--timeout-ms", str(timeout_ms),
-                         "--pace-ms", "3", "--threshold", "0")  # threshold 0: (almost) every sample goes out
-        assert wait_for(lambda: len(_rows(out)) >= 150, timeout_s=60)
+        # threshold 0: (almost) every sample goes out
+        device = _device(net_device_bin, fmnist_samples_file, out, broker, "c-dev-kill", "--timeout-ms",
+                         str(timeout_ms), "--pace-ms", "3", "--threshold", "0")
+        assert wait_for(lambda: len(device_rows(out)) >= 150, timeout_s=60)
         broker.kill()
-        down_at = len(_rows(out))
-        assert wait_for(lambda: len(_rows(out)) >= down_at + 100, timeout_s=60)
+        down_at = len(device_rows(out))
+        assert wait_for(lambda: len(device_rows(out)) >= down_at + 100, timeout_s=60)
         broker.start()
-        stderr = _finish(device)
+        stderr = finish_device(device)
     finally:
         server.terminate()
-    rows = _rows(out)
+    rows = device_rows(out)
     assert [int(r["index"]) for r in rows] == list(range(N_SAMPLES)), stderr
     sources = [r["source"] for r in rows]
     fallback = [i for i, s in enumerate(sources) if s == "fallback"]
@@ -173,27 +146,27 @@ def test_broker_killed_mid_run_falls_back_then_recovers(device_bin: Path, sample
     assert all(got == want for got, want in server_final)
 
 
-def test_device_rejects_bad_arguments(device_bin: Path, samples_file: Path) -> None:
-    for args in ([], [str(samples_file)], [str(samples_file), "--device-id", "a/b"],
-                 [str(samples_file), "--device-id", "x", "--broker", "host:notaport"],
-                 [str(samples_file), "--device-id", "x", "--timeout-ms", "-5"],
+def test_device_rejects_bad_arguments(net_device_bin: Path, fmnist_samples_file: Path) -> None:
+    for args in ([], [str(fmnist_samples_file)], [str(fmnist_samples_file), "--device-id", "a/b"],
+                 [str(fmnist_samples_file), "--device-id", "x", "--broker", "host:notaport"],
+                 [str(fmnist_samples_file), "--device-id", "x", "--timeout-ms", "-5"],
                  ["/nonexistent.ddns", "--device-id", "x"]):
-        result = subprocess.run([str(device_bin), *args], capture_output=True, text=True, timeout=30, env=SAN_ENV)
+        result = subprocess.run([str(net_device_bin), *args], capture_output=True, text=True, timeout=30, env=SAN_ENV)
         assert result.returncode in (1, 2), (args, result.stderr)
         assert "ddnn_device_net" in result.stderr or "ddnn_mqtt" in result.stderr
 
 
-def test_device_without_broker_answers_every_sample_locally(device_bin: Path, samples_file: Path,
+def test_device_without_broker_answers_every_sample_locally(net_device_bin: Path, fmnist_samples_file: Path,
                                                            tmp_path: Path) -> None:
     from ddnn_gen.wire.broker import free_port
 
     out = tmp_path / "results.csv"
     started = time.monotonic()
-    result = subprocess.run([str(device_bin), str(samples_file), "--device-id", "lonely", "--broker",
+    result = subprocess.run([str(net_device_bin), str(fmnist_samples_file), "--device-id", "lonely", "--broker",
                              f"127.0.0.1:{free_port()}", "--connect-wait-ms", "200", "-o", str(out)],
                             capture_output=True, text=True, timeout=120, env=SAN_ENV)
     assert result.returncode == 0, result.stderr
-    rows = _rows(out)
+    rows = device_rows(out)
     assert len(rows) == N_SAMPLES and {r["source"] for r in rows} <= {"local", "fallback"}
     assert time.monotonic() - started < 60
 

@@ -33,7 +33,7 @@ def broker() -> Iterator[Broker]:
 
 
 def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **kwargs: object):  # noqa: ANN202
-    return run_devices(broker.host, broker.port, expected.program, expected.loaded.hash_bytes,
+    return run_devices(broker.connection(), expected.program, expected.loaded.hash_bytes,
                        expected.device.split_words, expected.device.entropy, expected.device.local_class,
                        n_devices, per_device, **kwargs)  # type: ignore[arg-type]
 
@@ -112,7 +112,7 @@ def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broke
     flowing = threading.Thread(target=lambda: good_report.append(
         _run(broker, expected, 3, 150, all_to_server=True, timeout_s=30.0)))
     flowing.start()
-    bad = RawClient(broker.host, broker.port, "bad-sender")
+    bad = RawClient(broker.connection(), "bad-sender")
     topic = topics.request_topic(expected.loaded.hash_bytes, bad.device_id)
     try:
         for round_ in range(3):
@@ -214,7 +214,7 @@ def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
         broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
     model_hash = expected.loaded.hash_bytes
     server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test").start()
-    bad = RawClient(broker.host, broker.port, "bad-sender")
+    bad = RawClient(broker.connection(), "bad-sender")
     good = codec.encode_request(split_header(expected.program, model_hash, 5, bad.device_id),
                                    expected.device.split_words[0])
     try:
@@ -226,7 +226,7 @@ def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
         for topic_id in POISON_TOPIC_IDS:
             bad.publish(f"ddnn/req/{topics.model_key(model_hash)}/{topic_id}", good)
         # A control character in a topic: the broker itself disconnects that publisher.
-        rogue = RawClient(broker.host, broker.port, "rogue")
+        rogue = RawClient(broker.connection(), "rogue")
         rogue._client.publish(f"ddnn/req/{topics.model_key(model_hash)}/a\x01b", good, qos=1)
         assert rogue.disconnected.wait(5)
         rogue.close()

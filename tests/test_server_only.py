@@ -5,7 +5,6 @@ Fashion-MNIST samples; answers must equal Chainer's full-model prediction."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import ServerProcess
+from net_harness import SAN_ENV, ServerProcess
 
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
@@ -27,7 +26,6 @@ from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
 
 N_SAMPLES = 300
 HASH = bytes(range(16))
-SAN_ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1"}
 
 
 def _raw_header(channels: int = 1, height: int = 28, width: int = 28, split_layer: int = 0,
@@ -103,7 +101,7 @@ def test_c_runner_server_only_equals_chainer_full_model(tmp_path: Path, broker: 
 def test_raw_requests_with_the_wrong_shape_get_error_replies(broker: Broker, server: ServerProcess,
                                                              fmnist_model_path: Path, fmnist_test: object) -> None:
     loaded = load_model(fmnist_model_path)
-    device = SimDevice("raw-sim", broker.host, broker.port, loaded.hash_bytes, timeout_s=10).start()
+    device = SimDevice("raw-sim", broker.connection(), loaded.hash_bytes, timeout_s=10).start()
     try:
         image = fmnist_test.images[0].transpose(1, 2, 0)  # type: ignore[attr-defined]
         good = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, device.next_request_id(), "raw-sim", 0, Packing.RAW_U8)

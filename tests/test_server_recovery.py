@@ -28,7 +28,7 @@ def broker() -> Iterator[Broker]:
 
 
 def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **kwargs: object):  # noqa: ANN202
-    return run_devices(broker.host, broker.port, expected.program, expected.loaded.hash_bytes,
+    return run_devices(broker.connection(), expected.program, expected.loaded.hash_bytes,
                        expected.device.split_words, expected.device.entropy, expected.device.local_class,
                        n_devices, per_device, all_to_server=True, **kwargs)  # type: ignore[arg-type]
 

@@ -23,11 +23,13 @@ from ddnn_gen.fold import exits, reference
 from ddnn_gen.fold.program import fold
 from ddnn_gen.model import datasets, evaluate
 from ddnn_gen.model.modelfile import load_model
-from ddnn_gen.wire.broker import Broker, parse_broker
+from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.connection import BrokerConnection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fmnist_32.npz"
+# The repository's shipped model: ddnn_gen/bench/demo.py -> the repository root.
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "fmnist_32.npz"
 
 
 @dataclass
@@ -59,9 +61,13 @@ class DemoReport:
         ])
 
 
-def _start_server(address: str, model: Path, workers: int) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
-                                "--models", str(model), "--workers", str(workers)], stderr=subprocess.PIPE, text=True)
+DEMO_DEVICE, DEMO_SERVER = "demo-device", "demo-server"
+
+
+def _start_server(broker: BrokerConnection, model: Path, workers: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()",
+                                *broker.runner_args(), "--models", str(model), "--workers", str(workers)],
+                               stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     lines = []
     for line in process.stderr:
@@ -78,8 +84,10 @@ def _mean(values: list[float]) -> float:
 
 
 def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold: float | None = None,
-             workers: int = 2, timeout_ms: int = 2000, broker_address: str | None = None,
+             workers: int = 2, timeout_ms: int = 2000, broker: BrokerConnection | None = None, secure: bool = False,
              work_dir: str | Path | None = None) -> DemoReport:
+    """The demo on ``broker`` (device and server share its credentials), else on a private Mosquitto: plain,
+    or with ``secure`` TLS and one identity per role (device ``demo-device``, server ``demo-server``)."""
     model = Path(model_path) if model_path else DEFAULT_MODEL
     loaded = load_model(model)
     program = fold(loaded, threshold)
@@ -94,13 +102,16 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
         samples = work / "samples.ddns"
         write_samples(samples, images, labels)
         results = work / "results.csv"
-        broker = Broker().start() if broker_address is None else None
-        address = broker.address if broker else broker_address
-        parse_broker(address)
+        private = None
+        if broker is None:
+            private = (Broker.secure({DEMO_DEVICE: "device", DEMO_SERVER: "server"}) if secure else Broker()).start()
         server = None
         try:
-            server = _start_server(address, model, workers)
-            run = subprocess.run([str(binary), str(samples), "--device-id", "demo-device", "--broker", address,
+            server_broker = private.connection(DEMO_SERVER if secure else None) if private else broker
+            device_broker = private.connection(DEMO_DEVICE if secure else None) if private else broker
+            assert server_broker is not None and device_broker is not None
+            server = _start_server(server_broker, model, workers)
+            run = subprocess.run([str(binary), str(samples), "--device-id", DEMO_DEVICE, *device_broker.runner_args(),
                                   "--timeout-ms", str(timeout_ms), "--threshold", repr(threshold), "-o",
                                   str(results)], capture_output=True, text=True)
             if run.returncode != 0:
@@ -110,8 +121,8 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
             if server is not None:
                 server.terminate()
                 server.wait(30)
-            if broker is not None:
-                broker.cleanup()
+            if private is not None:
+                private.cleanup()
         with open(results, newline="") as handle:
             rows = list(csv.DictReader(handle))
     if len(rows) != len(labels):

@@ -39,7 +39,6 @@ from typing import Any
 import chainer
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from ddnn_gen.bench import procstat
 from ddnn_gen.codegen import toolchain
@@ -52,8 +51,9 @@ from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.model import datasets, evaluate
 from ddnn_gen.model.modelfile import LoadedModel, load_model, save_model
 from ddnn_gen.model.network import DDNN, predict
-from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire import codec, mqtt_client, topics
 from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.connection import BrokerConnection
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,28 @@ class BenchConfig:
     timeout_ms: int = 5000
     seed: int = 0
     data_dir: str | None = None
+    secure: bool = False  # TLS and one identity per device and server (a broker-config deployment)
+
+
+BENCH_SERVER, BENCH_MONITOR = "bench-server", "bench-monitor"
+LOAD_DEVICES = 4  # simulated devices offering the load in the server-load runs
+
+
+def bench_users(config: BenchConfig, data: list[ModelData]) -> dict[str, str]:
+    """Every identity a secure bench run uses: the C device of each configuration run, the load devices, the
+    server, and the byte counter (monitor role: it reads requests and replies)."""
+    users = {BENCH_SERVER: "server", BENCH_MONITOR: "monitor"}
+    for item in data:
+        for index in range(len(config.thresholds) + 2):  # the thresholds, the calibrated one, Server-only
+            users[f"bench-{item.path.stem}-{index}"] = "device"
+    for count in config.workloads:
+        users.update({f"load{count}-{d}": "device" for d in range(LOAD_DEVICES)})
+    return users
+
+
+def identity(broker: Broker, user: str) -> BrokerConnection:
+    """``user``'s connection on a secure broker; the anonymous one on a plain broker."""
+    return broker.connection(user if broker.deployment is not None else None)
 
 
 # ---- small measurement helpers -----------------------------------------------------------------------
@@ -107,9 +129,9 @@ def stats(values: Sequence[float] | np.ndarray) -> dict[str, float | None]:
 class ServerHandle:
     """A real ``ddnn-server`` process; CPU time and memory read from /proc."""
 
-    def __init__(self, broker: str, models: Path, workers: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, broker: BrokerConnection, models: Path, workers: int, env: dict[str, str] | None = None) -> None:
         self.env = {**os.environ, **(env or {})}
-        self.args = [sys.executable, "-c", SERVER_MAIN, "--broker", broker, "--models", str(models),
+        self.args = [sys.executable, "-c", SERVER_MAIN, *broker.runner_args(), "--models", str(models),
                      "--workers", str(workers)]
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
@@ -195,13 +217,12 @@ def publish_packet_bytes(topic: str, payload_len: int) -> int:
 class WireSniffer:
     """Counts the request and reply publishes (payload bytes and MQTT packet bytes) the broker routes."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ddnn-bench-sniffer-{os.getpid()}",
-                                   protocol=mqtt.MQTTv5)
+    def __init__(self, broker: BrokerConnection) -> None:
+        self._client = mqtt_client.Client(broker.username or f"ddnn-bench-sniffer-{os.getpid()}", broker)
         self._client.on_message = self._message
         self._lock = threading.Lock()
         self.reset()
-        self._client.connect(host, port)
+        self._client.connect(broker.host, broker.port)
         self._client.subscribe([(f"{topics.TOPIC_ROOT}/req/+/+", 0), (f"{topics.TOPIC_ROOT}/reply/+", 0)])
         self._client.loop_start()
         time.sleep(0.2)
@@ -337,8 +358,8 @@ def run_configuration(binary: Path, samples: Path, broker: Broker, server: Serve
                       data: ModelData, threshold: float | None, timeout_ms: int, device_id: str) -> dict[str, Any]:
     server_only = threshold is None
     out = samples.with_name(f"{device_id}.csv")
-    cmd = [str(binary), str(samples), "--device-id", device_id, "--broker", broker.address, "--timeout-ms",
-           str(timeout_ms), "-o", str(out)]
+    cmd = [str(binary), str(samples), "--device-id", device_id, *identity(broker, device_id).runner_args(),
+           "--timeout-ms", str(timeout_ms), "-o", str(out)]
     cmd += ["--server-only"] if server_only else ["--threshold", repr(float(threshold))]
     sniffer.reset()
     with CpuMeter(server) as meter:
@@ -496,12 +517,12 @@ def bench_workload(base: list[ModelData], count: int, work: Path, broker: Broker
     if not folder.exists():
         workload_dir(base, count, folder, config.seed + 1000 * count)
     served = _served_models(base, folder)
-    server = ServerHandle(broker.address, folder, config.workers, server_env).start()
+    server = ServerHandle(identity(broker, BENCH_SERVER), folder, config.workers, server_env).start()
     devices: list[SimDevice] = []
     try:
         idle_rss = server.rss_bytes()
-        devices = [SimDevice(f"load{count}-{d}", broker.host, broker.port, served[0][0],
-                             timeout_s=config.timeout_ms / 1000).start() for d in range(4)]
+        devices = [SimDevice(f"load{count}-{d}", identity(broker, f"load{count}-{d}"), served[0][0],
+                             timeout_s=config.timeout_ms / 1000).start() for d in range(LOAD_DEVICES)]
         offered_load_step(devices, served, 100.0, 0.5, 5.0)  # warm-up: first forward of every model
         steps = []
         sustained: dict[str, Any] | None = None
@@ -587,14 +608,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         raise BenchError("no model could be benchmarked: " + "; ".join(s["reason"] for s in skipped))
     result: dict[str, Any] = {"version": 1, "environment": env, "config": _config_json(config), "models": [],
                               "skipped_models": skipped, "workloads": []}
-    with tempfile.TemporaryDirectory(prefix="ddnn-bench-") as tmp, Broker() as broker:
+    broker = Broker.secure(bench_users(config, data)) if config.secure else Broker()
+    with tempfile.TemporaryDirectory(prefix="ddnn-bench-") as tmp, broker:
         work = Path(tmp)
         shipped = work / "served"
         shipped.mkdir()
         for item in data:
             shutil.copyfile(item.path, shipped / item.path.name)
-        server = ServerHandle(broker.address, shipped, config.workers).start()
-        sniffer = WireSniffer(broker.host, broker.port)
+        server = ServerHandle(identity(broker, BENCH_SERVER), shipped, config.workers).start()
+        sniffer = WireSniffer(identity(broker, BENCH_MONITOR))
         try:
             for item in data:
                 result["models"].append(bench_model(item, work, broker, server, sniffer, config))
@@ -622,7 +644,8 @@ def _config_json(config: BenchConfig) -> dict[str, Any]:
     return {"models": [str(p) for p in config.models], "samples": config.samples,
             "thresholds": list(config.thresholds), "workloads": list(config.workloads), "rates": list(config.rates),
             "step_s": config.step_s, "p99_bound_ms": config.p99_bound_ms, "per_device_hz": config.per_device_hz,
-            "server_workers": config.workers, "timeout_ms": config.timeout_ms, "seed": config.seed}
+            "server_workers": config.workers, "timeout_ms": config.timeout_ms, "seed": config.seed,
+            "secure": config.secure}
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

@@ -42,8 +42,8 @@ INFERENCE_HEADERS = ("ddnn_types.h", "ddnn_popcount.h", "ddnn_pool.h", "ddnn_fco
 #: The sample-file runners' shared code (the runner programs themselves: RUNNER_PROGRAMS).
 RUNNER_SOURCES = ("ddnn_runner_common.c", "ddnn_samples.c")
 RUNNER_HEADERS = ("ddnn_runner_common.h", "ddnn_samples.h")
-#: The networked runner's MQTT client and wire format.
-NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c")
+#: The networked runner's MQTT client and wire format, and the connect() that sets TCP_NODELAY on its socket.
+NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c", "ddnn_nodelay.c")
 NET_HEADERS = ("ddnn_mqtt.h", "ddnn_protocol.h")
 RUNNER_PROGRAMS = ("ddnn_runner.c", "ddnn_runner_net.c")
 #: Every c_runtime/ file the C target copies; other targets add theirs (opencl_target.RUNTIME_FILES).

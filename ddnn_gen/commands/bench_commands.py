@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 @click.option("--per-device-hz", default=1.0, show_default=True, type=click.FloatRange(0.001),
               help="Samples per second per device, for 'devices one server supports'.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Dataset directory.")
+@click.option("--secure", is_flag=True,
+              help="Run everything over TLS with one identity per device and server (a broker-config deployment "
+                   "with its own CA on the private broker), to measure what TLS and the broker's checks cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON with every number to stdout.")
 def bench(models: tuple[Path, ...], out_dir: Path, samples: int, thresholds: tuple[float, ...],
           workloads: tuple[int, ...], p99_bound_ms: float, step_s: float, per_device_hz: float, data_dir: str | None,
-          as_json: bool) -> None:
+          secure: bool, as_json: bool) -> None:
     """Measure MODELS end to end (C device program, Mosquitto, ddnn-server): time decomposition, accuracy
     and exit rates per threshold, bytes on the wire, server load; writes Markdown tables, JSON and PNGs."""
     from ddnn_gen.bench.report import write_report
@@ -42,7 +45,7 @@ def bench(models: tuple[Path, ...], out_dir: Path, samples: int, thresholds: tup
 
     config = BenchConfig(models=list(models), out_dir=out_dir, samples=samples, thresholds=tuple(thresholds),
                          workloads=tuple(workloads), step_s=step_s, p99_bound_ms=p99_bound_ms,
-                         per_device_hz=per_device_hz, data_dir=data_dir)
+                         per_device_hz=per_device_hz, data_dir=data_dir, secure=secure)
     result = run_bench(config)
     json_path = out_dir / "bench_system.json"
     write_json(result, json_path)

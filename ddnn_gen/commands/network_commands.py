@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import numpy as np
 
 from ddnn_gen.codegen.toolchain import have_tool
-from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP, check_dataset_shape, data_dir_option
+from ddnn_gen.commands.options import (
+    THRESHOLD,
+    THRESHOLD_HELP,
+    broker_options,
+    check_dataset_shape,
+    data_dir_option,
+)
 from ddnn_gen.model import datasets
 from ddnn_gen.wire import codec, topics
-from ddnn_gen.wire.broker import BrokerError, parse_broker
-
-_broker_option = click.option("--broker", "broker_address", default="127.0.0.1:1883", show_default=True,
-                              metavar="HOST:PORT", help="MQTT broker.")
+from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 
 
 def model_wire_hash(model: str) -> bytes:
@@ -28,22 +32,42 @@ def model_wire_hash(model: str) -> bytes:
     return load_model(model).hash_bytes
 
 
-def publish_retained(broker_address: str, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+def publish_retained(broker: BrokerConnection, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
+    """Publish one retained QoS 1 message and wait until the broker has accepted it (PUBACK success)."""
+    import threading
 
-    host, port = parse_broker(broker_address)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+    from ddnn_gen.wire import mqtt_client
+
+    client = mqtt_client.Client("", broker)
+    connected, acked = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def on_connect(_client: object, _userdata: object, _flags: object, reason_code: object, _props: object) -> None:
+        outcome["connack"] = reason_code
+        connected.set()
+
+    def on_publish(_client: object, _userdata: object, mid: int, reason_code: object, _properties: object) -> None:
+        outcome["puback"] = reason_code
+        acked.set()
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
     try:
-        client.connect(host, port, keepalive=10)
+        client.connect(broker.host, broker.port, keepalive=10)
     except OSError as error:
-        raise BrokerError(f"cannot reach the broker at {host}:{port}: {error}") from error
+        raise BrokerError(f"cannot reach the broker at {broker.url}: {mqtt_client.connect_error_text(error)}") \
+            from error
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(timeout_s)
-        if not info.is_published():
-            raise BrokerError(f"the broker at {host}:{port} did not acknowledge the publish within {timeout_s:.0f} s")
+        if not connected.wait(timeout_s):
+            raise BrokerError(f"the broker at {broker.url} did not answer the connection within {timeout_s:.0f} s")
+        if getattr(outcome["connack"], "is_failure", False):
+            raise BrokerError(f"the broker at {broker.url} refused the connection: {outcome['connack']}")
+        client.publish(topic, payload, qos=1, retain=True)
+        if not acked.wait(timeout_s):
+            raise BrokerError(f"the broker at {broker.url} did not acknowledge the publish within {timeout_s:.0f} s")
+        if getattr(outcome["puback"], "is_failure", False):
+            raise BrokerError(f"the broker at {broker.url} refused the publish on {topic}: {outcome['puback']}")
     finally:
         client.disconnect()
         client.loop_stop()
@@ -95,13 +119,13 @@ def threshold_topic_for(model: str, tier: str, device_id: str | None) -> str:
 @click.argument("value", type=THRESHOLD)
 @click.option("--device", "device_id", default=None, help="Only this device (default: every device of the model).")
 @_tier_option
-@_broker_option
-def threshold_set(model: str, value: float, device_id: str | None, tier: str, broker_address: str) -> None:
+@broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
+def threshold_set(model: str, value: float, device_id: str | None, tier: str, broker: BrokerConnection) -> None:
     """Publish VALUE (a number in [0, 1]) as the retained threshold of MODEL (model file or 32-hex wire
     hash); devices (or, with --tier, edges) apply it to the next samples."""
     topic = threshold_topic_for(model, tier, device_id)
     payload = codec.encode_threshold(value)
-    publish_retained(broker_address, topic, payload)
+    publish_retained(broker, topic, payload)
     click.echo(f"{topic} = {payload.decode()}")
 
 
@@ -109,18 +133,22 @@ def threshold_set(model: str, value: float, device_id: str | None, tier: str, br
 @click.argument("model")
 @click.option("--device", "device_id", default=None, help="Only this device's override.")
 @_tier_option
-@_broker_option
-def threshold_clear(model: str, device_id: str | None, tier: str, broker_address: str) -> None:
+@broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
+def threshold_clear(model: str, device_id: str | None, tier: str, broker: BrokerConnection) -> None:
     """Remove a retained threshold: devices go back to the model-wide one or their built-in default."""
     topic = threshold_topic_for(model, tier, device_id)
-    publish_retained(broker_address, topic, b"")
+    publish_retained(broker, topic, b"")
     click.echo(f"{topic} cleared")
 
 
 @click.command("device-sim")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
-              help="MQTT broker (default 127.0.0.1:1883).")
+@broker_options(address_help="MQTT broker.")
+@click.option("--credentials", "credentials_dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Folder of <device-id>.password files (the credentials/ folder broker-config writes): each "
+                   "simulated device logs in as its own id. Replaces --username/--password-file.")
+@click.option("--device-prefix", default="sim", show_default=True,
+              help="Device ids are PREFIX0, PREFIX1, ...")
 @click.option("--devices", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--requests", default=100, show_default=True, type=click.IntRange(1), help="Samples per device.")
 @click.option("--dataset", default=None, type=click.Choice(datasets.DATASETS),
@@ -134,15 +162,26 @@ def threshold_clear(model: str, device_id: str | None, tier: str, broker_address
 @click.option("--impl", type=click.Choice(["c", "numpy"]), default=None,
               help="Device part: the generated C called in-process (cffi; default when a C compiler is present) "
                    "or the NumPy reference computed beforehand.")
-def device_sim(model: str, broker_address: str | None, devices: int, requests: int, dataset: str | None, count: int,
-               data_dir: str | None, timeout_ms: int, window: int, all_to_server: bool, impl: str | None) -> None:
+def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None, device_prefix: str, devices: int,
+               requests: int, dataset: str | None, count: int, data_dir: str | None, timeout_ms: int, window: int,
+               all_to_server: bool, impl: str | None) -> None:
     """Simulate DEVICES devices running MODEL's device part against ddnn-server."""
     from ddnn_gen.device.simulated import precomputed, simulate
     from ddnn_gen.fold.program import fold
     from ddnn_gen.fold.reference import run_device
     from ddnn_gen.model.modelfile import load_model
 
-    host, port = parse_broker(broker_address or "127.0.0.1:1883")
+    if not topics.valid_device_id(f"{device_prefix}{devices - 1}"):
+        raise click.BadParameter(f"{device_prefix!r} makes invalid device ids: {topics.DEVICE_ID_RULE}",
+                                 param_hint="--device-prefix")
+    connection: BrokerConnection | Callable[[str], BrokerConnection] = broker
+    if credentials_dir is not None:
+        folder = Path(credentials_dir)
+
+        def connection(device_id: str) -> BrokerConnection:
+            return broker.as_user(device_id, folder / f"{device_id}.password").check()
+
+        connection(f"{device_prefix}0")  # a missing file is a one-line error before anything starts
     loaded = load_model(model)
     program = fold(loaded)
     dataset = dataset or loaded.spec.dataset
@@ -159,8 +198,9 @@ def device_sim(model: str, broker_address: str | None, devices: int, requests: i
     else:
         result = run_device(program, images)
         device_part = precomputed(result.split_words, result.entropy, result.local_class)
-    report = simulate(host, port, program, loaded.hash_bytes, device_part, len(images), devices, requests,
-                      timeout_s=timeout_ms / 1000, window=window, all_to_server=all_to_server)
+    report = simulate(connection, program, loaded.hash_bytes, device_part, len(images), devices, requests,
+                      timeout_s=timeout_ms / 1000, window=window, all_to_server=all_to_server,
+                      device_prefix=device_prefix)
     labels = data.labels[:count]
     correct = sum(1 for o in report.outcomes if o.final_class == labels[o.index])
     sent = [o for o in report.outcomes if o.source != "local"]
@@ -184,19 +224,25 @@ def device_sim(model: str, broker_address: str | None, devices: int, requests: i
 @click.option("--threshold", default=None, type=THRESHOLD, help=f"Local-exit threshold {THRESHOLD_HELP}.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--timeout-ms", default=2000, show_default=True, type=click.IntRange(1))
-@click.option("--broker", "broker_address", default=None, metavar="HOST:PORT",
-              help="Use this broker instead of a private Mosquitto.")
-def demo(model_path: str | None, count: int, threshold: float | None, workers: int, timeout_ms: int,
-         broker_address: str | None) -> None:
+@click.option("--secure", is_flag=True,
+              help="Private Mosquitto with TLS and per-role credentials (a broker-config deployment with its own "
+                   "CA in a temp dir): device and server each log in as themselves.")
+@broker_options(default=None, address_help="Use this broker instead of a private Mosquitto (device and server "
+                                           "then share these credentials).")
+def demo(model_path: str | None, count: int, threshold: float | None, workers: int, timeout_ms: int, secure: bool,
+         broker: BrokerConnection | None) -> None:
     """Whole path: C device program -> MQTT -> ddnn-server, on real test images."""
     from ddnn_gen.bench.demo import DEFAULT_MODEL, run_demo
 
+    if secure and broker is not None:
+        raise click.UsageError("--secure starts its own broker: leave out --broker")
     started = time.monotonic()
-    where = broker_address or "a private Mosquitto on a free loopback port"
+    where = broker.url if broker else (("a private TLS Mosquitto with per-role credentials" if secure else
+                                        "a private Mosquitto") + " on a free loopback port")
     click.echo(f"{model_path or DEFAULT_MODEL}: compiling the device part to C, building the networked device "
                f"program, starting ddnn-server ({workers} workers) on {where}, classifying {count} test images...")
-    report = run_demo(model_path, count, threshold, workers=workers, timeout_ms=timeout_ms,
-                      broker_address=broker_address)
+    report = run_demo(model_path, count, threshold, workers=workers, timeout_ms=timeout_ms, broker=broker,
+                      secure=secure)
     click.echo(report.table())
     click.echo(f"demo took {time.monotonic() - started:.1f} s")
 

@@ -11,6 +11,10 @@ import click
 from ddnn_gen.errors import DdnnError, SpecError
 from ddnn_gen.model.datasets import Dataset
 from ddnn_gen.model.spec import THRESHOLD_RULE, ModelSpec, parse_threshold_text
+from ddnn_gen.wire.connection import broker_options
+
+# --broker and the TLS / credential options, one BrokerConnection per command (shared with ddnn-server).
+__all__ = ["THRESHOLD", "THRESHOLD_HELP", "broker_options", "check_dataset_shape", "data_dir_option", "writable_file"]
 
 
 class ThresholdType(click.ParamType):

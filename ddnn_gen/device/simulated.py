@@ -6,14 +6,14 @@ duplicated and misrouted replies so tests can assert on them.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -23,12 +23,14 @@ from ddnn_gen.device.c_binding import LocalAnswer
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, topics
-from ddnn_gen.wire.broker import BrokerError
 from ddnn_gen.wire.codec import Packing, Reply, RequestHeader
+from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("local", "server", "fallback", "error")
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with this client id
+MAX_QUEUED_REQUESTS = 10000  # publishes waiting behind the in-flight window; beyond it a request falls back
 
 
 @dataclass
@@ -55,12 +57,24 @@ class SampleOutcome:
 
 
 class SimDevice:
-    """One MQTT device. Thread-safe ``request``; several may be outstanding at once."""
+    """One MQTT device. Thread-safe ``request``; several may be outstanding at once.
 
-    def __init__(self, device_id: str, host: str, port: int, model_hash: bytes, timeout_s: float = 2.0,
+    The MQTT client id is the device id, as the C device's, so a broker can tie it to the credentials
+    (``use_username_as_clientid``, ``%c`` patterns). A second client with the same id takes the session
+    over; a broker that says so (MQTT 5 DISCONNECT 0x8E) makes this device stop using the network: its
+    requests then fall back at once instead of both processes taking the session from each other.
+
+    Bookkeeping is bounded: a request is forgotten once answered or timed out; replies that come later are
+    told apart from misrouted ones by the request-id range this device issued (plus the last
+    ``RECENT_CUSTOM_IDS`` ids passed to :meth:`send` from outside that range).
+    """
+
+    RECENT_CUSTOM_IDS = 4096
+
+    def __init__(self, device_id: str, connection: BrokerConnection, model_hash: bytes, timeout_s: float = 2.0,
                  default_threshold: float = 0.5) -> None:
         self.device_id = topics.check_device_id(device_id)
-        self.host, self.port = host, port
+        self.connection = connection
         self.model_hash = model_hash
         self.timeout_s = timeout_s
         self.reply_topic = topics.reply_topic(device_id)
@@ -70,35 +84,50 @@ class SimDevice:
         self._thresholds: dict[str, float | None] = {}
         self.default_threshold = default_threshold
         self._pending: dict[int, _Pending] = {}
-        self._answered: set[int] = set()
+        self._first_id = int.from_bytes(os.urandom(4), "little") << 24 | 1
+        self._next_id = self._first_id
+        self._custom_ids: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
         self.duplicates = 0
         self.misrouted = 0
         self.undecodable = 0
-        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 24)
+        self.taken_over = False
+        self.problem: str | None = None  # why the broker refused this device, if it did
         self._connected = threading.Event()
-        self._client = mqtt_client.Client(f"ddnn-sim-{device_id}-{os.getpid()}")
+        self._settled = threading.Event()  # first SUBACK, or a refusal
+        self._client = mqtt_client.Client(device_id, connection)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._client.max_inflight_messages_set(1000)
-        self._client.max_queued_messages_set(0)
+        self._client.max_queued_messages_set(MAX_QUEUED_REQUESTS)
         self._client.reconnect_delay_set(0.05, 1.0)
         self._client.will_set(topics.status_topic(device_id), b"offline", qos=1, retain=True)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def start(self, timeout_s: float = 10.0) -> SimDevice:
-        self._client.connect_async(self.host, self.port, keepalive=15, clean_start=True)
+        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15, clean_start=True)
         self._client.loop_start()
-        if not self._connected.wait(timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while not self._settled.wait(0.1) and time.monotonic() < deadline:
+            if (self._client.last_connect_error or "").startswith("TLS"):
+                break  # a certificate that fails now fails on every retry
+        if not self._settled.is_set() or self.problem is not None:
+            self._client.disconnect()
             self._client.loop_stop()
-            raise BrokerError(f"device {self.device_id}: no broker answered at {self.host}:{self.port} within "
-                              f"{timeout_s:.0f} s")
+            why = self._client.last_connect_error
+            if self.problem is not None or (why or "").startswith("TLS"):
+                raise BrokerError(f"device {self.device_id}: cannot use the broker at {self.connection.url}: "
+                                  f"{self.problem or why}")
+            raise BrokerError(f"device {self.device_id}: no broker answered at {self.connection.url} within "
+                              f"{timeout_s:.0f} s" + (f" ({why})" if why else ""))
         return self
 
     def stop(self) -> None:
-        self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
+        if not self.taken_over:
+            self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -116,10 +145,19 @@ class SimDevice:
                     return value
         return self.default_threshold
 
+    @property
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered or given up (what the bookkeeping holds)."""
+        with self._lock:
+            return len(self._pending)
+
     # ---- requests ------------------------------------------------------------------------------------
 
     def next_request_id(self) -> int:
-        return next(self._ids)
+        with self._lock:
+            request_id = self._next_id
+            self._next_id += 1
+        return request_id
 
     def send(self, payload: bytes, request_id: int, topic: str | None = None) -> _Pending:
         """Publish raw request bytes (also malformed ones) carrying ``request_id``; the reply is matched by the
@@ -127,16 +165,23 @@ class SimDevice:
         pending = _Pending(sent=time.monotonic())
         with self._lock:
             self._pending[request_id] = pending
+            if not self._first_id <= request_id < self._next_id:
+                self._custom_ids[request_id] = None
+                while len(self._custom_ids) > self.RECENT_CUSTOM_IDS:
+                    self._custom_ids.popitem(last=False)
+        if self.taken_over:
+            pending.event.set()  # another process is this device now: answer locally at once
+            return pending
         info = self._client.publish(topic or self.request_topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("device %s: publish failed: %s", self.device_id, mqtt.error_string(info.rc))
+            pending.event.set()  # nothing will answer it: fall back now, not at the timeout
         return pending
 
     def wait(self, request_id: int, pending: _Pending, timeout_s: float | None = None) -> Reply | None:
         pending.event.wait(self.timeout_s if timeout_s is None else timeout_s)
         with self._lock:
             self._pending.pop(request_id, None)
-            self._answered.add(request_id)
         return pending.reply
 
     def request(self, header: RequestHeader, split: np.ndarray) -> tuple[Reply | None, int]:
@@ -151,7 +196,9 @@ class SimDevice:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         if reason_code.is_failure:
-            log.error("device %s: broker refused: %s", self.device_id, reason_code)
+            self.problem = f"the broker refused the connection: {reason_code}"
+            log.error("device %s: %s", self.device_id, self.problem)
+            self._settled.set()
             return
         mqtt_client.tcp_no_delay(client)
         client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
@@ -160,9 +207,31 @@ class SimDevice:
         client.publish(topics.status_topic(self.device_id), b"online", qos=1, retain=True)
         self._connected.set()
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        topics_asked = (self.reply_topic, self._model_threshold_topic, self._device_threshold_topic)
+        refused = [(topic, str(code)) for topic, code in zip(topics_asked, reason_codes) if code.is_failure]
+        if refused and refused[0][0] == self.reply_topic:
+            # Without its reply topic a device gets no answers: say so instead of timing out on every request.
+            self.problem = f"the broker refused the subscription to {self.reply_topic}: {refused[0][1]}"
+            log.error("device %s: %s", self.device_id, self.problem)
+        elif refused:
+            log.warning("device %s: the broker refused %s; thresholds from there will not arrive", self.device_id,
+                        refused)
+        self._settled.set()
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self._connected.clear()
+        if reason_code == SESSION_TAKEN_OVER and not self.taken_over:
+            self.taken_over = True
+            log.error("device %s: another client connected with this device id and took the session over; "
+                      "this one answers locally from now on", self.device_id)
+            client.disconnect()  # no reconnection: two processes of one id must not take turns
+            with self._lock:
+                waiting = list(self._pending.values())
+            for pending in waiting:
+                pending.event.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
@@ -190,7 +259,8 @@ class SimDevice:
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None or pending.reply is not None:
-                if pending is not None or request_id in self._answered:
+                sent_by_us = self._first_id <= request_id < self._next_id or request_id in self._custom_ids
+                if pending is not None or sent_by_us:
                     self.duplicates += 1
                 else:
                     self.misrouted += 1
@@ -238,26 +308,32 @@ def precomputed(split_words: np.ndarray, entropy: np.ndarray, local_class: np.nd
     return part
 
 
-def run_devices(host: str, port: int, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
+Brokers = Union[BrokerConnection, Callable[[str], BrokerConnection]]
+
+
+def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
                 entropy: np.ndarray, local_class: np.ndarray, n_devices: int, requests_per_device: int,
                 **options: Any) -> SimReport:
     """:func:`simulate` with the device part's answers computed beforehand for all N samples."""
-    return simulate(host, port, program, model_hash, precomputed(split_words, entropy, local_class),
+    return simulate(connection, program, model_hash, precomputed(split_words, entropy, local_class),
                     len(split_words), n_devices, requests_per_device, **options)
 
 
-def simulate(host: str, port: int, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
+def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
              n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
              all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
              device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
     """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
     ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
-    as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads)."""
+    as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
+    ``connection`` is the broker, or a function giving each device id its own credentials."""
     devices: list[SimDevice] = []
     try:
         for d in range(n_devices):
-            devices.append(SimDevice(f"{device_prefix}{d}", host, port, model_hash, timeout_s,
+            device_id = f"{device_prefix}{d}"
+            broker = connection(device_id) if callable(connection) else connection
+            devices.append(SimDevice(device_id, broker, model_hash, timeout_s,
                                      default_threshold=program.threshold).start())
     except BrokerError:
         for device in devices:

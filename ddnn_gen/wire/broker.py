@@ -1,5 +1,6 @@
 """A private Mosquitto broker on a free loopback port, for ddnn-server without --broker, the demo,
-the benchmark and the tests.
+the benchmark and the tests: anonymous and plain TCP, or (``Broker.secure``) the TLS listener, password
+file and authorization rules of a ``ddnngen broker-config`` deployment (ddnn_gen/wire/deployment.py).
 
 The broker's packet limit is deliberately larger than the server's request limit, so an oversized
 request still reaches a server and earns a TOO_LARGE error reply instead of a silent disconnect.
@@ -8,6 +9,7 @@ request still reaches a server and earns a TOO_LARGE error reply instead of a si
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -16,31 +18,17 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ddnn_gen.errors import DdnnError
+from ddnn_gen.wire.connection import DEFAULT_PORT, BrokerConnection, BrokerError, parse_address
+from ddnn_gen.wire.deployment import BROKER_MAX_PACKET_BYTES, Deployment, make_deployment
 
 log = logging.getLogger(__name__)
 
-BROKER_MAX_PACKET_BYTES = 16 * 1024 * 1024
+__all__ = ["BROKER_MAX_PACKET_BYTES", "Broker", "BrokerError", "free_port", "parse_broker"]
 
 
-class BrokerError(DdnnError):
-    """Mosquitto is missing or did not start."""
-
-
-def parse_broker(address: str, default_port: int = 1883) -> tuple[str, int]:
+def parse_broker(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``HOST[:PORT]`` -> (host, port); raises BrokerError on nonsense."""
-    host, _, port_text = address.rpartition(":") if ":" in address else (address, "", "")
-    if not host:
-        raise BrokerError(f"broker address {address!r} is not HOST:PORT")
-    if not port_text:
-        return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError as exc:
-        raise BrokerError(f"broker port in {address!r} is not a number") from exc
-    if not 0 < port < 65536:
-        raise BrokerError(f"broker port {port} is out of range")
-    return host, port
+    return parse_address(address, default_port)
 
 
 def free_port() -> int:
@@ -60,7 +48,8 @@ def _port_open(port: int) -> bool:
 class Broker:
     """Mosquitto in a temp dir. ``stop()`` then ``start()`` restarts it on the same port (tests kill it)."""
 
-    def __init__(self, port: int | None = None, persistence: bool = True, executable: str | None = None) -> None:
+    def __init__(self, port: int | None = None, persistence: bool = True, executable: str | None = None,
+                 deployment: Deployment | None = None) -> None:
         found = executable or shutil.which("mosquitto") or (
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if found is None:
@@ -73,6 +62,24 @@ class Broker:
         self._persistence = persistence
         self._process: subprocess.Popen[bytes] | None = None
         self._log_handle = None
+        self.deployment = deployment
+
+    @classmethod
+    def secure(cls, users: dict[str, str], client_certificates: bool = False, **kwargs: object) -> Broker:
+        """A broker (not started) with a fresh deployment in its temp dir: a private CA, a certificate for
+        127.0.0.1/localhost, ``users`` ({name: role}) with generated passwords (or client certificates)."""
+        broker = cls(**kwargs)  # type: ignore[arg-type]
+        broker.deployment = make_deployment(broker._dir / "deployment", users, port=broker.port, bind=broker.host,
+                                            client_certificates=client_certificates)
+        return broker
+
+    def connection(self, user: str | None = None) -> BrokerConnection:
+        """How a client reaches this broker: plain, or as ``user`` of the secure broker's deployment."""
+        if self.deployment is None:
+            return BrokerConnection(self.host, self.port)
+        if user is None:
+            raise BrokerError("this broker takes no anonymous clients: name a user of its deployment")
+        return self.deployment.connection(user, self.host, self.port)
 
     @property
     def address(self) -> str:
@@ -87,21 +94,25 @@ class Broker:
         return self._dir / "mosquitto.log"
 
     def _write_config(self) -> None:
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            f"max_packet_size {BROKER_MAX_PACKET_BYTES}",
-            # Servers ack requests only after replying; a high in-flight window lets them batch.
-            "max_inflight_messages 1000",
-            "max_queued_messages 200000",
-            "persistent_client_expiration 1h",
-            # Request/reply latency: without it Nagle + delayed ACKs add ~40 ms per hop.
-            "set_tcp_nodelay true",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-        ]
+        lines = ["log_dest stderr", "log_type error", "log_type warning", "log_type notice"]
+        if os.geteuid() == 0:
+            # Run as root, Mosquitto drops to the `mosquitto` user before reading keys and password files,
+            # which this temp dir keeps private; a private broker may stay root.
+            lines.append("user root")
+        if self.deployment is not None:
+            lines += self.deployment.security_lines(self.port, self.host)
+        else:
+            lines += [
+                f"max_packet_size {BROKER_MAX_PACKET_BYTES}",
+                # Servers ack requests only after replying; a high in-flight window lets them batch.
+                "max_inflight_messages 1000",
+                "max_queued_messages 200000",
+                "persistent_client_expiration 1h",
+                # Request/reply latency: without it Nagle + delayed ACKs add ~40 ms per hop.
+                "set_tcp_nodelay true",
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+            ]
         if self._persistence:
             lines += ["persistence true", f"persistence_location {self._dir}/", "autosave_interval 1"]
         self.config_path.write_text("\n".join(lines) + "\n")

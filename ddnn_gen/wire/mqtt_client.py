@@ -1,4 +1,5 @@
-"""paho-mqtt's Client with its per-packet system calls taken out, for the server and the simulated devices.
+"""paho-mqtt's Client with its per-packet system calls taken out, for the server, the simulated devices and
+the command-line tools; TLS and credentials come from one ``BrokerConnection`` (ddnn_gen/wire/connection.py).
 
 paho reads each packet with one ``recv`` for the command byte, one per remaining-length byte and one for
 the rest: 3-4 system calls a packet. ``ReadAheadSocket`` reads up to 64 KB at a time and serves those
@@ -12,10 +13,13 @@ longer calls ``_create_socket`` the client still works, without the read-ahead.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from ddnn_gen.wire.connection import BrokerConnection
 
 READ_AHEAD_BYTES = 64 * 1024
 
@@ -53,15 +57,37 @@ class ReadAheadSocket:
 
 
 class Client(mqtt.Client):
-    """MQTT 5, callback API v2, read-ahead socket."""
+    """MQTT 5, callback API v2, read-ahead socket, TLS and credentials from a ``BrokerConnection``.
 
-    def __init__(self, client_id: str = "", **kwargs: Any) -> None:
+    paho's background loop retries a failed connection attempt without saying why; ``last_connect_error``
+    keeps the reason (refused, TLS handshake or certificate check failed) so callers can report it.
+    """
+
+    def __init__(self, client_id: str = "", connection: BrokerConnection | None = None, **kwargs: Any) -> None:
         super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, **kwargs)
+        self.last_connect_error: str | None = None
+        if connection is not None:
+            connection.configure(self)
 
     def _create_socket(self) -> Any:
-        sock = super()._create_socket()
+        try:
+            sock = super()._create_socket()
+        except OSError as error:  # ssl.SSLError and CertificateError are OSErrors too
+            self.last_connect_error = connect_error_text(error)
+            raise
         # TLS and WebSocket sockets buffer on their own terms; only plain TCP/Unix sockets get read-ahead.
         return ReadAheadSocket(sock) if type(sock) is socket.socket else sock
+
+
+def connect_error_text(error: BaseException) -> str:
+    """One line for a failed connection attempt (TLS errors carry their reason, not their class)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate was not accepted ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed ({error.reason or error})"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    return str(error) or type(error).__name__
 
 
 def tcp_no_delay(client: Any) -> None:
