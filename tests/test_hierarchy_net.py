@@ -121,24 +121,27 @@ def test_a_live_edge_threshold_moves_the_edge_exit_rate_to_eval(setting: Any, de
     out = tmp_path / "results.csv"
     new = float(np.quantile(outputs.edges[0].entropy, 0.9))
     try:
-        device = _device(device_bin, samples_file, out, broker, t_device, "--timeout-ms", "10000", "--pace-ms", "1")
-        assert wait_for(lambda: len(_rows(out)) >= 300, timeout_s=120)
+        device = _device(device_bin, samples_file, out, broker, t_device, "--timeout-ms", "10000", "--pace-ms", "4")
+        assert wait_for(lambda: len(_rows(out)) >= 150, timeout_s=120)
         _set_edge_threshold(loaded.path, new, broker)
+        # From the edge's own word that it applied the value (plus the one sample that may be in flight).
+        assert wait_for(lambda: f"now {new}" in edge.output, timeout_s=60), edge.output
+        applied = len(_rows(out)) + 2
         _, stderr = device.communicate(timeout=300)
         assert device.returncode == 0, stderr
     finally:
         edge.terminate()
         cloud.terminate()
     rows = _rows(out)
-    assert len(rows) == N_SAMPLES
-    # The change lands at some sample; from a little after it, the edge exit rate is eval's at the new value.
-    tail = slice(500, N_SAMPLES)
-    reached = np.array([int(r["answered_by"]) >= 1 for r in rows])[tail]
-    got = np.mean(np.array([int(r["answered_by"]) == 1 for r in rows])[tail][reached])
-    want_exit = answering_exit(outputs, (t_device, new))[tail]
-    want = np.mean(want_exit[want_exit >= 1] == 1)
+    assert len(rows) == N_SAMPLES and applied <= N_SAMPLES - 200, applied
+    after = slice(applied, N_SAMPLES)
+    got_exit = np.array([int(r["answered_by"]) for r in rows])[after]
+    want_exit = answering_exit(outputs, (t_device, new))[after]
+    reached = want_exit >= 1
+    got, want = np.mean(got_exit[reached] == 1), np.mean(want_exit[reached] == 1)
     assert abs(got - want) <= 0.01, (got, want)
-    assert abs(want - np.mean(answering_exit(outputs, (t_device, t_edge))[tail][reached] == 1)) > 0.05
+    assert np.array_equal(got_exit, want_exit)  # in fact sample by sample
+    assert abs(want - np.mean(answering_exit(outputs, (t_device, t_edge))[after][reached] == 1)) > 0.05
 
 
 def test_edge_then_cloud_killed_nothing_lost(setting: Any, device_bin: Path, samples_file: Path, broker: Broker,
