@@ -180,3 +180,20 @@ def test_demo_runs_the_whole_path(fmnist_model_path: Path) -> None:
     assert report.overall_accuracy == report.expected_overall
     assert abs(sum(report.rates.values()) - 1) < 1e-9
     assert "Overall" in report.table() and report.t_total_us > 0
+
+
+def test_demo_runs_a_three_tier_model_through_an_edge() -> None:
+    require_tool("mosquitto")
+    from ddnn_gen.bench.demo import run_demo
+
+    model = Path(__file__).resolve().parents[1] / "models" / "fmnist3_32.npz"
+    report = run_demo(model, count=300, workers=2, timeout_ms=10000)
+    assert report.samples == 300 and report.rates["fallback"] == 0 and report.rates["error"] == 0
+    # Same samples, same thresholds: the networked hierarchy answers exactly as the Python evaluation predicts.
+    assert report.overall_accuracy == report.expected_overall
+    assert report.answered_by is not None and list(report.answered_by) == ["device", "edge", "cloud"]
+    assert all(share > 0 for share in report.answered_by.values())
+    assert report.t_edge_us > 0 and report.t_cloud_us > 0 and len(report.t_comm_hops_us) == 2
+    # Fewer samples cross the second hop than the first, so it carries fewer bytes per sample on average.
+    assert report.hop_bytes[0] > report.hop_bytes[1] > 0
+    assert "T_Comm(edge-cloud)" in report.table()

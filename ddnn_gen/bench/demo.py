@@ -1,5 +1,6 @@
 """The whole path on real test images: the shipped model compiled to C, the networked device program,
-a private Mosquitto, ddnn-server; per-exit accuracy and timings as measured by the device program."""
+a private Mosquitto, ddnn-server (and, for a model with an edge tier, an edge ddnn-server between them);
+per-exit accuracy and timings per tier and per hop as measured by the device program."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.device.samples import write_samples
 from ddnn_gen.errors import DdnnError
-from ddnn_gen.fold import exits, reference
+from ddnn_gen.fold import exits
 from ddnn_gen.fold.program import fold
 from ddnn_gen.model import datasets, evaluate
 from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.wire import codec
 from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.connection import BrokerConnection
 
@@ -46,9 +48,30 @@ class DemoReport:
     t_server_us: float
     t_comm_us: float
     t_total_us: float
+    thresholds: tuple[float, ...] = ()
+    answered_by: dict[str, float] | None = None  # tier name -> share of samples its exit answered
+    t_edge_us: float = math.nan  # the edge's compute per sample it received
+    t_cloud_us: float = math.nan  # the cloud's compute per sample it received through the edge
+    t_comm_hops_us: tuple[float, ...] = ()  # device <-> first server, then edge <-> cloud
+    hop_bytes: tuple[float, ...] = ()  # request payload + header bytes per sample on each hop
 
     def table(self) -> str:
         rates = ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in self.rates.items())
+        if self.answered_by is not None and len(self.answered_by) > 2:
+            shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in self.answered_by.items())
+            hops = ["device-edge", "edge-cloud"]
+            return "\n".join([
+                f"samples {self.samples}, thresholds {'/'.join(f'{t:.4g}' for t in self.thresholds)}",
+                f"accuracy: Overall {100 * self.overall_accuracy:.2f}%  Ideal {100 * self.ideal_accuracy:.2f}%  "
+                f"(Python evaluation predicts Overall {100 * self.expected_overall:.2f}%)",
+                f"answered by: {shares}; device outcomes: {rates}",
+                f"mean per sample (us): T_Device {self.t_device_us:.1f}  T_Total {self.t_total_us:.1f}",
+                f"mean per sample reaching it (us): T_Edge {self.t_edge_us:.1f}  T_Cloud {self.t_cloud_us:.1f}",
+                "mean communication per sample crossing the hop (us): " + "  ".join(
+                    f"T_Comm({hop}) {value:.1f}" for hop, value in zip(hops, self.t_comm_hops_us)),
+                "bytes per sample on each hop (requests, all samples): " + "  ".join(
+                    f"{hop} {value:.1f}" for hop, value in zip(hops, self.hop_bytes)),
+            ])
         return "\n".join([
             f"samples {self.samples}, threshold {self.threshold:.4g}",
             f"accuracy: Local {100 * self.local_accuracy:.2f}%  Server {100 * self.server_accuracy:.2f}%  "
@@ -64,9 +87,9 @@ class DemoReport:
 DEMO_DEVICE, DEMO_SERVER = "demo-device", "demo-server"
 
 
-def _start_server(broker: BrokerConnection, model: Path, workers: int) -> subprocess.Popen[str]:
+def _start_server(broker: BrokerConnection, model: Path, workers: int, *extra: str) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()",
-                                *broker.runner_args(), "--models", str(model), "--workers", str(workers)],
+                                *broker.runner_args(), "--models", str(model), "--workers", str(workers), *extra],
                                stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     lines = []
@@ -92,6 +115,11 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
     loaded = load_model(model)
     program = fold(loaded, threshold)
     threshold = program.threshold
+    spec = loaded.spec
+    hierarchy = len(spec.tiers) >= 3 and spec.tiers[1].binary
+    if hierarchy and secure:
+        raise DdnnError("the demo runs an edge only on a plain broker for now (an edge's two connections need "
+                        "identities of their own on a secured one; docs/security.md)")
     data = datasets.load(loaded.spec.dataset or "fashion-mnist", "test")
     images, labels = data.images[:count], data.labels[:count]
     with tempfile.TemporaryDirectory(prefix="ddnn-demo-") as tmp:
@@ -105,12 +133,14 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
         private = None
         if broker is None:
             private = (Broker.secure({DEMO_DEVICE: "device", DEMO_SERVER: "server"}) if secure else Broker()).start()
-        server = None
+        server = edge = None
         try:
             server_broker = private.connection(DEMO_SERVER if secure else None) if private else broker
             device_broker = private.connection(DEMO_DEVICE if secure else None) if private else broker
             assert server_broker is not None and device_broker is not None
             server = _start_server(server_broker, model, workers)
+            if hierarchy:
+                edge = _start_server(server_broker, model, max(1, workers // 2), "--role", "edge")
             run = subprocess.run([str(binary), str(samples), "--device-id", DEMO_DEVICE, *device_broker.runner_args(),
                                   "--timeout-ms", str(timeout_ms), "--threshold", repr(threshold), "-o",
                                   str(results)], capture_output=True, text=True)
@@ -118,9 +148,10 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
                 raise DdnnError(f"the device program failed ({run.returncode}):\n{run.stderr}")
             log.info("%s", run.stderr.strip())
         finally:
-            if server is not None:
-                server.terminate()
-                server.wait(30)
+            for process in (edge, server):
+                if process is not None:
+                    process.terminate()
+                    process.wait(30)
             if private is not None:
                 private.cleanup()
         with open(results, newline="") as handle:
@@ -132,12 +163,14 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
     local = sources == "local"
     remote = ~local
     correct = final == labels
-    device = reference.run_device(program, images)
-    server_class = exits.server_classes(loaded, program, device.split_words)
-    outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class, program.split_words * 8,
-                                   program.weight_bytes)
-    expected = evaluate.metrics_at(outputs, threshold)
+    thresholds = (threshold, *spec.thresholds[1:])
+    outputs = exits.compute_outputs(loaded, datasets.Dataset(data.name, data.split, images, labels))
+    expected = evaluate.metrics_at(outputs, thresholds)
     served = [r for r in rows if r["source"] == "server"]
+    answered = np.array([int(r["answered_by"]) for r in rows])
+    through_edge = [r for r in served if int(r["t_upstream_us"]) > 0 and r["upstream_fallback"] == "0"]
+    hop_bytes = tuple(float(np.mean(answered > hop)) * (size + codec.REQUEST_HEADER_BYTES)
+                      for hop, size in enumerate(outputs.hop_bytes))
     return DemoReport(
         samples=len(rows), threshold=threshold,
         local_accuracy=float((local & correct).sum() / len(rows)),
@@ -148,6 +181,15 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
         rates={name: float((sources == name).mean()) for name in ("local", "server", "fallback", "error")},
         t_device_us=_mean([float(r["t_device_us"]) for r in rows]),
         t_server_us=_mean([float(r["t_server_us"]) for r in served]),
-        t_comm_us=_mean([float(r["t_total_us"]) - float(r["t_device_us"]) - float(r["t_server_us"]) for r in served]),
+        t_comm_us=_mean([float(r["t_total_us"]) - float(r["t_device_us"]) - float(r["t_server_us"])
+                         - float(r["t_upstream_us"]) for r in served]),
         t_total_us=_mean([float(r["t_total_us"]) for r in rows]) if remote.any() or local.any() else math.nan,
+        thresholds=thresholds,
+        answered_by={tier.name: float(np.mean(answered == index)) for index, tier in enumerate(spec.tiers)},
+        t_edge_us=_mean([float(r["t_server_us"]) for r in served]) if hierarchy else math.nan,
+        t_cloud_us=_mean([float(r["t_upstream_server_us"]) for r in through_edge]),
+        t_comm_hops_us=(_mean([float(r["t_total_us"]) - float(r["t_device_us"]) - float(r["t_server_us"])
+                               - float(r["t_upstream_us"]) for r in served]),
+                        _mean([float(r["t_upstream_us"]) - float(r["t_upstream_server_us"]) for r in through_edge])),
+        hop_bytes=hop_bytes,
     )
