@@ -47,6 +47,8 @@ class ServerConfig:
     from_tier: int | None = None  # cloud: the tier requests resume at (default: where they come from)
     upstream: BrokerConnection | None = None  # edge: the broker of the tier above (default: the same broker)
     upstream_timeout_ms: float = 1000.0
+    plan: str | None = None  # a plan file (ddnngen plan): its model runs what the plan puts at ``location``
+    location: str = "cloud"
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Server:
         self.config = config
         keep_freed_memory()
         if store is None:
-            store = ModelStore(gpu=config.gpu, role=config.role, from_tier=config.from_tier)
+            store = ModelStore(gpu=config.gpu, role=config.role, from_tier=config.from_tier, plan=config.plan,
+                               location=config.location)
             store.load_dir(config.models)
         self.store = store
         self.batcher = Batcher(config.max_batch, config.max_wait_ms, config.max_queue)

@@ -68,13 +68,19 @@ def _name_option(what: str) -> object:
 @click.option("--from-tier", default=None, type=click.IntRange(1, 7),
               help="Cloud: the tier requests resume at (default: after the device for two-tier models, after the "
                    "last edge tier for deeper ones; 1 when a deeper model runs without an edge).")
+@click.option("--plan", "plan_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A plan file (ddnngen plan -o): for its model, run what it places at --location (role, first "
+                   "tier, the edge exit's threshold); other models follow --role.")
+@click.option("--location", type=click.Choice(["edge", "cloud"]), default=None,
+              help="With --plan: which of the plan's locations this server is (default: cloud).")
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
          receive_maximum: int, role: str, upstream_address: str | None, upstream_timeout_ms: float,
-         from_tier: int | None, gpu: int | None, verbose: int) -> None:
+         from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None,
+         verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -84,7 +90,9 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
             private = Broker().start()
             click.echo(f"ddnn-server: started private mosquitto at {private.address}", err=True)
             broker = private.connection()
-        if role != "edge" and upstream_address:
+        if location is not None and plan_path is None:
+            raise click.BadParameter("a location is one of a plan's; give --plan", param_hint="--location")
+        if role != "edge" and upstream_address and not (plan_path and location == "edge"):
             raise click.BadParameter("only an edge has a tier above to send to", param_hint="--upstream")
         upstream = None
         if upstream_address:
@@ -93,7 +101,7 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
         config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
                               session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
-                              upstream_timeout_ms=upstream_timeout_ms)
+                              upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud")
         server = Server(config).start()
     except DdnnError as error:
         if private is not None:

@@ -17,7 +17,8 @@ from ddnn_gen.errors import DdnnError, ModelFileError
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.fold.reference import split_to_server_input
-from ddnn_gen.model.modelfile import LoadedModel, load_model
+from ddnn_gen.model.modelfile import HASH_BYTES_ON_WIRE, LoadedModel, load_model
+from ddnn_gen.model.placement import plan_content_hash, read_plan
 from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
 from ddnn_gen.wire.topics import model_key
 
@@ -129,6 +130,24 @@ class ServedModel:
         assert self.edge_program is not None
         return reference.run_device(self.edge_program, np.stack(payloads), threshold=1.0)
 
+    def warm_up(self) -> None:
+        """Run every path this server takes once on a blank input, so that the first device's request does not
+        pay for first calls (Chainer's function set-up, NumPy's and BLAS's buffers: tens of ms)."""
+        channels, height, width = self.input_chw
+        image = np.zeros((1, height, width, channels), dtype=np.uint8)  # (N, H, W, C) as the wire carries it
+        self.forward_raw(image)
+        if self.entry_tier == 0:
+            return
+        if self.program is not None and self.program.tier == 0:
+            words = reference.run_device(self.program, image.transpose(0, 3, 1, 2)).split_words
+            if self.edge_program is not None:
+                self.edge_forward([words[0]])
+                return
+            self.forward(self.server_input([words[0]], Packing.BITS_U64))
+            return
+        c, h, w = self.split_chw
+        self.forward(self.server_input([np.zeros((h, w, c), dtype=np.float32)], Packing.FLOAT32))
+
     def forward_raw(self, images_hwc: np.ndarray) -> np.ndarray:
         """Server-only: the whole Chainer model (device tier in test mode, then the rest) on uint8
         (N, H, W, C) images; the float device tier, not the bitwise one, as a server without the C device
@@ -145,10 +164,12 @@ class ServedModel:
         return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
 
 
-def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None) -> ServedModel:
+def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None,
+          edge_threshold: float | None = None) -> ServedModel:
     """What a server of ``role`` runs of ``loaded``. A cloud starts, by default, where requests come from:
     after the device for a two-tier model, after the last edge for a deeper one (``from_tier`` overrides:
-    1 when no edge is deployed). An edge runs the first edge tier, which must be binary."""
+    1 when no edge is deployed). An edge runs the first edge tier, which must be binary, and answers at its
+    exit below ``edge_threshold`` (default: the model's; retained tier thresholds override it live)."""
     spec = loaded.spec
     last = len(spec.tiers) - 1
     if role not in ROLES:
@@ -157,7 +178,7 @@ def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None
         if last < 2 or not spec.tiers[1].binary:
             raise ModelFileError(f"{spec.name}: an edge runs a binary edge tier with an early exit; this model's "
                                  f"tiers are {', '.join(t.kind for t in spec.tiers)}")
-        return ServedModel(loaded, 1, fold(loaded), fold(loaded, tier=1))
+        return ServedModel(loaded, 1, fold(loaded), fold(loaded, edge_threshold, tier=1))
     if last == 0:
         return ServedModel(loaded, 0, None)
     entry = from_tier if from_tier is not None else (1 if last == 1 else last)
@@ -180,18 +201,30 @@ def _inference_config() -> Iterator[None]:
 class ModelStore:
     """Loads every model file in a directory once; thread-safe lookups by wire hash."""
 
-    def __init__(self, gpu: int | None = None, role: str = "cloud", from_tier: int | None = None) -> None:
+    def __init__(self, gpu: int | None = None, role: str = "cloud", from_tier: int | None = None,
+                 plan: str | Path | None = None, location: str = "cloud") -> None:
         self._models: dict[bytes, ServedModel] = {}
         self._lock = threading.Lock()
         self._gpu = gpu
         self._role = role
         self._from_tier = from_tier
+        # A plan file (ddnngen plan) places its model's tiers: this server runs what it puts at ``location``.
+        self._plan = plan
+        self._plan_hash = plan_content_hash(plan) if plan is not None else None
+        self._location = location
 
     def add_file(self, path: str | Path) -> ServedModel:
         loaded = load_model(path)
-        served = serve(loaded, self._role, self._from_tier)
+        if self._plan is not None and loaded.content_hash == self._plan_hash:
+            placed = read_plan(self._plan, loaded.spec, loaded.content_hash).placement.server(self._location)
+            served = serve(loaded, placed.role, placed.from_tier, placed.edge_threshold)
+            log.info("%s: as planned in %s for the %s: %s from tier %d", loaded.spec.name, self._plan,
+                     self._location, placed.role, placed.from_tier)
+        else:
+            served = serve(loaded, self._role, self._from_tier)
         if self._gpu is not None:
             served = _to_gpu(served, self._gpu)
+        served.warm_up()
         with self._lock:
             existing = self._models.get(loaded.hash_bytes)
             if existing is not None:
@@ -205,7 +238,9 @@ class ModelStore:
     def load_dir(self, directory: str | Path) -> list[ServedModel]:
         folder = Path(directory)
         if folder.is_file():
-            return [self.add_file(folder)]
+            served = [self.add_file(folder)]
+            self.check_plan_found()
+            return served
         if not folder.is_dir():
             raise ModelFileError(f"{folder}: no such model directory")
         served = []
@@ -217,7 +252,12 @@ class ModelStore:
                 log.error("skipping %s: %s", path, error)
         if not served:
             raise ModelFileError(f"{folder}: no loadable model files (*.npz)")
+        self.check_plan_found()
         return served
+
+    def check_plan_found(self) -> None:
+        if self._plan_hash is not None and self.get(bytes.fromhex(self._plan_hash)[:HASH_BYTES_ON_WIRE]) is None:
+            raise ModelFileError(f"{self._plan}: its model ({self._plan_hash[:12]}) is not among the served ones")
 
     def get(self, model_hash: bytes) -> ServedModel | None:
         with self._lock:

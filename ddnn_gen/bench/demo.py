@@ -4,7 +4,6 @@ per-exit accuracy and timings per tier and per hop as measured by the device pro
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddnn_gen.bench.device_csv import HopTimes, read_rows
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.device.samples import write_samples
@@ -87,7 +87,7 @@ class DemoReport:
 DEMO_DEVICE, DEMO_SERVER = "demo-device", "demo-server"
 
 
-def _start_server(broker: BrokerConnection, model: Path, workers: int, *extra: str) -> subprocess.Popen[str]:
+def start_server(broker: BrokerConnection, model: Path, workers: int, *extra: str) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()",
                                 *broker.runner_args(), "--models", str(model), "--workers", str(workers), *extra],
                                stderr=subprocess.PIPE, text=True)
@@ -100,10 +100,6 @@ def _start_server(broker: BrokerConnection, model: Path, workers: int, *extra: s
             return process
     process.wait()
     raise DdnnError("ddnn-server did not start:\n" + "".join(lines))
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
 
 
 def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold: float | None = None,
@@ -138,9 +134,9 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
             server_broker = private.connection(DEMO_SERVER if secure else None) if private else broker
             device_broker = private.connection(DEMO_DEVICE if secure else None) if private else broker
             assert server_broker is not None and device_broker is not None
-            server = _start_server(server_broker, model, workers)
+            server = start_server(server_broker, model, workers)
             if hierarchy:
-                edge = _start_server(server_broker, model, max(1, workers // 2), "--role", "edge")
+                edge = start_server(server_broker, model, max(1, workers // 2), "--role", "edge")
             run = subprocess.run([str(binary), str(samples), "--device-id", DEMO_DEVICE, *device_broker.runner_args(),
                                   "--timeout-ms", str(timeout_ms), "--threshold", repr(threshold), "-o",
                                   str(results)], capture_output=True, text=True)
@@ -154,8 +150,7 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
                     process.wait(30)
             if private is not None:
                 private.cleanup()
-        with open(results, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_rows(results)
     if len(rows) != len(labels):
         raise DdnnError(f"the device program answered {len(rows)} of {len(labels)} samples")
     final = np.array([int(r["final_class"]) for r in rows])
@@ -168,9 +163,9 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
     expected = evaluate.metrics_at(outputs, thresholds)
     served = [r for r in rows if r["source"] == "server"]
     answered = np.array([int(r["answered_by"]) for r in rows])
-    through_edge = [r for r in served if int(r["t_upstream_us"]) > 0 and r["upstream_fallback"] == "0"]
     hop_bytes = tuple(float(np.mean(answered > hop)) * (size + codec.REQUEST_HEADER_BYTES)
                       for hop, size in enumerate(outputs.hop_bytes))
+    times = HopTimes.from_rows(rows)
     return DemoReport(
         samples=len(rows), threshold=threshold,
         local_accuracy=float((local & correct).sum() / len(rows)),
@@ -179,17 +174,14 @@ def run_demo(model_path: str | Path | None = None, count: int = 1000, threshold:
         ideal_accuracy=expected.ideal_accuracy,
         expected_overall=expected.overall_accuracy,
         rates={name: float((sources == name).mean()) for name in ("local", "server", "fallback", "error")},
-        t_device_us=_mean([float(r["t_device_us"]) for r in rows]),
-        t_server_us=_mean([float(r["t_server_us"]) for r in served]),
-        t_comm_us=_mean([float(r["t_total_us"]) - float(r["t_device_us"]) - float(r["t_server_us"])
-                         - float(r["t_upstream_us"]) for r in served]),
-        t_total_us=_mean([float(r["t_total_us"]) for r in rows]) if remote.any() or local.any() else math.nan,
+        t_device_us=times.t_device_us,
+        t_server_us=times.t_first_server_us,
+        t_comm_us=times.t_comm_first_us,
+        t_total_us=times.t_total_us if remote.any() or local.any() else math.nan,
         thresholds=thresholds,
         answered_by={tier.name: float(np.mean(answered == index)) for index, tier in enumerate(spec.tiers)},
-        t_edge_us=_mean([float(r["t_server_us"]) for r in served]) if hierarchy else math.nan,
-        t_cloud_us=_mean([float(r["t_upstream_server_us"]) for r in through_edge]),
-        t_comm_hops_us=(_mean([float(r["t_total_us"]) - float(r["t_device_us"]) - float(r["t_server_us"])
-                               - float(r["t_upstream_us"]) for r in served]),
-                        _mean([float(r["t_upstream_us"]) - float(r["t_upstream_server_us"]) for r in through_edge])),
+        t_edge_us=times.t_first_server_us if hierarchy else math.nan,
+        t_cloud_us=times.t_upstream_server_us,
+        t_comm_hops_us=(times.t_comm_first_us, times.t_comm_upstream_us),
         hop_bytes=hop_bytes,
     )

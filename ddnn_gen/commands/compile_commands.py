@@ -13,9 +13,27 @@ from ddnn_gen.commands.options import THRESHOLD, THRESHOLD_HELP
 log = logging.getLogger(__name__)
 
 
-def _compile(model: str, target: str, out_dir: str, threshold: float | None, arch: str | None,
+def _plan_threshold(model: str, plan: str, threshold: float | None, arch: str | None) -> float | None:
+    """The device exit's threshold a plan file gives MODEL (None: the plan uploads raw input)."""
+    from ddnn_gen.model.modelfile import load_model
+    from ddnn_gen.model.placement import read_plan
+
+    if threshold is not None:
+        raise click.UsageError("--plan sets the threshold; give --threshold or --plan, not both")
+    loaded = load_model(model, arch)
+    placement = read_plan(plan, loaded.spec, loaded.content_hash).placement
+    if placement.server_only:
+        log.warning("%s places the device tier at the %s: the device uploads its raw input (run the networked "
+                    "device program with --server-only); compiling with the model's threshold for its fallback",
+                    plan, placement.locations[0])
+    return placement.device_threshold
+
+
+def _compile(model: str, target: str, out_dir: str, threshold: float | None, arch: str | None, plan: str | None,
              **target_options: Any) -> None:
     """Compile the device part of MODEL (a model .npz) for a device target."""
+    if plan is not None:
+        threshold = _plan_threshold(model, plan, threshold, arch)
     entry = targets.compile_targets()[target]
     own = {option.name for option in entry.options}
     defaults = {option.name: option.default for other in targets.compile_targets().values() for option in other.options}
@@ -42,6 +60,8 @@ def make_command() -> click.Command:
                      help="Output folder (created)."),
         click.Option(["--threshold"], type=THRESHOLD, default=None,
                      help=f"Default local-exit entropy threshold {THRESHOLD_HELP} (default: the model's)."),
+        click.Option(["--plan"], type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="A plan file (ddnngen plan -o) for MODEL: the device exit's threshold it chose."),
         click.Option(["--arch"], type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Spec JSON for a bare Chainer npz without an embedded spec."),
     ]

@@ -79,8 +79,7 @@ def plan_command(model: str, link_texts: tuple[str, ...], profile_path: str | No
         click.echo(f"{row.label():<26} {thresholds:<22} {100 * row.accuracy:7.2f}% {row.mean_ms:8.2f} "
                    f"{row.p99_ms:8.2f} {row.uplink_bytes:9.1f}{mark}")
     if out:
-        plan = candidates.plan_json(loaded.spec.name, loaded.content_hash, chosen, links, times,
-                                    tuple(tier.exit_name for tier in loaded.spec.tiers))
+        plan = candidates.plan_json(loaded.spec, loaded.content_hash, chosen, links, times)
         Path(out).write_text(json.dumps(plan, indent=1))
         click.echo(f"wrote {out}")
 

@@ -5,7 +5,8 @@ A plan puts every tier at a location (device, edge, cloud; never back down the h
 early exit at a cut (where the next tier runs elsewhere) a threshold; exits inside one location are off.
 Each evaluated sample is answered by the first confident active exit; its latency is the compute of every
 tier up to there where they run, plus a request/reply over every hop it crossed (round trip + both
-messages at the link's rate). Means, p99 and bytes per hop are over the evaluated samples.
+messages at the link's rate + the messaging overhead through a broker measured on this host). Means, p99
+and bytes per hop are over the evaluated samples.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddnn_gen.model.evaluate import ExitOutputs, answering_exit, metrics_at
+from ddnn_gen.model.placement import LOCATIONS, Placement, plan_dict, why_not_runnable
 from ddnn_gen.model.spec import ModelSpec
-from ddnn_gen.plan.profiles import LOCATIONS, Link, PlanError, TierTimes
+from ddnn_gen.plan.profiles import Link, PlanError, TierTimes
 from ddnn_gen.wire.codec import REPLY_HEADER_BYTES, REQUEST_HEADER_BYTES
 
 # MQTT around a payload: fixed header, topic (ddnn/req/<32 hex>/<id>), packet id, properties length.
@@ -49,27 +51,9 @@ class Prediction:
 
 
 def assignments(spec: ModelSpec) -> list[tuple[str, ...]]:
-    """Every placement of the tiers, in order, that the product can run: only the binary device tier can run
-    on the device (it is the one compiled to C); an edge runs the first edge tier on the device's split
-    (ddnn-server --role edge); any location can run every tier from some point on (a cloud-role server, with
-    --from-tier). A raw-input upload therefore goes to one location that runs the whole model."""
-    found = []
-    for locations in itertools.product(LOCATIONS, repeat=len(spec.tiers)):
-        ranks = [LOCATIONS.index(loc) for loc in locations]
-        if ranks != sorted(ranks):
-            continue
-        if any(loc == "device" for loc in locations[1:]):
-            continue
-        if locations[0] == "device" and not (spec.tiers[0].binary and len(spec.tiers) > 1):
-            continue
-        if locations[0] != "device" and len(set(locations)) > 1:
-            continue  # raw input split across servers: no server role runs the device tier and forwards
-        rest = locations[1:]
-        if locations[0] == "device" and len(set(rest)) > 1 and not (
-                rest[0] != rest[1] and len(set(rest[1:])) == 1 and spec.tiers[1].binary):
-            continue  # an edge runs exactly tier 1 (a binary one) and one location above it the rest
-        found.append(locations)
-    return found
+    """Every placement of the tiers, in order, that the product can run (model.placement.why_not_runnable)."""
+    return [locations for locations in itertools.product(LOCATIONS, repeat=len(spec.tiers))
+            if why_not_runnable(spec, locations) is None]
 
 
 def _split_bytes(spec: ModelSpec, outputs: ExitOutputs, tier: int) -> int:
@@ -100,7 +84,7 @@ def predict(spec: ModelSpec, outputs: ExitOutputs, times: TierTimes, links: dict
     raw_bytes = REQUEST_HEADER_BYTES + int(np.prod(spec.input.shape)) + MQTT_OVERHEAD_BYTES
     if locations[0] != "device":  # the device uploads its raw input (the paper's server-only)
         name, link = _hop(links, "device", locations[0])
-        latency += link.transfer_us(raw_bytes, REPLY_BYTES)
+        latency += link.transfer_us(raw_bytes, REPLY_BYTES) + times.hop_overhead_us
         hop_bytes[name] = raw_bytes + REPLY_BYTES
     for tier in range(n_tiers):
         reaches = answered >= tier
@@ -110,7 +94,7 @@ def predict(spec: ModelSpec, outputs: ExitOutputs, times: TierTimes, links: dict
             crosses = answered > tier
             request = REQUEST_HEADER_BYTES + _split_bytes(spec, outputs, tier) + MQTT_OVERHEAD_BYTES
             name, link = _hop(links, locations[tier], locations[tier + 1])
-            latency += np.where(crosses, link.transfer_us(request, REPLY_BYTES), 0.0)
+            latency += np.where(crosses, link.transfer_us(request, REPLY_BYTES) + times.hop_overhead_us, 0.0)
             hop_bytes[name] = hop_bytes.get(name, 0.0) + float(crosses.mean()) * (request + REPLY_BYTES)
     on_device = locations[0] == "device"
     return Prediction(locations, thresholds, metrics.overall_accuracy, float(latency.mean()) / 1e3,
@@ -167,21 +151,14 @@ def choose(predictions: list[Prediction], max_mean_ms: float | None = None, min_
     return max(feasible, key=lambda p: (p.accuracy, -p.mean_ms))
 
 
-PLAN_FORMAT = "ddnn-plan"
-
-
-def plan_json(spec_name: str, content_hash: str, chosen: Prediction, links: dict[str, Link], times: TierTimes,
-              exit_names: tuple[str, ...]) -> dict[str, object]:
-    """The plan file `ddnngen compile --plan` and `ddnn-server --plan` read."""
-    return {
-        "format": PLAN_FORMAT, "version": 1, "model": spec_name, "content_hash": content_hash,
-        "locations": list(chosen.locations),
-        "thresholds": list(chosen.thresholds),
-        "exits": list(exit_names),
-        "predicted": {"accuracy": chosen.accuracy, "mean_ms": chosen.mean_ms, "p99_ms": chosen.p99_ms,
-                      "hop_bytes": chosen.hop_bytes, "uplink_bytes": chosen.uplink_bytes,
-                      "exit_rates": list(chosen.exit_rates), "device_ram_bytes": chosen.device_ram_bytes,
-                      "device_flash_bytes": chosen.device_flash_bytes},
-        "links": {name: {"rtt_ms": link.rtt_ms, "mbps": link.mbps} for name, link in links.items()},
-        "profile": {"source": times.source, "device_us": times.device_us, "server_us": times.server_us},
-    }
+def plan_json(spec: ModelSpec, content_hash: str, chosen: Prediction, links: dict[str, Link],
+              times: TierTimes) -> dict[str, object]:
+    """The plan file `ddnngen compile --plan`, `ddnn-server --plan` and `ddnngen bench --plan` read."""
+    predicted = {"accuracy": chosen.accuracy, "mean_ms": chosen.mean_ms, "p99_ms": chosen.p99_ms,
+                 "hop_bytes": chosen.hop_bytes, "uplink_bytes": chosen.uplink_bytes,
+                 "exit_rates": list(chosen.exit_rates), "device_ram_bytes": chosen.device_ram_bytes,
+                 "device_flash_bytes": chosen.device_flash_bytes}
+    profile = {"source": times.source, "device_us": times.device_us, "server_us": times.server_us,
+               "hop_overhead_us": times.hop_overhead_us}
+    return plan_dict(spec, content_hash, Placement(chosen.locations, chosen.thresholds),
+                     {name: (link.rtt_ms, link.mbps) for name, link in links.items()}, predicted, profile)

@@ -9,7 +9,11 @@ bandwidth of each hop.
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any
 
 import chainer
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
@@ -24,11 +29,13 @@ from ddnn_gen.device.samples import write_samples
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import fold
+from ddnn_gen.fold.reference import split_to_server_input
 from ddnn_gen.model.links import input_to_float
 from ddnn_gen.model.modelfile import LoadedModel
 
+log = logging.getLogger(__name__)
+
 PROFILE_FORMAT = "ddnn-profile"
-LOCATIONS = ("device", "edge", "cloud")
 
 
 class PlanError(DdnnError):
@@ -76,6 +83,8 @@ class TierTimes:
     source: str = "measured on this host"
     device_ram_bytes: int = 0
     device_flash_bytes: int = 0
+    # A request and its reply through the broker beyond the link (measure_hop_overhead_us), per hop crossed.
+    hop_overhead_us: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, "version": 1, **asdict(self)}
@@ -126,15 +135,24 @@ def measure(loaded: LoadedModel, images_u8: np.ndarray, repeats: int = 30) -> Ti
         stages = {key: value for key, value in bench.items() if key not in ("total", "stages_total")}
     server_us = []
     x = input_to_float(images_u8[:1], spec.input.scale)
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
+    # One BLAS thread, as ddnn-server runs (server/__init__.py): BLAS threads spinning against busy cores
+    # make batch-1 times both slower and far noisier than what the server sees.
+    with chainer.using_config("train", False), chainer.no_backprop_mode(), threadpool_limits(1):
         outputs = model.run_tiers(x).tier_outputs
         split = reference.run_device(program, images_u8[:1]).split_words if program is not None else None
+        below = program  # the binary tier whose packed split the next tier receives, if any
         for tier_index, tier in enumerate(spec.tiers):
             if tier.binary and tier_index > 0:
                 edge = fold(loaded, tier=tier_index)
                 server_us.append(_median_us(lambda edge=edge, split=split: reference.run_device(edge, split),
                                             repeats))
                 split = reference.run_device(edge, split).split_words
+                below = edge
+            elif tier_index > 0 and below is not None and spec.tiers[tier_index - 1].binary:
+                # As a server receives it: the packed split unpacked to +-1, then the tier.
+                server_us.append(_median_us(
+                    lambda i=tier_index, p=below, s=split: model.run_tiers(split_to_server_input(p, s), i, i + 1),
+                    repeats))
             else:
                 tier_input = x if tier_index == 0 else outputs[tier_index - 1]
                 server_us.append(_median_us(lambda i=tier_index, h=tier_input: model.run_tiers(h, i, i + 1),
@@ -142,4 +160,62 @@ def measure(loaded: LoadedModel, images_u8: np.ndarray, repeats: int = 30) -> Ti
     plan = memory_plan(program) if program is not None else None
     return TierTimes(spec.name, loaded.content_hash, device_us, stages, server_us,
                      device_ram_bytes=plan.ram_bytes if plan else 0,
-                     device_flash_bytes=program.weight_bytes if program else 0)
+                     device_flash_bytes=program.weight_bytes if program else 0,
+                     hop_overhead_us=measure_hop_overhead_us(loaded, images_u8))
+
+
+SERVER_MAIN = "from ddnn_server.cli import main; main()"
+
+
+def measure_hop_overhead_us(loaded: LoadedModel, images_u8: np.ndarray, repeats: int = 60) -> float:
+    """What one hop costs beyond the link and the server's compute on this host: a device's request round trip
+    through a private Mosquitto and a real ddnn-server (one worker) serving ``loaded``, minus the compute the
+    reply reports (broker, client libraries, the server's intake, queue and reply, thread wake-ups). 0 when
+    it cannot be measured here (no Mosquitto, or a model without a binary device tier)."""
+    from ddnn_gen.device.simulated import SimDevice, split_header
+    from ddnn_gen.wire.broker import Broker, BrokerError
+
+    spec = loaded.spec
+    if not (spec.tiers[0].binary and len(spec.tiers) > 1):
+        return 0.0
+    program = fold(loaded)
+    splits = reference.run_device(program, images_u8[:repeats]).split_words
+    try:
+        broker = Broker().start()
+    except (BrokerError, OSError) as error:
+        log.warning("no broker to measure the per-hop messaging overhead (%s); counting it as 0", error)
+        return 0.0
+    server = device = None
+    try:
+        connection = broker.connection()
+        server = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, *connection.runner_args(), "--models",
+                                   loaded.path, "--workers", "1", "--from-tier", "1"], stderr=subprocess.PIPE,
+                                  text=True)
+        assert server.stderr is not None
+        for line in server.stderr:
+            if "ddnn-server: ready" in line:
+                break
+        else:
+            log.warning("ddnn-server did not start; counting the messaging overhead as 0")
+            return 0.0
+        threading.Thread(target=server.stderr.read, daemon=True).start()
+        device = SimDevice("ddnn-profile", connection, loaded.hash_bytes, timeout_s=5.0).start()
+        overheads = []
+        for index in range(len(splits)):
+            header = split_header(program, loaded.hash_bytes, device.next_request_id(), device.device_id)
+            reply, round_trip_us = device.request(header, splits[index])
+            if reply is None or reply.status != 0:
+                log.warning("the profiling server did not answer (%s); counting the messaging overhead as 0",
+                            "no reply" if reply is None else f"status {reply.status}")
+                return 0.0
+            overheads.append(round_trip_us - reply.server_us)
+        # The first requests pay for connections settling; the median of the rest is the steady cost.
+        steady = overheads[len(overheads) // 10:]
+        return float(np.median(steady)) if steady else 0.0
+    finally:
+        if device is not None:
+            device.stop()
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        broker.cleanup()
