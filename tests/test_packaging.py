@@ -20,6 +20,9 @@ def test_wheel_contains_templates_runtime_and_server(tmp_path: Path) -> None:
     for source in sorted((REPO / "c_runtime").glob("*.[ch]")):
         assert f"ddnn_gen/c_runtime/{source.name}" in names
     assert "ddnn_server/__init__.py" in names
+    # Every sub-package of the checkout ships: a missing one only shows outside an editable install.
+    for init in sorted((REPO / "ddnn_gen").rglob("__init__.py")):
+        assert f"ddnn_gen/{init.relative_to(REPO / 'ddnn_gen')}" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "ddnngen = ddnn_gen.cli:main" in text and "ddnn-server = ddnn_server.cli:main" in text
@@ -28,7 +31,8 @@ def test_wheel_contains_templates_runtime_and_server(tmp_path: Path) -> None:
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True)
-    probe = ("import ddnn_gen.codegen.resources as r; print(r.templates_dir()); print(r.c_runtime_dir())")
+    probe = ("import ddnn_gen.cli, ddnn_server.cli, ddnn_gen.codegen.resources as r; "
+             "print(r.templates_dir()); print(r.c_runtime_dir())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert all(path.startswith(str(site)) for path in out), out
