@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import Expected, RawClient, ServerProcess, expectations
+from net_harness import Expected, RawClient, ServerProcess, expectations, wait_for
 
 from ddnn_gen.device.simulated import run_devices, split_header
 from ddnn_gen.wire import codec, topics
@@ -190,7 +190,13 @@ def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object) -> N
     port = free_port()
     server = ServerProcess(f"127.0.0.1:{port}", fmnist_model_path, workers=1)
     late = Broker(port=port)
-    starter = threading.Timer(4.0, late.start)
+
+    def start_broker_once_the_server_waits() -> None:
+        # Not a fixed delay: a loaded machine can take longer than any delay to import the server.
+        wait_for(lambda: "waiting for the broker" in server.output, timeout_s=60)
+        late.start()
+
+    starter = threading.Thread(target=start_broker_once_the_server_waits)
     starter.start()
     try:
         server.start(timeout_s=60.0)  # waits for the ready line, printed only once subscribed
