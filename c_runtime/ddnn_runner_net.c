@@ -215,7 +215,9 @@ int main(int argc, char **argv)
             memcpy(header.model_hash, model->hash, DDNN_WIRE_HASH_BYTES);
             header.request_id = ++request_id;
             header.device_time_us = device_done / 1000u;
-            header.device_id = device_id;
+            header.event_id = 0;
+            header.view_index = 0;
+            header.view_count = 0;
             if (server_only) {
                 header.split_layer = DDNN_RAW_SPLIT_LAYER;
                 header.channels = (uint16_t)model->input_c;

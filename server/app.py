@@ -147,20 +147,17 @@ class Server:
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
             header = codec.decode_request_header(data, self.config.max_request_bytes)
-            if header.device_id != device_id:
-                raise ProtocolError(Status.MALFORMED, f"header device id {header.device_id!r} is not the topic's "
-                                    f"{device_id!r}", header.request_id, device_id)
             model = self.store.get(header.model_hash)
             if model is None:
                 raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
-                                    header.request_id, device_id)
+                                    header.request_id)
             if topics.model_key(header.model_hash) != topic_model:
                 raise ProtocolError(Status.MALFORMED, "header model hash is not the topic's model",
-                                    header.request_id, device_id)
+                                    header.request_id)
             model.check(header)
             payload = codec.decode_payload(header, data)
         except ProtocolError as error:
-            request_id = error.request_id or codec.peek_request_ids(data[:codec.REQUEST_HEADER_BYTES])[0]
+            request_id = error.request_id or codec.peek_request_id(data[:codec.REQUEST_HEADER_BYTES])
             self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
                                        device_id, error.status.name, error)
             self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)

@@ -88,25 +88,24 @@ class ServedModel:
                 channels, height, width = self.input_chw
                 raise ProtocolError(Status.SHAPE_MISMATCH, f"raw input C/H/W {header.channels}/{header.height}/"
                                     f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
-                                    header.request_id, header.device_id)
+                                    header.request_id)
             return
         if self.entry_tier == 0:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is cloud-only: it takes raw input only",
-                                header.request_id, header.device_id)
+                                header.request_id)
         channels, height, width = self.split_chw
         if header.split_layer != self.split_layer:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split layer {header.split_layer}, model {self.name} "
-                                f"resumes here at {self.split_layer}", header.request_id, header.device_id)
+                                f"resumes here at {self.split_layer}", header.request_id)
         if (header.channels, header.height, header.width) != (channels, height, width):
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split C/H/W {header.channels}/{header.height}/"
                                 f"{header.width}, model {self.name} sends {channels}/{height}/{width}",
-                                header.request_id, header.device_id)
+                                header.request_id)
         # Float32 values are taken everywhere (tooling, and float tiers' outputs); bits only where the tier
         # before is binary.
         if header.packing == Packing.BITS_U64 and self.program is None:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"bit-packed payload, but model {self.name}'s tier "
-                                f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id,
-                                header.device_id)
+                                f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id)
 
     def server_input(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
         """Stack one batch of payloads into the entry tier's float32 input (+-1 for a binary split)."""

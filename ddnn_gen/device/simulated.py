@@ -287,10 +287,12 @@ class SimReport:
         return self.count("fallback")
 
 
-def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
+def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, event_id: int = 0, view_index: int = 0,
+                 view_count: int = 0) -> RequestHeader:
+    """The request header of one split (the device's identity is its topic's, not the header's)."""
     height, width, channels = program.split_hwc
-    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id, device_id,
-                         time.monotonic_ns() // 1000, Packing.BITS_U64)
+    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id,
+                         time.monotonic_ns() // 1000, Packing.BITS_U64, event_id, view_index, view_count)
 
 
 #: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the
@@ -376,7 +378,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
                                         threshold, t_device_us=device_us))
                 continue
             request_id = device.next_request_id()
-            header = split_header(program, model_hash, request_id, device.device_id)
+            header = split_header(program, model_hash, request_id)
             pending = device.send(codec.encode_request(header, answer.split_words), request_id)
             in_flight.append((index, request_id, pending, answer.local_class, device_us))
             if len(in_flight) >= window:
