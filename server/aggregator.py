@@ -31,6 +31,8 @@ from ddnn_gen.wire.codec import ProtocolError, RequestHeader, Status
 # Events open at once, by default; past it a new event's first view is answered UNAVAILABLE (a flood of event
 # ids must cost replies, not memory). Each open event holds at most MAX_VIEWS splits.
 MAX_OPEN_EVENTS = 256
+# Devices remembered with the view they send (a device is one camera: it may not speak for another view).
+DEVICES_KEPT = 65536
 # Answered events remembered, so that a view arriving after its event was answered (late, past the deadline)
 # gets the event's answer at once, and a second copy of an answered view is recognised as a duplicate.
 CLOSED_EVENTS_KEPT = 4096
@@ -84,7 +86,8 @@ class EventTable:
     Not thread-safe: the caller holds one lock around every call (the network thread adds, a timer expires).
     """
 
-    def __init__(self, deadline_s: float, max_open: int = MAX_OPEN_EVENTS, kept: int = CLOSED_EVENTS_KEPT) -> None:
+    def __init__(self, deadline_s: float, max_open: int = MAX_OPEN_EVENTS, kept: int = CLOSED_EVENTS_KEPT,
+                 devices_kept: int = DEVICES_KEPT) -> None:
         if deadline_s <= 0:
             raise ValueError("the event deadline must be positive")
         if max_open < 1:
@@ -94,21 +97,27 @@ class EventTable:
         self._open: dict[tuple[bytes, int], Event] = {}
         self._closed: OrderedDict[tuple[bytes, int], EventAnswer] = OrderedDict()
         self._kept = kept
+        self._device_views: OrderedDict[tuple[bytes, str], int] = OrderedDict()
+        self._devices_kept = devices_kept
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, model_hash: bytes, view_count: int, request: ViewRequest, now: float | None = None) -> Admission:
-        """Take one view; ProtocolError for a view that breaks the rules (the caller answers it with the error).
+    def add(self, model_hash: bytes, view_count: int, request: ViewRequest, device_id: str,
+            now: float | None = None) -> Admission:
+        """Take one view from ``device_id`` (the topic's); ProtocolError for a view that breaks the rules (the
+        caller answers it with the error).
 
         ``view_count`` is the model's K: a request must say the same (the header's range checks were done when
-        it was decoded)."""
+        it was decoded). A device is bound to the first view index it sends (one camera cannot fill in
+        another's view of an event), for as long as it is among the last ``devices_kept`` devices seen."""
         header = request.header
         now = time.monotonic() if now is None else now
         if header.view_count != view_count or header.event_id == 0:
             raise ProtocolError(Status.MALFORMED, f"this model has {view_count} views: a request carries an event id "
                                 f"and view count {view_count}, not event {header.event_id} of "
                                 f"{header.view_count} views", header.request_id)
+        self._bind(bytes(model_hash), device_id, header)
         key = (bytes(model_hash), header.event_id)
         answered = self._closed.get(key)
         if answered is not None:
@@ -130,6 +139,17 @@ class EventTable:
             del self._open[key]
             return Admission(event=event)
         return Admission()
+
+    def _bind(self, model_hash: bytes, device_id: str, header: RequestHeader) -> None:
+        device = (model_hash, device_id)
+        bound = self._device_views.get(device)
+        if bound is not None and bound != header.view_index:
+            raise ProtocolError(Status.MALFORMED, f"device {device_id} sends view {bound} of this model, not view "
+                                f"{header.view_index}", header.request_id)
+        self._device_views[device] = header.view_index
+        self._device_views.move_to_end(device)
+        while len(self._device_views) > self._devices_kept:
+            self._device_views.popitem(last=False)
 
     def expire(self, now: float | None = None) -> list[Event]:
         """Close and return the events whose deadline has passed (they are answered with the views present)."""

@@ -213,7 +213,7 @@ class Server:
         """One view into its event (ProtocolError for a hostile one); a complete event goes to the workers."""
         assert model.views is not None
         with self._events_lock:
-            admission = self.events.add(model.hash_bytes, model.views.count, request)
+            admission = self.events.add(model.hash_bytes, model.views.count, request, request.context[1])
         if admission.late_answer is not None:
             self._bad_requests.warning("late view", "a view arrived after its event was answered: answering it with "
                                     "the event's answer")

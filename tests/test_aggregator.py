@@ -14,12 +14,18 @@ from ddnn_gen.fold.views import ViewAggregator
 from ddnn_gen.model import datasets
 from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
-from ddnn_server.aggregator import Event, EventAnswer, EventTable, ViewRequest, answer_events
+from ddnn_server.aggregator import Admission, Event, EventAnswer, EventTable, ViewRequest, answer_events
 from ddnn_server.store import serve
 
 VIEWS_MODEL = Path(__file__).resolve().parent.parent / "models" / "views" / "fmnist_views_16.npz"
 HASH = bytes(range(16))
 N_EVENTS = 400
+
+
+def _add(table: EventTable, model_hash: bytes, request: ViewRequest, now: float, device: str | None = None
+         ) -> Admission:
+    """``table.add`` from camera ``cam<view index>`` unless ``device`` says otherwise."""
+    return table.add(model_hash, 4, request, device or f"cam{request.header.view_index}", now=now)
 
 
 def _request(event_id: int, view: int, count: int = 4, request_id: int = 1) -> ViewRequest:
@@ -36,17 +42,17 @@ def _status(call: object) -> Status:
 def test_an_event_closes_when_its_last_view_arrives() -> None:
     table = EventTable(deadline_s=1.0)
     for view in (2, 0, 3):
-        assert table.add(HASH, 4, _request(9, view), now=0.0).event is None
+        assert _add(table, HASH, _request(9, view), 0.0).event is None
     assert len(table) == 1
-    done = table.add(HASH, 4, _request(9, 1), now=0.5).event
+    done = _add(table, HASH, _request(9, 1), 0.5).event
     assert done is not None and sorted(done.views) == [0, 1, 2, 3] and len(table) == 0
 
 
 def test_the_deadline_closes_an_event_with_the_views_present() -> None:
     table = EventTable(deadline_s=0.1)
-    table.add(HASH, 4, _request(5, 1), now=10.0)
-    table.add(HASH, 4, _request(5, 3), now=10.05)
-    table.add(HASH, 4, _request(6, 0), now=10.08)
+    _add(table, HASH, _request(5, 1), 10.0)
+    _add(table, HASH, _request(5, 3), 10.05)
+    _add(table, HASH, _request(6, 0), 10.08)
     assert table.expire(now=10.099) == []
     assert table.next_deadline() == pytest.approx(10.1)
     expired = table.expire(now=10.1)
@@ -56,36 +62,49 @@ def test_the_deadline_closes_an_event_with_the_views_present() -> None:
 
 def test_hostile_views_are_rejected_clearly() -> None:
     table = EventTable(deadline_s=1.0, max_open=2)
-    table.add(HASH, 4, _request(1, 0), now=0.0)
+    _add(table, HASH, _request(1, 0), 0.0)
     # The same view twice, a view count that is not the model's, no event at all.
-    assert _status(lambda: table.add(HASH, 4, _request(1, 0, request_id=2), now=0.0)) == Status.MALFORMED
-    assert _status(lambda: table.add(HASH, 4, _request(1, 1, count=3), now=0.0)) == Status.MALFORMED
-    assert _status(lambda: table.add(HASH, 4, _request(0, 0, count=0), now=0.0)) == Status.MALFORMED
+    assert _status(lambda: _add(table, HASH, _request(1, 0, request_id=2), 0.0)) == Status.MALFORMED
+    assert _status(lambda: _add(table, HASH, _request(1, 1, count=3), 0.0)) == Status.MALFORMED
+    assert _status(lambda: _add(table, HASH, _request(0, 0, count=0), 0.0)) == Status.MALFORMED
     # A flood of event ids: the table stays bounded, new events are refused as busy, open ones still fill.
-    table.add(HASH, 4, _request(2, 0), now=0.0)
-    assert _status(lambda: table.add(HASH, 4, _request(3, 0), now=0.0)) == Status.UNAVAILABLE
+    _add(table, HASH, _request(2, 0), 0.0)
+    assert _status(lambda: _add(table, HASH, _request(3, 0), 0.0)) == Status.UNAVAILABLE
     assert len(table) == 2
-    table.add(HASH, 4, _request(1, 1), now=0.0)
+    _add(table, HASH, _request(1, 1), 0.0)
     assert sorted(table.drain()[0].views) == [0, 1]
     # The same event id under another model is another event.
     other = bytes(16)
-    table.add(other, 4, _request(1, 0), now=0.0)
-    table.add(HASH, 4, _request(1, 0), now=0.0)
+    _add(table, other, _request(1, 0), 0.0)
+    _add(table, HASH, _request(1, 0), 0.0)
     assert len(table) == 2
+
+
+def test_a_device_speaks_for_one_view_only() -> None:
+    """One camera filling in another's view of an event (or of a later one) is refused; another model, or a
+    device forgotten past the bound, starts afresh."""
+    table = EventTable(deadline_s=1.0, devices_kept=2)
+    _add(table, HASH, _request(1, 2), 0.0, device="camX")
+    assert _status(lambda: _add(table, HASH, _request(1, 3), 0.0, device="camX")) == Status.MALFORMED
+    assert _status(lambda: _add(table, HASH, _request(2, 0), 0.0, device="camX")) == Status.MALFORMED
+    _add(table, HASH, _request(2, 2), 0.0, device="camX")
+    _add(table, bytes(16), _request(1, 0), 0.0, device="camX")
+    _add(table, HASH, _request(3, 1), 0.0, device="camY")  # camX of HASH is now the oldest of two: forgotten
+    _add(table, HASH, _request(3, 0), 0.0, device="camX")
 
 
 def test_a_late_view_gets_its_events_answer_and_a_duplicate_does_not() -> None:
     table = EventTable(deadline_s=0.1, kept=2)
-    table.add(HASH, 4, _request(7, 0), now=0.0)
+    _add(table, HASH, _request(7, 0), 0.0)
     (event,) = table.expire(now=1.0)
     answer = EventAnswer(3, np.zeros(10), 0, (0,))
     table.answered(event, answer)
-    assert table.add(HASH, 4, _request(7, 2), now=1.1).late_answer is answer
-    assert _status(lambda: table.add(HASH, 4, _request(7, 0), now=1.1)) == Status.MALFORMED
+    assert _add(table, HASH, _request(7, 2), 1.1).late_answer is answer
+    assert _status(lambda: _add(table, HASH, _request(7, 0), 1.1)) == Status.MALFORMED
     # Bounded memory of answered events: the oldest is forgotten, its late view opens a new event.
     for event_id in (8, 9):
         table.answered(Event((HASH, event_id), 4, 0.0), answer)
-    assert table.add(HASH, 4, _request(7, 3), now=1.2).late_answer is None and len(table) == 1
+    assert _add(table, HASH, _request(7, 3), 1.2).late_answer is None and len(table) == 1
 
 
 @pytest.fixture(scope="module")

@@ -138,10 +138,11 @@ def test_a_camera_killed_mid_run_costs_only_its_view(network: tuple, scene: tupl
 
 
 def test_hostile_views_over_the_network_get_clear_errors(scene: tuple) -> None:
-    """Duplicate views, a view count that is not the model's, a single-view or float request, and a flood of
-    event ids: each one answered (an error naming it, or UNAVAILABLE past the open-event bound), and the open
-    events of the flood answered from the one view each received once their deadline passes. Its own broker
-    and aggregator: a long deadline and a small bound make the flood's arithmetic exact."""
+    """Duplicate views, a view count that is not the model's, a single-view or float request, a device sending
+    another view than its own, and a flood of event ids: each one answered (an error naming it, or UNAVAILABLE
+    past the open-event bound), and the open events of the flood answered from the one view each received
+    once their deadline passes. Its own broker and aggregator: a long deadline and a small bound make the
+    flood's arithmetic exact."""
     aggregator, runs, _, _ = scene
     model_hash = aggregator.loaded.hash_bytes
     program = aggregator.programs[0]
@@ -172,12 +173,16 @@ def _hostile(own: Broker, runs: ViewRuns, model_hash: bytes, program: DeviceProg
         bad.publish(topic, view(5, 79, 1))  # the same view of the same event again
         reply = bad.next_reply(10.0)
         assert reply is not None and (reply.request_id, reply.status) == (5, Status.MALFORMED), reply
+        bad.publish(topic, view(6, 79, 2))  # this device is view 1: it cannot fill in view 2 as well
+        reply = bad.next_reply(10.0)
+        assert reply is not None and (reply.request_id, reply.status) == (6, Status.MALFORMED), reply
+        assert "sends view 1" in reply.message
         reply = bad.next_reply(10.0)  # the first copy: answered at the deadline from its one view
         assert reply is not None and (reply.request_id, reply.status) == (4, Status.OK), reply
         # A flood of events, one view each: OPEN_BOUND stay open, the rest are refused as busy at once.
         flood = OPEN_BOUND + 10
         for i in range(flood):
-            bad.publish(topic, view(100 + i, 5_000_000 + i, 3))
+            bad.publish(topic, view(100 + i, 5_000_000 + i, 1))
         replies = [bad.next_reply(10.0) for _ in range(flood)]
         assert all(reply is not None for reply in replies)
         busy = [reply.request_id for reply in replies if reply is not None and reply.status == Status.UNAVAILABLE]
