@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import RawClient, ServerProcess, device_rows, finish_device, start_device
+from net_harness import SAN_ENV, RawClient, ServerProcess, device_rows, finish_device, start_device
 
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
@@ -211,6 +212,11 @@ def test_four_generated_c_camera_programs_and_the_aggregator(scene: tuple, fmnis
         binaries.append(toolchain.build_project(tmp_path / f"view{view}", target="net", sanitize=True))
         write_samples(tmp_path / f"view{view}.ddns", crops[view], labels)
         outs.append(tmp_path / f"view{view}.csv")
+    for bad in (["--view-index", "4", "--view-count", "4"], ["--view-index", "1"], ["--view-count", "17"],
+                ["--view-index", "0", "--view-count", "4", "--server-only"]):
+        run = subprocess.run([str(binaries[0]), str(tmp_path / "view0.ddns"), "--device-id", "c-bad", *bad],
+                             capture_output=True, text=True, timeout=60, env=SAN_ENV)
+        assert run.returncode == 2 and "--view" in run.stderr, (bad, run.stderr)
     with aggregating(5000) as (broker, _):
         cameras = [start_device(binary, tmp_path / f"view{view}.ddns", outs[view], f"c-cam{view}",
                                 broker.connection(), "--view-index", str(view), "--view-count", str(aggregator.count),
