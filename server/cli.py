@@ -15,6 +15,7 @@ from ddnn_gen.errors import DdnnError
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.connection import DEFAULT_PORT, DEFAULT_TLS_PORT, BrokerConnection, broker_options, parse_address
+from ddnn_server.aggregator import MAX_OPEN_EVENTS
 from ddnn_server.app import Server, ServerConfig
 from ddnn_server.transport import RECEIVE_MAXIMUM
 
@@ -57,9 +58,16 @@ def _name_option(what: str) -> object:
               help="Requests waiting per model; more are answered UNAVAILABLE (busy).")
 @click.option("--receive-maximum", default=RECEIVE_MAXIMUM, show_default=True, type=click.IntRange(1, 65535),
               help="MQTT 5 Receive Maximum: requests the broker may have in flight to this server.")
-@click.option("--role", type=click.Choice(["cloud", "edge"]), default="cloud", show_default=True,
+@click.option("--role", type=click.Choice(["cloud", "edge", "aggregator"]), default="cloud", show_default=True,
               help="cloud: run every tier from where requests resume to the final exit. edge: run the model's "
-                   "edge tier, answer at its exit when confident, send the rest on to the cloud (--upstream).")
+                   "edge tier, answer at its exit when confident, send the rest on to the cloud (--upstream). "
+                   "aggregator: for multi-view models, gather each event's views, answer from the aggregated "
+                   "local exit when confident, else from tier 1 on the aggregated splits (docs/views.md).")
+@click.option("--event-deadline-ms", default=100.0, show_default=True, type=click.FloatRange(1, 600000),
+              help="Aggregator: how long an event waits for its missing views after its first one arrived; then "
+                   "it is answered from the views present.")
+@click.option("--max-open-events", default=MAX_OPEN_EVENTS, show_default=True, type=click.IntRange(1, 10**6),
+              help="Aggregator: events gathering views at once; a new event beyond is answered UNAVAILABLE.")
 @click.option("--upstream", "upstream_address", default=None, metavar="HOST[:PORT]",
               help="Edge: the broker the cloud listens on (default: this server's broker); reached with the same "
                    "TLS settings and credentials.")
@@ -78,7 +86,8 @@ def _name_option(what: str) -> object:
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
-         receive_maximum: int, role: str, upstream_address: str | None, upstream_timeout_ms: float,
+         receive_maximum: int, role: str, event_deadline_ms: float, max_open_events: int,
+         upstream_address: str | None, upstream_timeout_ms: float,
          from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None,
          verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
@@ -101,7 +110,8 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
         config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
                               session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
-                              upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud")
+                              upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud",
+                              event_deadline_ms=event_deadline_ms, max_open_events=max_open_events)
         server = Server(config).start()
     except DdnnError as error:
         if private is not None:

@@ -207,7 +207,7 @@ def run_one_device(broker: BrokerConnection, device_id: str, expected: Expected,
         for i in range(count):
             index = i % len(expected.server_class)
             request_id = device.next_request_id()
-            header = split_header(expected.program, expected.loaded.hash_bytes, request_id, device_id)
+            header = split_header(expected.program, expected.loaded.hash_bytes, request_id)
             reply, rtt = device.request(header, expected.device.split_words[index])
             source = "fallback" if reply is None else "server" if reply.status == codec.Status.OK else "error"
             outcomes.append(SampleOutcome(device_id, index, request_id, source,

@@ -54,6 +54,7 @@ class SampleOutcome:
     t_round_trip_us: int = 0
     t_server_us: int = 0
     t_device_us: int = 0  # the device part's time for this sample
+    answered_by: int = -1  # the reply's answering tier (0: an aggregator's aggregated local exit); -1: no reply
 
 
 class SimDevice:
@@ -130,6 +131,14 @@ class SimDevice:
             self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
         self._client.loop_stop()
+
+    def kill(self) -> None:
+        """Die as a crashed device does: the network loop stops and the connection drops without an MQTT
+        DISCONNECT, so the broker publishes the device's will (offline) on its own."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
 
     @property
     def connected(self) -> bool:
@@ -287,10 +296,12 @@ class SimReport:
         return self.count("fallback")
 
 
-def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
+def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, event_id: int = 0, view_index: int = 0,
+                 view_count: int = 0) -> RequestHeader:
+    """The request header of one split (the device's identity is its topic's, not the header's)."""
     height, width, channels = program.split_hwc
-    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id, device_id,
-                         time.monotonic_ns() // 1000, Packing.BITS_U64)
+    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id,
+                         time.monotonic_ns() // 1000, Packing.BITS_U64, event_id, view_index, view_count)
 
 
 #: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the
@@ -328,17 +339,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
     as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
     ``connection`` is the broker, or a function giving each device id its own credentials."""
-    devices: list[SimDevice] = []
-    try:
-        for d in range(n_devices):
-            device_id = f"{device_prefix}{d}"
-            broker = connection(device_id) if callable(connection) else connection
-            devices.append(SimDevice(device_id, broker, model_hash, timeout_s,
-                                     default_threshold=program.threshold).start())
-    except BrokerError:
-        for device in devices:
-            device.stop()
-        raise
+    devices = _start_devices(connection, [f"{device_prefix}{d}" for d in range(n_devices)], model_hash, timeout_s,
+                             [program.threshold] * n_devices)
     outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
 
     def record(d: int, outcome: SampleOutcome) -> None:
@@ -376,7 +378,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
                                         threshold, t_device_us=device_us))
                 continue
             request_id = device.next_request_id()
-            header = split_header(program, model_hash, request_id, device.device_id)
+            header = split_header(program, model_hash, request_id)
             pending = device.send(codec.encode_request(header, answer.split_words), request_id)
             in_flight.append((index, request_id, pending, answer.local_class, device_us))
             if len(in_flight) >= window:
@@ -385,14 +387,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             finish(*item)
 
     started = time.monotonic()
-    threads = [threading.Thread(target=drive, args=(d,), daemon=True) for d in range(n_devices)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        # Late duplicates would arrive within a moment of the last reply.
-        time.sleep(0.2)
+        _run_threads(drive, n_devices)
     finally:
         for device in devices:
             device.stop()
@@ -400,3 +396,84 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
     return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
                      sum(dev.misrouted for dev in devices), wall)
 
+
+# ---- several cameras, one scene (multi-view models, docs/views.md) ------------------------------------------
+
+def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model_hash: bytes,
+                   device_parts: Sequence[DevicePart], n_events: int, timeout_s: float = 5.0,
+                   device_prefix: str = "cam", first_event_id: int = 1,
+                   dies_after: dict[int, int] | None = None) -> SimReport:
+    """K cameras (one per view, ``programs[k]`` and ``device_parts[k]`` being view k's) looking at the same
+    ``n_events`` scenes: for scene e each sends its view's split tagged with event id ``first_event_id + e``,
+    its view index and K, waits for the reply (the event's answer, whoever of the K it went to) and moves on,
+    as cameras capturing together would. No camera answers locally: the decision is the aggregator's, on
+    every view's exit together. ``dies_after`` {view: n} makes camera ``view`` die (:meth:`SimDevice.kill`:
+    it drops its connection and sends nothing more) after its first n events, as a device that crashes
+    mid-run. Outcomes: one per camera and event sent (``index`` = the event's scene index, ``source`` server /
+    error / fallback)."""
+    count = len(programs)
+    if len(device_parts) != count or not 1 < count <= codec.MAX_VIEWS:
+        raise ValueError(f"{len(device_parts)} device parts for {count} views (2..{codec.MAX_VIEWS})")
+    dies_after = dies_after or {}
+    devices = _start_devices(connection, [f"{device_prefix}{view}" for view in range(count)], model_hash, timeout_s,
+                             [program.threshold for program in programs])
+    outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
+
+    def drive(view: int) -> None:
+        device, program = devices[view], programs[view]
+        for event in range(min(n_events, dies_after.get(view, n_events))):
+            started_ns = time.perf_counter_ns()
+            answer = device_parts[view](event, device.threshold)
+            device_us = (time.perf_counter_ns() - started_ns) // 1000
+            request_id = device.next_request_id()
+            header = split_header(program, model_hash, request_id, first_event_id + event, view, count)
+            pending = device.send(codec.encode_request(header, answer.split_words), request_id)
+            reply = device.wait(request_id, pending)
+            end = pending.received if reply is not None else time.monotonic()
+            if reply is None:
+                source, final, status, by = "fallback", answer.local_class, -1, -1
+            elif reply.status != codec.Status.OK:
+                source, final, status, by = "error", answer.local_class, int(reply.status), -1
+            else:
+                source, final, status, by = "server", reply.class_id, 0, reply.answered_by
+            outcomes[view].append(SampleOutcome(device.device_id, event, request_id, source, final,
+                                                answer.local_class, device.threshold, status,
+                                                int((end - pending.sent) * 1e6),
+                                                reply.server_us if reply is not None else 0, device_us, by))
+        if view in dies_after:
+            device.kill()
+
+    started = time.monotonic()
+    try:
+        _run_threads(drive, count)
+    finally:
+        for view, device in enumerate(devices):
+            if view not in dies_after:
+                device.stop()
+    return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
+                     sum(dev.misrouted for dev in devices), time.monotonic() - started)
+
+
+def _start_devices(connection: Brokers, device_ids: Sequence[str], model_hash: bytes, timeout_s: float,
+                   thresholds: Sequence[float]) -> list[SimDevice]:
+    """Every device connected, or none (BrokerError after stopping the ones that were)."""
+    devices: list[SimDevice] = []
+    try:
+        for device_id, threshold in zip(device_ids, thresholds):
+            broker = connection(device_id) if callable(connection) else connection
+            devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=threshold).start())
+    except BrokerError:
+        for device in devices:
+            device.stop()
+        raise
+    return devices
+
+
+def _run_threads(drive: Callable[[int], None], count: int) -> None:
+    """``drive(i)`` for i in 0..count-1, each on its own thread, until all are done."""
+    threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    time.sleep(0.2)  # late duplicates would arrive within a moment of the last reply
