@@ -274,7 +274,7 @@ def load_model_data(path: Path, samples: int, data_dir: str | None) -> ModelData
     device = reference.run_device(program, images)
     server_class = exits.server_classes(loaded, program, device.split_words)
     outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class,
-                                   program.split_words * 8, program.weight_bytes)
+                                   program.split_bytes, program.weight_bytes)
     _, final_logits = predict(loaded.model, images)
     return ModelData(path, loaded, program, images, labels, outputs, device.split_words,
                      final_logits.argmax(axis=1).astype(np.int32), name)

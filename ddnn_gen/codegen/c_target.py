@@ -108,8 +108,8 @@ def memory_plan(program: DeviceProgram) -> MemoryPlan:
 
 
 def request_bytes(program: DeviceProgram) -> int:
-    """The larger of the model's two requests: its split, or its raw input image (server-only)."""
-    return REQUEST_HEADER_BYTES + max(8 * program.split_words, int(np.prod(program.input_hwc)))
+    """The larger of the model's two requests: its dense split, or its raw input image (server-only)."""
+    return REQUEST_HEADER_BYTES + max(program.split_bytes, int(np.prod(program.input_hwc)))
 
 
 def check_program(program: DeviceProgram) -> None:
@@ -317,7 +317,8 @@ def metadata(program: DeviceProgram, target: str, files: list[str], ram_bytes: i
         "input": {"height": input_h, "width": input_w, "channels": input_c, "dtype": "uint8", "layout": "HWC",
                   "bytes": input_h * input_w * input_c},
         "split": {"layer": program.split_layer, "height": split_h, "width": split_w, "channels": split_c,
-                  "words": program.split_words, "bytes": 8 * program.split_words, "packing": "bits_u64"},
+                  "words": program.split_words, "bytes": 8 * program.split_words, "packing": "bits_u64",
+                  "wire_bytes": program.split_bytes, "wire_packing": "bits_dense"},
         "threshold": program.threshold,
         "memory": {"ram_bytes": ram_bytes, "flash_weight_bytes": flash_weight_bytes, "code_bytes": code_bytes,
                    "io_buffer_bytes": io_buffer_bytes(program), "request_bytes": request_bytes(program)},
