@@ -19,6 +19,7 @@ from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job, QueueFull
 from ddnn_server.edge import Forward, Upstream
 from ddnn_server.log_limits import RateLimitedLog
+from ddnn_server.metrics import NO_MODEL, RequestMetrics
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.thresholds import TierThresholds
 from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, Transport
@@ -49,6 +50,9 @@ class ServerConfig:
     upstream_timeout_ms: float = 1000.0
     plan: str | None = None  # a plan file (ddnngen plan): its model runs what the plan puts at ``location``
     location: str = "cloud"
+    metrics_port: int = 0  # Prometheus /metrics on this loopback port (0: not exposed)
+    metrics_address: str = "127.0.0.1"
+    log_requests: bool = False  # one log line per request (on the ddnn_server.requests logger)
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Server:
             store.load_dir(config.models)
         self.store = store
         self.batcher = Batcher(config.max_batch, config.max_wait_ms, config.max_queue)
+        self.metrics = RequestMetrics(config.max_batch, lambda: self.batcher.pending, config.workers,
+                                      config.log_requests)
         persistent = config.server_id is not None
         # A broker that identifies clients by user name (use_username_as_clientid) uses it as client id
         # anyway; naming it here keeps the status topic the one the broker's rules grant this server.
@@ -94,6 +100,8 @@ class Server:
         self._stats_lock = threading.Lock()
 
     def start(self) -> Server:
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
         for worker in self._workers:
             worker.start()
         if self.upstream is not None:
@@ -119,6 +127,7 @@ class Server:
         self.transport.close()
         if self.upstream is not None:
             self.upstream.close()
+        self.metrics.close()
         log.info("stopped after %d replies, %d errors, %d dropped, %d batches", self.stats["ok"],
                  self.stats["errors"], self.stats["dropped"], self.stats["batches"])
         if self.stats["busy"] or self.transport.unsent_replies:
@@ -140,10 +149,12 @@ class Server:
             self._bad_requests.warning("dropped", "dropped request (%d bytes) on %r: the topic names no valid "
                                        "device id", len(data), incoming.topic)
             self.transport.drop(incoming)
+            self.metrics.dropped()
             with self._stats_lock:
                 self.stats["dropped"] += 1
             return
         topic_model, device_id, _ = routed
+        model_name = NO_MODEL
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
             header = codec.decode_request_header(data, self.config.max_request_bytes)
@@ -154,6 +165,7 @@ class Server:
             if model is None:
                 raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
                                     header.request_id, device_id)
+            model_name = model.name
             if topics.model_key(header.model_hash) != topic_model:
                 raise ProtocolError(Status.MALFORMED, "header model hash is not the topic's model",
                                     header.request_id, device_id)
@@ -163,7 +175,8 @@ class Server:
             request_id = error.request_id or codec.peek_request_ids(data[:codec.REQUEST_HEADER_BYTES])[0]
             self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
                                        device_id, error.status.name, error)
-            self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)
+            self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False,
+                       model=model_name)
             return
         work = _Work(header, payload, incoming, model, device_id)
         try:
@@ -174,7 +187,7 @@ class Server:
             with self._stats_lock:
                 self.stats["busy"] += 1
             self._send(incoming, device_id, Reply(header.request_id, Status.UNAVAILABLE, message=BUSY_MESSAGE),
-                       ok=False)
+                       ok=False, model=model.name)
         except RuntimeError:
             self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
 
@@ -221,14 +234,14 @@ class Server:
             own = Reply(work.header.request_id, Status.OK, int(result.local_class[row]), top_k, server_us, queue_us[i],
                         answered_by=model.entry_tier)
             if bool(exit_decision(result.entropy[row:row + 1], threshold)[0]):
-                self._send(work.incoming, work.device_id, own, ok=True)
+                self._send(work.incoming, work.device_id, own, ok=True, model=model.name)
                 continue
             self.upstream.forward(Forward(work, work.header.request_id, own), model.hash_bytes,
                                   spec.split_layer(next_tier), chw3, result.split_words[row], next_tier)
 
     def _answer_forward(self, forward: Forward, reply: Reply) -> None:
         work: _Work = forward.context
-        self._send(work.incoming, work.device_id, reply, ok=True)
+        self._send(work.incoming, work.device_id, reply, ok=True, model=work.model.name)
 
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)
@@ -248,7 +261,7 @@ class Server:
                 for i in indices:
                     self._send(works[i].incoming, works[i].device_id,
                                Reply(works[i].header.request_id, Status.INTERNAL, message="internal server error"),
-                               ok=False)
+                               ok=False, model=model.name)
                 continue
             server_us = int((time.monotonic() - started) * 1e6)
             top_classes, top_probabilities = self._top_k(logits)
@@ -258,12 +271,15 @@ class Server:
                 top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
                 reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i],
                               answered_by=last_tier)
-                self._send(works[i].incoming, works[i].device_id, reply, ok=True)
+                self._send(works[i].incoming, works[i].device_id, reply, ok=True, model=model.name)
+        self.metrics.batch(len(works), time.monotonic() - started)
         with self._stats_lock:
             self.stats["batches"] += 1
 
-    def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool) -> None:
+    def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool, model: str = NO_MODEL) -> None:
         self.transport.reply(incoming, device_id, codec.encode_reply(reply))
+        self.metrics.reply(model, device_id, reply.status, incoming.received, reply.server_us, reply.queue_us,
+                           reply.answered_by if reply.status == Status.OK else None)
         with self._stats_lock:
             self.stats["ok" if ok else "errors"] += 1
 

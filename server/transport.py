@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -47,6 +48,7 @@ class Incoming:
     topic: str
     mid: int
     qos: int
+    received: float = field(default_factory=time.monotonic)  # when it arrived (the server's latency starts)
 
 
 class Transport:
