@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ddnn_gen.model.spec import exit_decision
-from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire import codec, telemetry, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_gen.wire.connection import BrokerConnection
 from ddnn_server.allocator import keep_freed_memory
@@ -53,6 +53,7 @@ class ServerConfig:
     metrics_port: int = 0  # Prometheus /metrics on this loopback port (0: not exposed)
     metrics_address: str = "127.0.0.1"
     log_requests: bool = False  # one log line per request (on the ddnn_server.requests logger)
+    telemetry_interval_s: float = 2.0  # load on ddnn/server/<id>/telemetry this often (0: off)
 
 
 @dataclass
@@ -98,6 +99,8 @@ class Server:
         self.stats = {"ok": 0, "errors": 0, "dropped": 0, "busy": 0, "batches": 0}
         self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
+        self._telemetry_stop = threading.Event()
+        self._telemetry = threading.Thread(target=self._telemetry_loop, name="ddnn-telemetry", daemon=True)
 
     def start(self) -> Server:
         if self.config.metrics_port:
@@ -107,6 +110,8 @@ class Server:
         if self.upstream is not None:
             self.upstream.start()
         self.transport.start()
+        if self.config.telemetry_interval_s > 0:
+            self._telemetry.start()
         return self
 
     def wait_ready(self, timeout_s: float) -> bool:
@@ -124,6 +129,9 @@ class Server:
             # What the tier above still owes is waited for as long as a device would wait, then answered here.
             self.upstream.drain(self.config.upstream_timeout_ms / 1000.0)
         self.transport.wait_replies_acked()
+        self._telemetry_stop.set()
+        if self._telemetry.is_alive():
+            self._telemetry.join()
         self.transport.close()
         if self.upstream is not None:
             self.upstream.close()
@@ -137,6 +145,20 @@ class Server:
             up = self.upstream.stats
             log.info("edge: %d sent to the tier above, %d answered by it, %d answered here as fallback, %d late "
                      "replies", up["forwarded"], up["answered"], up["fallback"], up["late"])
+
+    def telemetry(self) -> dict[str, object]:
+        """The next telemetry message's body (wire/telemetry.py SERVER_SCHEMA): figures since the last one."""
+        return {"v": telemetry.TELEMETRY_VERSION, "server": self.transport.client_id, "time": time.time(),
+                "workers": len(self._workers),
+                "models": {m.name: topics.model_key(m.hash_bytes) for m in self.store.models()},
+                **self.metrics.take_window()}
+
+    def _telemetry_loop(self) -> None:
+        while not self._telemetry_stop.wait(self.config.telemetry_interval_s):
+            try:
+                self.transport.publish_telemetry(telemetry.encode(self.telemetry()))
+            except Exception:  # telemetry must never take the server down
+                log.exception("publishing telemetry failed")
 
     # ---- request intake (network thread) -------------------------------------------------------------
 

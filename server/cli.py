@@ -83,12 +83,15 @@ def _name_option(what: str) -> object:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object per log line, and one line per request (model, device, status, "
                    "times) on the ddnn_server.requests logger.")
+@click.option("--telemetry-interval", "telemetry_interval", default=2.0, show_default=True,
+              type=click.FloatRange(0, 3600),
+              help="Publish this server's load (JSON) on ddnn/server/<id>/telemetry every this many seconds; 0: off.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
          receive_maximum: int, role: str, upstream_address: str | None, upstream_timeout_ms: float,
          from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None,
-         metrics_port: int, metrics_address: str, log_format: str, verbose: int) -> None:
+         metrics_port: int, metrics_address: str, log_format: str, telemetry_interval: float, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
@@ -117,7 +120,7 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
                               upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud",
                               metrics_port=metrics_port, metrics_address=metrics_address,
-                              log_requests=log_format == "json")
+                              log_requests=log_format == "json", telemetry_interval_s=telemetry_interval)
         server = Server(config).start()
     except DdnnError as error:
         if private is not None:

@@ -127,6 +127,11 @@ class Transport:
         self._client.disconnect(properties=props)
         self._client.loop_stop()
 
+    def publish_telemetry(self, payload: bytes) -> None:
+        """This server's load on ddnn/server/<id>/telemetry: QoS 0, not retained (a reader wants the current
+        figures, and a lost one is replaced by the next)."""
+        self._client.publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
+
     # ---- replies -------------------------------------------------------------------------------------
 
     def drop(self, incoming: Incoming) -> None:

@@ -22,7 +22,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ddnn_gen.device.c_binding import LocalAnswer
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
-from ddnn_gen.wire import codec, mqtt_client, topics
+from ddnn_gen.wire import codec, mqtt_client, telemetry, topics
 from ddnn_gen.wire.codec import Packing, Reply, RequestHeader
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 
@@ -72,7 +72,7 @@ class SimDevice:
     RECENT_CUSTOM_IDS = 4096
 
     def __init__(self, device_id: str, connection: BrokerConnection, model_hash: bytes, timeout_s: float = 2.0,
-                 default_threshold: float = 0.5) -> None:
+                 default_threshold: float = 0.5, telemetry_interval_s: float = 2.0) -> None:
         self.device_id = topics.check_device_id(device_id)
         self.connection = connection
         self.model_hash = model_hash
@@ -104,6 +104,13 @@ class SimDevice:
         self._client.max_queued_messages_set(MAX_QUEUED_REQUESTS)
         self._client.reconnect_delay_set(0.05, 1.0)
         self._client.will_set(topics.status_topic(device_id), b"offline", qos=1, retain=True)
+        # What the device's telemetry reports: counters since start, round trips since the last message.
+        self.counters = dict.fromkeys(("samples", *SOURCES), 0)
+        self._round_trips_us: list[int] = []
+        self._telemetry_topic = topics.device_telemetry_topic(device_id)
+        self.telemetry_interval_s = telemetry_interval_s
+        self._telemetry_stop = threading.Event()
+        self._telemetry_thread: threading.Thread | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -123,9 +130,17 @@ class SimDevice:
                                   f"{self.problem or why}")
             raise BrokerError(f"device {self.device_id}: no broker answered at {self.connection.url} within "
                               f"{timeout_s:.0f} s" + (f" ({why})" if why else ""))
+        if self.telemetry_interval_s > 0:
+            self._telemetry_thread = threading.Thread(target=self._telemetry_loop, daemon=True,
+                                                      name=f"telemetry-{self.device_id}")
+            self._telemetry_thread.start()
         return self
 
     def stop(self) -> None:
+        if self._telemetry_thread is not None:
+            self._telemetry_stop.set()
+            self._telemetry_thread.join()
+            self.publish_telemetry()  # the final counts, so a reader sees every sample
         if not self.taken_over:
             self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
@@ -150,6 +165,42 @@ class SimDevice:
         """Requests sent and not yet answered or given up (what the bookkeeping holds)."""
         with self._lock:
             return len(self._pending)
+
+    # ---- telemetry -----------------------------------------------------------------------------------
+
+    def note(self, source: str, round_trip_us: int = 0) -> None:
+        """Count one classified sample by how it was answered (SOURCES)."""
+        with self._lock:
+            self.counters["samples"] += 1
+            self.counters[source] += 1
+            if source != "local" and len(self._round_trips_us) < 100000:
+                self._round_trips_us.append(round_trip_us)
+
+    def telemetry(self) -> dict[str, object]:
+        """The next telemetry message's body (wire/telemetry.py DEVICE_SCHEMA)."""
+        with self._lock:
+            counts = dict(self.counters)
+            model_wide = self._thresholds.get(self._model_threshold_topic)
+            own = self._thresholds.get(self._device_threshold_topic)
+            trips, self._round_trips_us = self._round_trips_us, []
+        rtt: dict[str, float | None] = {"p50": None, "p99": None}
+        if trips:
+            p50, p99 = np.percentile(np.asarray(trips, float) / 1000.0, [50, 99])
+            rtt = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+        return {"v": telemetry.TELEMETRY_VERSION, "device": self.device_id, "model": topics.model_key(self.model_hash),
+                "time": time.time(), "samples": counts["samples"], "local": counts["local"],
+                "offloaded": counts["server"] + counts["fallback"] + counts["error"], "fallback": counts["fallback"],
+                "error": counts["error"], "threshold": self.threshold,
+                "thresholds": {"model": model_wide, "device": own, "default": self.default_threshold},
+                "rtt_ms": rtt}
+
+    def publish_telemetry(self) -> None:
+        if not self.taken_over:
+            self._client.publish(self._telemetry_topic, telemetry.encode(self.telemetry()), qos=0)
+
+    def _telemetry_loop(self) -> None:
+        while not self._telemetry_stop.wait(self.telemetry_interval_s):
+            self.publish_telemetry()
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -322,7 +373,8 @@ def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, 
 def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
              n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
              all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
-             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
+             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None,
+             telemetry_interval_s: float = 2.0) -> SimReport:
     """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
     ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
@@ -333,8 +385,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
         for d in range(n_devices):
             device_id = f"{device_prefix}{d}"
             broker = connection(device_id) if callable(connection) else connection
-            devices.append(SimDevice(device_id, broker, model_hash, timeout_s,
-                                     default_threshold=program.threshold).start())
+            devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=program.threshold,
+                                     telemetry_interval_s=telemetry_interval_s).start())
     except BrokerError:
         for device in devices:
             device.stop()
@@ -343,6 +395,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
 
     def record(d: int, outcome: SampleOutcome) -> None:
         outcomes[d].append(outcome)
+        devices[d].note(outcome.source, outcome.t_round_trip_us)
         if on_outcome is not None:
             on_outcome(outcome)
 
