@@ -104,3 +104,35 @@ def test_step_overload_raises_the_threshold_and_devices_apply_it(calibrated: Pat
     assert 0.8 * CAPACITY * 1.3 < 3.0 * CAPACITY * 0.9
     assert all(s.source in ("local", "server") for s in samples)  # nothing lost, nothing refused
     assert curve.accuracy_at(final) < curve.accuracy_at(t0) + 1e-9  # the price, from the calibration curve
+
+
+def test_control_needs_the_operator_role_on_a_secured_broker(calibrated: Path, fmnist_model_path: Path) -> None:
+    from net_harness import secure_broker
+
+    def control(connection: object, seconds: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ddnn_gen", "control", str(calibrated), "--max-load", "0.8",
+                               "--capacity", "100", "--interval", "0.2", "--duration", seconds,
+                               *connection.runner_args()],  # type: ignore[attr-defined]
+                              capture_output=True, text=True, timeout=90)
+
+    with secure_broker({"ops": "operator", "cam1": "device"}) as secure:
+        refused = control(secure.connection("cam1"), "1")
+        ok = control(secure.connection("ops"), "1")
+    assert refused.returncode == 1 and "refused the telemetry subscriptions" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert ok.returncode == 0, ok.stderr
+    assert "ddnngen control: 0 decisions" in ok.stderr  # no devices: nothing to decide, nothing published
+
+
+def test_control_refuses_what_it_cannot_do(fmnist_model_path: Path, calibrated: Path) -> None:
+    def control(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ddnn_gen", "control", *args, "--broker", "127.0.0.1:1"],
+                              capture_output=True, text=True, timeout=60)
+
+    for args, message in (([str(fmnist_model_path), "--max-load", "0.8"], "calibrate"),
+                          ([str(calibrated)], "exactly one of"),
+                          ([str(calibrated), "--max-load", "0.8", "--target-p99-ms", "5"], "exactly one of"),
+                          ([str(calibrated), "--max-load", "0.8", "--t-min", "0.6", "--t-max", "0.4"], "above")):
+        result = control(*args)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
