@@ -17,7 +17,8 @@ APT_PACKAGES := python3-venv python3-dev build-essential \
 	mosquitto libpaho-mqtt-dev \
 	pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo \
 	dataset-fashion-mnist openssl \
-	gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user
+	gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user \
+	chromium chromium-driver
 
 .PHONY: setup system-packages demo test test-fast lint bench clean
 

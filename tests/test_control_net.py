@@ -118,7 +118,7 @@ def test_control_needs_the_operator_role_on_a_secured_broker(calibrated: Path, f
     with secure_broker({"ops": "operator", "cam1": "device"}) as secure:
         refused = control(secure.connection("cam1"), "1")
         ok = control(secure.connection("ops"), "1")
-    assert refused.returncode == 1 and "refused the telemetry subscriptions" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "refused the control's subscriptions" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
     assert ok.returncode == 0, ok.stderr
     assert "ddnngen control: 0 decisions" in ok.stderr  # no devices: nothing to decide, nothing published

@@ -84,8 +84,9 @@ class PacedFleet:
             return list(self.samples)
 
     def _record(self, device: SimDevice, sample: Sample) -> None:
-        # Answered UNAVAILABLE (busy) is an error reply to the device: it answers with its local exit.
-        device.note("error" if sample.source == "busy" else sample.source, int(sample.round_trip_s * 1e6))
+        if sample.source != "local":
+            # Answered UNAVAILABLE (busy) is an error reply to the device: it answers with its local exit.
+            device.note_answer("error" if sample.source == "busy" else sample.source, int(sample.round_trip_s * 1e6))
         with self._lock:
             self.samples.append(sample)
 
@@ -107,6 +108,7 @@ class PacedFleet:
             index += n
             threshold = device.threshold
             answer = self.part(sample, threshold)
+            device.note_sample(answer.local_exit)
             if answer.local_exit:
                 self._record(device, Sample(device.device_id, now, "local", threshold))
                 continue

@@ -67,6 +67,34 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
     target = f"p99 under {target_p99_ms} ms" if target_p99_ms is not None else f"load under {max_load} of capacity"
     click.echo(f"ddnngen control: {loaded.spec.name} on {broker.url}: {target}, threshold in [{t_min}, {t_max}], "
                f"every {interval} s", err=True)
+    _wait_for_signal(duration)
+    live.stop()
+    final = live.controller.threshold if live.controller is not None else initial
+    expected = f", expected accuracy {100 * curve.accuracy_at(final):.2f} %"
+    click.echo(f"ddnngen control: {len(live.decisions)} decisions, threshold now {final:.4f}{expected}", err=True)
+
+
+@click.command("dashboard")
+@click.option("--http", "port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port of the operator's page.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address the page binds to (loopback: reach it through an SSH tunnel or a proxy that "
+                   "authenticates the operator).")
+@broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
+def dashboard(port: int, address: str, broker: BrokerConnection) -> None:
+    """Serve the operator's live view of the fleet: devices online/offline with their exit rates and
+    thresholds, servers' load and latency (server-sent events from the MQTT telemetry); its form sets a
+    device's retained threshold."""
+    from ddnn_gen.ops.dashboard import Dashboard
+
+    view = Dashboard(broker).start(port, address)
+    click.echo(f"ddnngen dashboard: {view.url} (fleet on {broker.url})", err=True)
+    _wait_for_signal(0.0)
+    view.stop()
+
+
+def _wait_for_signal(duration: float) -> None:
+    """Until SIGINT/SIGTERM, or ``duration`` seconds when that is not 0."""
     stop = threading.Event()
 
     def _signal(signum: int, frame: FrameType | None) -> None:
@@ -78,11 +106,8 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
     while not stop.wait(0.2):
         if ends is not None and time.monotonic() >= ends:
             break
-    live.stop()
-    final = live.controller.threshold if live.controller is not None else initial
-    expected = f", expected accuracy {100 * curve.accuracy_at(final):.2f} %"
-    click.echo(f"ddnngen control: {len(live.decisions)} decisions, threshold now {final:.4f}{expected}", err=True)
 
 
 def register(cli: click.Group) -> None:
     cli.add_command(control)
+    cli.add_command(dashboard)

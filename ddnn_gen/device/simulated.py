@@ -105,7 +105,7 @@ class SimDevice:
         self._client.reconnect_delay_set(0.05, 1.0)
         self._client.will_set(topics.status_topic(device_id), b"offline", qos=1, retain=True)
         # What the device's telemetry reports: counters since start, round trips since the last message.
-        self.counters = dict.fromkeys(("samples", *SOURCES), 0)
+        self.counters = dict.fromkeys(("samples", "offloaded", *SOURCES), 0)
         self._round_trips_us: list[int] = []
         self._telemetry_topic = topics.device_telemetry_topic(device_id)
         self.telemetry_interval_s = telemetry_interval_s
@@ -168,12 +168,17 @@ class SimDevice:
 
     # ---- telemetry -----------------------------------------------------------------------------------
 
-    def note(self, source: str, round_trip_us: int = 0) -> None:
-        """Count one classified sample by how it was answered (SOURCES)."""
+    def note_sample(self, local: bool) -> None:
+        """Count one classified sample, when its exit decision is taken (local, or offloaded)."""
         with self._lock:
             self.counters["samples"] += 1
+            self.counters["local" if local else "offloaded"] += 1
+
+    def note_answer(self, source: str, round_trip_us: int) -> None:
+        """Count how an offloaded sample was answered (server, fallback, error) and its round trip."""
+        with self._lock:
             self.counters[source] += 1
-            if source != "local" and len(self._round_trips_us) < 100000:
+            if len(self._round_trips_us) < 100000:
                 self._round_trips_us.append(round_trip_us)
 
     def telemetry(self) -> dict[str, object]:
@@ -189,7 +194,7 @@ class SimDevice:
             rtt = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
         return {"v": telemetry.TELEMETRY_VERSION, "device": self.device_id, "model": topics.model_key(self.model_hash),
                 "time": time.time(), "samples": counts["samples"], "local": counts["local"],
-                "offloaded": counts["server"] + counts["fallback"] + counts["error"], "fallback": counts["fallback"],
+                "offloaded": counts["offloaded"], "fallback": counts["fallback"],
                 "error": counts["error"], "threshold": self.threshold,
                 "thresholds": {"model": model_wide, "device": own, "default": self.default_threshold},
                 "rtt_ms": rtt}
@@ -395,7 +400,6 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
 
     def record(d: int, outcome: SampleOutcome) -> None:
         outcomes[d].append(outcome)
-        devices[d].note(outcome.source, outcome.t_round_trip_us)
         if on_outcome is not None:
             on_outcome(outcome)
 
@@ -407,6 +411,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             rtt = int((end - pending.sent) * 1e6)
+            device.note_answer("fallback" if reply is None else "server" if reply.status == codec.Status.OK
+                               else "error", rtt)
             if reply is None:
                 source, final, status, server_us = "fallback", local_class, -1, 0
             elif reply.status != codec.Status.OK:
@@ -424,6 +430,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             started_ns = time.perf_counter_ns()
             answer = device_part(index, threshold)
             device_us = (time.perf_counter_ns() - started_ns) // 1000
+            device.note_sample(not all_to_server and answer.local_exit)
             if not all_to_server and answer.local_exit:
                 record(d, SampleOutcome(device.device_id, index, 0, "local", answer.local_class, answer.local_class,
                                         threshold, t_device_us=device_us))

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from ddnn_gen.ops.controller import Decision, Observation, ThresholdController
-from ddnn_gen.wire import codec, mqtt_client, telemetry, topics
-from ddnn_gen.wire.connection import BrokerConnection, BrokerError
+from ddnn_gen.ops.subscriber import OperatorClient
+from ddnn_gen.wire import codec, telemetry, topics
+from ddnn_gen.wire.connection import BrokerConnection
 
 log = logging.getLogger(__name__)
 
@@ -125,37 +122,11 @@ class LiveController:
         self.published: float | None = None
         self._topic = topics.threshold_topic(model_hash)
         self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._refused: str | None = None
-        client_id = connection.username or f"ddnn-control-{os.getpid()}-{os.urandom(3).hex()}"
-        self._client = mqtt_client.Client(client_id, connection)
-        self._client.on_connect = self._connected
-        self._client.on_subscribe = self._subscribed
-        self._client.on_message = lambda _c, _u, message: self.view.receive(message.topic, message.payload)
-        self._client.reconnect_delay_set(0.1, 2.0)
+        self._client = OperatorClient(connection, "control", topics.TELEMETRY_SUBSCRIPTIONS, self.view.receive)
         self._thread = threading.Thread(target=self._loop, name="ddnn-control", daemon=True)
 
-    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if reason_code.is_failure:
-            self._refused = f"the broker refused the connection: {reason_code}"
-            self._ready.set()
-            return
-        client.subscribe([(topic, SubscribeOptions(qos=0)) for topic in topics.TELEMETRY_SUBSCRIPTIONS])
-
-    def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        refused = [str(code) for code in reason_codes if code.is_failure]
-        if refused:
-            self._refused = f"the broker refused the telemetry subscriptions ({', '.join(refused)}); " \
-                            "the controller needs the operator role"
-        self._ready.set()
-
     def start(self, timeout_s: float = 10.0) -> LiveController:
-        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15)
-        self._client.loop_start()
-        if not self._ready.wait(timeout_s) or self._refused:
-            self._client.disconnect()
-            self._client.loop_stop()
-            raise BrokerError(f"control: {self._refused or f'no broker answered at {self.connection.url}'}")
+        self._client.start(timeout_s)
         if self.controller is not None and self._publish_initial:
             self._publish(self.controller.threshold)
         self._thread.start()
@@ -165,13 +136,11 @@ class LiveController:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._client.stop()
 
     def _publish(self, threshold: float) -> None:
-        info = self._client.publish(self._topic, codec.encode_threshold(threshold), qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            log.warning("control: publishing the threshold failed: %s", mqtt.error_string(info.rc))
+        if not self._client.publish_retained(self._topic, codec.encode_threshold(threshold)):
+            log.warning("control: publishing the threshold %.4f failed (not connected?)", threshold)
             return
         self.published = threshold
 
