@@ -98,6 +98,8 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
     handler.setFormatter(JsonFormatter() if log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    if 0 < telemetry_interval < 0.1:
+        raise click.BadParameter("0 (off) or at least 0.1 s", param_hint="--telemetry-interval")
     if log_format == "json":
         # Asked for explicitly: the per-request lines show whatever the level of the rest.
         logging.getLogger("ddnn_server.requests").setLevel(logging.INFO)

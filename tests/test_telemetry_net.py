@@ -143,3 +143,13 @@ def test_hostile_telemetry_is_rejected_with_a_reason() -> None:
     for where, payload, reason in cases:
         with pytest.raises(telemetry.TelemetryError, match=reason):
             telemetry.parse(where, payload)
+
+
+def test_server_refuses_a_telemetry_interval_that_would_flood_the_broker(fmnist_model_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--models",
+                             str(fmnist_model_path), "--telemetry-interval", "0.01"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--telemetry-interval" in result.stderr and "0.1 s" in result.stderr
