@@ -72,3 +72,18 @@ def test_cluster_up_status_down(tmp_path: Path, fmnist_model_path: Path) -> None
     assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
                    for pid in pids)
     assert not any(port_open(port) for port in [*ports, found.epmd_port])
+
+
+def test_amqp_urls_keep_passwords_off_the_command_line(tmp_path: Path) -> None:
+    from ddnn_gen.wire.connection import ConnectionConfigError
+    from ddnn_server.amqp_transport import parse_amqp_url
+
+    secret = tmp_path / "srv1.password"
+    secret.write_text("s3cret\n")
+    endpoint = parse_amqp_url("amqp://srv1@127.0.0.1:5673/%2F", secret)
+    assert (endpoint.host, endpoint.port, endpoint.vhost, endpoint.username) == ("127.0.0.1", 5673, "/", "srv1")
+    assert endpoint.parameters().credentials.password == "s3cret"
+    assert parse_amqp_url("amqp://srv1@example.org").port == 5672
+    for bad in ("amqp://srv1:s3cret@127.0.0.1/", "amqp://127.0.0.1/", "http://srv1@127.0.0.1/", "amqp://srv1@:1/"):
+        with pytest.raises(ConnectionConfigError):
+            parse_amqp_url(bad)
