@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from net_harness import Expected, ServerProcess, wait_for
+from net_harness import Expected, ServerProcess, device_rows, finish_device, start_device, wait_for
 
 from ddnn_gen.device.simulated import SampleOutcome, SimReport, run_devices
 from ddnn_gen.wire import topics
@@ -29,7 +30,7 @@ SERVERS = ("srvA", "srvB")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, fmnist_expected: Expected) -> Iterator[RabbitCluster]:
-    users = {f"d{i}": "device" for i in range(DEVICES)} | {name: "server" for name in SERVERS}
+    users = {f"d{i}": "device" for i in range(DEVICES)} | {name: "server" for name in SERVERS} | {"c0": "device"}
     found = RabbitCluster(tmp_path_factory.mktemp("rabbit"), 3, users, [(fmnist_expected.loaded.hash_bytes, 1)])
     with found:
         yield found
@@ -151,18 +152,43 @@ def test_killed_server_leaves_its_requests_to_the_other(cluster: RabbitCluster, 
     assert servers[1].replies_sent() > 0
 
 
-def test_killed_node_devices_fail_over(cluster: RabbitCluster, fmnist_expected: Expected,
-                                       fmnist_model_path: Path) -> None:
+def test_killed_node_devices_fail_over(cluster: RabbitCluster, fmnist_expected: Expected, fmnist_model_path: Path,
+                                       net_device_bin: Path, fmnist_samples_file: Path, tmp_path: Path) -> None:
+    """Node 3 is SIGKILLed while 8 of the simulated devices and the generated C device (ASan build, MQTT 3.1.1,
+    the other nodes as --also-broker) are on it."""
     servers = [_server(cluster, "srvA", 1, fmnist_model_path), _server(cluster, "srvB", 2, fmnist_model_path)]
+    c_out = tmp_path / "c0.csv"
+    nodes = cluster.mqtt_all("c0", 3)
+    c_device = start_device(net_device_bin, fmnist_samples_file, c_out, "c0", nodes[0], "--mqtt-version", "3.1.1",
+                            "--subscribe-qos", "0", "--also-broker", nodes[1].address, "--also-broker",
+                            nodes[2].address, "--threshold", "0", "--timeout-ms", "20000", "--pace-ms", "10")
+    c_rows_at_kill = []
+
+    def kill_node() -> None:
+        c_rows_at_kill.append(len(device_rows(c_out)))
+        cluster.kill(3)
+
     try:
-        report = _run(cluster, fmnist_expected, _when(DEVICES * REQUESTS // 3, lambda: cluster.kill(3)))
+        assert wait_for(lambda: len(device_rows(c_out)) >= 100, 60.0)  # the C device is well under way
+        report = _run(cluster, fmnist_expected, _when(DEVICES * REQUESTS // 3, kill_node))
+        c_stderr = finish_device(c_device)
     finally:
+        if c_device.poll() is None:
+            c_device.kill()
         _stop(servers)
     _check(report, fmnist_expected)
     # Each device of node 3 moved on; duplicates only from requests sent again then (by us, or by paho's own
     # resend of an unacknowledged publish), one outstanding request per device.
     assert report.failovers >= DEVICES // 3, report
     assert report.duplicates <= 2 * report.failovers
+    # The C device too: every sample answered, none locally for want of a server, classes the evaluation's.
+    rows = device_rows(c_out)
+    assert c_rows_at_kill and c_rows_at_kill[0] < len(rows) == len(fmnist_expected.server_class), c_stderr
+    local = np.array([r["exit_local"] == "1" for r in rows])
+    assert [r["source"] for r in rows] == ["local" if lo else "server" for lo in local], c_stderr
+    assert [int(r["final_class"]) for r in rows] == fmnist_expected.final_class(0.0).tolist()
+    assert "lost the broker" in c_stderr
+    assert any(f"connected to {node.address} as c0" in c_stderr for node in nodes[1:]), c_stderr
     assert cluster.pid(3) is None or not Path(f"/proc/{cluster.pid(3)}").exists()
     # The quorum queue lives on: the two nodes left are its majority.
     assert sorted(cluster.running_nodes()) == ["ddnn1@localhost", "ddnn2@localhost"]
