@@ -122,6 +122,8 @@ class AmqpTransport:
         self._problem: str | None = None
         self._problems = RateLimitedLog(log, interval_s=30.0)
         self.unsent_replies = 0
+        self.received = 0
+        self.redelivered = 0  # requests another consumer had held unacknowledged (it died, or lost its node)
 
     @property
     def url(self) -> str:
@@ -156,6 +158,7 @@ class AmqpTransport:
         self._closing = True
         self._call(self._close_connection)
         self._thread.join(10.0)
+        log.info("AMQP: %d requests received, %d of them redelivered", self.received, self.redelivered)
 
     # ---- replies (any thread) ------------------------------------------------------------------------
 
@@ -284,6 +287,8 @@ class AmqpTransport:
 
     def _message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         incoming = Incoming(body, topics.topic_of(method.routing_key), method.delivery_tag, 1, self._generation)
+        self.received += 1
+        self.redelivered += bool(method.redelivered)
         try:
             self._on_request(incoming)
         except Exception:  # the loop thread must survive anything a request does
