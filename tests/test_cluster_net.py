@@ -154,6 +154,28 @@ def test_killed_server_leaves_its_requests_to_the_other(cluster: RabbitCluster, 
     assert found and int(found[-1][1]) > 0, servers[1].output[-2000:]
 
 
+def test_device_sim_command_on_the_cluster(cluster: RabbitCluster, fmnist_model_path: Path) -> None:
+    """`ddnngen device-sim` with the cluster's options: MQTT 3.1.1, QoS 0 subscriptions, the other nodes."""
+    from click.testing import CliRunner
+
+    from ddnn_gen.cli import cli
+
+    nodes = cluster.mqtt_all("d0", 1)
+    servers = [_server(cluster, "srvA", 1, fmnist_model_path)]
+    try:
+        result = CliRunner().invoke(cli, ["device-sim", str(fmnist_model_path), "--broker", nodes[0].address,
+                                          "--also-broker", nodes[1].address, "--also-broker", nodes[2].address,
+                                          "--credentials", str(cluster.directory / "credentials"),
+                                          "--device-prefix", "d", "--devices", "3", "--requests", "20",
+                                          "--all-to-server", "--mqtt-version", "3.1.1", "--subscribe-qos", "0",
+                                          "--impl", "numpy", "--timeout-ms", "20000"])
+    finally:
+        _stop(servers)
+    assert result.exit_code == 0, result.output
+    assert "samples 60 in" in result.output and "server 60, fallback 0, error 0" in result.output, result.output
+    assert servers[0].replies_sent() == 60
+
+
 def test_killed_node_devices_fail_over(cluster: RabbitCluster, fmnist_expected: Expected, fmnist_model_path: Path,
                                        net_device_bin: Path, fmnist_samples_file: Path, tmp_path: Path) -> None:
     """Node 3 is SIGKILLed while 8 of the simulated devices and the generated C device (ASan build, MQTT 3.1.1,
