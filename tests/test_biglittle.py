@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ddnn_gen.errors import SpecError
-from ddnn_gen.model import zoo
+from ddnn_gen.model import evaluate, zoo
 from ddnn_gen.model.datasets import Dataset
 from ddnn_gen.model.network import DDNN, predict_exits, softmax_cross_entropy_joint
 from ddnn_gen.model.spec import OTHER_CLASS, parse_spec
@@ -99,3 +99,12 @@ def test_training_learns_both_nets(mnist_train: Dataset, mnist_test: Dataset) ->
     balanced = np.mean([(said[targets == k] == k).mean() for k in (0, 1)])
     assert balanced > 0.6
     assert (big.argmax(axis=1) == test.labels).mean() > 0.5
+
+
+def test_f1_by_hand() -> None:
+    predicted = np.array([8, 8, 1, 8, 3])
+    labels = np.array([8, 1, 8, 8, 3])
+    # class 8: TP 2 (indices 0, 3), FP 1 (index 1), FN 1 (index 2) -> 2*2 / (2*2 + 1 + 1)
+    assert evaluate.f1_score(predicted, labels, 8) == pytest.approx(4 / 6)
+    assert evaluate.f1_score(predicted, labels, 3) == 1.0
+    assert np.isnan(evaluate.f1_score(predicted, labels, 5))
