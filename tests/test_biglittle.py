@@ -6,18 +6,37 @@ MNIST test set."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import chainer
 import chainer.functions as F
 import numpy as np
 import pytest
+from conftest import MODELS, require_tool
 
-from ddnn_gen.errors import SpecError
+from ddnn_gen.codegen import toolchain
+from ddnn_gen.codegen.c_target import compile_c
+from ddnn_gen.codegen.opencl_target import compile_opencl
+from ddnn_gen.device import c_binding
+from ddnn_gen.device.samples import write_samples
+from ddnn_gen.errors import CompileError, SpecError
+from ddnn_gen.fold import exits, reference
+from ddnn_gen.fold.program import fold
 from ddnn_gen.model import evaluate, zoo
 from ddnn_gen.model.datasets import Dataset
+from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.model.network import DDNN, predict_exits, softmax_cross_entropy_joint
 from ddnn_gen.model.spec import OTHER_CLASS, parse_spec
 from ddnn_gen.model.train import TrainConfig, train
+from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
+from ddnn_server.store import serve
+
+BIGLITTLE_MODELS = {"biglittle": MODELS / "mnist_bl8_8.npz", "biglittle-3-8": MODELS / "mnist_bl3_8_8.npz"}
+
+
+@pytest.fixture(scope="module", params=sorted(BIGLITTLE_MODELS))
+def shipped(request: pytest.FixtureRequest) -> Path:
+    return BIGLITTLE_MODELS[request.param]
 
 
 def _raw(priority: object) -> dict[str, object]:
@@ -65,6 +84,19 @@ def test_big_little_needs_two_tiers_a_conv_big_net_and_version_2() -> None:
         parse_spec(old)
 
 
+def test_existing_specs_and_shipped_models_are_unchanged() -> None:
+    """No existing spec grows a key, so content hashes stay: every shipped model still loads and verifies its
+    stored hash (load_model recomputes it), and every other zoo spec has no priority classes."""
+    for name in zoo.ZOO:
+        spec = parse_spec(zoo.build(name))
+        assert spec.big_little == name.startswith("biglittle")
+        if not spec.big_little:
+            assert "priority_classes" not in spec.to_dict()
+    for path in sorted(MODELS.glob("*.npz")):
+        loaded = load_model(path)
+        assert loaded.spec.big_little == path.name.startswith("mnist_bl")
+
+
 def test_labels_remap_to_the_priority_outputs_then_other() -> None:
     spec = parse_spec(zoo.build("biglittle-3-8"))
     labels = np.arange(10)
@@ -108,3 +140,81 @@ def test_f1_by_hand() -> None:
     assert evaluate.f1_score(predicted, labels, 8) == pytest.approx(4 / 6)
     assert evaluate.f1_score(predicted, labels, 3) == 1.0
     assert np.isnan(evaluate.f1_score(predicted, labels, 5))
+
+
+def test_evaluation_routes_as_the_device_does(shipped: Path, mnist_test: Dataset) -> None:
+    loaded = load_model(shipped)
+    spec = loaded.spec
+    data = mnist_test.subset(2000)
+    outputs = exits.compute_outputs(loaded, data)
+    program = fold(loaded)
+    device = reference.run_device(program, data.images)
+    little_index = device.logits.argmax(axis=1)
+    threshold = spec.threshold
+    answered = evaluate.answering_exit(outputs, (threshold,))
+    local = answered == 0
+    expected_local = (little_index < len(spec.priority_classes)) & (device.entropy <= threshold)
+    assert np.array_equal(local, expected_local) and np.array_equal(local, device.local_exit)
+    assert 0 < local.sum() < len(local)
+    assert set(outputs.local_class[local].tolist()) <= set(spec.priority_classes)  # never "other" locally
+    # The big net's answers are Chainer's final exit on the raw images (what ddnn-server runs for packing 3).
+    with chainer.using_config("train", False):
+        assert np.array_equal(outputs.final_class, predict_exits(loaded.model, data.images)[-1].argmax(axis=1))
+    report = evaluate.priority_report(outputs, threshold, spec.priority_classes, 88)
+    for row in report.rows:
+        mine = data.labels == row.cls
+        assert row.samples == int(mine.sum())
+        assert row.local_share == pytest.approx(float(local[mine].mean()))
+        assert row.f1_big == pytest.approx(evaluate.f1_score(outputs.final_class, data.labels, row.cls))
+    metrics = evaluate.metrics_at(outputs, threshold)
+    assert report.request_bytes == pytest.approx((1 - metrics.local_exit_rate) * (784 + 88))
+
+
+def test_server_takes_only_raw_input_for_a_big_little_model(shipped: Path) -> None:
+    loaded = load_model(shipped)
+    served = serve(loaded)
+    assert served.entry_tier == 0 and served.program is None
+    raw = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, 1, "bl", 0, Packing.RAW_U8)
+    served.check(raw)
+    logits = served.logits([np.zeros((28, 28, 1), np.uint8)], Packing.RAW_U8)
+    assert logits.shape == (1, 10)
+    program = fold(loaded)
+    bits = RequestHeader(loaded.hash_bytes, program.split_layer, *program.spec.split_shape, 2, "bl", 0,
+                         Packing.BITS_U64)
+    with pytest.raises(ProtocolError) as error:
+        served.check(bits)
+    assert error.value.status == Status.SHAPE_MISMATCH and "Big-Little" in str(error.value)
+
+
+def test_opencl_target_refuses_big_little(shipped: Path, tmp_path: Path) -> None:
+    with pytest.raises(CompileError, match="Big-Little"):
+        compile_opencl(shipped, tmp_path / "ocl")
+
+
+def test_c_little_net_bit_exact_on_the_whole_mnist_test_set(shipped: Path, mnist_test: Dataset,
+                                                            tmp_path: Path) -> None:
+    """The generated C (through the cffi binding, and the offline runner's CSV) equals the bitwise reference on
+    all 10000 test images: logits, entropy, the routing decision and the class it names; also at a threshold on
+    a sample's entropy exactly."""
+    require_tool("cc")
+    assert len(mnist_test) == 10000
+    program = fold(load_model(shipped))
+    model = c_binding.load(program)
+    got = model.run(mnist_test.images)
+    ref = reference.run_device(program, mnist_test.images)
+    for name in ("local_class", "local_exit", "entropy", "logits"):
+        assert np.array_equal(getattr(got, name), getattr(ref, name)), name
+    assert 0 < got.local_exit.sum() < len(mnist_test)
+    assert OTHER_CLASS in got.local_class  # the little net says "other" on some images
+    tie = float(np.sort(ref.entropy[ref.logits.argmax(axis=1) < len(program.spec.priority_classes)])[50])
+    for threshold in (0.0, tie, 1.0):
+        assert np.array_equal(model.run(mnist_test.images[:3000], threshold).local_exit,
+                              reference.run_device(program, mnist_test.images[:3000], threshold).local_exit)
+    compile_c(program, tmp_path / "project")
+    binary = toolchain.build_project(tmp_path / "project", opt="-O2")
+    samples = tmp_path / "samples.ddns"
+    write_samples(samples, mnist_test.images, mnist_test.labels)
+    runner = toolchain.run_runner(binary, samples)
+    assert np.array_equal(runner.local_class, ref.local_class)
+    assert np.array_equal(runner.local_exit, ref.local_exit)
+    assert np.array_equal(runner.entropy, ref.entropy)

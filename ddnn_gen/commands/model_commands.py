@@ -238,7 +238,8 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
     if loaded.spec.big_little:
         click.echo("F1 little: the little net's argmax on every sample; routed: each sample's answer (the little net "
                    "when it names a priority class with entropy <= t, else the big net on the raw input, "
-                   f"{outputs.split_bytes} B + {_request_header_bytes(loaded.spec)} B header); big: the big net alone")
+                   f"{outputs.split_bytes} B + {_request_header_bytes(loaded.spec)} B header); big: the big net alone. "
+                   "'local exit alone' above counts the little net's 'other' as wrong")
     if sweep_prefix:
         click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
 
