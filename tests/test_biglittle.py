@@ -6,14 +6,17 @@ MNIST test set."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import chainer
 import chainer.functions as F
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import MODELS, require_tool
 
+from ddnn_gen.cli import cli
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.codegen.opencl_target import compile_opencl
@@ -218,3 +221,25 @@ def test_c_little_net_bit_exact_on_the_whole_mnist_test_set(shipped: Path, mnist
     assert np.array_equal(runner.local_class, ref.local_class)
     assert np.array_equal(runner.local_exit, ref.local_exit)
     assert np.array_equal(runner.entropy, ref.entropy)
+
+
+def test_eval_command_reports_the_routing(mnist_test: Dataset) -> None:
+    """`ddnngen eval --json` on a Big-Little model carries the priority report the library computes, and
+    --match-f1 picks, for the mnist_16 early exit, a threshold whose routed F1 reaches the target."""
+    path = BIGLITTLE_MODELS["biglittle"]
+    result = CliRunner().invoke(cli, ["eval", str(path), "--count", "500", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["priority"][0]
+    loaded = load_model(path)
+    outputs = exits.compute_outputs(loaded, mnist_test.subset(500))
+    want = evaluate.priority_report(outputs, loaded.spec.thresholds, (8,), 88)
+    assert report["priority_local_share"] == pytest.approx(want.priority_local_share)
+    assert report["classes"][0]["f1_routed"] == pytest.approx(want.rows[0].f1_routed)
+    target = want.rows[0].f1_routed
+    result = CliRunner().invoke(cli, ["eval", str(MODELS / "mnist_16.npz"), "--count", "500", "--json",
+                                      "--priority-classes", "8", "--match-f1", repr(target)])
+    assert result.exit_code == 0, result.output
+    matched = json.loads(result.output)["priority"][0]
+    assert matched["classes"][0]["f1_routed"] >= target
+    bad = CliRunner().invoke(cli, ["eval", str(MODELS / "mnist_16.npz"), "--priority-classes", "10"])
+    assert bad.exit_code != 0 and "distinct class indices in 0..9" in bad.output

@@ -15,6 +15,7 @@ from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold import exits
 from ddnn_gen.model import datasets, zoo
 from ddnn_gen.model.spec import ModelSpec, load_spec_file, parse_spec
+from ddnn_gen.wire.codec import REQUEST_HEADER_BYTES
 
 if TYPE_CHECKING:
     from ddnn_gen.model.evaluate import ExitOutputs, ViewRow
@@ -197,7 +198,7 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
             raise click.UsageError("--match-f1 needs priority classes (--priority-classes, or a Big-Little model)")
         values = [evaluate.match_routed_f1(outputs, priority, match_f1, values[0][1:]).metrics.thresholds]
     rows = [evaluate.metrics_at(outputs, value) for value in values]
-    reports = [evaluate.priority_report(outputs, value, priority, _request_header_bytes(loaded.spec))
+    reports = [evaluate.priority_report(outputs, value, priority, REQUEST_HEADER_BYTES)
                for value in values] if priority else []
     margins = [[evaluate.threshold_margin(entropy, t) for entropy, t in zip(outputs.early_entropy, value)]
                for value in values]
@@ -238,7 +239,7 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
     if loaded.spec.big_little:
         click.echo("F1 little: the little net's argmax on every sample; routed: each sample's answer (the little net "
                    "when it names a priority class with entropy <= t, else the big net on the raw input, "
-                   f"{outputs.split_bytes} B + {_request_header_bytes(loaded.spec)} B header); big: the big net alone. "
+                   f"{outputs.split_bytes} B + {REQUEST_HEADER_BYTES} B header); big: the big net alone. "
                    "'local exit alone' above counts the little net's 'other' as wrong")
     if sweep_prefix:
         click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
@@ -256,13 +257,6 @@ def _priority_classes(spec: ModelSpec, text: str | None) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r}: distinct class indices in 0..{spec.n_classes - 1}",
                                  param_hint="--priority-classes")
     return classes
-
-
-def _request_header_bytes(spec: ModelSpec) -> int:
-    """What an offloaded sample's request adds to its payload (the wire header; the same for every model)."""
-    from ddnn_gen.wire.codec import REQUEST_HEADER_BYTES
-
-    return REQUEST_HEADER_BYTES
 
 
 def _view_evaluation(loaded: LoadedModel, dataset: datasets.Dataset,
