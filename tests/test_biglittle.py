@@ -22,7 +22,8 @@ from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.codegen.opencl_target import compile_opencl
 from ddnn_gen.device import c_binding
 from ddnn_gen.device.samples import write_samples
-from ddnn_gen.errors import CompileError, SpecError
+from ddnn_gen.device.simulated import simulate
+from ddnn_gen.errors import CompileError, DdnnError, SpecError
 from ddnn_gen.fold import exits, reference
 from ddnn_gen.fold.program import fold
 from ddnn_gen.model import evaluate, zoo
@@ -243,3 +244,11 @@ def test_eval_command_reports_the_routing(mnist_test: Dataset) -> None:
     assert matched["classes"][0]["f1_routed"] >= target
     bad = CliRunner().invoke(cli, ["eval", str(MODELS / "mnist_16.npz"), "--priority-classes", "10"])
     assert bad.exit_code != 0 and "distinct class indices in 0..9" in bad.output
+
+
+def test_simulated_devices_refuse_big_little(shipped: Path) -> None:
+    """They would send the little net's split, which no server takes for such a model: a clear error instead."""
+    program = fold(load_model(shipped))
+    with pytest.raises(DdnnError, match="Big-Little"):
+        simulate(lambda device_id: None, program, b"\0" * 16, lambda index, threshold: None,  # type: ignore
+                 1, 1, 1)

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen.device.c_binding import LocalAnswer
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, topics
@@ -328,6 +329,10 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
     as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
     ``connection`` is the broker, or a function giving each device id its own credentials."""
+    if program.spec.big_little:
+        # These devices send the split; a Big-Little device sends its raw image and routes on priority classes.
+        raise DdnnError(f"{program.spec.name} is a Big-Little model: simulated devices do not implement its "
+                        "routing; run the generated C device program (ddnn_device_net)")
     devices: list[SimDevice] = []
     try:
         for d in range(n_devices):
