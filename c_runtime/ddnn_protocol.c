@@ -56,14 +56,21 @@ size_t ddnn_request_size(size_t n_words)
     return DDNN_REQUEST_HEADER_BYTES + 8 * n_words;
 }
 
-/* The 88-byte header; 0 when the device id is unusable or the element count does not fit. */
+/* Same rule as codec.view_fields_problem in Python. */
+static int view_fields_valid(const ddnn_request_header *header)
+{
+    const unsigned count = header->view_count;
+    if (count > DDNN_MAX_VIEWS || (count > 1 && header->event_id == 0))
+        return 0;
+    return header->view_index < (count > 1 ? count : 1u);
+}
+
+/* The 64-byte header; 0 when the view fields are invalid or the element count does not fit. */
 static int put_header(const ddnn_request_header *header, int packing, uint16_t split_layer, size_t n_elements,
                       uint8_t *out)
 {
-    size_t id_len;
-    if (!ddnn_device_id_valid(header->device_id) || n_elements > 0xffffffffu)
+    if (!view_fields_valid(header) || n_elements > 0xffffffffu)
         return 0;
-    id_len = strlen(header->device_id);
     memset(out, 0, DDNN_REQUEST_HEADER_BYTES);
     memcpy(out, "DDNQ", 4);
     out[4] = DDNN_PROTOCOL_VERSION;
@@ -77,8 +84,10 @@ static int put_header(const ddnn_request_header *header, int packing, uint16_t s
     put_u64(out + 32, header->request_id);
     put_u64(out + 40, header->device_time_us);
     put_u32(out + 48, (uint32_t)n_elements);
-    /* bytes 52..55 reserved (zero) */
-    memcpy(out + 56, header->device_id, id_len);
+    put_u64(out + 52, header->event_id);
+    out[60] = header->view_index;
+    out[61] = header->view_count;
+    /* bytes 62..63 reserved (zero) */
     return 1;
 }
 

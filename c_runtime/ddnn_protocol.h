@@ -2,7 +2,7 @@
  * ddnn_gen/wire/codec.py. Pure byte encoding: no MQTT, no allocation, explicit little-endian so
  * big-endian or strict-alignment targets produce the same bytes.
  *
- * Request = 88-byte header + the split activations exactly as <name>_infer() leaves them
+ * Request = 64-byte header + the split activations exactly as <name>_infer() leaves them
  * (HWC, channels packed in uint64 words, little-endian), or, server-only, + the raw uint8 HWC input
  * (packing 3, split layer 0: the server runs the whole model). Reply = 32-byte header + top-k
  * (class, probability) pairs + optional utf-8 error message. */
@@ -12,9 +12,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* 2: replies say which tier answered and how long the tiers above took. */
-#define DDNN_PROTOCOL_VERSION 2
-#define DDNN_REQUEST_HEADER_BYTES 88
+/* 2: replies say which tier answered and how long the tiers above took.
+ * 3: 64-byte request header: no device id (identity is the topic's); event id, view index and count. */
+#define DDNN_PROTOCOL_VERSION 3
+#define DDNN_REQUEST_HEADER_BYTES 64
+/* Most views of one multi-view event: view_index < view_count <= DDNN_MAX_VIEWS (0 or 1 = single view). */
+#define DDNN_MAX_VIEWS 16
 #define DDNN_REPLY_HEADER_BYTES 40
 /* ddnn_reply.flags: a tier above did not answer in time, so the answering tier's own exit did. */
 #define DDNN_REPLY_FALLBACK 0x01
@@ -46,7 +49,9 @@ typedef struct {
     uint16_t channels, height, width;
     uint64_t request_id;
     uint64_t device_time_us;
-    const char *device_id; /* ddnn_device_id_valid() */
+    uint64_t event_id;  /* the scene several devices captured; 0 = not part of a multi-view event */
+    uint8_t view_index; /* this device's view of the event (< view_count) */
+    uint8_t view_count; /* the event's views; 0 or 1 = single view */
 } ddnn_request_header;
 
 typedef struct {
@@ -72,7 +77,8 @@ int ddnn_device_id_valid(const char *id);
 size_t ddnn_request_size(size_t n_words);
 
 /* Writes header + words into out. Returns the byte count, or 0 when out_len is too small or the
- * device id is empty/too long. */
+ * view fields are invalid (view_index >= max(1, view_count), view_count > DDNN_MAX_VIEWS, or several views
+ * without an event id). */
 size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
                            size_t out_len);
 

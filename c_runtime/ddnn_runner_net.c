@@ -31,6 +31,7 @@ static void usage(FILE *out, const ddnn_model *model)
     fprintf(out,
             "usage: ddnn_device_net SAMPLES --device-id ID [--broker HOST:PORT] [--timeout-ms N] [-o RESULTS.csv]\n"
             "                       [--threshold T] [--pace-ms N] [--connect-wait-ms N] [--server-only]\n"
+            "                       [--view-index I --view-count K [--first-event-id N]]\n"
             "                       [--tls] [--ca-file F] [--cert F --key F] [--username U --password-file F]\n"
             "  Classifies every sample of SAMPLES with %s, asking ddnn-server when the local\n"
             "  exit is not confident.\n"
@@ -44,7 +45,12 @@ static void usage(FILE *out, const ddnn_model *model)
             "  --pace-ms N           pause N ms between samples (demos, live threshold changes)\n"
             "  --connect-wait-ms N   wait up to N ms for the broker before the first sample (default 3000)\n"
             "  --server-only         send every raw input image; the server runs the whole model (local_class -1,\n"
-            "                        entropy nan; the device part runs only for a fallback answer)\n",
+            "                        entropy nan; the device part runs only for a fallback answer)\n"
+            "  --view-index I --view-count K\n"
+            "                        one camera of a multi-view model (docs/views.md): this program is view I's\n"
+            "                        device part, SAMPLES are its crops; every sample is sent (the aggregator\n"
+            "                        decides on all K views' exits), tagged with event id N + its index\n"
+            "  --first-event-id N    event id of the first sample (default 1); the K cameras must agree\n",
             model->name, model->default_threshold);
     ddnn_mqtt_usage(out);
 }
@@ -73,6 +79,7 @@ int main(int argc, char **argv)
     long timeout_ms = 1000, pace_ms = 0, connect_wait_ms = 3000;
     char host[256];
     int port, i, got, used, status = 0, server_only = 0;
+    long view_index = 0, view_count = 0, first_event_id = 1;
     uint64_t request_id;
     uint32_t index = 0;
     int32_t label;
@@ -113,6 +120,21 @@ int main(int argc, char **argv)
                 fprintf(stderr, "ddnn_device_net: --connect-wait-ms needs 0..600000, got '%s'\n", argv[i]);
                 return 2;
             }
+        } else if (strcmp(argv[i], "--view-index") == 0 && has_value) {
+            if (!ddnn_parse_long(argv[++i], 0, DDNN_MAX_VIEWS - 1, &view_index)) {
+                fprintf(stderr, "ddnn_device_net: --view-index needs 0..%d, got '%s'\n", DDNN_MAX_VIEWS - 1, argv[i]);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--view-count") == 0 && has_value) {
+            if (!ddnn_parse_long(argv[++i], 2, DDNN_MAX_VIEWS, &view_count)) {
+                fprintf(stderr, "ddnn_device_net: --view-count needs 2..%d, got '%s'\n", DDNN_MAX_VIEWS, argv[i]);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--first-event-id") == 0 && has_value) {
+            if (!ddnn_parse_long(argv[++i], 1, 0x7fffffffL, &first_event_id)) {
+                fprintf(stderr, "ddnn_device_net: --first-event-id needs 1..2147483647, got '%s'\n", argv[i]);
+                return 2;
+            }
         } else if (strcmp(argv[i], "--threshold") == 0 && has_value) {
             ++i;
             if (!ddnn_threshold_parse(argv[i], strlen(argv[i]), &initial_threshold)) {
@@ -133,6 +155,11 @@ int main(int argc, char **argv)
     if (samples_path == NULL || device_id == NULL) {
         fprintf(stderr, "ddnn_device_net: SAMPLES and --device-id are required\n");
         usage(stderr, model);
+        return 2;
+    }
+    if ((view_count == 0 && view_index != 0) || (view_count > 1 && (view_index >= view_count || server_only))) {
+        fprintf(stderr, "ddnn_device_net: a camera of a multi-view model needs --view-index I below --view-count K "
+                        "(and sends splits, not --server-only)\n");
         return 2;
     }
     if (!parse_broker(broker, host, sizeof(host), &port, config.tls ? 8883 : 1883)) {
@@ -209,7 +236,7 @@ int main(int argc, char **argv)
         }
         device_done = ddnn_now_ns();
         final_class = result.class_id;
-        if (result.exit_local) {
+        if (result.exit_local && view_count == 0) {
             source = 0;
         } else {
             ddnn_request_header header;
@@ -218,7 +245,9 @@ int main(int argc, char **argv)
             memcpy(header.model_hash, model->hash, DDNN_WIRE_HASH_BYTES);
             header.request_id = ++request_id;
             header.device_time_us = device_done / 1000u;
-            header.device_id = device_id;
+            header.event_id = view_count > 1 ? (uint64_t)first_event_id + index : 0u;
+            header.view_index = (uint8_t)view_index;
+            header.view_count = (uint8_t)view_count;
             if (server_only || model->offload_raw) {
                 header.split_layer = DDNN_RAW_SPLIT_LAYER;
                 header.channels = (uint16_t)model->input_c;

@@ -6,22 +6,29 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_gen.wire.connection import BrokerConnection
+from ddnn_server.aggregator import MAX_OPEN_EVENTS, Event, EventAnswer, EventTable, ViewRequest, answer_events
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job, QueueFull
 from ddnn_server.edge import Forward, Upstream
 from ddnn_server.log_limits import RateLimitedLog
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.thresholds import TierThresholds
-from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, Transport
+from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, ServerTransport, Transport
+
+if TYPE_CHECKING:  # pika is imported only when an AMQP transport is asked for
+    from ddnn_server.amqp_transport import AmqpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,11 @@ class ServerConfig:
     upstream_timeout_ms: float = 1000.0
     plan: str | None = None  # a plan file (ddnngen plan): its model runs what the plan puts at ``location``
     location: str = "cloud"
+    event_deadline_ms: float = 100.0  # aggregator: how long an event waits for its missing views
+    max_open_events: int = MAX_OPEN_EVENTS  # aggregator: events gathering views at once; more: UNAVAILABLE
+    # RabbitMQ cluster nodes (one per node, tried in turn): consume the models' quorum queues over AMQP instead
+    # of subscribing on ``broker``; ``receive_maximum`` is then the prefetch count.
+    amqp: Sequence[AmqpEndpoint] = ()
 
 
 @dataclass
@@ -58,6 +70,14 @@ class _Work:
     incoming: Incoming
     model: ServedModel
     device_id: str  # from the topic: where the reply goes
+
+
+@dataclass
+class _EventWork:
+    """A closed multi-view event on its way to a worker (aggregator role)."""
+
+    model: ServedModel
+    event: Event
 
 
 class Server:
@@ -79,10 +99,20 @@ class Server:
         edges = [model for model in store.models() if model.role == "edge"]
         extra = [topic for model in edges for topic in TierThresholds.subscriptions(model.hash_bytes,
                                                                                     model.entry_tier)]
-        self.transport = Transport(config.broker, client_id, config.group,
-                                   [(model.hash_bytes, model.topic_tier) for model in store.models()],
-                                   self._on_request, persistent, config.session_expiry_s, extra,
-                                   self.thresholds.update if extra else None, config.receive_maximum)
+        served = [(model.hash_bytes, model.topic_tier) for model in store.models()]
+        self.transport: ServerTransport
+        if config.amqp:
+            from ddnn_server.amqp_transport import AmqpTransport
+
+            if edges:
+                raise DdnnError("edge servers run on MQTT brokers only (their tier above and live thresholds are "
+                                "MQTT); --amqp serves cloud models")
+            client_id = config.server_id or config.amqp[0].username
+            self.transport = AmqpTransport(config.amqp, client_id, served, self._on_request, config.receive_maximum)
+        else:
+            self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
+                                       config.session_expiry_s, extra, self.thresholds.update if extra else None,
+                                       config.receive_maximum)
         self.upstream: Upstream | None = None
         if edges:
             self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
@@ -92,12 +122,21 @@ class Server:
         self.stats = {"ok": 0, "errors": 0, "dropped": 0, "busy": 0, "batches": 0}
         self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
+        # Aggregator: the events gathering their views, closed by the deadline thread or by their last view.
+        self.events = EventTable(config.event_deadline_ms / 1000.0, config.max_open_events)
+        self._events_lock = threading.Lock()
+        self._events_stop = threading.Event()
+        self._deadlines: threading.Thread | None = None
+        if any(model.views is not None for model in store.models()):
+            self._deadlines = threading.Thread(target=self._deadline_loop, name="ddnn-event-deadlines", daemon=True)
 
     def start(self) -> Server:
         for worker in self._workers:
             worker.start()
         if self.upstream is not None:
             self.upstream.start()
+        if self._deadlines is not None:
+            self._deadlines.start()
         self.transport.start()
         return self
 
@@ -109,6 +148,15 @@ class Server:
         """Stop taking work, answer everything already received, then disconnect cleanly."""
         log.info("stopping: no new requests; finishing %d queued", self.batcher.pending)
         self.transport.stop_taking_work()
+        if self._deadlines is not None:
+            self._events_stop.set()
+            self._deadlines.join()
+            with self._events_lock:
+                open_events = self.events.drain()
+            if open_events:
+                log.info("answering %d events with the views that arrived", len(open_events))
+            for event in open_events:
+                self._submit_event(event)
         self.batcher.close()
         for worker in self._workers:
             worker.join()
@@ -147,20 +195,20 @@ class Server:
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
             header = codec.decode_request_header(data, self.config.max_request_bytes)
-            if header.device_id != device_id:
-                raise ProtocolError(Status.MALFORMED, f"header device id {header.device_id!r} is not the topic's "
-                                    f"{device_id!r}", header.request_id, device_id)
             model = self.store.get(header.model_hash)
             if model is None:
                 raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
-                                    header.request_id, device_id)
+                                    header.request_id)
             if topics.model_key(header.model_hash) != topic_model:
                 raise ProtocolError(Status.MALFORMED, "header model hash is not the topic's model",
-                                    header.request_id, device_id)
+                                    header.request_id)
             model.check(header)
             payload = codec.decode_payload(header, data)
+            if model.views is not None:
+                self._admit_view(model, ViewRequest(header, payload, (incoming, device_id)))
+                return
         except ProtocolError as error:
-            request_id = error.request_id or codec.peek_request_ids(data[:codec.REQUEST_HEADER_BYTES])[0]
+            request_id = error.request_id or codec.peek_request_id(data[:codec.REQUEST_HEADER_BYTES])
             self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
                                        device_id, error.status.name, error)
             self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)
@@ -178,6 +226,79 @@ class Server:
         except RuntimeError:
             self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
 
+    # ---- multi-view events (aggregator role) ---------------------------------------------------------
+
+    def _admit_view(self, model: ServedModel, request: ViewRequest) -> None:
+        """One view into its event (ProtocolError for a hostile one); a complete event goes to the workers."""
+        assert model.views is not None
+        with self._events_lock:
+            admission = self.events.add(model.hash_bytes, model.views.count, request, request.context[1])
+        if admission.late_answer is not None:
+            self._bad_requests.warning("late view", "a view arrived after its event was answered: answering it with "
+                                    "the event's answer")
+            self._answer_view(request, admission.late_answer, 0, 0)
+        if admission.event is not None:
+            self._submit_event(admission.event)
+
+    def _submit_event(self, event: Event) -> None:
+        model = self.store.get(event.key[0])
+        assert model is not None
+        work = _EventWork(model, event)
+        try:
+            self.batcher.put(Job(model.hash_bytes, work, None))
+        except QueueFull:
+            self._bad_requests.warning("busy", "%s's queue is full: answering an event's %d views UNAVAILABLE",
+                                       model.name, len(event.views))
+            for request in event.views.values():
+                incoming, device_id = request.context
+                with self._stats_lock:
+                    self.stats["busy"] += 1
+                self._send(incoming, device_id, Reply(request.header.request_id, Status.UNAVAILABLE,
+                                                      message=BUSY_MESSAGE), ok=False)
+        except RuntimeError:
+            self._run_events([work], time.monotonic())  # closed while draining: answer it here
+
+    def _deadline_loop(self) -> None:
+        # A few ms of lateness against deadlines of tens of ms; cheaper than a timer per event.
+        while not self._events_stop.wait(0.002):
+            with self._events_lock:
+                due = self.events.expire()
+            for event in due:
+                self._submit_event(event)
+
+    def _run_events(self, works: list[_EventWork], started: float) -> None:
+        model = works[0].model
+        assert model.views is not None
+        events = [work.event for work in works]
+        try:
+            answers = answer_events(model.views, events)
+        except Exception:  # a model bug must cost these events, not the server
+            log.exception("aggregating %d events of %s failed", len(events), model.name)
+            for event in events:
+                for request in event.views.values():
+                    incoming, device_id = request.context
+                    self._send(incoming, device_id, Reply(request.header.request_id, Status.INTERNAL,
+                                                          message="internal server error"), ok=False)
+            return
+        server_us = int((time.monotonic() - started) * 1e6)
+        with self._events_lock:
+            for event, answer in zip(events, answers):
+                self.events.answered(event, answer)
+        for event, answer in zip(events, answers):
+            for request in event.views.values():
+                self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6))
+        with self._stats_lock:
+            self.stats["batches"] += 1
+
+    def _answer_view(self, request: ViewRequest, answer: EventAnswer, server_us: int, queue_us: int) -> None:
+        """Every device of an event gets the event's answer (queue_us: from its view's arrival, the wait for the
+        other views included)."""
+        top_classes, top_probabilities = self._top_k(answer.logits[None, :])
+        top_k = tuple(zip(top_classes[0].tolist(), top_probabilities[0].tolist()))
+        incoming, device_id = request.context
+        self._send(incoming, device_id, Reply(request.header.request_id, Status.OK, answer.class_id, top_k,
+                                              server_us, queue_us, answered_by=answer.answered_by), ok=True)
+
     # ---- workers -------------------------------------------------------------------------------------
 
     def _work_loop(self) -> None:
@@ -186,6 +307,9 @@ class Server:
             if batch is None:
                 return
             started = time.monotonic()
+            if isinstance(batch[0].payload, _EventWork):
+                self._run_events([job.payload for job in batch], started)  # a model's queue holds one kind
+                continue
             works: list[_Work] = [job.payload for job in batch]
             queue_us = [int((started - job.arrived) * 1e6) for job in batch]
             self._run_batch(works, started, queue_us)

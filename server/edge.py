@@ -91,7 +91,7 @@ class Upstream:
             self._fallback(forward, "the tier above is not reachable" if not full else "too many requests pending")
             return
         request_id = next(self._ids)
-        header = RequestHeader(model_hash, split_layer, chw[0], chw[1], chw[2], request_id, self.edge_id,
+        header = RequestHeader(model_hash, split_layer, chw[0], chw[1], chw[2], request_id,
                                time.monotonic_ns() // 1000, Packing.BITS_U64)
         forward.sent = time.monotonic()
         forward.deadline = forward.sent + self.timeout_s

@@ -17,6 +17,7 @@ from ddnn_gen.errors import DdnnError, ModelFileError
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.fold.reference import split_to_server_input
+from ddnn_gen.fold.views import ViewAggregator
 from ddnn_gen.model.modelfile import HASH_BYTES_ON_WIRE, LoadedModel, load_model
 from ddnn_gen.model.placement import plan_content_hash, read_plan
 from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
@@ -25,7 +26,7 @@ from ddnn_gen.wire.topics import model_key
 log = logging.getLogger(__name__)
 
 
-ROLES = ("cloud", "edge")
+ROLES = ("cloud", "edge", "aggregator")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ServedModel:
     program: DeviceProgram | None  # the binary tier whose split arrives here (entry_tier - 1); None: float
     edge_program: DeviceProgram | None = None  # an edge's own binary tier (entry_tier)
     xp: Any = np  # numpy, or cupy with --gpu
+    views: ViewAggregator | None = None  # an aggregator's: the local aggregator and tier 1 of a multi-view model
 
     @property
     def hash_bytes(self) -> bytes:
@@ -53,7 +55,7 @@ class ServedModel:
 
     @property
     def role(self) -> str:
-        return "edge" if self.edge_program is not None else "cloud"
+        return "aggregator" if self.views is not None else "edge" if self.edge_program is not None else "cloud"
 
     @property
     def topic_tier(self) -> int:
@@ -88,26 +90,28 @@ class ServedModel:
                 channels, height, width = self.input_chw
                 raise ProtocolError(Status.SHAPE_MISMATCH, f"raw input C/H/W {header.channels}/{header.height}/"
                                     f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
-                                    header.request_id, header.device_id)
+                                    header.request_id)
             return
+        if self.views is not None and header.packing != Packing.BITS_U64:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is multi-view: its aggregator takes each "
+                                "view's bit-packed split", header.request_id)
         if self.entry_tier == 0:
             kind = "Big-Little" if self.loaded.spec.big_little else "cloud-only"
             raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is {kind}: it takes raw input only",
-                                header.request_id, header.device_id)
+                                header.request_id)
         channels, height, width = self.split_chw
         if header.split_layer != self.split_layer:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split layer {header.split_layer}, model {self.name} "
-                                f"resumes here at {self.split_layer}", header.request_id, header.device_id)
+                                f"resumes here at {self.split_layer}", header.request_id)
         if (header.channels, header.height, header.width) != (channels, height, width):
             raise ProtocolError(Status.SHAPE_MISMATCH, f"split C/H/W {header.channels}/{header.height}/"
                                 f"{header.width}, model {self.name} sends {channels}/{height}/{width}",
-                                header.request_id, header.device_id)
+                                header.request_id)
         # Float32 values are taken everywhere (tooling, and float tiers' outputs); bits only where the tier
         # before is binary.
         if header.packing == Packing.BITS_U64 and self.program is None:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"bit-packed payload, but model {self.name}'s tier "
-                                f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id,
-                                header.device_id)
+                                f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id)
 
     def server_input(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
         """Stack one batch of payloads into the entry tier's float32 input (+-1 for a binary split)."""
@@ -136,6 +140,12 @@ class ServedModel:
         pay for first calls (Chainer's function set-up, NumPy's and BLAS's buffers: tens of ms)."""
         channels, height, width = self.input_chw
         image = np.zeros((1, height, width, channels), dtype=np.uint8)  # (N, H, W, C) as the wire carries it
+        if self.views is not None:
+            runs = self.views.run_devices(image.transpose(0, 3, 1, 2))
+            mask = np.ones((1, self.views.count), dtype=bool)
+            self.views.local_exit_batch(runs.logits, mask)
+            self.views.next_tier_batch(runs.splits, mask)
+            return
         self.forward_raw(image)
         if self.entry_tier == 0:
             return
@@ -175,6 +185,17 @@ def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None
     last = len(spec.tiers) - 1
     if role not in ROLES:
         raise ModelFileError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if (role == "aggregator") != (spec.views is not None):
+        raise ModelFileError(f"{spec.name}: " + ("a multi-view model is served by --role aggregator"
+                                                 if spec.views is not None else
+                                                 "an aggregator serves multi-view models (a spec with 'views')"))
+    if role == "aggregator":
+        if last != 1:
+            # Tier 1's output would go on to the tiers above, as an edge's does: not built yet.
+            raise ModelFileError(f"{spec.name}: the aggregator runs the local aggregator and the final tier 1 of a "
+                                 f"two-tier multi-view model; this one has {last + 1} tiers")
+        aggregator = ViewAggregator(loaded)
+        return ServedModel(loaded, 1, aggregator.programs[0], views=aggregator)
     if role == "edge":
         if last < 2 or not spec.tiers[1].binary:
             raise ModelFileError(f"{spec.name}: an edge runs a binary edge tier with an early exit; this model's "

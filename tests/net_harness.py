@@ -57,9 +57,11 @@ def serving(broker: str | BrokerConnection, models: str | Path, workers: int = 1
 class ServerProcess:
     """``ddnn-server`` in its own process, stderr collected; ``start`` waits for its ready line."""
 
-    def __init__(self, broker: str | BrokerConnection, models: str | Path, workers: int = 2,
+    def __init__(self, broker: str | BrokerConnection | None, models: str | Path, workers: int = 2,
                  server_id: str | None = None, extra: list[str] | None = None) -> None:
-        broker_args = ["--broker", broker] if isinstance(broker, str) else broker.runner_args()
+        """``broker`` None: no --broker (``extra`` says where, e.g. --amqp)."""
+        broker_args = ([] if broker is None else ["--broker", broker] if isinstance(broker, str)
+                       else broker.runner_args())
         self.args = [sys.executable, "-c", SERVER_MAIN, *broker_args, "--models", str(models),
                      "--workers", str(workers), "-v"]
         if server_id:
@@ -207,7 +209,7 @@ def run_one_device(broker: BrokerConnection, device_id: str, expected: Expected,
         for i in range(count):
             index = i % len(expected.server_class)
             request_id = device.next_request_id()
-            header = split_header(expected.program, expected.loaded.hash_bytes, request_id, device_id)
+            header = split_header(expected.program, expected.loaded.hash_bytes, request_id)
             reply, rtt = device.request(header, expected.device.split_words[index])
             source = "fallback" if reply is None else "server" if reply.status == codec.Status.OK else "error"
             outcomes.append(SampleOutcome(device_id, index, request_id, source,

@@ -77,7 +77,7 @@ def test_numbers_are_consistent(bench_result: dict) -> None:
         if offloaded:
             assert times["comm"]["mean"] > 0 and times["server"]["mean"] > 0
             assert run["wire"]["payload_bytes_per_offloaded_sample"] == pytest.approx(
-                (88 + (784 if run["threshold"] is None else model["encoding"]["split_bits_payload_bytes"]))
+                (64 + (784 if run["threshold"] is None else model["encoding"]["split_bits_payload_bytes"]))
                 + model["encoding"]["reply_payload_bytes"])
         if run["threshold"] is None:
             assert run["exit_rates"]["server"] == 1.0

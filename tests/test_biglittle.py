@@ -32,6 +32,7 @@ from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.model.network import DDNN, predict_exits, softmax_cross_entropy_joint
 from ddnn_gen.model.spec import OTHER_CLASS, parse_spec
 from ddnn_gen.model.train import TrainConfig, train
+from ddnn_gen.wire import codec
 from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
 from ddnn_server.store import serve
 
@@ -164,27 +165,26 @@ def test_evaluation_routes_as_the_device_does(shipped: Path, mnist_test: Dataset
     # The big net's answers are Chainer's final exit on the raw images (what ddnn-server runs for packing 3).
     with chainer.using_config("train", False):
         assert np.array_equal(outputs.final_class, predict_exits(loaded.model, data.images)[-1].argmax(axis=1))
-    report = evaluate.priority_report(outputs, threshold, spec.priority_classes, 88)
+    report = evaluate.priority_report(outputs, threshold, spec.priority_classes, codec.REQUEST_HEADER_BYTES)
     for row in report.rows:
         mine = data.labels == row.cls
         assert row.samples == int(mine.sum())
         assert row.local_share == pytest.approx(float(local[mine].mean()))
         assert row.f1_big == pytest.approx(evaluate.f1_score(outputs.final_class, data.labels, row.cls))
     metrics = evaluate.metrics_at(outputs, threshold)
-    assert report.request_bytes == pytest.approx((1 - metrics.local_exit_rate) * (784 + 88))
+    assert report.request_bytes == pytest.approx((1 - metrics.local_exit_rate) * (784 + codec.REQUEST_HEADER_BYTES))
 
 
 def test_server_takes_only_raw_input_for_a_big_little_model(shipped: Path) -> None:
     loaded = load_model(shipped)
     served = serve(loaded)
     assert served.entry_tier == 0 and served.program is None
-    raw = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, 1, "bl", 0, Packing.RAW_U8)
+    raw = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, 1, 0, Packing.RAW_U8)
     served.check(raw)
     logits = served.logits([np.zeros((28, 28, 1), np.uint8)], Packing.RAW_U8)
     assert logits.shape == (1, 10)
     program = fold(loaded)
-    bits = RequestHeader(loaded.hash_bytes, program.split_layer, *program.spec.split_shape, 2, "bl", 0,
-                         Packing.BITS_U64)
+    bits = RequestHeader(loaded.hash_bytes, program.split_layer, *program.spec.split_shape, 2, 0, Packing.BITS_U64)
     with pytest.raises(ProtocolError) as error:
         served.check(bits)
     assert error.value.status == Status.SHAPE_MISMATCH and "Big-Little" in str(error.value)
@@ -233,7 +233,7 @@ def test_eval_command_reports_the_routing(mnist_test: Dataset) -> None:
     report = json.loads(result.output)["priority"][0]
     loaded = load_model(path)
     outputs = exits.compute_outputs(loaded, mnist_test.subset(500))
-    want = evaluate.priority_report(outputs, loaded.spec.thresholds, (8,), 88)
+    want = evaluate.priority_report(outputs, loaded.spec.thresholds, (8,), codec.REQUEST_HEADER_BYTES)
     assert report["priority_local_share"] == pytest.approx(want.priority_local_share)
     assert report["classes"][0]["f1_routed"] == pytest.approx(want.rows[0].f1_routed)
     target = want.rows[0].f1_routed

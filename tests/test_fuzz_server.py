@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import random
+import struct
 import threading
 import time
 from collections import Counter
@@ -30,8 +31,10 @@ N_SAMPLES = 1000
 # Resident memory may grow while allocator pools and paho's buffers warm up; a leak of 150 bytes per request
 # would add the limit over the 75 000 requests after warm-up.
 RSS_GROWTH_LIMIT = 12 * 1024 * 1024
-HOSTILE_IDS = [b"\x00abc", b"a\x01b", b"del\x7f", "x\u009f".encode(), "x\ufffe".encode(), b"\xff\xfe", b"a/b",
-               b"cam+", b"#", b"", b"-flag", b"x" * 32, b"good"]
+# Hostile (event id, view index, view count, reserved) tails of a v3 header: views out of range, too many, no
+# event id, reserved bits set, and a valid multi-view tail that must simply decode.
+HOSTILE_VIEWS = [struct.pack("<QBBH", *fields) for fields in (
+    (1, 4, 4, 0), (1, 255, 255, 0), (0, 0, 2, 0), (1, 0, 17, 0), (1, 1, 0, 0), (1, 0, 0, 1), (2 ** 64 - 1, 15, 16, 0))]
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +46,8 @@ def secure() -> Iterator[Broker]:
 
 
 def _mutations(fmnist_expected: Expected, rng: random.Random) -> list[Callable[[bytes], bytes]]:
-    header_fields = [(0, 4), (4, 1), (5, 1), (6, 2), (8, 16), (24, 2), (26, 2), (28, 2), (30, 2), (48, 4), (52, 4),
-                     (56, 32)]
+    header_fields = [(0, 4), (4, 1), (5, 1), (6, 2), (8, 16), (24, 2), (26, 2), (28, 2), (30, 2), (48, 4), (52, 8),
+                     (60, 1), (61, 1), (62, 2)]
 
     def flip_bits(data: bytes) -> bytes:
         raw = bytearray(data)
@@ -58,9 +61,8 @@ def _mutations(fmnist_expected: Expected, rng: random.Random) -> list[Callable[[
         value = rng.choice([bytes(size), b"\xff" * size, rng.randbytes(size)])
         return data[:offset] + value + data[offset + size:]
 
-    def hostile_id(data: bytes) -> bytes:
-        raw = rng.choice(HOSTILE_IDS)[:topics.DEVICE_ID_BYTES].ljust(topics.DEVICE_ID_BYTES, b"\0")
-        return data[:56] + raw + data[88:]
+    def hostile_views(data: bytes) -> bytes:
+        return data[:52] + rng.choice(HOSTILE_VIEWS) + data[64:]
 
     height, width, channels = fmnist_expected.program.split_hwc
     floats = np.random.default_rng(3).standard_normal((height, width, channels)).astype(np.float32)
@@ -70,13 +72,13 @@ def _mutations(fmnist_expected: Expected, rng: random.Random) -> list[Callable[[
         values.flat[rng.randrange(values.size)] = rng.choice([np.nan, np.inf, -np.inf])
         header = codec.decode_request_header(data)
         return codec.encode_request(codec.RequestHeader(header.model_hash, header.split_layer, channels, height, width,
-                                                        header.request_id, "fuzz", 0, codec.Packing.FLOAT32), values)
+                                                        header.request_id, 0, codec.Packing.FLOAT32), values)
 
     return [
         flip_bits,
         non_finite,
         field,
-        hostile_id,
+        hostile_views,
         lambda data: data[:rng.randrange(len(data))],  # truncated
         lambda data: data + rng.randbytes(rng.randint(1, 600)),  # extended
         lambda data: rng.randbytes(rng.randint(0, 1200)),  # noise
@@ -135,10 +137,10 @@ def test_100k_mutated_requests(secure: Broker, fmnist_expected: Expected, fmnist
             if n % GOOD_EVERY == GOOD_EVERY - 1:
                 request_id = GOOD_ID_BASE + n
                 good[request_id] = index
-                payload = codec.encode_request(split_header(fmnist_expected.program, model_hash, request_id, "fuzz"),
+                payload = codec.encode_request(split_header(fmnist_expected.program, model_hash, request_id),
                                                fmnist_expected.device.split_words[index])
             else:
-                header = split_header(fmnist_expected.program, model_hash, rng.randrange(1, 1 << 62), "fuzz")
+                header = split_header(fmnist_expected.program, model_hash, rng.randrange(1, 1 << 62))
                 request = codec.encode_request(header, fmnist_expected.device.split_words[index])
                 payload = rng.choice(mutations)(request)
             fuzzer._client.publish(topic, payload, qos=rng.choice((0, 1)))
@@ -179,7 +181,7 @@ def test_mutations_cover_every_error_status(fmnist_expected: Expected) -> None:
     mutations = _mutations(fmnist_expected, rng)
     seen = Counter()
     for _ in range(3000):
-        header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, 7, "fuzz")
+        header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, 7)
         request = codec.encode_request(header, fmnist_expected.device.split_words[0])
         try:
             codec.decode_request(rng.choice(mutations)(request))

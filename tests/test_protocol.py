@@ -15,8 +15,9 @@ HASH = bytes(range(16))
 
 
 def _header(channels: int = 33, height: int = 2, width: int = 3, packing: Packing = Packing.BITS_U64,
-            request_id: int = 0x0102030405060708) -> RequestHeader:
-    return RequestHeader(HASH, 2, channels, height, width, request_id, "dev-1", 123456789, packing)
+            request_id: int = 0x0102030405060708, views: tuple[int, int, int] = (0x1112131415161718, 2, 4)
+            ) -> RequestHeader:
+    return RequestHeader(HASH, 2, channels, height, width, request_id, 123456789, packing, *views)
 
 
 def _bits(channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -27,14 +28,21 @@ def _bits(channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
 def test_request_layout_is_fixed_little_endian() -> None:
     header = _header()
     data = codec.encode_request(header, _bits(33, 2, 3))
-    assert codec.REQUEST_HEADER_BYTES == 88
-    assert data[:4] == b"DDNQ" and data[4] == 2 and data[5] == Packing.BITS_U64
-    assert struct.unpack_from("<H", data, 6)[0] == 88
+    assert codec.REQUEST_HEADER_BYTES == 64
+    assert data[:4] == b"DDNQ" and data[4] == 3 and data[5] == Packing.BITS_U64
+    assert struct.unpack_from("<H", data, 6)[0] == 64
     assert data[8:24] == HASH
     assert struct.unpack_from("<HHHH", data, 24) == (2, 33, 2, 3)
     assert struct.unpack_from("<QQI", data, 32) == (0x0102030405060708, 123456789, 2 * 3 * 1)
-    assert data[56:88] == b"dev-1" + bytes(27)
-    assert len(data) == 88 + 2 * 3 * 1 * 8  # 33 channels fit one word
+    assert struct.unpack_from("<QBBH", data, 52) == (0x1112131415161718, 2, 4, 0)
+    assert b"dev" not in data  # identity is the topic's: no device id in the bytes
+    assert len(data) == 64 + 2 * 3 * 1 * 8  # 33 channels fit one word
+
+
+def test_single_view_request_has_zero_view_fields() -> None:
+    data = codec.encode_request(_header(views=(0, 0, 0)), _bits(33, 2, 3))
+    assert data[52:64] == bytes(12)
+    assert not codec.decode_request(data).header.multi_view
 
 
 @pytest.mark.parametrize("channels", [1, 31, 32, 33, 64, 65, 128])
@@ -65,7 +73,11 @@ def test_float_packing_round_trip_and_non_finite() -> None:
     (lambda d: d[:5] + b"\x07" + d[6:], Status.MALFORMED),  # unknown packing
     (lambda d: d[:48] + struct.pack("<I", 5) + d[52:], Status.MALFORMED),  # word count disagrees
     (lambda d: d[:26] + struct.pack("<H", 0) + d[28:], Status.SHAPE_MISMATCH),  # C == 0
-    (lambda d: d[:56] + bytes(32) + d[88:], Status.MALFORMED),  # no device id
+    (lambda d: d[:4] + b"\x02" + d[5:], Status.BAD_VERSION),  # a version-2 device
+    (lambda d: d[:60] + b"\x04" + d[61:], Status.MALFORMED),  # view index 4 of 4
+    (lambda d: d[:61] + b"\x11" + d[62:], Status.MALFORMED),  # 17 views
+    (lambda d: d[:52] + bytes(8) + d[60:], Status.MALFORMED),  # 4 views without an event id
+    (lambda d: d[:62] + b"\x01" + d[63:], Status.MALFORMED),  # reserved byte set
 ])
 def test_bad_requests_are_rejected_with_a_status(mutate: object, status: Status) -> None:
     data = codec.encode_request(_header(), _bits(33, 2, 3))
@@ -87,7 +99,7 @@ def test_oversized_rejected_before_decoding() -> None:
     with pytest.raises(ProtocolError) as error:
         codec.decode_request_header(data, max_bytes=1 << 20)
     assert error.value.status == Status.TOO_LARGE
-    assert (error.value.request_id, error.value.device_id) == (0x0102030405060708, "dev-1")
+    assert error.value.request_id == 0x0102030405060708
 
 
 def _expected_status(data: bytes) -> Status | None:
@@ -95,29 +107,34 @@ def _expected_status(data: bytes) -> Status | None:
     field, in the order the checks are documented; None for a request that decodes."""
     if len(data) < 4 or data[:4] != b"DDNQ":
         return Status.BAD_MAGIC
-    if len(data) < 88:
+    if len(data) < 64:
         return Status.MALFORMED
     version, packing, header_len = data[4], data[5], int.from_bytes(data[6:8], "little")
     split_layer = int.from_bytes(data[24:26], "little")
     channels, height, width = (int.from_bytes(data[i:i + 2], "little") for i in (26, 28, 30))
     words = int.from_bytes(data[48:52], "little")
-    device_id = data[56:88].rstrip(b"\0")
-    if version != 2:
+    event_id = int.from_bytes(data[52:60], "little")
+    view_index, view_count, reserved = data[60], data[61], data[62:64]
+    if version != 3:
         return Status.BAD_VERSION
-    if header_len != 88 or packing not in (1, 2, 3) or not topics.valid_device_id(device_id):
+    if header_len != 64 or packing not in (1, 2, 3):
+        return Status.MALFORMED
+    if view_count > 16 or view_index >= max(1, view_count) or (view_count > 1 and event_id == 0):
+        return Status.MALFORMED
+    if reserved != bytes(2):
         return Status.MALFORMED
     if packing == 3 and split_layer != 0:
         return Status.SHAPE_MISMATCH
     if 0 in (channels, height, width):
         return Status.SHAPE_MISMATCH
     elements = height * width * ((channels + 63) // 64 if packing == 1 else channels)
-    if words != elements or len(data) - 88 != elements * {1: 8, 2: 4, 3: 1}[packing]:
+    if words != elements or len(data) - 64 != elements * {1: 8, 2: 4, 3: 1}[packing]:
         return Status.MALFORMED
     if packing == 1 and channels % 64:
-        last_words = np.frombuffer(data[88:], "<u8").reshape(height * width, -1)[:, -1]
+        last_words = np.frombuffer(data[64:], "<u8").reshape(height * width, -1)[:, -1]
         if np.any(last_words >> np.uint64(channels % 64)):
             return Status.SHAPE_MISMATCH
-    if packing == 2 and not np.all(np.isfinite(np.frombuffer(data[88:], "<f4"))):
+    if packing == 2 and not np.all(np.isfinite(np.frombuffer(data[64:], "<f4"))):
         return Status.NON_FINITE
     return None
 
@@ -127,7 +144,7 @@ def test_mutated_requests_get_the_status_the_layout_says() -> None:
     the decoder's verdict equals the one derived from the documented layout."""
     rng = np.random.default_rng(7)
     valid = codec.encode_request(_header(), _bits(33, 2, 3))
-    raw = codec.encode_request(RequestHeader(HASH, 0, 1, 4, 4, 9, "dev-raw", 0, Packing.RAW_U8),
+    raw = codec.encode_request(RequestHeader(HASH, 0, 1, 4, 4, 9, 0, Packing.RAW_U8),
                                np.arange(16, dtype=np.uint8).reshape(4, 4, 1))
     seen: dict[Status | None, int] = {}
     for base in (valid, raw):
@@ -153,7 +170,7 @@ def test_mutated_requests_get_the_status_the_layout_says() -> None:
 
 def test_random_bytes_never_decode() -> None:
     rng = np.random.default_rng(8)
-    for length in [0, 1, 3, 4, 87, 88, 89, 200, 5000]:
+    for length in [0, 1, 3, 4, 63, 64, 65, 200, 5000]:
         for _ in range(20):
             data = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
             if length >= 4 and rng.random() < 0.5:
@@ -163,11 +180,15 @@ def test_random_bytes_never_decode() -> None:
             assert error.value.status == _expected_status(data)
 
 
+@pytest.mark.parametrize("views", [(1, 4, 4), (1, 1, 0), (1, 0, 17), (0, 0, 4), (7, 2, 1)])
+def test_encode_rejects_bad_view_fields(views: tuple[int, int, int]) -> None:
+    with pytest.raises(ValueError):
+        codec.encode_request(_header(views=views), _bits(33, 2, 3))
+
+
 def test_encode_rejects_wrong_payload_and_device_id() -> None:
     with pytest.raises(ValueError):
         codec.encode_request(_header(), _bits(33, 2, 2))
-    with pytest.raises(ValueError):
-        codec.encode_request(RequestHeader(HASH, 2, 33, 2, 3, 1, "x" * 33), _bits(33, 2, 3))
     with pytest.raises(ValueError):
         topics.check_device_id("a/b")
 
@@ -176,7 +197,7 @@ def test_reply_round_trip_and_layout() -> None:
     reply = Reply(42, Status.OK, 7, ((7, 0.75), (2, 0.125)), server_us=1500, queue_us=300)
     data = codec.encode_reply(reply)
     assert data[:4] == b"DDNR" and len(data) == 40 + 2 * 8
-    assert struct.unpack_from("<BBHQiIIIIBBH", data, 4) == (2, 0, 2, 42, 7, 1500, 300, 0, 0, 0, 0, 0)
+    assert struct.unpack_from("<BBHQiIIIIBBH", data, 4) == (3, 0, 2, 42, 7, 1500, 300, 0, 0, 0, 0, 0)
     assert codec.decode_reply(data) == reply
     error = Reply(9, Status.UNKNOWN_MODEL, message="unknown model hash ab")
     assert codec.decode_reply(codec.encode_reply(error)) == error
@@ -206,3 +227,12 @@ def test_topics_and_thresholds() -> None:
     assert codec.decode_threshold(b"-1") is None
     with pytest.raises(ValueError):
         codec.encode_threshold(float("inf"))
+
+
+def test_version_2_request_gets_bad_version_with_its_request_id() -> None:
+    """An 88-byte v2 request (device id in the header) from a device not yet upgraded: BAD_VERSION, and the
+    reply still carries its request id, which sits at offset 32 in both versions."""
+    v2 = struct.pack("<4sBBH16sHHHHQQII32s", b"DDNQ", 2, 1, 88, HASH, 2, 33, 2, 3, 77, 0, 6, 0, b"cam1")
+    with pytest.raises(ProtocolError) as error:
+        codec.decode_request(v2 + _bits(33, 2, 3).tobytes())
+    assert (error.value.status, error.value.request_id) == (Status.BAD_VERSION, 77)

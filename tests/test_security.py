@@ -52,8 +52,8 @@ def server(secure: Broker, fmnist_model_path: Path) -> Iterator[ServerProcess]:
         yield process
 
 
-def _good_request(fmnist_expected: Expected, device_id: str, request_id: int, index: int = 0) -> bytes:
-    header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, request_id, device_id)
+def _good_request(fmnist_expected: Expected, request_id: int, index: int = 0) -> bytes:
+    header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, request_id)
     return codec.encode_request(header, fmnist_expected.device.split_words[index])
 
 
@@ -194,7 +194,7 @@ def test_device_a_cannot_read_impersonate_or_steer_device_b(secure: Broker, serv
                       topics.threshold_topic(model_hash, "devB"), "ddnn/status/#", "ddnn/server/+/status"):
             assert attacker.subscribe(topic) == NOT_AUTHORIZED, topic
         # Publishing as B, writing B's status, setting any threshold (B's, the model's, even its own).
-        for topic, payload in ((topics.request_topic(model_hash, "devB"), _good_request(fmnist_expected, "devB", 77)),
+        for topic, payload in ((topics.request_topic(model_hash, "devB"), _good_request(fmnist_expected, 77)),
                                (topics.reply_topic("devB"), codec.encode_reply(codec.Reply(78, Status.OK, 3))),
                                (topics.status_topic("devB"), b"offline"),
                                (topics.threshold_topic(model_hash), b"1"),
@@ -202,16 +202,16 @@ def test_device_a_cannot_read_impersonate_or_steer_device_b(secure: Broker, serv
                                (topics.threshold_topic(model_hash, "devA"), b"1"),
                                (topics.server_status_topic("srv"), b"offline")):
             assert attacker.publish(topic, payload, retain=True) == NOT_AUTHORIZED, topic
-        # Making the server answer B: the header's id is not the topic's (MALFORMED to A), and a Response
-        # Topic naming B's reply topic is ignored (the reply comes to A).
-        assert attacker.publish(topics.request_topic(model_hash, "devA"), _good_request(fmnist_expected, "devB", 79)) \
+        # Making the server answer B: no header field names a device (protocol v3), so a request on A's topic
+        # is A's and answered to A; and a Response Topic naming B's reply topic is ignored (the reply comes to A).
+        assert attacker.publish(topics.request_topic(model_hash, "devA"), _good_request(fmnist_expected, 79)) \
             != NOT_AUTHORIZED
         reply = attacker.next_reply(20.0)
-        assert reply is not None and reply.status == Status.MALFORMED and reply.request_id == 79
+        assert reply is not None and reply.status == Status.OK and reply.request_id == 79
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = topics.reply_topic("devB")
         props.CorrelationData = b"steer"
-        attacker.publish(topics.request_topic(model_hash, "devA"), _good_request(fmnist_expected, "devA", 80, 1),
+        attacker.publish(topics.request_topic(model_hash, "devA"), _good_request(fmnist_expected, 80, 1),
                          properties=props)
         reply = attacker.next_reply(20.0)
         assert reply is not None and reply.status == Status.OK and reply.request_id == 80
@@ -287,7 +287,7 @@ def test_monitor_reads_everything_and_writes_nothing(secure: Broker, server: Ser
         device = RawClient(secure.connection("devA"), "devA")
         try:
             device.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "devA"),
-                           _good_request(fmnist_expected, "devA", 5))
+                           _good_request(fmnist_expected, 5))
             assert device.next_reply(20.0) is not None
         finally:
             device.close()
@@ -305,7 +305,7 @@ def test_client_certificates_identify_devices(fmnist_expected: Expected, fmnist_
         try:
             assert client.subscribe(topics.reply_topic("someone-else")) == NOT_AUTHORIZED
             client.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "certdev"),
-                           _good_request(fmnist_expected, "certdev", 9, 2))
+                           _good_request(fmnist_expected, 9, 2))
             reply = client.next_reply(20.0)
             assert reply is not None and reply.status == Status.OK
             assert reply.class_id == int(fmnist_expected.server_class[2])
@@ -330,7 +330,7 @@ def _flood(plain: Broker, fmnist_expected: Expected, qos: int, count: int) -> li
     try:
         for i in range(count):
             client._client.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "flooder"),
-                                   _good_request(fmnist_expected, "flooder", 1000 + i, i % N_SAMPLES), qos=qos)
+                                   _good_request(fmnist_expected, 1000 + i, i % N_SAMPLES), qos=qos)
         replies = []
         while len(replies) < count:
             reply = client.next_reply(20.0)
@@ -426,8 +426,7 @@ def test_simulated_device_forgets_answered_requests(plain: Broker, fmnist_expect
             for i in range(3000):
                 request_id = device.next_request_id()
                 issued.append(request_id)
-                header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, request_id,
-                                      "forgetful")
+                header = split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, request_id)
                 reply, _ = device.request(header, fmnist_expected.device.split_words[i % N_SAMPLES])
                 assert reply is not None and reply.status == Status.OK
             assert device.outstanding == 0 and len(device._custom_ids) == 0

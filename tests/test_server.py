@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import Expected, RawClient, ServerProcess, expectations
+from net_harness import Expected, RawClient, ServerProcess, expectations, wait_for
 
 from ddnn_gen.device.simulated import run_devices, split_header
 from ddnn_gen.wire import codec, topics
@@ -78,9 +79,9 @@ def test_threshold_decides_local_or_server(broker: Broker, expected: Expected, f
 
 def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Status]]:
     program, model_hash = expected.program, expected.loaded.hash_bytes
-    good = codec.encode_request(split_header(program, model_hash, 1, device_id), expected.device.split_words[0])
+    good = codec.encode_request(split_header(program, model_hash, 1), expected.device.split_words[0])
     height, width, channels = program.split_hwc
-    wrong_shape = RequestHeader(model_hash, len(program.layers), channels + 64, height, width, 1, device_id)
+    wrong_shape = RequestHeader(model_hash, len(program.layers), channels + 64, height, width, 1)
     rng = np.random.default_rng(0)
     nan_values = np.full((height, width, channels), np.nan, dtype=np.float32)
     return [
@@ -91,18 +92,19 @@ def _malformed(expected: Expected, device_id: str) -> list[tuple[str, bytes, Sta
          Status.SHAPE_MISMATCH),
         ("wrong split layer", good[:24] + b"\x07\x00" + good[26:], Status.SHAPE_MISMATCH),
         ("non-finite", codec.encode_request(RequestHeader(model_hash, len(program.layers), channels, height,
-                                                             width, 1, device_id, 0, Packing.FLOAT32), nan_values),
+                                                             width, 1, 0, Packing.FLOAT32), nan_values),
          Status.NON_FINITE),
         ("random bytes", rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), Status.BAD_MAGIC),
         ("empty", b"", Status.BAD_MAGIC),
         ("bad version (a version-1 peer)", good[:4] + b"\x01" + good[5:], Status.BAD_VERSION),
-        ("another device's id in the header", _with_header_device_id(good, b"someone-else"), Status.MALFORMED),
+        ("bad version (a version-2 peer)", good[:4] + b"\x02" + good[5:], Status.BAD_VERSION),
+        ("view index out of range", _with_views(good, 1, 4, 4), Status.MALFORMED),
     ]
 
 
-def _with_header_device_id(request: bytes, raw_id: bytes) -> bytes:
-    field = raw_id[:topics.DEVICE_ID_BYTES].ljust(topics.DEVICE_ID_BYTES, b"\0")
-    return request[:56] + field + request[88:]
+def _with_views(request: bytes, event_id: int, view_index: int, view_count: int, reserved: int = 0) -> bytes:
+    """``request`` with its header's event/view tail (offsets 52..63) replaced, valid or not."""
+    return request[:52] + struct.pack("<QBBH", event_id, view_index, view_count, reserved) + request[64:]
 
 
 def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broker, expected: Expected,
@@ -190,7 +192,13 @@ def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object) -> N
     port = free_port()
     server = ServerProcess(f"127.0.0.1:{port}", fmnist_model_path, workers=1)
     late = Broker(port=port)
-    starter = threading.Timer(4.0, late.start)
+
+    def start_broker_once_the_server_waits() -> None:
+        # Not a fixed delay: a loaded machine can take longer than any delay to import the server.
+        wait_for(lambda: "waiting for the broker" in server.output, timeout_s=60)
+        late.start()
+
+    starter = threading.Thread(target=start_broker_once_the_server_waits)
     starter.start()
     try:
         server.start(timeout_s=60.0)  # waits for the ready line, printed only once subscribed
@@ -201,11 +209,12 @@ def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object) -> N
         late.cleanup()
 
 
-# Device ids that break the rule. In the header (on a valid topic) they earn a MALFORMED reply to the
-# topic's device; as the topic's last level the server has no one to answer and drops them (logged,
-# acked). Each once caused a reconnect loop or a reply on another device's topic.
-POISON_IDS = [b"\x00abc", b"a\x01b", b"del\x7f", "x\u009f".encode(), "x\ufffe".encode(), b"\xff\xfe\xfd",
-              b"a/b", b"cam+", b"#", b"", b"-flag", b"a b", "\u00e9t\u00e9".encode(), b"x" * 32 + b"y"]
+# Hostile event/view tails of a header (on a valid topic; since protocol v3 the header names no device): each
+# earns a MALFORMED reply to the topic's device. Device ids that break the rule as the topic's last level leave
+# the server no one to answer: it drops them (logged, acked). Each once caused a reconnect loop or a reply on
+# another device's topic.
+POISON_VIEWS = [(1, 4, 4, 0), (1, 255, 255, 0), (0, 0, 2, 0), (1, 0, 17, 0), (1, 1, 0, 0), (1, 0, 0, 1),
+                (1, 0, 0, 0xFFFF)]
 # Topic levels the broker routes to the server but the device-id rule rejects.
 POISON_TOPIC_IDS = ["-flag", "a b", "\u00e9t\u00e9", "x" * 33, "cam\u00a0", "_lead"]
 
@@ -215,13 +224,12 @@ def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
     model_hash = expected.loaded.hash_bytes
     server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test").start()
     bad = RawClient(broker.connection(), "bad-sender")
-    good = codec.encode_request(split_header(expected.program, model_hash, 5, bad.device_id),
-                                   expected.device.split_words[0])
+    good = codec.encode_request(split_header(expected.program, model_hash, 5), expected.device.split_words[0])
     try:
-        for raw_id in POISON_IDS:
-            bad.publish(topics.request_topic(model_hash, bad.device_id), _with_header_device_id(good, raw_id))
+        for views in POISON_VIEWS:
+            bad.publish(topics.request_topic(model_hash, bad.device_id), _with_views(good, *views))
             reply = bad.next_reply(10.0)
-            assert reply is not None and reply.status == Status.MALFORMED, (raw_id, reply)
+            assert reply is not None and reply.status == Status.MALFORMED, (views, reply)
             assert reply.request_id == 5
         for topic_id in POISON_TOPIC_IDS:
             bad.publish(f"ddnn/req/{topics.model_key(model_hash)}/{topic_id}", good)

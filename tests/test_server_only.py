@@ -30,7 +30,7 @@ HASH = bytes(range(16))
 
 def _raw_header(channels: int = 1, height: int = 28, width: int = 28, split_layer: int = 0,
                 request_id: int = 7) -> RequestHeader:
-    return RequestHeader(HASH, split_layer, channels, height, width, request_id, "dev-raw", 0, Packing.RAW_U8)
+    return RequestHeader(HASH, split_layer, channels, height, width, request_id, 0, Packing.RAW_U8)
 
 
 def test_raw_request_round_trip_and_layout() -> None:
@@ -104,17 +104,17 @@ def test_raw_requests_with_the_wrong_shape_get_error_replies(broker: Broker, ser
     device = SimDevice("raw-sim", broker.connection(), loaded.hash_bytes, timeout_s=10).start()
     try:
         image = fmnist_test.images[0].transpose(1, 2, 0)  # type: ignore[attr-defined]
-        good = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, device.next_request_id(), "raw-sim", 0, Packing.RAW_U8)
+        good = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, device.next_request_id(), 0, Packing.RAW_U8)
         reply, _ = device.request(good, image)
         _, final_logits = predict(loaded.model, image.transpose(2, 0, 1)[None])
         assert reply is not None and reply.status == Status.OK and reply.class_id == int(final_logits.argmax())
-        wrong = RequestHeader(loaded.hash_bytes, 0, 1, 27, 28, device.next_request_id(), "raw-sim", 0,
+        wrong = RequestHeader(loaded.hash_bytes, 0, 1, 27, 28, device.next_request_id(), 0,
                               Packing.RAW_U8)
         reply, _ = device.request(wrong, image[:27])
         assert reply is not None and reply.status == Status.SHAPE_MISMATCH and "raw input" in reply.message
         # split layer 0 with bit packing is a split the model does not have
         program_words = np.zeros((28, 28, 1), dtype=np.uint64)
-        bits = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, device.next_request_id(), "raw-sim", 0,
+        bits = RequestHeader(loaded.hash_bytes, 0, 1, 28, 28, device.next_request_id(), 0,
                              Packing.BITS_U64)
         reply, _ = device.request(bits, program_words)
         assert reply is not None and reply.status == Status.SHAPE_MISMATCH

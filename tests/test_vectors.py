@@ -65,10 +65,14 @@ def test_device_id_rule(vector: dict[str, Any], runtime: CRuntime) -> None:
     assert runtime.device_id_valid(raw) is vector["valid"]
 
 
+def _views(vector: dict[str, Any]) -> tuple[int, int, int]:
+    return vector["event_id"], vector["view_index"], vector["view_count"]
+
+
 def _header(vector: dict[str, Any]) -> RequestHeader:
     return RequestHeader(bytes.fromhex(vector["model_hash"]), vector["split_layer"], vector["channels"],
-                         vector["height"], vector["width"], vector["request_id"], vector["device_id"],
-                         vector["device_time_us"], Packing[vector["packing"].upper()])
+                         vector["height"], vector["width"], vector["request_id"], vector["device_time_us"],
+                         Packing[vector["packing"].upper()], *_views(vector))
 
 
 @pytest.mark.parametrize("vector", VECTORS["requests"], ids=_ids("requests", "name"))
@@ -77,10 +81,9 @@ def test_request_bytes(vector: dict[str, Any], runtime: CRuntime) -> None:
     raw = header.packing == Packing.RAW_U8
     payload = np.array(vector["payload"], dtype=np.uint8 if raw else np.uint64)
     python = codec.encode_request(header, payload)
-    args = (header.model_hash, header.channels, header.height, header.width, header.request_id, header.device_time_us,
-            header.device_id.encode())
-    c = (runtime.request_encode_raw(*args, payload) if raw
-         else runtime.request_encode(header.model_hash, header.split_layer, *args[1:], payload))
+    args = (header.model_hash, header.channels, header.height, header.width, header.request_id, header.device_time_us)
+    c = (runtime.request_encode_raw(*args, payload, _views(vector)) if raw
+         else runtime.request_encode(header.model_hash, header.split_layer, *args[1:], payload, _views(vector)))
     assert python.hex() == vector["hex"]
     assert c is not None and c.hex() == vector["hex"]
     decoded = codec.decode_request(c)
@@ -91,12 +94,11 @@ def test_request_bytes(vector: dict[str, Any], runtime: CRuntime) -> None:
 @pytest.mark.parametrize("vector", VECTORS["requests_refused"], ids=_ids("requests_refused", "name"))
 def test_requests_refused_by_both(vector: dict[str, Any], runtime: CRuntime) -> None:
     words = np.zeros(1, dtype=np.uint64)
-    header = RequestHeader(bytes(16), 1, 64, 1, 1, 1, vector["device_id"])
+    header = RequestHeader(bytes(16), 1, 64, 1, 1, 1, 0, Packing.BITS_U64, *_views(vector))
     with pytest.raises(ValueError):
         codec.encode_request(header, words)
-    assert runtime.request_encode(bytes(16), 1, 64, 1, 1, 1, 0, vector["device_id"].encode(), words) is None
-    assert runtime.request_encode_raw(bytes(16), 1, 1, 1, 1, 0, vector["device_id"].encode(),
-                                      np.zeros(1, np.uint8)) is None
+    assert runtime.request_encode(bytes(16), 1, 64, 1, 1, 1, 0, words, _views(vector)) is None
+    assert runtime.request_encode_raw(bytes(16), 1, 1, 1, 1, 0, np.zeros(1, np.uint8), _views(vector)) is None
 
 
 @pytest.mark.parametrize("vector", VECTORS["replies"], ids=_ids("replies", "name"))

@@ -90,14 +90,16 @@ class PlanBench:
             lines.append(f"{'bytes/sample ' + hop:<28} {value:10.1f} {measured:10.1f} "
                          f"{self.ratio(measured, value):6.2f}")
         lines.append(f"{'overall accuracy':<28} {100 * self.expected_accuracy:9.2f}% {100 * self.accuracy:9.2f}%")
-        shares = ", ".join(f"{name} {100 * share:.1f}% (eval {100 * self.expected_answered_by[name]:.1f}%)"
-                           for name, share in self.answered_by.items())
+        # A tier's name is the model's; where the plan put it may differ (both upper tiers on one edge).
+        shares = ", ".join(f"{name}{'' if name == where else f' (run at the {where})'} {100 * share:.1f}% "
+                           f"(eval {100 * self.expected_answered_by[name]:.1f}%)"
+                           for (name, share), where in zip(self.answered_by.items(), self.locations))
         lines.append(f"answered by: {shares}; same exit as eval for {100 * self.same_exit_share:.1f}% of samples")
         t = self.times
-        lines.append(f"mean per sample (us): T_Device {t.t_device_us:.1f}  T_Total {t.t_total_us:.1f}; reaching it: "
-                     f"T_first-server {t.t_first_server_us:.1f}  T_upstream-server {t.t_upstream_server_us:.1f}; "
-                     f"crossing it: T_Comm(first hop) {t.t_comm_first_us:.1f}  T_Comm(edge-cloud) "
-                     f"{t.t_comm_upstream_us:.1f}")
+        lines.append(f"mean per sample (us): T_Device {_us(t.t_device_us)}  T_Total {_us(t.t_total_us)}; reaching it: "
+                     f"T_first-server {_us(t.t_first_server_us)}  T_upstream-server {_us(t.t_upstream_server_us)}; "
+                     f"crossing it: T_Comm(first hop) {_us(t.t_comm_first_us)}  T_Comm(edge-cloud) "
+                     f"{_us(t.t_comm_upstream_us)}")
         lines.append("device outcomes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.rates.items()))
         verdict = "within" if self.within_tolerance() else "NOT within"
         lines.append(f"mean latency and bytes per hop are {verdict} {100 * PREDICTION_TOLERANCE:.0f}% of the "
@@ -205,3 +207,8 @@ def run_plan(model_path: str | Path, plan_path: str | Path, count: int = 1000, d
         rates={name: float((sources == name).mean()) for name in ("local", "server", "fallback", "error")},
         times=times,
     )
+
+
+def _us(value: float) -> str:
+    """A mean over no samples (a hop no sample crossed) reads as '-' rather than nan."""
+    return "-" if math.isnan(value) else f"{value:.1f}"

@@ -491,7 +491,7 @@ def offered_load_step(devices: list[SimDevice], served: list[tuple[bytes, ModelD
         model_hash, data = served[i % len(served)]
         device = devices[i % len(devices)]
         request_id = device.next_request_id()
-        header = split_header(data.program, model_hash, request_id, device.device_id)
+        header = split_header(data.program, model_hash, request_id)
         split = data.split_words[i % len(data.split_words)]
         waiter = device.send(codec.encode_request(header, split), request_id,
                              topics.request_topic(model_hash, device.device_id))

@@ -60,7 +60,7 @@ RESERVED_PREFIXES = ("ddnn",)
 MAX_KSIZE = 11  # DDNN_MAX_KSIZE in c_runtime/ddnn_types.h
 # DDNN_REQUEST_HEADER_BYTES in c_runtime/ddnn_protocol.h (wire.codec.REQUEST_HEADER_BYTES; codegen sits below
 # wire, so the number is repeated here and a test holds the three equal).
-REQUEST_HEADER_BYTES = 88
+REQUEST_HEADER_BYTES = 64
 # Integer sums must stay exact in int32 (C) and in the float32 GEMM of the NumPy reference.
 MAX_EXACT_SUM = 2 ** 24
 WORDS_PER_LINE = 4

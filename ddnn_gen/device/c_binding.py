@@ -83,7 +83,9 @@ typedef struct {
     uint16_t channels, height, width;
     uint64_t request_id;
     uint64_t device_time_us;
-    const char *device_id;
+    uint64_t event_id;
+    uint8_t view_index;
+    uint8_t view_count;
 } ddnn_request_header;
 typedef struct {
     uint64_t request_id;
@@ -97,6 +99,7 @@ typedef struct {
     char message[256];
     ...;
 } ddnn_reply;
+size_t ddnn_request_size(size_t n_words);
 size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
                            size_t out_len);
 size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t *pixels, size_t n_bytes,
@@ -342,32 +345,33 @@ class CRuntime:
         return bool(self.lib.ddnn_device_id_valid(self.ffi.new("char[]", device_id)))
 
     def _header(self, model_hash: bytes, split_layer: int, channels: int, height: int, width: int, request_id: int,
-                device_time_us: int, device_id: bytes) -> tuple[Any, Any]:
+                device_time_us: int, views: tuple[int, int, int]) -> Any:
         header = self.ffi.new("ddnn_request_header *")
         header.model_hash = model_hash[:16]
         header.split_layer, header.channels, header.height, header.width = split_layer, channels, height, width
         header.request_id, header.device_time_us = request_id, device_time_us
-        device = self.ffi.new("char[]", device_id)
-        header.device_id = device
-        return header, device
+        header.event_id, header.view_index, header.view_count = views
+        return header
 
     def request_encode(self, model_hash: bytes, split_layer: int, channels: int, height: int, width: int,
-                       request_id: int, device_time_us: int, device_id: bytes, words: np.ndarray) -> bytes | None:
-        """``ddnn_request_encode``: the request bytes, or None when C refuses (0 bytes written)."""
-        header, _device = self._header(model_hash, split_layer, channels, height, width, request_id, device_time_us,
-                                       device_id)
+                       request_id: int, device_time_us: int, words: np.ndarray,
+                       views: tuple[int, int, int] = (0, 0, 0)) -> bytes | None:
+        """``ddnn_request_encode``: the request bytes, or None when C refuses (0 bytes written); ``views`` is
+        (event id, view index, view count)."""
+        header = self._header(model_hash, split_layer, channels, height, width, request_id, device_time_us, views)
         words = np.ascontiguousarray(words, dtype=np.uint64).ravel()
-        out = self.ffi.new("uint8_t[]", 88 + 8 * len(words))
+        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_size(len(words))))
         size = self.lib.ddnn_request_encode(header, self.ffi.from_buffer("uint64_t[]", words), len(words), out,
                                             len(out))
         return bytes(self.ffi.buffer(out, size)) if size else None
 
     def request_encode_raw(self, model_hash: bytes, channels: int, height: int, width: int, request_id: int,
-                           device_time_us: int, device_id: bytes, pixels: np.ndarray) -> bytes | None:
+                           device_time_us: int, pixels: np.ndarray,
+                           views: tuple[int, int, int] = (0, 0, 0)) -> bytes | None:
         """``ddnn_request_encode_raw`` (server-only request): the bytes, or None when C refuses."""
-        header, _device = self._header(model_hash, 0, channels, height, width, request_id, device_time_us, device_id)
+        header = self._header(model_hash, 0, channels, height, width, request_id, device_time_us, views)
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8).ravel()
-        out = self.ffi.new("uint8_t[]", 88 + len(pixels))
+        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_size(0)) + len(pixels))
         size = self.lib.ddnn_request_encode_raw(header, self.ffi.from_buffer("uint8_t[]", pixels), len(pixels), out,
                                                 len(out))
         return bytes(self.ffi.buffer(out, size)) if size else None

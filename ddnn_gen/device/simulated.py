@@ -17,7 +17,6 @@ from typing import Any, Union
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen.device.c_binding import LocalAnswer
 from ddnn_gen.errors import DdnnError
@@ -40,6 +39,8 @@ class _Pending:
     reply: Reply | None = None
     sent: float = 0.0
     received: float = 0.0
+    payload: bytes = b""  # kept for sending again after a fail-over (resend_pending)
+    topic: str = ""
 
 
 @dataclass
@@ -55,6 +56,7 @@ class SampleOutcome:
     t_round_trip_us: int = 0
     t_server_us: int = 0
     t_device_us: int = 0  # the device part's time for this sample
+    answered_by: int = -1  # the reply's answering tier (0: an aggregator's aggregated local exit); -1: no reply
 
 
 class SimDevice:
@@ -68,14 +70,40 @@ class SimDevice:
     Bookkeeping is bounded: a request is forgotten once answered or timed out; replies that come later are
     told apart from misrouted ones by the request-id range this device issued (plus the last
     ``RECENT_CUSTOM_IDS`` ids passed to :meth:`send` from outside that range).
+
+    ``connection`` may be a list of brokers (the nodes of a cluster, same credentials and TLS settings): a lost
+    connection is retried on the next one. ``protocol`` 4 is MQTT 3.1.1 (RabbitMQ's MQTT plugin), which the
+    protocol needs nothing beyond (no MQTT 5 property is used). With ``resend_pending`` (the default with
+    more than one broker) the requests still waiting for a reply are published again, same request id, once
+    the reply topic is subscribed on the new connection: a reply routed to the old node's subscription is
+    gone with it. The server may then answer twice; the second reply is dropped by request id (counted in
+    ``duplicates``).
+
+    ``subscribe_qos`` 0 is for RabbitMQ clusters: its MQTT plugin (3.10) keeps a clean session's QoS 1
+    subscriptions in a *durable* queue homed on the node the device is connected to, which cannot be declared
+    again on another node while that node is down, so the device could subscribe nowhere after a fail-over.
+    A QoS 0 subscription's queue is transient and goes with its node; a reply lost with it is covered by
+    ``resend_pending``. Requests stay QoS 1 either way.
     """
 
     RECENT_CUSTOM_IDS = 4096
 
-    def __init__(self, device_id: str, connection: BrokerConnection, model_hash: bytes, timeout_s: float = 2.0,
-                 default_threshold: float = 0.5) -> None:
+    def __init__(self, device_id: str, connection: BrokerConnection | Sequence[BrokerConnection], model_hash: bytes,
+                 timeout_s: float = 2.0, default_threshold: float = 0.5, protocol: int = mqtt.MQTTv5,
+                 resend_pending: bool | None = None, subscribe_qos: int = 1) -> None:
         self.device_id = topics.check_device_id(device_id)
-        self.connection = connection
+        self.connections = [connection] if isinstance(connection, BrokerConnection) else list(connection)
+        if not self.connections:
+            raise BrokerError(f"device {device_id}: no broker to connect to")
+        self.connection = self.connections[0]
+        self.protocol = protocol
+        self.resend_pending = len(self.connections) > 1 if resend_pending is None else resend_pending
+        self._broker_index = 0
+        self._connections_made = 0
+        self._stopping = False
+        self.failovers = 0
+        self.subscribe_qos = subscribe_qos
+        self.resent = 0
         self.model_hash = model_hash
         self.timeout_s = timeout_s
         self.reply_topic = topics.reply_topic(device_id)
@@ -96,11 +124,12 @@ class SimDevice:
         self.problem: str | None = None  # why the broker refused this device, if it did
         self._connected = threading.Event()
         self._settled = threading.Event()  # first SUBACK, or a refusal
-        self._client = mqtt_client.Client(device_id, connection)
+        self._client = mqtt_client.Client(device_id, self.connection, protocol=protocol)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(MAX_QUEUED_REQUESTS)
         self._client.reconnect_delay_set(0.05, 1.0)
@@ -109,7 +138,7 @@ class SimDevice:
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def start(self, timeout_s: float = 10.0) -> SimDevice:
-        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15, clean_start=True)
+        self._connect_async()
         self._client.loop_start()
         deadline = time.monotonic() + timeout_s
         while not self._settled.wait(0.1) and time.monotonic() < deadline:
@@ -126,11 +155,25 @@ class SimDevice:
                               f"{timeout_s:.0f} s" + (f" ({why})" if why else ""))
         return self
 
+    def _connect_async(self) -> None:
+        # Clean start (MQTT 3.1.1: clean session, paho's default there): a reply for an earlier connection is stale.
+        clean = {"clean_start": True} if self.protocol == mqtt.MQTTv5 else {}
+        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15, **clean)
+
     def stop(self) -> None:
+        self._stopping = True
         if not self.taken_over:
             self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
         self._client.loop_stop()
+
+    def kill(self) -> None:
+        """Die as a crashed device does: the network loop stops and the connection drops without an MQTT
+        DISCONNECT, so the broker publishes the device's will (offline) on its own."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
 
     @property
     def connected(self) -> bool:
@@ -163,7 +206,8 @@ class SimDevice:
     def send(self, payload: bytes, request_id: int, topic: str | None = None) -> _Pending:
         """Publish raw request bytes (also malformed ones) carrying ``request_id``; the reply is matched by the
         request id it echoes, as the C device does."""
-        pending = _Pending(sent=time.monotonic())
+        pending = _Pending(sent=time.monotonic(), payload=payload if self.resend_pending else b"",
+                           topic=topic or self.request_topic)
         with self._lock:
             self._pending[request_id] = pending
             if not self._first_id <= request_id < self._next_id:
@@ -202,9 +246,11 @@ class SimDevice:
             self._settled.set()
             return
         mqtt_client.tcp_no_delay(client)
-        client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
-                          (self._model_threshold_topic, SubscribeOptions(qos=1)),
-                          (self._device_threshold_topic, SubscribeOptions(qos=1))])
+        self._connections_made += 1
+        # Plain QoS numbers: the same SUBSCRIBE for MQTT 5 and 3.1.1.
+        qos = self.subscribe_qos
+        client.subscribe([(self.reply_topic, qos), (self._model_threshold_topic, qos),
+                          (self._device_threshold_topic, qos)])
         client.publish(topics.status_topic(self.device_id), b"online", qos=1, retain=True)
         self._connected.set()
 
@@ -220,6 +266,19 @@ class SimDevice:
             log.warning("device %s: the broker refused %s; thresholds from there will not arrive", self.device_id,
                         refused)
         self._settled.set()
+        if self.resend_pending and self._connections_made > 1 and self.problem is None:
+            self._resend()
+
+    def _resend(self) -> None:
+        """After a reconnection: publish again what still waits for its reply (same bytes, same request id)."""
+        with self._lock:
+            waiting = [p for p in self._pending.values() if p.reply is None and not p.event.is_set() and p.payload]
+        for pending in waiting:
+            self._client.publish(pending.topic, pending.payload, qos=1)
+        if waiting:
+            self.resent += len(waiting)
+            log.info("device %s: sent %d unanswered requests again on %s", self.device_id, len(waiting),
+                     self.connection.url)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -233,6 +292,21 @@ class SimDevice:
                 waiting = list(self._pending.values())
             for pending in waiting:
                 pending.event.set()
+            return
+        self._fail_over(client)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._fail_over(client)
+
+    def _fail_over(self, client: mqtt.Client) -> None:
+        """With several brokers, the next one: paho's loop reconnects to the address connect_async sets."""
+        if len(self.connections) < 2 or self._stopping:
+            return
+        self._broker_index = (self._broker_index + 1) % len(self.connections)
+        self.connection = self.connections[self._broker_index]
+        self.failovers += 1
+        log.warning("device %s: lost the broker; trying %s", self.device_id, self.connection.url)
+        self._connect_async()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
@@ -279,6 +353,8 @@ class SimReport:
     duplicates: int
     misrouted: int
     wall_s: float
+    failovers: int = 0  # connections moved to the next broker of a device's list
+    resent: int = 0  # requests published again after a fail-over (resend_pending)
 
     def count(self, source: str) -> int:
         return sum(1 for outcome in self.outcomes if outcome.source == source)
@@ -288,10 +364,12 @@ class SimReport:
         return self.count("fallback")
 
 
-def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, device_id: str) -> RequestHeader:
+def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, event_id: int = 0, view_index: int = 0,
+                 view_count: int = 0) -> RequestHeader:
+    """The request header of one split (the device's identity is its topic's, not the header's)."""
     height, width, channels = program.split_hwc
-    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id, device_id,
-                         time.monotonic_ns() // 1000, Packing.BITS_U64)
+    return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id,
+                         time.monotonic_ns() // 1000, Packing.BITS_U64, event_id, view_index, view_count)
 
 
 #: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the
@@ -309,7 +387,7 @@ def precomputed(split_words: np.ndarray, entropy: np.ndarray, local_class: np.nd
     return part
 
 
-Brokers = Union[BrokerConnection, Callable[[str], BrokerConnection]]
+Brokers = Union[BrokerConnection, Callable[[str], Union[BrokerConnection, Sequence[BrokerConnection]]]]
 
 
 def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
@@ -323,27 +401,20 @@ def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, 
 def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
              n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
              all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
-             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
+             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None,
+             protocol: int = mqtt.MQTTv5, subscribe_qos: int = 1) -> SimReport:
     """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
     ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
     as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
-    ``connection`` is the broker, or a function giving each device id its own credentials."""
+    ``connection`` is the broker, or a function giving each device id its own credentials (or its list of
+    brokers to fail over between); ``protocol`` and ``subscribe_qos`` as for SimDevice."""
     if program.spec.big_little:
         # These devices send the split; a Big-Little device sends its raw image and routes on priority classes.
         raise DdnnError(f"{program.spec.name} is a Big-Little model: simulated devices do not implement its "
                         "routing; run the generated C device program (ddnn_device_net)")
-    devices: list[SimDevice] = []
-    try:
-        for d in range(n_devices):
-            device_id = f"{device_prefix}{d}"
-            broker = connection(device_id) if callable(connection) else connection
-            devices.append(SimDevice(device_id, broker, model_hash, timeout_s,
-                                     default_threshold=program.threshold).start())
-    except BrokerError:
-        for device in devices:
-            device.stop()
-        raise
+    devices = _start_devices(connection, [f"{device_prefix}{d}" for d in range(n_devices)], model_hash, timeout_s,
+                             [program.threshold] * n_devices, protocol=protocol, subscribe_qos=subscribe_qos)
     outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
 
     def record(d: int, outcome: SampleOutcome) -> None:
@@ -381,7 +452,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
                                         threshold, t_device_us=device_us))
                 continue
             request_id = device.next_request_id()
-            header = split_header(program, model_hash, request_id, device.device_id)
+            header = split_header(program, model_hash, request_id)
             pending = device.send(codec.encode_request(header, answer.split_words), request_id)
             in_flight.append((index, request_id, pending, answer.local_class, device_us))
             if len(in_flight) >= window:
@@ -390,18 +461,96 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             finish(*item)
 
     started = time.monotonic()
-    threads = [threading.Thread(target=drive, args=(d,), daemon=True) for d in range(n_devices)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        # Late duplicates would arrive within a moment of the last reply.
-        time.sleep(0.2)
+        _run_threads(drive, n_devices)
     finally:
         for device in devices:
             device.stop()
     wall = time.monotonic() - started
     return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
-                     sum(dev.misrouted for dev in devices), wall)
+                     sum(dev.misrouted for dev in devices), wall, sum(dev.failovers for dev in devices),
+                     sum(dev.resent for dev in devices))
 
+
+# ---- several cameras, one scene (multi-view models, docs/views.md) ------------------------------------------
+
+def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model_hash: bytes,
+                   device_parts: Sequence[DevicePart], n_events: int, timeout_s: float = 5.0,
+                   device_prefix: str = "cam", first_event_id: int = 1,
+                   dies_after: dict[int, int] | None = None) -> SimReport:
+    """K cameras (one per view, ``programs[k]`` and ``device_parts[k]`` being view k's) looking at the same
+    ``n_events`` scenes: for scene e each sends its view's split tagged with event id ``first_event_id + e``,
+    its view index and K, waits for the reply (the event's answer, whoever of the K it went to) and moves on,
+    as cameras capturing together would. No camera answers locally: the decision is the aggregator's, on
+    every view's exit together. ``dies_after`` {view: n} makes camera ``view`` die (:meth:`SimDevice.kill`:
+    it drops its connection and sends nothing more) after its first n events, as a device that crashes
+    mid-run. Outcomes: one per camera and event sent (``index`` = the event's scene index, ``source`` server /
+    error / fallback)."""
+    count = len(programs)
+    if len(device_parts) != count or not 1 < count <= codec.MAX_VIEWS:
+        raise ValueError(f"{len(device_parts)} device parts for {count} views (2..{codec.MAX_VIEWS})")
+    dies_after = dies_after or {}
+    devices = _start_devices(connection, [f"{device_prefix}{view}" for view in range(count)], model_hash, timeout_s,
+                             [program.threshold for program in programs])
+    outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
+
+    def drive(view: int) -> None:
+        device, program = devices[view], programs[view]
+        for event in range(min(n_events, dies_after.get(view, n_events))):
+            started_ns = time.perf_counter_ns()
+            answer = device_parts[view](event, device.threshold)
+            device_us = (time.perf_counter_ns() - started_ns) // 1000
+            request_id = device.next_request_id()
+            header = split_header(program, model_hash, request_id, first_event_id + event, view, count)
+            pending = device.send(codec.encode_request(header, answer.split_words), request_id)
+            reply = device.wait(request_id, pending)
+            end = pending.received if reply is not None else time.monotonic()
+            if reply is None:
+                source, final, status, by = "fallback", answer.local_class, -1, -1
+            elif reply.status != codec.Status.OK:
+                source, final, status, by = "error", answer.local_class, int(reply.status), -1
+            else:
+                source, final, status, by = "server", reply.class_id, 0, reply.answered_by
+            outcomes[view].append(SampleOutcome(device.device_id, event, request_id, source, final,
+                                                answer.local_class, device.threshold, status,
+                                                int((end - pending.sent) * 1e6),
+                                                reply.server_us if reply is not None else 0, device_us, by))
+        if view in dies_after:
+            device.kill()
+
+    started = time.monotonic()
+    try:
+        _run_threads(drive, count)
+    finally:
+        for view, device in enumerate(devices):
+            if view not in dies_after:
+                device.stop()
+    return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
+                     sum(dev.misrouted for dev in devices), time.monotonic() - started)
+
+
+def _start_devices(connection: Brokers, device_ids: Sequence[str], model_hash: bytes, timeout_s: float,
+                   thresholds: Sequence[float], protocol: int = mqtt.MQTTv5,
+                   subscribe_qos: int = 1) -> list[SimDevice]:
+    """Every device connected, or none (BrokerError after stopping the ones that were)."""
+    devices: list[SimDevice] = []
+    try:
+        for device_id, threshold in zip(device_ids, thresholds):
+            broker = connection(device_id) if callable(connection) else connection
+            devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=threshold,
+                                     protocol=protocol, subscribe_qos=subscribe_qos).start())
+    except BrokerError:
+        for device in devices:
+            device.stop()
+        raise
+    return devices
+
+
+def _run_threads(drive: Callable[[int], None], count: int) -> None:
+    """``drive(i)`` for i in 0..count-1, each on its own thread, until all are done."""
+    threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    time.sleep(0.2)  # late duplicates would arrive within a moment of the last reply

@@ -202,7 +202,7 @@ def measure_hop_overhead_us(loaded: LoadedModel, images_u8: np.ndarray, repeats:
         device = SimDevice("ddnn-profile", connection, loaded.hash_bytes, timeout_s=5.0).start()
         overheads = []
         for index in range(len(splits)):
-            header = split_header(program, loaded.hash_bytes, device.next_request_id(), device.device_id)
+            header = split_header(program, loaded.hash_bytes, device.next_request_id())
             reply, round_trip_us = device.request(header, splits[index])
             if reply is None or reply.status != 0:
                 log.warning("the profiling server did not answer (%s); counting the messaging overhead as 0",

@@ -1,6 +1,6 @@
 """Wire format between devices and ``ddnn-server`` (see docs/protocol.md): pure bytes <-> records, no MQTT.
 
-A request is a fixed 88-byte little-endian header followed by the split-layer activations exactly
+A request is a fixed 64-byte little-endian header followed by the split-layer activations exactly
 as the device holds them (HWC, channels packed into uint64 words, little-endian), or, for a
 server-only request (packing RAW_U8, split layer 0), the raw uint8 HWC input image. A reply is a
 fixed 32-byte header, the top-k (class, probability) pairs and an optional utf-8 error message.
@@ -17,18 +17,21 @@ import numpy as np
 
 from ddnn_gen.errors import SpecError
 from ddnn_gen.model.spec import check_threshold, parse_threshold_text
-from ddnn_gen.wire.topics import DEVICE_ID_RULE, check_device_id, valid_device_id
 
 REQUEST_MAGIC = b"DDNQ"
 REPLY_MAGIC = b"DDNR"
 # 2: replies say which tier's exit answered and how long the tiers above took (device -> edge -> cloud).
-PROTOCOL_VERSION = 2
+# 3: the request header is 64 bytes: the device id left it (identity is the topic's), the event id and the
+#    view index/count of a multi-view event (docs/views.md) took its place.
+PROTOCOL_VERSION = 3
 HASH_BYTES = 16
 
 # magic, version, packing, header_len, model hash, split layer, C, H, W, request id, device time (us),
-# payload words, reserved, device id
-_REQUEST = struct.Struct("<4sBBH16sHHHHQQII32s")
-REQUEST_HEADER_BYTES = _REQUEST.size  # 88: the payload starts 8-byte aligned
+# payload words, event id, view index, view count, reserved
+_REQUEST = struct.Struct("<4sBBH16sHHHHQQIQBBH")
+REQUEST_HEADER_BYTES = _REQUEST.size  # 64: the payload starts 8-byte aligned
+# Most views one event may have (view index < view count <= MAX_VIEWS): bounds what an aggregator holds.
+MAX_VIEWS = 16
 
 # magic, version, status, top-k count, request id, class, server compute us, queue wait us, upstream round
 # trip us, upstream compute us, answering tier, flags, message length
@@ -75,11 +78,10 @@ class Status(enum.IntEnum):
 class ProtocolError(Exception):
     """A request or reply that cannot be decoded; ``status`` says which reply code it earns."""
 
-    def __init__(self, status: Status, message: str, request_id: int = 0, device_id: str = "") -> None:
+    def __init__(self, status: Status, message: str, request_id: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.request_id = request_id
-        self.device_id = device_id
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,15 @@ class RequestHeader:
     height: int
     width: int
     request_id: int
-    device_id: str
     device_time_us: int = 0
     packing: Packing = Packing.BITS_U64
+    event_id: int = 0  # the scene several devices captured (0: not part of a multi-view event)
+    view_index: int = 0  # which of the event's views this device sends (< view_count)
+    view_count: int = 0  # views of the event; 0 or 1 = a single-view request
+
+    @property
+    def multi_view(self) -> bool:
+        return self.view_count > 1
 
     @property
     def words_per_pixel(self) -> int:
@@ -135,8 +143,15 @@ class Reply:
         return bool(self.flags & REPLY_FALLBACK)
 
 
-def _device_id_bytes(device_id: str) -> bytes:
-    return check_device_id(device_id).encode("ascii")
+def view_fields_problem(event_id: int, view_index: int, view_count: int) -> str:
+    """Why (event id, view index, view count) is not a valid combination, or "" when it is."""
+    if view_count > MAX_VIEWS:
+        return f"view count {view_count} exceeds {MAX_VIEWS}"
+    if view_count > 1 and event_id == 0:
+        return f"a request of {view_count} views needs an event id"
+    if view_index >= max(1, view_count):
+        return f"view index {view_index} is not below the view count {view_count}"
+    return ""
 
 
 def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
@@ -145,66 +160,60 @@ def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
     body = np.ascontiguousarray(payload, dtype=_ELEMENT_DTYPE[header.packing]).tobytes()
     if len(body) != header.payload_bytes:
         raise ValueError(f"payload has {len(body)} bytes, header says {header.payload_bytes}")
+    problem = view_fields_problem(header.event_id, header.view_index, header.view_count)
+    if problem:
+        raise ValueError(problem)
     head = _REQUEST.pack(REQUEST_MAGIC, PROTOCOL_VERSION, int(header.packing), REQUEST_HEADER_BYTES,
                          header.model_hash, header.split_layer, header.channels, header.height, header.width,
-                         header.request_id, header.device_time_us, header.payload_words, 0,
-                         _device_id_bytes(header.device_id))
+                         header.request_id, header.device_time_us, header.payload_words, header.event_id,
+                         header.view_index, header.view_count, 0)
     return head + body
 
 
-def _header_device_id(raw: bytes) -> str:
-    """The header's device id if it follows the rule, else "" (no reply can be addressed to it)."""
-    raw = raw.rstrip(b"\0")
-    return raw.decode("ascii") if valid_device_id(raw) else ""
-
-
-def peek_request_ids(data: bytes) -> tuple[int, str]:
-    """Best-effort (request id, device id) of a request too broken to decode, for its error reply; the
-    device id is "" unless it is valid."""
+def peek_request_id(data: bytes) -> int:
+    """Best-effort request id of a request too broken to decode, for its error reply (0 if none)."""
     if len(data) < REQUEST_HEADER_BYTES or data[:4] != REQUEST_MAGIC:
-        return 0, ""
-    fields = _REQUEST.unpack_from(data)
-    return fields[9], _header_device_id(fields[13])
+        return 0
+    return int(_REQUEST.unpack_from(data)[9])
 
 
 def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> RequestHeader:
     """Validate and decode the header without touching the payload (size checked first)."""
     if len(data) > max_bytes:
-        request_id, device_id = peek_request_ids(data)
         raise ProtocolError(Status.TOO_LARGE, f"request of {len(data)} bytes exceeds the {max_bytes}-byte limit",
-                            request_id, device_id)
+                            peek_request_id(data))
     if len(data) < 4 or data[:4] != REQUEST_MAGIC:
         raise ProtocolError(Status.BAD_MAGIC, f"bad magic {bytes(data[:4])!r} (expected {REQUEST_MAGIC!r})")
     if len(data) < REQUEST_HEADER_BYTES:
         raise ProtocolError(Status.MALFORMED, f"request of {len(data)} bytes is shorter than its "
                             f"{REQUEST_HEADER_BYTES}-byte header")
     (_, version, packing, header_len, model_hash, split_layer, channels, height, width, request_id, device_time,
-     payload_words, _, device_raw) = _REQUEST.unpack_from(data)
-    device_id = _header_device_id(device_raw)
+     payload_words, event_id, view_index, view_count, reserved) = _REQUEST.unpack_from(data)
     if version != PROTOCOL_VERSION:
+        # The request id sits where v2 had it too, so an old device's error reply still matches its request.
         raise ProtocolError(Status.BAD_VERSION, f"protocol version {version} (this server speaks "
-                            f"{PROTOCOL_VERSION})", request_id, device_id)
+                            f"{PROTOCOL_VERSION})", request_id)
     if header_len != REQUEST_HEADER_BYTES:
-        raise ProtocolError(Status.MALFORMED, f"header length {header_len} != {REQUEST_HEADER_BYTES}",
-                            request_id, device_id)
+        raise ProtocolError(Status.MALFORMED, f"header length {header_len} != {REQUEST_HEADER_BYTES}", request_id)
     if packing not in Packing._value2member_map_:
-        raise ProtocolError(Status.MALFORMED, f"unknown packing {packing}", request_id, device_id)
-    if not device_id:
-        raise ProtocolError(Status.MALFORMED, f"invalid device id: {DEVICE_ID_RULE}", request_id, device_id)
-    header = RequestHeader(model_hash, split_layer, channels, height, width, request_id, device_id, device_time,
-                           Packing(packing))
+        raise ProtocolError(Status.MALFORMED, f"unknown packing {packing}", request_id)
+    problem = view_fields_problem(event_id, view_index, view_count) or ("reserved bytes are not 0" if reserved else "")
+    if problem:
+        raise ProtocolError(Status.MALFORMED, problem, request_id)
+    header = RequestHeader(model_hash, split_layer, channels, height, width, request_id, device_time,
+                           Packing(packing), event_id, view_index, view_count)
     if header.packing == Packing.RAW_U8 and split_layer != RAW_SPLIT_LAYER:
         raise ProtocolError(Status.SHAPE_MISMATCH, f"a raw-input request starts at split layer {RAW_SPLIT_LAYER}, "
-                            f"not {split_layer}", request_id, device_id)
+                            f"not {split_layer}", request_id)
     if min(channels, height, width) == 0:
         raise ProtocolError(Status.SHAPE_MISMATCH, f"empty split shape C/H/W = {channels}/{height}/{width}",
-                            request_id, device_id)
+                            request_id)
     if payload_words != header.payload_words:
         raise ProtocolError(Status.MALFORMED, f"header says {payload_words} payload words, C/H/W imply "
-                            f"{header.payload_words}", request_id, device_id)
+                            f"{header.payload_words}", request_id)
     if len(data) - REQUEST_HEADER_BYTES != header.payload_bytes:
         raise ProtocolError(Status.MALFORMED, f"payload has {len(data) - REQUEST_HEADER_BYTES} bytes, header "
-                            f"says {header.payload_bytes}", request_id, device_id)
+                            f"says {header.payload_bytes}", request_id)
     return header
 
 
@@ -217,14 +226,13 @@ def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
         # Padding bits are zero by definition of the layout; set ones mean a sender with another shape.
         if spare and np.any(words[..., -1] >> np.uint64(64 - spare)):
             raise ProtocolError(Status.SHAPE_MISMATCH, f"padding bits above channel {header.channels} are set",
-                                header.request_id, header.device_id)
+                                header.request_id)
         return words
     if header.packing == Packing.RAW_U8:
         return np.frombuffer(body, dtype=np.uint8).reshape(header.height, header.width, header.channels)
     values = np.frombuffer(body, dtype="<f4").reshape(header.height, header.width, header.channels)
     if not np.all(np.isfinite(values)):
-        raise ProtocolError(Status.NON_FINITE, "payload holds non-finite values", header.request_id,
-                            header.device_id)
+        raise ProtocolError(Status.NON_FINITE, "payload holds non-finite values", header.request_id)
     return values
 
 
