@@ -19,6 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from ddnn_gen.device.c_binding import LocalAnswer
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, telemetry, topics
@@ -467,6 +468,10 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
     as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
     ``connection`` is the broker, or a function giving each device id its own credentials (or its list of
     brokers to fail over between); ``protocol`` and ``subscribe_qos`` as for SimDevice."""
+    if program.spec.big_little:
+        # These devices send the split; a Big-Little device sends its raw image and routes on priority classes.
+        raise DdnnError(f"{program.spec.name} is a Big-Little model: simulated devices do not implement its "
+                        "routing; run the generated C device program (ddnn_device_net)")
     devices = _start_devices(connection, [f"{device_prefix}{d}" for d in range(n_devices)], model_hash, timeout_s,
                              [program.threshold] * n_devices, protocol=protocol, subscribe_qos=subscribe_qos,
                              telemetry_interval_s=telemetry_interval_s)
