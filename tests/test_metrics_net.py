@@ -59,11 +59,11 @@ def test_metrics_and_request_log_equal_what_the_devices_counted(running_broker: 
         report = run_devices(broker.connection(), program, model_hash, expected.device.split_words,
                              expected.device.entropy, expected.device.local_class, 4, 150, timeout_s=30.0)
         # Two kinds of bad request: one rejected before its model is known, one after.
-        good = codec.encode_request(split_header(program, model_hash, 1, bad.device_id),
+        good = codec.encode_request(split_header(program, model_hash, 1),
                                     expected.device.split_words[0])
         height, width, channels = program.split_hwc
         wrong_shape = codec.encode_request(RequestHeader(model_hash, len(program.layers), channels + 64, height,
-                                                         width, 2, bad.device_id),
+                                                         width, 2),
                                            np.zeros((height, width, 2), np.uint64))
         topic = topics.request_topic(model_hash, bad.device_id)
         statuses = []

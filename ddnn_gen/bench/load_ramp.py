@@ -55,7 +55,7 @@ class PacedFleet:
         self.rate = rate
         self.timeout_s = timeout_s
         self.devices = [SimDevice(f"{prefix}{d}", connection, model_hash, timeout_s, program.threshold,
-                                  telemetry_interval_s) for d in range(n_devices)]
+                                  telemetry_interval_s=telemetry_interval_s) for d in range(n_devices)]
         self.samples: list[Sample] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -113,7 +113,7 @@ class PacedFleet:
                 self._record(device, Sample(device.device_id, now, "local", threshold))
                 continue
             request_id = device.next_request_id()
-            header = split_header(self.program, self.model_hash, request_id, device.device_id)
+            header = split_header(self.program, self.model_hash, request_id)
             pending = device.send(codec.encode_request(header, answer.split_words), request_id)
             waiting.append((request_id, pending, now, threshold, sample))
             ready.release()

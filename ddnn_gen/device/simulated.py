@@ -89,7 +89,7 @@ class SimDevice:
     RECENT_CUSTOM_IDS = 4096
 
     def __init__(self, device_id: str, connection: BrokerConnection | Sequence[BrokerConnection], model_hash: bytes,
-                 timeout_s: float = 2.0, default_threshold: float = 0.5, protocol: int = mqtt.MQTTv5,
+                 timeout_s: float = 2.0, default_threshold: float = 0.5, *, protocol: int = mqtt.MQTTv5,
                  resend_pending: bool | None = None, subscribe_qos: int = 1,
                  telemetry_interval_s: float = 2.0) -> None:
         self.device_id = topics.check_device_id(device_id)
