@@ -6,11 +6,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
@@ -22,7 +25,10 @@ from ddnn_server.edge import Forward, Upstream
 from ddnn_server.log_limits import RateLimitedLog
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.thresholds import TierThresholds
-from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, Transport
+from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, ServerTransport, Transport
+
+if TYPE_CHECKING:  # pika is imported only when an AMQP transport is asked for
+    from ddnn_server.amqp_transport import AmqpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,9 @@ class ServerConfig:
     location: str = "cloud"
     event_deadline_ms: float = 100.0  # aggregator: how long an event waits for its missing views
     max_open_events: int = MAX_OPEN_EVENTS  # aggregator: events gathering views at once; more: UNAVAILABLE
+    # RabbitMQ cluster nodes (one per node, tried in turn): consume the models' quorum queues over AMQP instead
+    # of subscribing on ``broker``; ``receive_maximum`` is then the prefetch count.
+    amqp: Sequence[AmqpEndpoint] = ()
 
 
 @dataclass
@@ -94,10 +103,20 @@ class Server:
         if aggregating:
             # The cameras' births and wills: a view whose devices are offline is not waited for (docs/views.md).
             extra.append(topics.STATUS_SUBSCRIPTION)
-        self.transport = Transport(config.broker, client_id, config.group,
-                                   [(model.hash_bytes, model.topic_tier) for model in store.models()],
-                                   self._on_request, persistent, config.session_expiry_s, extra,
-                                   self._on_other if extra else None, config.receive_maximum)
+        served = [(model.hash_bytes, model.topic_tier) for model in store.models()]
+        self.transport: ServerTransport
+        if config.amqp:
+            from ddnn_server.amqp_transport import AmqpTransport
+
+            if edges or aggregating:
+                raise DdnnError("edge and aggregator servers run on MQTT brokers only (their tier above, live "
+                                "thresholds and device status are MQTT); --amqp serves cloud models")
+            client_id = config.server_id or config.amqp[0].username
+            self.transport = AmqpTransport(config.amqp, client_id, served, self._on_request, config.receive_maximum)
+        else:
+            self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
+                                       config.session_expiry_s, extra, self._on_other if extra else None,
+                                       config.receive_maximum)
         self.upstream: Upstream | None = None
         if edges:
             self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,

@@ -128,3 +128,36 @@ def parse_status_topic(topic: str) -> str | None:
 
 def server_status_topic(server_id: str) -> str:
     return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
+
+
+# ---- the same topics on a RabbitMQ cluster (AMQP 0-9-1 names; docs/deployment.md) -------------------------
+# RabbitMQ's MQTT plugin publishes into ``amq.topic`` with the topic's ``/`` turned into ``.`` (and back on
+# delivery), so ``ddnn/req/<model>/<device>`` arrives as routing key ``ddnn.req.<model>.<device>``. A ``.``
+# inside a device id would turn into a topic level there, so ids on such a cluster must not contain one.
+
+AMQP_EXCHANGE = "amq.topic"
+
+
+def valid_cluster_id(name: str) -> bool:
+    """The device-id rule, without ``.`` (which RabbitMQ's topic translation would split)."""
+    return valid_device_id(name) and "." not in name
+
+
+def request_queue(model_hash: bytes, tier: int = 1) -> str:
+    """The durable quorum queue holding one model's requests for one tier, which servers consume."""
+    return f"{TOPIC_ROOT}.req.{model_key(model_hash)}{_tier_suffix(tier).replace('/', '.')}"
+
+
+def request_binding(model_hash: bytes, tier: int = 1) -> str:
+    """The binding key of that queue on ``amq.topic``: every device's requests for the model and tier."""
+    return f"{TOPIC_ROOT}.req.{model_key(model_hash)}.*{_tier_suffix(tier).replace('/', '.')}"
+
+
+def routing_key(topic: str) -> str:
+    """The AMQP routing key RabbitMQ's MQTT plugin uses for ``topic``."""
+    return topic.replace("/", ".")
+
+
+def topic_of(routing_key_: str) -> str:
+    """The MQTT topic of an AMQP routing key (the inverse of :func:`routing_key` for ids without ``.``)."""
+    return routing_key_.replace(".", "/")
