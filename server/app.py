@@ -18,7 +18,7 @@ from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, telemetry, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_gen.wire.connection import BrokerConnection
-from ddnn_server.aggregator import MAX_OPEN_EVENTS, Event, EventAnswer, EventTable, ViewRequest, answer_events
+from ddnn_server.aggregator import MAX_OPEN_EVENTS, STATUSES, Event, EventAnswer, EventTable, ViewRequest, answer_events
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job, QueueFull
 from ddnn_server.edge import Forward, Upstream
@@ -106,19 +106,23 @@ class Server:
         edges = [model for model in store.models() if model.role == "edge"]
         extra = [topic for model in edges for topic in TierThresholds.subscriptions(model.hash_bytes,
                                                                                     model.entry_tier)]
+        aggregating = any(model.views is not None for model in store.models())
+        if aggregating:
+            # The cameras' births and wills: a view whose devices are offline is not waited for (docs/views.md).
+            extra.append(topics.STATUS_SUBSCRIPTION)
         served = [(model.hash_bytes, model.topic_tier) for model in store.models()]
         self.transport: ServerTransport
         if config.amqp:
             from ddnn_server.amqp_transport import AmqpTransport
 
-            if edges:
-                raise DdnnError("edge servers run on MQTT brokers only (their tier above and live thresholds are "
-                                "MQTT); --amqp serves cloud models")
+            if edges or aggregating:
+                raise DdnnError("edge and aggregator servers run on MQTT brokers only (their tier above, live "
+                                "thresholds and device status are MQTT); --amqp serves cloud models")
             client_id = config.server_id or config.amqp[0].username
             self.transport = AmqpTransport(config.amqp, client_id, served, self._on_request, config.receive_maximum)
         else:
             self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
-                                       config.session_expiry_s, extra, self.thresholds.update if extra else None,
+                                       config.session_expiry_s, extra, self._on_other if extra else None,
                                        config.receive_maximum)
         self.upstream: Upstream | None = None
         if edges:
@@ -136,7 +140,7 @@ class Server:
         self._events_lock = threading.Lock()
         self._events_stop = threading.Event()
         self._deadlines: threading.Thread | None = None
-        if any(model.views is not None for model in store.models()):
+        if aggregating:
             self._deadlines = threading.Thread(target=self._deadline_loop, name="ddnn-event-deadlines", daemon=True)
 
     def start(self) -> Server:
@@ -261,7 +265,30 @@ class Server:
         except RuntimeError:
             self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
 
+    def _on_other(self, topic: str, payload: bytes) -> None:
+        """A message on an extra subscription: a device's status (aggregator) or a retained tier threshold."""
+        if topic.startswith(f"{topics.TOPIC_ROOT}/status/"):
+            self._on_device_status(topic, payload)
+        else:
+            self.thresholds.update(topic, payload)
+
     # ---- multi-view events (aggregator role) ---------------------------------------------------------
+
+    def _on_device_status(self, topic: str, payload: bytes) -> None:
+        """A device's birth or will: the events waiting only for views of offline devices are answered now.
+        Anyone may publish here on a broker without ACLs: a topic without a valid id, a payload that is not a
+        status, or the status of a device bound to no view changes nothing."""
+        device_id = topics.parse_status_topic(topic)
+        if device_id is None or payload not in STATUSES:
+            self._bad_requests.warning("status", "ignoring %d bytes on %r: not a device status (online, offline)",
+                                       len(payload), topic[:200])
+            return
+        with self._events_lock:
+            ready = self.events.device_status(device_id, payload)
+        if ready:
+            log.info("device %s is offline: answering %d events without its view", device_id, len(ready))
+        for event in ready:
+            self._submit_event(event)
 
     def _admit_view(self, model: ServedModel, request: ViewRequest) -> None:
         """One view into its event (ProtocolError for a hostile one); a complete event goes to the workers."""
@@ -284,14 +311,21 @@ class Server:
         except QueueFull:
             self._bad_requests.warning("busy", "%s's queue is full: answering an event's %d views UNAVAILABLE",
                                        model.name, len(event.views))
-            for request in event.views.values():
-                incoming, device_id = request.context
-                with self._stats_lock:
-                    self.stats["busy"] += 1
-                self._send(incoming, device_id, Reply(request.header.request_id, Status.UNAVAILABLE,
-                                                      message=BUSY_MESSAGE), ok=False)
+            with self._stats_lock:
+                self.stats["busy"] += len(event.views)
+            self._fail_events([event], Status.UNAVAILABLE, BUSY_MESSAGE)
         except RuntimeError:
             self._run_events([work], time.monotonic())  # closed while draining: answer it here
+
+    def _fail_events(self, events: list[Event], status: Status, message: str) -> None:
+        """Events that cannot be answered: each of their views (those that joined them once closed too) hears
+        why."""
+        with self._events_lock:
+            late = [self.events.failed(event) for event in events]
+        for event, joined in zip(events, late):
+            for request in [*event.views.values(), *joined]:
+                incoming, device_id = request.context
+                self._send(incoming, device_id, Reply(request.header.request_id, status, message=message), ok=False)
 
     def _deadline_loop(self) -> None:
         # A few ms of lateness against deadlines of tens of ms; cheaper than a timer per event.
@@ -309,18 +343,13 @@ class Server:
             answers = answer_events(model.views, events)
         except Exception:  # a model bug must cost these events, not the server
             log.exception("aggregating %d events of %s failed", len(events), model.name)
-            for event in events:
-                for request in event.views.values():
-                    incoming, device_id = request.context
-                    self._send(incoming, device_id, Reply(request.header.request_id, Status.INTERNAL,
-                                                          message="internal server error"), ok=False)
+            self._fail_events(events, Status.INTERNAL, "internal server error")
             return
         server_us = int((time.monotonic() - started) * 1e6)
         with self._events_lock:
-            for event, answer in zip(events, answers):
-                self.events.answered(event, answer)
-        for event, answer in zip(events, answers):
-            for request in event.views.values():
+            late = [self.events.answered(event, answer) for event, answer in zip(events, answers)]
+        for event, answer, joined in zip(events, answers, late):
+            for request in [*event.views.values(), *joined]:
                 self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6))
         with self._stats_lock:
             self.stats["batches"] += 1

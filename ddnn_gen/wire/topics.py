@@ -115,6 +115,17 @@ def status_topic(device_id: str) -> str:
     return f"{TOPIC_ROOT}/status/{check_device_id(device_id)}"
 
 
+STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/status/+"  # every device's status (an aggregator follows its cameras')
+
+
+def parse_status_topic(topic: str) -> str | None:
+    """The device id of a device status topic, or None when ``topic`` is not one with a valid id."""
+    prefix = f"{TOPIC_ROOT}/status/"
+    if not topic.startswith(prefix) or not valid_device_id(topic[len(prefix):]):
+        return None
+    return topic[len(prefix):]
+
+
 def server_status_topic(server_id: str) -> str:
     return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
 
