@@ -298,7 +298,7 @@ class Server:
         if admission.late_answer is not None:
             self._bad_requests.warning("late view", "a view arrived after its event was answered: answering it with "
                                     "the event's answer")
-            self._answer_view(request, admission.late_answer, 0, 0)
+            self._answer_view(request, admission.late_answer, 0, 0, model.name)
         if admission.event is not None:
             self._submit_event(admission.event)
 
@@ -313,11 +313,11 @@ class Server:
                                        model.name, len(event.views))
             with self._stats_lock:
                 self.stats["busy"] += len(event.views)
-            self._fail_events([event], Status.UNAVAILABLE, BUSY_MESSAGE)
+            self._fail_events([event], Status.UNAVAILABLE, BUSY_MESSAGE, model.name)
         except RuntimeError:
             self._run_events([work], time.monotonic())  # closed while draining: answer it here
 
-    def _fail_events(self, events: list[Event], status: Status, message: str) -> None:
+    def _fail_events(self, events: list[Event], status: Status, message: str, model: str) -> None:
         """Events that cannot be answered: each of their views (those that joined them once closed too) hears
         why."""
         with self._events_lock:
@@ -325,7 +325,8 @@ class Server:
         for event, joined in zip(events, late):
             for request in [*event.views.values(), *joined]:
                 incoming, device_id = request.context
-                self._send(incoming, device_id, Reply(request.header.request_id, status, message=message), ok=False)
+                self._send(incoming, device_id, Reply(request.header.request_id, status, message=message), ok=False,
+                           model=model)
 
     def _deadline_loop(self) -> None:
         # A few ms of lateness against deadlines of tens of ms; cheaper than a timer per event.
@@ -343,25 +344,27 @@ class Server:
             answers = answer_events(model.views, events)
         except Exception:  # a model bug must cost these events, not the server
             log.exception("aggregating %d events of %s failed", len(events), model.name)
-            self._fail_events(events, Status.INTERNAL, "internal server error")
+            self._fail_events(events, Status.INTERNAL, "internal server error", model.name)
             return
         server_us = int((time.monotonic() - started) * 1e6)
         with self._events_lock:
             late = [self.events.answered(event, answer) for event, answer in zip(events, answers)]
         for event, answer, joined in zip(events, answers, late):
             for request in [*event.views.values(), *joined]:
-                self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6))
+                self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6), model.name)
         with self._stats_lock:
             self.stats["batches"] += 1
 
-    def _answer_view(self, request: ViewRequest, answer: EventAnswer, server_us: int, queue_us: int) -> None:
+    def _answer_view(self, request: ViewRequest, answer: EventAnswer, server_us: int, queue_us: int,
+                     model: str) -> None:
         """Every device of an event gets the event's answer (queue_us: from its view's arrival, the wait for the
         other views included)."""
         top_classes, top_probabilities = self._top_k(answer.logits[None, :])
         top_k = tuple(zip(top_classes[0].tolist(), top_probabilities[0].tolist()))
         incoming, device_id = request.context
         self._send(incoming, device_id, Reply(request.header.request_id, Status.OK, answer.class_id, top_k,
-                                              server_us, queue_us, answered_by=answer.answered_by), ok=True)
+                                              server_us, queue_us, answered_by=answer.answered_by), ok=True,
+                   model=model)
 
     # ---- workers -------------------------------------------------------------------------------------
 
