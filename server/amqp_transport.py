@@ -168,6 +168,11 @@ class AmqpTransport:
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         self._hand_over(incoming, topics.routing_key(topics.reply_topic(device_id)), payload)
 
+    def publish_telemetry(self, payload: bytes) -> None:
+        """As the MQTT transport's: this server's load, fire and forget (the next one replaces a lost one)."""
+        key = topics.routing_key(topics.server_telemetry_topic(self.client_id))
+        self._call(lambda: self._publish_untracked(key, payload))
+
     def _hand_over(self, incoming: Incoming, key: str | None, payload: bytes) -> None:
         with self._cond:
             wake = not self._outgoing
@@ -314,6 +319,18 @@ class AmqpTransport:
             self._publish_seq += 1
             with self._cond:
                 self._unconfirmed[self._publish_seq] = incoming.mid
+
+    def _publish_untracked(self, key: str, payload: bytes) -> None:
+        """A publish no request waits on: it takes a confirm sequence number, which _confirmed then ignores."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return
+        try:
+            channel.basic_publish(topics.AMQP_EXCHANGE, key, payload)
+        except pika.exceptions.AMQPError as error:
+            self._problems.warning("telemetry", "telemetry on %s not sent: %r", key, error)
+            return
+        self._publish_seq += 1
 
     def _confirmed(self, frame: Any) -> None:
         method = frame.method

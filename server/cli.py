@@ -17,6 +17,7 @@ from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.connection import DEFAULT_PORT, DEFAULT_TLS_PORT, BrokerConnection, broker_options, parse_address
 from ddnn_server.aggregator import MAX_OPEN_EVENTS
 from ddnn_server.app import Server, ServerConfig
+from ddnn_server.jsonlog import JsonFormatter
 from ddnn_server.transport import RECEIVE_MAXIMUM
 
 log = logging.getLogger("ddnn_server")
@@ -89,6 +90,16 @@ def _name_option(what: str) -> object:
               help="With --plan: which of the plan's locations this server is (default: cloud).")
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Expose Prometheus metrics on http://ADDRESS:PORT/metrics; 0: off.")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint binds to (0.0.0.0 for a scraper on another host).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per log line, and one line per request (model, device, status, "
+                   "times) on the ddnn_server.requests logger.")
+@click.option("--telemetry-interval", "telemetry_interval", default=2.0, show_default=True,
+              type=click.FloatRange(0, 3600),
+              help="Publish this server's load (JSON) on ddnn/server/<id>/telemetry every this many seconds; 0: off.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_password_file: str | None,
          models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
@@ -96,10 +107,18 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
          receive_maximum: int, role: str, event_deadline_ms: float, max_open_events: int,
          upstream_address: str | None, upstream_timeout_ms: float,
          from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None,
-         verbose: int) -> None:
+         metrics_port: int, metrics_address: str, log_format: str, telemetry_interval: float, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    if 0 < telemetry_interval < 0.1:
+        raise click.BadParameter("0 (off) or at least 0.1 s", param_hint="--telemetry-interval")
+    if log_format == "json":
+        # Asked for explicitly: the per-request lines show whatever the level of the rest.
+        logging.getLogger("ddnn_server.requests").setLevel(logging.INFO)
     private: Broker | None = None
     try:
         amqp = []
@@ -128,6 +147,8 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
                               session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
                               upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud",
+                              metrics_port=metrics_port, metrics_address=metrics_address,
+                              log_requests=log_format == "json", telemetry_interval_s=telemetry_interval,
                               event_deadline_ms=event_deadline_ms, max_open_events=max_open_events,
                               amqp=amqp)
         server = Server(config).start()

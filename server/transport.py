@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -51,6 +52,7 @@ class Incoming:
     mid: int
     qos: int
     generation: int = 0
+    received: float = field(default_factory=time.monotonic)  # when it arrived (the server's latency starts)
 
 
 class ServerTransport(Protocol):
@@ -59,6 +61,7 @@ class ServerTransport(Protocol):
     reply is accepted (or, for :meth:`drop`, at once), so a server that dies leaves it to be delivered again."""
 
     unsent_replies: int
+    client_id: str
 
     @property
     def url(self) -> str:
@@ -85,6 +88,9 @@ class ServerTransport(Protocol):
 
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         """Send ``payload`` to ``device_id``'s reply topic; acknowledge ``incoming`` once it is accepted."""
+
+    def publish_telemetry(self, payload: bytes) -> None:
+        """This server's load on its telemetry topic, fire and forget."""
 
 
 class Transport:
@@ -168,6 +174,11 @@ class Transport:
         props.SessionExpiryInterval = 0
         self._client.disconnect(properties=props)
         self._client.loop_stop()
+
+    def publish_telemetry(self, payload: bytes) -> None:
+        """This server's load on ddnn/server/<id>/telemetry: QoS 0, not retained (a reader wants the current
+        figures, and a lost one is replaced by the next)."""
+        self._client.publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
 
     # ---- replies -------------------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ def test_device_topic_permissions_are_its_own() -> None:
     assert write.fullmatch(f"ddnn.req.{model}.cam0") and write.fullmatch("ddnn.status.cam0")
     assert not write.fullmatch(f"ddnn.req.{model}.cam1") and not write.fullmatch("ddnn.reply.cam0")
     assert not write.fullmatch(f"ddnn.req.{model}.cam0.t2") and not write.fullmatch(f"ddnn.threshold.{model}")
+    assert write.fullmatch("ddnn.device.cam0.telemetry") and not write.fullmatch("ddnn.device.cam1.telemetry")
+    assert not write.fullmatch("ddnn.server.cam0.telemetry")
     assert read.fullmatch("ddnn.reply.cam0") and read.fullmatch(f"ddnn.threshold.{model}.cam0")
     assert not read.fullmatch("ddnn.reply.cam1") and not read.fullmatch(f"ddnn.req.{model}.cam0")
 

@@ -22,7 +22,7 @@ from ddnn_gen.device.c_binding import LocalAnswer
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
-from ddnn_gen.wire import codec, mqtt_client, topics
+from ddnn_gen.wire import codec, mqtt_client, telemetry, topics
 from ddnn_gen.wire.codec import Packing, Reply, RequestHeader
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 
@@ -89,8 +89,9 @@ class SimDevice:
     RECENT_CUSTOM_IDS = 4096
 
     def __init__(self, device_id: str, connection: BrokerConnection | Sequence[BrokerConnection], model_hash: bytes,
-                 timeout_s: float = 2.0, default_threshold: float = 0.5, protocol: int = mqtt.MQTTv5,
-                 resend_pending: bool | None = None, subscribe_qos: int = 1) -> None:
+                 timeout_s: float = 2.0, default_threshold: float = 0.5, *, protocol: int = mqtt.MQTTv5,
+                 resend_pending: bool | None = None, subscribe_qos: int = 1,
+                 telemetry_interval_s: float = 2.0) -> None:
         self.device_id = topics.check_device_id(device_id)
         self.connections = [connection] if isinstance(connection, BrokerConnection) else list(connection)
         if not self.connections:
@@ -134,6 +135,13 @@ class SimDevice:
         self._client.max_queued_messages_set(MAX_QUEUED_REQUESTS)
         self._client.reconnect_delay_set(0.05, 1.0)
         self._client.will_set(topics.status_topic(device_id), b"offline", qos=1, retain=True)
+        # What the device's telemetry reports: counters since start, round trips since the last message.
+        self.counters = dict.fromkeys(("samples", "offloaded", *SOURCES), 0)
+        self._round_trips_us: list[int] = []
+        self._telemetry_topic = topics.device_telemetry_topic(device_id)
+        self.telemetry_interval_s = telemetry_interval_s
+        self._telemetry_stop = threading.Event()
+        self._telemetry_thread: threading.Thread | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -153,6 +161,10 @@ class SimDevice:
                                   f"{self.problem or why}")
             raise BrokerError(f"device {self.device_id}: no broker answered at {self.connection.url} within "
                               f"{timeout_s:.0f} s" + (f" ({why})" if why else ""))
+        if self.telemetry_interval_s > 0:
+            self._telemetry_thread = threading.Thread(target=self._telemetry_loop, daemon=True,
+                                                      name=f"telemetry-{self.device_id}")
+            self._telemetry_thread.start()
         return self
 
     def _connect_async(self) -> None:
@@ -162,6 +174,10 @@ class SimDevice:
 
     def stop(self) -> None:
         self._stopping = True
+        if self._telemetry_thread is not None:
+            self._telemetry_stop.set()
+            self._telemetry_thread.join()
+            self.publish_telemetry()  # the final counts, so a reader sees every sample
         if not self.taken_over:
             self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
@@ -170,6 +186,7 @@ class SimDevice:
     def kill(self) -> None:
         """Die as a crashed device does: the network loop stops and the connection drops without an MQTT
         DISCONNECT, so the broker publishes the device's will (offline) on its own."""
+        self._telemetry_stop.set()
         self._client.loop_stop()
         sock = self._client.socket()
         if sock is not None:
@@ -194,6 +211,47 @@ class SimDevice:
         """Requests sent and not yet answered or given up (what the bookkeeping holds)."""
         with self._lock:
             return len(self._pending)
+
+    # ---- telemetry -----------------------------------------------------------------------------------
+
+    def note_sample(self, local: bool) -> None:
+        """Count one classified sample, when its exit decision is taken (local, or offloaded)."""
+        with self._lock:
+            self.counters["samples"] += 1
+            self.counters["local" if local else "offloaded"] += 1
+
+    def note_answer(self, source: str, round_trip_us: int) -> None:
+        """Count how an offloaded sample was answered (server, fallback, error) and its round trip."""
+        with self._lock:
+            self.counters[source] += 1
+            if len(self._round_trips_us) < 100000:
+                self._round_trips_us.append(round_trip_us)
+
+    def telemetry(self) -> dict[str, object]:
+        """The next telemetry message's body (wire/telemetry.py DEVICE_SCHEMA)."""
+        with self._lock:
+            counts = dict(self.counters)
+            model_wide = self._thresholds.get(self._model_threshold_topic)
+            own = self._thresholds.get(self._device_threshold_topic)
+            trips, self._round_trips_us = self._round_trips_us, []
+        rtt: dict[str, float | None] = {"p50": None, "p99": None}
+        if trips:
+            p50, p99 = np.percentile(np.asarray(trips, float) / 1000.0, [50, 99])
+            rtt = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+        return {"v": telemetry.TELEMETRY_VERSION, "device": self.device_id, "model": topics.model_key(self.model_hash),
+                "time": time.time(), "samples": counts["samples"], "local": counts["local"],
+                "offloaded": counts["offloaded"], "fallback": counts["fallback"],
+                "error": counts["error"], "threshold": self.threshold,
+                "thresholds": {"model": model_wide, "device": own, "default": self.default_threshold},
+                "rtt_ms": rtt}
+
+    def publish_telemetry(self) -> None:
+        if not self.taken_over:
+            self._client.publish(self._telemetry_topic, telemetry.encode(self.telemetry()), qos=0)
+
+    def _telemetry_loop(self) -> None:
+        while not self._telemetry_stop.wait(self.telemetry_interval_s):
+            self.publish_telemetry()
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -402,7 +460,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
              n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
              all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
              device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None,
-             protocol: int = mqtt.MQTTv5, subscribe_qos: int = 1) -> SimReport:
+             protocol: int = mqtt.MQTTv5, subscribe_qos: int = 1,
+             telemetry_interval_s: float = 2.0) -> SimReport:
     """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
     ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
@@ -414,7 +473,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
         raise DdnnError(f"{program.spec.name} is a Big-Little model: simulated devices do not implement its "
                         "routing; run the generated C device program (ddnn_device_net)")
     devices = _start_devices(connection, [f"{device_prefix}{d}" for d in range(n_devices)], model_hash, timeout_s,
-                             [program.threshold] * n_devices, protocol=protocol, subscribe_qos=subscribe_qos)
+                             [program.threshold] * n_devices, protocol=protocol, subscribe_qos=subscribe_qos,
+                             telemetry_interval_s=telemetry_interval_s)
     outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
 
     def record(d: int, outcome: SampleOutcome) -> None:
@@ -430,6 +490,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             rtt = int((end - pending.sent) * 1e6)
+            device.note_answer("fallback" if reply is None else "server" if reply.status == codec.Status.OK
+                               else "error", rtt)
             if reply is None:
                 source, final, status, server_us = "fallback", local_class, -1, 0
             elif reply.status != codec.Status.OK:
@@ -447,6 +509,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             started_ns = time.perf_counter_ns()
             answer = device_part(index, threshold)
             device_us = (time.perf_counter_ns() - started_ns) // 1000
+            device.note_sample(not all_to_server and answer.local_exit)
             if not all_to_server and answer.local_exit:
                 record(d, SampleOutcome(device.device_id, index, 0, "local", answer.local_class, answer.local_class,
                                         threshold, t_device_us=device_us))
@@ -531,14 +594,15 @@ def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model
 
 def _start_devices(connection: Brokers, device_ids: Sequence[str], model_hash: bytes, timeout_s: float,
                    thresholds: Sequence[float], protocol: int = mqtt.MQTTv5,
-                   subscribe_qos: int = 1) -> list[SimDevice]:
+                   subscribe_qos: int = 1, telemetry_interval_s: float = 2.0) -> list[SimDevice]:
     """Every device connected, or none (BrokerError after stopping the ones that were)."""
     devices: list[SimDevice] = []
     try:
         for device_id, threshold in zip(device_ids, thresholds):
             broker = connection(device_id) if callable(connection) else connection
             devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=threshold,
-                                     protocol=protocol, subscribe_qos=subscribe_qos).start())
+                                     protocol=protocol, subscribe_qos=subscribe_qos,
+                                     telemetry_interval_s=telemetry_interval_s).start())
     except BrokerError:
         for device in devices:
             device.stop()

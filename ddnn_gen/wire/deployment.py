@@ -103,18 +103,22 @@ def rules_for(name: str, role: str) -> list[Rule]:
     literal, pattern = "subscribeLiteral", "subscribePattern"
     if role == "device":
         return [Rule(send, f"{root}/req/+/{name}"), Rule(send, f"{root}/status/{name}"),
+                Rule(send, f"{root}/device/{name}/telemetry"),
                 Rule(literal, f"{root}/reply/{name}"), Rule(receive, f"{root}/reply/{name}"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+"),
                 Rule(pattern, f"{root}/threshold/+/{name}"), Rule(receive, f"{root}/threshold/+/{name}")]
     if role == "server":
         return [Rule(pattern, f"$share/+/{root}/req/+/+"), Rule(receive, f"{root}/req/+/+"),
                 Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/server/{name}/status"),
+                Rule(send, f"{root}/server/{name}/telemetry"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+")]
     if role == "operator":
         return [Rule(send, f"{root}/threshold/+"), Rule(send, f"{root}/threshold/+/+"),
                 Rule(pattern, f"{root}/threshold/#"), Rule(receive, f"{root}/threshold/#"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
-                Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status")]
+                Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status"),
+                Rule(pattern, f"{root}/server/+/telemetry"), Rule(receive, f"{root}/server/+/telemetry"),
+                Rule(pattern, f"{root}/device/+/telemetry"), Rule(receive, f"{root}/device/+/telemetry")]
     if role == "monitor":
         return [Rule(pattern, f"{root}/#"), Rule(receive, f"{root}/#")]
     raise DeploymentError(f"unknown role {role!r}")

@@ -9,8 +9,8 @@ every model (``ddnn.req.<model>``, bound to ``amq.topic`` with ``ddnn.req.<model
 replicas sit on every node. Management is off; ``rabbitmq_mqtt`` is on (MQTT 3.1.1).
 
 Users mirror docs/security.md's roles, with RabbitMQ topic authorisation on ``amq.topic`` (routing keys are
-the MQTT topics with ``.`` for ``/``): a device writes only ``ddnn.req.<model>.{username}`` and its status,
-reads only ``ddnn.reply.{username}`` and its thresholds; a server reads the request queues and writes
+the MQTT topics with ``.`` for ``/``): a device writes only ``ddnn.req.<model>.{username}``, its status and
+its telemetry, reads only ``ddnn.reply.{username}`` and its thresholds; a server reads the request queues and writes
 replies; an operator writes thresholds; a monitor reads everything. Passwords are generated into
 ``<dir>/credentials/NAME.password`` (0600) and never appear on a command line.
 """
@@ -79,15 +79,16 @@ def permissions_for(user: str, role: str) -> tuple[dict[str, str], dict[str, str
             "read": rf"^(amq\.topic|{own_queue})$"}
     if role == "device":
         # Request tier 1 only: devices send to the first server tier (``/t<N>`` is an edge's).
-        return mqtt, {"write": rf"^{root}\.(req\.{model}\.{{username}}|status\.{{username}})$",
+        own = rf"req\.{model}\.{{username}}|status\.{{username}}|device\.{{username}}\.telemetry"
+        return mqtt, {"write": rf"^{root}\.({own})$",
                       "read": rf"^{root}\.(reply\.{{username}}|threshold\.{model}(\.{{username}})?)$"}
     if role == "server":
         # AMQP: consume the request queues (declared by the cluster, so no configure), publish replies.
         return ({"configure": "^$", "write": r"^amq\.topic$", "read": rf"^{root}\.req\.{model}(\.t[2-7])?$"},
-                {"write": rf"^{root}\.(reply\.[^.]+|server\.{{username}}\.status)$", "read": "^$"})
+                {"write": rf"^{root}\.(reply\.[^.]+|server\.{{username}}\.(status|telemetry))$", "read": "^$"})
     if role == "operator":
         return mqtt, {"write": rf"^{root}\.threshold\..*$",
-                      "read": rf"^{root}\.(threshold|status|server)\..*$"}
+                      "read": rf"^{root}\.(threshold|status|server|device)\..*$"}
     if role == "monitor":
         return mqtt, {"write": "^$", "read": rf"^{root}\..*$"}
     raise ClusterError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")

@@ -130,6 +130,29 @@ def server_status_topic(server_id: str) -> str:
     return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
 
 
+def server_telemetry_topic(server_id: str) -> str:
+    """Where a server publishes its load every ``--telemetry-interval`` s (JSON, wire/telemetry.py)."""
+    return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/telemetry"
+
+
+def device_telemetry_topic(device_id: str) -> str:
+    """Where a device publishes its periodic counters (JSON, wire/telemetry.py)."""
+    return f"{TOPIC_ROOT}/device/{check_device_id(device_id)}/telemetry"
+
+
+TELEMETRY_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/server/+/telemetry", f"{TOPIC_ROOT}/device/+/telemetry")
+
+
+def parse_telemetry_topic(topic: str) -> tuple[str, str] | None:
+    """("server" | "device", its id) of a telemetry topic, or None when the topic is not one (or its id is
+    invalid)."""
+    parts = topic.split("/")
+    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] not in ("server", "device")
+            or parts[3] != "telemetry" or not valid_device_id(parts[2])):
+        return None
+    return parts[1], parts[2]
+
+
 # ---- the same topics on a RabbitMQ cluster (AMQP 0-9-1 names; docs/deployment.md) -------------------------
 # RabbitMQ's MQTT plugin publishes into ``amq.topic`` with the topic's ``/`` turned into ``.`` (and back on
 # delivery), so ``ddnn/req/<model>/<device>`` arrives as routing key ``ddnn.req.<model>.<device>``. A ``.``
