@@ -16,7 +16,7 @@ export PIP_BUILD_CONSTRAINT := $(CURDIR)/constraints.txt
 APT_PACKAGES := python3-venv python3-dev build-essential \
 	mosquitto libpaho-mqtt-dev \
 	pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo \
-	dataset-fashion-mnist openssl \
+	dataset-fashion-mnist openssl rabbitmq-server chromium chromium-driver \
 	gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user
 
 .PHONY: setup system-packages demo test test-fast lint bench clean

@@ -108,16 +108,16 @@ def start_server(address: str, model: str, workers: int, max_batch: int, cpus: s
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
                                 "--models", model, "--workers", str(workers), "--max-batch", str(max_batch)],
                                stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
-    return _wait_ready(process, "ddnn-server: ready")
+    return wait_ready(process, "ddnn-server: ready")
 
 
 def start_echo_responder(host: str, port: int, cpus: set[int]) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-responder", f"{host}:{port}"],
                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
-    return _wait_ready(process, "echo: ready")
+    return wait_ready(process, "echo: ready")
 
 
-def _wait_ready(process: subprocess.Popen[str], marker: str) -> subprocess.Popen[str]:
+def wait_ready(process: subprocess.Popen[str], marker: str) -> subprocess.Popen[str]:
     assert process.stderr is not None
     for line in process.stderr:
         if marker in line:

@@ -17,7 +17,7 @@
 /* What one inference returns. logits and split point into the model's static buffers and stay
  * valid until the model's next call. */
 typedef struct {
-    int32_t class_id;        /* local-exit argmax */
+    int32_t class_id;        /* local-exit argmax (Big-Little: the class it names, -1 for "other") */
     double entropy;          /* normalized entropy of the local exit */
     int exit_local;          /* 1 if entropy <= threshold (finite) */
     const double *logits;    /* n_classes */
@@ -53,6 +53,11 @@ typedef struct {
     uint8_t *request;                /* request_bytes */
     size_t request_bytes;
     uint64_t *stage_ns;              /* n_stages */
+    /* Big-Little (a little net on the device for a few priority classes, a big net on the server reading the
+     * raw input): the exit's n_classes outputs are the priority classes + "other", result.class_id is the
+     * class a priority output names (-1 for "other"), and exit_local holds only for a priority class. */
+    int n_answer_classes;            /* classes a server's answer ranges over (n_classes unless Big-Little) */
+    int offload_raw;                 /* 1: an offloaded sample sends its raw input (packing 3), not the split */
 } ddnn_model;
 
 /* Runs `model` on n images (n * input_bytes, contiguous) and stores per sample the class, entropy,

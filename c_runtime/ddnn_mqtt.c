@@ -24,6 +24,9 @@ static struct {
     MQTTClient client;
     int created;
     char uri[URI_MAX];
+    char uris[DDNN_MQTT_MAX_BROKERS][URI_MAX]; /* uri first, then the --also-broker nodes */
+    char *uri_list[DDNN_MQTT_MAX_BROKERS];
+    int uri_count;
     char password[PASSWORD_MAX + 1];
     ddnn_mqtt_config config; /* the caller's strings must outlive the client (argv does) */
     char device_id[DDNN_DEVICE_ID_MAX + 1];
@@ -44,6 +47,8 @@ static struct {
     int reconnector_started;
 
     uint64_t waiting_id; /* request being waited for; 0 = none */
+    const uint8_t *waiting_request; /* its bytes (the caller's, valid while it waits), to send again */
+    size_t waiting_len;
     int have_reply;
     ddnn_reply reply;
 
@@ -139,19 +144,35 @@ static void on_connection_lost(void *context, char *cause)
     log_line("lost the broker (%s); reconnecting in the background", cause ? cause : "no cause");
 }
 
-static int publish_status(const char *status)
+/* QoS 1 publish on MQTT 5 or 3.1.1; Paho's result code (or the broker's MQTT 5 reason code). */
+static int publish(const char *topic, const void *payload, size_t len, int retained)
 {
     MQTTClient_message message = MQTTClient_message_initializer;
     MQTTResponse response;
-    message.payload = (void *)status;
-    message.payloadlen = (int)strlen(status);
-    message.qos = 1;
-    message.retained = 1;
     int rc;
-    response = MQTTClient_publishMessage5(net.client, net.status_topic, &message, NULL);
+    message.payload = (void *)payload;
+    message.payloadlen = (int)len;
+    message.qos = 1;
+    message.retained = retained;
+    if (net.config.mqtt311)
+        return MQTTClient_publishMessage(net.client, topic, &message, NULL);
+    response = MQTTClient_publishMessage5(net.client, topic, &message, NULL);
     rc = response.reasonCode;
     MQTTResponse_free(response);
     return rc;
+}
+
+static int publish_status(const char *status)
+{
+    return publish(net.status_topic, status, strlen(status), 1);
+}
+
+static void disconnect(int timeout_ms, enum MQTTReasonCodes reason)
+{
+    if (net.config.mqtt311)
+        MQTTClient_disconnect(net.client, timeout_ms);
+    else
+        MQTTClient_disconnect5(net.client, timeout_ms, reason, NULL);
 }
 
 static int tls_error(const char *text, size_t len, void *context)
@@ -194,22 +215,66 @@ static int check_subscriptions(const MQTTResponse *response, char *const *topics
     return reply_ok;
 }
 
+/* MQTT 3.1.1's SUBACK: one granted QoS per topic, 0x80 for a refusal (RabbitMQ closes the connection instead). */
+static int check_subscriptions311(const int *granted, char *const *topics)
+{
+    static const char *const names[3] = {"replies", "model threshold", "device threshold"};
+    int i, reply_ok = 1;
+    for (i = 0; i < 3; ++i) {
+        if (granted[i] != 0x80)
+            continue;
+        if (net.last_refusal == 0)
+            log_line("the broker refused the %s subscription %s", names[i], topics[i]);
+        if (i == 0)
+            reply_ok = 0;
+    }
+    return reply_ok;
+}
+
+static int connect_and_subscribe311(MQTTClient_connectOptions *options, char **topics, int *qos)
+{
+    int rc;
+    options->MQTTVersion = MQTTVERSION_3_1_1;
+    options->cleansession = 1; /* replies to an earlier connection are stale: they were answered locally */
+    rc = MQTTClient_connect(net.client, options);
+    if (rc != MQTTCLIENT_SUCCESS)
+        return rc;
+    rc = MQTTClient_subscribeMany(net.client, 3, topics, qos);
+    if (rc == MQTTCLIENT_SUCCESS && !check_subscriptions311(qos, topics))
+        rc = MQTTREASONCODE_NOT_AUTHORIZED;
+    if (rc != MQTTCLIENT_SUCCESS)
+        MQTTClient_disconnect(net.client, 0);
+    return rc;
+}
+
 static int connect_once(void)
 {
     MQTTClient_connectOptions options = MQTTClient_connectOptions_initializer5;
+    MQTTClient_connectOptions options311 = MQTTClient_connectOptions_initializer;
     MQTTClient_willOptions will = MQTTClient_willOptions_initializer;
     MQTTClient_SSLOptions ssl = MQTTClient_SSLOptions_initializer;
     MQTTResponse response;
     char *topics[3];
-    int qos[3] = {1, 1, 1};
+    const int sub_qos = net.config.subscribe_qos;
+    int qos[3];
     int rc;
+
+    qos[0] = qos[1] = qos[2] = sub_qos;
+    if (net.config.mqtt311)
+        options = options311;
 
     will.topicName = net.status_topic;
     will.message = "offline";
     will.retained = 1;
     will.qos = 1;
     options.keepAliveInterval = 10;
-    options.cleanstart = 1; /* replies to an earlier connection are stale: they were answered locally */
+    if (!net.config.mqtt311)
+        options.cleanstart = 1; /* replies to an earlier connection are stale: they were answered locally */
+    if (net.uri_count > 1) {
+        /* Paho tries them in order on each attempt: the first node while it is up, else the next one. */
+        options.serverURIs = net.uri_list;
+        options.serverURIcount = net.uri_count;
+    }
     options.connectTimeout = net.connect_timeout_s;
     options.will = &will;
     options.username = net.config.username;
@@ -224,29 +289,41 @@ static int connect_once(void)
         ssl.ssl_error_cb = tls_error;
         options.ssl = &ssl;
     }
-    response = MQTTClient_connect5(net.client, &options, NULL, NULL);
-    rc = response.reasonCode;
-    MQTTResponse_free(response);
-    if (rc != MQTTCLIENT_SUCCESS)
-        return rc;
     topics[0] = net.reply_topic;
     topics[1] = net.model_threshold_topic;
     topics[2] = net.device_threshold_topic;
-    response = MQTTClient_subscribeMany5(net.client, 3, topics, qos, NULL, NULL);
-    rc = response.reasonCode;
-    if (rc >= 0 && !check_subscriptions(&response, topics))
-        rc = MQTTREASONCODE_NOT_AUTHORIZED;
-    MQTTResponse_free(response);
-    if (rc < 0 || rc > MQTTREASONCODE_GRANTED_QOS_2) {
-        MQTTClient_disconnect5(net.client, 0, MQTTREASONCODE_UNSPECIFIED_ERROR, NULL);
-        return rc;
+    if (net.config.mqtt311) {
+        rc = connect_and_subscribe311(&options, topics, qos);
+        if (rc != MQTTCLIENT_SUCCESS)
+            return rc;
+    } else {
+        response = MQTTClient_connect5(net.client, &options, NULL, NULL);
+        rc = response.reasonCode;
+        MQTTResponse_free(response);
+        if (rc != MQTTCLIENT_SUCCESS)
+            return rc;
+        response = MQTTClient_subscribeMany5(net.client, 3, topics, qos, NULL, NULL);
+        rc = response.reasonCode;
+        if (rc >= 0 && !check_subscriptions(&response, topics))
+            rc = MQTTREASONCODE_NOT_AUTHORIZED;
+        MQTTResponse_free(response);
+        if (rc < 0 || rc > MQTTREASONCODE_GRANTED_QOS_2) {
+            MQTTClient_disconnect5(net.client, 0, MQTTREASONCODE_UNSPECIFIED_ERROR, NULL);
+            return rc;
+        }
     }
     publish_status("online");
     pthread_mutex_lock(&net.lock);
     net.connected = 1;
     pthread_cond_broadcast(&net.changed);
+    if (net.uri_count > 1 && net.waiting_id != 0 && !net.have_reply && net.waiting_request != NULL) {
+        /* A fail-over: the reply may have been routed to the old node. Same bytes, same request id. */
+        if (publish(net.request_topic, net.waiting_request, net.waiting_len, 0) == MQTTCLIENT_SUCCESS)
+            log_line("sent the waiting request again after reconnecting");
+    }
     pthread_mutex_unlock(&net.lock);
-    log_line("connected to %s as %s%s", net.uri, net.device_id,
+    log_line("connected to %s as %s%s", options.returned.serverURI ? options.returned.serverURI : net.uri,
+             net.device_id,
              net.config.tls ? (net.config.insecure ? " (TLS, broker NOT verified: --insecure)" : " (TLS)") : "");
     return 0;
 }
@@ -336,6 +413,27 @@ int ddnn_mqtt_parse_option(ddnn_mqtt_config *config, int argc, char **argv, int 
         config->insecure = 1;
         return 1;
     }
+    if (strcmp(arg, "--mqtt-version") == 0 || strcmp(arg, "--subscribe-qos") == 0 ||
+        strcmp(arg, "--also-broker") == 0) {
+        const char *value = *i + 1 < argc ? argv[*i + 1] : "";
+        if (strcmp(arg, "--mqtt-version") == 0 && (strcmp(value, "5") == 0 || strcmp(value, "3.1.1") == 0)) {
+            config->mqtt311 = strcmp(value, "3.1.1") == 0;
+        } else if (strcmp(arg, "--subscribe-qos") == 0 && (strcmp(value, "0") == 0 || strcmp(value, "1") == 0)) {
+            config->subscribe_qos = value[0] - '0';
+            config->subscribe_qos_set = 1;
+        } else if (strcmp(arg, "--also-broker") == 0 && value[0] != '\0' && value[0] != '-' &&
+                   config->also_broker_count < DDNN_MQTT_MAX_BROKERS - 1) {
+            config->also_brokers[config->also_broker_count++] = value;
+        } else {
+            fprintf(stderr, "ddnn_mqtt: %s needs %s\n", arg,
+                    strcmp(arg, "--mqtt-version") == 0 ? "5 or 3.1.1"
+                    : strcmp(arg, "--subscribe-qos") == 0 ? "0 or 1"
+                                                         : "HOST:PORT (at most 7 of them)");
+            return -1;
+        }
+        ++*i;
+        return 1;
+    }
     for (k = 0; k < sizeof(with_value) / sizeof(with_value[0]); ++k) {
         if (strcmp(arg, with_value[k]) == 0) {
             if (*i + 1 >= argc || argv[*i + 1][0] == '\0') {
@@ -358,7 +456,11 @@ void ddnn_mqtt_usage(FILE *out)
                  "  --cert FILE --key FILE  client certificate and key (PEM), for brokers that identify by them\n"
                  "  --username NAME       MQTT user name\n"
                  "  --password-file FILE  file whose first line is the MQTT password\n"
-                 "  --insecure            TLS without checking the broker's certificate and name (testing only)\n");
+                 "  --insecure            TLS without checking the broker's certificate and name (testing only)\n"
+                 "  --mqtt-version V      5 (default) or 3.1.1 (RabbitMQ's MQTT plugin)\n"
+                 "  --subscribe-qos Q     QoS of the reply and threshold subscriptions: 1 (default), 0 on RabbitMQ\n"
+                 "  --also-broker H:P     another node of the broker's cluster, tried when the others fail\n"
+                 "                        (repeatable; same TLS and credentials)\n");
 }
 
 /* A flag the callback thread writes, read under the lock. */
@@ -412,6 +514,28 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     n = snprintf(net.uri, sizeof(net.uri), "%s://%s:%d", config->tls ? "ssl" : "tcp", config->host, config->port);
     if (n < 0 || (size_t)n >= sizeof(net.uri))
         return -1;
+    if (!config->subscribe_qos_set)
+        net.config.subscribe_qos = 1;
+    memcpy(net.uris[0], net.uri, sizeof(net.uri));
+    net.uri_list[0] = net.uris[0];
+    net.uri_count = 1;
+    for (i = 0; i < config->also_broker_count; ++i) {
+        const char *node = config->also_brokers[i];
+        const char *colon = strrchr(node, ':');
+        /* HOST:PORT only: Paho parses the URI, so nothing that would read as a scheme, path or second port. */
+        if (colon == NULL || colon == node || strspn(colon + 1, "0123456789") != strlen(colon + 1) ||
+            strlen(colon + 1) == 0 || strlen(colon + 1) > 5 || strpbrk(node, "/ ") != NULL) {
+            fprintf(stderr, "ddnn_mqtt: --also-broker %s is not HOST:PORT\n", node);
+            return -1;
+        }
+        n = snprintf(net.uris[net.uri_count], URI_MAX, "%s://%s", config->tls ? "ssl" : "tcp", node);
+        if (n < 0 || n >= URI_MAX) {
+            fprintf(stderr, "ddnn_mqtt: --also-broker %s is too long\n", node);
+            return -1;
+        }
+        net.uri_list[net.uri_count] = net.uris[net.uri_count];
+        ++net.uri_count;
+    }
     /* The device id in the request topic is what the server answers (and what a broker ACL ties to this
      * device's credentials); the reply comes back on the device's own reply topic. */
     snprintf(net.request_topic, TOPIC_MAX, "ddnn/req/%s/%s", hex, net.device_id);
@@ -426,7 +550,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     pthread_condattr_setclock(&clock_attr, CLOCK_MONOTONIC);
     pthread_cond_init(&net.changed, &clock_attr);
     pthread_condattr_destroy(&clock_attr);
-    create.MQTTVersion = MQTTVERSION_5;
+    create.MQTTVersion = config->mqtt311 ? MQTTVERSION_3_1_1 : MQTTVERSION_5;
     /* Client id = device id: one identity per device on the broker (see ddnn_mqtt.h for two processes). */
     if (MQTTClient_createWithOptions(&net.client, net.uri, net.device_id, MQTTCLIENT_PERSISTENCE_NONE, NULL,
                                      &create) != MQTTCLIENT_SUCCESS) {
@@ -435,7 +559,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     }
     net.created = 1;
     if (MQTTClient_setCallbacks(net.client, NULL, on_connection_lost, on_message, NULL) != MQTTCLIENT_SUCCESS ||
-        MQTTClient_setDisconnected(net.client, NULL, on_disconnected) != MQTTCLIENT_SUCCESS) {
+        (!config->mqtt311 && MQTTClient_setDisconnected(net.client, NULL, on_disconnected) != MQTTCLIENT_SUCCESS)) {
         fprintf(stderr, "ddnn_mqtt: cannot set up the client\n");
         return -1;
     }
@@ -468,29 +592,28 @@ static void deadline_after(struct timespec *ts, int ms)
 
 int ddnn_mqtt_request(const uint8_t *request, size_t len, uint64_t request_id, int timeout_ms, ddnn_reply *reply)
 {
-    MQTTClient_message message = MQTTClient_message_initializer;
-    MQTTResponse response;
     struct timespec deadline;
-    int rc, result;
+    /* With fail-over nodes, a lost connection is waited out (until the timeout) instead of answered locally. */
+    const int ride_out = net.uri_count > 1;
+    int rc, result, sent;
 
-    if (!ddnn_mqtt_connected() || request_id == 0)
+    if (request_id == 0 || (!ride_out && !ddnn_mqtt_connected()))
         return DDNN_NET_OFFLINE;
+    deadline_after(&deadline, timeout_ms);
     pthread_mutex_lock(&net.lock);
     net.waiting_id = request_id;
     net.have_reply = 0;
+    net.waiting_request = request;
+    net.waiting_len = len;
+    /* Connected now, or (riding out) the reconnection publishes it: connect_once sends what waits. */
+    sent = net.connected;
     pthread_mutex_unlock(&net.lock);
-    message.payload = (void *)request;
-    message.payloadlen = (int)len;
-    message.qos = 1;
-    response = MQTTClient_publishMessage5(net.client, net.request_topic, &message, NULL);
-    rc = response.reasonCode;
-    MQTTResponse_free(response);
+    rc = sent ? publish(net.request_topic, request, len, 0) : MQTTCLIENT_SUCCESS;
     pthread_mutex_lock(&net.lock);
-    if (rc != MQTTCLIENT_SUCCESS) {
+    if (rc != MQTTCLIENT_SUCCESS && !ride_out) {
         result = DDNN_NET_OFFLINE;
     } else {
-        deadline_after(&deadline, timeout_ms);
-        while (!net.have_reply && net.connected)
+        while (!net.have_reply && (net.connected || ride_out) && net.running)
             if (pthread_cond_timedwait(&net.changed, &net.lock, &deadline) == ETIMEDOUT)
                 break;
         result = net.have_reply ? DDNN_NET_OK : (net.connected ? DDNN_NET_TIMEOUT : DDNN_NET_OFFLINE);
@@ -498,6 +621,7 @@ int ddnn_mqtt_request(const uint8_t *request, size_t len, uint64_t request_id, i
             *reply = net.reply;
     }
     net.waiting_id = 0;
+    net.waiting_request = NULL;
     pthread_mutex_unlock(&net.lock);
     return result;
 }
@@ -534,7 +658,7 @@ void ddnn_mqtt_stop(void)
         pthread_join(net.reconnector, NULL);
     if (ddnn_mqtt_connected()) {
         publish_status("offline");
-        MQTTClient_disconnect5(net.client, 1000, MQTTREASONCODE_NORMAL_DISCONNECTION, NULL);
+        disconnect(1000, MQTTREASONCODE_NORMAL_DISCONNECTION);
     }
     MQTTClient_destroy(&net.client);
     pthread_cond_destroy(&net.changed);

@@ -1,4 +1,6 @@
-/* The device's MQTT 5 client for ddnn-server (Paho C, MQTTClient API, one client per process).
+/* The device's MQTT client for ddnn-server (Paho C, MQTTClient API, one client per process): MQTT 5, or 3.1.1
+ * for brokers such as RabbitMQ's MQTT plugin (the protocol needs no MQTT 5 property), on one broker or a list
+ * of cluster nodes to fail over between (see ddnn_mqtt_parse_option).
  *
  * ddnn_mqtt_request() publishes one request (QoS 1) on ddnn/req/<model>/<device> and waits for the
  * reply with its request id on ddnn/reply/<device> at most timeout_ms; it returns DDNN_NET_OFFLINE at once while the broker is gone,
@@ -23,6 +25,9 @@
 
 #include "ddnn_protocol.h"
 
+/* The broker and its fail-over alternatives (cluster nodes), at most. */
+#define DDNN_MQTT_MAX_BROKERS 8
+
 enum ddnn_net_result {
     DDNN_NET_OK = 0,      /* reply received (its status may still be an error) */
     DDNN_NET_TIMEOUT = 1, /* no reply within the timeout */
@@ -42,13 +47,22 @@ typedef struct {
     const char *username;                        /* or NULL */
     const char *password_file;                   /* first line = the password (kept off the command line) */
     int insecure;                                /* TLS without certificate or host name checks */
+    int mqtt311;                                 /* MQTT 3.1.1 instead of 5 (RabbitMQ's MQTT plugin) */
+    int subscribe_qos;                           /* QoS of the reply/threshold subscriptions: 1, or 0 on RabbitMQ */
+    int subscribe_qos_set;                       /* subscribe_qos was given (else 1) */
+    const char *also_brokers[DDNN_MQTT_MAX_BROKERS - 1]; /* HOST:PORT of further cluster nodes (fail-over) */
+    int also_broker_count;
 } ddnn_mqtt_config;
 
 /* Zeroes a configuration (plain TCP, no credentials). */
 void ddnn_mqtt_config_init(ddnn_mqtt_config *config);
 
 /* Command-line options for the connection, shared by every runner: --tls, --ca-file F, --cert F, --key F,
- * --username U, --password-file F, --insecure. Looks at argv[*i]; returns 1 and advances *i past what it
+ * --username U, --password-file F, --insecure, --mqtt-version 5|3.1.1, --subscribe-qos 0|1, --also-broker
+ * HOST:PORT (repeatable: further nodes of a cluster, tried in turn, same TLS and credentials). With more than
+ * one broker the device rides out a fail-over: a request waiting for its reply (or a connection) keeps
+ * waiting until its timeout, and is published again, same request id, once connected to the next node (the
+ * reply may have gone with the old node; a second reply is ignored by request id). Looks at argv[*i]; returns 1 and advances *i past what it
  * consumed, 0 when argv[*i] is none of them, -1 (message printed) when its value is missing. */
 int ddnn_mqtt_parse_option(ddnn_mqtt_config *config, int argc, char **argv, int *i);
 

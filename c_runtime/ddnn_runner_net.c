@@ -5,6 +5,9 @@
  * Thresholds published on the retained threshold topics take effect between samples.
  * --server-only sends every raw input image instead (the paper's "Server-only" configuration: the
  * server runs the whole model); the device part then runs only as the fallback answer.
+ * A Big-Little model (model->offload_raw) always sends the raw input: its big net on the server reads the image,
+ * and its little net answers only for a priority class; a fallback for a sample the little net calls "other"
+ * has class -1 (no class: the failure is reported, not hidden).
  * Model-agnostic: the Makefile names the model's descriptor with -DDDNN_RUNNER_MODEL=<name>_model. */
 #include <math.h>
 #include <stdio.h>
@@ -246,7 +249,7 @@ int main(int argc, char **argv)
             header.event_id = view_count > 1 ? (uint64_t)first_event_id + index : 0u;
             header.view_index = (uint8_t)view_index;
             header.view_count = (uint8_t)view_count;
-            if (server_only) {
+            if (server_only || model->offload_raw) {
                 header.split_layer = DDNN_RAW_SPLIT_LAYER;
                 header.channels = (uint16_t)model->input_c;
                 header.height = (uint16_t)model->input_h;
@@ -265,7 +268,7 @@ int main(int argc, char **argv)
             net = len > 0 ? ddnn_mqtt_request(model->request, len, header.request_id, (int)timeout_ms, &reply)
                           : DDNN_NET_OFFLINE;
             if (net == DDNN_NET_OK && reply.status == DDNN_STATUS_OK && reply.class_id >= 0 &&
-                reply.class_id < model->n_classes) {
+                reply.class_id < model->n_answer_classes) {
                 source = 1;
                 final_class = reply.class_id;
                 server_us = reply.server_us;

@@ -40,7 +40,8 @@ def _register() -> None:
     model_commands.register(cli)
     # Later areas (compile, device, network) register here the same way.
     for module_name in ("compile_commands", "device_commands", "network_commands", "bench_commands", "plan_commands",
-                        "broker_commands"):
+                        "broker_commands", "ops_commands",
+                        "cluster_commands"):
         try:
             module = __import__(f"ddnn_gen.commands.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as error:

@@ -12,6 +12,13 @@ is measured in docs/views.md.
 :class:`EventTable` (pure: no MQTT, no threads) is the bookkeeping and holds the hostile-input rules; the
 server (app.py) feeds it from the network thread, a timer thread expires events, and the workers run
 :func:`answer_events` on batches of closed events.
+
+Liveness: devices publish a retained ``online`` on ``ddnn/status/<device-id>`` and leave a last will
+``offline`` there (docs/protocol.md). The table follows the status of the devices bound to views
+(:meth:`EventTable.device_status`): a view all of whose bound devices are offline is absent, so an event
+closes as soon as every view of a live device is in instead of waiting the deadline for a dead camera; a
+birth makes the view waited for again. The deadline still bounds a live camera's late view and a device
+whose status is unknown.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ from ddnn_gen.wire.codec import ProtocolError, RequestHeader, Status
 MAX_OPEN_EVENTS = 256
 # Devices remembered with the view they send (a device is one camera: it may not speak for another view).
 DEVICES_KEPT = 65536
+# Status payloads (docs/protocol.md); anything else on a status topic is ignored.
+ONLINE, OFFLINE = b"online", b"offline"
+STATUSES = (ONLINE, OFFLINE, b"")  # empty: the retained status was cleared (unknown, so waited for)
+# Births of devices bound to no view that hold absent views waited for (EventTable._newcomers).
+NEWCOMERS_KEPT = 1024
 # Answered events remembered, so that a view arriving after its event was answered (late, past the deadline)
 # gets the event's answer at once, and a second copy of an answered view is recognised as a duplicate.
 CLOSED_EVENTS_KEPT = 4096
@@ -56,10 +68,24 @@ class Event:
     view_count: int
     deadline: float
     views: dict[int, ViewRequest] = field(default_factory=dict)
+    late: list[ViewRequest] = field(default_factory=list)  # arrived once closed, before its answer
 
     @property
     def complete(self) -> bool:
         return len(self.views) == self.view_count
+
+
+@dataclass
+class _ViewDevices:
+    """How many devices are bound to one view of a model, and how many of them are offline."""
+
+    bound: int = 0
+    offline: int = 0
+
+    @property
+    def absent(self) -> bool:
+        """Every device that ever sent this view (as far as the table remembers) is offline."""
+        return self.bound > 0 and self.offline == self.bound
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,8 @@ class Admission:
 
 
 class EventTable:
-    """Open events keyed by (model hash, event id), with their deadlines, and the recently answered ones.
+    """Open events keyed by (model hash, event id), with their deadlines, the closed ones being answered, and
+    the recently answered ones.
 
     Not thread-safe: the caller holds one lock around every call (the network thread adds, a timer expires).
     """
@@ -95,10 +122,22 @@ class EventTable:
         self.deadline_s = deadline_s
         self.max_open = max_open
         self._open: dict[tuple[bytes, int], Event] = {}
+        # Closed, on their way to a worker: a view arriving now joins the event's answer (it must not open
+        # a second event under the same key, answered differently).
+        self._closing: dict[tuple[bytes, int], Event] = {}
         self._closed: OrderedDict[tuple[bytes, int], EventAnswer] = OrderedDict()
         self._kept = kept
         self._device_views: OrderedDict[tuple[bytes, str], int] = OrderedDict()
         self._devices_kept = devices_kept
+        # Liveness of the bound devices: only bound ids are tracked (a status for any other id is ignored
+        # but for a birth, below), so this is as bounded as the bindings.
+        self._models_of: dict[str, set[bytes]] = {}
+        self._view_devices: dict[tuple[bytes, int], _ViewDevices] = {}
+        self._offline: set[str] = set()
+        # Births of devices bound to no view, in the last deadline: one may be the replacement of an offline
+        # camera (a new id for its view), so while any is here no view counts as absent (the deadline bounds
+        # the wait). Bounded; past the bound the oldest birth is dropped.
+        self._newcomers: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -110,7 +149,8 @@ class EventTable:
 
         ``view_count`` is the model's K: a request must say the same (the header's range checks were done when
         it was decoded). A device is bound to the first view index it sends (one camera cannot fill in
-        another's view of an event), for as long as it is among the last ``devices_kept`` devices seen."""
+        another's view of an event), for as long as it is among the last ``devices_kept`` devices seen. A view
+        of an event that is closed but not answered yet joins it: :meth:`answered` hands it back."""
         header = request.header
         now = time.monotonic() if now is None else now
         if header.view_count != view_count or header.event_id == 0:
@@ -125,6 +165,14 @@ class EventTable:
                 raise ProtocolError(Status.MALFORMED, f"view {header.view_index} of event {header.event_id} was "
                                     "already answered (a duplicate view)", header.request_id)
             return Admission(late_answer=answered)
+        closing = self._closing.get(key)
+        if closing is not None:
+            if header.view_index in closing.views or any(late.header.view_index == header.view_index
+                                                         for late in closing.late):
+                raise ProtocolError(Status.MALFORMED, f"view {header.view_index} of event {header.event_id} arrived "
+                                    "twice (a duplicate view)", header.request_id)
+            closing.late.append(request)
+            return Admission()
         event = self._open.get(key)
         if event is None:
             if len(self._open) >= self.max_open:
@@ -135,10 +183,36 @@ class EventTable:
             raise ProtocolError(Status.MALFORMED, f"view {header.view_index} of event {header.event_id} arrived "
                                 "twice (a duplicate view)", header.request_id)
         event.views[header.view_index] = request
-        if event.complete:
-            del self._open[key]
-            return Admission(event=event)
+        if self._ready(event, now):
+            return Admission(event=self._close(key))
         return Admission()
+
+    def _close(self, key: tuple[bytes, int]) -> Event:
+        event = self._closing[key] = self._open.pop(key)
+        return event
+
+    def _ready(self, event: Event, now: float) -> bool:
+        """Every view is in, or known absent (its devices are offline and no newcomer may be replacing one)."""
+        if event.complete:
+            return True
+        self._forget_newcomers(now)
+        if self._newcomers:
+            return False
+        model_hash = event.key[0]
+        for view in range(event.view_count):
+            if view not in event.views:
+                devices = self._view_devices.get((model_hash, view))
+                if devices is None or not devices.absent:
+                    return False
+        return True
+
+    def _forget_newcomers(self, now: float) -> bool:
+        """Drop the births older than a deadline; True when some were dropped."""
+        dropped = False
+        while self._newcomers and next(iter(self._newcomers.values())) + self.deadline_s <= now:
+            self._newcomers.popitem(last=False)
+            dropped = True
+        return dropped
 
     def _bind(self, model_hash: bytes, device_id: str, header: RequestHeader) -> None:
         device = (model_hash, device_id)
@@ -146,31 +220,92 @@ class EventTable:
         if bound is not None and bound != header.view_index:
             raise ProtocolError(Status.MALFORMED, f"device {device_id} sends view {bound} of this model, not view "
                                 f"{header.view_index}", header.request_id)
+        if bound is None:
+            self._count(model_hash, device_id, header.view_index, +1)
+            self._models_of.setdefault(device_id, set()).add(model_hash)
+            self._newcomers.pop(device_id, None)
         self._device_views[device] = header.view_index
         self._device_views.move_to_end(device)
         while len(self._device_views) > self._devices_kept:
-            self._device_views.popitem(last=False)
+            (old_hash, old_id), old_view = self._device_views.popitem(last=False)
+            self._count(old_hash, old_id, old_view, -1)
+            models = self._models_of[old_id]
+            models.discard(old_hash)
+            if not models:
+                del self._models_of[old_id]
+                self._offline.discard(old_id)
+
+    def _count(self, model_hash: bytes, device_id: str, view: int, step: int) -> None:
+        devices = self._view_devices.setdefault((model_hash, view), _ViewDevices())
+        devices.bound += step
+        if device_id in self._offline:
+            devices.offline += step
+        if devices.bound == 0:
+            del self._view_devices[(model_hash, view)]
+
+    def device_status(self, device_id: str, payload: bytes, now: float | None = None) -> list[Event]:
+        """A message on ``device_id``'s status topic (the caller validated the id): ``offline`` makes a bound
+        device's views absent and returns the open events that are now ready (every other view in);
+        ``online`` or an empty payload (the retained status cleared: unknown) makes them waited for again.
+        The birth of a device bound to no view holds every absent view waited for, for one deadline (it may
+        be a camera's replacement). Anything else is ignored."""
+        now = time.monotonic() if now is None else now
+        if payload not in STATUSES:
+            return []
+        if device_id not in self._models_of:
+            if payload == ONLINE:
+                self._newcomers.pop(device_id, None)
+                self._newcomers[device_id] = now
+                while len(self._newcomers) > NEWCOMERS_KEPT:
+                    self._newcomers.popitem(last=False)
+            return []
+        offline = payload == OFFLINE
+        if offline == (device_id in self._offline):
+            return []
+        step = 1 if offline else -1
+        if offline:
+            self._offline.add(device_id)
+        else:
+            self._offline.discard(device_id)
+        for model_hash in self._models_of[device_id]:
+            self._view_devices[(model_hash, self._device_views[(model_hash, device_id)])].offline += step
+        return self._close_ready(now) if offline else []
+
+    def _close_ready(self, now: float) -> list[Event]:
+        ready = [key for key, event in self._open.items() if self._ready(event, now)]
+        return [self._close(key) for key in ready]
 
     def expire(self, now: float | None = None) -> list[Event]:
-        """Close and return the events whose deadline has passed (they are answered with the views present)."""
+        """Close and return the events whose deadline has passed (they are answered with the views present),
+        and those a newcomer's birth held that are ready now that it has had a deadline to send its view."""
         now = time.monotonic() if now is None else now
         due = [key for key, event in self._open.items() if event.deadline <= now]
-        return [self._open.pop(key) for key in due]
+        closed = [self._close(key) for key in due]
+        if self._forget_newcomers(now):
+            closed += self._close_ready(now)
+        return closed
 
     def next_deadline(self) -> float | None:
         return min((event.deadline for event in self._open.values()), default=None)
 
     def drain(self) -> list[Event]:
         """Every open event, closed now (shutting down: answer what arrived)."""
-        events = list(self._open.values())
-        self._open.clear()
-        return events
+        return [self._close(key) for key in list(self._open)]
 
-    def answered(self, event: Event, answer: EventAnswer) -> None:
-        """Remember ``event``'s answer for views that arrive after it (bounded: the oldest are forgotten)."""
+    def answered(self, event: Event, answer: EventAnswer) -> list[ViewRequest]:
+        """Remember ``event``'s answer for views that arrive after it (bounded: the oldest are forgotten);
+        returns the views that arrived while it was being answered (they get the same answer)."""
+        self._closing.pop(event.key, None)
         self._closed[event.key] = answer
         while len(self._closed) > self._kept:
             self._closed.popitem(last=False)
+        return event.late
+
+    def failed(self, event: Event) -> list[ViewRequest]:
+        """``event`` could not be answered (the caller tells its views why); returns the views that arrived
+        while it was closing, which are told the same. A view arriving later opens a new event."""
+        self._closing.pop(event.key, None)
+        return event.late
 
 
 def answer_events(aggregator: ViewAggregator, events: Sequence[Event]) -> list[EventAnswer]:

@@ -6,23 +6,30 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.model.spec import exit_decision
-from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire import codec, telemetry, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_gen.wire.connection import BrokerConnection
-from ddnn_server.aggregator import MAX_OPEN_EVENTS, Event, EventAnswer, EventTable, ViewRequest, answer_events
+from ddnn_server.aggregator import MAX_OPEN_EVENTS, STATUSES, Event, EventAnswer, EventTable, ViewRequest, answer_events
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job, QueueFull
 from ddnn_server.edge import Forward, Upstream
 from ddnn_server.log_limits import RateLimitedLog
+from ddnn_server.metrics import NO_MODEL, RequestMetrics
 from ddnn_server.store import ModelStore, ServedModel
 from ddnn_server.thresholds import TierThresholds
-from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, Transport
+from ddnn_server.transport import RECEIVE_MAXIMUM, Incoming, ServerTransport, Transport
+
+if TYPE_CHECKING:  # pika is imported only when an AMQP transport is asked for
+    from ddnn_server.amqp_transport import AmqpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +57,15 @@ class ServerConfig:
     upstream_timeout_ms: float = 1000.0
     plan: str | None = None  # a plan file (ddnngen plan): its model runs what the plan puts at ``location``
     location: str = "cloud"
+    metrics_port: int = 0  # Prometheus /metrics on this loopback port (0: not exposed)
+    metrics_address: str = "127.0.0.1"
+    log_requests: bool = False  # one log line per request (on the ddnn_server.requests logger)
+    telemetry_interval_s: float = 2.0  # load on ddnn/server/<id>/telemetry this often (0: off)
     event_deadline_ms: float = 100.0  # aggregator: how long an event waits for its missing views
     max_open_events: int = MAX_OPEN_EVENTS  # aggregator: events gathering views at once; more: UNAVAILABLE
+    # RabbitMQ cluster nodes (one per node, tried in turn): consume the models' quorum queues over AMQP instead
+    # of subscribing on ``broker``; ``receive_maximum`` is then the prefetch count.
+    amqp: Sequence[AmqpEndpoint] = ()
 
 
 @dataclass
@@ -81,6 +95,8 @@ class Server:
             store.load_dir(config.models)
         self.store = store
         self.batcher = Batcher(config.max_batch, config.max_wait_ms, config.max_queue)
+        self.metrics = RequestMetrics(config.max_batch, lambda: self.batcher.pending, config.workers,
+                                      config.log_requests)
         persistent = config.server_id is not None
         # A broker that identifies clients by user name (use_username_as_clientid) uses it as client id
         # anyway; naming it here keeps the status topic the one the broker's rules grant this server.
@@ -90,10 +106,24 @@ class Server:
         edges = [model for model in store.models() if model.role == "edge"]
         extra = [topic for model in edges for topic in TierThresholds.subscriptions(model.hash_bytes,
                                                                                     model.entry_tier)]
-        self.transport = Transport(config.broker, client_id, config.group,
-                                   [(model.hash_bytes, model.topic_tier) for model in store.models()],
-                                   self._on_request, persistent, config.session_expiry_s, extra,
-                                   self.thresholds.update if extra else None, config.receive_maximum)
+        aggregating = any(model.views is not None for model in store.models())
+        if aggregating:
+            # The cameras' births and wills: a view whose devices are offline is not waited for (docs/views.md).
+            extra.append(topics.STATUS_SUBSCRIPTION)
+        served = [(model.hash_bytes, model.topic_tier) for model in store.models()]
+        self.transport: ServerTransport
+        if config.amqp:
+            from ddnn_server.amqp_transport import AmqpTransport
+
+            if edges or aggregating:
+                raise DdnnError("edge and aggregator servers run on MQTT brokers only (their tier above, live "
+                                "thresholds and device status are MQTT); --amqp serves cloud models")
+            client_id = config.server_id or config.amqp[0].username
+            self.transport = AmqpTransport(config.amqp, client_id, served, self._on_request, config.receive_maximum)
+        else:
+            self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
+                                       config.session_expiry_s, extra, self._on_other if extra else None,
+                                       config.receive_maximum)
         self.upstream: Upstream | None = None
         if edges:
             self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
@@ -103,15 +133,19 @@ class Server:
         self.stats = {"ok": 0, "errors": 0, "dropped": 0, "busy": 0, "batches": 0}
         self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
+        self._telemetry_stop = threading.Event()
+        self._telemetry = threading.Thread(target=self._telemetry_loop, name="ddnn-telemetry", daemon=True)
         # Aggregator: the events gathering their views, closed by the deadline thread or by their last view.
         self.events = EventTable(config.event_deadline_ms / 1000.0, config.max_open_events)
         self._events_lock = threading.Lock()
         self._events_stop = threading.Event()
         self._deadlines: threading.Thread | None = None
-        if any(model.views is not None for model in store.models()):
+        if aggregating:
             self._deadlines = threading.Thread(target=self._deadline_loop, name="ddnn-event-deadlines", daemon=True)
 
     def start(self) -> Server:
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
         for worker in self._workers:
             worker.start()
         if self.upstream is not None:
@@ -119,6 +153,8 @@ class Server:
         if self._deadlines is not None:
             self._deadlines.start()
         self.transport.start()
+        if self.config.telemetry_interval_s > 0:
+            self._telemetry.start()
         return self
 
     def wait_ready(self, timeout_s: float) -> bool:
@@ -145,9 +181,13 @@ class Server:
             # What the tier above still owes is waited for as long as a device would wait, then answered here.
             self.upstream.drain(self.config.upstream_timeout_ms / 1000.0)
         self.transport.wait_replies_acked()
+        self._telemetry_stop.set()
+        if self._telemetry.is_alive():
+            self._telemetry.join()
         self.transport.close()
         if self.upstream is not None:
             self.upstream.close()
+        self.metrics.close()
         log.info("stopped after %d replies, %d errors, %d dropped, %d batches", self.stats["ok"],
                  self.stats["errors"], self.stats["dropped"], self.stats["batches"])
         if self.stats["busy"] or self.transport.unsent_replies:
@@ -157,6 +197,20 @@ class Server:
             up = self.upstream.stats
             log.info("edge: %d sent to the tier above, %d answered by it, %d answered here as fallback, %d late "
                      "replies", up["forwarded"], up["answered"], up["fallback"], up["late"])
+
+    def telemetry(self) -> dict[str, object]:
+        """The next telemetry message's body (wire/telemetry.py SERVER_SCHEMA): figures since the last one."""
+        return {"v": telemetry.TELEMETRY_VERSION, "server": self.transport.client_id, "time": time.time(),
+                "workers": len(self._workers),
+                "models": {m.name: topics.model_key(m.hash_bytes) for m in self.store.models()},
+                **self.metrics.take_window()}
+
+    def _telemetry_loop(self) -> None:
+        while not self._telemetry_stop.wait(self.config.telemetry_interval_s):
+            try:
+                self.transport.publish_telemetry(telemetry.encode(self.telemetry()))
+            except Exception:  # telemetry must never take the server down
+                log.exception("publishing telemetry failed")
 
     # ---- request intake (network thread) -------------------------------------------------------------
 
@@ -169,10 +223,12 @@ class Server:
             self._bad_requests.warning("dropped", "dropped request (%d bytes) on %r: the topic names no valid "
                                        "device id", len(data), incoming.topic)
             self.transport.drop(incoming)
+            self.metrics.dropped()
             with self._stats_lock:
                 self.stats["dropped"] += 1
             return
         topic_model, device_id, _ = routed
+        model_name = NO_MODEL
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
             header = codec.decode_request_header(data, self.config.max_request_bytes)
@@ -180,6 +236,7 @@ class Server:
             if model is None:
                 raise ProtocolError(Status.UNKNOWN_MODEL, f"unknown model hash {header.model_hash.hex()}",
                                     header.request_id)
+            model_name = model.name
             if topics.model_key(header.model_hash) != topic_model:
                 raise ProtocolError(Status.MALFORMED, "header model hash is not the topic's model",
                                     header.request_id)
@@ -192,7 +249,8 @@ class Server:
             request_id = error.request_id or codec.peek_request_id(data[:codec.REQUEST_HEADER_BYTES])
             self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
                                        device_id, error.status.name, error)
-            self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False)
+            self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False,
+                       model=model_name)
             return
         work = _Work(header, payload, incoming, model, device_id)
         try:
@@ -203,11 +261,34 @@ class Server:
             with self._stats_lock:
                 self.stats["busy"] += 1
             self._send(incoming, device_id, Reply(header.request_id, Status.UNAVAILABLE, message=BUSY_MESSAGE),
-                       ok=False)
+                       ok=False, model=model.name)
         except RuntimeError:
             self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
 
+    def _on_other(self, topic: str, payload: bytes) -> None:
+        """A message on an extra subscription: a device's status (aggregator) or a retained tier threshold."""
+        if topic.startswith(f"{topics.TOPIC_ROOT}/status/"):
+            self._on_device_status(topic, payload)
+        else:
+            self.thresholds.update(topic, payload)
+
     # ---- multi-view events (aggregator role) ---------------------------------------------------------
+
+    def _on_device_status(self, topic: str, payload: bytes) -> None:
+        """A device's birth or will: the events waiting only for views of offline devices are answered now.
+        Anyone may publish here on a broker without ACLs: a topic without a valid id, a payload that is not a
+        status, or the status of a device bound to no view changes nothing."""
+        device_id = topics.parse_status_topic(topic)
+        if device_id is None or payload not in STATUSES:
+            self._bad_requests.warning("status", "ignoring %d bytes on %r: not a device status (online, offline)",
+                                       len(payload), topic[:200])
+            return
+        with self._events_lock:
+            ready = self.events.device_status(device_id, payload)
+        if ready:
+            log.info("device %s is offline: answering %d events without its view", device_id, len(ready))
+        for event in ready:
+            self._submit_event(event)
 
     def _admit_view(self, model: ServedModel, request: ViewRequest) -> None:
         """One view into its event (ProtocolError for a hostile one); a complete event goes to the workers."""
@@ -217,7 +298,7 @@ class Server:
         if admission.late_answer is not None:
             self._bad_requests.warning("late view", "a view arrived after its event was answered: answering it with "
                                     "the event's answer")
-            self._answer_view(request, admission.late_answer, 0, 0)
+            self._answer_view(request, admission.late_answer, 0, 0, model.name)
         if admission.event is not None:
             self._submit_event(admission.event)
 
@@ -230,14 +311,22 @@ class Server:
         except QueueFull:
             self._bad_requests.warning("busy", "%s's queue is full: answering an event's %d views UNAVAILABLE",
                                        model.name, len(event.views))
-            for request in event.views.values():
-                incoming, device_id = request.context
-                with self._stats_lock:
-                    self.stats["busy"] += 1
-                self._send(incoming, device_id, Reply(request.header.request_id, Status.UNAVAILABLE,
-                                                      message=BUSY_MESSAGE), ok=False)
+            with self._stats_lock:
+                self.stats["busy"] += len(event.views)
+            self._fail_events([event], Status.UNAVAILABLE, BUSY_MESSAGE, model.name)
         except RuntimeError:
             self._run_events([work], time.monotonic())  # closed while draining: answer it here
+
+    def _fail_events(self, events: list[Event], status: Status, message: str, model: str) -> None:
+        """Events that cannot be answered: each of their views (those that joined them once closed too) hears
+        why."""
+        with self._events_lock:
+            late = [self.events.failed(event) for event in events]
+        for event, joined in zip(events, late):
+            for request in [*event.views.values(), *joined]:
+                incoming, device_id = request.context
+                self._send(incoming, device_id, Reply(request.header.request_id, status, message=message), ok=False,
+                           model=model)
 
     def _deadline_loop(self) -> None:
         # A few ms of lateness against deadlines of tens of ms; cheaper than a timer per event.
@@ -255,30 +344,27 @@ class Server:
             answers = answer_events(model.views, events)
         except Exception:  # a model bug must cost these events, not the server
             log.exception("aggregating %d events of %s failed", len(events), model.name)
-            for event in events:
-                for request in event.views.values():
-                    incoming, device_id = request.context
-                    self._send(incoming, device_id, Reply(request.header.request_id, Status.INTERNAL,
-                                                          message="internal server error"), ok=False)
+            self._fail_events(events, Status.INTERNAL, "internal server error", model.name)
             return
         server_us = int((time.monotonic() - started) * 1e6)
         with self._events_lock:
-            for event, answer in zip(events, answers):
-                self.events.answered(event, answer)
-        for event, answer in zip(events, answers):
-            for request in event.views.values():
-                self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6))
+            late = [self.events.answered(event, answer) for event, answer in zip(events, answers)]
+        for event, answer, joined in zip(events, answers, late):
+            for request in [*event.views.values(), *joined]:
+                self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6), model.name)
         with self._stats_lock:
             self.stats["batches"] += 1
 
-    def _answer_view(self, request: ViewRequest, answer: EventAnswer, server_us: int, queue_us: int) -> None:
+    def _answer_view(self, request: ViewRequest, answer: EventAnswer, server_us: int, queue_us: int,
+                     model: str) -> None:
         """Every device of an event gets the event's answer (queue_us: from its view's arrival, the wait for the
         other views included)."""
         top_classes, top_probabilities = self._top_k(answer.logits[None, :])
         top_k = tuple(zip(top_classes[0].tolist(), top_probabilities[0].tolist()))
         incoming, device_id = request.context
         self._send(incoming, device_id, Reply(request.header.request_id, Status.OK, answer.class_id, top_k,
-                                              server_us, queue_us, answered_by=answer.answered_by), ok=True)
+                                              server_us, queue_us, answered_by=answer.answered_by), ok=True,
+                   model=model)
 
     # ---- workers -------------------------------------------------------------------------------------
 
@@ -326,14 +412,14 @@ class Server:
             own = Reply(work.header.request_id, Status.OK, int(result.local_class[row]), top_k, server_us, queue_us[i],
                         answered_by=model.entry_tier)
             if bool(exit_decision(result.entropy[row:row + 1], threshold)[0]):
-                self._send(work.incoming, work.device_id, own, ok=True)
+                self._send(work.incoming, work.device_id, own, ok=True, model=model.name)
                 continue
             self.upstream.forward(Forward(work, work.header.request_id, own), model.hash_bytes,
                                   spec.split_layer(next_tier), chw3, result.split_words[row], next_tier)
 
     def _answer_forward(self, forward: Forward, reply: Reply) -> None:
         work: _Work = forward.context
-        self._send(work.incoming, work.device_id, reply, ok=True)
+        self._send(work.incoming, work.device_id, reply, ok=True, model=work.model.name)
 
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)
@@ -354,7 +440,7 @@ class Server:
                 for i in indices:
                     self._send(works[i].incoming, works[i].device_id,
                                Reply(works[i].header.request_id, Status.INTERNAL, message="internal server error"),
-                               ok=False)
+                               ok=False, model=model.name)
                 continue
             server_us = int((time.monotonic() - started) * 1e6)
             top_classes, top_probabilities = self._top_k(logits)
@@ -364,12 +450,15 @@ class Server:
                 top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
                 reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i],
                               answered_by=last_tier)
-                self._send(works[i].incoming, works[i].device_id, reply, ok=True)
+                self._send(works[i].incoming, works[i].device_id, reply, ok=True, model=model.name)
+        self.metrics.batch(len(works), time.monotonic() - started)
         with self._stats_lock:
             self.stats["batches"] += 1
 
-    def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool) -> None:
+    def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool, model: str = NO_MODEL) -> None:
         self.transport.reply(incoming, device_id, codec.encode_reply(reply))
+        self.metrics.reply(model, device_id, reply.status, incoming.received, reply.server_us, reply.queue_us,
+                           reply.answered_by if reply.status == Status.OK else None)
         with self._stats_lock:
             self.stats["ok" if ok else "errors"] += 1
 

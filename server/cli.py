@@ -17,6 +17,7 @@ from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.connection import DEFAULT_PORT, DEFAULT_TLS_PORT, BrokerConnection, broker_options, parse_address
 from ddnn_server.aggregator import MAX_OPEN_EVENTS
 from ddnn_server.app import Server, ServerConfig
+from ddnn_server.jsonlog import JsonFormatter
 from ddnn_server.transport import RECEIVE_MAXIMUM
 
 log = logging.getLogger("ddnn_server")
@@ -37,6 +38,11 @@ def _name_option(what: str) -> object:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @broker_options(default=None, address_help="MQTT broker; default: start a private Mosquitto on a free loopback "
                                             "port (plain TCP, anonymous).")
+@click.option("--amqp", "amqp_urls", multiple=True, metavar="amqp://USER@HOST:PORT/VHOST",
+              help="A RabbitMQ cluster node (repeat for each node, tried in turn when one is lost): consume the "
+                   "models' quorum queues over AMQP instead of MQTT (docs/deployment.md). Instead of --broker.")
+@click.option("--amqp-password-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File whose first line is the AMQP user's password.")
 @click.option("--models", "models_dir", required=True, type=click.Path(exists=True),
               help="Directory of model files (*.npz), or one model file.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")
@@ -57,7 +63,8 @@ def _name_option(what: str) -> object:
 @click.option("--max-queue", default=1024, show_default=True, type=click.IntRange(1, 10**6),
               help="Requests waiting per model; more are answered UNAVAILABLE (busy).")
 @click.option("--receive-maximum", default=RECEIVE_MAXIMUM, show_default=True, type=click.IntRange(1, 65535),
-              help="MQTT 5 Receive Maximum: requests the broker may have in flight to this server.")
+              help="MQTT 5 Receive Maximum (with --amqp: the prefetch count): requests the broker may "
+                   "have in flight to this server.")
 @click.option("--role", type=click.Choice(["cloud", "edge", "aggregator"]), default="cloud", show_default=True,
               help="cloud: run every tier from where requests resume to the final exit. edge: run the model's "
                    "edge tier, answer at its exit when confident, send the rest on to the cloud (--upstream). "
@@ -83,18 +90,47 @@ def _name_option(what: str) -> object:
               help="With --plan: which of the plan's locations this server is (default: cloud).")
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Expose Prometheus metrics on http://ADDRESS:PORT/metrics; 0: off.")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint binds to (0.0.0.0 for a scraper on another host).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per log line, and one line per request (model, device, status, "
+                   "times) on the ddnn_server.requests logger.")
+@click.option("--telemetry-interval", "telemetry_interval", default=2.0, show_default=True,
+              type=click.FloatRange(0, 3600),
+              help="Publish this server's load (JSON) on ddnn/server/<id>/telemetry every this many seconds; 0: off.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
+def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_password_file: str | None,
+         models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
          receive_maximum: int, role: str, event_deadline_ms: float, max_open_events: int,
          upstream_address: str | None, upstream_timeout_ms: float,
          from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None,
-         verbose: int) -> None:
+         metrics_port: int, metrics_address: str, log_format: str, telemetry_interval: float, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    if 0 < telemetry_interval < 0.1:
+        raise click.BadParameter("0 (off) or at least 0.1 s", param_hint="--telemetry-interval")
+    if log_format == "json":
+        # Asked for explicitly: the per-request lines show whatever the level of the rest.
+        logging.getLogger("ddnn_server.requests").setLevel(logging.INFO)
     private: Broker | None = None
     try:
+        amqp = []
+        if amqp_urls:
+            from ddnn_server.amqp_transport import parse_amqp_url
+
+            if broker is not None:
+                raise click.BadParameter("--amqp and --broker are two transports: give one", param_hint="--amqp")
+            amqp = [parse_amqp_url(url, amqp_password_file) for url in amqp_urls]
+            broker = BrokerConnection()  # unused: requests and replies go over AMQP
+        elif amqp_password_file is not None:
+            raise click.BadParameter("only for --amqp", param_hint="--amqp-password-file")
         if broker is None:
             private = Broker().start()
             click.echo(f"ddnn-server: started private mosquitto at {private.address}", err=True)
@@ -111,7 +147,10 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
                               session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
                               upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud",
-                              event_deadline_ms=event_deadline_ms, max_open_events=max_open_events)
+                              metrics_port=metrics_port, metrics_address=metrics_address,
+                              log_requests=log_format == "json", telemetry_interval_s=telemetry_interval,
+                              event_deadline_ms=event_deadline_ms, max_open_events=max_open_events,
+                              amqp=amqp)
         server = Server(config).start()
     except DdnnError as error:
         if private is not None:
@@ -129,17 +168,17 @@ def main(broker: BrokerConnection | None, models_dir: str, workers: int, max_bat
                        for m in server.store.models())
     if not server.wait_ready(QUIET_CONNECT_S):
         problem = server.transport.connection_problem
-        click.echo(f"ddnn-server: waiting for the broker at {broker.url}" + (f" ({problem})" if problem else "")
-                   + "; retrying in the background", err=True)
+        click.echo(f"ddnn-server: waiting for the broker at {server.transport.url}"
+                   + (f" ({problem})" if problem else "") + "; retrying in the background", err=True)
         reported = problem
         while not stop.is_set() and not server.wait_ready(0.5):
             problem = server.transport.connection_problem
             if problem and problem != reported:
-                click.echo(f"ddnn-server: still waiting for the broker at {broker.url} ({problem})", err=True)
+                click.echo(f"ddnn-server: still waiting for the broker at {server.transport.url} ({problem})", err=True)
                 reported = problem
     if not stop.is_set():
         # Tests and scripts wait for this line before sending work: the subscriptions are in place.
-        click.echo(f"ddnn-server: ready on {broker.url} serving {models}", err=True)
+        click.echo(f"ddnn-server: ready on {server.transport.url} serving {models}", err=True)
     while not stop.wait(0.5):
         pass
     server.stop()

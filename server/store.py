@@ -96,7 +96,8 @@ class ServedModel:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is multi-view: its aggregator takes each "
                                 "view's bit-packed split", header.request_id)
         if self.entry_tier == 0:
-            raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is cloud-only: it takes raw input only",
+            kind = "Big-Little" if self.loaded.spec.big_little else "cloud-only"
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is {kind}: it takes raw input only",
                                 header.request_id)
         channels, height, width = self.split_chw
         if header.split_layer != self.split_layer:
@@ -201,7 +202,8 @@ def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None
             raise ModelFileError(f"{spec.name}: an edge runs a binary edge tier with an early exit; this model's "
                                  f"tiers are {', '.join(t.kind for t in spec.tiers)}")
         return ServedModel(loaded, 1, fold(loaded), fold(loaded, edge_threshold, tier=1))
-    if last == 0:
+    if last == 0 or spec.big_little:
+        # A cloud-only model, or a Big-Little one (its big net reads the raw input): raw requests only.
         return ServedModel(loaded, 0, None)
     entry = from_tier if from_tier is not None else (1 if last == 1 else last)
     if not 1 <= entry <= last:

@@ -1,4 +1,6 @@
-"""The only MQTT-aware module of the server: paho-mqtt 2.x (callback API v2, MQTT 5).
+"""The server's transports behind one interface (:class:`ServerTransport`), and the MQTT one: paho-mqtt 2.x
+(callback API v2, MQTT 5), the only MQTT-aware module of the server. The AMQP one (a RabbitMQ cluster's
+quorum queues) is server/amqp_transport.py.
 
 A server subscribes, for each model it holds, to ``$share/<group>/ddnn/req/<model>/+``: servers of one
 group split that model's requests, and no server sees a model it cannot answer. Requests are
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -41,15 +44,58 @@ QUEUED_REPLIES = 10000  # replies waiting behind those; beyond this a reply is d
 
 @dataclass
 class Incoming:
-    """A request as received: raw bytes, its topic, and what its ack needs."""
+    """A request as received: raw bytes, its topic (MQTT's, also for AMQP routing keys), and what its ack
+    needs: MQTT packet id and QoS, or AMQP delivery tag and the connection it came on (``generation``)."""
 
     payload: bytes
     topic: str
     mid: int
     qos: int
+    generation: int = 0
+    received: float = field(default_factory=time.monotonic)  # when it arrived (the server's latency starts)
+
+
+class ServerTransport(Protocol):
+    """What the server needs of a transport. Requests arrive through the ``on_request`` callback given at
+    construction (from the transport's own thread); a request is acknowledged to the broker only once its
+    reply is accepted (or, for :meth:`drop`, at once), so a server that dies leaves it to be delivered again."""
+
+    unsent_replies: int
+    client_id: str
+
+    @property
+    def url(self) -> str:
+        """Where it is connected (for log lines)."""
+
+    @property
+    def connection_problem(self) -> str | None:
+        """Why the last connection attempt failed, or None."""
+
+    def start(self) -> None: ...
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """True once requests can arrive."""
+
+    def stop_taking_work(self, timeout_s: float = 3.0) -> None:
+        """New requests go to the other servers from now on."""
+
+    def wait_replies_acked(self, timeout_s: float = 5.0) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def drop(self, incoming: Incoming) -> None:
+        """Acknowledge a request that cannot be answered."""
+
+    def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
+        """Send ``payload`` to ``device_id``'s reply topic; acknowledge ``incoming`` once it is accepted."""
+
+    def publish_telemetry(self, payload: bytes) -> None:
+        """This server's load on its telemetry topic, fire and forget."""
 
 
 class Transport:
+    """MQTT 5: shared subscriptions on a Mosquitto (or any MQTT 5 broker)."""
+
     def __init__(self, connection: BrokerConnection, client_id: str, group: str, served: Sequence[tuple[bytes, int]],
                  on_request: Callable[[Incoming], None], persistent: bool, session_expiry_s: int = 300,
                  extra_subscriptions: Sequence[str] = (),
@@ -91,6 +137,10 @@ class Transport:
         """Why the last connection attempt failed (refused, TLS), or None."""
         return self._refused or self._client.last_connect_error
 
+    @property
+    def url(self) -> str:
+        return self.connection.url
+
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -124,6 +174,11 @@ class Transport:
         props.SessionExpiryInterval = 0
         self._client.disconnect(properties=props)
         self._client.loop_stop()
+
+    def publish_telemetry(self, payload: bytes) -> None:
+        """This server's load on ddnn/server/<id>/telemetry: QoS 0, not retained (a reader wants the current
+        figures, and a lost one is replaced by the next)."""
+        self._client.publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
 
     # ---- replies -------------------------------------------------------------------------------------
 

@@ -81,7 +81,11 @@ def cifar_model_path() -> Path:
 # under qemu-user wherever a test is parametrised over a cross architecture.
 BROKER_MODULES = {"test_broker", "test_mqtt_client", "test_server", "test_server_only", "test_server_recovery",
                   "test_device_net", "test_bench_server", "test_bench_system", "test_security", "test_fuzz_server",
-                  "test_device_tls", "test_hierarchy_net", "test_plan", "test_plan_bench", "test_views_net"}
+                  "test_device_tls", "test_hierarchy_net", "test_plan", "test_plan_bench", "test_metrics_net",
+                  "test_telemetry_net", "test_control_net", "test_dashboard_net",
+                  "test_views_net", "test_biglittle_net"}
+# A real RabbitMQ cluster (they also start Mosquitto or devices, so they count as broker tests too).
+RABBITMQ_MODULES = {"test_rabbitmq_cluster", "test_cluster_net"}
 OPENCL_MODULES = {"test_opencl", "test_opencl_host", "test_opencl_shapes"}
 CROSS_ARCHS = {"aarch64", "armhf"}
 
@@ -89,8 +93,10 @@ CROSS_ARCHS = {"aarch64", "armhf"}
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__ if getattr(item, "module", None) else ""  # type: ignore[attr-defined]
-        if module in BROKER_MODULES:
+        if module in BROKER_MODULES or module in RABBITMQ_MODULES:
             item.add_marker(pytest.mark.broker)
+        if module in RABBITMQ_MODULES:
+            item.add_marker(pytest.mark.rabbitmq)
         if module in OPENCL_MODULES:
             item.add_marker(pytest.mark.opencl)
         params = getattr(getattr(item, "callspec", None), "params", {})

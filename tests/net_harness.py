@@ -57,9 +57,11 @@ def serving(broker: str | BrokerConnection, models: str | Path, workers: int = 1
 class ServerProcess:
     """``ddnn-server`` in its own process, stderr collected; ``start`` waits for its ready line."""
 
-    def __init__(self, broker: str | BrokerConnection, models: str | Path, workers: int = 2,
+    def __init__(self, broker: str | BrokerConnection | None, models: str | Path, workers: int = 2,
                  server_id: str | None = None, extra: list[str] | None = None) -> None:
-        broker_args = ["--broker", broker] if isinstance(broker, str) else broker.runner_args()
+        """``broker`` None: no --broker (``extra`` says where, e.g. --amqp)."""
+        broker_args = ([] if broker is None else ["--broker", broker] if isinstance(broker, str)
+                       else broker.runner_args())
         self.args = [sys.executable, "-c", SERVER_MAIN, *broker_args, "--models", str(models),
                      "--workers", str(workers), "-v"]
         if server_id:

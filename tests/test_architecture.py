@@ -17,7 +17,7 @@ ALLOWED = {
     "ddnn_gen.device": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire"},
     "ddnn_server": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.wire"},
     "ddnn_gen.bench": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire", "ddnn_gen.device",
-                       "ddnn_gen.plan", "ddnn_server"},
+                       "ddnn_gen.plan", "ddnn_gen.ops", "ddnn_server"},
     "ddnn_gen.ops": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.wire", "ddnn_gen.device"},
     "ddnn_gen.plan": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire", "ddnn_gen.device"},
     "ddnn_gen.commands": {"ddnn_gen.model", "ddnn_gen.fold", "ddnn_gen.codegen", "ddnn_gen.wire",

@@ -36,7 +36,9 @@ from ddnn_gen.wire.connection import BrokerError
 from ddnn_server.app import BUSY_MESSAGE
 
 N_SAMPLES = 400
-USERS = {"devA": "device", "devB": "device", "srv": "server", "ops": "operator", "mon": "monitor"}
+USERS = {"devA": "device", "devB": "device", "srv": "server", "ops": "operator", "mon": "monitor",
+         "agg": "server", "srv2": "server"}
+VIEWS_MODEL = Path(__file__).resolve().parent.parent / "models" / "views" / "fmnist_views_16.npz"
 NOT_AUTHORIZED = "Not authorized"
 
 
@@ -275,6 +277,29 @@ def test_operator_sets_thresholds_and_a_device_cannot(secure: Broker, fmnist_exp
         assert wait_for(lambda: device.threshold == device.default_threshold, timeout_s=10)
     finally:
         device.stop()
+
+
+def test_a_server_reads_every_devices_status_and_writes_none(secure: Broker) -> None:
+    """The aggregator follows its cameras' births and wills (docs/views.md): with a server's credentials it
+    gets ``ddnn/status/+`` granted (else it would never be ready), receives a device's birth, and still
+    cannot write a device's status."""
+    aggregator = ServerProcess(secure.connection("agg"), VIEWS_MODEL, workers=1, extra=["--role", "aggregator"])
+    aggregator.start()
+    try:
+        server = RawClient(secure.connection("srv2"), "srv2", subscribe_replies=False)
+        try:
+            assert server.subscribe(topics.STATUS_SUBSCRIPTION).startswith("Granted")
+            assert server.publish(topics.status_topic("devB"), b"offline") == NOT_AUTHORIZED
+            device = SimDevice("devB", secure.connection("devB"), bytes(16), timeout_s=1).start(timeout_s=10)
+            try:
+                assert wait_for(lambda: (topics.status_topic("devB"), b"online") in list(server.messages.queue),
+                                timeout_s=10)
+            finally:
+                device.stop()
+        finally:
+            server.close()
+    finally:
+        assert aggregator.terminate() == 0, aggregator.output
 
 
 def test_monitor_reads_everything_and_writes_nothing(secure: Broker, server: ServerProcess,

@@ -3,7 +3,8 @@ simulated cameras, each running its view's generated C device part through the c
 requests with the scene's event id; ``ddnn-server --role aggregator`` gathers each event's views, answers
 from the aggregated local exit or from tier 1 on the aggregated splits. Every event is answered, its class
 and answering exit equal the Python evaluation's, event by event; with one camera killed mid-run the events
-keep being answered within the deadline, as the evaluation with that view missing says. The same with four
+keep being answered, as the evaluation with that view missing says, and once the broker has published the
+dead camera's will without waiting the deadline for it. The same with four
 generated C device programs (``ddnn_device_net --view-index I --view-count 4``) as the cameras."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +41,9 @@ log = logging.getLogger(__name__)
 
 VIEWS_MODEL = Path(__file__).resolve().parent.parent / "models" / "views" / "fmnist_views_16.npz"
 N_EVENTS = 1000
-DEADLINE_MS = 100.0
+# Generous for a loaded 2-core machine: a dead camera no longer costs it (its will makes its view absent), so
+# it only bounds a live camera's late view, which must not cut an event short here.
+DEADLINE_MS = 2000.0
 KILLED_VIEW, KILLED_AFTER = 2, 600
 OPEN_BOUND = 16  # --max-open-events of the hostile-input test's aggregator
 
@@ -112,11 +116,38 @@ def test_four_cameras_and_the_aggregator_answer_as_the_evaluation(network: tuple
              report.wall_s)
 
 
+@contextlib.contextmanager
+def hostile_statuses(broker: Broker, device_id: str) -> Iterator[None]:
+    """Another client publishing what is not a status on ``device_id``'s status topic (and on topics naming
+    no valid device) the whole time: none of it may make the aggregator drop that camera's view."""
+    stop = threading.Event()
+    raw = RawClient(broker.connection(), "status-forger", subscribe_replies=False)
+
+    def forge() -> None:
+        payloads = (b"OFFLINE", b"offline\x00", b"offline" * 4096, b"\xff\xfe", b"0")
+        targets = (topics.status_topic(device_id), "ddnn/status/" + "x" * 200, "ddnn/status/-bad")
+        while not stop.wait(0.02):
+            for payload in payloads:
+                for topic in targets:
+                    raw.publish(topic, payload)
+
+    thread = threading.Thread(target=forge, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        raw.close()
+
+
 def test_a_camera_killed_mid_run_costs_only_its_view(network: tuple, scene: tuple) -> None:
     broker, aggregator, runs, labels, parts = network[0], *scene
-    report = simulate_views(broker.connection(), aggregator.programs,
-                            aggregator.loaded.hash_bytes, parts, N_EVENTS, timeout_s=10.0,
-                            first_event_id=1_000_001, device_prefix="cam-k", dies_after={KILLED_VIEW: KILLED_AFTER})
+    with hostile_statuses(broker, f"cam-k{KILLED_VIEW}"):
+        report = simulate_views(broker.connection(), aggregator.programs,
+                                aggregator.loaded.hash_bytes, parts, N_EVENTS, timeout_s=10.0,
+                                first_event_id=1_000_001, device_prefix="cam-k",
+                                dies_after={KILLED_VIEW: KILLED_AFTER})
     assert len(report.outcomes) == aggregator.count * N_EVENTS - (N_EVENTS - KILLED_AFTER)
     classes, exits, rtt = _per_event(report, N_EVENTS, aggregator.count)
     before, after = slice(0, KILLED_AFTER), slice(KILLED_AFTER, N_EVENTS)
@@ -130,9 +161,10 @@ def test_a_camera_killed_mid_run_costs_only_its_view(network: tuple, scene: tupl
     # Held event by event too: the answers are the evaluation's with that view missing.
     assert np.array_equal(classes[after], missing_classes[after])
     assert np.array_equal(exits[after], missing_exits[after])
-    # Within the deadline: an event without its fourth view waits the deadline, then is answered at once.
+    # Not at the deadline: the broker publishes the killed camera's will, the aggregator answers the events
+    # waiting only for its view at once, and later events are whole without it.
     p50 = float(np.median(rtt[after]))
-    assert DEADLINE_MS <= p50 < DEADLINE_MS + 50, p50
+    assert p50 < DEADLINE_MS / 10, p50
     log.info("camera %d killed after %d events: %d events answered with views %s, accuracy %.2f%% (eval %.2f%%), "
              "round trip p50 %.1f ms / max %.1f ms against a %.0f ms deadline", KILLED_VIEW, KILLED_AFTER,
              N_EVENTS - KILLED_AFTER, rest, 100 * accuracy, 100 * want, p50, rtt[after].max(), DEADLINE_MS)

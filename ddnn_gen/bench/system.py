@@ -273,9 +273,12 @@ def load_model_data(path: Path, samples: int, data_dir: str | None) -> ModelData
     data = datasets.load(name, "test", data_dir)
     images, labels = data.images[:samples], data.labels[:samples]
     device = reference.run_device(program, images)
-    server_class = exits.server_classes(loaded, program, device.split_words)
-    outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class,
-                                   program.split_bytes, program.weight_bytes)
+    if loaded.spec.big_little:  # the big net answers from the raw input, and the little net only for its classes
+        outputs = exits.big_little_outputs(loaded, program, device, datasets.Dataset(name, "test", images, labels))
+    else:
+        server_class = exits.server_classes(loaded, program, device.split_words)
+        outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class,
+                                       program.split_bytes, program.weight_bytes)
     _, final_logits = predict(loaded.model, images)
     return ModelData(path, loaded, program, images, labels, outputs, device.split_words,
                      final_logits.argmax(axis=1).astype(np.int32), name)
@@ -398,7 +401,7 @@ def run_configuration(binary: Path, samples: Path, broker: Broker, server: Serve
     else:
         metrics = evaluate.metrics_at(data.outputs, float(threshold))  # type: ignore[arg-type]
         summary["expected"] = metrics.as_dict()
-        local = reference.exit_decision(data.outputs.entropy, float(threshold))  # type: ignore[arg-type]
+        local = evaluate.answering_exit(data.outputs, (float(threshold),)) == 0  # type: ignore[arg-type]
         expected_final = np.where(local, data.outputs.local_class, data.outputs.final_class)
         summary["mismatches_vs_python"] = int((np.array(summary["final_class"]) != expected_final).sum())
         summary["accuracy"]["ideal"] = metrics.ideal_accuracy

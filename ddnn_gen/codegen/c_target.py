@@ -29,6 +29,7 @@ from ddnn_gen.codegen.resources import c_runtime_dir, templates_dir
 from ddnn_gen.errors import CompileError
 from ddnn_gen.fold.program import DeviceProgram, FoldedLayer, fold, words_for
 from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.model.spec import OTHER_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,10 @@ def render_context(program: DeviceProgram, reproduce: str = "") -> dict[str, Any
         "split_h": split_h, "split_w": split_w, "split_c": split_c, "split_words": program.split_words,
         "split_layer": program.split_layer,
         "n_classes": program.n_classes,
-        "class_names": [c_string(name) for name in program.spec.classes],
+        "n_answer_classes": program.spec.n_classes,
+        "class_names": [c_string(name) for name in program.spec.exit_class_names(program.tier)],
+        # Big-Little: the class each exit output names (-1 for "other"); empty for an ordinary device part.
+        "exit_classes": ([*program.spec.priority_classes, OTHER_CLASS] if program.spec.big_little else []),
         "threshold": c_double(program.threshold),
         "layers": layers,
         "split_buffer": layers[-1]["output"],
@@ -319,6 +323,9 @@ def metadata(program: DeviceProgram, target: str, files: list[str], ram_bytes: i
         "split": {"layer": program.split_layer, "height": split_h, "width": split_w, "channels": split_c,
                   "words": program.split_words, "bytes": 8 * program.split_words, "packing": "bits_u64",
                   "wire_bytes": program.split_bytes, "wire_packing": "bits_dense"},
+        **({"big_little": {"priority_classes": list(program.spec.priority_classes),
+                           "exit_classes": list(program.spec.exit_class_names(program.tier)),
+                           "offload": "raw_u8"}} if program.spec.big_little else {}),
         "threshold": program.threshold,
         "memory": {"ram_bytes": ram_bytes, "flash_weight_bytes": flash_weight_bytes, "code_bytes": code_bytes,
                    "io_buffer_bytes": io_buffer_bytes(program), "request_bytes": request_bytes(program)},

@@ -242,6 +242,11 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
     )
 
     program = load_program(program_or_model_path, threshold, arch)
+    if program.spec.big_little:
+        # The OpenCL host's exit decision is the plain entropy rule; Big-Little's priority rule is only in the C
+        # target so far: refuse rather than generate a device that would answer "other" locally.
+        raise CompileError(f"{program.spec.name} is a Big-Little model: compile it with --target c (the OpenCL "
+                           "target does not implement its priority-class routing)")
     placement_arg = DEFAULT_OPENCL_LAYERS if opencl_layers is None else opencl_layers
     on_opencl = parse_opencl_layers(placement_arg, program)
     if placement_arg.strip() == "auto":

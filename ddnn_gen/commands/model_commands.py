@@ -15,6 +15,7 @@ from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold import exits
 from ddnn_gen.model import datasets, zoo
 from ddnn_gen.model.spec import ModelSpec, load_spec_file, parse_spec
+from ddnn_gen.wire.codec import REQUEST_HEADER_BYTES
 
 if TYPE_CHECKING:
     from ddnn_gen.model.evaluate import ExitOutputs, ViewRow
@@ -156,13 +157,20 @@ def _spec_from(zoo_name: str | None, filters: int | None, arch: str | None) -> M
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 @click.option("--sweep", "sweep_prefix", type=click.Path(dir_okay=False), default=None,
               help="Also write PREFIX.csv and PREFIX.png over thresholds 0..1.")
+@click.option("--priority-classes", "priority_text", default=None,
+              help="Report F1 of these classes (comma-separated indices) and how many of their samples the device "
+                   "answers (default: a Big-Little model's priority classes).")
+@click.option("--match-f1", type=float, callback=_unit_interval, default=None,
+              help="With priority classes: use the device threshold that answers the most priority samples on the "
+                   "device while their mean routed F1 stays >= this (compare early exits at equal F1).")
 @data_dir_option
 def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thresholds: tuple[tuple[float, ...], ...],
                  arch: str | None,
                  dataset_name: str | None, split: str, count: int | None, as_json: bool,
-                 sweep_prefix: str | None, data_dir: str | None) -> None:
+                 sweep_prefix: str | None, priority_text: str | None, match_f1: float | None,
+                 data_dir: str | None) -> None:
     """Local / Server / Overall / Ideal accuracy, each exit's share and accuracy, and bytes per hop, per threshold
-    (one per early exit)."""
+    (one per early exit); for priority classes (Big-Little) their F1 and the share the device answers."""
     from ddnn_gen.model import evaluate
     from ddnn_gen.model.modelfile import load_model
 
@@ -184,7 +192,14 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
         outputs = exits.compute_outputs(loaded, dataset)
     else:
         outputs, view_rows = _view_evaluation(loaded, dataset, values[0])
+    priority = _priority_classes(loaded.spec, priority_text)
+    if match_f1 is not None:
+        if not priority:
+            raise click.UsageError("--match-f1 needs priority classes (--priority-classes, or a Big-Little model)")
+        values = [evaluate.match_routed_f1(outputs, priority, match_f1, values[0][1:]).metrics.thresholds]
     rows = [evaluate.metrics_at(outputs, value) for value in values]
+    reports = [evaluate.priority_report(outputs, value, priority, REQUEST_HEADER_BYTES)
+               for value in values] if priority else []
     margins = [[evaluate.threshold_margin(entropy, t) for entropy, t in zip(outputs.early_entropy, value)]
                for value in values]
     if sweep_prefix:
@@ -200,6 +215,7 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
                                "results": [row.as_dict() | {"nearest_entropy_distance": margin[0],
                                                             "nearest_entropy_distances": margin}
                                            for row, margin in zip(rows, margins)]}
+                              | ({"priority": [report.as_dict() for report in reports]} if reports else {})
                               | (_views_json(loaded.spec, view_rows) if view_rows else {}), indent=2))
         return
     click.echo(f"{loaded.spec.name} ({loaded.content_hash[:12]}) on {dataset.name} {split}, {len(dataset)} samples")
@@ -218,8 +234,29 @@ def eval_command(model: str, more_thresholds: tuple[tuple[float, ...], ...], thr
             click.echo(f"nearest sample entropy to t={t:g}{at}: {distance:.3e} away")
     if view_rows:
         _echo_views(loaded.spec, outputs, view_rows)
+    for report in reports:
+        click.echo(evaluate.format_priority_table(report, loaded.spec.classes))
+    if loaded.spec.big_little:
+        click.echo("F1 little: the little net's argmax on every sample; routed: each sample's answer (the little net "
+                   "when it names a priority class with entropy <= t, else the big net on the raw input, "
+                   f"{outputs.split_bytes} B + {REQUEST_HEADER_BYTES} B header); big: the big net alone. "
+                   "'local exit alone' above counts the little net's 'other' as wrong")
     if sweep_prefix:
         click.echo(f"wrote {Path(sweep_prefix).with_suffix('.csv')} and {Path(sweep_prefix).with_suffix('.png')}")
+
+
+def _priority_classes(spec: ModelSpec, text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return spec.priority_classes
+    try:
+        classes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: give class indices like 8 or 3,8",
+                                 param_hint="--priority-classes") from exc
+    if not classes or any(not 0 <= c < spec.n_classes for c in classes) or len(set(classes)) != len(classes):
+        raise click.BadParameter(f"{text!r}: distinct class indices in 0..{spec.n_classes - 1}",
+                                 param_hint="--priority-classes")
+    return classes
 
 
 def _view_evaluation(loaded: LoadedModel, dataset: datasets.Dataset,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -162,9 +161,17 @@ def threshold_clear(model: str, device_id: str | None, tier: str, broker: Broker
 @click.option("--impl", type=click.Choice(["c", "numpy"]), default=None,
               help="Device part: the generated C called in-process (cffi; default when a C compiler is present) "
                    "or the NumPy reference computed beforehand.")
+@click.option("--also-broker", "also_brokers", multiple=True, metavar="HOST:PORT",
+              help="Another node of the broker's cluster (repeatable; same TLS and credentials): device i starts "
+                   "on node i mod N and fails over to the next (docs/deployment.md).")
+@click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
+              help="3.1.1 for RabbitMQ's MQTT plugin.")
+@click.option("--subscribe-qos", type=click.IntRange(0, 1), default=1, show_default=True,
+              help="QoS of the reply and threshold subscriptions; 0 on a RabbitMQ cluster.")
 def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None, device_prefix: str, devices: int,
                requests: int, dataset: str | None, count: int, data_dir: str | None, timeout_ms: int, window: int,
-               all_to_server: bool, impl: str | None) -> None:
+               all_to_server: bool, impl: str | None, also_brokers: tuple[str, ...], mqtt_version: str,
+               subscribe_qos: int) -> None:
     """Simulate DEVICES devices running MODEL's device part against ddnn-server."""
     from ddnn_gen.device.simulated import precomputed, simulate
     from ddnn_gen.fold.program import fold
@@ -174,14 +181,29 @@ def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None
     if not topics.valid_device_id(f"{device_prefix}{devices - 1}"):
         raise click.BadParameter(f"{device_prefix!r} makes invalid device ids: {topics.DEVICE_ID_RULE}",
                                  param_hint="--device-prefix")
-    connection: BrokerConnection | Callable[[str], BrokerConnection] = broker
-    if credentials_dir is not None:
-        folder = Path(credentials_dir)
+    import dataclasses
 
-        def connection(device_id: str) -> BrokerConnection:
-            return broker.as_user(device_id, folder / f"{device_id}.password").check()
+    import paho.mqtt.client as mqtt
 
-        connection(f"{device_prefix}0")  # a missing file is a one-line error before anything starts
+    from ddnn_gen.wire.connection import ConnectionConfigError, parse_address
+
+    nodes = [broker]
+    for address in also_brokers:
+        try:
+            host, port = parse_address(address, broker.port)
+        except ConnectionConfigError as error:
+            raise click.BadParameter(str(error), param_hint="--also-broker") from error
+        nodes.append(dataclasses.replace(broker, host=host, port=port))
+    folder = Path(credentials_dir) if credentials_dir is not None else None
+
+    def connection(device_id: str) -> list[BrokerConnection]:
+        first = int(device_id[len(device_prefix):]) % len(nodes)
+        order = nodes[first:] + nodes[:first]
+        if folder is None:
+            return order
+        return [node.as_user(device_id, folder / f"{device_id}.password").check() for node in order]
+
+    connection(f"{device_prefix}0")  # a missing file is a one-line error before anything starts
     loaded = load_model(model)
     program = fold(loaded)
     dataset = dataset or loaded.spec.dataset
@@ -200,7 +222,8 @@ def device_sim(model: str, broker: BrokerConnection, credentials_dir: str | None
         device_part = precomputed(result.split_words, result.entropy, result.local_class)
     report = simulate(connection, program, loaded.hash_bytes, device_part, len(images), devices, requests,
                       timeout_s=timeout_ms / 1000, window=window, all_to_server=all_to_server,
-                      device_prefix=device_prefix)
+                      device_prefix=device_prefix, subscribe_qos=subscribe_qos,
+                      protocol=mqtt.MQTTv311 if mqtt_version == "3.1.1" else mqtt.MQTTv5)
     labels = data.labels[:count]
     correct = sum(1 for o in report.outcomes if o.final_class == labels[o.index])
     sent = [o for o in report.outcomes if o.source != "local"]

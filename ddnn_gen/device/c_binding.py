@@ -66,6 +66,8 @@ typedef struct {
     int split_layer;
     int n_classes;
     double default_threshold;
+    int n_answer_classes;
+    int offload_raw;
     ...;
 } ddnn_model;
 void ddnn_infer_batch(const ddnn_model *model, const uint8_t *inputs, size_t n, double threshold, int32_t *class_id,
@@ -247,8 +249,9 @@ class CModel:
         """The loaded code is the program's (shapes and classes), not a stale cache entry."""
         d, p = self.descriptor, self.program
         got = (d.input_h, d.input_w, d.input_c, d.split_h, d.split_w, d.split_c, d.split_words, d.split_layer,
-               d.n_classes)
-        want = (*p.input_hwc, *p.split_hwc, p.split_words, p.split_layer, p.n_classes)
+               d.n_classes, d.n_answer_classes, d.offload_raw)
+        want = (*p.input_hwc, *p.split_hwc, p.split_words, p.split_layer, p.n_classes, p.spec.n_classes,
+                int(p.spec.big_little))
         if got != want:
             raise BuildError(f"the cffi extension of {self.name} has shapes {got}, the model {want}; clear "
                              f"{cache_root()}")

@@ -17,12 +17,12 @@ from typing import Any, Union
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ddnn_gen.device.c_binding import LocalAnswer
+from ddnn_gen.errors import DdnnError
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
-from ddnn_gen.wire import codec, mqtt_client, topics
+from ddnn_gen.wire import codec, mqtt_client, telemetry, topics
 from ddnn_gen.wire.codec import Packing, Reply, RequestHeader
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 
@@ -39,6 +39,8 @@ class _Pending:
     reply: Reply | None = None
     sent: float = 0.0
     received: float = 0.0
+    payload: bytes = b""  # kept for sending again after a fail-over (resend_pending)
+    topic: str = ""
 
 
 @dataclass
@@ -68,14 +70,41 @@ class SimDevice:
     Bookkeeping is bounded: a request is forgotten once answered or timed out; replies that come later are
     told apart from misrouted ones by the request-id range this device issued (plus the last
     ``RECENT_CUSTOM_IDS`` ids passed to :meth:`send` from outside that range).
+
+    ``connection`` may be a list of brokers (the nodes of a cluster, same credentials and TLS settings): a lost
+    connection is retried on the next one. ``protocol`` 4 is MQTT 3.1.1 (RabbitMQ's MQTT plugin), which the
+    protocol needs nothing beyond (no MQTT 5 property is used). With ``resend_pending`` (the default with
+    more than one broker) the requests still waiting for a reply are published again, same request id, once
+    the reply topic is subscribed on the new connection: a reply routed to the old node's subscription is
+    gone with it. The server may then answer twice; the second reply is dropped by request id (counted in
+    ``duplicates``).
+
+    ``subscribe_qos`` 0 is for RabbitMQ clusters: its MQTT plugin (3.10) keeps a clean session's QoS 1
+    subscriptions in a *durable* queue homed on the node the device is connected to, which cannot be declared
+    again on another node while that node is down, so the device could subscribe nowhere after a fail-over.
+    A QoS 0 subscription's queue is transient and goes with its node; a reply lost with it is covered by
+    ``resend_pending``. Requests stay QoS 1 either way.
     """
 
     RECENT_CUSTOM_IDS = 4096
 
-    def __init__(self, device_id: str, connection: BrokerConnection, model_hash: bytes, timeout_s: float = 2.0,
-                 default_threshold: float = 0.5) -> None:
+    def __init__(self, device_id: str, connection: BrokerConnection | Sequence[BrokerConnection], model_hash: bytes,
+                 timeout_s: float = 2.0, default_threshold: float = 0.5, *, protocol: int = mqtt.MQTTv5,
+                 resend_pending: bool | None = None, subscribe_qos: int = 1,
+                 telemetry_interval_s: float = 2.0) -> None:
         self.device_id = topics.check_device_id(device_id)
-        self.connection = connection
+        self.connections = [connection] if isinstance(connection, BrokerConnection) else list(connection)
+        if not self.connections:
+            raise BrokerError(f"device {device_id}: no broker to connect to")
+        self.connection = self.connections[0]
+        self.protocol = protocol
+        self.resend_pending = len(self.connections) > 1 if resend_pending is None else resend_pending
+        self._broker_index = 0
+        self._connections_made = 0
+        self._stopping = False
+        self.failovers = 0
+        self.subscribe_qos = subscribe_qos
+        self.resent = 0
         self.model_hash = model_hash
         self.timeout_s = timeout_s
         self.reply_topic = topics.reply_topic(device_id)
@@ -96,20 +125,28 @@ class SimDevice:
         self.problem: str | None = None  # why the broker refused this device, if it did
         self._connected = threading.Event()
         self._settled = threading.Event()  # first SUBACK, or a refusal
-        self._client = mqtt_client.Client(device_id, connection)
+        self._client = mqtt_client.Client(device_id, self.connection, protocol=protocol)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(MAX_QUEUED_REQUESTS)
         self._client.reconnect_delay_set(0.05, 1.0)
         self._client.will_set(topics.status_topic(device_id), b"offline", qos=1, retain=True)
+        # What the device's telemetry reports: counters since start, round trips since the last message.
+        self.counters = dict.fromkeys(("samples", "offloaded", *SOURCES), 0)
+        self._round_trips_us: list[int] = []
+        self._telemetry_topic = topics.device_telemetry_topic(device_id)
+        self.telemetry_interval_s = telemetry_interval_s
+        self._telemetry_stop = threading.Event()
+        self._telemetry_thread: threading.Thread | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def start(self, timeout_s: float = 10.0) -> SimDevice:
-        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15, clean_start=True)
+        self._connect_async()
         self._client.loop_start()
         deadline = time.monotonic() + timeout_s
         while not self._settled.wait(0.1) and time.monotonic() < deadline:
@@ -124,9 +161,23 @@ class SimDevice:
                                   f"{self.problem or why}")
             raise BrokerError(f"device {self.device_id}: no broker answered at {self.connection.url} within "
                               f"{timeout_s:.0f} s" + (f" ({why})" if why else ""))
+        if self.telemetry_interval_s > 0:
+            self._telemetry_thread = threading.Thread(target=self._telemetry_loop, daemon=True,
+                                                      name=f"telemetry-{self.device_id}")
+            self._telemetry_thread.start()
         return self
 
+    def _connect_async(self) -> None:
+        # Clean start (MQTT 3.1.1: clean session, paho's default there): a reply for an earlier connection is stale.
+        clean = {"clean_start": True} if self.protocol == mqtt.MQTTv5 else {}
+        self._client.connect_async(self.connection.host, self.connection.port, keepalive=15, **clean)
+
     def stop(self) -> None:
+        self._stopping = True
+        if self._telemetry_thread is not None:
+            self._telemetry_stop.set()
+            self._telemetry_thread.join()
+            self.publish_telemetry()  # the final counts, so a reader sees every sample
         if not self.taken_over:
             self._client.publish(topics.status_topic(self.device_id), b"offline", qos=1, retain=True)
         self._client.disconnect()
@@ -135,6 +186,7 @@ class SimDevice:
     def kill(self) -> None:
         """Die as a crashed device does: the network loop stops and the connection drops without an MQTT
         DISCONNECT, so the broker publishes the device's will (offline) on its own."""
+        self._telemetry_stop.set()
         self._client.loop_stop()
         sock = self._client.socket()
         if sock is not None:
@@ -160,6 +212,47 @@ class SimDevice:
         with self._lock:
             return len(self._pending)
 
+    # ---- telemetry -----------------------------------------------------------------------------------
+
+    def note_sample(self, local: bool) -> None:
+        """Count one classified sample, when its exit decision is taken (local, or offloaded)."""
+        with self._lock:
+            self.counters["samples"] += 1
+            self.counters["local" if local else "offloaded"] += 1
+
+    def note_answer(self, source: str, round_trip_us: int) -> None:
+        """Count how an offloaded sample was answered (server, fallback, error) and its round trip."""
+        with self._lock:
+            self.counters[source] += 1
+            if len(self._round_trips_us) < 100000:
+                self._round_trips_us.append(round_trip_us)
+
+    def telemetry(self) -> dict[str, object]:
+        """The next telemetry message's body (wire/telemetry.py DEVICE_SCHEMA)."""
+        with self._lock:
+            counts = dict(self.counters)
+            model_wide = self._thresholds.get(self._model_threshold_topic)
+            own = self._thresholds.get(self._device_threshold_topic)
+            trips, self._round_trips_us = self._round_trips_us, []
+        rtt: dict[str, float | None] = {"p50": None, "p99": None}
+        if trips:
+            p50, p99 = np.percentile(np.asarray(trips, float) / 1000.0, [50, 99])
+            rtt = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+        return {"v": telemetry.TELEMETRY_VERSION, "device": self.device_id, "model": topics.model_key(self.model_hash),
+                "time": time.time(), "samples": counts["samples"], "local": counts["local"],
+                "offloaded": counts["offloaded"], "fallback": counts["fallback"],
+                "error": counts["error"], "threshold": self.threshold,
+                "thresholds": {"model": model_wide, "device": own, "default": self.default_threshold},
+                "rtt_ms": rtt}
+
+    def publish_telemetry(self) -> None:
+        if not self.taken_over:
+            self._client.publish(self._telemetry_topic, telemetry.encode(self.telemetry()), qos=0)
+
+    def _telemetry_loop(self) -> None:
+        while not self._telemetry_stop.wait(self.telemetry_interval_s):
+            self.publish_telemetry()
+
     # ---- requests ------------------------------------------------------------------------------------
 
     def next_request_id(self) -> int:
@@ -171,7 +264,8 @@ class SimDevice:
     def send(self, payload: bytes, request_id: int, topic: str | None = None) -> _Pending:
         """Publish raw request bytes (also malformed ones) carrying ``request_id``; the reply is matched by the
         request id it echoes, as the C device does."""
-        pending = _Pending(sent=time.monotonic())
+        pending = _Pending(sent=time.monotonic(), payload=payload if self.resend_pending else b"",
+                           topic=topic or self.request_topic)
         with self._lock:
             self._pending[request_id] = pending
             if not self._first_id <= request_id < self._next_id:
@@ -210,9 +304,11 @@ class SimDevice:
             self._settled.set()
             return
         mqtt_client.tcp_no_delay(client)
-        client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
-                          (self._model_threshold_topic, SubscribeOptions(qos=1)),
-                          (self._device_threshold_topic, SubscribeOptions(qos=1))])
+        self._connections_made += 1
+        # Plain QoS numbers: the same SUBSCRIBE for MQTT 5 and 3.1.1.
+        qos = self.subscribe_qos
+        client.subscribe([(self.reply_topic, qos), (self._model_threshold_topic, qos),
+                          (self._device_threshold_topic, qos)])
         client.publish(topics.status_topic(self.device_id), b"online", qos=1, retain=True)
         self._connected.set()
 
@@ -228,6 +324,19 @@ class SimDevice:
             log.warning("device %s: the broker refused %s; thresholds from there will not arrive", self.device_id,
                         refused)
         self._settled.set()
+        if self.resend_pending and self._connections_made > 1 and self.problem is None:
+            self._resend()
+
+    def _resend(self) -> None:
+        """After a reconnection: publish again what still waits for its reply (same bytes, same request id)."""
+        with self._lock:
+            waiting = [p for p in self._pending.values() if p.reply is None and not p.event.is_set() and p.payload]
+        for pending in waiting:
+            self._client.publish(pending.topic, pending.payload, qos=1)
+        if waiting:
+            self.resent += len(waiting)
+            log.info("device %s: sent %d unanswered requests again on %s", self.device_id, len(waiting),
+                     self.connection.url)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -241,6 +350,21 @@ class SimDevice:
                 waiting = list(self._pending.values())
             for pending in waiting:
                 pending.event.set()
+            return
+        self._fail_over(client)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._fail_over(client)
+
+    def _fail_over(self, client: mqtt.Client) -> None:
+        """With several brokers, the next one: paho's loop reconnects to the address connect_async sets."""
+        if len(self.connections) < 2 or self._stopping:
+            return
+        self._broker_index = (self._broker_index + 1) % len(self.connections)
+        self.connection = self.connections[self._broker_index]
+        self.failovers += 1
+        log.warning("device %s: lost the broker; trying %s", self.device_id, self.connection.url)
+        self._connect_async()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
@@ -287,6 +411,8 @@ class SimReport:
     duplicates: int
     misrouted: int
     wall_s: float
+    failovers: int = 0  # connections moved to the next broker of a device's list
+    resent: int = 0  # requests published again after a fail-over (resend_pending)
 
     def count(self, source: str) -> int:
         return sum(1 for outcome in self.outcomes if outcome.source == source)
@@ -320,7 +446,7 @@ def precomputed(split_words: np.ndarray, entropy: np.ndarray, local_class: np.nd
     return part
 
 
-Brokers = Union[BrokerConnection, Callable[[str], BrokerConnection]]
+Brokers = Union[BrokerConnection, Callable[[str], Union[BrokerConnection, Sequence[BrokerConnection]]]]
 
 
 def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, split_words: np.ndarray,
@@ -334,14 +460,22 @@ def run_devices(connection: Brokers, program: DeviceProgram, model_hash: bytes, 
 def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, device_part: DevicePart,
              n_samples: int, n_devices: int, requests_per_device: int, timeout_s: float = 5.0,
              all_to_server: bool = False, window: int = 1, sample_indices: Sequence[int] | None = None,
-             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None) -> SimReport:
+             device_prefix: str = "sim", on_outcome: Callable[[SampleOutcome], None] | None = None,
+             protocol: int = mqtt.MQTTv5, subscribe_qos: int = 1,
+             telemetry_interval_s: float = 2.0) -> SimReport:
     """``n_devices`` concurrent devices each classifying ``requests_per_device`` of ``n_samples`` samples with
     ``device_part``; device d takes samples (d * requests_per_device + i) mod N. ``window`` requests may be
     outstanding per device. The exit decision uses each device's live threshold (retained threshold topics),
     as the C runner does. ``on_outcome`` sees every answer as it happens (from the device threads).
-    ``connection`` is the broker, or a function giving each device id its own credentials."""
+    ``connection`` is the broker, or a function giving each device id its own credentials (or its list of
+    brokers to fail over between); ``protocol`` and ``subscribe_qos`` as for SimDevice."""
+    if program.spec.big_little:
+        # These devices send the split; a Big-Little device sends its raw image and routes on priority classes.
+        raise DdnnError(f"{program.spec.name} is a Big-Little model: simulated devices do not implement its "
+                        "routing; run the generated C device program (ddnn_device_net)")
     devices = _start_devices(connection, [f"{device_prefix}{d}" for d in range(n_devices)], model_hash, timeout_s,
-                             [program.threshold] * n_devices)
+                             [program.threshold] * n_devices, protocol=protocol, subscribe_qos=subscribe_qos,
+                             telemetry_interval_s=telemetry_interval_s)
     outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
 
     def record(d: int, outcome: SampleOutcome) -> None:
@@ -357,6 +491,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             rtt = int((end - pending.sent) * 1e6)
+            device.note_answer("fallback" if reply is None else "server" if reply.status == codec.Status.OK
+                               else "error", rtt)
             if reply is None:
                 source, final, status, server_us = "fallback", local_class, -1, 0
             elif reply.status != codec.Status.OK:
@@ -374,6 +510,7 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             started_ns = time.perf_counter_ns()
             answer = device_part(index, threshold)
             device_us = (time.perf_counter_ns() - started_ns) // 1000
+            device.note_sample(not all_to_server and answer.local_exit)
             if not all_to_server and answer.local_exit:
                 record(d, SampleOutcome(device.device_id, index, 0, "local", answer.local_class, answer.local_class,
                                         threshold, t_device_us=device_us))
@@ -395,7 +532,8 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
             device.stop()
     wall = time.monotonic() - started
     return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
-                     sum(dev.misrouted for dev in devices), wall)
+                     sum(dev.misrouted for dev in devices), wall, sum(dev.failovers for dev in devices),
+                     sum(dev.resent for dev in devices))
 
 
 # ---- several cameras, one scene (multi-view models, docs/views.md) ------------------------------------------
@@ -456,13 +594,16 @@ def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model
 
 
 def _start_devices(connection: Brokers, device_ids: Sequence[str], model_hash: bytes, timeout_s: float,
-                   thresholds: Sequence[float]) -> list[SimDevice]:
+                   thresholds: Sequence[float], protocol: int = mqtt.MQTTv5,
+                   subscribe_qos: int = 1, telemetry_interval_s: float = 2.0) -> list[SimDevice]:
     """Every device connected, or none (BrokerError after stopping the ones that were)."""
     devices: list[SimDevice] = []
     try:
         for device_id, threshold in zip(device_ids, thresholds):
             broker = connection(device_id) if callable(connection) else connection
-            devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=threshold).start())
+            devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=threshold,
+                                     protocol=protocol, subscribe_qos=subscribe_qos,
+                                     telemetry_interval_s=telemetry_interval_s).start())
     except BrokerError:
         for device in devices:
             device.stop()

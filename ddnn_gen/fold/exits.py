@@ -1,7 +1,8 @@
 """Every exit's answers on a data set, computed as the deployed system computes them: binary tiers (the
 device, binary edges) with the bitwise reference of their folded programs, float tiers with Chainer's
 test-mode forward resumed from the previous tier's output (multi-view models: fold/views.py, the views'
-aggregator, then the same tiers). ddnn_gen.model.evaluate turns them into accuracies and exit rates."""
+aggregator, then the same tiers; Big-Little models: the big net on the raw input). ddnn_gen.model.evaluate
+turns them into accuracies and exit rates."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.model.datasets import Dataset
 from ddnn_gen.model.evaluate import EdgeExit, ExitOutputs
+from ddnn_gen.model.links import input_to_float
 from ddnn_gen.model.modelfile import LoadedModel
 
 BATCH = 500
@@ -86,6 +88,21 @@ def upper_exits(loaded: LoadedModel, start: int, last_binary: DeviceProgram, spl
     return edges, resume_classes(loaded, last, lambda begin, stop: kept[begin:stop], len(kept))
 
 
+def big_little_outputs(loaded: LoadedModel, program: DeviceProgram, device: reference.DeviceResult,
+                       dataset: Dataset) -> ExitOutputs:
+    """A Big-Little model: the little net's answers (bitwise reference, as the device computes them; it may answer
+    only when it names a priority class) and the big net's on the raw images (Chainer test mode, as ddnn-server
+    runs a raw packing-3 request). An offloaded sample sends its raw input, not the little net's split."""
+    spec = loaded.spec
+    images, scale = dataset.images, spec.input.scale
+    final = resume_classes(loaded, 1, lambda start, stop: input_to_float(images[start:stop], scale), len(images))
+    little_index = device.logits.argmax(axis=1)
+    return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
+                       final_class=final, split_bytes=int(np.prod(spec.input.shape)),
+                       device_bytes=program.weight_bytes, exit_names=tuple(tier.exit_name for tier in spec.tiers),
+                       local_allowed=little_index < len(spec.priority_classes), little_class=device.local_class)
+
+
 def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
     spec = loaded.spec
     if len(spec.tiers) < 2:
@@ -98,6 +115,8 @@ def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
         return aggregator.outputs(aggregator.run_devices(dataset.images), dataset.labels)
     program = fold(loaded)
     device = reference.run_device(program, dataset.images)
+    if spec.big_little:
+        return big_little_outputs(loaded, program, device, dataset)
     edges, final = upper_exits(loaded, 1, program, device.split_words, None)
     return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
                        final_class=final, split_bytes=program.split_bytes, device_bytes=program.weight_bytes,

@@ -149,7 +149,8 @@ class DeviceProgram:
 
     @property
     def n_classes(self) -> int:
-        return self.spec.n_classes
+        """Outputs of the exit (a Big-Little little net: its K priority classes + other)."""
+        return self.spec.exit_outputs(self.tier)
 
     @property
     def weight_bytes(self) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddnn_gen.fold.program import DeviceProgram, FoldedExit, FoldedLayer, pack_bits, unpack_bits, words_for
-from ddnn_gen.model.spec import exit_decision
+from ddnn_gen.model.spec import big_little_decision, exit_decision
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -37,7 +37,7 @@ class DeviceResult:
     """Per-sample outputs of the device tier."""
 
     logits: np.ndarray  # float64 (N, K)
-    local_class: np.ndarray  # int32 (N,)
+    local_class: np.ndarray  # int32 (N,); a Big-Little little net: the class it names, OTHER_CLASS for "other"
     entropy: np.ndarray  # float64 (N,)
     local_exit: np.ndarray  # bool (N,)
     split_words: np.ndarray  # uint64 (N, H, W, words): the payload sent to the server
@@ -295,8 +295,16 @@ def run_device(program: DeviceProgram, images_u8: np.ndarray, threshold: float |
     all_sums = np.concatenate(sums) if sums else np.zeros((0, program.n_classes), dtype=np.int32)
     logits = exit_logits(program.exit, all_sums)
     entropy = normalized_entropy(logits)
-    return DeviceResult(logits=logits, local_class=logits.argmax(axis=1).astype(np.int32), entropy=entropy,
-                        local_exit=exit_decision(entropy, threshold), split_words=split_words, exit_sums=all_sums)
+    local_class = logits.argmax(axis=1).astype(np.int32)
+    local_exit = exit_decision(entropy, threshold)
+    spec = program.spec
+    if spec.big_little and program.tier == 0:
+        # The little net answers only for a priority class (the generated C's run() does the same); its class is
+        # the one that output names, OTHER_CLASS for "other".
+        local_exit = big_little_decision(local_class, entropy, threshold, len(spec.priority_classes))
+        local_class = spec.little_to_class(local_class)
+    return DeviceResult(logits=logits, local_class=local_class, entropy=entropy, local_exit=local_exit,
+                        split_words=split_words, exit_sums=all_sums)
 
 
 def split_to_server_input(program: DeviceProgram, split_words: np.ndarray) -> np.ndarray:

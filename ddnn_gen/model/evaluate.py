@@ -56,6 +56,9 @@ class ExitOutputs:
     exit_names: tuple[str, ...] = ()
     views_present: tuple[int, ...] = ()  # multi-view: the views every sample had (empty: one device per sample)
     score_bytes: int = 0  # multi-view: what the present devices send the local aggregator per event
+    # Big-Little: the little net named a priority class (it may answer only then); None: every sample may exit.
+    local_allowed: np.ndarray | None = None
+    little_class: np.ndarray | None = None  # Big-Little: the little net's argmax as a class (-1 = "other")
 
     @property
     def n_early(self) -> int:
@@ -110,7 +113,10 @@ def answering_exit(outputs: ExitOutputs, thresholds: Sequence[float]) -> np.ndar
         raise ValueError(f"{outputs.n_early} early exits need {outputs.n_early} thresholds, got {len(thresholds)}")
     answered = np.full(len(outputs.labels), outputs.n_early, dtype=np.int32)
     for index in reversed(range(outputs.n_early)):
-        answered = np.where(exit_decision(outputs.early_entropy[index], thresholds[index]), index, answered)
+        confident = exit_decision(outputs.early_entropy[index], thresholds[index])
+        if index == 0 and outputs.local_allowed is not None:
+            confident &= outputs.local_allowed  # Big-Little: the rule of spec.big_little_decision
+        answered = np.where(confident, index, answered)
     return answered
 
 
@@ -448,4 +454,102 @@ def format_view_tables(rows: Sequence[ViewRow], count: int) -> str:
         lines.append(f"{_present_label(row.present, count):>10} {100 * metrics.local_classifier_accuracy:6.2f}% "
                      f"{100 * metrics.server_classifier_accuracy:6.2f}% {100 * metrics.overall_accuracy:6.2f}% "
                      f"{100 * metrics.local_exit_rate:7.2f}% {row.score_bytes:8d} {row.split_bytes:8.1f}")
+    return "\n".join(lines)
+
+
+# --- Priority classes (Big-Little, De Coninck et al.): F1 per priority class, and what the device answers. ---
+
+def f1_score(predicted: np.ndarray, labels: np.ndarray, cls: int) -> float:
+    """F1 of class ``cls`` (2 TP / (2 TP + FP + FN)); NaN when the class is neither predicted nor present."""
+    true_positive = int(((predicted == cls) & (labels == cls)).sum())
+    wrong = int(((predicted == cls) != (labels == cls)).sum())
+    return 2 * true_positive / (2 * true_positive + wrong) if true_positive or wrong else math.nan
+
+
+@dataclass
+class PriorityRow:
+    """One priority class at one threshold: F1 of the little (or local) exit alone on every sample, of the
+    hierarchy as routed, and of the final (big) exit alone; and how many of its samples the device answered."""
+
+    cls: int
+    f1_little: float  # the device's own classifier on every sample (a Big-Little little net: its argmax)
+    f1_routed: float  # each sample's answer from the exit that took it
+    f1_big: float  # the final exit alone on every sample
+    samples: int  # test samples of the class
+    local_share: float  # share of them answered on the device
+    local_precision: float  # of the device's local answers naming this class, the share that are right
+
+    def as_dict(self) -> dict[str, object]:
+        return {key: (None if isinstance(value, float) and math.isnan(value) else value)
+                for key, value in asdict(self).items()}
+
+
+@dataclass
+class PriorityReport:
+    threshold: float
+    metrics: ThresholdMetrics
+    rows: list[PriorityRow]
+    priority_local_share: float  # share of all priority-class samples answered on the device
+    request_bytes: float  # per sample on average: what offloaded samples send (header + payload)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"threshold": self.threshold, "overall_accuracy": self.metrics.overall_accuracy,
+                "local_exit_rate": self.metrics.local_exit_rate, "priority_local_share": self.priority_local_share,
+                "request_bytes_per_sample": self.request_bytes, "classes": [row.as_dict() for row in self.rows]}
+
+
+def priority_report(outputs: ExitOutputs, thresholds: float | Sequence[float], priority: Sequence[int],
+                    request_header_bytes: int = 0) -> PriorityReport:
+    """F1 of each priority class, the overall accuracy, and the share answered on the device, at ``thresholds``.
+    Works for a Big-Little model (the little net's own argmax is ``little_class``) and for an ordinary DDNN (its
+    local exit's argmax), so the two compare on the same classes."""
+    metrics = metrics_at(outputs, thresholds)
+    answered = answering_exit(outputs, metrics.thresholds)
+    classes = [*outputs.early_classes, outputs.final_class]
+    routed = np.choose(answered, classes)
+    local = answered == 0
+    little = outputs.little_class if outputs.little_class is not None else outputs.local_class
+    labels = outputs.labels
+    rows = []
+    for cls in priority:
+        mine = labels == cls
+        said = local & (outputs.local_class == cls)
+        rows.append(PriorityRow(int(cls), f1_score(little, labels, cls), f1_score(routed, labels, cls),
+                                f1_score(outputs.final_class, labels, cls), int(mine.sum()),
+                                float(local[mine].mean()) if mine.any() else math.nan,
+                                float((labels[said] == cls).mean()) if said.any() else math.nan))
+    in_priority = np.isin(labels, list(priority))
+    share = float(local[in_priority].mean()) if in_priority.any() else math.nan
+    sent = float((~local).mean()) * (outputs.split_bytes + request_header_bytes)
+    return PriorityReport(metrics.threshold, metrics, rows, share, sent)
+
+
+def match_routed_f1(outputs: ExitOutputs, priority: Sequence[int], target: float, others: Sequence[float] = (),
+                    request_header_bytes: int = 0) -> PriorityReport:
+    """The device threshold (among the decision points) that answers the most priority samples on the device
+    while the mean routed F1 over the priority classes stays >= ``target``: an early-exit model at the F1 of
+    another one. Threshold 0 (nothing local but certain answers) when none reaches it."""
+    best: PriorityReport | None = None
+    for candidate in _candidates(outputs.entropy, 400):
+        report = priority_report(outputs, (float(candidate), *others), priority, request_header_bytes)
+        f1 = float(np.mean([row.f1_routed for row in report.rows]))
+        if f1 >= target and (best is None or report.priority_local_share > best.priority_local_share):
+            best = report
+    return best or priority_report(outputs, (0.0, *others), priority, request_header_bytes)
+
+
+def format_priority_table(report: PriorityReport, class_names: Sequence[str]) -> str:
+    header = (f"{'class':>8} {'samples':>7} {'F1 little':>9} {'F1 routed':>9} {'F1 big':>7} {'local':>7} "
+              f"{'local prec':>10}")
+    lines = [f"priority classes at t={report.threshold:.4f}: overall {100 * report.metrics.overall_accuracy:.2f}%, "
+             f"answered on the device {100 * report.metrics.local_exit_rate:.2f}% of all samples, "
+             f"{100 * report.priority_local_share:.2f}% of the priority samples; "
+             f"{report.request_bytes:.1f} B sent per sample", header, "-" * len(header)]
+
+    def pct(value: float, width: int) -> str:
+        return f"{'n/a':>{width}}" if math.isnan(value) else f"{100 * value:{width - 1}.2f}%"
+
+    for row in report.rows:
+        lines.append(f"{class_names[row.cls]:>8} {row.samples:7d} {pct(row.f1_little, 9)} {pct(row.f1_routed, 9)} "
+                     f"{pct(row.f1_big, 7)} {pct(row.local_share, 7)} {pct(row.local_precision, 10)}")
     return "\n".join(lines)

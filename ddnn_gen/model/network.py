@@ -86,7 +86,7 @@ class DDNN(chainer.Chain):
         self.spec = spec
         with self.init_scope():
             for index, tier in enumerate(spec.tiers):
-                layers, exit_link = _tier_links(tier, spec.tier_shapes(index), spec.n_classes)
+                layers, exit_link = _tier_links(tier, spec.tier_shapes(index), spec.exit_outputs(index))
                 layers_name, exit_name = tier_link_names(spec, index)
                 setattr(self, layers_name, layers)
                 setattr(self, exit_name, exit_link)
@@ -125,6 +125,8 @@ class DDNN(chainer.Chain):
         logits, outputs = [], []
         h = x
         for index in range(start, stop):
+            if index == 1 and self.spec.big_little:
+                h = x  # the big net reads the raw input (tier 0's too), not the little net's split
             for block in self.tier_layers(index):
                 h = block(h)
             outputs.append(h)
@@ -196,11 +198,20 @@ def predict(model: DDNN, images_u8: np.ndarray, batch_size: int = 500) -> tuple[
     return logits[0], logits[-1]
 
 
+def exit_targets(spec: ModelSpec, tier_index: int, t: Any) -> Any:
+    """The labels exit ``tier_index`` learns (spec.exit_labels), on the device ``t`` lives on."""
+    if spec.exit_outputs(tier_index) == spec.n_classes:
+        return t
+    xp = chainer.backend.get_array_module(t)
+    return xp.asarray(spec.exit_labels(tier_index, chainer.backend.CpuDevice().send(t)))
+
+
 def softmax_cross_entropy_joint(model: DDNN, x: Any, t: Any, weights: tuple[float, ...],
                                 present: np.ndarray | None = None) -> tuple[Any, list[Any]]:
     """Weighted sum of the exits' softmax cross-entropies (DDNN joint training); with views the local exit's is
     the aggregated one's, over the views ``present``."""
     result = model(x, present) if present is not None else model(x)
-    losses = [F.softmax_cross_entropy(logits, t) for logits in result.exit_logits]
+    losses = [F.softmax_cross_entropy(logits, exit_targets(model.spec, index, t))
+              for index, logits in enumerate(result.exit_logits)]
     total = sum(w * loss for w, loss in zip(weights, losses))
     return total, result.exit_logits

@@ -21,6 +21,12 @@ aggregator combines the K local exits (max, average or concatenation + linear: t
 one aggregated local exit, and tier 1 (an edge or the cloud) reads the K splits combined the same way. A view
 that is absent (a device down or late) is left out of max and average and is zeros in a concatenation.
 
+Big-Little (De Coninck et al.'s "Big-Little" approach for IoT): ``priority_classes`` lists K of the classes. The
+device tier is then a *little* net whose exit has K + 1 outputs (the priority classes, in the order listed, then
+"other"), the cloud tier a *big* float net that reads the raw input, not the device's split: the two share only
+the input. The device answers when the little net predicts a priority class with normalized entropy <= the
+threshold (:func:`big_little_decision`), otherwise it sends its raw input (packing 3) and the big net answers.
+
 Version 1 files (exactly a device and a server tier, one ``threshold``) load unchanged: their content
 hashes, and so their wire identity, do not move.
 """
@@ -54,7 +60,7 @@ TIER_KINDS = ("device", "edge", "cloud", "server")
 # Every key a spec may hold, per object: a misspelt key ("kernel" for "ksize") is an error, not a default.
 _KEYS = {
     "spec": {"format", "version", "name", "dataset", "input", "classes", "tiers", "threshold", "thresholds",
-             "loss_weights", "training", "calibration", "views"},
+             "loss_weights", "training", "calibration", "views", "priority_classes"},
     "views": {"height", "width", "crops", "weights", "local_aggregation", "split_aggregation", "dropout"},
     "crop": {"top", "left"},
     "input": {"channels", "height", "width", "scale"},
@@ -103,6 +109,17 @@ def exit_decision(entropy: np.ndarray, threshold: float) -> np.ndarray:
     entropy = np.asarray(entropy, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return np.isfinite(entropy) & (entropy <= threshold)
+
+
+OTHER_CLASS = -1  # a Big-Little device's local class when its little net says "other" (not a priority class)
+OTHER_NAME = "other"
+
+
+def big_little_decision(little_class: np.ndarray, entropy: np.ndarray, threshold: float, n_priority: int
+                        ) -> np.ndarray:
+    """Big-Little routing (the generated C does the same): answer locally iff the little net's argmax is one
+    of the ``n_priority`` priority outputs (index < K; K is "other") and :func:`exit_decision` holds."""
+    return (np.asarray(little_class) < n_priority) & exit_decision(entropy, threshold)
 
 
 def parse_threshold_text(text: str | bytes, what: str = "threshold") -> float:
@@ -268,6 +285,35 @@ class ModelSpec:
     dataset: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     views: ViewSpec | None = None  # K devices seeing one scene; None: one device per request
+    priority_classes: tuple[int, ...] = ()  # Big-Little: the little net's classes (empty: an ordinary DDNN)
+
+    @property
+    def big_little(self) -> bool:
+        return bool(self.priority_classes)
+
+    def exit_outputs(self, tier_index: int) -> int:
+        """How many scores tier ``tier_index``'s exit gives: K + 1 for a Big-Little little net, else the classes."""
+        return len(self.priority_classes) + 1 if self.big_little and tier_index == 0 else self.n_classes
+
+    def exit_class_names(self, tier_index: int) -> tuple[str, ...]:
+        """The names of tier ``tier_index``'s exit outputs (a little net's: its priority classes, then "other")."""
+        if self.exit_outputs(tier_index) == self.n_classes:
+            return self.classes
+        return (*(self.classes[c] for c in self.priority_classes), OTHER_NAME)
+
+    def exit_labels(self, tier_index: int, labels: np.ndarray) -> np.ndarray:
+        """The labels tier ``tier_index``'s exit is trained and scored on: a little net's remapped to its K + 1
+        outputs (priority class i -> i, every other class -> K), else ``labels`` unchanged."""
+        if self.exit_outputs(tier_index) == self.n_classes:
+            return labels
+        table = np.full(self.n_classes, len(self.priority_classes), dtype=np.int32)
+        table[list(self.priority_classes)] = np.arange(len(self.priority_classes), dtype=np.int32)
+        return table[labels]
+
+    def little_to_class(self, little_class: np.ndarray) -> np.ndarray:
+        """A little net's output index -> the class it names (OTHER_CLASS for "other")."""
+        table = np.array([*self.priority_classes, OTHER_CLASS], dtype=np.int32)
+        return table[np.asarray(little_class)]
 
     @property
     def n_classes(self) -> int:
@@ -305,6 +351,8 @@ class ModelSpec:
         (tier 1 of a multi-view model: the views' splits aggregated)."""
         shape: tuple[int, ...] = self.input.shape if self.views is None else self.views.input_shape(
             self.input.channels)
+        if self.big_little:
+            return shape  # the big net reads the raw input too
         for index, tier in enumerate(self.tiers[:tier_index]):
             for layer in tier.layers:
                 shape = layer.out_shape(shape)
@@ -583,6 +631,29 @@ def _parse_views(obj: Any, version: int, input_spec: InputSpec, tiers: list[Tier
     return views
 
 
+def _parse_priority(value: Any, version: int, classes: list[str], tiers: list[Tier], has_views: bool
+                    ) -> tuple[int, ...]:
+    where = "priority_classes"
+    if version < 2:
+        raise SpecError(f"{where!r} (Big-Little) needs a version 2 spec")
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in value)):
+        raise SpecError(f"{where!r} must list K >= 1 class indices, like [8], got {value!r}")
+    if any(not 0 <= c < len(classes) for c in value):
+        raise SpecError(f"{where!r}: every class must be in 0..{len(classes) - 1}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise SpecError(f"{where!r}: classes must be distinct, got {value!r}")
+    if len(value) + 1 >= len(classes):
+        raise SpecError(f"{where!r}: the little net's K + 1 outputs ({len(value)} priority classes + other) must be "
+                        f"fewer than the {len(classes)} classes, or it is not little; got {value!r}")
+    if len(tiers) != 2 or not tiers[0].binary or tiers[1].binary or has_views:
+        raise SpecError(f"{where!r}: a Big-Little model has exactly a binary device tier (the little net) and a "
+                        "float cloud tier (the big net), and no views")
+    if not tiers[1].layers or not tiers[1].layers[0].is_conv:
+        raise SpecError(f"{where!r}: the big net reads the raw image, so its first layer must be a 'conv'")
+    return tuple(value)
+
+
 def parse_spec(raw: Any) -> ModelSpec:
     """Validate a spec dict (as read from JSON) and build a ModelSpec."""
     if not isinstance(raw, dict):
@@ -620,8 +691,10 @@ def parse_spec(raw: Any) -> ModelSpec:
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
         raise SpecError(f"'loss_weights' must list one non-negative weight per tier ({len(tiers)})")
     views = None if "views" not in raw else _parse_views(raw["views"], version, input_spec, tiers)
+    priority = (() if "priority_classes" not in raw
+                else _parse_priority(raw["priority_classes"], version, classes, tiers, views is not None))
     spec = ModelSpec(name, input_spec, tuple(classes), tuple(tiers), thresholds,
-                     tuple(float(w) for w in weights), dataset, copy.deepcopy(raw), views)
+                     tuple(float(w) for w in weights), dataset, copy.deepcopy(raw), views, priority)
     _check_shapes(spec)
     return spec
 

@@ -1,4 +1,6 @@
-"""Joint training of all exits (DDNN): loss = sum_i w_i * CE(exit_i), Adam, weight clipping. A multi-view
+"""Joint training of all exits (DDNN): loss = sum_i w_i * CE(exit_i), Adam, weight clipping (a Big-Little
+model's little exit on its remapped K + 1 labels; it shares no parameters with the big net, so the sum trains
+each on its own labels). A multi-view
 model's local exit is the aggregated one, trained with random views left out (``views.dropout``).
 
 Checkpoints are ordinary self-describing model files plus an ``.opt.npz`` with the
@@ -180,7 +182,8 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
                 clip_binary_weights(model)
                 total_loss += float(loss.array) * len(index)
                 for tier, exit_logits in enumerate(logits):
-                    correct[tier] += int((exit_logits.array.argmax(axis=1) == t_all[index]).sum())
+                    targets = spec.exit_labels(tier, t_all[index])
+                    correct[tier] += int((exit_logits.array.argmax(axis=1) == targets).sum())
                 seen += len(index)
                 steps += 1
                 progress.update(done, total_loss / seen)
@@ -190,8 +193,9 @@ def train(spec: ModelSpec, train_set: Dataset, config: TrainConfig, out: Path | 
         record = {"epoch": epoch + 1, "loss": total_loss / seen,
                   **{f"train_acc_{t.exit_name}": correct[i] / seen for i, t in enumerate(spec.tiers)}}
         if val_set is not None:
-            for tier, exit_logits in zip(spec.tiers, predict_exits(model, val_set.images)):
-                record[f"val_acc_{tier.exit_name}"] = float((exit_logits.argmax(1) == val_set.labels).mean())
+            for index, (tier, exit_logits) in enumerate(zip(spec.tiers, predict_exits(model, val_set.images))):
+                targets = spec.exit_labels(index, val_set.labels)
+                record[f"val_acc_{tier.exit_name}"] = float((exit_logits.argmax(1) == targets).mean())
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if out is not None:

@@ -1,6 +1,7 @@
 """Model zoo: the adaptive-DDNN paper's CIFAR-10 families, a 28x28 family for MNIST-like data,
-three-tier (device, edge, cloud) families for Fashion-MNIST and CIFAR-10, and a multi-view family (four devices
-seeing overlapping crops of one Fashion-MNIST image).
+three-tier (device, edge, cloud) families for Fashion-MNIST and CIFAR-10, a multi-view family (four devices
+seeing overlapping crops of one Fashion-MNIST image), and Big-Little families for MNIST (a little binarized net
+for priority classes on the device, a big float net on the raw input in the cloud).
 
 Every builder returns a raw spec dict (see ``spec.parse_spec``); ``filters`` scales the
 device part, as in the paper's deep-16/32/64 variants.
@@ -22,7 +23,8 @@ def _tier(name: str, kind: str, layers: list[Raw], exit_name: str, binary: bool)
             "exit": {"name": exit_name, "type": "bexit" if binary else "linear"}}
 
 
-def _spec(name: str, dataset: str, channels: int, size: int, tiers: list[Raw], thresholds: list[float]) -> Raw:
+def _spec(name: str, dataset: str, channels: int, size: int, tiers: list[Raw], thresholds: list[float],
+          extra: Raw | None = None) -> Raw:
     raw: Raw = {
         "format": SPEC_FORMAT,
         "version": SPEC_VERSION,
@@ -33,6 +35,7 @@ def _spec(name: str, dataset: str, channels: int, size: int, tiers: list[Raw], t
         "tiers": tiers,
         "thresholds": thresholds,
         "loss_weights": [1.0] * len(tiers),
+        **(extra or {}),
     }
     parse_spec(raw)  # a zoo entry must always be valid
     return raw
@@ -143,6 +146,20 @@ def fmnist28_views(filters: int = 16) -> Raw:
     return raw
 
 
+def mnist_biglittle(filters: int = 8, priority: tuple[int, ...] = (8,)) -> Raw:
+    """Big-Little on MNIST: the little net (device, binarized) FConv ``filters`` + BConv 2 * ``filters`` with 2x2
+    pools and a binary exit over the priority classes + "other"; the big net (cloud, float) reads the raw image:
+    three 3x3 conv blocks of 16, 32, 32 channels, each max-pooled 2x2 (28 -> 14 -> 7 -> 3), and a hidden linear
+    layer of 64. The big net is small on purpose: the paper compares with a big net of ~97 % F1 on class '8'."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", 2 * filters, pool=POOL_2)]
+    cloud = [_conv("bconv1", "conv", 16, pool=POOL_2), _conv("bconv2", "conv", 32, pool=POOL_2),
+             _conv("bconv3", "conv", 32, pool=POOL_2), {"name": "bfc1", "type": "linear", "out_channels": 64}]
+    suffix = "_".join(map(str, priority))
+    return _spec(f"mnist_bl{suffix}_{filters}", "mnist", 1, 28,
+                 [_tier("little", "device", device, "little", True), _tier("big", "cloud", cloud, "big", False)],
+                 [0.2], {"priority_classes": list(priority)})
+
+
 ZOO: dict[str, Callable[..., Raw]] = {
     "cifar10_shallow": cifar10_shallow,
     "cifar10_deep": cifar10_deep,
@@ -152,6 +169,8 @@ ZOO: dict[str, Callable[..., Raw]] = {
     "fashion-mnist": lambda filters=16: mnist28(filters, "fashion-mnist"),
     "fashion-mnist-3tier": fmnist28_3tier,
     "fashion-mnist-views": fmnist28_views,
+    "biglittle": lambda filters=8: mnist_biglittle(filters, (8,)),
+    "biglittle-3-8": lambda filters=8: mnist_biglittle(filters, (3, 8)),
 }
 
 

@@ -37,9 +37,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
@@ -134,7 +135,7 @@ class Broker:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise BrokerError(f"mosquitto exited with code {self._process.returncode}: {self.log_tail()}")
-            if _port_open(self.port):
+            if port_open(self.port):
                 log.info("mosquitto listening on %s (config %s)", self.address, self.config_path)
                 return self
             time.sleep(0.05)

@@ -6,7 +6,8 @@ Roles (docs/security.md has the whole threat model):
 * device D: publishes its requests ``ddnn/req/+/D`` and its status ``ddnn/status/D``; reads only its replies
   ``ddnn/reply/D`` and its thresholds ``ddnn/threshold/<model>`` and ``ddnn/threshold/<model>/D``;
 * server S: reads requests through the servers' shared subscriptions ``$share/<group>/ddnn/req/<model>/+``,
-  writes replies ``ddnn/reply/+`` and its own status ``ddnn/server/S/status``;
+  writes replies ``ddnn/reply/+`` and its own status ``ddnn/server/S/status``; reads every device's status
+  ``ddnn/status/+`` (an aggregator answers an event without the views of cameras that are offline);
 * operator: writes thresholds; reads thresholds and every status;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
 
@@ -102,17 +103,22 @@ def rules_for(name: str, role: str) -> list[Rule]:
     literal, pattern = "subscribeLiteral", "subscribePattern"
     if role == "device":
         return [Rule(send, f"{root}/req/+/{name}"), Rule(send, f"{root}/status/{name}"),
+                Rule(send, f"{root}/device/{name}/telemetry"),
                 Rule(literal, f"{root}/reply/{name}"), Rule(receive, f"{root}/reply/{name}"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+"),
                 Rule(pattern, f"{root}/threshold/+/{name}"), Rule(receive, f"{root}/threshold/+/{name}")]
     if role == "server":
         return [Rule(pattern, f"$share/+/{root}/req/+/+"), Rule(receive, f"{root}/req/+/+"),
-                Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/server/{name}/status")]
+                Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/server/{name}/status"),
+                Rule(send, f"{root}/server/{name}/telemetry"),
+                Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+")]
     if role == "operator":
         return [Rule(send, f"{root}/threshold/+"), Rule(send, f"{root}/threshold/+/+"),
                 Rule(pattern, f"{root}/threshold/#"), Rule(receive, f"{root}/threshold/#"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
-                Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status")]
+                Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status"),
+                Rule(pattern, f"{root}/server/+/telemetry"), Rule(receive, f"{root}/server/+/telemetry"),
+                Rule(pattern, f"{root}/device/+/telemetry"), Rule(receive, f"{root}/device/+/telemetry")]
     if role == "monitor":
         return [Rule(pattern, f"{root}/#"), Rule(receive, f"{root}/#")]
     raise DeploymentError(f"unknown role {role!r}")

@@ -57,14 +57,16 @@ class ReadAheadSocket:
 
 
 class Client(mqtt.Client):
-    """MQTT 5, callback API v2, read-ahead socket, TLS and credentials from a ``BrokerConnection``.
+    """MQTT 5 (or ``protocol=mqtt.MQTTv311`` for brokers such as RabbitMQ's MQTT plugin), callback API v2,
+    read-ahead socket, TLS and credentials from a ``BrokerConnection``.
 
     paho's background loop retries a failed connection attempt without saying why; ``last_connect_error``
     keeps the reason (refused, TLS handshake or certificate check failed) so callers can report it.
     """
 
-    def __init__(self, client_id: str = "", connection: BrokerConnection | None = None, **kwargs: Any) -> None:
-        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, **kwargs)
+    def __init__(self, client_id: str = "", connection: BrokerConnection | None = None,
+                 protocol: int = mqtt.MQTTv5, **kwargs: Any) -> None:
+        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
         self.last_connect_error: str | None = None
         if connection is not None:
             connection.configure(self)

@@ -115,5 +115,72 @@ def status_topic(device_id: str) -> str:
     return f"{TOPIC_ROOT}/status/{check_device_id(device_id)}"
 
 
+STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/status/+"  # every device's status (an aggregator follows its cameras')
+
+
+def parse_status_topic(topic: str) -> str | None:
+    """The device id of a device status topic, or None when ``topic`` is not one with a valid id."""
+    prefix = f"{TOPIC_ROOT}/status/"
+    if not topic.startswith(prefix) or not valid_device_id(topic[len(prefix):]):
+        return None
+    return topic[len(prefix):]
+
+
 def server_status_topic(server_id: str) -> str:
     return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/status"
+
+
+def server_telemetry_topic(server_id: str) -> str:
+    """Where a server publishes its load every ``--telemetry-interval`` s (JSON, wire/telemetry.py)."""
+    return f"{TOPIC_ROOT}/server/{check_name(server_id, 'server id')}/telemetry"
+
+
+def device_telemetry_topic(device_id: str) -> str:
+    """Where a device publishes its periodic counters (JSON, wire/telemetry.py)."""
+    return f"{TOPIC_ROOT}/device/{check_device_id(device_id)}/telemetry"
+
+
+TELEMETRY_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/server/+/telemetry", f"{TOPIC_ROOT}/device/+/telemetry")
+
+
+def parse_telemetry_topic(topic: str) -> tuple[str, str] | None:
+    """("server" | "device", its id) of a telemetry topic, or None when the topic is not one (or its id is
+    invalid)."""
+    parts = topic.split("/")
+    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] not in ("server", "device")
+            or parts[3] != "telemetry" or not valid_device_id(parts[2])):
+        return None
+    return parts[1], parts[2]
+
+
+# ---- the same topics on a RabbitMQ cluster (AMQP 0-9-1 names; docs/deployment.md) -------------------------
+# RabbitMQ's MQTT plugin publishes into ``amq.topic`` with the topic's ``/`` turned into ``.`` (and back on
+# delivery), so ``ddnn/req/<model>/<device>`` arrives as routing key ``ddnn.req.<model>.<device>``. A ``.``
+# inside a device id would turn into a topic level there, so ids on such a cluster must not contain one.
+
+AMQP_EXCHANGE = "amq.topic"
+
+
+def valid_cluster_id(name: str) -> bool:
+    """The device-id rule, without ``.`` (which RabbitMQ's topic translation would split)."""
+    return valid_device_id(name) and "." not in name
+
+
+def request_queue(model_hash: bytes, tier: int = 1) -> str:
+    """The durable quorum queue holding one model's requests for one tier, which servers consume."""
+    return f"{TOPIC_ROOT}.req.{model_key(model_hash)}{_tier_suffix(tier).replace('/', '.')}"
+
+
+def request_binding(model_hash: bytes, tier: int = 1) -> str:
+    """The binding key of that queue on ``amq.topic``: every device's requests for the model and tier."""
+    return f"{TOPIC_ROOT}.req.{model_key(model_hash)}.*{_tier_suffix(tier).replace('/', '.')}"
+
+
+def routing_key(topic: str) -> str:
+    """The AMQP routing key RabbitMQ's MQTT plugin uses for ``topic``."""
+    return topic.replace("/", ".")
+
+
+def topic_of(routing_key_: str) -> str:
+    """The MQTT topic of an AMQP routing key (the inverse of :func:`routing_key` for ids without ``.``)."""
+    return routing_key_.replace(".", "/")

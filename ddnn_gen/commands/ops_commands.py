@@ -1,0 +1,113 @@
+"""Operation commands: ``control`` (the load-driven threshold controller on a running fleet)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+import click
+
+from ddnn_gen.commands.options import broker_options
+from ddnn_gen.wire.connection import BrokerConnection
+
+log = logging.getLogger(__name__)
+
+
+@click.command("control")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target-p99-ms", type=click.FloatRange(0.1, 600000), default=None,
+              help="Keep the devices' p99 round trip under this many ms.")
+@click.option("--max-load", type=click.FloatRange(0.01, 1.0), default=None,
+              help="Keep the servers' load under this share of their capacity.")
+@click.option("--capacity", type=click.FloatRange(min=0.1), default=None,
+              help="Requests/s the servers sustain, as measured (bench/bench_server.py, bench/bench_control.py); "
+                   "default: estimated from the servers' telemetry (served rate over the workers' busy share, an "
+                   "upper bound where the network thread rather than the forward pass limits).")
+@click.option("--t-min", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Never publish a threshold below this.")
+@click.option("--t-max", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Never publish a threshold above this.")
+@click.option("--threshold", "start", type=click.FloatRange(0, 1), default=None,
+              help="Threshold to start from (default: the model's stored one).")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Seconds between decisions (the telemetry interval is a good choice).")
+@click.option("--duration", type=click.FloatRange(0, 10**7), default=0.0,
+              help="Stop after this many seconds (0: run until SIGINT/SIGTERM).")
+@broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
+def control(model: str, target_p99_ms: float | None, max_load: float | None, capacity: float | None, t_min: float,
+            t_max: float, start: float | None, interval: float, duration: float, broker: BrokerConnection) -> None:
+    """Keep MODEL's servers at a target by moving the model's device-exit threshold along its calibration
+    curve (stored by `ddnngen calibrate`): higher (more local exits) when overloaded, lower (more accurate)
+    when there is room, never outside [--t-min, --t-max]. Each decision is logged (-v)."""
+    from ddnn_gen.model.modelfile import load_model
+    from ddnn_gen.ops.controller import ControlError, Curve, ThresholdController
+    from ddnn_gen.ops.live import LiveController
+
+    if (target_p99_ms is None) == (max_load is None):
+        raise click.UsageError("give exactly one of --target-p99-ms and --max-load")
+    if t_min > t_max:
+        raise click.BadParameter(f"--t-min {t_min} is above --t-max {t_max}", param_hint="--t-min")
+    logging.getLogger("ddnn_gen.ops.live").setLevel(logging.INFO)  # each decision is logged, -v or not
+    loaded = load_model(model)
+    curve = Curve.from_calibration(loaded.spec.calibration)
+    initial = loaded.spec.thresholds[0] if start is None else start
+
+    def make(measured: float) -> ThresholdController:
+        return ThresholdController(curve, measured, initial, t_min=t_min, t_max=t_max, max_load=max_load,
+                                   target_p99_ms=target_p99_ms)
+
+    try:
+        controller = make(capacity) if capacity is not None else None
+    except ControlError as error:
+        raise click.ClickException(str(error)) from error
+    live = LiveController(broker, loaded.hash_bytes, controller, interval, make).start()
+    target = f"p99 under {target_p99_ms} ms" if target_p99_ms is not None else f"load under {max_load} of capacity"
+    click.echo(f"ddnngen control: {loaded.spec.name} on {broker.url}: {target}, threshold in [{t_min}, {t_max}], "
+               f"every {interval} s", err=True)
+    _wait_for_signal(duration)
+    live.stop()
+    final = live.controller.threshold if live.controller is not None else initial
+    expected = f", expected accuracy {100 * curve.accuracy_at(final):.2f} %"
+    click.echo(f"ddnngen control: {len(live.decisions)} decisions, threshold now {final:.4f}{expected}", err=True)
+
+
+@click.command("dashboard")
+@click.option("--http", "port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port of the operator's page.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address the page binds to (loopback: reach it through an SSH tunnel or a proxy that "
+                   "authenticates the operator).")
+@broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
+def dashboard(port: int, address: str, broker: BrokerConnection) -> None:
+    """Serve the operator's live view of the fleet: devices online/offline with their exit rates and
+    thresholds, servers' load and latency (server-sent events from the MQTT telemetry); its form sets a
+    device's retained threshold."""
+    from ddnn_gen.ops.dashboard import Dashboard
+
+    view = Dashboard(broker).start(port, address)
+    click.echo(f"ddnngen dashboard: {view.url} (fleet on {broker.url})", err=True)
+    _wait_for_signal(0.0)
+    view.stop()
+
+
+def _wait_for_signal(duration: float) -> None:
+    """Until SIGINT/SIGTERM, or ``duration`` seconds when that is not 0."""
+    stop = threading.Event()
+
+    def _signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    ends = time.monotonic() + duration if duration else None
+    while not stop.wait(0.2):
+        if ends is not None and time.monotonic() >= ends:
+            break
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(control)
+    cli.add_command(dashboard)

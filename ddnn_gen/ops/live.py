@@ -1,0 +1,177 @@
+"""The controller on a running fleet (``ddnngen control``): read the telemetry of one model's devices and of
+the servers from the broker, turn each interval into an Observation for the ThresholdController, and publish
+its threshold as the model's retained threshold whenever it moves.
+
+One interval's observation: the samples the model's devices classified per second and the share they
+offloaded (deltas of their cumulative counters, so a lost telemetry message costs resolution, not
+correctness), and the p99 round trip: the largest p99 the devices measured in that interval (what the
+target is about), else the servers' receipt-to-reply p99. A device whose counters went backwards restarted:
+its new counts start a new baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddnn_gen.ops.controller import Decision, Observation, ThresholdController
+from ddnn_gen.ops.subscriber import OperatorClient
+from ddnn_gen.wire import codec, telemetry, topics
+from ddnn_gen.wire.connection import BrokerConnection
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_EPSILON = 1e-6  # moves smaller than this are not published
+
+
+@dataclass
+class _DeviceState:
+    samples: int = 0
+    offloaded: int = 0
+    threshold: float = math.nan
+    rtt_p99_ms: float = math.nan  # the latest message's, cleared once used
+    seen: float = 0.0
+
+
+@dataclass
+class FleetView:
+    """The latest validated telemetry of one model's devices and of every server (thread-safe)."""
+
+    model_key: str
+    devices: dict[str, _DeviceState] = field(default_factory=dict)
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _taken: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> counters at the last interval
+
+    def receive(self, topic: str, payload: bytes) -> None:
+        try:
+            message = telemetry.parse(topic, payload)
+        except telemetry.TelemetryError as error:
+            with self._lock:
+                self.rejected += 1
+                count = self.rejected
+            if count <= 10 or count % 1000 == 0:  # hostile traffic must not flood the log
+                log.warning("ignoring telemetry (%d so far): %s", count, error)
+            return
+        now = time.monotonic()
+        with self._lock:
+            if message.kind == "server":
+                self.servers[message.source] = {**message.body, "_seen": now}
+                return
+            body = message.body
+            if body["model"] != self.model_key:
+                return
+            state = self.devices.setdefault(message.source, _DeviceState())
+            state.samples, state.offloaded, state.threshold, state.seen = (body["samples"], body["offloaded"],
+                                                                         body["threshold"], now)
+            p99 = (body.get("rtt_ms") or {}).get("p99")
+            if p99 is not None:
+                state.rtt_p99_ms = p99 if math.isnan(state.rtt_p99_ms) else max(state.rtt_p99_ms, p99)
+
+    def take(self, since: float) -> tuple[int, int, float]:
+        """(samples, offloaded) the devices added since the previous call, and the p99 round trip (ms, NaN
+        when unknown) of the messages received since ``since``."""
+        samples = offloaded = 0
+        p99 = math.nan
+        with self._lock:
+            for device_id, state in self.devices.items():
+                last_samples, last_offloaded = self._taken.get(device_id, (0, 0))
+                if state.samples < last_samples or state.offloaded < last_offloaded:
+                    last_samples = last_offloaded = 0  # restarted: its counters began again
+                samples += state.samples - last_samples
+                offloaded += state.offloaded - last_offloaded
+                self._taken[device_id] = (state.samples, state.offloaded)
+                if not math.isnan(state.rtt_p99_ms):
+                    p99 = state.rtt_p99_ms if math.isnan(p99) else max(p99, state.rtt_p99_ms)
+                    state.rtt_p99_ms = math.nan
+            if math.isnan(p99):
+                recent = [s["latency_ms"]["p99"] for s in self.servers.values()
+                          if s["_seen"] >= since and s["latency_ms"]["p99"] is not None]
+                p99 = max(recent) if recent else math.nan
+        return samples, offloaded, p99
+
+    def capacity_estimate(self) -> float | None:
+        """Requests/s the servers could answer: each one's served rate over its workers' busy share, where
+        busy enough to tell (an upper bound when the network rather than the forward pass limits)."""
+        with self._lock:
+            rates = [sum(s.get("OK", 0.0) for s in body["rps"].values()) / body["busy"]
+                     for body in self.servers.values() if body["busy"] >= 0.05]
+        return sum(rates) if rates else None
+
+
+class LiveController:
+    """Subscribe, decide every ``interval_s``, publish the model's retained threshold when it moves."""
+
+    def __init__(self, connection: BrokerConnection, model_hash: bytes, controller: ThresholdController | None,
+                 interval_s: float = 2.0, capacity_factory: Any = None, publish_initial: bool = True) -> None:
+        """``controller`` None: built by ``capacity_factory(capacity)`` once telemetry shows a capacity."""
+        self.connection = connection
+        self.model_hash = model_hash
+        self.controller = controller
+        self.interval_s = interval_s
+        self._factory = capacity_factory
+        self._publish_initial = publish_initial
+        self.view = FleetView(topics.model_key(model_hash))
+        self.decisions: deque[tuple[float, Observation, Decision]] = deque(maxlen=100000)
+        self.published: float | None = None
+        self._topic = topics.threshold_topic(model_hash)
+        self._stop = threading.Event()
+        self._client = OperatorClient(connection, "control", topics.TELEMETRY_SUBSCRIPTIONS, self.view.receive)
+        self._thread = threading.Thread(target=self._loop, name="ddnn-control", daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> LiveController:
+        self._client.start(timeout_s)
+        if self.controller is not None and self._publish_initial:
+            self._publish(self.controller.threshold)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._client.stop()
+
+    def _publish(self, threshold: float) -> None:
+        if not self._client.publish_retained(self._topic, codec.encode_threshold(threshold)):
+            log.warning("control: publishing the threshold %.4f failed (not connected?)", threshold)
+            return
+        self.published = threshold
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        self.view.take(last)  # the counters so far are the baseline
+        while not self._stop.wait(max(0.0, last + self.interval_s - time.monotonic())):
+            now = time.monotonic()
+            self.step(now - last, last)
+            last = now
+
+    def step(self, span_s: float, since: float) -> Decision | None:
+        samples, offloaded, p99 = self.view.take(since)
+        if self.controller is None:
+            capacity = self.view.capacity_estimate()
+            if capacity is None or self._factory is None:
+                log.info("control: waiting for a server busy enough to estimate its capacity")
+                return None
+            self.controller = self._factory(capacity)
+            log.info("control: estimated capacity %.0f requests/s from the servers' telemetry", capacity)
+        if samples == 0:
+            log.info("control: no samples this interval; holding %.4f", self.controller.threshold)
+            return None
+        seen = Observation(samples / span_s, offloaded / samples, p99)
+        decision = self.controller.update(seen)
+        self.decisions.append((time.time(), seen, decision))
+        moved = self.published is None or abs(decision.threshold - self.published) > THRESHOLD_EPSILON
+        log.info("control: %.0f samples/s, %.1f %% offloaded, p99 %.1f ms -> threshold %.4f (%s; predicted "
+                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%)%s", seen.sample_rate,
+                 100 * seen.onward_share, p99, decision.threshold, decision.reason, decision.predicted_load,
+                 decision.allowed_load, 100 * decision.expected_accuracy, " published" if moved else "")
+        if moved:
+            self._publish(decision.threshold)
+        return decision

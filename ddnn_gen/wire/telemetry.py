@@ -1,0 +1,133 @@
+"""Live telemetry over MQTT (docs/protocol.md, "Telemetry"): JSON a server publishes on
+``ddnn/server/<server-id>/telemetry`` and a device on ``ddnn/device/<device-id>/telemetry``, and the one
+function every reader validates them with.
+
+Whoever reads telemetry (``ddnngen control``, the dashboard) takes it from the network, so it is hostile
+until checked: at most MAX_TELEMETRY_BYTES, strict JSON (no NaN/Infinity), the schema below (closed objects,
+bounded strings, numbers in range, a bounded number of models), and the id inside equal to the topic's (the
+broker's rules tie a topic to the client's credentials; the payload cannot claim another identity).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from ddnn_gen.errors import DdnnError
+from ddnn_gen.wire import topics
+
+TELEMETRY_VERSION = 1
+MAX_TELEMETRY_BYTES = 16384
+MAX_MODELS = 32  # per server message: more than any server loads, few enough to bound a reader's work
+
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"}
+_MODEL_NAME = "^[A-Za-z][A-Za-z0-9_]{0,62}$"  # spec names are C identifiers (model/spec.py)
+_COUNTED_MODEL = "^(-|[A-Za-z][A-Za-z0-9_]{0,62})$"  # or "-": rejected before its model was known
+_MODEL_KEY = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 2**53}
+_RATE = {"type": "number", "minimum": 0, "maximum": 1e9}
+_MS = {"type": ["number", "null"], "minimum": 0, "maximum": 1e9}
+_PERCENTILES = {"type": "object", "additionalProperties": False, "required": ["p50", "p99"],
+                "properties": {"p50": _MS, "p99": _MS}}
+_THRESHOLD = {"type": "number", "minimum": 0, "maximum": 1}
+
+
+def _per_model(values: dict[str, Any], keys: str) -> dict[str, Any]:
+    inner = {"type": "object", "maxProperties": 32, "additionalProperties": False,
+             "patternProperties": {keys: values}}
+    return {"type": "object", "maxProperties": MAX_MODELS, "additionalProperties": False,
+            "patternProperties": {_COUNTED_MODEL: inner}}
+
+
+SERVER_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["v", "server", "time", "interval_s", "workers", "models", "rps", "answered_by", "queue_depth",
+                 "batch", "busy", "service_ms", "latency_ms", "cpu_percent"],
+    "properties": {
+        "v": {"const": TELEMETRY_VERSION},
+        "server": _ID,
+        "time": {"type": "number", "minimum": 0},
+        "interval_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+        "workers": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "models": {"type": "object", "maxProperties": MAX_MODELS, "additionalProperties": False,
+                   "patternProperties": {_MODEL_NAME: _MODEL_KEY}},
+        "rps": _per_model(_RATE, "^[A-Z_]{1,32}$"),
+        "answered_by": _per_model(_COUNT, "^[0-7]$"),
+        "queue_depth": _COUNT,
+        "batch": {"type": "object", "additionalProperties": False, "required": ["count", "mean", "max"],
+                  "properties": {"count": _COUNT, "mean": _RATE, "max": _COUNT}},
+        "busy": {"type": "number", "minimum": 0, "maximum": 1},
+        "service_ms": _PERCENTILES,
+        "latency_ms": _PERCENTILES,
+        "cpu_percent": {"type": "number", "minimum": 0, "maximum": 1e6},
+    },
+}
+
+DEVICE_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["v", "device", "model", "time", "samples", "local", "offloaded", "fallback", "error", "threshold",
+                 "thresholds"],
+    "properties": {
+        "v": {"const": TELEMETRY_VERSION},
+        "device": _ID,
+        "model": _MODEL_KEY,
+        "time": {"type": "number", "minimum": 0},
+        "samples": _COUNT,  # counters since the device started
+        "local": _COUNT,
+        "offloaded": _COUNT,  # sent to the server: answered, fell back or got an error
+        "fallback": _COUNT,
+        "error": _COUNT,
+        "threshold": _THRESHOLD,  # the one in use
+        "thresholds": {"type": "object", "additionalProperties": False, "required": ["model", "device", "default"],
+                       "properties": {"model": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                                      "device": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                                      "default": _THRESHOLD}},
+        "rtt_ms": _PERCENTILES,  # round trips of the offloaded requests since the previous message
+    },
+}
+
+_VALIDATORS = {"server": Draft202012Validator(SERVER_SCHEMA), "device": Draft202012Validator(DEVICE_SCHEMA)}
+_ID_FIELD = {"server": "server", "device": "device"}
+
+
+class TelemetryError(DdnnError, ValueError):
+    """A telemetry message that is not one: too large, not JSON, off the schema, or claiming another id."""
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    kind: str  # "server" | "device"
+    source: str  # its id (the topic's)
+    body: dict[str, Any]
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def parse(topic: str, payload: bytes) -> Telemetry:
+    """The validated message on ``topic``, else TelemetryError saying why."""
+    routed = topics.parse_telemetry_topic(topic)
+    if routed is None:
+        raise TelemetryError(f"{topic[:120]!r} is not a telemetry topic")
+    kind, source = routed
+    if len(payload) > MAX_TELEMETRY_BYTES:
+        raise TelemetryError(f"{kind} {source}: {len(payload)} bytes, more than {MAX_TELEMETRY_BYTES}")
+    try:
+        body = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise TelemetryError(f"{kind} {source}: not JSON: {str(error)[:120]}") from error
+    problem = next(iter(_VALIDATORS[kind].iter_errors(body)), None)
+    if problem is not None:
+        where = "/".join(str(p) for p in problem.absolute_path) or "message"
+        raise TelemetryError(f"{kind} {source}: {where}: {problem.message[:160]}")
+    if body[_ID_FIELD[kind]] != source:
+        raise TelemetryError(f"{kind} {source}: the message claims id {body[_ID_FIELD[kind]]!r}")
+    return Telemetry(kind, source, body)
