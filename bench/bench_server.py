@@ -238,7 +238,7 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
     raw = raw_forward_rate(served, split_words, args.max_batch, workers, cpus.server)
     single_us = 1e6 / raw_forward_rate(served, split_words[:100], 1, 1, cpus.server)
     latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
-    request_bytes = codec.REQUEST_HEADER_BYTES + served.program.split_words * 8
+    request_bytes = codec.REQUEST_HEADER_BYTES + served.program.split_bytes  # dense, as the devices send it
 
     with Broker() as broker:
         server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server)

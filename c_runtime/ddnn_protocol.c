@@ -103,6 +103,48 @@ size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *wo
     return total;
 }
 
+size_t ddnn_request_dense_size(uint16_t channels, uint16_t height, uint16_t width)
+{
+    return DDNN_REQUEST_HEADER_BYTES + ((size_t)channels * height * width + 7) / 8;
+}
+
+size_t ddnn_request_encode_dense(const ddnn_request_header *header, const uint64_t *words, size_t n_words,
+                                 uint8_t *out, size_t out_len)
+{
+    const size_t per_pixel = ((size_t)header->channels + 63) / 64;
+    const size_t pixels = (size_t)header->height * header->width;
+    const size_t total = ddnn_request_dense_size(header->channels, header->height, header->width);
+    const size_t payload = total - DDNN_REQUEST_HEADER_BYTES;
+    uint8_t *body = out + DDNN_REQUEST_HEADER_BYTES;
+    uint64_t acc = 0; /* the next bits of the stream, LSB first; `fill` of them are valid */
+    unsigned fill = 0;
+    size_t pixel, w, pos = 0;
+    if (n_words != pixels * per_pixel || out_len < total ||
+        !put_header(header, DDNN_PACKING_BITS_DENSE, header->split_layer, payload, out))
+        return 0;
+    for (pixel = 0; pixel < pixels; ++pixel) {
+        for (w = 0; w < per_pixel; ++w) {
+            /* The pixel's last word holds 1..64 channels; its padding bits are dropped, not trusted. */
+            const unsigned n = w + 1 < per_pixel ? 64u : (unsigned)(header->channels - 64 * w);
+            const uint64_t v = n < 64 ? words[pixel * per_pixel + w] & ((UINT64_C(1) << n) - 1)
+                                      : words[pixel * per_pixel + w];
+            acc |= v << fill;
+            if (fill + n >= 64) {
+                put_u64(body + pos, acc);
+                pos += 8;
+                /* The bits of v that did not fit (none when fill == 0: a shift by 64 is undefined). */
+                acc = fill ? v >> (64 - fill) : 0;
+                fill = fill + n - 64;
+            } else {
+                fill += n;
+            }
+        }
+    }
+    for (; pos < payload; ++pos, acc >>= 8)
+        body[pos] = (uint8_t)acc;
+    return total;
+}
+
 size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t *pixels, size_t n_bytes, uint8_t *out,
                                size_t out_len)
 {

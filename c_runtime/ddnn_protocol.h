@@ -2,9 +2,10 @@
  * ddnn_gen/wire/codec.py. Pure byte encoding: no MQTT, no allocation, explicit little-endian so
  * big-endian or strict-alignment targets produce the same bytes.
  *
- * Request = 64-byte header + the split activations exactly as <name>_infer() leaves them
- * (HWC, channels packed in uint64 words, little-endian), or, server-only, + the raw uint8 HWC input
- * (packing 3, split layer 0: the server runs the whole model). Reply = 32-byte header + top-k
+ * Request = 64-byte header + the split activations, either densely (packing 4, what devices send:
+ * the H*W*C bits in HWC order, LSB first, ceil(H*W*C / 8) bytes) or exactly as <name>_infer() leaves
+ * them (packing 1: HWC, channels packed in uint64 words, little-endian), or, server-only, + the raw
+ * uint8 HWC input (packing 3, split layer 0: the server runs the whole model). Reply = 32-byte header + top-k
  * (class, probability) pairs + optional utf-8 error message. */
 #ifndef DDNN_PROTOCOL_H
 #define DDNN_PROTOCOL_H
@@ -25,6 +26,7 @@
 #define DDNN_DEVICE_ID_MAX 32
 #define DDNN_PACKING_BITS_U64 1
 #define DDNN_PACKING_RAW_U8 3
+#define DDNN_PACKING_BITS_DENSE 4
 #define DDNN_RAW_SPLIT_LAYER 0
 #define DDNN_REPLY_TOP_MAX 16
 #define DDNN_REPLY_MESSAGE_MAX 256
@@ -81,6 +83,17 @@ size_t ddnn_request_size(size_t n_words);
  * without an event id). */
 size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *words, size_t n_words, uint8_t *out,
                            size_t out_len);
+
+/* Bytes of a dense (packing 4) request of a channels x height x width split: ceil(H*W*C / 8) + header. */
+size_t ddnn_request_dense_size(uint16_t channels, uint16_t height, uint16_t width);
+
+/* Dense request: writes header + the split's H*W*C bits (HWC order, channel c of pixel p is bit p*C + c
+ * of the payload, LSB first; the last byte's unused bits 0) into out, read from `words` as <name>_infer()
+ * leaves them (H, W, ceil(C/64) uint64 words; their padding bits are not sent). The shape is the header's
+ * channels/height/width. Returns the byte count, or 0 as ddnn_request_encode, or when n_words is not
+ * H * W * ceil(C / 64). */
+size_t ddnn_request_encode_dense(const ddnn_request_header *header, const uint64_t *words, size_t n_words,
+                                 uint8_t *out, size_t out_len);
 
 /* Server-only request: writes header + the n_bytes uint8 HWC input pixels into out (the header's
  * split_layer is ignored and sent as DDNN_RAW_SPLIT_LAYER; channels/height/width are the input's).

@@ -166,7 +166,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "ddnn_device_net: --broker must be HOST:PORT, got '%s'\n", broker);
         return 2;
     }
-    if (ddnn_request_size((size_t)model->split_words) > model->request_bytes ||
+    if (ddnn_request_dense_size((uint16_t)model->split_c, (uint16_t)model->split_h, (uint16_t)model->split_w) >
+            model->request_bytes ||
         DDNN_REQUEST_HEADER_BYTES + model->input_bytes > model->request_bytes) {
         fprintf(stderr, "ddnn_device_net: %s's request buffer (%lu bytes) is smaller than its requests\n", model->name,
                 (unsigned long)model->request_bytes);
@@ -260,8 +261,9 @@ int main(int argc, char **argv)
                 header.channels = (uint16_t)model->split_c;
                 header.height = (uint16_t)model->split_h;
                 header.width = (uint16_t)model->split_w;
-                len = ddnn_request_encode(&header, result.split, (size_t)model->split_words, model->request,
-                                          model->request_bytes);
+                /* Dense: the split's bits only, not its in-memory 64-bit channel words (docs/protocol.md). */
+                len = ddnn_request_encode_dense(&header, result.split, (size_t)model->split_words, model->request,
+                                                model->request_bytes);
             }
             net = len > 0 ? ddnn_mqtt_request(model->request, len, header.request_id, (int)timeout_ms, &reply)
                           : DDNN_NET_OFFLINE;

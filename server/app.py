@@ -424,13 +424,14 @@ class Server:
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)
         # One model per batch by construction; packings may differ (bits, float tooling, raw server-only input).
+        # Both bit packings decode to the same words, so dense and word-packed requests share a forward.
         groups: dict[codec.Packing, list[int]] = {}
         for index, work in enumerate(works):
-            groups.setdefault(work.header.packing, []).append(index)
+            groups.setdefault(work.header.packing.decoded, []).append(index)
         for packing, indices in groups.items():
             model = works[indices[0]].model
             try:
-                if model.edge_program is not None and packing == codec.Packing.BITS_U64:
+                if model.edge_program is not None and packing.bits:
                     self._run_edge(works, indices, started, queue_us)
                     continue
                 logits = model.logits([works[i].payload for i in indices], packing)

@@ -92,7 +92,7 @@ class Upstream:
             return
         request_id = next(self._ids)
         header = RequestHeader(model_hash, split_layer, chw[0], chw[1], chw[2], request_id,
-                               time.monotonic_ns() // 1000, Packing.BITS_U64)
+                               time.monotonic_ns() // 1000, Packing.BITS_DENSE)
         forward.sent = time.monotonic()
         forward.deadline = forward.sent + self.timeout_s
         with self._lock:

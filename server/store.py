@@ -92,7 +92,7 @@ class ServedModel:
                                     f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
                                     header.request_id)
             return
-        if self.views is not None and header.packing != Packing.BITS_U64:
+        if self.views is not None and not header.packing.bits:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is multi-view: its aggregator takes each "
                                 "view's bit-packed split", header.request_id)
         if self.entry_tier == 0:
@@ -109,13 +109,14 @@ class ServedModel:
                                 header.request_id)
         # Float32 values are taken everywhere (tooling, and float tiers' outputs); bits only where the tier
         # before is binary.
-        if header.packing == Packing.BITS_U64 and self.program is None:
+        if header.packing.bits and self.program is None:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"bit-packed payload, but model {self.name}'s tier "
                                 f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id)
 
     def server_input(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
-        """Stack one batch of payloads into the entry tier's float32 input (+-1 for a binary split)."""
-        if packing == Packing.BITS_U64:
+        """Stack one batch of payloads into the entry tier's float32 input (+-1 for a binary split); both bit
+        packings arrive as uint64 words."""
+        if packing.bits:
             assert self.program is not None  # check() refused bits where the tier before is float
             return split_to_server_input(self.program, np.stack(payloads))
         values = np.stack(payloads).astype(np.float32)  # (N, H, W, C)

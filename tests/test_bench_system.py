@@ -16,6 +16,7 @@ from ddnn_gen.bench.system import BenchConfig, clean_json, load_model_data, publ
 from ddnn_gen.model import evaluate
 
 SAMPLES = 60
+VIEWS_MODEL = Path(__file__).resolve().parent.parent / "models" / "views" / "fmnist_views_16.npz"
 TIME_KEYS = ("device", "server", "comm", "total", "total_offloaded")
 
 
@@ -26,13 +27,16 @@ def bench_result(tmp_path_factory: pytest.TempPathFactory, fmnist_model_path: Pa
     if not Path("/usr/include/MQTTClient.h").exists():
         pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
     out = tmp_path_factory.mktemp("bench")
-    config = BenchConfig(models=[fmnist_model_path], out_dir=out, samples=SAMPLES, thresholds=(0.4,),
+    # The multi-view model is not driven through the system runs, but its request sizes are reported.
+    config = BenchConfig(models=[fmnist_model_path, VIEWS_MODEL], out_dir=out, samples=SAMPLES, thresholds=(0.4,),
                          workloads=(2,), rates=(20, 40), step_s=0.5)
     result = run_bench(config)
     write_json(result, out / "bench_system.json")
     files = write_report(clean_json(result), out)
     for path in files.values():
         assert path.stat().st_size > 0
+    tables = files["tables"].read_text()
+    assert "Request bytes per split sent" in tables and "| fmnist_views_16 | device (view 3 of 4) |" in tables
     return json.loads((out / "bench_system.json").read_text())
 
 
@@ -42,6 +46,14 @@ def test_every_field_is_there(bench_result: dict) -> None:
     assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
     (model,) = bench_result["models"]
     assert {"name", "content_hash", "calibrated_threshold", "encoding", "sweep", "runs"} <= set(model)
+    (skipped,) = bench_result["skipped_models"]
+    assert skipped["path"] == str(VIEWS_MODEL) and "multi-view" in skipped["reason"]
+    # Issue 18's bound, from the encoder: ceil(bits / 8) + 64 for the system run's model and each camera.
+    encoding = model["encoding"]
+    assert encoding["split_request_bytes"] == (encoding["split_values"] + 7) // 8 + 64
+    sizes = bench_result["request_sizes"]
+    assert [row["model"] for row in sizes] == ["fmnist_32"] + ["fmnist_views_16"] * 4
+    assert all(row["request_bytes"] <= row["bound_bytes"] == (row["split_bits"] + 7) // 8 + 64 for row in sizes)
     configurations = [(run["configuration"], run["threshold"]) for run in model["runs"]]
     assert ("Server-only", None) in configurations
     assert ("Device&Server", 0.4) in configurations

@@ -94,6 +94,89 @@ def test_padding_bits_must_be_zero() -> None:
     assert error.value.status == Status.SHAPE_MISMATCH
 
 
+def _dense_reference(bits: np.ndarray) -> bytes:
+    """The dense layout written from its definition: bit p*C + c of the stream, LSB first, is channel c of
+    pixel p (HWC order); the last byte's unused bits 0."""
+    flat = bits.reshape(-1)
+    out = bytearray((len(flat) + 7) // 8)
+    for index in np.flatnonzero(flat):
+        out[index // 8] |= 1 << (index % 8)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("channels", [1, 7, 32, 63, 64, 65, 130])
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (3, 2), (5, 3), (7, 7)])
+def test_dense_round_trip_to_the_same_words(channels: int, height: int, width: int) -> None:
+    rng = np.random.default_rng(channels * 100 + height * 10 + width)
+    bits = rng.random((height, width, channels)) < 0.5
+    words = pack_bits(bits)
+    header = _header(channels, height, width, Packing.BITS_DENSE)
+    data = codec.encode_request(header, words)
+    assert data[5] == Packing.BITS_DENSE and len(data) == 64 + (height * width * channels + 7) // 8
+    assert struct.unpack_from("<I", data, 48)[0] == len(data) - 64  # the element count is the payload's bytes
+    assert data[64:] == _dense_reference(bits)
+    decoded = codec.decode_request(data)
+    assert decoded.header == header and decoded.payload.dtype == np.dtype("<u8")
+    # Downstream code sees exactly what packing 1 would have given it.
+    np.testing.assert_array_equal(decoded.payload, words)
+    np.testing.assert_array_equal(decoded.payload,
+                                  codec.decode_request(codec.encode_request(_header(channels, height, width),
+                                                                            words)).payload)
+
+
+def test_dense_never_longer_and_equal_to_words_at_64_channels() -> None:
+    words = _bits(64, 2, 3)
+    dense = codec.encode_request(_header(64, 2, 3, Packing.BITS_DENSE), words)
+    assert dense[64:] == codec.encode_request(_header(64, 2, 3), words)[64:]  # the same bytes when C % 64 == 0
+    for channels in (1, 7, 32, 63, 65, 130):
+        words = _bits(channels, 7, 7)
+        assert (len(codec.encode_request(_header(channels, 7, 7, Packing.BITS_DENSE), words))
+                < len(codec.encode_request(_header(channels, 7, 7), words)))
+
+
+def test_dense_encoder_drops_padding_bits_of_the_words() -> None:
+    split = _bits(33, 2, 3)
+    dirty = split.copy()
+    dirty[1, 1, 0] |= np.uint64(1) << np.uint64(40)  # channel 40 does not exist
+    data = codec.encode_request(_header(packing=Packing.BITS_DENSE), dirty)
+    np.testing.assert_array_equal(codec.decode_request(data).payload, split)
+
+
+@pytest.mark.parametrize(("channels", "height", "width"), [(33, 2, 3), (7, 1, 1), (63, 3, 1), (1, 5, 3)])
+def test_dense_padding_bits_set_is_a_shape_mismatch(channels: int, height: int, width: int) -> None:
+    header = _header(channels, height, width, Packing.BITS_DENSE)
+    data = codec.encode_request(header, _bits(channels, height, width))
+    used = height * width * channels % 8
+    assert used, "the shape must leave unused bits in the last byte"
+    for bit in range(used, 8):
+        bad = data[:-1] + bytes([data[-1] | 1 << bit])
+        with pytest.raises(ProtocolError) as error:
+            codec.decode_request(bad)
+        assert error.value.status == Status.SHAPE_MISMATCH and error.value.request_id == header.request_id
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d[:-1],  # truncated by a byte
+    lambda d: d[:64],  # no payload
+    lambda d: d + b"\0",  # one byte too many
+    lambda d: d + bytes(8 * 6 - 25),  # as long as the packing-1 payload of the same split
+    lambda d: d[:48] + struct.pack("<I", 6) + d[52:],  # the packing-1 word count
+])
+def test_dense_truncated_or_oversized_is_malformed(mutate: object) -> None:
+    data = codec.encode_request(_header(packing=Packing.BITS_DENSE), _bits(33, 2, 3))
+    assert len(data) == 64 + 25
+    with pytest.raises(ProtocolError) as error:
+        codec.decode_request(mutate(data))  # type: ignore[operator]
+    assert error.value.status == Status.MALFORMED
+
+
+def test_dense_encode_rejects_a_wrong_word_count() -> None:
+    with pytest.raises(ValueError):
+        codec.encode_request(_header(packing=Packing.BITS_DENSE), _bits(33, 2, 2))
+    with pytest.raises(ValueError):
+        codec.encode_request(_header(65, 2, 3, Packing.BITS_DENSE), _bits(33, 2, 3))
+
+
 def test_oversized_rejected_before_decoding() -> None:
     data = codec.encode_request(_header(), _bits(33, 2, 3)) + bytes(10_000_000)
     with pytest.raises(ProtocolError) as error:
@@ -117,7 +200,7 @@ def _expected_status(data: bytes) -> Status | None:
     view_index, view_count, reserved = data[60], data[61], data[62:64]
     if version != 3:
         return Status.BAD_VERSION
-    if header_len != 64 or packing not in (1, 2, 3):
+    if header_len != 64 or packing not in (1, 2, 3, 4):
         return Status.MALFORMED
     if view_count > 16 or view_index >= max(1, view_count) or (view_count > 1 and event_id == 0):
         return Status.MALFORMED
@@ -127,9 +210,12 @@ def _expected_status(data: bytes) -> Status | None:
         return Status.SHAPE_MISMATCH
     if 0 in (channels, height, width):
         return Status.SHAPE_MISMATCH
-    elements = height * width * ((channels + 63) // 64 if packing == 1 else channels)
-    if words != elements or len(data) - 64 != elements * {1: 8, 2: 4, 3: 1}[packing]:
+    bits = height * width * channels
+    elements = {1: height * width * ((channels + 63) // 64), 2: bits, 3: bits, 4: (bits + 7) // 8}[packing]
+    if words != elements or len(data) - 64 != elements * {1: 8, 2: 4, 3: 1, 4: 1}[packing]:
         return Status.MALFORMED
+    if packing == 4 and bits % 8 and data[-1] >> (bits % 8):
+        return Status.SHAPE_MISMATCH
     if packing == 1 and channels % 64:
         last_words = np.frombuffer(data[64:], "<u8").reshape(height * width, -1)[:, -1]
         if np.any(last_words >> np.uint64(channels % 64)):
@@ -146,8 +232,9 @@ def test_mutated_requests_get_the_status_the_layout_says() -> None:
     valid = codec.encode_request(_header(), _bits(33, 2, 3))
     raw = codec.encode_request(RequestHeader(HASH, 0, 1, 4, 4, 9, 0, Packing.RAW_U8),
                                np.arange(16, dtype=np.uint8).reshape(4, 4, 1))
+    dense = codec.encode_request(_header(packing=Packing.BITS_DENSE), _bits(33, 2, 3))  # 198 bits: 2 unused
     seen: dict[Status | None, int] = {}
-    for base in (valid, raw):
+    for base in (valid, raw, dense):
         cases = [base[:cut] for cut in range(len(base))] + [base + bytes(extra) for extra in (1, 8, 100)]
         for _ in range(3000):
             mutated = bytearray(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -255,3 +256,31 @@ def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
     assert "lost the broker" not in server.output, server.output
     assert "dropped request" not in after_restart, "a dropped request came back"
     assert re.search(r"stopped after 200 replies, 0 errors, 0 dropped", after_restart), after_restart
+
+
+def test_both_bit_packings_answered_alike(broker: Broker, mnist_test: object, mnist_model_path: object) -> None:
+    """A 32-channel split (mnist_16: 7x7x32, where packing 4's 196 B and packing 1's 392 B differ) sent both
+    ways by one device, interleaved so the two packings share batches: every request answered with the class
+    the server part gives on that split, whichever packing carried it."""
+    count = 60
+    mnist_expected = expectations(mnist_model_path, mnist_test.images[:count])  # type: ignore[attr-defined]
+    program, model_hash = mnist_expected.program, mnist_expected.loaded.hash_bytes
+    server = ServerProcess(broker.address, mnist_model_path, workers=2).start()
+    client = RawClient(broker.connection(), "two-packings")
+    topic = topics.request_topic(model_hash, client.device_id)
+    sizes = set()
+    try:
+        for index in range(count):
+            dense = split_header(program, model_hash, index + 1)
+            header = dataclasses.replace(dense, packing=Packing.BITS_U64) if index % 2 else dense
+            request = codec.encode_request(header, mnist_expected.device.split_words[index])
+            sizes.add((header.packing, len(request)))
+            assert client.publish(topic, request) == "Success"
+        replies = [client.next_reply(30.0) for _ in range(count)]
+    finally:
+        client.close()
+        assert server.terminate() == 0, server.output
+    assert sizes == {(Packing.BITS_DENSE, 64 + 196), (Packing.BITS_U64, 64 + 392)}
+    assert all(reply is not None and reply.status == Status.OK for reply in replies), replies
+    got = {reply.request_id: reply.class_id for reply in replies if reply is not None}
+    assert got == {index + 1: int(mnist_expected.server_class[index]) for index in range(count)}

@@ -96,15 +96,15 @@ def test_binary_edge_tier_is_exact_against_chainer(three_tier: Any, fmnist_test:
 def test_every_exit_evaluated_and_calibrated(three_tier: Any, fmnist_test: datasets.Dataset) -> None:
     data = fmnist_test.subset(2000)
     outputs = compute_outputs(three_tier, data)
-    assert outputs.n_early == 2 and outputs.hop_bytes == [392, 72]  # 7x7x16 and 3x3x32 bits, 64-bit words
+    assert outputs.n_early == 2 and outputs.hop_bytes == [98, 36]  # 7x7x16 and 3x3x32 bits, dense (wire packing 4)
     metrics = metrics_at(outputs, (0.2, 0.4))
     assert metrics.thresholds == (0.2, 0.4) and len(metrics.exit_rates) == 3
     assert sum(metrics.exit_rates) == pytest.approx(1.0)
     answered = answering_exit(outputs, (0.2, 0.4))
     assert np.array_equal(np.bincount(answered, minlength=3) / len(data), metrics.exit_rates)
     assert metrics.local_exit_rate == metrics.exit_rates[0]
-    assert metrics.hop_bytes_per_sample == (pytest.approx(392 * (1 - metrics.exit_rates[0])),
-                                            pytest.approx(72 * metrics.exit_rates[2]))
+    assert metrics.hop_bytes_per_sample == (pytest.approx(98 * (1 - metrics.exit_rates[0])),
+                                            pytest.approx(36 * metrics.exit_rates[2]))
     # The edge's exit answers nothing at threshold 0 (its entropies are > 0): two tiers' numbers come back.
     two = metrics_at(outputs, (0.2, 0.0))
     assert two.exit_rates[1] == 0.0 and two.overall_accuracy == pytest.approx(

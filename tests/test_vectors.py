@@ -1,6 +1,6 @@
 """One table of vectors (tests/vectors/wire_and_text.json) run against both twins: the threshold text grammar
 (Python parse_threshold_text, C ddnn_threshold_parse), the device-id rule (valid_device_id,
-ddnn_device_id_valid) and the wire layouts (codec.encode_request vs ddnn_request_encode[_raw], codec.encode_reply
+ddnn_device_id_valid) and the wire layouts (codec.encode_request vs ddnn_request_encode[_raw|_dense], codec.encode_reply
 decoded by ddnn_reply_decode). The C side runs through the cffi binding of the runtime (device/c_binding.py)."""
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def test_request_bytes(vector: dict[str, Any], runtime: CRuntime) -> None:
     python = codec.encode_request(header, payload)
     args = (header.model_hash, header.channels, header.height, header.width, header.request_id, header.device_time_us)
     c = (runtime.request_encode_raw(*args, payload, _views(vector)) if raw
-         else runtime.request_encode(header.model_hash, header.split_layer, *args[1:], payload, _views(vector)))
+         else runtime.request_encode(header.model_hash, header.split_layer, *args[1:], payload, _views(vector),
+                                     dense=header.packing == Packing.BITS_DENSE))
     assert python.hex() == vector["hex"]
     assert c is not None and c.hex() == vector["hex"]
     decoded = codec.decode_request(c)
@@ -98,7 +99,39 @@ def test_requests_refused_by_both(vector: dict[str, Any], runtime: CRuntime) -> 
     with pytest.raises(ValueError):
         codec.encode_request(header, words)
     assert runtime.request_encode(bytes(16), 1, 64, 1, 1, 1, 0, words, _views(vector)) is None
+    assert runtime.request_encode(bytes(16), 1, 64, 1, 1, 1, 0, words, _views(vector), dense=True) is None
     assert runtime.request_encode_raw(bytes(16), 1, 1, 1, 1, 0, np.zeros(1, np.uint8), _views(vector)) is None
+
+
+def test_dense_table_covers_odd_shapes() -> None:
+    dense = [item for item in VECTORS["requests"] if item["packing"] == "bits_dense"]
+    assert {item["channels"] % 64 for item in dense} >= {0, 1, 7, 33}
+    assert any(item["height"] * item["width"] * item["channels"] % 8 for item in dense)
+
+
+@pytest.mark.parametrize("channels", [1, 7, 32, 63, 64, 65, 130])
+def test_dense_c_encoder_byte_equal_on_random_splits(channels: int, runtime: CRuntime) -> None:
+    """ddnn_request_encode_dense (what the C device sends) gives codec.encode_request's bytes on random splits
+    of every shape class, including words whose padding bits are set (neither side sends them)."""
+    rng = np.random.default_rng(channels)
+    for height, width in ((1, 1), (2, 3), (7, 7), (5, 5), (3, 1)):
+        per_pixel = (channels + 63) // 64
+        words = rng.integers(0, 2**63, (height, width, per_pixel), dtype=np.uint64) * np.uint64(2) + \
+            rng.integers(0, 2, (height, width, per_pixel), dtype=np.uint64)
+        request_id, device_time = int(rng.integers(1, 2**62)), int(rng.integers(0, 2**62))
+        header = RequestHeader(bytes(range(16)), 3, channels, height, width, request_id, device_time,
+                               Packing.BITS_DENSE)
+        python = codec.encode_request(header, words)
+        c = runtime.request_encode(header.model_hash, 3, channels, height, width, request_id, device_time, words,
+                                   dense=True)
+        assert c is not None and c == python, (height, width)
+        assert len(c) == codec.REQUEST_HEADER_BYTES + (height * width * channels + 7) // 8
+        spare = per_pixel * 64 - channels
+        clean = words & np.uint64((1 << (64 - spare)) - 1) if spare else words
+        clean[..., :-1] = words[..., :-1]
+        np.testing.assert_array_equal(codec.decode_request(c).payload, clean)
+    # A word count that is not H * W * ceil(C / 64) is refused, not read past.
+    assert runtime.request_encode(bytes(16), 3, channels, 2, 2, 1, 0, np.zeros(3, np.uint64), dense=True) is None
 
 
 @pytest.mark.parametrize("vector", VECTORS["replies"], ids=_ids("replies", "name"))

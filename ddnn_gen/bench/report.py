@@ -81,15 +81,18 @@ def table_iv(result: dict[str, Any]) -> str:
 
 
 def encoding_table(result: dict[str, Any]) -> str:
-    lines = ["| model | split values | bit-packed payload B | request B (header + bits) | as float32 B | "
-             "as text B (paper's encoding) | text / bits | raw input B | raw input as text B |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | split values | dense bits payload B | request B (header + bits) | bound ceil(bits/8) + "
+             "header | as 64-bit words B (packing 1) | as float32 B | as text B (paper's encoding) | text / bits | "
+             "raw input B | raw input as text B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     header = 0
     for model in result["models"]:
         enc = model["encoding"]
         header = enc["request_header_bytes"]
+        bound = header + (enc["split_values"] + 7) // 8
         lines.append(f"| {model['name']} | {enc['split_values']} | {enc['split_bits_payload_bytes']} | "
-                     f"{header + enc['split_bits_payload_bytes']} | "
+                     f"{enc['split_request_bytes']} | {bound} {'ok' if enc['split_request_bytes'] <= bound else 'OVER'}"
+                     f" | {enc['split_words_payload_bytes']} | "
                      f"{enc['split_float32_bytes']} | {enc['split_text_bytes']:.0f} | "
                      f"{enc['split_text_bytes'] / enc['split_bits_payload_bytes']:.1f}x | {enc['raw_input_bytes']} | "
                      f"{enc['raw_input_text_bytes']:.0f} |")
@@ -97,12 +100,25 @@ def encoding_table(result: dict[str, Any]) -> str:
             "column only; reply 56 B not included)\n\n" + "\n".join(lines))
 
 
+def request_size_table(result: dict[str, Any]) -> str:
+    """Issue 18's bound, per sender of every model given (multi-view ones too), from the encoder."""
+    lines = ["| model | sender | split H x W x C | bits | request B (dense, sent) | bound ceil(bits/8) + 64 | "
+             "within | request B as 64-bit words (packing 1) |", "|---|---|---|---|---|---|---|---|"]
+    for row in result.get("request_sizes", []):
+        within = "yes" if row["request_bytes"] <= row["bound_bytes"] else "NO"
+        lines.append(f"| {row['model']} | {row['sender']} | {' x '.join(str(n) for n in row['split_hwc'])} | "
+                     f"{row['split_bits']} | {row['request_bytes']} | {row['bound_bytes']} | {within} | "
+                     f"{row['words_request_bytes']} |")
+    return "Request bytes per split sent (wire protocol v3, packing 4)\n\n" + "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     head = (f"Measured on {env['cpus']} CPUs ({env['cpu_model']}), load average {env['load_average_start'][0]:.2f} "
             f"at start / {env['load_average_end'][0]:.2f} at end; {result['models'][0]['samples']} test samples per "
             f"model; server workers {result['config']['server_workers']}; wall {result['wall_s']:.0f} s.")
-    return "\n\n".join([head, table_ii(result), table_iii(result), encoding_table(result), table_iv(result)]) + "\n"
+    return "\n\n".join([head, table_ii(result), table_iii(result), encoding_table(result), request_size_table(result),
+                       table_iv(result)]) + "\n"
 
 
 # ---- plots -------------------------------------------------------------------------------------------

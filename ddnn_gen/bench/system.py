@@ -41,6 +41,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from ddnn_gen.bench import procstat
+from ddnn_gen.bench.wire_sizes import request_sizes
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.device.samples import write_samples
@@ -277,7 +278,7 @@ def load_model_data(path: Path, samples: int, data_dir: str | None) -> ModelData
     else:
         server_class = exits.server_classes(loaded, program, device.split_words)
         outputs = evaluate.ExitOutputs(labels, device.local_class, device.entropy, server_class,
-                                       program.split_words * 8, program.weight_bytes)
+                                       program.split_bytes, program.weight_bytes)
     _, final_logits = predict(loaded.model, images)
     return ModelData(path, loaded, program, images, labels, outputs, device.split_words,
                      final_logits.argmax(axis=1).astype(np.int32), name)
@@ -344,9 +345,13 @@ def encoding_comparison(data: ModelData) -> dict[str, Any]:
     count = min(50, len(data.split_words))
     split_pm1 = reference.split_to_server_input(program, data.split_words[:count])  # +-1 float32
     raw = data.images[:count].astype(np.float32)
+    # Measured from the encoder devices use (dense bits), not computed from the shape.
+    request = codec.encode_request(split_header(program, data.loaded.hash_bytes, 1), data.split_words[0])
     return {
         "split_values": int(np.prod(split_pm1.shape[1:])),
-        "split_bits_payload_bytes": int(program.split_words * 8),
+        "split_bits_payload_bytes": len(request) - codec.REQUEST_HEADER_BYTES,  # packing 4, what devices send
+        "split_words_payload_bytes": int(program.split_words * 8),  # packing 1: the device's 64-bit words
+        "split_request_bytes": len(request),
         "split_float32_bytes": int(np.prod(split_pm1.shape[1:]) * 4),
         "split_text_bytes": _text_bytes(split_pm1),
         "raw_input_bytes": int(np.prod(data.images.shape[1:])),
@@ -600,8 +605,15 @@ def devices_supported(sustained_rate: float, per_device_hz: float, server_exit_r
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     started = time.monotonic()
     env = environment()
-    data, skipped = [], []
+    data, skipped, sizes = [], [], []
     for path in config.models:
+        loaded = load_model(Path(path))
+        sizes.extend(request_sizes(loaded))  # every model, multi-view ones included
+        if loaded.spec.views is not None:
+            reason = "multi-view model: the system runs drive one camera per model (request sizes only)"
+            log.warning("skipping %s: %s", path, reason)
+            skipped.append({"path": str(path), "reason": reason})
+            continue
         try:
             data.append(load_model_data(Path(path), config.samples, config.data_dir))
         except DatasetError as error:
@@ -610,7 +622,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     if not data:
         raise BenchError("no model could be benchmarked: " + "; ".join(s["reason"] for s in skipped))
     result: dict[str, Any] = {"version": 1, "environment": env, "config": _config_json(config), "models": [],
-                              "skipped_models": skipped, "workloads": []}
+                              "skipped_models": skipped, "workloads": [], "request_sizes": sizes}
     broker = Broker.secure(bench_users(config, data)) if config.secure else Broker()
     with tempfile.TemporaryDirectory(prefix="ddnn-bench-") as tmp, broker:
         work = Path(tmp)

@@ -109,8 +109,8 @@ def memory_plan(program: DeviceProgram) -> MemoryPlan:
 
 
 def request_bytes(program: DeviceProgram) -> int:
-    """The larger of the model's two requests: its split, or its raw input image (server-only)."""
-    return REQUEST_HEADER_BYTES + max(8 * program.split_words, int(np.prod(program.input_hwc)))
+    """The larger of the model's two requests: its dense split, or its raw input image (server-only)."""
+    return REQUEST_HEADER_BYTES + max(program.split_bytes, int(np.prod(program.input_hwc)))
 
 
 def check_program(program: DeviceProgram) -> None:
@@ -321,7 +321,8 @@ def metadata(program: DeviceProgram, target: str, files: list[str], ram_bytes: i
         "input": {"height": input_h, "width": input_w, "channels": input_c, "dtype": "uint8", "layout": "HWC",
                   "bytes": input_h * input_w * input_c},
         "split": {"layer": program.split_layer, "height": split_h, "width": split_w, "channels": split_c,
-                  "words": program.split_words, "bytes": 8 * program.split_words, "packing": "bits_u64"},
+                  "words": program.split_words, "bytes": 8 * program.split_words, "packing": "bits_u64",
+                  "wire_bytes": program.split_bytes, "wire_packing": "bits_dense"},
         **({"big_little": {"priority_classes": list(program.spec.priority_classes),
                            "exit_classes": list(program.spec.exit_class_names(program.tier)),
                            "offload": "raw_u8"}} if program.spec.big_little else {}),

@@ -104,6 +104,9 @@ size_t ddnn_request_encode(const ddnn_request_header *header, const uint64_t *wo
                            size_t out_len);
 size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t *pixels, size_t n_bytes,
                                uint8_t *out, size_t out_len);
+size_t ddnn_request_dense_size(uint16_t channels, uint16_t height, uint16_t width);
+size_t ddnn_request_encode_dense(const ddnn_request_header *header, const uint64_t *words, size_t n_words,
+                                 uint8_t *out, size_t out_len);
 int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply);
 """
 #: c_runtime/ files the runtime module is built from.
@@ -355,14 +358,19 @@ class CRuntime:
 
     def request_encode(self, model_hash: bytes, split_layer: int, channels: int, height: int, width: int,
                        request_id: int, device_time_us: int, words: np.ndarray,
-                       views: tuple[int, int, int] = (0, 0, 0)) -> bytes | None:
-        """``ddnn_request_encode``: the request bytes, or None when C refuses (0 bytes written); ``views`` is
-        (event id, view index, view count)."""
+                       views: tuple[int, int, int] = (0, 0, 0), dense: bool = False) -> bytes | None:
+        """``ddnn_request_encode`` (packing 1), or ``ddnn_request_encode_dense`` (packing 4) when ``dense``:
+        the request bytes, or None when C refuses (0 bytes written); ``views`` is (event id, view index,
+        view count)."""
         header = self._header(model_hash, split_layer, channels, height, width, request_id, device_time_us, views)
         words = np.ascontiguousarray(words, dtype=np.uint64).ravel()
-        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_size(len(words))))
-        size = self.lib.ddnn_request_encode(header, self.ffi.from_buffer("uint64_t[]", words), len(words), out,
-                                            len(out))
+        if dense:
+            encode, room = self.lib.ddnn_request_encode_dense, self.lib.ddnn_request_dense_size(channels, height,
+                                                                                                width)
+        else:
+            encode, room = self.lib.ddnn_request_encode, self.lib.ddnn_request_size(len(words))
+        out = self.ffi.new("uint8_t[]", int(room))
+        size = encode(header, self.ffi.from_buffer("uint64_t[]", words), len(words), out, len(out))
         return bytes(self.ffi.buffer(out, size)) if size else None
 
     def request_encode_raw(self, model_hash: bytes, channels: int, height: int, width: int, request_id: int,

@@ -424,10 +424,11 @@ class SimReport:
 
 def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, event_id: int = 0, view_index: int = 0,
                  view_count: int = 0) -> RequestHeader:
-    """The request header of one split (the device's identity is its topic's, not the header's)."""
+    """The request header of one split (the device's identity is its topic's, not the header's); dense packing,
+    as the C device sends it: encode_request packs the split's words into its bits."""
     height, width, channels = program.split_hwc
     return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id,
-                         time.monotonic_ns() // 1000, Packing.BITS_U64, event_id, view_index, view_count)
+                         time.monotonic_ns() // 1000, Packing.BITS_DENSE, event_id, view_index, view_count)
 
 
 #: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the

@@ -73,7 +73,7 @@ def upper_exits(loaded: LoadedModel, start: int, last_binary: DeviceProgram, spl
         if spec.tiers[tier].binary:
             assert split is not None
             edge_program, result = binary_tier(loaded, tier, split)
-            edges.append(EdgeExit(name, result.local_class, result.entropy, edge_program.split_words * 8))
+            edges.append(EdgeExit(name, result.local_class, result.entropy, edge_program.split_bytes))
             last_binary, split = edge_program, result.split_words
             continue
         inputs = float_input if float_input is not None else reference.split_to_server_input(last_binary, split)
@@ -119,5 +119,5 @@ def compute_outputs(loaded: LoadedModel, dataset: Dataset) -> ExitOutputs:
         return big_little_outputs(loaded, program, device, dataset)
     edges, final = upper_exits(loaded, 1, program, device.split_words, None)
     return ExitOutputs(labels=dataset.labels, local_class=device.local_class, entropy=device.entropy,
-                       final_class=final, split_bytes=program.split_words * 8, device_bytes=program.weight_bytes,
+                       final_class=final, split_bytes=program.split_bytes, device_bytes=program.weight_bytes,
                        edges=tuple(edges), exit_names=tuple(tier.exit_name for tier in spec.tiers))

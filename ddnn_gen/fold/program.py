@@ -142,6 +142,12 @@ class DeviceProgram:
         return height * width * words_for(channels)
 
     @property
+    def split_bytes(self) -> int:
+        """Payload bytes of the split as it travels (wire packing 4, dense: its H*W*C bits, not its words)."""
+        height, width, channels = self.split_hwc
+        return (height * width * channels + 7) // 8
+
+    @property
     def n_classes(self) -> int:
         """Outputs of the exit (a Big-Little little net: its K priority classes + other)."""
         return self.spec.exit_outputs(self.tier)

@@ -161,14 +161,14 @@ class ViewAggregator:
         else:
             assert tier1.output is not None
             binary = self._edge is not None
-            hop = self._edge.split_words * 8 if self._edge is not None else exits.float_output_bytes(self.loaded, 1)
+            hop = self._edge.split_bytes if self._edge is not None else exits.float_output_bytes(self.loaded, 1)
             edges.append(EdgeExit(spec.tiers[1].exit_name, tier1.classes, tier1.entropy, hop))
             more, final = exits.upper_exits(self.loaded, 2, self._edge or self.programs[0],
                                             tier1.output if binary else None, None if binary else tier1.output)
             edges.extend(more)
         program = self.programs[0]
         return ExitOutputs(labels=labels, local_class=local.classes, entropy=local.entropy, final_class=final,
-                           split_bytes=len(shown) * program.split_words * 8, device_bytes=program.weight_bytes,
+                           split_bytes=len(shown) * program.split_bytes, device_bytes=program.weight_bytes,
                            edges=tuple(edges), exit_names=tuple(tier.exit_name for tier in spec.tiers),
                            views_present=shown, score_bytes=len(shown) * spec.n_classes * SCORE_BYTES_PER_CLASS)
 

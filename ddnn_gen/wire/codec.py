@@ -1,8 +1,10 @@
 """Wire format between devices and ``ddnn-server`` (see docs/protocol.md): pure bytes <-> records, no MQTT.
 
-A request is a fixed 64-byte little-endian header followed by the split-layer activations exactly
-as the device holds them (HWC, channels packed into uint64 words, little-endian), or, for a
-server-only request (packing RAW_U8, split layer 0), the raw uint8 HWC input image. A reply is a
+A request is a fixed 64-byte little-endian header followed by the split-layer activations, densely
+(BITS_DENSE, what devices and edges send: the H*W*C bits, HWC order, LSB first) or exactly as the device
+holds them (BITS_U64: HWC, channels packed into uint64 words, little-endian), or, for a server-only
+request (packing RAW_U8, split layer 0), the raw uint8 HWC input image. Both bit packings decode to the
+same uint64 words, so nothing after decode_payload knows which one travelled. A reply is a
 fixed 32-byte header, the top-k (class, probability) pairs and an optional utf-8 error message.
 The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same byte layouts.
 """
@@ -52,12 +54,24 @@ class Packing(enum.IntEnum):
     BITS_U64 = 1  # channels packed into little-endian uint64 words per pixel, bit 1 = +1, padding bits 0
     FLOAT32 = 2  # float32 HWC values (non-binary splits and tooling); must be finite
     RAW_U8 = 3  # server-only: the raw uint8 HWC input; split layer 0, the server runs the whole model
+    BITS_DENSE = 4  # the H*W*C bits in HWC order, LSB first, ceil(H*W*C/8) bytes, unused bits of the last 0
+
+    @property
+    def bits(self) -> bool:
+        """A bit packing: the decoded payload is the split's uint64 words (H, W, ceil(C/64))."""
+        return self in (Packing.BITS_U64, Packing.BITS_DENSE)
+
+    @property
+    def decoded(self) -> Packing:
+        """The packing whose layout decode_payload returns (BITS_DENSE arrives as BITS_U64 words)."""
+        return Packing.BITS_U64 if self == Packing.BITS_DENSE else self
 
 
 # Split layer index of a RAW_U8 request: the server starts before the first device layer.
 RAW_SPLIT_LAYER = 0
-_ELEMENT_BYTES = {Packing.BITS_U64: 8, Packing.FLOAT32: 4, Packing.RAW_U8: 1}
-_ELEMENT_DTYPE = {Packing.BITS_U64: "<u8", Packing.FLOAT32: "<f4", Packing.RAW_U8: "u1"}
+_ELEMENT_BYTES = {Packing.BITS_U64: 8, Packing.FLOAT32: 4, Packing.RAW_U8: 1, Packing.BITS_DENSE: 1}
+# What encode_request takes: BITS_DENSE, too, is given the device's uint64 words and packs them itself.
+_ELEMENT_DTYPE = {Packing.BITS_U64: "<u8", Packing.FLOAT32: "<f4", Packing.RAW_U8: "u1", Packing.BITS_DENSE: "<u8"}
 
 
 class Status(enum.IntEnum):
@@ -108,9 +122,12 @@ class RequestHeader:
 
     @property
     def payload_words(self) -> int:
-        """Number of 64-bit (BITS_U64), 32-bit (FLOAT32) or 8-bit (RAW_U8) elements the payload must hold."""
+        """Number of 64-bit (BITS_U64), 32-bit (FLOAT32) or 8-bit (RAW_U8, BITS_DENSE) elements the payload
+        must hold."""
         if self.packing == Packing.BITS_U64:
             return self.height * self.width * self.words_per_pixel
+        if self.packing == Packing.BITS_DENSE:
+            return (self.height * self.width * self.channels + 7) // 8
         return self.height * self.width * self.channels
 
     @property
@@ -121,7 +138,7 @@ class RequestHeader:
 @dataclass(frozen=True)
 class Request:
     header: RequestHeader
-    payload: np.ndarray  # uint64 (H, W, words), float32 (H, W, C) or uint8 (H, W, C)
+    payload: np.ndarray  # uint64 (H, W, words) for both bit packings, float32 (H, W, C) or uint8 (H, W, C)
 
 
 @dataclass(frozen=True)
@@ -155,9 +172,14 @@ def view_fields_problem(event_id: int, view_index: int, view_count: int) -> str:
 
 
 def encode_request(header: RequestHeader, payload: np.ndarray) -> bytes:
-    """Header + payload bytes; ``payload`` is one sample's split (uint64 words or float32 values) or, for
-    RAW_U8, its uint8 HWC input image."""
+    """Header + payload bytes; ``payload`` is one sample's split (uint64 words, for either bit packing, or
+    float32 values) or, for RAW_U8, its uint8 HWC input image."""
     body = np.ascontiguousarray(payload, dtype=_ELEMENT_DTYPE[header.packing]).tobytes()
+    if header.packing == Packing.BITS_DENSE:
+        words = header.height * header.width * header.words_per_pixel
+        if len(body) != 8 * words:
+            raise ValueError(f"payload has {len(body) // 8} words, C/H/W imply {words}")
+        body = pack_dense(np.frombuffer(body, dtype="<u8"), header.channels)
     if len(body) != header.payload_bytes:
         raise ValueError(f"payload has {len(body)} bytes, header says {header.payload_bytes}")
     problem = view_fields_problem(header.event_id, header.view_index, header.view_count)
@@ -220,6 +242,13 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
 def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
     """The payload of an already validated request, checked for padding bits / non-finite values."""
     body = memoryview(data)[REQUEST_HEADER_BYTES:]
+    if header.packing == Packing.BITS_DENSE:
+        spare = 8 * header.payload_bytes - header.height * header.width * header.channels
+        # As for BITS_U64: the stream's unused bits are zero; set ones mean a sender with another shape.
+        if spare and body[-1] >> (8 - spare):
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"padding bits after the {header.height}x{header.width}x"
+                                f"{header.channels} split are set", header.request_id)
+        return unpack_dense(body, header.height, header.width, header.channels)
     if header.packing == Packing.BITS_U64:
         words = np.frombuffer(body, dtype="<u8").reshape(header.height, header.width, header.words_per_pixel)
         spare = header.words_per_pixel * 64 - header.channels
@@ -234,6 +263,23 @@ def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ProtocolError(Status.NON_FINITE, "payload holds non-finite values", header.request_id)
     return values
+
+
+def pack_dense(words: np.ndarray, channels: int) -> bytes:
+    """BITS_DENSE payload of one split given as uint64 words (any shape of (pixels * ceil(C/64)) words): its
+    pixels' C channel bits one after the other, LSB first; the words' padding bits are dropped."""
+    per_pixel = np.ascontiguousarray(words, dtype="<u8").view(np.uint8).reshape(-1, 8 * ((channels + 63) // 64))
+    bits = np.unpackbits(per_pixel, axis=1, bitorder="little")[:, :channels]
+    return np.packbits(bits.ravel(), bitorder="little").tobytes()
+
+
+def unpack_dense(body: bytes | memoryview, height: int, width: int, channels: int) -> np.ndarray:
+    """The uint64 words (H, W, ceil(C/64)) of a BITS_DENSE payload, padding bits 0: what BITS_U64 carries."""
+    bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8), count=height * width * channels, bitorder="little")
+    per_word = (channels + 63) // 64
+    padded = np.zeros((height * width, 64 * per_word), dtype=np.uint8)
+    padded[:, :channels] = bits.reshape(height * width, channels)
+    return np.packbits(padded, axis=1, bitorder="little").view("<u8").reshape(height, width, per_word)
 
 
 def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
