@@ -308,10 +308,12 @@ class EventTable:
         return event.late
 
 
-def answer_events(aggregator: ViewAggregator, events: Sequence[Event]) -> list[EventAnswer]:
-    """The answers of closed events, in order: the aggregated local exit where it is confident, tier 1 on the
-    aggregated splits elsewhere. Events are batched by the set of views present, through the same
-    ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is the evaluation's for that set of views."""
+def answer_events(aggregator: ViewAggregator, events: Sequence[Event],
+                  threshold: float | None = None) -> list[EventAnswer]:
+    """The answers of closed events, in order: the aggregated local exit where it is confident (at
+    ``threshold``, default the model file's), tier 1 on the aggregated splits elsewhere. Events are batched by
+    the set of views present, through the same ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is
+    the evaluation's for that set of views."""
     answers: list[EventAnswer | None] = [None] * len(events)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, event in enumerate(events):
@@ -328,7 +330,7 @@ def answer_events(aggregator: ViewAggregator, events: Sequence[Event]) -> list[E
             # The device's local-exit sums are the BLinear of its split: recomputed here, bit for bit.
             sums = reference.exit_sums(aggregator.programs[view].exit, splits[view])
             logits[view] = aggregator.scores(view, sums)
-        local = aggregator.local_exit_batch(logits, mask)
+        local = aggregator.local_exit_batch(logits, mask, threshold)
         unsure = np.flatnonzero(~local.exits)
         tier = aggregator.next_tier_batch(splits[:, unsure], mask[unsure]) if len(unsure) else None
         for row, i in enumerate(indices):

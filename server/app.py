@@ -110,6 +110,9 @@ class Server:
         if aggregating:
             # The cameras' births and wills: a view whose devices are offline is not waited for (docs/views.md).
             extra.append(topics.STATUS_SUBSCRIPTION)
+            # The aggregated local exit's threshold, live: the model-wide device threshold an operator sets
+            # (`ddnngen threshold set MODEL V`). A per-device value cannot apply to an event several devices share.
+            extra += [topics.threshold_topic(model.hash_bytes) for model in store.models() if model.views is not None]
         served = [(model.hash_bytes, model.topic_tier) for model in store.models()]
         self.transport: ServerTransport
         if config.amqp:
@@ -266,7 +269,8 @@ class Server:
             self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
 
     def _on_other(self, topic: str, payload: bytes) -> None:
-        """A message on an extra subscription: a device's status (aggregator) or a retained tier threshold."""
+        """A message on an extra subscription: a device's status (aggregator) or a retained threshold (an edge's
+        tier, an aggregator's local exit)."""
         if topic.startswith(f"{topics.TOPIC_ROOT}/status/"):
             self._on_device_status(topic, payload)
         else:
@@ -341,7 +345,8 @@ class Server:
         assert model.views is not None
         events = [work.event for work in works]
         try:
-            answers = answer_events(model.views, events)
+            threshold = self.thresholds.value(topics.threshold_topic(model.hash_bytes))
+            answers = answer_events(model.views, events, threshold)
         except Exception:  # a model bug must cost these events, not the server
             log.exception("aggregating %d events of %s failed", len(events), model.name)
             self._fail_events(events, Status.INTERNAL, "internal server error", model.name)

@@ -1,5 +1,6 @@
-"""The live thresholds of a server tier's early exit (an edge's), as operators set them: retained messages
-on ddnn/tier-threshold/<model>/<tier> (model-wide) and .../<tier>/<device> (one device's requests)."""
+"""The live thresholds of a server's early exits, as operators set them: retained messages on
+ddnn/tier-threshold/<model>/<tier> (model-wide) and .../<tier>/<device> (one device's requests) for an edge's
+tier, ddnn/threshold/<model> for an aggregator's local exit."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ class TierThresholds:
             self._values[topic] = value
         if old != value:
             log.info("threshold on %s now %s", topic, value)
+
+    def value(self, topic: str) -> float | None:
+        """The value last set on ``topic``, or None (the model file's applies)."""
+        with self._lock:
+            return self._values.get(topic)
 
     def for_request(self, model_hash: bytes, tier: int, device_id: str, default: float) -> float:
         """The device's own value, else the model-wide one, else ``default`` (the model file's)."""

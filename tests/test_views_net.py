@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import require_tool
-from net_harness import SAN_ENV, RawClient, ServerProcess, device_rows, finish_device, start_device
+from net_harness import SAN_ENV, RawClient, ServerProcess, device_rows, finish_device, start_device, wait_for
 
+from ddnn_gen.cli import cli
 from ddnn_gen.codegen import toolchain
 from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.device import c_binding
@@ -168,6 +170,34 @@ def test_a_camera_killed_mid_run_costs_only_its_view(network: tuple, scene: tupl
     log.info("camera %d killed after %d events: %d events answered with views %s, accuracy %.2f%% (eval %.2f%%), "
              "round trip p50 %.1f ms / max %.1f ms against a %.0f ms deadline", KILLED_VIEW, KILLED_AFTER,
              N_EVENTS - KILLED_AFTER, rest, 100 * accuracy, 100 * want, p50, rtt[after].max(), DEADLINE_MS)
+
+
+def test_a_threshold_set_live_moves_the_aggregated_exit(scene: tuple) -> None:
+    """`ddnngen threshold set MODEL V` reaches the aggregator's local exit at run time: once the aggregator says
+    it applied V, every event is answered as the evaluation at V says, event by event."""
+    aggregator, runs, labels, parts = scene
+    outputs = aggregator.outputs(runs, labels)
+    old = aggregator.loaded.spec.thresholds[0]
+    finite = outputs.entropy[np.isfinite(outputs.entropy)]
+    # Far from the stored value: the local share moves by tens of points.
+    new = float(np.quantile(finite, 0.9 if np.mean(outputs.entropy <= old) < 0.6 else 0.2))
+    n_events = 300
+    with aggregating(DEADLINE_MS) as (broker, server):
+        result = CliRunner().invoke(cli, ["threshold", "set", str(VIEWS_MODEL), repr(new), "--broker",
+                                          broker.address])
+        assert result.exit_code == 0, result.output
+        applied = f"threshold on {topics.threshold_topic(aggregator.loaded.hash_bytes)} now {new!r}"
+        assert wait_for(lambda: applied in server.output, timeout_s=30), server.output
+        report = simulate_views(broker.connection(), aggregator.programs, aggregator.loaded.hash_bytes, parts,
+                                n_events, timeout_s=10.0, first_event_id=2_000_001, device_prefix="cam-t")
+    classes, exits, _ = _per_event(report, n_events, aggregator.count)
+    local = exit_decision(outputs.entropy[:n_events], new)
+    want_exits = np.where(local, 0, 1)
+    want_classes = np.where(local, outputs.local_class[:n_events], outputs.final_class[:n_events])
+    assert np.array_equal(exits, want_exits), np.flatnonzero(exits != want_exits)[:20]
+    assert np.array_equal(classes, want_classes), np.flatnonzero(classes != want_classes)[:20]
+    at_old = float(np.mean(exit_decision(outputs.entropy[:n_events], old)))
+    assert abs(float(np.mean(exits == 0)) - at_old) > 0.1  # the threshold really moved the exit rate
 
 
 def test_hostile_views_over_the_network_get_clear_errors(scene: tuple) -> None:

@@ -7,7 +7,8 @@ Roles (docs/security.md has the whole threat model):
   ``ddnn/reply/D`` and its thresholds ``ddnn/threshold/<model>`` and ``ddnn/threshold/<model>/D``;
 * server S: reads requests through the servers' shared subscriptions ``$share/<group>/ddnn/req/<model>/+``,
   writes replies ``ddnn/reply/+`` and its own status ``ddnn/server/S/status``; reads every device's status
-  ``ddnn/status/+`` (an aggregator answers an event without the views of cameras that are offline);
+  ``ddnn/status/+`` (an aggregator answers an event without the views of cameras that are offline) and the
+  model-wide thresholds ``ddnn/threshold/<model>`` (an aggregator's local exit applies them live);
 * operator: writes thresholds; reads thresholds and every status;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
 
@@ -111,7 +112,8 @@ def rules_for(name: str, role: str) -> list[Rule]:
         return [Rule(pattern, f"$share/+/{root}/req/+/+"), Rule(receive, f"{root}/req/+/+"),
                 Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/server/{name}/status"),
                 Rule(send, f"{root}/server/{name}/telemetry"),
-                Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+")]
+                Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
+                Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+")]
     if role == "operator":
         return [Rule(send, f"{root}/threshold/+"), Rule(send, f"{root}/threshold/+/+"),
                 Rule(pattern, f"{root}/threshold/#"), Rule(receive, f"{root}/threshold/#"),
