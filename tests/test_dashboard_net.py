@@ -115,8 +115,9 @@ def test_threshold_form_refuses_bad_input(fmnist_model_path: Path) -> None:
     key = topics.model_key(load_model(fmnist_model_path).hash_bytes)
     port = free_port()
 
-    def post(body: bytes, content_type: str = "application/json") -> tuple[int, dict[str, object]]:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/threshold", data=body, method="POST",
+    def post(body: bytes, content_type: str = "application/json", path: str = "threshold"
+             ) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/{path}", data=body, method="POST",
                                          headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -144,8 +145,31 @@ def test_threshold_form_refuses_bad_input(fmnist_model_path: Path) -> None:
                 assert got == status, (body[:60], got)
             got, answer = post(json.dumps({"model": key, "device": "cam1", "value": 0.4}).encode())
             assert got == 200 and answer["topic"] == f"ddnn/threshold/{key}/cam1"
+            # An edge tier's threshold: tiers 1..7 only.
+            for tier in (0, 8, "1", True, 1.5):
+                got, _ = post(json.dumps({"model": key, "device": None, "tier": tier, "value": 0.4}).encode())
+                assert got == 400, tier
+            got, answer = post(json.dumps({"model": key, "device": None, "tier": 1, "value": 0.4}).encode())
+            assert got == 200 and answer["topic"] == f"ddnn/tier-threshold/{key}/1"
+            # The controller's target: the schema the controller applies (telemetry.TARGET_SCHEMA).
+            for target in ({"max_load": 0}, {"max_load": 1.5}, {"max_load": True}, {"max_load": "0.5"},
+                           {"target_p99_ms": 0.01}, {"target_p99_ms": 1e9}, {"max_load": 0.5, "target_p99_ms": 5},
+                           {}, {"max_load": None}, [0.5], "max_load"):
+                got, answer = post(json.dumps({"model": key, "target": target}).encode(), path="target")
+                assert got == 400 and "error" in answer, target
+            for body in (b'{"model": "%s", "target": {"max_load": NaN}}' % key.encode(),
+                         json.dumps({"model": "zz", "target": {"max_load": 0.5}}).encode(),
+                         json.dumps({"model": key, "target": {"max_load": 0.5}, "x": 1}).encode()):
+                got, _ = post(body, path="target")
+                assert got == 400, body
+            assert post(json.dumps({"model": key, "target": {"max_load": 0.5}}).encode(), "text/plain",
+                        "target")[0] == 415
+            got, answer = post(json.dumps({"model": key, "target": {"target_p99_ms": 50}}).encode(), path="target")
+            assert got == 200 and answer == {"topic": f"ddnn/control/{key}/target", "target": {"target_p99_ms": 50.0}}
             state = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10).read())
             assert state["devices"] == [] and state["servers"] == []
+            # No model-wide threshold and no controller state on this broker (a target is not a state): no models.
+            assert state["models"] == []
         finally:
             view.stop()
 
