@@ -108,3 +108,17 @@ def test_dashboard_state_ignores_hostile_control_and_thresholds() -> None:
     state.receive(f"ddnn/threshold/{KEY}", b"")  # cleared: the model file's threshold applies again
     [model] = state.snapshot()["models"]
     assert model["threshold"] == 0.5 and model["expected_accuracy"] == CURVE.accuracy_at(0.5)
+
+
+def test_on_a_rabbitmq_cluster_only_the_operator_writes_the_controllers_topics() -> None:
+    import re
+
+    from ddnn_gen.wire.rabbitmq_cluster import permissions_for
+
+    keys = [topics.routing_key(t) for t in (TARGET, STATE)]
+    for role in ("device", "server", "monitor"):
+        _, permissions = permissions_for("x1", role)
+        assert not any(re.match(permissions["write"].replace("{username}", "x1"), k) for k in keys), role
+    _, operator = permissions_for("ops", "operator")
+    assert all(re.match(operator["write"], k) and re.match(operator["read"], k) for k in keys)
+    assert not re.match(operator["write"], "ddnn.control.zz.target")
