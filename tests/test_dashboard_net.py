@@ -13,11 +13,14 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from conftest import require_tool
-from net_harness import Expected, ServerProcess, expectations, wait_for
+from net_harness import Expected, ServerProcess, expectations
+from net_harness import wait_for as harness_wait_for
 
 from ddnn_gen.bench.load_ramp import PacedFleet, calibrated_copy
 from ddnn_gen.device.simulated import precomputed
@@ -30,6 +33,7 @@ from ddnn_gen.ops.dashboard import Dashboard, model_info
 from ddnn_gen.wire import topics
 from ddnn_gen.wire.broker import Broker, free_port
 
+T = TypeVar("T")
 N_DEVICES = 5
 RATE = 1000.0  # samples/s over all devices (the server keeps up: the counts are of answered requests)
 NEW_THRESHOLD = 0.6
@@ -50,11 +54,32 @@ def _driver() -> object:
     return webdriver.Chrome(service=Service(require_tool("chromedriver")), options=options)
 
 
+def _page(read: Callable[[], T]) -> Callable[[], T]:
+    """``read`` of the live page, done again when an element it held was replaced meanwhile: the page
+    re-renders its rows as telemetry arrives, so on a busy machine a row found a moment ago may be gone."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def fresh() -> T:
+        for _ in range(50):
+            try:
+                return read()
+            except StaleElementReferenceException:
+                continue
+        return read()
+    return fresh
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> bool:
+    return harness_wait_for(_page(predicate), timeout_s=timeout_s)
+
+
 def _field(driver: object, device_id: str, name: str) -> str:
     from selenium.webdriver.common.by import By
 
-    row = driver.find_element(By.ID, f"device-{device_id}")  # type: ignore[attr-defined]
-    return row.find_element(By.CSS_SELECTOR, f'td[data-field="{name}"]').text
+    def read() -> str:
+        row = driver.find_element(By.ID, f"device-{device_id}")  # type: ignore[attr-defined]
+        return row.find_element(By.CSS_SELECTOR, f'td[data-field="{name}"]').text
+    return _page(read)()
 
 
 def test_page_lists_the_fleet_and_sets_a_device_threshold(fmnist_test: datasets.Dataset, fmnist_model_path: Path,
@@ -224,8 +249,10 @@ def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dat
             publish.single(topic, payload, qos=1, retain=retain, hostname=broker.host, port=broker.port)
 
         def text(css: str) -> str:
-            found = driver.find_elements(By.CSS_SELECTOR, css)  # type: ignore[attr-defined]
-            return found[0].text if found else ""
+            def read() -> str:
+                found = driver.find_elements(By.CSS_SELECTOR, css)  # type: ignore[attr-defined]
+                return found[0].text if found else ""
+            return _page(read)()
 
         def decisions() -> list[object]:
             return driver.find_elements(By.CSS_SELECTOR, f"#control-{key} tr.decision")  # type: ignore
