@@ -20,6 +20,8 @@ from ddnn_gen.model import datasets
 from ddnn_gen.model.fast_forward import FastForward
 from ddnn_gen.model.links import input_to_float
 from ddnn_gen.model.modelfile import LoadedModel, load_model
+from ddnn_gen.wire.codec import Packing
+from ddnn_server.store import ModelStore
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = sorted((REPO / "models").glob("*.npz"))
@@ -114,3 +116,33 @@ def test_tier_outputs_equal_chainer(path: Path) -> None:
     logits, output = fast.run_tier(x, 0)
     assert np.array_equal(logits, expected.exit_logits[0].array)
     assert np.array_equal(output, expected.tier_outputs[0].array)
+
+
+@pytest.mark.parametrize("name", ["fmnist_32.npz", "mnist_bl8_8.npz", "views/fmnist_views_16.npz"])
+def test_server_store_forwards_agree(name: str, fmnist_test: datasets.Dataset) -> None:
+    """ddnn-server's two --forward choices give the same float64 logits on the paths a server takes (resumed
+    splits, raw requests, an aggregator's tier 1); an unknown one is refused."""
+    path = REPO / "models" / name
+    role = "aggregator" if name.startswith("views/") else "cloud"
+    fast, slow = (ModelStore(forward=forward, role=role).add_file(path) for forward in ("numpy", "chainer"))
+    assert fast.fast is not None and slow.fast is None
+    spec = fast.loaded.spec
+    rng = np.random.default_rng(9)
+    images = rng.integers(0, 256, (13, spec.input.channels, spec.input.height, spec.input.width), dtype=np.uint8)
+    if spec.views is not None:
+        assert fast.views is not None and slow.views is not None and fast.views.fast is fast.fast
+        runs = fast.views.run_devices(images)
+        mask = rng.random((len(images), fast.views.count)) < 0.7
+        mask[:, 0] = True
+        expected = slow.views.next_tier_batch(runs.splits, mask)
+        got = fast.views.next_tier_batch(runs.splits, mask)
+        assert np.array_equal(got.logits, expected.logits) and np.array_equal(got.classes, expected.classes)
+        return
+    hwc = images.transpose(0, 2, 3, 1)
+    assert np.array_equal(fast.forward_raw(hwc), slow.forward_raw(hwc))
+    if fast.entry_tier:
+        assert fast.program is not None
+        words = list(reference.run_device(fast.program, fmnist_test.images[:13]).split_words)
+        assert np.array_equal(fast.logits(words, Packing.BITS_U64), slow.logits(words, Packing.BITS_U64))
+    with pytest.raises(DdnnError, match="unknown forward"):
+        ModelStore(forward="torch")
