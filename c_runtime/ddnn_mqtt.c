@@ -33,6 +33,8 @@ static struct {
     char request_topic[TOPIC_MAX];
     char reply_topic[TOPIC_MAX];
     char status_topic[TOPIC_MAX];
+    char telemetry_topic[TOPIC_MAX];
+    char model_key[2 * DDNN_WIRE_HASH_BYTES + 1];
     char model_threshold_topic[TOPIC_MAX];
     char device_threshold_topic[TOPIC_MAX];
     int connect_timeout_s, retry_ms;
@@ -144,15 +146,15 @@ static void on_connection_lost(void *context, char *cause)
     log_line("lost the broker (%s); reconnecting in the background", cause ? cause : "no cause");
 }
 
-/* QoS 1 publish on MQTT 5 or 3.1.1; Paho's result code (or the broker's MQTT 5 reason code). */
-static int publish(const char *topic, const void *payload, size_t len, int retained)
+/* QoS 1 (or 0) publish on MQTT 5 or 3.1.1; Paho's result code (or the broker's MQTT 5 reason code). */
+static int publish_qos(const char *topic, const void *payload, size_t len, int retained, int qos)
 {
     MQTTClient_message message = MQTTClient_message_initializer;
     MQTTResponse response;
     int rc;
     message.payload = (void *)payload;
     message.payloadlen = (int)len;
-    message.qos = 1;
+    message.qos = qos;
     message.retained = retained;
     if (net.config.mqtt311)
         return MQTTClient_publishMessage(net.client, topic, &message, NULL);
@@ -160,6 +162,11 @@ static int publish(const char *topic, const void *payload, size_t len, int retai
     rc = response.reasonCode;
     MQTTResponse_free(response);
     return rc;
+}
+
+static int publish(const char *topic, const void *payload, size_t len, int retained)
+{
+    return publish_qos(topic, payload, len, retained, 1);
 }
 
 static int publish_status(const char *status)
@@ -541,6 +548,8 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     snprintf(net.request_topic, TOPIC_MAX, "ddnn/req/%s/%s", hex, net.device_id);
     snprintf(net.reply_topic, TOPIC_MAX, "ddnn/reply/%s", net.device_id);
     snprintf(net.status_topic, TOPIC_MAX, "ddnn/status/%s", net.device_id);
+    snprintf(net.telemetry_topic, TOPIC_MAX, "ddnn/device/%s/telemetry", net.device_id);
+    memcpy(net.model_key, hex, sizeof net.model_key);
     snprintf(net.model_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s", hex);
     snprintf(net.device_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s/%s", hex, net.device_id);
     net.connect_timeout_s = config->connect_timeout_s > 0 ? config->connect_timeout_s : 2;
@@ -645,6 +654,47 @@ int ddnn_mqtt_threshold(double fallback, double *threshold, const char **source)
         return 0;
     *threshold = value;
     return 1;
+}
+
+/* A threshold as JSON: the number, or null when the topic holds none. */
+static int json_threshold(char *out, size_t size, int valid, double value)
+{
+    return valid ? snprintf(out, size, "%.17g", value) : snprintf(out, size, "null");
+}
+
+int ddnn_mqtt_publish_telemetry(const ddnn_mqtt_counters *counters)
+{
+    /* Fixed size: five 20-digit counters, three %.17g numbers, the ids and the keys fit with room to spare. */
+    char payload[768], model_value[32], device_value[32];
+    struct timespec now;
+    int model_valid, device_valid, len;
+    double model_threshold, device_threshold;
+
+    if (!net.created || !ddnn_mqtt_connected() || net.taken_over)
+        return -1;
+    pthread_mutex_lock(&net.lock);
+    model_valid = net.model_threshold_valid;
+    model_threshold = net.model_threshold;
+    device_valid = net.device_threshold_valid;
+    device_threshold = net.device_threshold;
+    pthread_mutex_unlock(&net.lock);
+    json_threshold(model_value, sizeof model_value, model_valid, model_threshold);
+    json_threshold(device_value, sizeof device_value, device_valid, device_threshold);
+    clock_gettime(CLOCK_REALTIME, &now);
+    /* Device ids are [A-Za-z0-9_.-] and the model key hex: nothing here needs JSON escaping. */
+    len = snprintf(payload, sizeof payload,
+                   "{\"v\":1,\"device\":\"%s\",\"model\":\"%s\",\"time\":%.3f,\"samples\":%llu,\"local\":%llu,"
+                   "\"offloaded\":%llu,\"fallback\":%llu,\"error\":%llu,\"threshold\":%.17g,"
+                   "\"thresholds\":{\"model\":%s,\"device\":%s,\"default\":%.17g}}",
+                   net.device_id, net.model_key, (double)now.tv_sec + (double)now.tv_nsec / 1e9,
+                   (unsigned long long)counters->samples, (unsigned long long)counters->local,
+                   (unsigned long long)counters->offloaded, (unsigned long long)counters->fallback,
+                   (unsigned long long)counters->error, counters->threshold, model_value, device_value,
+                   counters->default_threshold);
+    if (len < 0 || (size_t)len >= sizeof payload)
+        return -1;
+    /* QoS 0, not retained: a reader wants the current figures, and the next message replaces a lost one. */
+    return publish_qos(net.telemetry_topic, payload, (size_t)len, 0, 0) == MQTTCLIENT_SUCCESS ? 0 : -1;
 }
 
 void ddnn_mqtt_stop(void)

@@ -85,6 +85,17 @@ int ddnn_mqtt_request(const uint8_t *request, size_t len, uint64_t request_id, i
  * Returns 1 when it differs from *threshold (and updates it), else 0. `source` names the topic. */
 int ddnn_mqtt_threshold(double fallback, double *threshold, const char **source);
 
+/* The device's counters since it started, as its telemetry reports them (docs/protocol.md, "Telemetry"). */
+typedef struct {
+    uint64_t samples, local, offloaded, fallback, error; /* offloaded: sent on (answered, fell back or error) */
+    double threshold;                                    /* the one in use */
+    double default_threshold;                            /* the one it started with (--threshold / the model's) */
+} ddnn_mqtt_counters;
+
+/* Publishes the counters as JSON on ddnn/device/<device>/telemetry (QoS 0, not retained), with the retained
+ * thresholds it holds. Returns 0 when handed to the broker, -1 when not connected (nothing is queued). */
+int ddnn_mqtt_publish_telemetry(const ddnn_mqtt_counters *counters);
+
 /* Publishes the "offline" status, disconnects and stops the reconnection thread. */
 void ddnn_mqtt_stop(void);
 

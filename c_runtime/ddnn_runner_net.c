@@ -31,6 +31,7 @@ static void usage(FILE *out, const ddnn_model *model)
     fprintf(out,
             "usage: ddnn_device_net SAMPLES --device-id ID [--broker HOST:PORT] [--timeout-ms N] [-o RESULTS.csv]\n"
             "                       [--threshold T] [--pace-ms N] [--connect-wait-ms N] [--server-only]\n"
+            "                       [--telemetry-interval-ms N]\n"
             "                       [--view-index I --view-count K [--first-event-id N]]\n"
             "                       [--tls] [--ca-file F] [--cert F --key F] [--username U --password-file F]\n"
             "  Classifies every sample of SAMPLES with %s, asking ddnn-server when the local\n"
@@ -44,6 +45,9 @@ static void usage(FILE *out, const ddnn_model *model)
             "  --threshold T         initial local-exit threshold (default %.17g); retained MQTT thresholds win\n"
             "  --pace-ms N           pause N ms between samples (demos, live threshold changes)\n"
             "  --connect-wait-ms N   wait up to N ms for the broker before the first sample (default 3000)\n"
+            "  --telemetry-interval-ms N\n"
+            "                        publish the counters on ddnn/device/ID/telemetry every N ms and at the end\n"
+            "                        (default 2000; 0: never)\n"
             "  --server-only         send every raw input image; the server runs the whole model (local_class -1,\n"
             "                        entropy nan; the device part runs only for a fallback answer)\n"
             "  --view-index I --view-count K\n"
@@ -70,13 +74,28 @@ static int parse_broker(const char *text, char *host, size_t host_len, int *port
     return 1;
 }
 
+/* counts: local, server, fallback, error (the CSV's sources); what was offloaded is all but the local ones. */
+static void publish_counters(uint32_t samples, const unsigned long counts[4], double threshold, double initial)
+{
+    ddnn_mqtt_counters counters;
+    counters.samples = samples;
+    counters.local = counts[0];
+    counters.offloaded = counts[1] + counts[2] + counts[3];
+    counters.fallback = counts[2];
+    counters.error = counts[3];
+    counters.threshold = threshold;
+    counters.default_threshold = initial;
+    (void)ddnn_mqtt_publish_telemetry(&counters); /* not connected: the next one carries the same counts */
+}
+
 int main(int argc, char **argv)
 {
     const ddnn_model *model = &DDNN_RUNNER_MODEL;
     uint8_t *const pixels = model->input;
     const char *samples_path = NULL, *csv_path = NULL, *device_id = NULL, *broker = "127.0.0.1:1883";
     double initial_threshold = model->default_threshold, threshold;
-    long timeout_ms = 1000, pace_ms = 0, connect_wait_ms = 3000;
+    long timeout_ms = 1000, pace_ms = 0, connect_wait_ms = 3000, telemetry_interval_ms = 2000;
+    uint64_t telemetry_due = 0;
     char host[256];
     int port, i, got, used, status = 0, server_only = 0;
     long view_index = 0, view_count = 0, first_event_id = 1;
@@ -113,6 +132,11 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "--pace-ms") == 0 && has_value) {
             if (!ddnn_parse_long(argv[++i], 0, 60000L, &pace_ms)) {
                 fprintf(stderr, "ddnn_device_net: --pace-ms needs 0..60000, got '%s'\n", argv[i]);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--telemetry-interval-ms") == 0 && has_value) {
+            if (!ddnn_parse_long(argv[++i], 0, 3600000L, &telemetry_interval_ms)) {
+                fprintf(stderr, "ddnn_device_net: --telemetry-interval-ms needs 0..3600000, got '%s'\n", argv[i]);
                 return 2;
             }
         } else if (strcmp(argv[i], "--connect-wait-ms") == 0 && has_value) {
@@ -296,6 +320,10 @@ int main(int argc, char **argv)
                 (double)(ddnn_now_ns() - start) / 1e3, threshold, answered_by, (unsigned long)upstream_us,
                 (unsigned long)upstream_server_us, upstream_fallback);
         ++index;
+        if (telemetry_interval_ms > 0 && ddnn_now_ns() >= telemetry_due) {
+            publish_counters(index, counts, threshold, initial_threshold);
+            telemetry_due = ddnn_now_ns() + (uint64_t)telemetry_interval_ms * 1000000u;
+        }
         if (pace_ms > 0)
             ddnn_sleep_ms(pace_ms);
     }
@@ -305,6 +333,8 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "ddnn_device_net: %lu samples: local %lu, server %lu, fallback %lu, error %lu\n",
             (unsigned long)index, counts[0], counts[1], counts[2], counts[3]);
+    if (telemetry_interval_ms > 0)
+        publish_counters(index, counts, threshold, initial_threshold); /* the final counts: a reader sees all */
     ddnn_mqtt_stop();
     ddnn_samples_close(&samples);
     if (csv != stdout && fclose(csv) != 0) {

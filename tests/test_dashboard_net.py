@@ -6,21 +6,27 @@ server's load; setting a device's threshold in the page moves that device's exit
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from net_harness import ServerProcess, expectations, wait_for
+from net_harness import Expected, ServerProcess, expectations, wait_for
 
-from ddnn_gen.bench.load_ramp import PacedFleet
+from ddnn_gen.bench.load_ramp import PacedFleet, calibrated_copy
 from ddnn_gen.device.simulated import precomputed
 from ddnn_gen.fold.exits import compute_outputs
 from ddnn_gen.model import datasets
 from ddnn_gen.model.evaluate import metrics_at
 from ddnn_gen.model.modelfile import load_model
-from ddnn_gen.ops.dashboard import Dashboard
+from ddnn_gen.ops.controller import Curve
+from ddnn_gen.ops.dashboard import Dashboard, model_info
 from ddnn_gen.wire import topics
 from ddnn_gen.wire.broker import Broker, free_port
 
@@ -109,8 +115,9 @@ def test_threshold_form_refuses_bad_input(fmnist_model_path: Path) -> None:
     key = topics.model_key(load_model(fmnist_model_path).hash_bytes)
     port = free_port()
 
-    def post(body: bytes, content_type: str = "application/json") -> tuple[int, dict[str, object]]:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/threshold", data=body, method="POST",
+    def post(body: bytes, content_type: str = "application/json", path: str = "threshold"
+             ) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/{path}", data=body, method="POST",
                                          headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -138,7 +145,149 @@ def test_threshold_form_refuses_bad_input(fmnist_model_path: Path) -> None:
                 assert got == status, (body[:60], got)
             got, answer = post(json.dumps({"model": key, "device": "cam1", "value": 0.4}).encode())
             assert got == 200 and answer["topic"] == f"ddnn/threshold/{key}/cam1"
+            # An edge tier's threshold: tiers 1..7 only.
+            for tier in (0, 8, "1", True, 1.5):
+                got, _ = post(json.dumps({"model": key, "device": None, "tier": tier, "value": 0.4}).encode())
+                assert got == 400, tier
+            got, answer = post(json.dumps({"model": key, "device": None, "tier": 1, "value": 0.4}).encode())
+            assert got == 200 and answer["topic"] == f"ddnn/tier-threshold/{key}/1"
+            # The controller's target: the schema the controller applies (telemetry.TARGET_SCHEMA).
+            for target in ({"max_load": 0}, {"max_load": 1.5}, {"max_load": True}, {"max_load": "0.5"},
+                           {"target_p99_ms": 0.01}, {"target_p99_ms": 1e9}, {"max_load": 0.5, "target_p99_ms": 5},
+                           {}, {"max_load": None}, [0.5], "max_load"):
+                got, answer = post(json.dumps({"model": key, "target": target}).encode(), path="target")
+                assert got == 400 and "error" in answer, target
+            for body in (b'{"model": "%s", "target": {"max_load": NaN}}' % key.encode(),
+                         json.dumps({"model": "zz", "target": {"max_load": 0.5}}).encode(),
+                         json.dumps({"model": key, "target": {"max_load": 0.5}, "x": 1}).encode()):
+                got, _ = post(body, path="target")
+                assert got == 400, body
+            assert post(json.dumps({"model": key, "target": {"max_load": 0.5}}).encode(), "text/plain",
+                        "target")[0] == 415
+            got, answer = post(json.dumps({"model": key, "target": {"target_p99_ms": 50}}).encode(), path="target")
+            assert got == 200 and answer == {"topic": f"ddnn/control/{key}/target", "target": {"target_p99_ms": 50.0}}
             state = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10).read())
             assert state["devices"] == [] and state["servers"] == []
+            # No model-wide threshold and no controller state on this broker (a target is not a state): no models.
+            assert state["models"] == []
         finally:
             view.stop()
+
+
+CAPACITY = 40.0  # requests/s the controller is told the server sustains (below what the fleet offers)
+CONTROL_RATE = 300.0  # samples/s over the control test's devices
+NEW_MAX_LOAD = 0.3
+
+
+def _log_reader(process: subprocess.Popen[str], lines: list[str]) -> threading.Thread:
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dataset, fmnist_model_path: Path,
+                                                        fmnist_expected: Expected, tmp_path: Path) -> None:
+    """`ddnngen control` runs; the page shows its target and decisions and the accuracy the calibration curve
+    expects at the thresholds in force; the target set in the page reaches the controller and its next
+    decisions use it; hostile targets and states on the broker are ignored."""
+    require_tool("mosquitto")
+    from paho.mqtt import publish
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    calibrated = calibrated_copy(fmnist_model_path, fmnist_test.subset(3000), tmp_path / "fmnist_32.npz")
+    loaded = load_model(calibrated)
+    curve = Curve.from_calibration(loaded.spec.calibration)
+    key = topics.model_key(loaded.hash_bytes)
+    expected = fmnist_expected
+    part = precomputed(expected.device.split_words, expected.device.entropy, expected.device.local_class)
+    port = free_port()
+    lines: list[str] = []
+    with Broker() as broker:
+        server = ServerProcess(broker.address, calibrated, workers=1, extra=["--telemetry-interval", "0.5"]).start()
+        control = subprocess.Popen([sys.executable, "-m", "ddnn_gen", "control", str(calibrated), "--max-load", "0.8",
+                                    "--capacity", str(CAPACITY), "--interval", "0.5", "--duration", "120",
+                                    "--broker", broker.address], stderr=subprocess.PIPE, text=True)
+        reader = _log_reader(control, lines)
+        view = Dashboard(broker.connection(), (model_info(calibrated),)).start(port)
+        fleet = PacedFleet(broker.connection(), expected.program, loaded.hash_bytes, part,
+                           len(expected.server_class), 3, lambda: CONTROL_RATE, telemetry_interval_s=0.25,
+                           prefix="cam").start()
+        driver = _driver()
+
+        def hostile(topic: str, payload: bytes, retain: bool) -> None:
+            publish.single(topic, payload, qos=1, retain=retain, hostname=broker.host, port=broker.port)
+
+        def text(css: str) -> str:
+            found = driver.find_elements(By.CSS_SELECTOR, css)  # type: ignore[attr-defined]
+            return found[0].text if found else ""
+
+        def decisions() -> list[object]:
+            return driver.find_elements(By.CSS_SELECTOR, f"#control-{key} tr.decision")  # type: ignore
+
+        def accuracy_matches() -> bool:
+            row = driver.find_element(By.ID, f"model-{key}")  # type: ignore[attr-defined]
+            threshold = row.find_element(By.CSS_SELECTOR, 'td[data-field="threshold"]').get_attribute("data-value")
+            shown = row.find_element(By.CSS_SELECTOR, 'td[data-field="expected-accuracy"]').text
+            return bool(threshold) and shown == f"{100 * curve.accuracy_at(float(threshold)):.2f}"
+
+        try:
+            driver.get(view.url)  # type: ignore[attr-defined]
+            assert wait_for(lambda: len(decisions()) >= 2, timeout_s=60), "".join(lines)
+            assert text(f"#control-{key} p.target").startswith("target: load under 0.8 of capacity")
+            assert wait_for(lambda: "over target" in text(f"#control-{key} tr.decision"), timeout_s=30)
+            # The threshold in force is the controller's (retained, model-wide); the accuracy shown is the
+            # calibration curve's at exactly that value.
+            assert wait_for(lambda: text(f"#model-{key} td[data-field=source]") == "retained", timeout_s=30)
+            assert wait_for(accuracy_matches, timeout_s=30)
+            device_threshold = lambda: next(d["threshold"] for d in view.state.snapshot()["devices"]  # noqa: E731
+                                            if d["id"] == "cam0")
+            assert wait_for(lambda: _field(driver, "cam0", "expected-accuracy")
+                            == f"{100 * curve.accuracy_at(device_threshold()):.2f}", timeout_s=30)
+            # Hostile targets (retained, so the controller reads them) and states are ignored.
+            for payload in (b'{"max_load": 5}', b'{"max_load": NaN}', b"{", b'{"target_p99_ms": 0}', b"x" * 20000):
+                hostile(topics.control_target_topic(loaded.hash_bytes), payload, True)
+            rejected = view.state.snapshot()["rejected"]
+            hostile(topics.control_state_topic(loaded.hash_bytes), b'{"v": 1, "model": "' + key.encode() + b'"}',
+                    False)
+            hostile(topics.control_state_topic(loaded.hash_bytes), b"[" * 10000, False)
+            assert wait_for(lambda: sum("ignoring the target" in line for line in lines) >= 5, timeout_s=20), lines
+            assert wait_for(lambda: view.state.snapshot()["rejected"] >= rejected + 2, timeout_s=20)
+            assert text(f"#control-{key} p.target").startswith("target: load under 0.8 of capacity")
+            assert "new target" not in "".join(lines)
+            # The operator sets a new target in the page.
+            Select(driver.find_element(By.ID, f"target-kind-{key}")).select_by_value("max_load")  # type: ignore
+            driver.find_element(By.ID, f"target-input-{key}").send_keys(str(NEW_MAX_LOAD))  # type: ignore
+            driver.find_element(By.ID, f"target-set-{key}").click()  # type: ignore[attr-defined]
+            assert wait_for(lambda: any(f"new target load under {NEW_MAX_LOAD:g} of capacity" in line
+                                        for line in lines), timeout_s=20), "".join(lines)
+            assert wait_for(lambda: text(f"#control-{key} p.target").startswith(
+                f"target: load under {NEW_MAX_LOAD:g} of capacity"), timeout_s=20)
+
+            def newest_uses_it() -> bool:
+                rows = decisions()
+                return bool(rows) and rows[0].text.endswith(  # type: ignore[attr-defined]
+                    f"load under {NEW_MAX_LOAD:g} of capacity") and abs(float(
+                        rows[0].get_attribute("data-allowed")) - NEW_MAX_LOAD * CAPACITY) < 1e-9  # type: ignore
+            assert wait_for(newest_uses_it, timeout_s=20)
+            assert wait_for(accuracy_matches, timeout_s=30)
+            driver.save_screenshot(str(tmp_path / "dashboard-control.png"))  # type: ignore[attr-defined]
+        finally:
+            driver.quit()  # type: ignore[attr-defined]
+            fleet.stop()
+            view.stop()
+            control.send_signal(signal.SIGTERM)
+            control.wait(30)
+            reader.join(5)
+            assert server.terminate() == 0, server.output
+    log = "".join(lines)
+    assert control.returncode == 0, log
+    # The controller's log agrees: decisions after the new target allow 0.3 of the capacity.
+    allowed = [float(a) for a in re.findall(r"predicted \d+ req/s of (\d+) allowed.*target load under 0\.3 ", log)]
+    assert allowed and all(a == round(NEW_MAX_LOAD * CAPACITY) for a in allowed), log
+    assert "Traceback" not in log

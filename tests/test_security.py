@@ -463,3 +463,28 @@ def test_simulated_device_forgets_answered_requests(plain: Broker, fmnist_expect
         finally:
             late.close()
             device.stop()
+
+
+def test_only_the_operator_writes_the_controllers_target_and_state(secure: Broker) -> None:
+    """``ddnngen control`` runs as an operator (it reads the target and writes the state); a device or a server
+    can neither steer the controller nor forge its state, nor read either."""
+    model_hash = bytes(range(16))
+    target, state = topics.control_target_topic(model_hash), topics.control_state_topic(model_hash)
+    for name in ("devA", "srv2"):  # srv2: "srv" is the module's running server (one session per user)
+        other = RawClient(secure.connection(name), name, subscribe_replies=name.startswith("dev"))
+        try:
+            for topic in (target, state):
+                assert other.publish(topic, b'{"max_load": 0.1}', retain=True) == NOT_AUTHORIZED, (name, topic)
+                assert other.subscribe(topic) == NOT_AUTHORIZED, (name, topic)
+        finally:
+            other.close()
+    operator = RawClient(secure.connection("ops"), "ops", subscribe_replies=False)
+    try:
+        assert operator.subscribe(f"ddnn/control/{topics.model_key(model_hash)}/+").startswith("Granted")
+        for topic in (target, state):
+            assert operator.publish(topic, b'{"max_load": 0.5}', retain=True) != NOT_AUTHORIZED, topic
+        assert wait_for(lambda: {t for t, _ in list(operator.messages.queue)} >= {target, state}, timeout_s=10)
+        for topic in (target, state):
+            operator.publish(topic, b"", retain=True)  # leave no retained message for the other tests
+    finally:
+        operator.close()

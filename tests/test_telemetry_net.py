@@ -153,3 +153,36 @@ def test_server_refuses_a_telemetry_interval_that_would_flood_the_broker(fmnist_
                              str(fmnist_model_path), "--telemetry-interval", "0.01"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--telemetry-interval" in result.stderr and "0.1 s" in result.stderr
+
+
+def test_generated_c_device_publishes_its_counters(plain: Broker, net_device_bin: Path, fmnist_samples_file: Path,
+                                                    fmnist_model_path: Path, tmp_path: Path) -> None:
+    """The generated C device (ddnn_device_net) publishes the same telemetry as the simulated devices, every
+    --telemetry-interval-ms and at the end: each message passes the reader's checks, the counts never go back,
+    and the last one equals what its CSV says it did."""
+    from net_harness import device_rows, finish_device, start_device
+
+    reader = RawClient(plain.connection(), "reader", subscribe_replies=False)
+    assert reader.subscribe(topics.device_telemetry_topic("c-tel")).startswith("Granted")
+    server = ServerProcess(plain.address, fmnist_model_path, workers=1).start()
+    out = tmp_path / "results.csv"
+    try:
+        device = start_device(net_device_bin, fmnist_samples_file, out, "c-tel", plain.connection(),
+                              "--telemetry-interval-ms", "100", "--pace-ms", "1", "--timeout-ms", "10000")
+        finish_device(device)
+    finally:
+        assert server.terminate() == 0, server.output
+    time.sleep(0.3)
+    messages = _collect(reader)
+    reader.close()
+    rows = device_rows(out)
+    assert len(messages) >= 3, len(messages)  # periodic ones and the final one
+    samples = [m.body["samples"] for m in messages]
+    assert samples == sorted(samples)
+    last = messages[-1].body
+    sources = [row["source"] for row in rows]
+    assert last["samples"] == len(rows)
+    assert last["local"] == sources.count("local") and last["fallback"] == sources.count("fallback")
+    assert last["offloaded"] == len(rows) - sources.count("local") and last["error"] == sources.count("error")
+    assert last["threshold"] == float(rows[-1]["threshold"]) and last["device"] == "c-tel"
+    assert last["thresholds"] == {"model": None, "device": None, "default": float(rows[0]["threshold"])}

@@ -424,3 +424,30 @@ def test_shipped_model_eval_json(fmnist_test: datasets.Dataset) -> None:
     assert len(views["sets"]) == 15 and views["sets"][-1]["present"] == [0, 1, 2, 3]
     assert views["sets"][-1]["overall_accuracy"] == data["results"][0]["overall_accuracy"]
     assert views["sets"][0]["score_bytes"] == 40 and data["split_bytes"] == 400
+
+
+def test_compile_view_writes_each_cameras_program(tmp_path: Path) -> None:
+    """`ddnngen compile --view K` writes camera K's device part: the same generated model and weights as
+    compiling the aggregator's program for view K; without --view (separate weights) or with a view the model
+    does not have, one line naming the problem."""
+    from ddnn_gen.codegen.c_target import compile_c
+
+    aggregator = ViewAggregator(load_model(SHIPPED))
+    name = aggregator.loaded.spec.name
+    weights = set()
+    for view, program in enumerate(aggregator.programs):
+        result = CliRunner().invoke(cli, ["compile", str(SHIPPED), "--view", str(view), "--no-measure-code",
+                                          "-o", str(tmp_path / f"cli{view}")])
+        assert result.exit_code == 0, result.output
+        compile_c(program, tmp_path / f"py{view}",
+                  reproduce=f"ddnngen compile {SHIPPED} --target c -o OUT --view {view}")
+        for generated in (f"{name}_weights.h", f"{name}_model.h", f"{name}_model.c"):
+            cli_bytes = (tmp_path / f"cli{view}" / generated).read_bytes()
+            assert cli_bytes == (tmp_path / f"py{view}" / generated).read_bytes(), generated
+        weights.add((tmp_path / f"cli{view}" / f"{name}_weights.h").read_bytes())
+        assert f"--view {view}" in (tmp_path / f"cli{view}" / "metadata.json").read_text()
+    assert len(weights) == aggregator.count  # separate weights: four different cameras
+    for args, message in ((["-o", str(tmp_path / "none")], "--view K"),
+                          (["--view", "4", "-o", str(tmp_path / "four")], "view 4 is not one of its views 0..3")):
+        result = CliRunner().invoke(cli, ["compile", str(SHIPPED), *args])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output

@@ -24,9 +24,8 @@ from net_harness import SAN_ENV, RawClient, ServerProcess, device_rows, finish_d
 
 from ddnn_gen.cli import cli
 from ddnn_gen.codegen import toolchain
-from ddnn_gen.codegen.c_target import compile_c
 from ddnn_gen.device import c_binding
-from ddnn_gen.device.samples import write_samples
+from ddnn_gen.device.samples import read_samples
 from ddnn_gen.device.simulated import SimReport, simulate_views, split_header
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.views import ViewAggregator, ViewRuns
@@ -269,10 +268,16 @@ def test_four_generated_c_camera_programs_and_the_aggregator(scene: tuple, fmnis
     aggregator, runs, labels, _ = scene
     crops = extract_views(aggregator.views, fmnist_test.images[:N_EVENTS])
     binaries, outs = [], []
-    for view, program in enumerate(aggregator.programs):
-        compile_c(program, tmp_path / f"view{view}")
+    for view in range(aggregator.count):
+        # The user's path: each camera's project and its view of the images from the CLI.
+        for args in (["compile", str(VIEWS_MODEL), "--view", str(view), "--no-measure-code", "-o",
+                      str(tmp_path / f"view{view}")],
+                     ["export-samples", "--dataset", "fashion-mnist", "--count", str(N_EVENTS), "--views-of",
+                      str(VIEWS_MODEL), "--view", str(view), "-o", str(tmp_path / f"view{view}.ddns")]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+        assert read_samples(tmp_path / f"view{view}.ddns")[0].tobytes() == crops[view].tobytes()
         binaries.append(toolchain.build_project(tmp_path / f"view{view}", target="net", sanitize=True))
-        write_samples(tmp_path / f"view{view}.ddns", crops[view], labels)
         outs.append(tmp_path / f"view{view}.csv")
     for bad in (["--view-index", "4", "--view-count", "4"], ["--view-index", "1"], ["--view-count", "17"],
                 ["--view-index", "0", "--view-count", "4", "--server-only"]):

@@ -29,8 +29,16 @@ def _plan_threshold(model: str, plan: str, threshold: float | None, arch: str | 
     return placement.device_threshold
 
 
+def _view_program(model: str, view: int, threshold: float | None, arch: str | None) -> Any:
+    """One camera's device part of a multi-view model (each view has its own program when weights are separate)."""
+    from ddnn_gen.fold.program import fold
+    from ddnn_gen.model.modelfile import load_model
+
+    return fold(load_model(model, arch), threshold, view=view)
+
+
 def _compile(model: str, target: str, out_dir: str, threshold: float | None, arch: str | None, plan: str | None,
-             **target_options: Any) -> None:
+             view: int | None, **target_options: Any) -> None:
     """Compile the device part of MODEL (a model .npz) for a device target."""
     if plan is not None:
         threshold = _plan_threshold(model, plan, threshold, arch)
@@ -42,8 +50,10 @@ def _compile(model: str, target: str, out_dir: str, threshold: float | None, arc
             raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --target {target}")
     kwargs = {name: value for name, value in target_options.items() if name in own}
     reproduce = f"ddnngen compile {model} --target {target} -o OUT" + (
-        f" --threshold {threshold!r}" if threshold is not None else "")
-    report = entry.function(model, out_dir, threshold=threshold, arch=arch, reproduce=reproduce, **kwargs)
+        f" --threshold {threshold!r}" if threshold is not None else "") + (
+        f" --view {view}" if view is not None else "")
+    source = model if view is None else _view_program(model, view, threshold, arch)
+    report = entry.function(source, out_dir, threshold=threshold, arch=arch, reproduce=reproduce, **kwargs)
     click.echo(report.summary())
     click.echo(f"RAM bytes: {report.ram_bytes}")
     click.echo(f"flash weight bytes: {report.flash_weight_bytes}")
@@ -64,6 +74,8 @@ def make_command() -> click.Command:
                      help="A plan file (ddnngen plan -o) for MODEL: the device exit's threshold it chose."),
         click.Option(["--arch"], type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Spec JSON for a bare Chainer npz without an embedded spec."),
+        click.Option(["--view"], type=click.IntRange(0, 15), default=None,
+                     help="Multi-view models: the camera (view index) whose device part to compile (docs/views.md)."),
     ]
     seen = {param.name for param in params}
     for entry in targets.compile_targets().values():

@@ -42,13 +42,29 @@ def _load(dataset: str, split_name: str, count: int | None, offset: int, data_di
 @_count
 @_offset
 @_data_dir
+@click.option("--views-of", "views_model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A multi-view model: write what camera --view sees of each image (its crop), not the image.")
+@click.option("--view", type=click.IntRange(0, 15), default=None, help="With --views-of: the camera's view index.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="Sample file to write.")
 def export_samples(dataset: str, split_name: str, count: int | None, offset: int, data_dir: str | None,
-                   out: str) -> None:
+                   views_model: str | None, view: int | None, out: str) -> None:
     """Write a binary sample file (DDNS, HWC uint8 + labels) for the generated C runner."""
+    if (views_model is None) != (view is None):
+        raise click.UsageError("--views-of and --view go together")
     data = _load(dataset, split_name, count, offset, data_dir)
-    size = write_samples(out, data.images, data.labels)
-    _, channels, height, width = data.images.shape
+    images = data.images
+    if views_model is not None:
+        assert view is not None
+        from ddnn_gen.model.modelfile import load_model
+        from ddnn_gen.model.views import extract_views
+
+        views = load_model(views_model).spec.views
+        if views is None or view >= views.count:
+            raise click.UsageError(f"{views_model} has no view {view}" + ("" if views is None else
+                                                                          f" (views 0..{views.count - 1})"),)
+        images = extract_views(views, images)[view]
+    size = write_samples(out, images, data.labels)
+    _, channels, height, width = images.shape
     click.echo(f"wrote {len(data)} samples of {height}x{width}x{channels} from {dataset}/{split_name} to {out} "
                f"({size} bytes)")
 

@@ -80,14 +80,18 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address the page binds to (loopback: reach it through an SSH tunnel or a proxy that "
                    "authenticates the operator).")
+@click.option("--model", "models", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A model file (repeatable): its calibration curve gives the accuracy expected at the thresholds "
+                   "in force.")
 @broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
-def dashboard(port: int, address: str, broker: BrokerConnection) -> None:
+def dashboard(port: int, address: str, models: tuple[str, ...], broker: BrokerConnection) -> None:
     """Serve the operator's live view of the fleet: devices online/offline with their exit rates and
-    thresholds, servers' load and latency (server-sent events from the MQTT telemetry); its form sets a
-    device's retained threshold."""
-    from ddnn_gen.ops.dashboard import Dashboard
+    thresholds, servers' load and latency (server-sent events from the MQTT telemetry), the controller's
+    target and decisions, the accuracy expected at the thresholds in force (for the --model files); its forms
+    set a device's, a model's or an edge tier's retained threshold and the controller's target."""
+    from ddnn_gen.ops.dashboard import Dashboard, model_info
 
-    view = Dashboard(broker).start(port, address)
+    view = Dashboard(broker, tuple(model_info(path) for path in models)).start(port, address)
     click.echo(f"ddnngen dashboard: {view.url} (fleet on {broker.url})", err=True)
     _wait_for_signal(0.0)
     view.stop()

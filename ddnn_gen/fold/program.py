@@ -269,7 +269,7 @@ def _check_view(spec: ModelSpec, tier: int, view: int | None) -> int:
     if view is None:
         if not views.shared:
             raise CompileError(f"{spec.name}: its {views.count} views have separate device weights; fold one view "
-                               f"at a time (view 0..{views.count - 1})")
+                               f"at a time (view 0..{views.count - 1}; `ddnngen compile --view K`)")
         return 0
     if isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < views.count:
         raise CompileError(f"{spec.name}: view {view!r} is not one of its views 0..{views.count - 1}")

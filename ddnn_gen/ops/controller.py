@@ -96,6 +96,20 @@ class ThresholdController:
         self.threshold = min(max(self.threshold, self.t_min), self.t_max)
         self.allowed = (self.max_load if self.max_load is not None else 0.8) * self.capacity
 
+    def target(self) -> dict[str, float]:
+        """The target in force, as on the wire: {"max_load": F} or {"target_p99_ms": X}."""
+        return {"max_load": self.max_load} if self.max_load is not None else {"target_p99_ms": float(
+            self.target_p99_ms or 0.0)}
+
+    def set_target(self, max_load: float | None = None, target_p99_ms: float | None = None) -> None:
+        """The operator's new target, from the next decision on. A new share of capacity applies at once; a
+        new p99 keeps the allowed load learnt so far (the p99 rule moves it from there)."""
+        if (max_load is None) == (target_p99_ms is None):
+            raise ControlError("give exactly one target: a share of capacity, or a p99 in ms")
+        self.max_load, self.target_p99_ms = max_load, target_p99_ms
+        if max_load is not None:
+            self.allowed = max_load * self.capacity
+
     def _predicted(self, threshold: float) -> float:
         assert self.rate is not None
         return self.rate * min(1.0, self.correction * self.curve.onward_at(threshold))

@@ -1,5 +1,8 @@
 """The operator's live view (``ddnngen dashboard --http PORT``): an aiohttp page fed by server-sent events from
-the fleet's MQTT telemetry and status, and a form that sets a device's (or a model's) retained threshold.
+the fleet's MQTT telemetry and status, the controller's retained state (its target and recent decisions),
+and the model-wide retained thresholds; forms set a device's, a model's or an edge tier's retained threshold
+and the controller's target. Given the model files (``--model``), it shows the accuracy their calibration
+curves (``ddnngen calibrate``) expect at the thresholds in force, model-wide and per device.
 
 What it shows comes from the network and is validated as any reader does (wire/telemetry.py; status payloads
 are ``online``/``offline`` under a valid id). The page renders every value as text (never as HTML), so a
@@ -19,10 +22,13 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.ops.controller import Curve
 from ddnn_gen.ops.subscriber import OperatorClient
 from ddnn_gen.wire import codec, telemetry, topics
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
@@ -31,6 +37,31 @@ log = logging.getLogger(__name__)
 
 PUSH_INTERVAL_S = 1.0
 STATUS_SUBSCRIPTIONS = (f"{topics.TOPIC_ROOT}/status/+", f"{topics.TOPIC_ROOT}/server/+/status")
+MODEL_THRESHOLDS = f"{topics.TOPIC_ROOT}/threshold/+"  # the model-wide retained values
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the operator gave the dashboard: its key, name, the file's threshold, its calibration curve."""
+
+    key: str
+    name: str
+    default_threshold: float
+    curve: Curve | None  # None: the file has no calibration curve, so no expected accuracy
+
+
+def model_info(path: str | Path) -> ModelInfo:
+    """What the dashboard needs of a model file: key, name, stored threshold, calibration curve (if any)."""
+    loaded = load_model(path)
+    curve = Curve.from_calibration(loaded.spec.calibration) if loaded.spec.calibration else None
+    return ModelInfo(topics.model_key(loaded.hash_bytes), loaded.spec.name, loaded.spec.thresholds[0], curve)
+
+
+def _expected(curve: Curve | None, threshold: float | None) -> tuple[float | None, float | None]:
+    """(accuracy, share offloaded) the calibration curve gives at ``threshold``; Nones when unknown."""
+    if curve is None or threshold is None:
+        return None, None
+    return curve.accuracy_at(threshold), curve.onward_at(threshold)
 
 
 @dataclass
@@ -49,6 +80,9 @@ class FleetState:
 
     devices: dict[str, _Device] = field(default_factory=dict)
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    controls: dict[str, dict[str, Any]] = field(default_factory=dict)  # model key -> the controller's state
+    model_thresholds: dict[str, float] = field(default_factory=dict)  # model key -> retained model-wide value
     rejected: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -56,6 +90,12 @@ class FleetState:
         parts = topic.split("/")
         if parts[1:2] == ["status"] or (len(parts) == 4 and parts[1] == "server" and parts[3] == "status"):
             self._status(parts, payload)
+            return
+        if parts[1:2] == ["threshold"]:
+            self._model_threshold(parts, payload)
+            return
+        if parts[1:2] == ["control"]:
+            self._control(topic, payload)
             return
         try:
             message = telemetry.parse(topic, payload)
@@ -74,6 +114,36 @@ class FleetState:
             if old is None or old["threshold"] != body["threshold"] or body["samples"] < old["samples"]:
                 device.base_samples, device.base_local = body["samples"], body["local"]
             device.body, device.seen = body, time.time()
+
+    def _reject(self, why: str) -> None:
+        with self._lock:
+            self.rejected += 1
+        log.debug("ignoring: %s", why)
+
+    def _model_threshold(self, parts: list[str], payload: bytes) -> None:
+        if len(parts) != 3 or len(parts[2]) != 32 or any(c not in "0123456789abcdef" for c in parts[2]):
+            self._reject(f"not a model-wide threshold topic: {'/'.join(parts)[:120]!r}")
+            return
+        value = codec.decode_threshold(payload) if payload else None
+        if payload and value is None:
+            self._reject(f"invalid threshold {payload[:64]!r}")
+            return
+        with self._lock:
+            if value is None:
+                self.model_thresholds.pop(parts[2], None)  # cleared: the model file's applies
+            else:
+                self.model_thresholds[parts[2]] = value
+
+    def _control(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained state
+        try:
+            key, body = telemetry.parse_state(topic, payload)
+        except telemetry.TelemetryError as error:
+            self._reject(str(error))
+            return
+        with self._lock:
+            self.controls[key] = body
 
     def _status(self, parts: list[str], payload: bytes) -> None:
         if payload not in (b"online", b"offline"):
@@ -95,7 +165,10 @@ class FleetState:
                 since = body.get("samples", 0) - device.base_samples
                 local = body.get("local", 0) - device.base_local
                 total = body.get("samples", 0)
+                info = self.models.get(body.get("model") or "")
+                accuracy, onward = _expected(info.curve if info else None, body.get("threshold"))
                 devices.append({
+                    "expected_accuracy": accuracy, "expected_offload": onward,
                     "id": device_id, "online": device.online, "model": body.get("model"),
                     "threshold": body.get("threshold"), "samples": total,
                     "local_rate": body.get("local", 0) / total if total else None,
@@ -113,26 +186,47 @@ class FleetState:
                                 "latency_p99_ms": (body.get("latency_ms") or {}).get("p99"),
                                 "service_p99_ms": (body.get("service_ms") or {}).get("p99"),
                                 "cpu_percent": body.get("cpu_percent"), "models": body.get("models", {})})
-            return {"time": time.time(), "devices": devices, "servers": servers, "rejected": self.rejected}
+            models = []
+            for key in sorted(set(self.models) | set(self.controls) | set(self.model_thresholds)):
+                info = self.models.get(key)
+                retained = self.model_thresholds.get(key)
+                threshold = retained if retained is not None else info.default_threshold if info else None
+                accuracy, onward = _expected(info.curve if info else None, threshold)
+                models.append({"key": key, "name": info.name if info else None, "threshold": threshold,
+                               "source": "retained" if retained is not None else "model file" if info else None,
+                               "expected_accuracy": accuracy, "expected_offload": onward,
+                               "control": self.controls.get(key)})
+            return {"time": time.time(), "devices": devices, "servers": servers, "models": models,
+                    "rejected": self.rejected}
 
 
 class Dashboard:
     """The MQTT side (subscriptions, threshold publishes) and the HTTP side (page, events, form) of the view."""
 
-    def __init__(self, connection: BrokerConnection) -> None:
+    def __init__(self, connection: BrokerConnection, models: tuple[ModelInfo, ...] = ()) -> None:
         self.connection = connection
-        self.state = FleetState()
+        self.state = FleetState(models={info.key: info for info in models})
         self._client = OperatorClient(connection, "dashboard",
-                                      (*topics.TELEMETRY_SUBSCRIPTIONS, *STATUS_SUBSCRIPTIONS), self.state.receive)
+                                      (*topics.TELEMETRY_SUBSCRIPTIONS, *STATUS_SUBSCRIPTIONS, MODEL_THRESHOLDS,
+                                       topics.CONTROL_STATE_SUBSCRIPTION), self.state.receive)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
 
-    def set_threshold(self, model_key: str, device_id: str | None, value: float | None) -> str:
-        """Publish (retained) or clear a threshold; the topic it went to."""
-        topic = topics.threshold_topic(bytes.fromhex(model_key), device_id)
-        payload = b"" if value is None else codec.encode_threshold(value)
+    def set_threshold(self, model_key: str, device_id: str | None, value: float | None, tier: int | None = None) -> str:
+        """Publish (retained) or clear a device exit's threshold (``tier`` None) or a server tier's; the topic
+        it went to."""
+        model_hash = bytes.fromhex(model_key)
+        topic = (topics.threshold_topic(model_hash, device_id) if tier is None
+                 else topics.tier_threshold_topic(model_hash, tier, device_id))
+        return self._publish(topic, b"" if value is None else codec.encode_threshold(value))
+
+    def set_target(self, model_key: str, target: dict[str, float]) -> str:
+        """Publish the controller's retained target; the topic it went to."""
+        return self._publish(topics.control_target_topic(bytes.fromhex(model_key)), telemetry.encode(target))
+
+    def _publish(self, topic: str, payload: bytes) -> str:
         if not self._client.publish_retained(topic, payload, wait_s=10.0):
             raise BrokerError(f"dashboard: not connected to the broker; {topic} not set")
         log.info("dashboard: %s = %s", topic, payload.decode() or "(cleared)")
@@ -146,6 +240,7 @@ class Dashboard:
         app.router.add_get("/events", self._events)
         app.router.add_get("/api/state", self._state)
         app.router.add_post("/api/threshold", self._threshold)
+        app.router.add_post("/api/target", self._target)
         return app
 
     async def _page(self, request: web.Request) -> web.Response:
@@ -172,26 +267,41 @@ class Dashboard:
             await asyncio.sleep(PUSH_INTERVAL_S)
 
     async def _threshold(self, request: web.Request) -> web.Response:
-        if request.content_type != "application/json":
-            return _problem(415, "send JSON")
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return _problem(400, "not JSON")
-        if not isinstance(body, dict):
-            return _problem(400, "expected an object")
-        model_key, device_id, value = body.get("model"), body.get("device"), body.get("value")
-        if not isinstance(model_key, str) or len(model_key) != 32 or any(c not in "0123456789abcdef"
-                                                                         for c in model_key):
+        """{"model": key, "device": id or null, "tier": null (the device exit) or 1..7 (a server tier's),
+        "value": [0, 1] or null to clear}."""
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        model_key, device_id, value, tier = body.get("model"), body.get("device"), body.get("value"), body.get("tier")
+        if not _valid_key(model_key):
             return _problem(400, "model: 32 lower-case hex digits (the model key)")
         if device_id is not None and (not isinstance(device_id, str) or not topics.valid_device_id(device_id)):
             return _problem(400, f"device: {topics.DEVICE_ID_RULE}")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or not 0.0 <= value <= 1.0):
             return _problem(400, "value: a number in [0, 1], or null to clear")
+        if tier is not None and (isinstance(tier, bool) or not isinstance(tier, int)
+                                 or not 1 <= tier <= topics.MAX_TIER):
+            return _problem(400, f"tier: a server tier 1..{topics.MAX_TIER}, or null for the device exit")
         topic = await asyncio.get_running_loop().run_in_executor(
-            None, self.set_threshold, model_key, device_id, None if value is None else float(value))
+            None, self.set_threshold, model_key, device_id, None if value is None else float(value), tier)
         return web.json_response({"topic": topic, "value": value})
+
+    async def _target(self, request: web.Request) -> web.Response:
+        """{"model": key, "target": {"max_load": F} or {"target_p99_ms": X}} (telemetry.TARGET_SCHEMA)."""
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        model_key = body.get("model")
+        if not _valid_key(model_key) or set(body) != {"model", "target"}:
+            return _problem(400, "expected {model: the model key (32 lower-case hex digits), target: {...}}")
+        try:
+            target = telemetry.check_target(body["target"])
+        except telemetry.TelemetryError as error:
+            return _problem(400, f"{error} (give max_load in [{telemetry.MAX_LOAD[0]}, {telemetry.MAX_LOAD[1]}] "
+                                 f"or target_p99_ms in [{telemetry.TARGET_P99_MS[0]}, {telemetry.TARGET_P99_MS[1]}])")
+        topic = await asyncio.get_running_loop().run_in_executor(None, self.set_target, model_key, target)
+        return web.json_response({"topic": topic, "target": target})
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -240,6 +350,28 @@ def _problem(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _valid_key(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: refused as not JSON, never read as a value
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the problem to answer (a browser on another origin cannot send JSON
+    without a preflight this server never grants)."""
+    if request.content_type != "application/json":
+        return _problem(415, "send JSON")
+    try:
+        body = json.loads(await request.text(), parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError):
+        return _problem(400, "not JSON")
+    if not isinstance(body, dict):
+        return _problem(400, "expected an object")
+    return body
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ddnngen fleet</title>
 <style>
@@ -254,10 +386,17 @@ input.threshold { width: 5em; }
 <h2>Servers</h2>
 <table id="servers"><thead><tr><th>server</th><th>status</th><th>req/s</th><th>queue</th><th>busy</th>
 <th>p99 latency ms</th><th>p99 service ms</th><th>CPU %</th></tr></thead><tbody></tbody></table>
+<h2>Models</h2>
+<table id="models"><thead><tr><th>model</th><th>key</th><th>threshold in force</th><th>from</th>
+<th>expected accuracy %</th><th>expected offloaded %</th><th>set model threshold</th>
+<th>set edge tier threshold</th></tr></thead><tbody></tbody></table>
+<h2>Controller</h2>
+<div id="controls"></div>
 <h2>Devices</h2>
 <table id="devices"><thead><tr><th>device</th><th>status</th><th>threshold</th><th>samples</th><th>local exit %</th>
 <th>offloaded %</th><th>fallback</th><th>errors</th><th>local exit % at this threshold</th>
-<th>samples at this threshold</th><th>p99 RTT ms</th><th>set threshold</th></tr></thead><tbody></tbody></table>
+<th>samples at this threshold</th><th>p99 RTT ms</th><th>expected accuracy %</th><th>set threshold</th></tr>
+</thead><tbody></tbody></table>
 <script>
 "use strict";
 function cell(row, text, cls) {
@@ -271,16 +410,109 @@ function num(value, digits) { return value === null || value === undefined ? "-"
 function pct(value) { return value === null || value === undefined ? "-" : (100 * value).toFixed(2); }
 function state(online) { return online === null ? "?" : online ? "online" : "offline"; }
 const editing = {};
-function setThreshold(device, model) {
-  const input = document.getElementById("input-" + device);
-  const value = input.value.trim() === "" ? null : Number(input.value);
-  fetch("/api/threshold", {method: "POST", headers: {"Content-Type": "application/json"},
-                           body: JSON.stringify({model: model, device: device, value: value})})
+function post(url, body) {
+  // The server validates every field; the page only forwards what the operator typed.
+  return fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)})
     .then(r => r.json()).then(answer => {
       document.getElementById("status").textContent = answer.error ? "refused: " + answer.error
-                                                                      : "set " + answer.topic + " = " + answer.value;
-      delete editing[device];
+        : "set " + answer.topic + " = " + JSON.stringify(answer.value ?? answer.target);
+      return answer;
     });
+}
+function typed(text) { return text.trim() === "" ? null : Number(text); }
+function setThreshold(device, model) {
+  const input = document.getElementById("input-" + device);
+  post("/api/threshold", {model: model, device: device, value: typed(input.value)})
+    .then(() => { delete editing[device]; });
+}
+function input(id, placeholder) {
+  const element = document.createElement("input");
+  element.id = id; element.className = "threshold"; element.placeholder = placeholder;
+  return element;
+}
+function button(id, text, action) {
+  const element = document.createElement("button");
+  element.id = id; element.textContent = text; element.addEventListener("click", action);
+  return element;
+}
+function target(t) {
+  if (!t) return "-";
+  return t.max_load !== undefined ? "load under " + t.max_load + " of capacity"
+                                  : "p99 under " + t.target_p99_ms + " ms";
+}
+function renderModels(models) {
+  const body = document.querySelector("#models tbody");
+  for (const m of models) {
+    let row = document.getElementById("model-" + m.key);
+    if (!row) {
+      row = document.createElement("tr");
+      row.id = "model-" + m.key;
+      for (let i = 0; i < 6; i++) cell(row, "");
+      const own = document.createElement("td");
+      own.append(input("model-input-" + m.key, "0..1"), button("model-set-" + m.key, "set", () =>
+        post("/api/threshold", {model: m.key, device: null, value: typed(
+          document.getElementById("model-input-" + m.key).value)})));
+      const tier = document.createElement("td");
+      const tierInput = input("tier-number-" + m.key, "tier"); tierInput.value = "1";
+      tier.append(tierInput, input("tier-input-" + m.key, "0..1"), button("tier-set-" + m.key, "set", () =>
+        post("/api/threshold", {model: m.key, device: null, tier: typed(tierInput.value),
+                                value: typed(document.getElementById("tier-input-" + m.key).value)})));
+      row.append(own, tier);
+      body.appendChild(row);
+    }
+    const values = [m.name ?? "-", m.key, num(m.threshold, 4), m.source ?? "-", pct(m.expected_accuracy),
+                    pct(m.expected_offload)];
+    const names = ["name", "key", "threshold", "source", "expected-accuracy", "expected-offload"];
+    values.forEach((v, i) => { const td = row.children[i]; td.textContent = v; td.dataset.field = names[i]; });
+    row.children[1].className = "id";
+    row.children[2].dataset.value = m.threshold === null ? "" : String(m.threshold);  // full precision, for tests
+    renderControl(m);
+  }
+}
+function renderControl(m) {
+  const box = document.getElementById("controls");
+  let section = document.getElementById("control-" + m.key);
+  if (!m.control) return;
+  if (!section) {
+    section = document.createElement("div");
+    section.id = "control-" + m.key;
+    const title = document.createElement("h3"); title.textContent = (m.name ?? m.key);
+    const line = document.createElement("p"); line.className = "target";
+    const form = document.createElement("p");
+    const kind = document.createElement("select"); kind.id = "target-kind-" + m.key;
+    for (const [value, label] of [["max_load", "max load (share of capacity)"], ["target_p99_ms", "p99 ms"]]) {
+      const option = document.createElement("option"); option.value = value; option.textContent = label;
+      kind.appendChild(option);
+    }
+    form.append("new target: ", kind, input("target-input-" + m.key, "value"), button("target-set-" + m.key, "set",
+      () => post("/api/target", {model: m.key, target: {[kind.value]: typed(
+        document.getElementById("target-input-" + m.key).value)}})));
+    const table = document.createElement("table"); table.className = "decisions";
+    const head = document.createElement("tr");
+    for (const h of ["time", "samples/s", "offloaded %", "p99 ms", "threshold", "predicted req/s", "allowed req/s",
+                     "expected accuracy %", "reason", "target"]) {
+      const th = document.createElement("th"); th.textContent = h; head.appendChild(th);
+    }
+    table.append(document.createElement("thead"), document.createElement("tbody"));
+    table.tHead.appendChild(head);
+    section.append(title, line, form, table);
+    box.appendChild(section);
+  }
+  const c = m.control;
+  const line = section.querySelector("p.target");
+  line.textContent = "target: " + target(c.target) + "; capacity " + num(c.capacity, 1) + " req/s; threshold " +
+    num(c.threshold, 4) + " in [" + c.t_min + ", " + c.t_max + "]";
+  line.dataset.target = JSON.stringify(c.target);
+  const rows = section.querySelector("tbody");
+  rows.replaceChildren();
+  for (const d of c.decisions.slice().reverse()) {  // newest first
+    const row = document.createElement("tr"); row.className = "decision";
+    for (const v of [new Date(1000 * d.time).toISOString().slice(11, 19), num(d.sample_rate, 0), pct(d.onward_share),
+                     num(d.p99_ms, 1), num(d.threshold, 4), num(d.predicted_load, 1), num(d.allowed_load, 1),
+                     pct(d.expected_accuracy), d.reason, target(d.target)]) cell(row, v);
+    row.dataset.allowed = String(d.allowed_load);
+    rows.appendChild(row);
+  }
 }
 function render(snapshot) {
   const servers = document.querySelector("#servers tbody");
@@ -299,7 +531,7 @@ function render(snapshot) {
     if (!row) {
       row = document.createElement("tr");
       row.id = "device-" + d.id;
-      for (let i = 0; i < 11; i++) cell(row, "");
+      for (let i = 0; i < 12; i++) cell(row, "");
       const form = document.createElement("td");
       const input = document.createElement("input");
       input.id = "input-" + d.id; input.className = "threshold"; input.placeholder = "0..1";
@@ -314,13 +546,14 @@ function render(snapshot) {
     row.dataset.model = d.model || "";
     const values = [d.id, state(d.online), num(d.threshold, 4), d.samples, pct(d.local_rate), pct(d.offload_rate),
                     d.fallback ?? "-", d.errors ?? "-", pct(d.local_rate_at_threshold), d.samples_at_threshold,
-                    num(d.rtt_p99_ms, 1)];
+                    num(d.rtt_p99_ms, 1), pct(d.expected_accuracy)];
     const names = ["id", "status", "threshold", "samples", "local", "offloaded", "fallback", "errors",
-                   "local-at-threshold", "samples-at-threshold", "rtt"];
+                   "local-at-threshold", "samples-at-threshold", "rtt", "expected-accuracy"];
     values.forEach((v, i) => { const td = row.children[i]; td.textContent = v; td.dataset.field = names[i]; });
     row.children[0].className = "id";
     row.children[1].className = state(d.online);
   }
+  renderModels(snapshot.models);
   document.getElementById("status").dataset.updated = snapshot.time;
   if (document.getElementById("status").textContent === "connecting...")
     document.getElementById("status").textContent = "live";

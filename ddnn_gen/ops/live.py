@@ -7,6 +7,12 @@ offloaded (deltas of their cumulative counters, so a lost telemetry message cost
 correctness), and the p99 round trip: the largest p99 the devices measured in that interval (what the
 target is about), else the servers' receipt-to-reply p99. A device whose counters went backwards restarted:
 its new counts start a new baseline.
+
+The operator steers it live: a retained {"target_p99_ms": X} or {"max_load": F} on
+``ddnn/control/<model>/target`` replaces the command line's target from the next decision on (one off the
+schema or out of range is ignored with a log line, the target stays). Its state (target, threshold, the
+last decisions) goes out retained on ``ddnn/control/<model>/state`` at start, on each decision and on each new
+target, for the dashboard.
 """
 
 from __future__ import annotations
@@ -121,16 +127,62 @@ class LiveController:
         self.decisions: deque[tuple[float, Observation, Decision]] = deque(maxlen=100000)
         self.published: float | None = None
         self._topic = topics.threshold_topic(model_hash)
+        self._target_topic = topics.control_target_topic(model_hash)
+        self._state_topic = topics.control_state_topic(model_hash)
+        self._pending: dict[str, float] | None = None  # an operator's target before the controller exists
+        self._recent: deque[dict[str, Any]] = deque(maxlen=telemetry.MAX_DECISIONS)
+        self._lock = threading.Lock()  # the controller: the MQTT thread sets targets, the loop decides
         self._stop = threading.Event()
-        self._client = OperatorClient(connection, "control", topics.TELEMETRY_SUBSCRIPTIONS, self.view.receive)
+        self._client = OperatorClient(connection, "control", (*topics.TELEMETRY_SUBSCRIPTIONS, self._target_topic),
+                                      self._receive)
         self._thread = threading.Thread(target=self._loop, name="ddnn-control", daemon=True)
 
     def start(self, timeout_s: float = 10.0) -> LiveController:
         self._client.start(timeout_s)
         if self.controller is not None and self._publish_initial:
             self._publish(self.controller.threshold)
+        self._publish_state()
         self._thread.start()
         return self
+
+    def _receive(self, topic: str, payload: bytes) -> None:
+        if topic != self._target_topic:
+            self.view.receive(topic, payload)
+            return
+        if not payload:
+            return  # a cleared target: the one in force stays
+        try:
+            _, target = telemetry.parse_target(topic, payload)
+        except telemetry.TelemetryError as error:
+            log.warning("control: ignoring the target on %s: %s", topic, error)
+            return
+        with self._lock:
+            if self.controller is None:
+                self._pending = target
+            else:
+                self.controller.set_target(**target)
+        log.info("control: new target %s from the operator", _describe(target))
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        """The retained state: the target, the threshold, the last decisions (the dashboard shows them)."""
+        with self._lock:
+            controller = self.controller
+            if controller is None and self._pending is None and self._factory is None:
+                return
+            if controller is not None:
+                target, threshold = controller.target(), controller.threshold
+                capacity: float | None = controller.capacity
+                bounds = (controller.t_min, controller.t_max)
+            else:
+                probe = self._factory(1.0)  # the command line's target and bounds, before any capacity is known
+                target = self._pending or probe.target()
+                threshold, capacity, bounds = probe.threshold, None, (probe.t_min, probe.t_max)
+            body = {"v": telemetry.TELEMETRY_VERSION, "model": self.view.model_key, "time": time.time(),
+                    "target": target, "capacity": capacity, "threshold": threshold, "t_min": bounds[0],
+                    "t_max": bounds[1], "decisions": list(self._recent)}
+        if not self._client.publish_retained(self._state_topic, telemetry.encode(body)):
+            log.warning("control: publishing the state failed (not connected?)")
 
     def stop(self) -> None:
         self._stop.set()
@@ -154,24 +206,42 @@ class LiveController:
 
     def step(self, span_s: float, since: float) -> Decision | None:
         samples, offloaded, p99 = self.view.take(since)
-        if self.controller is None:
-            capacity = self.view.capacity_estimate()
-            if capacity is None or self._factory is None:
-                log.info("control: waiting for a server busy enough to estimate its capacity")
+        with self._lock:
+            if self.controller is None:
+                capacity = self.view.capacity_estimate()
+                if capacity is None or self._factory is None:
+                    log.info("control: waiting for a server busy enough to estimate its capacity")
+                    return None
+                self.controller = self._factory(capacity)
+                if self._pending is not None:
+                    self.controller.set_target(**self._pending)
+                log.info("control: estimated capacity %.0f requests/s from the servers' telemetry", capacity)
+            if samples == 0:
+                log.info("control: no samples this interval; holding %.4f", self.controller.threshold)
                 return None
-            self.controller = self._factory(capacity)
-            log.info("control: estimated capacity %.0f requests/s from the servers' telemetry", capacity)
-        if samples == 0:
-            log.info("control: no samples this interval; holding %.4f", self.controller.threshold)
-            return None
-        seen = Observation(samples / span_s, offloaded / samples, p99)
-        decision = self.controller.update(seen)
-        self.decisions.append((time.time(), seen, decision))
+            seen = Observation(samples / span_s, offloaded / samples, p99)
+            decision = self.controller.update(seen)
+            target = self.controller.target()
+            now = time.time()
+            self.decisions.append((now, seen, decision))
+            self._recent.append({"time": now, "sample_rate": seen.sample_rate, "onward_share": seen.onward_share,
+                                 "p99_ms": p99 if math.isfinite(p99) else None, "threshold": decision.threshold,
+                                 "predicted_load": decision.predicted_load, "allowed_load": decision.allowed_load,
+                                 "expected_accuracy": decision.expected_accuracy, "reason": decision.reason,
+                                 "target": target})
         moved = self.published is None or abs(decision.threshold - self.published) > THRESHOLD_EPSILON
         log.info("control: %.0f samples/s, %.1f %% offloaded, p99 %.1f ms -> threshold %.4f (%s; predicted "
-                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%)%s", seen.sample_rate,
+                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%; target %s)%s", seen.sample_rate,
                  100 * seen.onward_share, p99, decision.threshold, decision.reason, decision.predicted_load,
-                 decision.allowed_load, 100 * decision.expected_accuracy, " published" if moved else "")
+                 decision.allowed_load, 100 * decision.expected_accuracy, _describe(target),
+                 " published" if moved else "")
         if moved:
             self._publish(decision.threshold)
+        self._publish_state()
         return decision
+
+
+def _describe(target: dict[str, float]) -> str:
+    if "max_load" in target:
+        return f"load under {target['max_load']:g} of capacity"
+    return f"p99 under {target['target_p99_ms']:g} ms"

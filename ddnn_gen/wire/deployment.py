@@ -9,7 +9,8 @@ Roles (docs/security.md has the whole threat model):
   writes replies ``ddnn/reply/+`` and its own status ``ddnn/server/S/status``; reads every device's status
   ``ddnn/status/+`` (an aggregator answers an event without the views of cameras that are offline) and the
   model-wide thresholds ``ddnn/threshold/<model>`` (an aggregator's local exit applies them live);
-* operator: writes thresholds; reads thresholds and every status;
+* operator: writes thresholds and the controller's target and state ``ddnn/control/<model>/{target,state}``;
+  reads thresholds, the controller's topics, every status and all telemetry;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
 
 Why the dynamic-security plugin and not an ``acl_file``: Mosquitto 2.0's ``acl_file`` never checks
@@ -115,8 +116,11 @@ def rules_for(name: str, role: str) -> list[Rule]:
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+")]
     if role == "operator":
+        # The controller (``ddnngen control``) runs as an operator: it reads the target, writes its state.
         return [Rule(send, f"{root}/threshold/+"), Rule(send, f"{root}/threshold/+/+"),
                 Rule(pattern, f"{root}/threshold/#"), Rule(receive, f"{root}/threshold/#"),
+                Rule(send, f"{root}/control/+/target"), Rule(send, f"{root}/control/+/state"),
+                Rule(pattern, f"{root}/control/+/+"), Rule(receive, f"{root}/control/+/+"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
                 Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status"),
                 Rule(pattern, f"{root}/server/+/telemetry"), Rule(receive, f"{root}/server/+/telemetry"),

@@ -87,8 +87,8 @@ def permissions_for(user: str, role: str) -> tuple[dict[str, str], dict[str, str
         return ({"configure": "^$", "write": r"^amq\.topic$", "read": rf"^{root}\.req\.{model}(\.t[2-7])?$"},
                 {"write": rf"^{root}\.(reply\.[^.]+|server\.{{username}}\.(status|telemetry))$", "read": "^$"})
     if role == "operator":
-        return mqtt, {"write": rf"^{root}\.threshold\..*$",
-                      "read": rf"^{root}\.(threshold|status|server|device)\..*$"}
+        return mqtt, {"write": rf"^{root}\.(threshold\..*|control\.{model}\.(target|state))$",
+                      "read": rf"^{root}\.(threshold|status|server|device|control)\..*$"}
     if role == "monitor":
         return mqtt, {"write": "^$", "read": rf"^{root}\..*$"}
     raise ClusterError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")

@@ -112,22 +112,115 @@ def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _load(what: str, payload: bytes) -> Any:
+    """Strict JSON of at most MAX_TELEMETRY_BYTES, else TelemetryError naming ``what``."""
+    if len(payload) > MAX_TELEMETRY_BYTES:
+        raise TelemetryError(f"{what}: {len(payload)} bytes, more than {MAX_TELEMETRY_BYTES}")
+    try:
+        return json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise TelemetryError(f"{what}: not JSON: {str(error)[:120]}") from error
+
+
+def _check(validator: Draft202012Validator, what: str, body: Any) -> None:
+    problem = next(iter(validator.iter_errors(body)), None)
+    if problem is not None:
+        where = "/".join(str(p) for p in problem.absolute_path) or "message"
+        raise TelemetryError(f"{what}: {where}: {problem.message[:160]}")
+
+
 def parse(topic: str, payload: bytes) -> Telemetry:
     """The validated message on ``topic``, else TelemetryError saying why."""
     routed = topics.parse_telemetry_topic(topic)
     if routed is None:
         raise TelemetryError(f"{topic[:120]!r} is not a telemetry topic")
     kind, source = routed
-    if len(payload) > MAX_TELEMETRY_BYTES:
-        raise TelemetryError(f"{kind} {source}: {len(payload)} bytes, more than {MAX_TELEMETRY_BYTES}")
-    try:
-        body = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise TelemetryError(f"{kind} {source}: not JSON: {str(error)[:120]}") from error
-    problem = next(iter(_VALIDATORS[kind].iter_errors(body)), None)
-    if problem is not None:
-        where = "/".join(str(p) for p in problem.absolute_path) or "message"
-        raise TelemetryError(f"{kind} {source}: {where}: {problem.message[:160]}")
+    what = f"{kind} {source}"
+    body = _load(what, payload)
+    _check(_VALIDATORS[kind], what, body)
     if body[_ID_FIELD[kind]] != source:
         raise TelemetryError(f"{kind} {source}: the message claims id {body[_ID_FIELD[kind]]!r}")
     return Telemetry(kind, source, body)
+
+
+# ---- the controller's topics: ddnn/control/<model>/target (operator) and .../state (ddnngen control) -------
+
+MAX_DECISIONS = 20  # in one state message: the page's history, and a bound on a reader's work
+TARGET_P99_MS = (0.1, 600000.0)  # the bounds `ddnngen control --target-p99-ms` accepts
+MAX_LOAD = (0.01, 1.0)  # and --max-load's
+
+TARGET_SCHEMA: dict[str, Any] = {
+    "oneOf": [
+        {"type": "object", "additionalProperties": False, "required": ["target_p99_ms"],
+         "properties": {"target_p99_ms": {"type": "number", "minimum": TARGET_P99_MS[0],
+                                          "maximum": TARGET_P99_MS[1]}}},
+        {"type": "object", "additionalProperties": False, "required": ["max_load"],
+         "properties": {"max_load": {"type": "number", "minimum": MAX_LOAD[0], "maximum": MAX_LOAD[1]}}},
+    ],
+}
+
+_DECISION = {
+    "type": "object", "additionalProperties": False,
+    "required": ["time", "sample_rate", "onward_share", "p99_ms", "threshold", "predicted_load", "allowed_load",
+                 "expected_accuracy", "reason", "target"],
+    "properties": {
+        "time": {"type": "number", "minimum": 0},
+        "sample_rate": _RATE,  # samples/s the devices classified in the interval
+        "onward_share": _THRESHOLD,  # the share of them they offloaded
+        "p99_ms": _MS,
+        "threshold": _THRESHOLD,  # chosen
+        "predicted_load": _RATE,
+        "allowed_load": _RATE,
+        "expected_accuracy": _THRESHOLD,
+        "reason": {"type": "string", "maxLength": 64},
+        "target": TARGET_SCHEMA,  # the one this decision served
+    },
+}
+
+STATE_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["v", "model", "time", "target", "capacity", "threshold", "t_min", "t_max", "decisions"],
+    "properties": {
+        "v": {"const": TELEMETRY_VERSION},
+        "model": _MODEL_KEY,
+        "time": {"type": "number", "minimum": 0},
+        "target": TARGET_SCHEMA,
+        "capacity": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},  # null: not estimated yet
+        "threshold": _THRESHOLD,
+        "t_min": _THRESHOLD,
+        "t_max": _THRESHOLD,
+        "decisions": {"type": "array", "maxItems": MAX_DECISIONS, "items": _DECISION},  # oldest first
+    },
+}
+
+_TARGET_VALIDATOR = Draft202012Validator(TARGET_SCHEMA)
+_STATE_VALIDATOR = Draft202012Validator(STATE_SCHEMA)
+
+
+def check_target(body: Any, what: str = "target") -> dict[str, float]:
+    """``body`` if it is a valid target ({"target_p99_ms": X} or {"max_load": F}, in range), else
+    TelemetryError; the dashboard's form and the controller use the same rule."""
+    _check(_TARGET_VALIDATOR, what, body)
+    return {key: float(value) for key, value in body.items()}
+
+
+def parse_target(topic: str, payload: bytes) -> tuple[str, dict[str, float]]:
+    """(model key, target) of a retained target message, else TelemetryError."""
+    routed = topics.parse_control_topic(topic)
+    if routed is None or routed[1] != "target":
+        raise TelemetryError(f"{topic[:120]!r} is not a controller target topic")
+    what = f"target for {routed[0]}"
+    return routed[0], check_target(_load(what, payload), what)
+
+
+def parse_state(topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+    """(model key, state) of a controller's retained state message, else TelemetryError."""
+    routed = topics.parse_control_topic(topic)
+    if routed is None or routed[1] != "state":
+        raise TelemetryError(f"{topic[:120]!r} is not a controller state topic")
+    what = f"control state for {routed[0]}"
+    body = _load(what, payload)
+    _check(_STATE_VALIDATOR, what, body)
+    if body["model"] != routed[0]:
+        raise TelemetryError(f"{what}: the message claims model {body['model']!r}")
+    return routed[0], body

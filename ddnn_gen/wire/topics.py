@@ -153,6 +153,28 @@ def parse_telemetry_topic(topic: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+def control_state_topic(model_hash: bytes) -> str:
+    """Where ``ddnngen control`` publishes (retained) its target and recent decisions for a model."""
+    return f"{TOPIC_ROOT}/control/{model_key(model_hash)}/state"
+
+
+def control_target_topic(model_hash: bytes) -> str:
+    """Where the operator sets (retained) the controller's target for a model."""
+    return f"{TOPIC_ROOT}/control/{model_key(model_hash)}/target"
+
+
+CONTROL_STATE_SUBSCRIPTION = f"{TOPIC_ROOT}/control/+/state"
+
+
+def parse_control_topic(topic: str) -> tuple[str, str] | None:
+    """(model key, "state" | "target") of a controller topic, or None when the topic is not one."""
+    parts = topic.split("/")
+    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] != "control" or _MODEL_KEY.fullmatch(parts[2]) is None
+            or parts[3] not in ("state", "target")):
+        return None
+    return parts[2], parts[3]
+
+
 # ---- the same topics on a RabbitMQ cluster (AMQP 0-9-1 names; docs/deployment.md) -------------------------
 # RabbitMQ's MQTT plugin publishes into ``amq.topic`` with the topic's ``/`` turned into ``.`` (and back on
 # delivery), so ``ddnn/req/<model>/<device>`` arrives as routing key ``ddnn.req.<model>.<device>``. A ``.``

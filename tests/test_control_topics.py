@@ -1,0 +1,124 @@
+"""The controller's topics offline: ddnn/control/<model>/target (the operator's) and .../state (the
+controller's) are validated on receipt like the other telemetry, and a target moves the controller's next
+decision; the dashboard ignores hostile state and thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ddnn_gen.ops.controller import ControlError, Curve, Observation, ThresholdController
+from ddnn_gen.ops.dashboard import FleetState, ModelInfo
+from ddnn_gen.wire import telemetry, topics
+
+HASH = bytes(range(16))
+KEY = topics.model_key(HASH)
+TARGET = topics.control_target_topic(HASH)
+STATE = topics.control_state_topic(HASH)
+CURVE = Curve(np.array([0.0, 0.5, 1.0]), np.array([1.0, 0.4, 0.0]), np.array([0.95, 0.9, 0.7]))
+
+
+def _state(**changes: object) -> dict[str, object]:
+    decision = {"time": 1.0, "sample_rate": 100.0, "onward_share": 0.4, "p99_ms": None, "threshold": 0.5,
+                "predicted_load": 40.0, "allowed_load": 32.0, "expected_accuracy": 0.9, "reason": "holding",
+                "target": {"max_load": 0.8}}
+    body: dict[str, object] = {"v": 1, "model": KEY, "time": 2.0, "target": {"max_load": 0.8}, "capacity": 40.0,
+                               "threshold": 0.5, "t_min": 0.0, "t_max": 1.0, "decisions": [decision]}
+    body.update(changes)
+    return body
+
+
+def test_topics_round_trip() -> None:
+    assert TARGET == f"ddnn/control/{KEY}/target" and STATE == f"ddnn/control/{KEY}/state"
+    assert topics.parse_control_topic(TARGET) == (KEY, "target")
+    assert topics.parse_control_topic(STATE) == (KEY, "state")
+    for bad in (f"ddnn/control/{KEY}", f"ddnn/control/{KEY[:-1]}/state", f"ddnn/control/{KEY}/state/x",
+                f"ddnn/control/{KEY.upper()}/target", f"ddnn/other/{KEY}/state"):
+        assert topics.parse_control_topic(bad) is None, bad
+
+
+def test_valid_targets_and_state_are_read() -> None:
+    assert telemetry.parse_target(TARGET, b'{"max_load": 0.5}') == (KEY, {"max_load": 0.5})
+    assert telemetry.parse_target(TARGET, b'{"target_p99_ms": 50}') == (KEY, {"target_p99_ms": 50.0})
+    key, body = telemetry.parse_state(STATE, telemetry.encode(_state()))
+    assert key == KEY and body["decisions"][0]["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"{", b"[]", b'"max_load"', b'{"max_load": NaN}', b'{"max_load": Infinity}', b'{"max_load": 1.5}',
+    b'{"max_load": 0}', b'{"max_load": -0.3}', b'{"max_load": true}', b'{"max_load": "0.5"}',
+    b'{"target_p99_ms": 0}', b'{"target_p99_ms": 1e9}', b'{"max_load": 0.5, "target_p99_ms": 50}', b'{}',
+    b'{"max_load": 0.5, "x": 1}', b"\xff\xfe", b'{"max_load": ' + b"1" * 20000 + b"}",
+])
+def test_hostile_targets_are_refused(payload: bytes) -> None:
+    with pytest.raises(telemetry.TelemetryError):
+        telemetry.parse_target(TARGET, payload)
+
+
+@pytest.mark.parametrize("changes", [
+    {"model": "0" * 32},  # another model than the topic's
+    {"v": 2}, {"threshold": 1.5}, {"target": {"max_load": 2.0}}, {"capacity": -1.0}, {"extra": 1},
+    {"decisions": [{}]}, {"decisions": [_state()["decisions"][0]] * 21},  # type: ignore[index]
+    {"decisions": [{**_state()["decisions"][0], "reason": "x" * 65}]},  # type: ignore[index]
+])
+def test_hostile_states_are_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(telemetry.TelemetryError):
+        telemetry.parse_state(STATE, json.dumps(_state(**changes)).encode())
+
+
+def test_hostile_state_bytes_and_topics_are_refused() -> None:
+    for topic, payload in ((STATE, b'{"v": NaN}'), (STATE, b"x" * 20000), (TARGET, telemetry.encode(_state())),
+                           ("ddnn/control/zz/state", telemetry.encode(_state()))):
+        with pytest.raises(telemetry.TelemetryError):
+            telemetry.parse_state(topic, payload)
+
+
+def test_a_new_target_drives_the_next_decision() -> None:
+    controller = ThresholdController(CURVE, 100.0, 0.0, max_load=0.8)
+    assert controller.target() == {"max_load": 0.8}
+    first = controller.update(Observation(100.0, 1.0))
+    assert first.allowed_load == pytest.approx(80.0)
+    controller.set_target(max_load=0.3)
+    second = controller.update(Observation(100.0, controller.curve.onward_at(controller.threshold)))
+    assert controller.target() == {"max_load": 0.3} and second.allowed_load == pytest.approx(30.0)
+    assert second.threshold > first.threshold  # a lower allowed load needs more local exits
+    controller.set_target(target_p99_ms=20.0)
+    assert controller.target() == {"target_p99_ms": 20.0} and controller.allowed == pytest.approx(30.0)
+    with pytest.raises(ControlError):
+        controller.set_target()
+
+
+def test_dashboard_state_ignores_hostile_control_and_thresholds() -> None:
+    state = FleetState(models={KEY: ModelInfo(KEY, "m", 0.5, CURVE)})
+    state.receive(STATE, telemetry.encode(_state()))
+    state.receive(STATE, json.dumps(_state(threshold=7)).encode())
+    state.receive(STATE, b"x" * 20000)
+    state.receive(f"ddnn/threshold/{KEY}", b"0.9")
+    state.receive(f"ddnn/threshold/{KEY}", b"NaN")
+    state.receive(f"ddnn/threshold/{KEY}", b"1.5")
+    state.receive("ddnn/threshold/nothex", b"0.1")
+    snapshot = state.snapshot()
+    assert snapshot["rejected"] == 5
+    [model] = snapshot["models"]
+    assert model["control"]["threshold"] == 0.5  # the valid state stayed
+    assert model["threshold"] == 0.9 and model["source"] == "retained"
+    assert model["expected_accuracy"] == CURVE.accuracy_at(0.9)
+    state.receive(f"ddnn/threshold/{KEY}", b"")  # cleared: the model file's threshold applies again
+    [model] = state.snapshot()["models"]
+    assert model["threshold"] == 0.5 and model["expected_accuracy"] == CURVE.accuracy_at(0.5)
+
+
+def test_on_a_rabbitmq_cluster_only_the_operator_writes_the_controllers_topics() -> None:
+    import re
+
+    from ddnn_gen.wire.rabbitmq_cluster import permissions_for
+
+    keys = [topics.routing_key(t) for t in (TARGET, STATE)]
+    for role in ("device", "server", "monitor"):
+        _, permissions = permissions_for("x1", role)
+        assert not any(re.match(permissions["write"].replace("{username}", "x1"), k) for k in keys), role
+    _, operator = permissions_for("ops", "operator")
+    assert all(re.match(operator["write"], k) and re.match(operator["read"], k) for k in keys)
+    assert not re.match(operator["write"], "ddnn.control.zz.target")
