@@ -13,7 +13,12 @@ printed next to the raw forward's, which is where the ratio comes from, and next
 responder spends per request/reply pair: the ceiling forward / (forward + echo) that no paho-based server
 can pass on this machine.
 
+Each model's server runs once per --forward (default both): the NumPy forward of the server tiers
+(ddnn_gen/model/fast_forward.py, ddnn-server's default) and Chainer's, the reference; the raw forward every
+row is compared with is the fastest one (NumPy), and a last table puts the two forwards side by side.
+
 Usage: python bench/bench_server.py [--model models/fmnist_32.npz ...] [--max-batch 32] [--no-pin]
+                                    [--forward numpy --forward chainer]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from ddnn_gen.wire import codec, mqtt_client
 from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.codec import Packing
 from ddnn_server.allocator import keep_freed_memory
-from ddnn_server.store import ModelStore, ServedModel
+from ddnn_server.store import FORWARDS, ModelStore, ServedModel
 
 log = logging.getLogger("bench_server")
 REPO = Path(__file__).resolve().parent.parent
@@ -104,9 +109,11 @@ def _pinned(cpus: set[int]) -> dict[str, object]:
     return {"preexec_fn": lambda: os.sched_setaffinity(0, cpus)}
 
 
-def start_server(address: str, model: str, workers: int, max_batch: int, cpus: set[int]) -> subprocess.Popen[str]:
+def start_server(address: str, model: str, workers: int, max_batch: int, cpus: set[int],
+                 forward: str = "numpy") -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
-                                "--models", model, "--workers", str(workers), "--max-batch", str(max_batch)],
+                                "--models", model, "--workers", str(workers), "--max-batch", str(max_batch),
+                                "--forward", forward],
                                stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
     return wait_ready(process, "ddnn-server: ready")
 
@@ -205,6 +212,7 @@ def echo_cpu_us(host: str, port: int, echo_pid: int, payload_bytes: int, count: 
 @dataclass
 class ModelResult:
     name: str
+    forward: str  # the server's --forward
     request_bytes: int
     workers: int
     raw_rate: float
@@ -215,20 +223,20 @@ class ModelResult:
     duplicates: int
     misrouted: int
     server_cpu_us: float
-    single_us: float
     server_rtt_us: float
-    echo_rtt_us: float
-    echo_cpu_us: float
+    single_us: float
+    echo_rtt_us: float = 0.0  # the echo responder's, measured once per model
+    echo_cpu_us: float = 0.0
 
 
-def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> ModelResult | None:
-    store = ModelStore()
-    served = store.add_file(REPO / model if not Path(model).exists() else model)
+def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> list[ModelResult]:
+    path = REPO / model if not Path(model).exists() else Path(model)
+    served = ModelStore(forward="numpy").add_file(path)  # the raw forward: the fastest one there is
     try:
         images = datasets.load(served.loaded.spec.dataset, "test", args.data_dir).images[:1000]
     except DatasetError as error:
         print(f"skipping {served.name}: {error}")
-        return None
+        return []
     device = run_device(served.program, images)
     raw = raw_forward_rate(served, np.concatenate([device.split_words] * 4)[:max(args.max_batch * 8, 256)],
                            args.max_batch, workers, cpus.server)
@@ -236,27 +244,16 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
     n_requests = int(min(args.requests, max(args.devices * 50, raw * args.seconds)))
     split_words = np.concatenate([device.split_words] * (n_requests // len(images) + 1))[:n_requests]
     raw = raw_forward_rate(served, split_words, args.max_batch, workers, cpus.server)
-    single_us = 1e6 / raw_forward_rate(served, split_words[:100], 1, 1, cpus.server)
-    latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
     request_bytes = codec.REQUEST_HEADER_BYTES + served.program.split_bytes  # dense, as the devices send it
-
+    results = []
     with Broker() as broker:
-        server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server)
-        try:
-            per_device = n_requests // args.devices
-            sim = (broker.connection(), served.program, served.hash_bytes, device.split_words, device.entropy,
-                   device.local_class)
-            run_devices(*sim, args.devices, 10, all_to_server=True, window=4)  # warm-up
-            cpu_before = procstat.cpu_seconds(server.pid)
-            report = run_devices(*sim, args.devices, per_device, all_to_server=True, window=args.window,
-                                 timeout_s=60)
-            server_cpu_us = (procstat.cpu_seconds(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
-            answered = report.count("server")
-            latency = run_devices(*sim, 1, latency_count, all_to_server=True, window=1, timeout_s=30)
-            rtts = [o.t_round_trip_us for o in latency.outcomes if o.source == "server"]
-        finally:
-            server.terminate()
-            server.wait(30)
+        for forward in args.forward or FORWARDS:
+            # A lone request's forward as that server computes it.
+            lone = served if forward == "numpy" else ModelStore(forward=forward).add_file(path)
+            single_us = 1e6 / raw_forward_rate(lone, split_words[:100], 1, 1, cpus.server)
+            measured = _through_server(broker, served, forward, split_words, device, n_requests, single_us, args,
+                                       cpus, workers)
+            results.append(ModelResult(served.name, forward, request_bytes, workers, raw, *measured, single_us))
         echo = start_echo_responder(broker.host, broker.port, cpus.server)
         try:
             echo_rtt = echo_round_trip_us(broker.host, broker.port, request_bytes, args.latency_count)
@@ -264,24 +261,50 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
         finally:
             echo.kill()
             echo.wait()
-    return ModelResult(served.name, request_bytes, workers, raw, answered / report.wall_s, answered,
-                       len(report.outcomes), report.lost, report.duplicates, report.misrouted, server_cpu_us,
-                       single_us, statistics.median(rtts[len(rtts) // 10:]), echo_rtt, echo_cpu)
+    for result in results:
+        result.echo_rtt_us, result.echo_cpu_us = echo_rtt, echo_cpu
+    return results
+
+
+def _through_server(broker: Broker, served: ServedModel, forward: str, split_words: np.ndarray, device: object,
+                    n_requests: int, single_us: float, args: argparse.Namespace, cpus: CpuSplit,
+                    workers: int) -> tuple[float, int, int, int, int, int, float, float]:
+    """One ddnn-server (--forward ``forward``) under load, then a lone request at a time: (req/s, answered, sent,
+    lost, duplicates, misrouted, server CPU us per request, median round trip us)."""
+    latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
+    server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server, forward)
+    try:
+        per_device = n_requests // args.devices
+        sim = (broker.connection(), served.program, served.hash_bytes, device.split_words, device.entropy,
+               device.local_class)
+        run_devices(*sim, args.devices, 10, all_to_server=True, window=4)  # warm-up
+        cpu_before = procstat.cpu_seconds(server.pid)
+        report = run_devices(*sim, args.devices, per_device, all_to_server=True, window=args.window, timeout_s=60)
+        server_cpu_us = (procstat.cpu_seconds(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
+        answered = report.count("server")
+        latency = run_devices(*sim, 1, latency_count, all_to_server=True, window=1, timeout_s=30)
+        rtts = [o.t_round_trip_us for o in latency.outcomes if o.source == "server"]
+    finally:
+        server.terminate()
+        server.wait(30)
+    return (answered / report.wall_s, answered, len(report.outcomes), report.lost, report.duplicates,
+            report.misrouted, server_cpu_us, statistics.median(rtts[len(rtts) // 10:]))
 
 
 def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
     print(f"{cpus.describe()}; max batch {args.max_batch}; {args.devices} simulated devices x window {args.window}")
     print(f"{'model':<18}{'request B':>10}{'workers':>8} | {'MQTT req/s':>11}{'raw req/s':>11}{'ratio':>7}"
-          f"{'goal':>8} | {'RTT us':>8}{'echo us':>9}{'ratio':>7}{'goal':>8}")
+          f"{'goal':>8} | {'RTT us':>8}{'echo us':>9}{'ratio':>7}{'goal':>8} | server forward")
     for r in results:
         print(f"{r.name:<18}{r.request_bytes:>10}{r.workers:>8} | {r.mqtt_rate:>11.0f}{r.raw_rate:>11.0f}"
               f"{r.mqtt_rate / r.raw_rate:>7.2f}{'>= 0.8':>8} | {r.server_rtt_us:>8.0f}{r.echo_rtt_us:>9.0f}"
-              f"{r.server_rtt_us / r.echo_rtt_us:>7.2f}{'<= 1.5':>8}")
+              f"{r.server_rtt_us / r.echo_rtt_us:>7.2f}{'<= 1.5':>8} | {r.forward}")
     print("where the time goes (per request):")
     for r in results:
         forward_us = 1e6 * r.workers / r.raw_rate  # CPU time of the batched forward, all threads
         floor = r.echo_rtt_us + r.single_us
-        print(f"  {r.name}: server CPU {r.server_cpu_us:.0f} us = batched forward {forward_us:.0f} us + "
+        print(f"  {r.name} ({r.forward} forward): server CPU {r.server_cpu_us:.0f} us = raw batched forward "
+              f"{forward_us:.0f} us + "
               f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
               f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
               f"{r.server_rtt_us / floor:.2f}x that")
@@ -289,6 +312,26 @@ def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus
               f"paho-based server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw forward here")
         print(f"    {r.answered}/{r.sent} answered by the server; lost {r.lost}, duplicates {r.duplicates}, "
               f"misrouted {r.misrouted}")
+
+
+def print_forwards(results: Sequence[ModelResult]) -> None:
+    """The NumPy forward against Chainer's, per model, where both ran."""
+    by_model: dict[str, dict[str, ModelResult]] = {}
+    for r in results:
+        by_model.setdefault(r.name, {})[r.forward] = r
+    pairs = [(name, runs["numpy"], runs["chainer"]) for name, runs in by_model.items()
+             if "numpy" in runs and "chainer" in runs]
+    if not pairs:
+        return
+    print("NumPy forward vs Chainer forward, each pair numpy then chainer; every ratio > 1 means NumPy is better "
+          "(times: chainer / numpy, rates: numpy / chainer):")
+    print(f"{'model':<18}{'lone fwd us':>22}{'ratio':>7} | {'RTT us':>16}{'ratio':>7} | {'MQTT req/s':>16}"
+          f"{'ratio':>7} | {'of raw':>12}")
+    for name, fast, ref in pairs:
+        print(f"{name:<18}{fast.single_us:>11.0f}{ref.single_us:>11.0f}{ref.single_us / fast.single_us:>7.2f} | "
+              f"{fast.server_rtt_us:>8.0f}{ref.server_rtt_us:>8.0f}{ref.server_rtt_us / fast.server_rtt_us:>7.2f} | "
+              f"{fast.mqtt_rate:>8.0f}{ref.mqtt_rate:>8.0f}{fast.mqtt_rate / ref.mqtt_rate:>7.2f} | "
+              f"{fast.mqtt_rate / fast.raw_rate:>6.2f}{ref.mqtt_rate / ref.raw_rate:>6.2f}")
 
 
 def main() -> None:
@@ -305,6 +348,8 @@ def main() -> None:
     parser.add_argument("--latency-count", type=int, default=400)
     parser.add_argument("--echo-load", type=int, default=5000, help="requests for the echo responder's CPU cost")
     parser.add_argument("--no-pin", action="store_true", help="do not split the CPUs between server and clients")
+    parser.add_argument("--forward", action="append", choices=FORWARDS, default=None,
+                        help="the server's forward (repeat); default: both")
     parser.add_argument("--echo-responder", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_responder:
@@ -315,9 +360,9 @@ def main() -> None:
     cpus = split_cpus(not args.no_pin)
     workers = args.workers or len(cpus.server)
     os.sched_setaffinity(0, cpus.clients)  # the simulated devices, and the broker we start, run here
-    results = [r for model in (args.model or DEFAULT_MODELS)
-               if (r := bench_model(model, args, cpus, workers)) is not None]
+    results = [r for model in (args.model or DEFAULT_MODELS) for r in bench_model(model, args, cpus, workers)]
     print_results(results, args, cpus)
+    print_forwards(results)
 
 
 if __name__ == "__main__":

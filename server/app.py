@@ -49,6 +49,7 @@ class ServerConfig:
     max_request_bytes: int = codec.MAX_REQUEST_BYTES
     top_k: int = 3
     gpu: int | None = None
+    forward: str = "numpy"  # server tiers' forward: the NumPy one (model/fast_forward.py) or Chainer's
     max_queue: int = 1024  # requests waiting per model; beyond it the server answers UNAVAILABLE
     receive_maximum: int = RECEIVE_MAXIMUM  # MQTT 5: requests the broker may have in flight to this server
     role: str = "cloud"  # or "edge": answer at the edge tier's exit when confident, else ask the tier above
@@ -90,8 +91,8 @@ class Server:
         self.config = config
         keep_freed_memory()
         if store is None:
-            store = ModelStore(gpu=config.gpu, role=config.role, from_tier=config.from_tier, plan=config.plan,
-                               location=config.location)
+            store = ModelStore(gpu=config.gpu, forward=config.forward, role=config.role, from_tier=config.from_tier,
+                               plan=config.plan, location=config.location)
             store.load_dir(config.models)
         self.store = store
         self.batcher = Batcher(config.max_batch, config.max_wait_ms, config.max_queue)

@@ -90,6 +90,9 @@ def _name_option(what: str) -> object:
               help="With --plan: which of the plan's locations this server is (default: cloud).")
 @click.option("--gpu", default=None, type=int, is_flag=False, flag_value=0,
               help="Run the server tier on this CUDA device with CuPy (optional).")
+@click.option("--forward", "forward", type=click.Choice(["numpy", "chainer"]), default="numpy", show_default=True,
+              help="How the server tiers run on the CPU: the NumPy forward (bit-identical to Chainer's, without its "
+                   "per-call cost) or Chainer itself, the reference. --gpu always runs Chainer.")
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="Expose Prometheus metrics on http://ADDRESS:PORT/metrics; 0: off.")
 @click.option("--metrics-address", default="127.0.0.1", show_default=True,
@@ -106,7 +109,7 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
          receive_maximum: int, role: str, event_deadline_ms: float, max_open_events: int,
          upstream_address: str | None, upstream_timeout_ms: float,
-         from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None,
+         from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None, forward: str,
          metrics_port: int, metrics_address: str, log_format: str, telemetry_interval: float, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -144,7 +147,7 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
             host, port = parse_address(upstream_address, DEFAULT_TLS_PORT if broker.tls else DEFAULT_PORT)
             upstream = dataclasses.replace(broker, host=host, port=port)
         config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
-                              session_expiry, max_request_bytes, gpu=gpu, max_queue=max_queue,
+                              session_expiry, max_request_bytes, gpu=gpu, forward=forward, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,
                               upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud",
                               metrics_port=metrics_port, metrics_address=metrics_address,

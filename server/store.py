@@ -18,6 +18,7 @@ from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.fold.reference import split_to_server_input
 from ddnn_gen.fold.views import ViewAggregator
+from ddnn_gen.model.fast_forward import FastForward
 from ddnn_gen.model.modelfile import HASH_BYTES_ON_WIRE, LoadedModel, load_model
 from ddnn_gen.model.placement import plan_content_hash, read_plan
 from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 ROLES = ("cloud", "edge", "aggregator")
+FORWARDS = ("numpy", "chainer")  # how the float server tiers run on the CPU (Chainer: the reference)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class ServedModel:
     edge_program: DeviceProgram | None = None  # an edge's own binary tier (entry_tier)
     xp: Any = np  # numpy, or cupy with --gpu
     views: ViewAggregator | None = None  # an aggregator's: the local aggregator and tier 1 of a multi-view model
+    fast: FastForward | None = None  # the NumPy forward of the float tiers (--forward numpy); None: Chainer's
 
     @property
     def hash_bytes(self) -> bytes:
@@ -165,12 +168,17 @@ class ServedModel:
         (N, H, W, C) images; the float device tier, not the bitwise one, as a server without the C device
         program would run it."""
         images = np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2))
+        if self.fast is not None:
+            return np.asarray(self.fast.images(images), dtype=np.float64)
         with _inference_config():
             logits = self.loaded.model.forward_images(self.xp.asarray(images)).exit_logits[-1].array
         return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
 
     def forward(self, server_input: np.ndarray) -> np.ndarray:
-        """Final-exit logits (N, K) as float64 on the host, in Chainer test mode, resumed at the entry tier."""
+        """Final-exit logits (N, K) as float64 on the host, in Chainer test mode (or the NumPy forward, bit for
+        bit the same), resumed at the entry tier."""
+        if self.fast is not None:
+            return np.asarray(self.fast.resume(server_input, self.entry_tier), dtype=np.float64)
         with _inference_config():
             logits = self.loaded.model.resume_forward(self.xp.asarray(server_input), self.entry_tier).array
         return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float64)
@@ -212,6 +220,15 @@ def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None
     return ServedModel(loaded, entry, fold(loaded, tier=entry - 1) if previous.binary else None)
 
 
+def use_fast_forward(served: ServedModel) -> ServedModel:
+    """Run ``served``'s float tiers with the NumPy forward (bit-identical to Chainer's test mode on the CPU,
+    tests/test_fast_forward.py) instead of Chainer's per-call machinery."""
+    served.fast = FastForward(served.loaded.model)
+    if served.views is not None:
+        served.views.fast = served.fast
+    return served
+
+
 @contextlib.contextmanager
 def _inference_config() -> Iterator[None]:
     """Test mode, no graph, and no per-call argument type checks: the shapes were checked once per request
@@ -225,11 +242,14 @@ def _inference_config() -> Iterator[None]:
 class ModelStore:
     """Loads every model file in a directory once; thread-safe lookups by wire hash."""
 
-    def __init__(self, gpu: int | None = None, role: str = "cloud", from_tier: int | None = None,
-                 plan: str | Path | None = None, location: str = "cloud") -> None:
+    def __init__(self, gpu: int | None = None, forward: str = "numpy", role: str = "cloud",
+                 from_tier: int | None = None, plan: str | Path | None = None, location: str = "cloud") -> None:
         self._models: dict[bytes, ServedModel] = {}
         self._lock = threading.Lock()
         self._gpu = gpu
+        if forward not in FORWARDS:
+            raise DdnnError(f"unknown forward {forward!r}; one of {', '.join(FORWARDS)}")
+        self._forward = forward
         self._role = role
         self._from_tier = from_tier
         # A plan file (ddnngen plan) places its model's tiers: this server runs what it puts at ``location``.
@@ -248,6 +268,8 @@ class ModelStore:
             served = serve(loaded, self._role, self._from_tier)
         if self._gpu is not None:
             served = _to_gpu(served, self._gpu)
+        elif self._forward == "numpy":
+            use_fast_forward(served)
         served.warm_up()
         with self._lock:
             existing = self._models.get(loaded.hash_bytes)
