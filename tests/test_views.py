@@ -215,7 +215,7 @@ def test_every_view_folds_exactly(trained: dict[str, Any], scenes: datasets.Data
 def test_fold_names_the_view_it_needs(trained: dict[str, Any]) -> None:
     separate = trained["mp_cc"]
     with pytest.raises(CompileError, match=re.escape("its 4 views have separate device weights; fold one view at a "
-                                                     "time (view 0..3)")):
+                                                     "time (view 0..3; `ddnngen compile --view K`)")):
         fold(separate)
     with pytest.raises(CompileError, match=re.escape("view 4 is not one of its views 0..3")):
         fold(separate, view=4)
