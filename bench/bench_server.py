@@ -15,10 +15,12 @@ can pass on this machine.
 
 Each model's server runs once per --forward (default both): the NumPy forward of the server tiers
 (ddnn_gen/model/fast_forward.py, ddnn-server's default) and Chainer's, the reference; the raw forward every
-row is compared with is the fastest one (NumPy), and a last table puts the two forwards side by side.
+row is compared with is the fastest one (NumPy), and a last table puts the two forwards side by side. Each
+of those runs once per --transport (default both): paho-mqtt (Python) and paho-c (Paho C through cffi,
+server/pahoc_transport.py); a table puts their ratios and server CPU per request side by side.
 
 Usage: python bench/bench_server.py [--model models/fmnist_32.npz ...] [--max-batch 32] [--no-pin]
-                                    [--forward numpy --forward chainer]
+                                    [--forward numpy --forward chainer] [--transport paho-mqtt --transport paho-c]
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ddnn_server.store import FORWARDS, ModelStore, ServedModel
 log = logging.getLogger("bench_server")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("models/fmnist_32.npz", "models/cifar10_deep_64.npz")
+TRANSPORTS = ("paho-mqtt", "paho-c")
 ECHO_REQUEST, ECHO_REPLY = "bench/echo/request", "bench/echo/reply"
 
 
@@ -110,10 +113,10 @@ def _pinned(cpus: set[int]) -> dict[str, object]:
 
 
 def start_server(address: str, model: str, workers: int, max_batch: int, cpus: set[int],
-                 forward: str = "numpy") -> subprocess.Popen[str]:
+                 forward: str = "numpy", transport: str = "paho-mqtt") -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
                                 "--models", model, "--workers", str(workers), "--max-batch", str(max_batch),
-                                "--forward", forward],
+                                "--forward", forward, "--transport", transport],
                                stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
     return wait_ready(process, "ddnn-server: ready")
 
@@ -225,6 +228,7 @@ class ModelResult:
     server_cpu_us: float
     server_rtt_us: float
     single_us: float
+    transport: str = "paho-mqtt"  # the server's --transport
     echo_rtt_us: float = 0.0  # the echo responder's, measured once per model
     echo_cpu_us: float = 0.0
 
@@ -251,9 +255,11 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
             # A lone request's forward as that server computes it.
             lone = served if forward == "numpy" else ModelStore(forward=forward).add_file(path)
             single_us = 1e6 / raw_forward_rate(lone, split_words[:100], 1, 1, cpus.server)
-            measured = _through_server(broker, served, forward, split_words, device, n_requests, single_us, args,
-                                       cpus, workers)
-            results.append(ModelResult(served.name, forward, request_bytes, workers, raw, *measured, single_us))
+            for transport in args.transport or TRANSPORTS:
+                measured = _through_server(broker, served, forward, transport, split_words, device, n_requests,
+                                           single_us, args, cpus, workers)
+                results.append(ModelResult(served.name, forward, request_bytes, workers, raw, *measured, single_us,
+                                           transport))
         echo = start_echo_responder(broker.host, broker.port, cpus.server)
         try:
             echo_rtt = echo_round_trip_us(broker.host, broker.port, request_bytes, args.latency_count)
@@ -266,13 +272,14 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
     return results
 
 
-def _through_server(broker: Broker, served: ServedModel, forward: str, split_words: np.ndarray, device: object,
-                    n_requests: int, single_us: float, args: argparse.Namespace, cpus: CpuSplit,
+def _through_server(broker: Broker, served: ServedModel, forward: str, transport: str, split_words: np.ndarray,
+                    device: object, n_requests: int, single_us: float, args: argparse.Namespace, cpus: CpuSplit,
                     workers: int) -> tuple[float, int, int, int, int, int, float, float]:
-    """One ddnn-server (--forward ``forward``) under load, then a lone request at a time: (req/s, answered, sent,
-    lost, duplicates, misrouted, server CPU us per request, median round trip us)."""
+    """One ddnn-server (--forward ``forward``, --transport ``transport``) under load, then a lone request at a
+    time: (req/s, answered, sent, lost, duplicates, misrouted, server CPU us per request, median round trip us)."""
     latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
-    server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server, forward)
+    server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server, forward,
+                          transport)
     try:
         per_device = n_requests // args.devices
         sim = (broker.connection(), served.program, served.hash_bytes, device.split_words, device.entropy,
@@ -294,22 +301,22 @@ def _through_server(broker: Broker, served: ServedModel, forward: str, split_wor
 def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
     print(f"{cpus.describe()}; max batch {args.max_batch}; {args.devices} simulated devices x window {args.window}")
     print(f"{'model':<18}{'request B':>10}{'workers':>8} | {'MQTT req/s':>11}{'raw req/s':>11}{'ratio':>7}"
-          f"{'goal':>8} | {'RTT us':>8}{'echo us':>9}{'ratio':>7}{'goal':>8} | server forward")
+          f"{'goal':>8} | {'RTT us':>8}{'echo us':>9}{'ratio':>7}{'goal':>8} | server forward, transport")
     for r in results:
         print(f"{r.name:<18}{r.request_bytes:>10}{r.workers:>8} | {r.mqtt_rate:>11.0f}{r.raw_rate:>11.0f}"
               f"{r.mqtt_rate / r.raw_rate:>7.2f}{'>= 0.8':>8} | {r.server_rtt_us:>8.0f}{r.echo_rtt_us:>9.0f}"
-              f"{r.server_rtt_us / r.echo_rtt_us:>7.2f}{'<= 1.5':>8} | {r.forward}")
+              f"{r.server_rtt_us / r.echo_rtt_us:>7.2f}{'<= 1.5':>8} | {r.forward}, {r.transport}")
     print("where the time goes (per request):")
     for r in results:
         forward_us = 1e6 * r.workers / r.raw_rate  # CPU time of the batched forward, all threads
         floor = r.echo_rtt_us + r.single_us
-        print(f"  {r.name} ({r.forward} forward): server CPU {r.server_cpu_us:.0f} us = raw batched forward "
-              f"{forward_us:.0f} us + "
+        print(f"  {r.name} ({r.forward} forward, {r.transport}): server CPU {r.server_cpu_us:.0f} us = raw batched "
+              f"forward {forward_us:.0f} us + "
               f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
               f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
               f"{r.server_rtt_us / floor:.2f}x that")
         print(f"    a bare paho echo responder spends {r.echo_cpu_us:.0f} us of CPU per request/reply pair, so no "
-              f"paho-based server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw forward here")
+              f"paho-mqtt server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw forward here")
         print(f"    {r.answered}/{r.sent} answered by the server; lost {r.lost}, duplicates {r.duplicates}, "
               f"misrouted {r.misrouted}")
 
@@ -334,6 +341,24 @@ def print_forwards(results: Sequence[ModelResult]) -> None:
               f"{fast.mqtt_rate / fast.raw_rate:>6.2f}{ref.mqtt_rate / ref.raw_rate:>6.2f}")
 
 
+def print_transports(results: Sequence[ModelResult]) -> None:
+    """paho-mqtt against paho-c, per model and forward, where both ran."""
+    by_run: dict[tuple[str, str], dict[str, ModelResult]] = {}
+    for r in results:
+        by_run.setdefault((r.name, r.forward), {})[r.transport] = r
+    pairs = [(name, forward, runs["paho-mqtt"], runs["paho-c"]) for (name, forward), runs in by_run.items()
+             if "paho-mqtt" in runs and "paho-c" in runs]
+    if not pairs:
+        return
+    print("transports side by side (paho-mqtt then paho-c): MQTT req/s over the raw forward (goal >= 0.8), server "
+          "CPU us per request, lone round trip over the echo (goal <= 1.5):")
+    print(f"{'model':<18}{'forward':>8} | {'ratio':>12} | {'server CPU us':>16} | {'RTT/echo':>12}")
+    for name, forward, mqtt, pahoc in pairs:
+        print(f"{name:<18}{forward:>8} | {mqtt.mqtt_rate / mqtt.raw_rate:>6.2f}{pahoc.mqtt_rate / pahoc.raw_rate:>6.2f}"
+              f" | {mqtt.server_cpu_us:>8.0f}{pahoc.server_cpu_us:>8.0f} | "
+              f"{mqtt.server_rtt_us / mqtt.echo_rtt_us:>6.2f}{pahoc.server_rtt_us / pahoc.echo_rtt_us:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=None, help="model file (repeat); default: "
@@ -350,6 +375,8 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true", help="do not split the CPUs between server and clients")
     parser.add_argument("--forward", action="append", choices=FORWARDS, default=None,
                         help="the server's forward (repeat); default: both")
+    parser.add_argument("--transport", action="append", choices=TRANSPORTS, default=None,
+                        help="the server's MQTT transport (repeat); default: both")
     parser.add_argument("--echo-responder", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_responder:
@@ -363,6 +390,7 @@ def main() -> None:
     results = [r for model in (args.model or DEFAULT_MODELS) for r in bench_model(model, args, cpus, workers)]
     print_results(results, args, cpus)
     print_forwards(results)
+    print_transports(results)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class ServerConfig:
     # RabbitMQ cluster nodes (one per node, tried in turn): consume the models' quorum queues over AMQP instead
     # of subscribing on ``broker``; ``receive_maximum`` is then the prefetch count.
     amqp: Sequence[AmqpEndpoint] = ()
+    # MQTT client library: "paho-mqtt" (Python; a request is acked once answered, so a crash redelivers it) or
+    # "paho-c" (Paho C through cffi, requests in batches; acked on arrival: see server/pahoc_transport.py).
+    transport: str = "paho-mqtt"
 
 
 @dataclass
@@ -124,10 +127,19 @@ class Server:
                                 "thresholds and device status are MQTT); --amqp serves cloud models")
             client_id = config.server_id or config.amqp[0].username
             self.transport = AmqpTransport(config.amqp, client_id, served, self._on_request, config.receive_maximum)
-        else:
+        elif config.transport == "paho-c":
+            from ddnn_server.pahoc_transport import PahocTransport
+
+            self.transport = PahocTransport(config.broker, client_id, config.group, served, self._on_request,
+                                            persistent, config.session_expiry_s, extra,
+                                            self._on_other if extra else None, config.receive_maximum,
+                                            max_request_bytes=config.max_request_bytes)
+        elif config.transport == "paho-mqtt":
             self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
                                        config.session_expiry_s, extra, self._on_other if extra else None,
                                        config.receive_maximum)
+        else:
+            raise DdnnError(f"unknown MQTT transport {config.transport!r} (paho-mqtt or paho-c)")
         self.upstream: Upstream | None = None
         if edges:
             self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
@@ -235,6 +247,9 @@ class Server:
         model_name = NO_MODEL
         try:
             # Size first: an oversized payload is rejected before anything looks inside it.
+            if incoming.truncated_from:
+                raise ProtocolError(Status.TOO_LARGE, f"request of {incoming.truncated_from} bytes exceeds the "
+                                    f"{self.config.max_request_bytes}-byte limit", codec.peek_request_id(data))
             header = codec.decode_request_header(data, self.config.max_request_bytes)
             model = self.store.get(header.model_hash)
             if model is None:

@@ -43,6 +43,12 @@ def _name_option(what: str) -> object:
                    "models' quorum queues over AMQP instead of MQTT (docs/deployment.md). Instead of --broker.")
 @click.option("--amqp-password-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="File whose first line is the AMQP user's password.")
+@click.option("--transport", "transport", type=click.Choice(["paho-mqtt", "paho-c"]), default="paho-mqtt",
+              show_default=True,
+              help="MQTT client library. paho-mqtt acknowledges a request once its reply is accepted, so a server "
+                   "that dies gets it again (with --server-id). paho-c (Paho C through cffi) takes requests in "
+                   "batches at a fraction of the CPU, but Paho C acknowledges on arrival: a crash loses what the "
+                   "server held to the devices' local fallback (docs/deployment.md).")
 @click.option("--models", "models_dir", required=True, type=click.Path(exists=True),
               help="Directory of model files (*.npz), or one model file.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")
@@ -105,7 +111,7 @@ def _name_option(what: str) -> object:
               help="Publish this server's load (JSON) on ddnn/server/<id>/telemetry every this many seconds; 0: off.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_password_file: str | None,
-         models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
+         transport: str, models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
          receive_maximum: int, role: str, event_deadline_ms: float, max_open_events: int,
          upstream_address: str | None, upstream_timeout_ms: float,
@@ -131,6 +137,8 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
             if broker is not None:
                 raise click.BadParameter("--amqp and --broker are two transports: give one", param_hint="--amqp")
             amqp = [parse_amqp_url(url, amqp_password_file) for url in amqp_urls]
+            if transport != "paho-mqtt":
+                raise click.BadParameter("--amqp is its own transport", param_hint="--transport")
             broker = BrokerConnection()  # unused: requests and replies go over AMQP
         elif amqp_password_file is not None:
             raise click.BadParameter("only for --amqp", param_hint="--amqp-password-file")
@@ -153,7 +161,7 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
                               metrics_port=metrics_port, metrics_address=metrics_address,
                               log_requests=log_format == "json", telemetry_interval_s=telemetry_interval,
                               event_deadline_ms=event_deadline_ms, max_open_events=max_open_events,
-                              amqp=amqp)
+                              amqp=amqp, transport=transport)
         server = Server(config).start()
     except DdnnError as error:
         if private is not None:

@@ -45,7 +45,8 @@ QUEUED_REPLIES = 10000  # replies waiting behind those; beyond this a reply is d
 @dataclass
 class Incoming:
     """A request as received: raw bytes, its topic (MQTT's, also for AMQP routing keys), and what its ack
-    needs: MQTT packet id and QoS, or AMQP delivery tag and the connection it came on (``generation``)."""
+    needs: MQTT packet id and QoS, or AMQP delivery tag and the connection it came on (``generation``). A
+    transport that bounds what it holds (Paho C) keeps only the header of an oversized request."""
 
     payload: bytes
     topic: str
@@ -53,6 +54,7 @@ class Incoming:
     qos: int
     generation: int = 0
     received: float = field(default_factory=time.monotonic)  # when it arrived (the server's latency starts)
+    truncated_from: int = 0  # > 0: the payload's size on the wire, of which the transport kept only the start
 
 
 class ServerTransport(Protocol):

@@ -20,6 +20,19 @@ from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.codec import Packing, RequestHeader, Status
 
 N_SAMPLES = 1000
+# The MQTT transports ddnn-server offers (--transport): the scenarios below run on each.
+TRANSPORTS = pytest.mark.parametrize("transport", ["paho-mqtt", "paho-c"], indirect=True)
+
+
+@pytest.fixture()
+def transport(request: pytest.FixtureRequest) -> str:
+    if request.param == "paho-c" and not os.path.exists("/usr/include/MQTTAsync.h"):
+        pytest.skip("the Paho C transport needs libpaho-mqtt-dev")
+    return str(request.param)
+
+
+def _transport_args(transport: str) -> list[str]:
+    return ["--transport", transport]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +53,10 @@ def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **
                        n_devices, per_device, **kwargs)  # type: ignore[arg-type]
 
 
-def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(broker: Broker, expected: Expected,
-                                                                      fmnist_model_path: object) -> None:
-    server = ServerProcess(broker.address, fmnist_model_path, workers=2).start()
+@TRANSPORTS
+def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(
+        broker: Broker, expected: Expected, fmnist_model_path: object, transport: str) -> None:
+    server = ServerProcess(broker.address, fmnist_model_path, workers=2, extra=_transport_args(transport)).start()
     try:
         faults_before = server.minor_faults()
         report = _run(broker, expected, 20, 200, all_to_server=True, timeout_s=30.0)
@@ -62,8 +76,11 @@ def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(broker: Bro
     assert faults < 4000 * 2, f"{faults} minor page faults for 4000 requests"
 
 
-def test_threshold_decides_local_or_server(broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
-    server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
+@TRANSPORTS
+def test_threshold_decides_local_or_server(broker: Broker, expected: Expected, fmnist_model_path: object,
+                                           transport: str) -> None:
+    """1000 samples, sample by sample: the exit taken and the final class are the reference's."""
+    server = ServerProcess(broker.address, fmnist_model_path, workers=1, extra=_transport_args(transport)).start()
     try:
         report = _run(broker, expected, 2, 500, timeout_s=30.0)
     finally:
@@ -108,9 +125,10 @@ def _with_views(request: bytes, event_id: int, view_index: int, view_count: int,
     return request[:52] + struct.pack("<QBBH", event_id, view_index, view_count, reserved) + request[64:]
 
 
+@TRANSPORTS
 def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broker, expected: Expected,
-                                                                   fmnist_model_path: object) -> None:
-    server = ServerProcess(broker.address, fmnist_model_path, workers=2).start()
+                                                                   fmnist_model_path: object, transport: str) -> None:
+    server = ServerProcess(broker.address, fmnist_model_path, workers=2, extra=_transport_args(transport)).start()
     good_report = []
     flowing = threading.Thread(target=lambda: good_report.append(
         _run(broker, expected, 3, 150, all_to_server=True, timeout_s=30.0)))
@@ -186,12 +204,13 @@ def test_server_without_broker_says_it_is_waiting_not_ready(fmnist_model_path: o
     assert "ddnn-server: ready" not in server.output
 
 
-def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object) -> None:
+@TRANSPORTS
+def test_server_is_ready_once_the_broker_appears(fmnist_model_path: object, transport: str) -> None:
     require_tool("mosquitto")
     from ddnn_gen.wire.broker import free_port
 
     port = free_port()
-    server = ServerProcess(f"127.0.0.1:{port}", fmnist_model_path, workers=1)
+    server = ServerProcess(f"127.0.0.1:{port}", fmnist_model_path, workers=1, extra=_transport_args(transport))
     late = Broker(port=port)
 
     def start_broker_once_the_server_waits() -> None:
@@ -220,10 +239,12 @@ POISON_VIEWS = [(1, 4, 4, 0), (1, 255, 255, 0), (0, 0, 2, 0), (1, 0, 17, 0), (1,
 POISON_TOPIC_IDS = ["-flag", "a b", "\u00e9t\u00e9", "x" * 33, "cam\u00a0", "_lead"]
 
 
+@TRANSPORTS
 def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
-        broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
+        broker: Broker, expected: Expected, fmnist_model_path: object, transport: str) -> None:
     model_hash = expected.loaded.hash_bytes
-    server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test").start()
+    server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test",
+                           extra=_transport_args(transport)).start()
     bad = RawClient(broker.connection(), "bad-sender")
     good = codec.encode_request(split_header(expected.program, model_hash, 5), expected.device.split_words[0])
     try:

@@ -119,7 +119,7 @@ args = json.load(sys.stdin)
 ffi = cffi.FFI()
 ffi.cdef(args["cdef"])
 ffi.set_source(args["module"], args["source"], sources=args["sources"], include_dirs=args["include_dirs"],
-               extra_compile_args=args["cflags"], libraries=["m"])
+               extra_compile_args=args["cflags"], libraries=["m", *args["libraries"]])
 print(ffi.compile(tmpdir=args["tmpdir"]))
 """
 
@@ -155,33 +155,36 @@ _loaded: dict[Path, tuple[ModuleType, threading.Lock]] = {}
 _loaded_lock = threading.Lock()
 
 
-def _build_extension(cache_dir: str | Path | None, label: str, cdef: str, source: str, sources: Sequence[Path],
-                     include_dirs: Sequence[Path], cflags: Sequence[str],
-                     key_files: Sequence[Path]) -> tuple[ModuleType, threading.Lock]:
+def build_extension(cache_dir: str | Path | None, label: str, cdef: str, source: str, sources: Sequence[Path],
+                    include_dirs: Sequence[Path], cflags: Sequence[str], key_files: Sequence[Path],
+                    libraries: Sequence[str] = ()) -> tuple[ModuleType, threading.Lock]:
     """The extension for exactly these inputs and its lock, from this process, the cache or built first. The
-    key digests everything the build reads (``key_files`` are the C sources and headers); a finished build
-    is renamed into place, so concurrent builders never see half a file."""
+    key digests everything the build reads (``key_files`` are the C sources and headers, ``libraries`` are
+    linked besides libm); a finished build is renamed into place, so concurrent builders never see half a
+    file."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     key = _digest([__version__.encode(), cdef.encode(), source.encode(), " ".join(cflags).encode(), suffix.encode(),
+                   *([" ".join(libraries).encode()] if libraries else []),  # keeps older keys valid
                    *(path.name.encode() + b"\0" + path.read_bytes() for path in sorted(key_files))])[:16]
     key_dir = (Path(cache_dir) if cache_dir is not None else cache_root()) / f"{label}-{key}"
     module = f"_ddnn_{label.replace('-', '_').replace('.', '_')}_{key}"
     target = (key_dir / (module + suffix)).resolve()
     with _loaded_lock:
         if target not in _loaded:
-            _build_if_missing(target, module, cdef, source, sources, include_dirs, cflags)
+            _build_if_missing(target, module, cdef, source, sources, include_dirs, cflags, libraries)
             _loaded[target] = (_load_module(module, target), threading.Lock())
         return _loaded[target]
 
 
 def _build_if_missing(target: Path, module: str, cdef: str, source: str, sources: Sequence[Path],
-                      include_dirs: Sequence[Path], cflags: Sequence[str]) -> None:
+                      include_dirs: Sequence[Path], cflags: Sequence[str], libraries: Sequence[str]) -> None:
     key_dir = target.parent
     if not target.exists():
         key_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="build_", dir=key_dir) as tmp:
             args = {"cdef": cdef, "module": module, "source": source, "sources": [str(p) for p in sources],
-                    "include_dirs": [str(p) for p in include_dirs], "cflags": list(cflags), "tmpdir": tmp}
+                    "include_dirs": [str(p) for p in include_dirs], "cflags": list(cflags), "tmpdir": tmp,
+                    "libraries": list(libraries)}
             result = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT], input=json.dumps(args),
                                     capture_output=True, text=True)
             built = Path(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout else None
@@ -229,7 +232,7 @@ class CModel:
             source = (f'#include "{self.name}_model.h"\n'
                       f"static const ddnn_model *ddnn_binding_model(void) {{ return &{self.name}_model; }}\n")
             label = f"{self.name}-{program.content_hash[:16]}-{__version__}"
-            self.module, self._lock = _build_extension(cache_dir, label, cdef, source, sources, [project], cflags,
+            self.module, self._lock = build_extension(cache_dir, label, cdef, source, sources, [project], cflags,
                                                        sorted(project.glob("*.[ch]")))
         self.ffi: Any = self.module.ffi
         self.lib: Any = self.module.lib
@@ -331,7 +334,7 @@ class CRuntime:
     def __init__(self, cflags: Sequence[str] = CFLAGS, cache_dir: str | Path | None = None) -> None:
         runtime = c_runtime_dir()
         sources = [runtime / name for name in RUNTIME_SOURCES]
-        self.module, _ = _build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF,
+        self.module, _ = build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF,
                                           '#include "ddnn_exit.h"\n#include "ddnn_protocol.h"\n', sources,
                                           [runtime], cflags, [*sources, *runtime.glob("*.h")])
         self.ffi: Any = self.module.ffi

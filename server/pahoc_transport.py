@@ -1,0 +1,283 @@
+"""The MQTT transport on the Paho C library (libpaho-mqtt3as) through cffi: ``ddnn-server --transport paho-c``.
+
+Same topics, shared subscription, status and telemetry as the paho-mqtt transport (server/transport.py), but
+the network runs on Paho C's own threads: its message callback (C, c_runtime/ddnn_pahoc.c) copies each
+request into a bounded queue, and one thread here takes whole batches out of it (one cffi call, the GIL
+released while it waits) and hands them to the server. Replies are published from C, one cffi call each.
+Nothing in C calls back into Python.
+
+What it gives up: Paho C acknowledges a QoS 1 PUBLISH as soon as it has read it, before the application
+sees it, and has no manual acknowledgement. A request is acknowledged on arrival, not once answered: a
+server that dies loses the requests it held (their devices answer locally when their timeout expires and
+report the request failed), where the paho-mqtt transport's are delivered again. For the same reason the
+broker's Receive Maximum does not bound what this server holds; the C queue (``queue_capacity``) does, and
+a request that finds it full is dropped and counted (its device falls back the same way). Deployments that
+need redelivery keep the default transport (docs/deployment.md, "Transports").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ddnn_gen import __version__
+from ddnn_gen.codegen.resources import c_runtime_dir
+from ddnn_gen.codegen.toolchain import BuildError
+from ddnn_gen.device.c_binding import CFLAGS, build_extension
+from ddnn_gen.errors import DdnnError
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.connection import BrokerConnection
+from ddnn_server.log_limits import RateLimitedLog
+from ddnn_server.transport import IN_FLIGHT_REPLIES, QUEUED_REPLIES, RECEIVE_MAXIMUM, Incoming
+
+log = logging.getLogger(__name__)
+
+TAKE_BATCH = 256  # requests one take hands over at most
+TAKE_WAIT_MS = 200  # how long one take waits for the first request (the pump re-checks for shutdown between)
+QUEUE_CAPACITY = 4096  # requests received and not yet taken; more are dropped (counted)
+MAX_TOPIC_BYTES = 512  # longer topics name no device a reply could go to: dropped (counted)
+KEEPALIVE_S = 15
+
+_CDEF = """
+typedef struct ddnn_pahoc ddnn_pahoc;
+typedef struct {
+    const char *uri; const char *client_id; const char *username; const char *password;
+    int tls, insecure;
+    const char *ca_file, *cert_file, *key_file;
+    int clean_start; int session_expiry_s; int receive_maximum; int keepalive_s; int max_inflight; int max_buffered;
+    const char *status_topic;
+    size_t queue_capacity; size_t max_topic_bytes; size_t max_payload_bytes; size_t keep_oversized_bytes;
+} ddnn_pahoc_config;
+typedef struct {
+    uint64_t received, dropped_full, dropped_topic, oversized, published, completed, failed, connects, lost;
+    int connected, subscribed, queued;
+} ddnn_pahoc_stats;
+enum { DDNN_PAHOC_TOPIC_OFFSET, DDNN_PAHOC_TOPIC_LEN, DDNN_PAHOC_PAYLOAD_OFFSET, DDNN_PAHOC_PAYLOAD_LEN,
+       DDNN_PAHOC_WIRE_LEN, DDNN_PAHOC_ARRIVED_NS, DDNN_PAHOC_QOS, DDNN_PAHOC_FIELDS };
+ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size_t error_len);
+int ddnn_pahoc_start(ddnn_pahoc *client, const char *const *subscriptions, int n_subscriptions);
+int ddnn_pahoc_wait_ready(ddnn_pahoc *client, int timeout_ms);
+size_t ddnn_pahoc_problem(ddnn_pahoc *client, char *out, size_t out_len);
+int ddnn_pahoc_take(ddnn_pahoc *client, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
+                    size_t buffer_len);
+void ddnn_pahoc_interrupt(ddnn_pahoc *client);
+int ddnn_pahoc_publish(ddnn_pahoc *client, const char *topic, const uint8_t *payload, size_t len, int qos,
+                       int retain);
+int ddnn_pahoc_unsubscribe(ddnn_pahoc *client, const char *const *topics, int n_topics, int timeout_ms);
+int ddnn_pahoc_wait_published(ddnn_pahoc *client, int timeout_ms);
+void ddnn_pahoc_get_stats(ddnn_pahoc *client, ddnn_pahoc_stats *out);
+void ddnn_pahoc_close(ddnn_pahoc *client, int timeout_ms);
+"""
+_SOURCES = ("ddnn_pahoc.c", "ddnn_pahoc.h")
+STATS = ("received", "dropped_full", "dropped_topic", "oversized", "published", "completed", "failed", "connects",
+         "lost", "connected", "subscribed", "queued")
+
+
+def load_library() -> Any:
+    """The shim's cffi module (built once, then from the cache; see ddnn_gen/device/c_binding.py)."""
+    runtime = c_runtime_dir()
+    try:
+        module, _ = build_extension(None, f"pahoc-{__version__}", _CDEF, '#include "ddnn_pahoc.h"\n',
+                                    [runtime / "ddnn_pahoc.c"], [runtime], CFLAGS,
+                                    [runtime / name for name in _SOURCES], libraries=["paho-mqtt3as"])
+    except BuildError as error:
+        raise DdnnError(f"--transport paho-c needs the Paho C library and its headers (Debian: libpaho-mqtt-dev) "
+                        f"and a C compiler: {error}") from error
+    return module
+
+
+class PahocTransport:
+    """MQTT 5 on Paho C: shared subscriptions, requests in batches, replies from C (a ``ServerTransport``)."""
+
+    def __init__(self, connection: BrokerConnection, client_id: str, group: str, served: Sequence[tuple[bytes, int]],
+                 on_request: Callable[[Incoming], None], persistent: bool, session_expiry_s: int = 300,
+                 extra_subscriptions: Sequence[str] = (),
+                 on_other: Callable[[str, bytes], None] | None = None, receive_maximum: int = RECEIVE_MAXIMUM,
+                 queued_replies: int = QUEUED_REPLIES, max_request_bytes: int = codec.MAX_REQUEST_BYTES,
+                 queue_capacity: int = QUEUE_CAPACITY, take_batch: int = TAKE_BATCH) -> None:
+        self.connection = connection
+        self.client_id = topics.check_name(client_id, "server id")
+        self.subscriptions = [topics.request_subscription(model_hash, group, tier) for model_hash, tier in served]
+        self._extra = list(extra_subscriptions)
+        self._on_request = on_request
+        self._on_other = on_other
+        self._take_batch = take_batch
+        self.unsent_replies = 0
+        self.takes = 0  # takes that returned requests (received / takes: the mean batch handed over)
+        self._problems = RateLimitedLog(log, interval_s=30.0)
+        module = load_library()
+        self._ffi: Any = module.ffi
+        self._lib: Any = module.lib
+        ffi = self._ffi
+        strings = []  # the config's C strings, alive until create has copied them
+        self._buffer_bytes = max(4 << 20, MAX_TOPIC_BYTES + max_request_bytes)
+
+        def text(value: object) -> Any:
+            if value is None:
+                return ffi.NULL
+            cdata = ffi.new("char[]", str(value).encode())
+            strings.append(cdata)
+            return cdata
+
+        config = ffi.new("ddnn_pahoc_config *")
+        config.uri = text(f"{'ssl' if connection.tls else 'tcp'}://{connection.host}:{connection.port}")
+        config.client_id = text(self.client_id)
+        config.username = text(connection.username)
+        config.password = text(connection.password())
+        config.tls, config.insecure = int(connection.tls), int(connection.insecure)
+        config.ca_file, config.cert_file, config.key_file = (text(connection.ca_file), text(connection.cert_file),
+                                                             text(connection.key_file))
+        config.clean_start = int(not persistent)
+        config.session_expiry_s = session_expiry_s if persistent else 0
+        config.receive_maximum = receive_maximum
+        config.keepalive_s = KEEPALIVE_S
+        config.max_inflight = IN_FLIGHT_REPLIES
+        config.max_buffered = queued_replies
+        config.status_topic = text(topics.server_status_topic(self.client_id))
+        config.queue_capacity = queue_capacity
+        config.max_topic_bytes = MAX_TOPIC_BYTES
+        config.max_payload_bytes = max_request_bytes
+        config.keep_oversized_bytes = min(codec.REQUEST_HEADER_BYTES, max_request_bytes)
+        error = ffi.new("char[]", 256)
+        self._client = self._lib.ddnn_pahoc_create(config, error, len(error))
+        if self._client == ffi.NULL:
+            raise DdnnError(f"Paho C transport to {connection.url}: {ffi.string(error).decode()}")
+        self._pump = threading.Thread(target=self._pump_loop, name="ddnn-pahoc-take", daemon=True)
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self.connection.url
+
+    @property
+    def connection_problem(self) -> str | None:
+        out = self._ffi.new("char[]", 256)
+        self._lib.ddnn_pahoc_problem(self._client, out, len(out))
+        return self._ffi.string(out).decode("utf-8", "replace") or None
+
+    def stats(self) -> dict[str, int]:
+        """The C side's counters (received, dropped_full, dropped_topic, oversized, published, ...)."""
+        stats = self._ffi.new("ddnn_pahoc_stats *")
+        self._lib.ddnn_pahoc_get_stats(self._client, stats)
+        return {name: int(getattr(stats, name)) for name in STATS}
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def _c_strings(self, values: Sequence[str]) -> Any:
+        strings = [self._ffi.new("char[]", value.encode()) for value in values]
+        array = self._ffi.new("char *[]", strings)
+        return array, strings  # the strings must outlive the call
+
+    def start(self) -> None:
+        """Connect in the background (Paho retries until the broker answers); requests flow once subscribed."""
+        array, _strings = self._c_strings(self.subscriptions + self._extra)
+        self._pump.start()
+        rc = self._lib.ddnn_pahoc_start(self._client, array, len(self.subscriptions) + len(self._extra))
+        if rc != 0:
+            log.warning("connecting to %s: %s", self.url, self.connection_problem)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return bool(self._lib.ddnn_pahoc_wait_ready(self._client, int(timeout_s * 1000)))
+
+    def stop_taking_work(self, timeout_s: float = 3.0) -> None:
+        """Unsubscribe so the shared group routes new requests to the other servers."""
+        array, _strings = self._c_strings(self.subscriptions)
+        if not self._lib.ddnn_pahoc_unsubscribe(self._client, array, len(self.subscriptions), int(timeout_s * 1000)):
+            log.warning("no UNSUBACK within %.1f s", timeout_s)
+
+    def wait_replies_acked(self, timeout_s: float = 5.0) -> bool:
+        return bool(self._lib.ddnn_pahoc_wait_published(self._client, int(timeout_s * 1000)))
+
+    def close(self) -> None:
+        """Offline status, clean disconnect that ends the session, and the C client freed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._publish(topics.server_status_topic(self.client_id), b"offline", qos=1, retain=True)
+        self._lib.ddnn_pahoc_wait_published(self._client, 1000)
+        self._lib.ddnn_pahoc_interrupt(self._client)
+        if self._pump.is_alive():
+            self._pump.join()
+        stats = self.stats()
+        if stats["dropped_full"] or stats["dropped_topic"]:
+            log.warning("Paho C transport dropped %d requests (queue full) and %d (topic too long)",
+                        stats["dropped_full"], stats["dropped_topic"])
+        self._lib.ddnn_pahoc_close(self._client, 2000)
+
+    def publish_telemetry(self, payload: bytes) -> None:
+        self._publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
+
+    # ---- replies (worker threads) --------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+        return int(self._lib.ddnn_pahoc_publish(self._client, topic.encode(), payload, len(payload), qos, int(retain)))
+
+    def drop(self, incoming: Incoming) -> None:
+        """Nothing to do: Paho C acknowledged the request on arrival."""
+
+    def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
+        """Publish a reply (QoS 1) to ``device_id``'s reply topic; ``device_id`` must be valid."""
+        topic = topics.reply_topic(device_id)
+        rc = self._publish(topic, payload, qos=1)
+        if rc != 0:
+            # Not queued (disconnected, or the outgoing queue is full): its device falls back locally.
+            self.unsent_replies += 1
+            self._problems.warning("unsent", "reply to %s not sent: Paho C error %d", topic, rc)
+
+    # ---- the take thread -----------------------------------------------------------------------------
+
+    def _pump_loop(self) -> None:
+        ffi, lib = self._ffi, self._lib
+        fields = int(lib.DDNN_PAHOC_FIELDS)
+        records = ffi.new("int64_t[]", self._take_batch * fields)
+        buffer = ffi.new("uint8_t[]", self._buffer_bytes)
+        raw = ffi.buffer(buffer)
+        root = f"{topics.TOPIC_ROOT}/req/"
+        seen = {"connects": 0, "lost": 0}
+        checked = 0.0
+        while True:
+            n = lib.ddnn_pahoc_take(self._client, self._take_batch, TAKE_WAIT_MS, records, buffer, len(buffer))
+            if n < 0:
+                return
+            if n == 0 or time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                self._log_connection_changes(seen)
+            if n == 0:
+                continue
+            self.takes += 1
+            # One copy of the batch's bytes and one list of its records, then slices of them.
+            flat = ffi.unpack(records, n * fields)
+            last = (n - 1) * fields
+            data = raw[:flat[last + 2] + flat[last + 3]]
+            for at in range(0, n * fields, fields):
+                topic_at, topic_len, payload_at, payload_len, wire_len, arrived_ns, qos = flat[at:at + fields]
+                topic = data[topic_at:topic_at + topic_len].decode("utf-8", "replace")
+                payload = data[payload_at:payload_at + payload_len]
+                if self._on_other is not None and not topic.startswith(root):
+                    self._deliver_other(topic, payload)
+                    continue
+                incoming = Incoming(payload, topic, 0, qos, received=arrived_ns / 1e9,
+                                    truncated_from=wire_len if wire_len != payload_len else 0)
+                try:
+                    self._on_request(incoming)
+                except Exception:  # the take thread must survive anything a request does
+                    log.exception("unexpected error handling a request on %s", topic)
+
+    def _log_connection_changes(self, seen: dict[str, int]) -> None:
+        """Connections and losses since the last look, in the log (C cannot log through Python)."""
+        stats = self.stats()
+        if stats["lost"] > seen["lost"]:
+            log.warning("lost the broker (%s); reconnecting", self.connection_problem)
+        if stats["connects"] > seen["connects"]:
+            log.info("connected to %s as %s (%d connections so far)", self.url, self.client_id, stats["connects"])
+        seen["connects"], seen["lost"] = stats["connects"], stats["lost"]
+
+    def _deliver_other(self, topic: str, payload: bytes) -> None:
+        assert self._on_other is not None
+        try:
+            self._on_other(topic, payload)
+        except Exception:
+            log.exception("unexpected error handling a message on %s", topic)

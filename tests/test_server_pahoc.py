@@ -1,0 +1,203 @@
+"""The Paho C transport (server/pahoc_transport.py, c_runtime/ddnn_pahoc.c) against a real Mosquitto: the
+bounds its C side keeps (topic length, payload length, queue), replies only to the topic's device, whole
+batches handed over, TLS with a password, and what a crash costs (acks on arrival: in-flight requests fall
+back on the devices, none hangs). The end-to-end scenarios shared with paho-mqtt are in test_server.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import require_tool
+from net_harness import Expected, RawClient, ServerProcess, expectations, run_one_device, secure_broker, wait_for
+
+from ddnn_gen.device.simulated import run_devices, split_header
+from ddnn_gen.wire import codec, topics
+from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.codec import Status
+from ddnn_server.transport import Incoming
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/usr/include/MQTTAsync.h"),
+                                reason="the Paho C transport needs libpaho-mqtt-dev")
+
+MODEL_HASH = bytes(range(16))
+
+
+@pytest.fixture(scope="module")
+def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
+    return expectations(fmnist_model_path, fmnist_test.images[:500])  # type: ignore[attr-defined]
+
+
+@pytest.fixture()
+def broker() -> Iterator[Broker]:
+    require_tool("mosquitto")
+    with Broker() as running:
+        yield running
+
+
+def _transport(broker: Broker, on_request: object, **kwargs: object):  # noqa: ANN202
+    from ddnn_server.pahoc_transport import PahocTransport
+
+    transport = PahocTransport(broker.connection(), f"pahoc-{os.getpid()}", "g", [(MODEL_HASH, 1)],
+                               on_request, persistent=False, **kwargs)  # type: ignore[arg-type]
+    transport.start()
+    assert transport.wait_ready(10.0), transport.connection_problem
+    return transport
+
+
+def test_bounds_of_the_c_side_topic_payload_and_queue(broker: Broker) -> None:
+    """A topic longer than the C bound never reaches Python; an oversized payload arrives as its header,
+    flagged with its wire size; a full queue drops (counted) instead of growing; what was queued arrives
+    intact, in batches (several requests per take)."""
+    release = threading.Event()
+    got: list[Incoming] = []
+
+    def on_request(incoming: Incoming) -> None:
+        got.append(incoming)
+        release.wait(30.0)  # the take thread stops here: the C queue fills behind it
+
+    transport = _transport(broker, on_request, queue_capacity=8, max_request_bytes=1000)
+    sender = RawClient(broker.connection(), "sender")
+    key = topics.model_key(MODEL_HASH)
+    try:
+        assert sender.publish(f"ddnn/req/{key}/{'x' * 600}", b"long topic") == "Success"
+        big = codec.REQUEST_MAGIC + bytes(range(60)) + bytes(5000)
+        assert sender.publish(f"ddnn/req/{key}/sender", big) == "Success"
+        assert wait_for(lambda: len(got) == 1, 10.0)
+        for index in range(40):
+            assert sender.publish(f"ddnn/req/{key}/dev{index}", index.to_bytes(4, "little")) == "Success"
+        assert wait_for(lambda: transport.stats()["received"] + transport.stats()["dropped_full"] == 41, 10.0)
+        stats = transport.stats()
+        assert stats["dropped_topic"] == 1 and stats["oversized"] == 1
+        assert stats["queued"] == 8 and stats["dropped_full"] == 40 - 8, stats
+        release.set()
+        assert wait_for(lambda: len(got) == 9, 10.0)
+    finally:
+        release.set()
+        sender.close()
+        transport.close()
+    oversized = got[0]
+    assert oversized.truncated_from == len(big) and oversized.payload == big[:codec.REQUEST_HEADER_BYTES]
+    assert oversized.topic == f"ddnn/req/{key}/sender" and oversized.qos == 1
+    # The eight that found room, in order and intact, with their arrival time on time.monotonic()'s clock.
+    assert [incoming.payload for incoming in got[1:]] == [index.to_bytes(4, "little") for index in range(8)]
+    assert [incoming.topic.rsplit("/", 1)[1] for incoming in got[1:]] == [f"dev{index}" for index in range(8)]
+    assert all(incoming.truncated_from == 0 for incoming in got[1:])
+    assert all(0 < time.monotonic() - incoming.received < 60 for incoming in got)
+
+
+def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker: Broker) -> None:
+    seen: list[Incoming] = []
+    transport_box: list[object] = []
+    burst = 200
+
+    def on_request(incoming: Incoming) -> None:
+        seen.append(incoming)
+        routed = topics.parse_request_topic(incoming.topic)
+        assert routed is not None
+        transport_box[0].reply(incoming, routed[1], b"for " + routed[1].encode())  # type: ignore[attr-defined]
+
+    transport = _transport(broker, on_request)
+    transport_box.append(transport)
+    alice, bob = RawClient(broker.connection(), "alice"), RawClient(broker.connection(), "bob")
+    key = topics.model_key(MODEL_HASH)
+    try:
+        # Published without waiting for each PUBACK, so requests arrive faster than one per take.
+        for index in range(burst):
+            alice._client.publish(f"ddnn/req/{key}/alice", index.to_bytes(4, "little"), qos=1)
+        assert wait_for(lambda: len(seen) == burst, 20.0)
+        assert bob.publish(f"ddnn/req/{key}/bob", b"b") == "Success"
+        alice_replies = [alice.replies.get(timeout=10.0) for _ in range(burst)]
+        bob_reply = bob.replies.get(timeout=10.0)
+        assert transport.wait_replies_acked(5.0)
+        stats = transport.stats()
+    finally:
+        alice.close()
+        bob.close()
+        transport.close()
+    assert alice_replies == [b"for alice"] * burst and bob_reply == b"for bob"
+    assert alice.replies.empty() and bob.replies.empty()
+    assert stats["published"] == stats["completed"] >= burst + 1 and stats["failed"] == 0
+    assert transport.takes < burst, f"{transport.takes} takes for {burst} requests: not batched"
+
+
+def test_tls_with_a_password_and_the_reason_when_refused(fmnist_expected: Expected, fmnist_model_path: object) -> None:
+    """The deployment broker (TLS, password file, ACL): served like paho-mqtt; a device's credentials get the
+    broker's refusal as the reason it is not ready."""
+    with secure_broker({"devA": "device", "srv": "server"}) as secure:
+        server = ServerProcess(secure.connection("srv"), fmnist_model_path, workers=1,
+                               extra=["--transport", "paho-c"]).start()
+        try:
+            report = run_one_device(secure.connection("devA"), "devA", fmnist_expected, 100)
+        finally:
+            assert server.terminate() == 0, server.output
+        assert report.count("server") == 100 and report.misrouted == 0
+        wrong = ServerProcess(secure.connection("devA"), fmnist_model_path, workers=1,
+                              extra=["--transport", "paho-c"])
+        with pytest.raises(RuntimeError, match="did not become ready"):
+            wrong.start(timeout_s=8.0)
+        assert "refused the subscriptions" in wrong.output and "Not authorized" in wrong.output, wrong.output
+
+
+def test_a_killed_server_costs_its_in_flight_requests_to_the_fallback_and_none_hangs(
+        broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
+    """Paho C acks on arrival: SIGKILL loses what the server held. Every request still ends, answered by the
+    server or by the device's own exit after its timeout, and the restarted server answers the rest."""
+    args = ["--transport", "paho-c"]
+    server = ServerProcess(broker.address, fmnist_model_path, workers=2, server_id="pahoc-crash", extra=args).start()
+    restarted: list[ServerProcess] = []
+    answered = threading.Semaphore(0)
+
+    def crash_and_restart() -> None:
+        for _ in range(300):
+            answered.acquire()
+        server.kill()
+        time.sleep(0.5)
+        restarted.append(ServerProcess(broker.address, fmnist_model_path, workers=2, server_id="pahoc-crash",
+                                       extra=args).start())
+
+    chaos = threading.Thread(target=crash_and_restart)
+    chaos.start()
+    started = time.monotonic()
+    try:
+        report = run_devices(broker.connection(), expected.program, expected.loaded.hash_bytes,
+                             expected.device.split_words, expected.device.entropy, expected.device.local_class,
+                             6, 250, all_to_server=True, timeout_s=2.0, window=4,
+                             on_outcome=lambda _: answered.release())
+    finally:
+        chaos.join()
+        for process in restarted:
+            process.terminate()
+        server.kill()
+    assert len(restarted) == 1 and restarted[0].replies_sent() > 0, "the run ended before the crash"
+    assert len(report.outcomes) == 1500 and report.misrouted == 0
+    counts = {source: report.count(source) for source in ("server", "fallback", "error")}
+    assert counts["server"] + counts["fallback"] == 1500, counts
+    assert counts["server"] >= 300
+    assert time.monotonic() - started < 120
+    for outcome in report.outcomes:
+        reference = expected.server_class if outcome.source == "server" else expected.device.local_class
+        assert outcome.final_class == int(reference[outcome.index]), outcome
+
+
+def test_oversized_request_is_answered_too_large_with_its_id(broker: Broker, expected: Expected,
+                                                              fmnist_model_path: object) -> None:
+    server = ServerProcess(broker.address, fmnist_model_path, workers=1,
+                           extra=["--transport", "paho-c", "--max-request-bytes", "10000"]).start()
+    client = RawClient(broker.connection(), "big")
+    good = codec.encode_request(split_header(expected.program, expected.loaded.hash_bytes, 42),
+                                expected.device.split_words[0])
+    try:
+        client.publish(topics.request_topic(expected.loaded.hash_bytes, "big"), good + bytes(20000))
+        reply = client.next_reply(20.0)
+        client.publish(topics.request_topic(expected.loaded.hash_bytes, "big"), good)
+        after = client.next_reply(20.0)
+    finally:
+        client.close()
+        assert server.terminate() == 0, server.output
+    assert reply is not None and reply.status == Status.TOO_LARGE and reply.request_id == 42, reply
+    assert "10000-byte limit" in reply.message
+    assert after is not None and after.status == Status.OK and after.class_id == int(expected.server_class[0])
