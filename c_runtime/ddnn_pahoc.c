@@ -2,12 +2,18 @@
  * device talks MQTTClient in ddnn_mqtt.c); it is built into a cffi extension by the server. */
 #include "ddnn_pahoc.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 #include <MQTTAsync.h>
 
@@ -160,6 +166,37 @@ static void subscribe_failed(void *context, MQTTAsync_failureData5 *response)
     pthread_mutex_unlock(&c->lock);
 }
 
+/* Request/reply packets are small: with Nagle's algorithm on, a reply written while the broker's ACK of the
+ * previous one is delayed waits ~40 ms. Paho C never sets TCP_NODELAY and exposes no socket (the device's
+ * runner interposes connect(), ddnn_nodelay.c, which a Python extension cannot), so on every connection
+ * this sets it on each TCP socket of the process whose peer is the broker's port: Paho's, and at worst
+ * another client's of the same broker, which the server's paho-mqtt clients set anyway. */
+static void set_no_delay(int port)
+{
+    DIR *fds = opendir("/proc/self/fd");
+    struct dirent *entry;
+    int fd, type, one = 1;
+
+    if (fds == NULL)
+        return;
+    while ((entry = readdir(fds)) != NULL) {
+        struct sockaddr_storage peer;
+        socklen_t peer_len = sizeof peer, type_len = sizeof type;
+        char *end;
+        long n = strtol(entry->d_name, &end, 10);
+        if (*end != '\0' || end == entry->d_name || n < 0 || n > INT32_MAX)
+            continue;
+        fd = (int)n;
+        if (getpeername(fd, (struct sockaddr *)&peer, &peer_len) != 0 ||
+            getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) != 0 || type != SOCK_STREAM)
+            continue;
+        if ((peer.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&peer)->sin_port) == port) ||
+            (peer.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&peer)->sin6_port) == port))
+            (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    closedir(fds);
+}
+
 static void connected(void *context, char *cause)
 {
     ddnn_pahoc *c = context;
@@ -168,6 +205,7 @@ static void connected(void *context, char *cause)
     int rc;
 
     (void)cause;
+    set_no_delay(c->config.port);
     pthread_mutex_lock(&c->lock);
     c->stats.connected = 1;
     ++c->stats.connects;

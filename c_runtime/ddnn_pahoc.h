@@ -25,6 +25,7 @@ typedef struct ddnn_pahoc ddnn_pahoc;
 
 typedef struct {
     const char *uri;       /* tcp://HOST:PORT or ssl://HOST:PORT */
+    int port;              /* PORT again: TCP_NODELAY goes on the sockets connected to it */
     const char *client_id;
     const char *username;  /* NULL: none */
     const char *password;  /* NULL: none */

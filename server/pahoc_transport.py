@@ -44,7 +44,7 @@ KEEPALIVE_S = 15
 _CDEF = """
 typedef struct ddnn_pahoc ddnn_pahoc;
 typedef struct {
-    const char *uri; const char *client_id; const char *username; const char *password;
+    const char *uri; int port; const char *client_id; const char *username; const char *password;
     int tls, insecure;
     const char *ca_file, *cert_file, *key_file;
     int clean_start; int session_expiry_s; int receive_maximum; int keepalive_s; int max_inflight; int max_buffered;
@@ -124,6 +124,7 @@ class PahocTransport:
 
         config = ffi.new("ddnn_pahoc_config *")
         config.uri = text(f"{'ssl' if connection.tls else 'tcp'}://{connection.host}:{connection.port}")
+        config.port = connection.port
         config.client_id = text(self.client_id)
         config.username = text(connection.username)
         config.password = text(connection.password())
