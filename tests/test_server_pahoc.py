@@ -230,3 +230,52 @@ def test_oversized_request_is_answered_too_large_with_its_id(broker: Broker, exp
     assert reply is not None and reply.status == Status.TOO_LARGE and reply.request_id == 42, reply
     assert "10000-byte limit" in reply.message
     assert after is not None and after.status == Status.OK and after.class_id == int(expected.server_class[0])
+
+
+def test_several_subscriptions_and_the_other_topics_go_to_on_other(broker: Broker) -> None:
+    """Edge and aggregator servers subscribe to several models and to retained thresholds and statuses: all
+    granted (Paho reports several reason codes another way than one), requests and the rest kept apart."""
+    from ddnn_server.pahoc_transport import PahocTransport
+
+    other_hash = bytes(range(16, 32))
+    threshold = topics.threshold_topic(MODEL_HASH)
+    setter = RawClient(broker.connection(), "setter", subscribe_replies=False)
+    assert setter.publish(threshold, b"0.25", retain=True) in ("Success", "No matching subscribers")
+    requests: list[Incoming] = []
+    others: list[tuple[str, bytes]] = []
+    transport = PahocTransport(broker.connection(), "pahoc-many", "g", [(MODEL_HASH, 1), (other_hash, 2)],
+                               requests.append, persistent=False, extra_subscriptions=[threshold],
+                               on_other=lambda topic, payload: others.append((topic, payload)))
+    transport.start()
+    try:
+        assert transport.wait_ready(10.0), transport.connection_problem
+        assert wait_for(lambda: others == [(threshold, b"0.25")], 10.0), others
+        assert setter.publish(topics.request_topic(other_hash, "setter", 2), b"to tier 2") == "Success"
+        assert wait_for(lambda: len(requests) == 1, 10.0)
+    finally:
+        setter.close()
+        transport.close()
+    assert requests[0].topic == topics.request_topic(other_hash, "setter", 2) and requests[0].payload == b"to tier 2"
+
+
+def test_broker_restart_reconnects_resubscribes_and_serves_again(broker: Broker) -> None:
+    """Paho C reconnects on its own; each connection subscribes again, and the loss shows in the log."""
+    got: list[Incoming] = []
+    transport = _transport(broker, got.append)
+    key = topics.model_key(MODEL_HASH)
+    try:
+        broker.kill()
+        assert wait_for(lambda: transport.stats()["lost"] == 1, 10.0)
+        assert not transport.wait_ready(0.1)
+        broker.start()
+        assert transport.wait_ready(15.0), transport.connection_problem
+        sender = RawClient(broker.connection(), "after")
+        try:
+            assert sender.publish(f"ddnn/req/{key}/after", b"again") == "Success"
+            assert wait_for(lambda: len(got) == 1, 10.0)
+        finally:
+            sender.close()
+        stats = transport.stats()
+    finally:
+        transport.close()
+    assert got[0].payload == b"again" and stats["connects"] == 2 and stats["connected"] == 1
