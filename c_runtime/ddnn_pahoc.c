@@ -202,7 +202,7 @@ static void connected(void *context, char *cause)
     ddnn_pahoc *c = context;
     MQTTAsync_responseOptions options = MQTTAsync_responseOptions_initializer;
     MQTTAsync_message status = MQTTAsync_message_initializer;
-    int rc;
+    int rc, resubscribe;
 
     (void)cause;
     set_no_delay(c->config.port);
@@ -210,9 +210,10 @@ static void connected(void *context, char *cause)
     c->stats.connected = 1;
     ++c->stats.connects;
     c->problem[0] = '\0';
+    resubscribe = c->n_subscriptions > 0 && !c->unsubscribed;
     pthread_cond_broadcast(&c->changed);
     pthread_mutex_unlock(&c->lock);
-    if (c->n_subscriptions > 0 && !c->unsubscribed) {
+    if (resubscribe) {
         options.onSuccess5 = subscribed;
         options.onFailure5 = subscribe_failed;
         options.context = c;
