@@ -125,6 +125,11 @@ class EventAnswer:
     fallback: bool = False  # scores first: no split came back, so the unconfident local exit answered
     scores_first: bool = False
 
+    @property
+    def fetched(self) -> bool:
+        """Scores first, and the splits were asked for (tier 1 answered, or no split came)."""
+        return self.scores_first and (self.answered_by == 1 or self.fallback)
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -197,7 +202,7 @@ class EventTable:
         if header.packing == Packing.NO_FEATURES or (header.packing.bits and key in self._fetching):
             return self._add_features(key, request, now)
         answered = self._closed.get(key)
-        if answered is not None and answered.scores_first and not scores and header.view_index in answered.views:
+        if answered is not None and answered.fetched and not scores and header.view_index in answered.views:
             return Admission(stale=True)  # the split asked for came after the event's second deadline
         if answered is not None:
             if header.view_index in answered.views:
@@ -250,7 +255,7 @@ class EventTable:
         if event is None:
             done = self._closing.get(key)
             answered = self._closed.get(key)
-            if (done is not None and done.fetching) or (answered is not None and answered.scores_first):
+            if (done is not None and done.fetching) or (answered is not None and answered.fetched):
                 return Admission(stale=True)
             raise ProtocolError(Status.MALFORMED, f"no feature request of event {header.event_id} is outstanding",
                                 header.request_id)

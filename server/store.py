@@ -95,7 +95,7 @@ class ServedModel:
                                     f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
                                     header.request_id)
             return
-        if header.packing.phase:
+        if header.packing.scores_first:
             self._check_scores_first(header)
             return
         if self.views is not None and not header.packing.bits:

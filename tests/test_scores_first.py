@@ -171,7 +171,7 @@ def test_unconfident_sums_fetch_the_splits_and_close_when_all_are_in() -> None:
         assert _add(table, _split(9, view), 1.1).event is None
     done = _add(table, _none(9, 3), 1.2).event
     assert done is event and done.split_views == (0, 1, 2) and done.fetching
-    assert table.answered(done, LOCAL) == []
+    assert table.answered(done, EventAnswer(4, np.zeros(10), 1, (0, 1, 2, 3), scores_first=True)) == []
     # The answer is remembered: a late copy of a split asked for is stale (acked, no reply).
     assert _add(table, _split(9, 3), 2.0).stale
 
@@ -307,3 +307,14 @@ def test_scores_first_answers_as_the_evaluation_does(views_model: ViewAggregator
     events[unsure[0]].features = {view: _none(unsure[0] + 1, view, 1) for view in range(4)}
     (fallback,) = answer_events(views_model, [events[unsure[0]]])
     assert fallback.fallback and fallback.answered_by == 0 and fallback.class_id == first[unsure[0]].class_id
+
+
+def test_a_split_after_a_confident_scores_first_answer_is_a_duplicate_not_stale() -> None:
+    """No feature request went out for an event its sums answered: a split for it is no late answer to one."""
+    table = EventTable(deadline_s=1.0)
+    for view in range(4):
+        event = _add(table, _sums(8, view)).event
+    assert event is not None
+    table.answered(event, EventAnswer(1, np.zeros(10), 0, (0, 1, 2, 3), scores_first=True))
+    assert _status(lambda: _add(table, _split(8, 2))) == Status.MALFORMED
+    assert _status(lambda: _add(table, _none(8, 2))) == Status.MALFORMED

@@ -4,8 +4,11 @@ A request is a fixed 64-byte little-endian header followed by the split-layer ac
 (BITS_DENSE, what devices and edges send: the H*W*C bits, HWC order, LSB first) or exactly as the device
 holds them (BITS_U64: HWC, channels packed into uint64 words, little-endian), or, for a server-only
 request (packing RAW_U8, split layer 0), the raw uint8 HWC input image. Both bit packings decode to the
-same uint64 words, so nothing after decode_payload knows which one travelled. A reply is a
-fixed 32-byte header, the top-k (class, probability) pairs and an optional utf-8 error message.
+same uint64 words, so nothing after decode_payload knows which one travelled. A multi-view camera sending
+"scores first" (docs/views.md) sends its exit sums (EXIT_SUMS, int32) instead, and its split only when an
+aggregator's feature request (its own 40-byte message, FEATURES_MAGIC) asks (or NO_FEATURES when it no longer
+holds it). A reply is a fixed 40-byte header, the top-k (class, probability) pairs and an optional utf-8 error
+message.
 The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same byte layouts.
 """
 
@@ -67,7 +70,7 @@ class Packing(enum.IntEnum):
         return self in (Packing.BITS_U64, Packing.BITS_DENSE)
 
     @property
-    def phase(self) -> bool:
+    def scores_first(self) -> bool:
         """A scores-first message (exit sums, or the answer to a feature request that has no split)."""
         return self in (Packing.EXIT_SUMS, Packing.NO_FEATURES)
 
@@ -256,7 +259,7 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
 
 def _scores_first_problem(header: RequestHeader) -> str:
     """Why a scores-first message's header is not one, or ""."""
-    if not header.packing.phase:
+    if not header.packing.scores_first:
         return ""
     if not header.multi_view:
         return f"packing {int(header.packing)} ({header.packing.name}) belongs to a multi-view event"
