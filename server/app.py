@@ -417,7 +417,8 @@ class Server:
         """Scores first, the local exit not confident: ask every device that sent sums for its split. An event
         closes again when its splits are in (or its devices died, or its second deadline passed) and comes
         back to a worker; one whose devices are all offline already comes back at once."""
-        assert isinstance(self.transport, Transport)  # aggregators run on MQTT only (checked at start)
+        # Aggregators run on MQTT only (checked at start): either MQTT transport publishes feature requests.
+        assert hasattr(self.transport, "publish_feature_request")
         for event, answer in unsure:
             with self._events_lock:
                 ready = self.events.fetch(event, answer)

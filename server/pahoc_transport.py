@@ -211,6 +211,14 @@ class PahocTransport:
     def publish_telemetry(self, payload: bytes) -> None:
         self._publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
 
+    def publish_feature_request(self, device_id: str, payload: bytes) -> bool:
+        """Aggregator, scores first: ask ``device_id`` for an event's split (QoS 1), as the paho-mqtt transport
+        does. False when Paho C did not take it."""
+        rc = self._publish(topics.feature_request_topic(device_id), payload, qos=1)
+        if rc != 0:
+            self._problems.warning("unsent", "feature request to %s not sent: Paho C error %d", device_id, rc)
+        return rc == 0
+
     # ---- replies (worker threads) --------------------------------------------------------------------
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:

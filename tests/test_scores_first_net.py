@@ -169,3 +169,16 @@ def _hostile(broker: Broker, aggregator: ViewAggregator, runs: ViewRuns) -> None
         assert bad.next_reply(1.0) is None
     finally:
         bad.close()
+
+
+def test_scores_first_on_the_paho_c_transport(scene: tuple) -> None:  # noqa: F811
+    """The aggregator's second phase (feature requests it publishes) on ``--transport paho-c`` too."""
+    aggregator, runs, labels, parts = scene
+    count = 200
+    want_classes, want_exits = _expected(aggregator, aggregator.outputs(runs, labels))
+    with aggregating(DEADLINE_MS, "--transport", "paho-c") as (broker, _):
+        report = simulate_views(broker.connection(), aggregator.programs, aggregator.loaded.hash_bytes, parts, count,
+                                timeout_s=10.0, scores_first=True, device_prefix="pc")
+    classes, exits, _ = _per_event(report, count, aggregator.count)
+    assert np.array_equal(exits, want_exits[:count]) and np.array_equal(classes, want_classes[:count])
+    assert report.feature_requests == aggregator.count * int(np.sum(want_exits[:count] == 1)) > 0
