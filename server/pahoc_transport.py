@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ddnn_gen import __version__
+from ddnn_gen.codegen.extension import CFLAGS, build_extension
 from ddnn_gen.codegen.resources import c_runtime_dir
 from ddnn_gen.codegen.toolchain import BuildError
-from ddnn_gen.device.c_binding import CFLAGS, build_extension
 from ddnn_gen.errors import DdnnError
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.connection import BrokerConnection
