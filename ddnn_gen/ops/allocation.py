@@ -1,0 +1,212 @@
+"""Per-device thresholds (``ddnngen control --per-device``): when one model's devices see different data, the
+same threshold makes them offload different shares, and one threshold for all spends accuracy where it buys
+little offload. This controller gives each device its own threshold so that the predicted server load meets
+the target at the least expected loss of accuracy.
+
+Each device's curve is the model's calibration curve corrected by what the device is seen to do: its onward
+share at threshold t is ``min(1, c * onward(t))``, with c its observed share over the curve's at the threshold
+it reported using (smoothed, like the model-wide controller's correction). Its accuracy at t is the curve's
+accuracy at the threshold where the model offloads that same share: a device that offloads like the
+calibration set does at t' is taken to be as accurate as the set at t'. Accuracy is weighted by each device's
+share of the samples (the fleet's accuracy is per sample), load by its rate.
+
+The allocation is greedy: from every device at t_min, raise, one grid step at a time, the device whose next
+step removes the most predicted requests/s per point of fleet accuracy lost, until the prediction fits the
+budget. Rates cancel out of that ratio (load and accuracy weight both scale with a device's rate), so devices
+that differ only in offered rate get the same threshold, which is the optimum for a concave curve; devices
+whose data differ get different ones.
+
+Damping is the model-wide controller's, per device: thresholds rise only while the predicted load at the
+current thresholds is over the allowed load, each to at least the allocation that fits it; they fall only
+when the lowered allocation stays ``margin`` under the allowed load, by at most ``max_step_down`` per device
+per interval. A rise lands under the allowed load and a fall under (1 - margin) of it, so with steady
+estimates no decision undoes the previous one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ddnn_gen.ops.controller import TargetKeeper, adapt_allowed, threshold_grid
+
+MIN_SAMPLES = 20  # a device's correction is updated from at least this many samples (accumulated over intervals)
+CORRECTION_BOUNDS = (0.2, 5.0)  # wider than the model-wide controller's: devices' data may differ a lot
+
+
+@dataclass
+class DeviceObservation:
+    """One device's interval: samples it classified, how many it offloaded, the threshold it reported using
+    (NaN: unknown; the controller's last value for it is assumed)."""
+
+    samples: int
+    offloaded: int
+    threshold: float = math.nan
+
+
+@dataclass
+class ControlledDevice:
+    threshold: float
+    rate: float | None = None  # samples/s, smoothed
+    correction: float = 1.0
+    _samples: int = 0  # accumulated until MIN_SAMPLES
+    _offloaded: int = 0
+    _used: list[float] = field(default_factory=list)  # thresholds reported over those samples
+
+
+@dataclass
+class DevicesDecision:
+    thresholds: dict[str, float]
+    predicted_load: float  # requests/s
+    allowed_load: float
+    expected_accuracy: float  # sample-weighted over the devices
+    reason: str
+
+    @property
+    def threshold(self) -> float:
+        """The model-wide value to publish for devices not seen yet: the highest (the least load)."""
+        return max(self.thresholds.values())
+
+
+@dataclass
+class _Curves:
+    """Every device's predicted load (requests/s) and accuracy at each grid threshold, and its sample weight."""
+
+    grid: np.ndarray
+    ids: list[str]
+    load: np.ndarray  # devices x grid
+    accuracy: np.ndarray  # devices x grid
+    weight: np.ndarray  # devices
+
+
+@dataclass
+class DeviceThresholdController(TargetKeeper):
+    """``threshold``: where a device not seen before starts."""
+
+    devices: dict[str, ControlledDevice] = field(default_factory=dict)
+
+    def update(self, seen: dict[str, DeviceObservation], span_s: float, p99_ms: float = math.nan) -> DevicesDecision:
+        for device_id, observation in seen.items():
+            self._observe(self.devices.setdefault(device_id, ControlledDevice(self.threshold)), observation, span_s)
+        load_seen = sum(observation.offloaded for observation in seen.values()) / span_s
+        self.allowed = adapt_allowed(self.allowed, self.capacity, self.target_p99_ms, load_seen, p99_ms)
+        curves = self._curves()
+        now = self._indices(curves, [self.devices[i].threshold for i in curves.ids])
+        wanted = _allocate(curves, self.allowed)
+        roomy = _allocate(curves, (1 - self.margin) * self.allowed)
+        if _load(curves, now) > self.allowed:
+            chosen, reason = np.maximum(now, wanted), "over target: more local exits"
+        elif np.any(roomy < now):
+            chosen, reason = self._lower(curves, now, roomy)
+        else:
+            chosen, reason = now, "holding"
+        # A device that classifies nothing keeps its threshold: moving it would gain nothing now.
+        chosen = np.where(curves.weight > 0, chosen, now)
+        for d, device_id in enumerate(curves.ids):
+            if chosen[d] != now[d]:
+                self.devices[device_id].threshold = float(curves.grid[chosen[d]])
+        thresholds = {device_id: self.devices[device_id].threshold for device_id in curves.ids}
+        return DevicesDecision(thresholds, _load(curves, chosen), self.allowed, _accuracy(curves, chosen), reason)
+
+    # ---- internals -------------------------------------------------------------------------------------
+
+    def _observe(self, device: ControlledDevice, seen: DeviceObservation, span_s: float) -> None:
+        weight = self.smoothing
+        rate = seen.samples / span_s
+        device.rate = rate if device.rate is None else (1 - weight) * device.rate + weight * rate
+        device._samples += seen.samples
+        device._offloaded += seen.offloaded
+        if seen.samples:
+            device._used.append(seen.threshold if math.isfinite(seen.threshold) else device.threshold)
+        if device._samples < MIN_SAMPLES:
+            return
+        expected = float(np.mean([self.curve.onward_at(t) for t in device._used]))
+        if expected > 1e-3:
+            ratio = min(CORRECTION_BOUNDS[1], max(CORRECTION_BOUNDS[0], device._offloaded / device._samples / expected))
+            device.correction = (1 - weight) * device.correction + weight * ratio
+        device._samples = device._offloaded = 0
+        device._used.clear()
+
+    def _curves(self) -> _Curves:
+        ids = sorted(self.devices)
+        now = [self.devices[i].threshold for i in ids]
+        # Each device's threshold and the one a bounded step below it are grid points: a fall is never held
+        # back by a coarse curve.
+        below = [max(self.t_min, round(t - self.max_step_down, 6)) for t in now]  # as the curve's grid is rounded
+        grid = threshold_grid(self.curve, self.t_min, self.t_max, now + below)
+        onward = np.array([self.curve.onward_at(float(t)) for t in grid])
+        rates = np.array([self.devices[i].rate or 0.0 for i in ids])
+        corrections = np.array([self.devices[i].correction for i in ids])
+        share = np.minimum(1.0, np.outer(corrections, onward))
+        # The set's accuracy, never rising with the threshold (a measured curve has noise; a step that seemed to
+        # gain accuracy would be taken first for nothing), as a loss from where everything is offloaded.
+        monotone = np.minimum.accumulate(self.curve.accuracy)
+        loss = monotone[0] - np.interp(grid, self.curve.thresholds, monotone)
+        accuracy = monotone[0] - np.outer(corrections ** 2, loss)
+        total = rates.sum()
+        weight = rates / total if total > 0 else np.zeros_like(rates)
+        return _Curves(grid, ids, rates[:, None] * share, accuracy, weight)
+
+    @staticmethod
+    def _indices(curves: _Curves, thresholds: list[float]) -> np.ndarray:
+        return np.array([int(np.searchsorted(curves.grid, t)) for t in thresholds], dtype=int)
+
+    def _lower(self, curves: _Curves, now: np.ndarray, roomy: np.ndarray) -> tuple[np.ndarray, str]:
+        """Move the devices above the roomy allocation down towards it, by at most max_step_down each, while
+        the prediction stays under (1 - margin) of the allowed load: all of them if that fits, else one at
+        a time, the most accuracy per request/s added first."""
+        budget = (1 - self.margin) * self.allowed
+        floor = curves.grid[np.minimum(now, len(curves.grid) - 1)] - self.max_step_down
+        steps = np.maximum(roomy, np.searchsorted(curves.grid, floor))
+        lowered = np.where(roomy < now, steps, now)
+        if _load(curves, lowered) <= budget:
+            return lowered, "room: more accuracy"
+        chosen = now.copy()
+        d_idx = np.arange(len(now))
+
+        def value(d: int) -> float:
+            added = curves.load[d, lowered[d]] - curves.load[d, now[d]]
+            gained = curves.weight[d] * (curves.accuracy[d, lowered[d]] - curves.accuracy[d, now[d]])
+            return gained / added if added > 1e-12 else math.inf
+
+        for d in sorted((int(d) for d in d_idx[lowered < now]), key=value, reverse=True):
+            trial = chosen.copy()
+            trial[d] = lowered[d]
+            if _load(curves, trial) <= budget:
+                chosen = trial
+        return chosen, "room: more accuracy" if np.any(chosen < now) else "holding (within the margin)"
+
+
+def _load(curves: _Curves, index: np.ndarray) -> float:
+    return float(curves.load[np.arange(len(index)), index].sum())
+
+
+def _accuracy(curves: _Curves, index: np.ndarray) -> float:
+    return float((curves.weight * curves.accuracy[np.arange(len(index)), index]).sum())
+
+
+def _allocate(curves: _Curves, budget: float) -> np.ndarray:
+    """Grid indices, one per device, that fit ``budget`` (or come as close as t_max allows) at the least loss
+    of sample-weighted accuracy: greedy from t_min, the step with the most load removed per accuracy lost."""
+    index = np.zeros(len(curves.ids), dtype=int)
+    last = len(curves.grid) - 1
+    total = _load(curves, index)
+    while total > budget:
+        best, best_ratio, best_next = -1, -math.inf, 0
+        for d in range(len(index)):
+            here = curves.load[d, index[d]]
+            lower = np.nonzero(curves.load[d, index[d] + 1:] < here - 1e-12)[0]
+            if index[d] >= last or not len(lower):
+                continue  # at t_max, or nothing to gain above: raising it costs accuracy for no load
+            step = index[d] + 1 + int(lower[0])
+            lost = curves.weight[d] * (curves.accuracy[d, index[d]] - curves.accuracy[d, step])
+            ratio = (here - curves.load[d, step]) / max(lost, 1e-12)
+            if ratio > best_ratio:
+                best, best_ratio, best_next = d, ratio, step
+        if best < 0:
+            break  # every device at t_max (or offloading nothing more it could stop): as close as it gets
+        total -= curves.load[best, index[best]] - curves.load[best, best_next]
+        index[best] = best_next
+    return index
