@@ -130,6 +130,14 @@ class Server:
                                        config.receive_maximum)
         self.upstream: Upstream | None = None
         if edges:
+            up = config.upstream or config.broker
+            if (up.tls and up.address == config.broker.address and (up.username, up.cert_file)
+                    == (config.broker.username, config.broker.cert_file) and (up.username or up.cert_file)):
+                # A secured broker names each session by its identity: the edge's two would take each other's.
+                raise DdnnError("an edge keeps two sessions, towards its devices and towards the tier above, and on "
+                                "this broker one identity is one session: give the upstream one its own "
+                                "(--upstream-username NAME-up --upstream-password-file ..., from broker-config's "
+                                "edge role)")
             self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
                                      self._answer_forward)
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
