@@ -158,20 +158,19 @@ class DeviceThresholdController(TargetKeeper):
         the prediction stays under (1 - margin) of the allowed load: all of them if that fits, else one at
         a time, the most accuracy per request/s added first."""
         budget = (1 - self.margin) * self.allowed
-        floor = curves.grid[np.minimum(now, len(curves.grid) - 1)] - self.max_step_down
+        floor = np.maximum(self.t_min, np.round(curves.grid[now] - self.max_step_down, 6))  # grid points (_curves)
         steps = np.maximum(roomy, np.searchsorted(curves.grid, floor))
         lowered = np.where(roomy < now, steps, now)
         if _load(curves, lowered) <= budget:
             return lowered, "room: more accuracy"
         chosen = now.copy()
-        d_idx = np.arange(len(now))
 
         def value(d: int) -> float:
             added = curves.load[d, lowered[d]] - curves.load[d, now[d]]
             gained = curves.weight[d] * (curves.accuracy[d, lowered[d]] - curves.accuracy[d, now[d]])
             return gained / added if added > 1e-12 else math.inf
 
-        for d in sorted((int(d) for d in d_idx[lowered < now]), key=value, reverse=True):
+        for d in sorted((int(d) for d in np.nonzero(lowered < now)[0]), key=value, reverse=True):
             trial = chosen.copy()
             trial[d] = lowered[d]
             if _load(curves, trial) <= budget:
