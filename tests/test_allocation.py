@@ -93,6 +93,27 @@ def test_devices_whose_data_differ_get_thresholds_that_meet_the_target_at_less_c
     assert all(row["_load"] <= row["_allowed"] * 1.05 for row in trace[40:])
 
 
+def test_devices_learnt_only_after_the_first_rise_are_reallocated(plant: tuple) -> None:
+    """Overloaded from the first interval: the first rise is taken before any device's correction is known
+    (every device the same), so the easy devices can only take over the load by reallocation later."""
+    curve, groups = plant
+    members = {f"easy{i}": "easy" for i in range(3)} | {f"hard{i}": "hard" for i in range(3)}
+    start = 0.2
+    rate = 3.0 * CAPACITY / (len(members) * curve.onward_at(start))
+    controller = DeviceThresholdController(curve, CAPACITY, start, t_min=0.05, t_max=0.95, max_load=0.8)
+    trace = _run(controller, groups, members, [rate] * 40)
+    first = trace[0]
+    values = [first[d] for d in members]
+    assert max(values) - min(values) <= 0.05 and first["_load"] <= first["_allowed"] * 1.05  # one rise, blind
+    last = trace[-1]
+    easy = np.mean([last[d] for d, g in members.items() if g == "easy"])
+    hard = np.mean([last[d] for d, g in members.items() if g == "hard"])
+    assert easy > hard + 0.01, last
+    assert all(row["_load"] <= row["_allowed"] * 1.05 for row in trace[5:])
+    # Reallocation converges: the last 10 intervals move nothing.
+    assert all(row == last for row in trace[-10:])
+
+
 def test_a_device_seen_late_starts_at_the_model_wide_threshold_and_bounds_hold(plant: tuple) -> None:
     curve, groups = plant
     controller = DeviceThresholdController(curve, CAPACITY, 0.3, t_min=0.1, t_max=0.6, max_load=0.5)

@@ -4,11 +4,14 @@ little offload. This controller gives each device its own threshold so that the 
 the target at the least expected loss of accuracy.
 
 Each device's curve is the model's calibration curve corrected by what the device is seen to do: its onward
-share at threshold t is ``min(1, c * onward(t))``, with c its observed share over the curve's at the threshold
-it reported using (smoothed, like the model-wide controller's correction). Its accuracy at t is the curve's
-accuracy at the threshold where the model offloads that same share: a device that offloads like the
-calibration set does at t' is taken to be as accurate as the set at t'. Accuracy is weighted by each device's
-share of the samples (the fleet's accuracy is per sample), load by its rate.
+share at threshold t is ``min(1, c * onward(t))``, with c its offloaded count over the curve's expectation at
+the threshold it reported using, over the recent intervals in which that threshold did not change. Its loss
+of accuracy at t is ``c**2 * (acc(0) - acc(t))`` (the curve's accuracy made non-increasing first: noise in a
+measured curve is never taken for a free step): c once because it has c times the curve's samples near the
+threshold, once because a device whose exit is less often sure is taken to be less often right when it
+exits. That second factor is an assumption (devices send no labels); tests/test_allocation.py checks it on
+Fashion-MNIST class groups. Accuracy is weighted by each device's share of the samples (the fleet's accuracy
+is per sample), load by its rate.
 
 The allocation is greedy: from every device at t_min, raise, one grid step at a time, the device whose next
 step removes the most predicted requests/s per point of fleet accuracy lost, until the prediction fits the
@@ -16,11 +19,14 @@ budget. Rates cancel out of that ratio (load and accuracy weight both scale with
 that differ only in offered rate get the same threshold, which is the optimum for a concave curve; devices
 whose data differ get different ones.
 
-Damping is the model-wide controller's, per device: thresholds rise only while the predicted load at the
-current thresholds is over the allowed load, each to at least the allocation that fits it; they fall only
+Damping is the model-wide controller's, per device: thresholds rise at once only while the predicted load at
+the current thresholds is over the allowed load, each to at least the allocation that fits it; they fall only
 when the lowered allocation stays ``margin`` under the allowed load, by at most ``max_step_down`` per device
-per interval. A rise lands under the allowed load and a fall under (1 - margin) of it, so with steady
-estimates no decision undoes the previous one.
+per interval. A rise lands under the allowed load and a fall under (1 - margin) of it. When no device can come
+down without another going up (the estimates changed after a rise: the devices that should carry it are
+known only then), the devices move towards the roomy allocation together, by at most ``max_step_down`` each,
+only if that raises the expected accuracy at no more load. So with steady estimates no decision undoes the
+previous one: rises fit, falls keep the margin, reallocations strictly improve the expected accuracy.
 """
 
 from __future__ import annotations
@@ -32,7 +38,13 @@ import numpy as np
 
 from ddnn_gen.ops.controller import TargetKeeper, adapt_allowed, threshold_grid
 
-MIN_SAMPLES = 20  # a device's correction is updated from at least this many samples (accumulated over intervals)
+# A device's correction is its offloaded count over the curve's expectation, both summed over its recent
+# steady intervals, once the expectation reaches MIN_EXPECTED requests: a ratio of a handful of requests is
+# noise, and per-device thresholds that followed it would differ for nothing. The sums are scaled down to
+# MEMORY_EXPECTED requests when they grow past it, so the memory is a number of requests (about +-16 %
+# binomial noise at 40), whatever the device's rate, and older intervals fade.
+MIN_EXPECTED = 10.0
+MEMORY_EXPECTED = 40.0
 CORRECTION_BOUNDS = (0.2, 5.0)  # wider than the model-wide controller's: devices' data may differ a lot
 
 
@@ -51,9 +63,9 @@ class ControlledDevice:
     threshold: float
     rate: float | None = None  # samples/s, smoothed
     correction: float = 1.0
-    _samples: int = 0  # accumulated until MIN_SAMPLES
-    _offloaded: int = 0
-    _used: list[float] = field(default_factory=list)  # thresholds reported over those samples
+    _offloaded: float = 0.0  # sums over recent steady intervals (MEMORY_EXPECTED)
+    _expected: float = 0.0
+    _reported: float = math.nan  # the threshold its previous message said it used
 
 
 @dataclass
@@ -116,18 +128,21 @@ class DeviceThresholdController(TargetKeeper):
         weight = self.smoothing
         rate = seen.samples / span_s
         device.rate = rate if device.rate is None else (1 - weight) * device.rate + weight * rate
-        device._samples += seen.samples
-        device._offloaded += seen.offloaded
-        if seen.samples:
-            device._used.append(seen.threshold if math.isfinite(seen.threshold) else device.threshold)
-        if device._samples < MIN_SAMPLES:
+        used = seen.threshold if math.isfinite(seen.threshold) else device.threshold
+        # Only an interval that began and ended at one threshold says what that threshold offloads: right after
+        # a change, the samples counted were mostly classified at the old one.
+        steady = used == device._reported
+        device._reported = used
+        if not steady or not seen.samples:
             return
-        expected = float(np.mean([self.curve.onward_at(t) for t in device._used]))
-        if expected > 1e-3:
-            ratio = min(CORRECTION_BOUNDS[1], max(CORRECTION_BOUNDS[0], device._offloaded / device._samples / expected))
-            device.correction = (1 - weight) * device.correction + weight * ratio
-        device._samples = device._offloaded = 0
-        device._used.clear()
+        device._offloaded += seen.offloaded
+        device._expected += seen.samples * self.curve.onward_at(used)
+        if device._expected > MEMORY_EXPECTED:
+            scale = MEMORY_EXPECTED / device._expected
+            device._offloaded, device._expected = scale * device._offloaded, MEMORY_EXPECTED
+        if device._expected >= MIN_EXPECTED:
+            low, high = CORRECTION_BOUNDS
+            device.correction = min(high, max(low, device._offloaded / device._expected))
 
     def _curves(self) -> _Curves:
         ids = sorted(self.devices)
@@ -135,7 +150,8 @@ class DeviceThresholdController(TargetKeeper):
         # Each device's threshold and the one a bounded step below it are grid points: a fall is never held
         # back by a coarse curve.
         below = [max(self.t_min, round(t - self.max_step_down, 6)) for t in now]  # as the curve's grid is rounded
-        grid = threshold_grid(self.curve, self.t_min, self.t_max, now + below)
+        above = [min(self.t_max, round(t + self.max_step_down, 6)) for t in now]
+        grid = threshold_grid(self.curve, self.t_min, self.t_max, now + below + above)
         onward = np.array([self.curve.onward_at(float(t)) for t in grid])
         rates = np.array([self.devices[i].rate or 0.0 for i in ids])
         corrections = np.array([self.devices[i].correction for i in ids])
@@ -175,7 +191,38 @@ class DeviceThresholdController(TargetKeeper):
             trial[d] = lowered[d]
             if _load(curves, trial) <= budget:
                 chosen = trial
-        return chosen, "room: more accuracy" if np.any(chosen < now) else "holding (within the margin)"
+        if np.any(chosen < now):
+            return chosen, "room: more accuracy"
+        return self._reallocate(curves, now, roomy)
+
+    def _reallocate(self, curves: _Curves, now: np.ndarray, roomy: np.ndarray) -> tuple[np.ndarray, str]:
+        """No device can come down alone: the others must make room. The devices the roomy allocation puts
+        higher go up towards it (at most max_step_down each); the ones it puts lower come down into the room
+        that frees (most accuracy per request/s first, each as far as fits, at most max_step_down), never
+        adding load beyond what there is now or the margin allows. Taken only if the expected accuracy rises:
+        with steady estimates such moves never undo each other."""
+        top = np.round(curves.grid[now] + self.max_step_down, 6)
+        trial = np.where(roomy > now, np.maximum(now, np.minimum(roomy, np.searchsorted(curves.grid, top,
+                                                                                         side="right") - 1)), now)
+        floor = np.maximum(self.t_min, np.round(curves.grid[now] - self.max_step_down, 6))
+        down = np.maximum(roomy, np.searchsorted(curves.grid, floor))
+        limit = min(self.allowed, max(_load(curves, now), (1 - self.margin) * self.allowed))
+
+        def value(d: int) -> float:
+            added = curves.load[d, down[d]] - curves.load[d, now[d]]
+            gained = curves.weight[d] * (curves.accuracy[d, down[d]] - curves.accuracy[d, now[d]])
+            return gained / added if added > 1e-12 else math.inf
+
+        for d in sorted((int(d) for d in np.nonzero(roomy < now)[0]), key=value, reverse=True):
+            for index in range(int(down[d]), int(now[d])):  # as far down as fits
+                candidate = trial.copy()
+                candidate[d] = index
+                if _load(curves, candidate) <= limit:
+                    trial = candidate
+                    break
+        if np.any(trial != now) and _accuracy(curves, trial) > _accuracy(curves, now) + 1e-9:
+            return trial, "reallocating: more accuracy"
+        return now, "holding (within the margin)"
 
 
 def _load(curves: _Curves, index: np.ndarray) -> float:

@@ -99,7 +99,8 @@ class FleetView:
         p99 = math.nan
         with self._lock:
             for device_id, state in self.devices.items():
-                last_samples, last_offloaded = self._taken.get(device_id, (0, 0))
+                # A device seen for the first time: its counters so far are its baseline, not this interval's.
+                last_samples, last_offloaded = self._taken.get(device_id, (state.samples, state.offloaded))
                 if state.samples < last_samples or state.offloaded < last_offloaded:
                     last_samples = last_offloaded = 0  # restarted: its counters began again
                 each[device_id] = DeviceObservation(state.samples - last_samples, state.offloaded - last_offloaded,
