@@ -4,11 +4,13 @@ authorization rules in which the broker, not the payload, decides who a client i
 Roles (docs/security.md has the whole threat model):
 
 * device D: publishes its requests ``ddnn/req/+/D`` and its status ``ddnn/status/D``; reads only its replies
-  ``ddnn/reply/D`` and its thresholds ``ddnn/threshold/<model>`` and ``ddnn/threshold/<model>/D``;
+  ``ddnn/reply/D``, its thresholds ``ddnn/threshold/<model>`` and ``ddnn/threshold/<model>/D`` and the
+  feature requests an aggregator sends it ``ddnn/features/D`` (scores first, docs/views.md);
 * server S: reads requests through the servers' shared subscriptions ``$share/<group>/ddnn/req/<model>/+``,
-  writes replies ``ddnn/reply/+`` and its own status ``ddnn/server/S/status``; reads every device's status
-  ``ddnn/status/+`` (an aggregator answers an event without the views of cameras that are offline) and the
-  model-wide thresholds ``ddnn/threshold/<model>`` (an aggregator's local exit applies them live);
+  writes replies ``ddnn/reply/+``, feature requests ``ddnn/features/+`` and its own status
+  ``ddnn/server/S/status``; reads every device's status ``ddnn/status/+`` (an aggregator answers an event
+  without the views of cameras that are offline) and the model-wide thresholds ``ddnn/threshold/<model>``
+  (an aggregator's local exit applies them live);
 * edge E (``ddnn-server --role edge``): towards its devices, a server's rules plus its tier thresholds
   ``ddnn/tier-threshold/<model>/<tier>[/<device>]``; cloud servers also take the requests of tiers 2 and up
   ``ddnn/req/<model>/+/t<N>``. Its session towards the tier above is a second identity, ``E-up`` (made with
@@ -146,12 +148,14 @@ def rules_for(name: str, role: str) -> list[Rule]:
                 Rule(send, f"{root}/device/{name}/telemetry"),
                 Rule(literal, f"{root}/reply/{name}"), Rule(receive, f"{root}/reply/{name}"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+"),
-                Rule(pattern, f"{root}/threshold/+/{name}"), Rule(receive, f"{root}/threshold/+/{name}")]
+                Rule(pattern, f"{root}/threshold/+/{name}"), Rule(receive, f"{root}/threshold/+/{name}"),
+                Rule(literal, f"{root}/features/{name}"), Rule(receive, f"{root}/features/{name}")]
     if role == "server":
         return [Rule(pattern, f"$share/+/{root}/req/+/+"), Rule(receive, f"{root}/req/+/+"),
                 # A cloud behind edges: the requests of tiers 2 and up (ddnn/req/<model>/<edge>/t<N>).
                 Rule(pattern, f"$share/+/{root}/req/+/+/+"), Rule(receive, f"{root}/req/+/+/+"),
-                Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/server/{name}/status"),
+                Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/features/+"),
+                Rule(send, f"{root}/server/{name}/status"),
                 Rule(send, f"{root}/server/{name}/telemetry"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+")]
