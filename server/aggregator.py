@@ -33,7 +33,8 @@ import numpy as np
 
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.views import ViewAggregator
-from ddnn_gen.wire.codec import ProtocolError, RequestHeader, Status
+from ddnn_gen.model.spec import exit_decision
+from ddnn_gen.wire.codec import ProtocolError, Reply, RequestHeader, Status
 
 # Events open at once, by default; past it a new event's first view is answered UNAVAILABLE (a flood of event
 # ids must cost replies, not memory). Each open event holds at most MAX_VIEWS splits.
@@ -93,9 +94,13 @@ class EventAnswer:
     """What every device of an answered event is told."""
 
     class_id: int
-    logits: np.ndarray  # float64 (classes,): of the exit that answered
-    answered_by: int  # 0: the aggregated local exit; 1: tier 1 on the aggregated splits
+    logits: np.ndarray | None  # float64 (classes,): of the exit that answered here; None: the tier above's
+    answered_by: int  # 0: the aggregated local exit; 1: tier 1 on the aggregated splits; 2: the cloud's
     views: tuple[int, ...]  # the views the answer was computed from
+    # A three-tier model: tier 1's packed output when its exit was unsure (the event goes on to the cloud; this
+    # answer, tier 1's, is the fallback), and the cloud's reply once it came (sent to every view as it is).
+    onward: np.ndarray | None = None
+    reply: Reply | None = None
 
 
 @dataclass(frozen=True)
@@ -308,12 +313,14 @@ class EventTable:
         return event.late
 
 
-def answer_events(aggregator: ViewAggregator, events: Sequence[Event],
-                  threshold: float | None = None) -> list[EventAnswer]:
+def answer_events(aggregator: ViewAggregator, events: Sequence[Event], threshold: float | None = None,
+                  edge_threshold: float | None = None) -> list[EventAnswer]:
     """The answers of closed events, in order: the aggregated local exit where it is confident (at
-    ``threshold``, default the model file's), tier 1 on the aggregated splits elsewhere. Events are batched by
-    the set of views present, through the same ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is
-    the evaluation's for that set of views."""
+    ``threshold``, default the model file's), tier 1 on the aggregated splits elsewhere. In a three-tier model
+    tier 1 is an edge: where its exit is unsure (at ``edge_threshold``, default the model file's) the answer
+    carries tier 1's output ``onward`` for the cloud. Events are batched by the set of views present, through
+    the same ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is the evaluation's for that set of
+    views."""
     answers: list[EventAnswer | None] = [None] * len(events)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, event in enumerate(events):
@@ -335,7 +342,11 @@ def answer_events(aggregator: ViewAggregator, events: Sequence[Event],
         tier = aggregator.next_tier_batch(splits[:, unsure], mask[unsure]) if len(unsure) else None
         for row, i in enumerate(indices):
             answers[i] = EventAnswer(int(local.classes[row]), local.logits[row], 0, present)
+        onward = None if tier is None or tier.output is None else (
+            ~tier.exits if edge_threshold is None else ~exit_decision(tier.entropy, edge_threshold))
         for row, position in enumerate(unsure):
             assert tier is not None
-            answers[indices[position]] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, present)
+            answers[indices[position]] = EventAnswer(
+                int(tier.classes[row]), tier.logits[row], 1, present,
+                onward=tier.output[row] if onward is not None and onward[row] else None)
     return [answer for answer in answers if answer is not None]
