@@ -4,10 +4,18 @@ its deadline passes, combines the present views' local exits as the model was tr
 answers every device of the event from that exit when it is confident, and otherwise runs tier 1 on the
 present views' aggregated splits and answers every device from it.
 
-What a device sends ("features at once"): its packed split, nothing else. Its local exit's integer sums are a
-function of the split (``reference.exit_sums``, the same BLinear the device ran), so the aggregator recomputes
-them bit for bit instead of having them sent; the trade-off against "exit scores first, features on demand"
-is measured in docs/views.md.
+What a device sends first is the device's choice, per event (the table takes both; one event's views must
+agree):
+
+* "features at once": its packed split, nothing else. Its local exit's integer sums are a function of the split
+  (``reference.exit_sums``, the same BLinear the device ran), so the aggregator recomputes them bit for bit.
+* "scores first": its local exit's integer sums (packing EXIT_SUMS). The aggregator aggregates them exactly as
+  from recomputed sums; when confident it answers every device as above, otherwise it asks each device that
+  sent sums for that event's split (a feature request on ``ddnn/features/<device-id>``) and waits for the
+  splits (or NO_FEATURES answers, or the devices' deaths) until a second deadline, then runs tier 1 on the
+  splits that came. The answer goes to each device's sums request; the splits are acknowledged only.
+
+Both are measured side by side in docs/views.md (bench/bench_views.py).
 
 :class:`EventTable` (pure: no MQTT, no threads) is the bookkeeping and holds the hostile-input rules; the
 server (app.py) feeds it from the network thread, a timer thread expires events, and the workers run
@@ -26,15 +34,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ddnn_gen.fold import reference
-from ddnn_gen.fold.views import ViewAggregator
+from ddnn_gen.fold.views import TierAnswer, ViewAggregator
 from ddnn_gen.model.spec import exit_decision
-from ddnn_gen.wire.codec import ProtocolError, Reply, RequestHeader, Status
+from ddnn_gen.wire.codec import Packing, ProtocolError, Reply, RequestHeader, Status
 
 # Events open at once, by default; past it a new event's first view is answered UNAVAILABLE (a flood of event
 # ids must cost replies, not memory). Each open event holds at most MAX_VIEWS splits.
@@ -56,7 +64,9 @@ class ViewRequest:
     """One device's view of an event, and what its reply needs."""
 
     header: RequestHeader
-    split: np.ndarray  # uint64 (H, W, words): the view's packed split, as decoded
+    # uint64 (H, W, words): the view's packed split, as decoded; int32 (classes,) for EXIT_SUMS; empty for
+    # NO_FEATURES
+    split: np.ndarray
     context: Any  # the server's (the MQTT message to ack, the device id the reply goes to)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -70,10 +80,25 @@ class Event:
     deadline: float
     views: dict[int, ViewRequest] = field(default_factory=dict)
     late: list[ViewRequest] = field(default_factory=list)  # arrived once closed, before its answer
+    scores_first: bool = False  # its views sent exit sums (the first view decides; the others must agree)
+    # Scores first, once the sums were not confident: the local exit's answer (what the devices hear if no
+    # split comes) and the answers to the feature requests, by view (a split, or NO_FEATURES).
+    local: EventAnswer | None = None
+    features: dict[int, ViewRequest] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
         return len(self.views) == self.view_count
+
+    @property
+    def fetching(self) -> bool:
+        """Its feature requests are out (or were): the next answer is tier 1's on the splits that came."""
+        return self.local is not None
+
+    @property
+    def split_views(self) -> tuple[int, ...]:
+        """The views whose split came back for a feature request."""
+        return tuple(sorted(view for view, request in self.features.items() if request.header.packing.bits))
 
 
 @dataclass
@@ -96,11 +121,19 @@ class EventAnswer:
     class_id: int
     logits: np.ndarray | None  # float64 (classes,): of the exit that answered here; None: the tier above's
     answered_by: int  # 0: the aggregated local exit; 1: tier 1 on the aggregated splits; 2: the cloud's
-    views: tuple[int, ...]  # the views the answer was computed from
+    views: tuple[int, ...]  # the views the answer was computed from (scores first: those that sent sums)
+    needs_features: bool = False  # scores first: the local exit was not confident; ask for the splits
+    fallback: bool = False  # scores first: no split came back, so the unconfident local exit answered
+    scores_first: bool = False
     # A three-tier model: tier 1's packed output when its exit was unsure (the event goes on to the cloud; this
     # answer, tier 1's, is the fallback), and the cloud's reply once it came (sent to every view as it is).
     onward: np.ndarray | None = None
     reply: Reply | None = None
+
+    @property
+    def fetched(self) -> bool:
+        """Scores first, and the splits were asked for (a tier above answered, or no split came)."""
+        return self.scores_first and (self.answered_by >= 1 or self.fallback)
 
 
 @dataclass(frozen=True)
@@ -109,6 +142,7 @@ class Admission:
 
     event: Event | None = None
     late_answer: EventAnswer | None = None
+    stale: bool = False  # a split or NO_FEATURES for a feature request whose event is answered: ack, no reply
 
 
 class EventTable:
@@ -119,9 +153,11 @@ class EventTable:
     """
 
     def __init__(self, deadline_s: float, max_open: int = MAX_OPEN_EVENTS, kept: int = CLOSED_EVENTS_KEPT,
-                 devices_kept: int = DEVICES_KEPT) -> None:
-        if deadline_s <= 0:
+                 devices_kept: int = DEVICES_KEPT, feature_deadline_s: float | None = None) -> None:
+        if deadline_s <= 0 or (feature_deadline_s is not None and feature_deadline_s <= 0):
             raise ValueError("the event deadline must be positive")
+        # Scores first: how long the splits asked for are waited for (the second phase's deadline).
+        self.feature_deadline_s = deadline_s if feature_deadline_s is None else feature_deadline_s
         if max_open < 1:
             raise ValueError("max_open must be >= 1")
         self.deadline_s = deadline_s
@@ -131,6 +167,9 @@ class EventTable:
         # a second event under the same key, answered differently).
         self._closing: dict[tuple[bytes, int], Event] = {}
         self._closed: OrderedDict[tuple[bytes, int], EventAnswer] = OrderedDict()
+        # Scores first: events whose feature requests are out, waiting for the splits (they count towards
+        # max_open: each holds up to K splits more).
+        self._fetching: dict[tuple[bytes, int], Event] = {}
         self._kept = kept
         self._device_views: OrderedDict[tuple[bytes, str], int] = OrderedDict()
         self._devices_kept = devices_kept
@@ -164,13 +203,21 @@ class EventTable:
                                 f"{header.view_count} views", header.request_id)
         self._bind(bytes(model_hash), device_id, header)
         key = (bytes(model_hash), header.event_id)
+        scores = header.packing == Packing.EXIT_SUMS
+        if header.packing == Packing.NO_FEATURES or (header.packing.bits and key in self._fetching):
+            return self._add_features(key, request, now)
         answered = self._closed.get(key)
+        if answered is not None and answered.fetched and not scores and header.view_index in answered.views:
+            return Admission(stale=True)  # the split asked for came after the event's second deadline
         if answered is not None:
             if header.view_index in answered.views:
                 raise ProtocolError(Status.MALFORMED, f"view {header.view_index} of event {header.event_id} was "
                                     "already answered (a duplicate view)", header.request_id)
             return Admission(late_answer=answered)
         closing = self._closing.get(key)
+        if closing is not None and closing.fetching and not scores and header.view_index in closing.views:
+            return Admission(stale=True)
+        closing = closing or self._fetching.get(key)
         if closing is not None:
             if header.view_index in closing.views or any(late.header.view_index == header.view_index
                                                          for late in closing.late):
@@ -180,10 +227,15 @@ class EventTable:
             return Admission()
         event = self._open.get(key)
         if event is None:
-            if len(self._open) >= self.max_open:
+            if len(self._open) + len(self._fetching) >= self.max_open:
                 raise ProtocolError(Status.UNAVAILABLE, f"aggregator busy: {self.max_open} events are open",
                                     header.request_id)
-            event = self._open[key] = Event(key, view_count, now + self.deadline_s)
+            event = self._open[key] = Event(key, view_count, now + self.deadline_s, scores_first=scores)
+        elif event.scores_first != scores:
+            raise ProtocolError(Status.MALFORMED, f"event {header.event_id}'s views send "
+                                f"{'exit sums' if event.scores_first else 'splits'} first: view "
+                                f"{header.view_index} may not send {'exit sums' if scores else 'its split'}",
+                                header.request_id)
         elif header.view_index in event.views:
             raise ProtocolError(Status.MALFORMED, f"view {header.view_index} of event {header.event_id} arrived "
                                 "twice (a duplicate view)", header.request_id)
@@ -195,6 +247,59 @@ class EventTable:
     def _close(self, key: tuple[bytes, int]) -> Event:
         event = self._closing[key] = self._open.pop(key)
         return event
+
+    def _close_fetch(self, key: tuple[bytes, int]) -> Event:
+        event = self._closing[key] = self._fetching.pop(key)
+        return event
+
+    def _add_features(self, key: tuple[bytes, int], request: ViewRequest, now: float) -> Admission:
+        """A split or NO_FEATURES answering a feature request: it must be for an event that asked this view,
+        under the request id of the view's sums, once."""
+        header = request.header
+        event = self._fetching.get(key)
+        if event is None:
+            done = self._closing.get(key)
+            answered = self._closed.get(key)
+            if (done is not None and done.fetching) or (answered is not None and answered.fetched):
+                return Admission(stale=True)
+            raise ProtocolError(Status.MALFORMED, f"no feature request of event {header.event_id} is outstanding",
+                                header.request_id)
+        asked = event.views.get(header.view_index)
+        if asked is None or asked.header.request_id != header.request_id:
+            raise ProtocolError(Status.MALFORMED, f"event {header.event_id} asked no features of view "
+                                f"{header.view_index} under request id {header.request_id}", header.request_id)
+        if header.view_index in event.features:
+            raise ProtocolError(Status.MALFORMED, f"view {header.view_index} of event {header.event_id} answered "
+                                "its feature request twice", header.request_id)
+        event.features[header.view_index] = request
+        if self._fetch_ready(event):
+            return Admission(event=self._close_fetch(key))
+        return Admission()
+
+    def _fetch_ready(self, event: Event) -> bool:
+        """Every view asked answered, or absent (its devices died between the phases)."""
+        model_hash = event.key[0]
+        for view in event.views:
+            if view not in event.features:
+                devices = self._view_devices.get((model_hash, view))
+                if devices is None or not devices.absent:
+                    return False
+        return True
+
+    def fetch(self, event: Event, local: EventAnswer, now: float | None = None) -> bool:
+        """Scores first: ``event``'s local exit (``local``) was not confident and its feature requests are going
+        out to every view that sent sums. True when it is already ready (every such device offline): the
+        caller submits it again at once; otherwise it closes when the splits are in or its second deadline
+        passes."""
+        now = time.monotonic() if now is None else now
+        self._closing.pop(event.key, None)
+        event.local = local
+        event.deadline = now + self.feature_deadline_s
+        self._fetching[event.key] = event
+        if self._fetch_ready(event):
+            self._close_fetch(event.key)
+            return True
+        return False
 
     def _ready(self, event: Event, now: float) -> bool:
         """Every view is in, or known absent (its devices are offline and no newcomer may be replacing one)."""
@@ -278,7 +383,8 @@ class EventTable:
 
     def _close_ready(self, now: float) -> list[Event]:
         ready = [key for key, event in self._open.items() if self._ready(event, now)]
-        return [self._close(key) for key in ready]
+        fetched = [key for key, event in self._fetching.items() if self._fetch_ready(event)]
+        return [self._close(key) for key in ready] + [self._close_fetch(key) for key in fetched]
 
     def expire(self, now: float | None = None) -> list[Event]:
         """Close and return the events whose deadline has passed (they are answered with the views present),
@@ -286,16 +392,18 @@ class EventTable:
         now = time.monotonic() if now is None else now
         due = [key for key, event in self._open.items() if event.deadline <= now]
         closed = [self._close(key) for key in due]
+        closed += [self._close_fetch(key) for key in [key for key, event in self._fetching.items()
+                                                       if event.deadline <= now]]
         if self._forget_newcomers(now):
             closed += self._close_ready(now)
         return closed
 
     def next_deadline(self) -> float | None:
-        return min((event.deadline for event in self._open.values()), default=None)
+        return min((event.deadline for event in [*self._open.values(), *self._fetching.values()]), default=None)
 
     def drain(self) -> list[Event]:
         """Every open event, closed now (shutting down: answer what arrived)."""
-        return [self._close(key) for key in list(self._open)]
+        return [self._close(key) for key in list(self._open)] + [self._close_fetch(key) for key in list(self._fetching)]
 
     def answered(self, event: Event, answer: EventAnswer) -> list[ViewRequest]:
         """Remember ``event``'s answer for views that arrive after it (bounded: the oldest are forgotten);
@@ -313,40 +421,86 @@ class EventTable:
         return event.late
 
 
+def check_sums(aggregator: ViewAggregator, header: RequestHeader, sums: np.ndarray) -> None:
+    """ProtocolError unless ``sums`` can be view ``header.view_index``'s exit sums: a binary dot product over n
+    inputs is n - 2 * popcount, so each sum lies in [-n, n] with the parity of n (the count was checked
+    against the model's classes with the header)."""
+    n = int(np.prod(aggregator.programs[header.view_index].exit.in_hwc))
+    values = sums.astype(np.int64)
+    if np.any(np.abs(values) > n) or np.any((n - values) % 2):
+        raise ProtocolError(Status.MALFORMED, f"exit sums of view {header.view_index} must be integers in [-{n}, {n}] "
+                            f"of the parity of {n}", header.request_id)
+
+
+def _onward(tier: TierAnswer, edge_threshold: float | None) -> np.ndarray:
+    """Per row, whether tier 1 is an edge whose exit is unsure (at ``edge_threshold``, default the model
+    file's): that event goes on to the cloud with tier 1's output."""
+    if tier.output is None:
+        return np.zeros(len(tier.classes), dtype=bool)
+    return ~(tier.exits if edge_threshold is None else exit_decision(tier.entropy, edge_threshold))
+
+
 def answer_events(aggregator: ViewAggregator, events: Sequence[Event], threshold: float | None = None,
                   edge_threshold: float | None = None) -> list[EventAnswer]:
     """The answers of closed events, in order: the aggregated local exit where it is confident (at
     ``threshold``, default the model file's), tier 1 on the aggregated splits elsewhere. In a three-tier model
-    tier 1 is an edge: where its exit is unsure (at ``edge_threshold``, default the model file's) the answer
-    carries tier 1's output ``onward`` for the cloud. Events are batched by the set of views present, through
-    the same ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is the evaluation's for that set of
-    views."""
+    tier 1 is an edge: where its exit is unsure (at ``edge_threshold``) the answer carries tier 1's output
+    ``onward`` for the cloud. Events are batched by the set of views present, through the same
+    ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is the evaluation's for that set of views.
+
+    Scores first: an event's first answer is its local exit's, from the sums the devices sent; where it is not
+    confident it says ``needs_features`` (the caller fetches the splits, :meth:`EventTable.fetch`). Once fetched,
+    its answer is tier 1's on the views whose splits came (the local exit's, marked fallback, if none did)."""
     answers: list[EventAnswer | None] = [None] * len(events)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     for index, event in enumerate(events):
-        groups.setdefault(tuple(sorted(event.views)), []).append(index)
+        if event.local is not None:
+            present = event.split_views
+            if not present:
+                answers[index] = replace(event.local, needs_features=False, fallback=True)
+                continue
+            groups.setdefault(("tier", present), []).append(index)
+        else:
+            kind = "sums" if event.scores_first else "splits"
+            groups.setdefault((kind, tuple(sorted(event.views))), []).append(index)
     height, width, words = aggregator.split_shape
-    for present, indices in groups.items():
+    for (kind, present), indices in groups.items():
         n = len(indices)
         mask = np.zeros((n, aggregator.count), dtype=bool)
         mask[:, list(present)] = True
         splits = np.zeros((aggregator.count, n, height, width, words), dtype=np.uint64)
+        if kind == "tier":
+            for view in present:
+                splits[view] = np.stack([events[i].features[view].split for i in indices])
+            tier = aggregator.next_tier_batch(splits, mask)
+            onward = _onward(tier, edge_threshold)
+            for row, i in enumerate(indices):
+                local = events[i].local
+                assert local is not None
+                answers[i] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, local.views, scores_first=True,
+                                         onward=tier.output[row] if onward[row] else None)
+            continue
         logits = np.zeros((aggregator.count, n, aggregator.loaded.spec.n_classes), dtype=np.float64)
         for view in present:
-            splits[view] = np.stack([events[i].views[view].split for i in indices])
-            # The device's local-exit sums are the BLinear of its split: recomputed here, bit for bit.
-            sums = reference.exit_sums(aggregator.programs[view].exit, splits[view])
+            if kind == "sums":
+                sums = np.stack([events[i].views[view].split for i in indices])
+            else:
+                splits[view] = np.stack([events[i].views[view].split for i in indices])
+                # The device's local-exit sums are the BLinear of its split: recomputed here, bit for bit.
+                sums = reference.exit_sums(aggregator.programs[view].exit, splits[view])
             logits[view] = aggregator.scores(view, sums)
         local = aggregator.local_exit_batch(logits, mask, threshold)
-        unsure = np.flatnonzero(~local.exits)
-        tier = aggregator.next_tier_batch(splits[:, unsure], mask[unsure]) if len(unsure) else None
+        scores_first = kind == "sums"
         for row, i in enumerate(indices):
-            answers[i] = EventAnswer(int(local.classes[row]), local.logits[row], 0, present)
-        onward = None if tier is None or tier.output is None else (
-            ~tier.exits if edge_threshold is None else ~exit_decision(tier.entropy, edge_threshold))
+            answers[i] = EventAnswer(int(local.classes[row]), local.logits[row], 0, present,
+                                     needs_features=scores_first and not bool(local.exits[row]),
+                                     scores_first=scores_first)
+        unsure = np.flatnonzero(~local.exits)
+        if scores_first or not len(unsure):
+            continue
+        tier = aggregator.next_tier_batch(splits[:, unsure], mask[unsure])
+        onward = _onward(tier, edge_threshold)
         for row, position in enumerate(unsure):
-            assert tier is not None
-            answers[indices[position]] = EventAnswer(
-                int(tier.classes[row]), tier.logits[row], 1, present,
-                onward=tier.output[row] if onward is not None and onward[row] else None)
+            answers[indices[position]] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, present,
+                                                     onward=tier.output[row] if onward[row] else None)
     return [answer for answer in answers if answer is not None]

@@ -18,7 +18,16 @@ from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, telemetry, topics
 from ddnn_gen.wire.codec import ProtocolError, Reply, Status
 from ddnn_gen.wire.connection import BrokerConnection
-from ddnn_server.aggregator import MAX_OPEN_EVENTS, STATUSES, Event, EventAnswer, EventTable, ViewRequest, answer_events
+from ddnn_server.aggregator import (
+    MAX_OPEN_EVENTS,
+    STATUSES,
+    Event,
+    EventAnswer,
+    EventTable,
+    ViewRequest,
+    answer_events,
+    check_sums,
+)
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.batching import Batcher, Job, QueueFull
 from ddnn_server.edge import Forward, Upstream
@@ -63,6 +72,7 @@ class ServerConfig:
     log_requests: bool = False  # one log line per request (on the ddnn_server.requests logger)
     telemetry_interval_s: float = 2.0  # load on ddnn/server/<id>/telemetry this often (0: off)
     event_deadline_ms: float = 100.0  # aggregator: how long an event waits for its missing views
+    feature_deadline_ms: float | None = None  # aggregator, scores first: the splits' wait (None: event_deadline_ms)
     max_open_events: int = MAX_OPEN_EVENTS  # aggregator: events gathering views at once; more: UNAVAILABLE
     # RabbitMQ cluster nodes (one per node, tried in turn): consume the models' quorum queues over AMQP instead
     # of subscribing on ``broker``; ``receive_maximum`` is then the prefetch count.
@@ -152,7 +162,9 @@ class Server:
         self._telemetry_stop = threading.Event()
         self._telemetry = threading.Thread(target=self._telemetry_loop, name="ddnn-telemetry", daemon=True)
         # Aggregator: the events gathering their views, closed by the deadline thread or by their last view.
-        self.events = EventTable(config.event_deadline_ms / 1000.0, config.max_open_events)
+        feature_deadline_s = None if config.feature_deadline_ms is None else config.feature_deadline_ms / 1000.0
+        self.events = EventTable(config.event_deadline_ms / 1000.0, config.max_open_events,
+                                 feature_deadline_s=feature_deadline_s)
         self._events_lock = threading.Lock()
         self._events_stop = threading.Event()
         self._deadlines: threading.Thread | None = None
@@ -259,6 +271,8 @@ class Server:
             model.check(header)
             payload = codec.decode_payload(header, data)
             if model.views is not None:
+                if header.packing == codec.Packing.EXIT_SUMS:
+                    check_sums(model.views, header, payload)
                 self._admit_view(model, ViewRequest(header, payload, (incoming, device_id)))
                 return
         except ProtocolError as error:
@@ -312,6 +326,12 @@ class Server:
         assert model.views is not None
         with self._events_lock:
             admission = self.events.add(model.hash_bytes, model.views.count, request, request.context[1])
+        if admission.stale:
+            # The answer to a feature request whose event was already answered (its second deadline passed):
+            # the device heard the answer on its sums request; nothing to reply, only the ack.
+            self._bad_requests.warning("late features", "features of an event already answered arrived late")
+            self.transport.drop(request.context[0])
+            return
         if admission.late_answer is not None:
             self._bad_requests.warning("late view", "a view arrived after its event was answered: answering it with "
                                     "the event's answer")
@@ -344,6 +364,12 @@ class Server:
                 incoming, device_id = request.context
                 self._send(incoming, device_id, Reply(request.header.request_id, status, message=message), ok=False,
                            model=model)
+            self._ack_features(event)
+
+    def _ack_features(self, event: Event) -> None:
+        """The splits a scores-first event asked for are answered through its sums requests: acked only."""
+        for request in event.features.values():
+            self.transport.drop(request.context[0])
 
     def _deadline_loop(self) -> None:
         # A few ms of lateness against deadlines of tens of ms; cheaper than a timer per event.
@@ -366,6 +392,16 @@ class Server:
             self._fail_events(events, Status.INTERNAL, "internal server error", model.name)
             return
         server_us = int((time.monotonic() - started) * 1e6)
+        if any(answer.needs_features for answer in answers):
+            if self._events_stop.is_set():
+                # Stopping: no second phase; the devices hear the local exit's answer, marked fallback.
+                answers = [replace(answer, needs_features=False, fallback=True) if answer.needs_features else answer
+                           for answer in answers]
+            else:
+                self._fetch_features([(event, answer) for event, answer in zip(events, answers)
+                                      if answer.needs_features])
+                kept = [index for index, answer in enumerate(answers) if not answer.needs_features]
+                events, answers = [events[i] for i in kept], [answers[i] for i in kept]
         onward = [(event, answer) for event, answer in zip(events, answers) if answer.onward is not None]
         done = [(event, answer) for event, answer in zip(events, answers) if answer.onward is None]
         with self._events_lock:
@@ -373,10 +409,28 @@ class Server:
         for (event, answer), joined in zip(done, late):
             for request in [*event.views.values(), *joined]:
                 self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6), model.name)
+            self._ack_features(event)
         for event, answer in onward:
             self._forward_event(model, event, answer, server_us, started)
         with self._stats_lock:
             self.stats["batches"] += 1
+
+    def _fetch_features(self, unsure: list[tuple[Event, EventAnswer]]) -> None:
+        """Scores first, the local exit not confident: ask every device that sent sums for its split. An event
+        closes again when its splits are in (or its devices died, or its second deadline passed) and comes
+        back to a worker; one whose devices are all offline already comes back at once."""
+        assert isinstance(self.transport, Transport)  # aggregators run on MQTT only (checked at start)
+        for event, answer in unsure:
+            with self._events_lock:
+                ready = self.events.fetch(event, answer)
+            if ready:
+                self._submit_event(event)
+                continue
+            for request in event.views.values():
+                payload = codec.encode_feature_request(codec.FeatureRequest(event.key[0], event.key[1],
+                                                                            request.header.request_id))
+                # One not sent costs its view: the event closes at its second deadline without that split.
+                self.transport.publish_feature_request(request.context[1], payload)
 
     def _forward_event(self, model: ServedModel, event: Event, answer: EventAnswer, server_us: int,
                        started: float) -> None:
@@ -405,7 +459,8 @@ class Server:
         top_k = tuple(zip(top_classes[0].tolist(), top_probabilities[0].tolist()))
         incoming, device_id = request.context
         self._send(incoming, device_id, Reply(request.header.request_id, Status.OK, answer.class_id, top_k,
-                                              server_us, queue_us, answered_by=answer.answered_by), ok=True,
+                                              server_us, queue_us, answered_by=answer.answered_by,
+                                              flags=codec.REPLY_FALLBACK if answer.fallback else 0), ok=True,
                    model=model)
 
     # ---- workers -------------------------------------------------------------------------------------
@@ -475,6 +530,7 @@ class Server:
             joined = self.events.answered(event, answer)
         for request in [*event.views.values(), *joined]:
             self._answer_view(request, answer, reply.server_us, reply.queue_us, forwarded.model.name)
+        self._ack_features(event)
 
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)

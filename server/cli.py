@@ -73,6 +73,10 @@ def _name_option(what: str) -> object:
 @click.option("--event-deadline-ms", default=100.0, show_default=True, type=click.FloatRange(1, 600000),
               help="Aggregator: how long an event waits for its missing views after its first one arrived; then "
                    "it is answered from the views present.")
+@click.option("--feature-deadline-ms", default=None, type=click.FloatRange(1, 600000),
+              help="Aggregator, scores first: how long an event whose exit sums were not confident waits for the "
+                   "splits it asked its cameras for; then tier 1 runs on those that came. Default: "
+                   "--event-deadline-ms.")
 @click.option("--max-open-events", default=MAX_OPEN_EVENTS, show_default=True, type=click.IntRange(1, 10**6),
               help="Aggregator: events gathering views at once; a new event beyond is answered UNAVAILABLE.")
 @click.option("--upstream", "upstream_address", default=None, metavar="HOST[:PORT]",
@@ -107,7 +111,8 @@ def _name_option(what: str) -> object:
 def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_password_file: str | None,
          models_dir: str, workers: int, max_batch: int, max_wait_ms: float,
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
-         receive_maximum: int, role: str, event_deadline_ms: float, max_open_events: int,
+         receive_maximum: int, role: str, event_deadline_ms: float, feature_deadline_ms: float | None,
+         max_open_events: int,
          upstream_address: str | None, upstream_timeout_ms: float,
          from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None, forward: str,
          metrics_port: int, metrics_address: str, log_format: str, telemetry_interval: float, verbose: int) -> None:
@@ -152,7 +157,8 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
                               upstream_timeout_ms=upstream_timeout_ms, plan=plan_path, location=location or "cloud",
                               metrics_port=metrics_port, metrics_address=metrics_address,
                               log_requests=log_format == "json", telemetry_interval_s=telemetry_interval,
-                              event_deadline_ms=event_deadline_ms, max_open_events=max_open_events,
+                              event_deadline_ms=event_deadline_ms, feature_deadline_ms=feature_deadline_ms,
+                              max_open_events=max_open_events,
                               amqp=amqp)
         server = Server(config).start()
     except DdnnError as error:

@@ -98,9 +98,12 @@ class ServedModel:
                                     f"{header.width}, model {self.name} takes {channels}/{height}/{width}",
                                     header.request_id)
             return
+        if header.packing.scores_first:
+            self._check_scores_first(header)
+            return
         if self.views is not None and not header.packing.bits:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is multi-view: its aggregator takes each "
-                                "view's bit-packed split", header.request_id)
+                                "view's bit-packed split (or its exit sums, scores first)", header.request_id)
         if self.entry_tier == 0:
             kind = "Big-Little" if self.loaded.spec.big_little else "cloud-only"
             raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is {kind}: it takes raw input only",
@@ -118,6 +121,20 @@ class ServedModel:
         if header.packing.bits and self.program is None:
             raise ProtocolError(Status.SHAPE_MISMATCH, f"bit-packed payload, but model {self.name}'s tier "
                                 f"{self.entry_tier - 1} is float: send FLOAT32", header.request_id)
+
+    def _check_scores_first(self, header: RequestHeader) -> None:
+        """Exit sums (and NO_FEATURES answers) go to a multi-view model's aggregator, at its split layer; the
+        sums' values are checked against the view's exit when they are admitted (aggregator.check_sums)."""
+        if self.views is None:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is not multi-view: packing "
+                                f"{header.packing.name} is for an aggregator", header.request_id)
+        if header.split_layer != self.split_layer:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"split layer {header.split_layer}, model {self.name} "
+                                f"resumes here at {self.split_layer}", header.request_id)
+        classes = self.loaded.spec.n_classes
+        if header.packing == Packing.EXIT_SUMS and header.channels != classes:
+            raise ProtocolError(Status.SHAPE_MISMATCH, f"{header.channels} exit sums, model {self.name} has "
+                                f"{classes} classes", header.request_id)
 
     def server_input(self, payloads: list[np.ndarray], packing: Packing) -> np.ndarray:
         """Stack one batch of payloads into the entry tier's float32 input (+-1 for a binary split); both bit

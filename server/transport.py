@@ -180,6 +180,16 @@ class Transport:
         figures, and a lost one is replaced by the next)."""
         self._client.publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
 
+    def publish_feature_request(self, device_id: str, payload: bytes) -> bool:
+        """Aggregator, scores first: ask ``device_id`` for an event's split on its ``ddnn/features`` topic (QoS 1:
+        a lost request would cost the event its second deadline). False when it could not be queued."""
+        info = self._client.publish(topics.feature_request_topic(device_id), payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._problems.warning("unsent", "feature request to %s not sent: %s", device_id,
+                                   mqtt.error_string(info.rc))
+            return False
+        return True
+
     # ---- replies -------------------------------------------------------------------------------------
 
     def drop(self, incoming: Incoming) -> None:

@@ -193,8 +193,11 @@ def test_device_a_cannot_read_impersonate_or_steer_device_b(secure: Broker, serv
         for topic in (topics.reply_topic("devB"), "ddnn/reply/#", "ddnn/reply/+", "#", "ddnn/req/#",
                       f"ddnn/req/{key}/devB", f"$share/{topics.DEFAULT_SHARE_GROUP}/ddnn/req/{key}/+",
                       f"$share/{topics.DEFAULT_SHARE_GROUP}/ddnn/req/+/+", f"$share/other/ddnn/req/{key}/+",
-                      topics.threshold_topic(model_hash, "devB"), "ddnn/status/#", "ddnn/server/+/status"):
+                      topics.threshold_topic(model_hash, "devB"), "ddnn/status/#", "ddnn/server/+/status",
+                      topics.feature_request_topic("devB"), "ddnn/features/+", "ddnn/features/#"):
             assert attacker.subscribe(topic) == NOT_AUTHORIZED, topic
+        # Its own feature requests (an aggregator asking it for a split, scores first) it may read, not write.
+        assert attacker.subscribe(topics.feature_request_topic("devA")).startswith("Granted")
         # Publishing as B, writing B's status, setting any threshold (B's, the model's, even its own).
         for topic, payload in ((topics.request_topic(model_hash, "devB"), _good_request(fmnist_expected, 77)),
                                (topics.reply_topic("devB"), codec.encode_reply(codec.Reply(78, Status.OK, 3))),
@@ -202,7 +205,11 @@ def test_device_a_cannot_read_impersonate_or_steer_device_b(secure: Broker, serv
                                (topics.threshold_topic(model_hash), b"1"),
                                (topics.threshold_topic(model_hash, "devB"), b"1"),
                                (topics.threshold_topic(model_hash, "devA"), b"1"),
-                               (topics.server_status_topic("srv"), b"offline")):
+                               (topics.server_status_topic("srv"), b"offline"),
+                               (topics.feature_request_topic("devB"),
+                                codec.encode_feature_request(codec.FeatureRequest(model_hash, 1, 1))),
+                               (topics.feature_request_topic("devA"),
+                                codec.encode_feature_request(codec.FeatureRequest(model_hash, 1, 1)))):
             assert attacker.publish(topic, payload, retain=True) == NOT_AUTHORIZED, topic
         # Making the server answer B: no header field names a device (protocol v3), so a request on A's topic
         # is A's and answered to A; and a Response Topic naming B's reply topic is ignored (the reply comes to A).

@@ -6,6 +6,7 @@ duplicated and misrouted replies so tests can assert on them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -19,7 +20,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from ddnn_gen.device.c_binding import LocalAnswer
+from ddnn_gen.device.features import FEATURES_KEPT, FeatureBuffer
 from ddnn_gen.errors import DdnnError
+from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.fold.reference import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, telemetry, topics
@@ -91,7 +94,8 @@ class SimDevice:
     def __init__(self, device_id: str, connection: BrokerConnection | Sequence[BrokerConnection], model_hash: bytes,
                  timeout_s: float = 2.0, default_threshold: float = 0.5, *, protocol: int = mqtt.MQTTv5,
                  resend_pending: bool | None = None, subscribe_qos: int = 1,
-                 telemetry_interval_s: float = 2.0) -> None:
+                 telemetry_interval_s: float = 2.0,
+                 on_feature_request: Callable[[SimDevice, bytes], None] | None = None) -> None:
         self.device_id = topics.check_device_id(device_id)
         self.connections = [connection] if isinstance(connection, BrokerConnection) else list(connection)
         if not self.connections:
@@ -111,6 +115,12 @@ class SimDevice:
         self.request_topic = topics.request_topic(model_hash, device_id)
         self._model_threshold_topic = topics.threshold_topic(model_hash)
         self._device_threshold_topic = topics.threshold_topic(model_hash, device_id)
+        # A multi-view camera sending scores first: an aggregator's requests for its splits (called from the
+        # network thread with the raw payload; hostile until decoded).
+        self.on_feature_request = on_feature_request
+        self._feature_topic = topics.feature_request_topic(device_id)
+        # Application bytes this device published on its request topic (requests, and splits asked for).
+        self.bytes_sent = 0
         self._thresholds: dict[str, float | None] = {}
         self.default_threshold = default_threshold
         self._pending: dict[int, _Pending] = {}
@@ -275,6 +285,8 @@ class SimDevice:
         if self.taken_over:
             pending.event.set()  # another process is this device now: answer locally at once
             return pending
+        with self._lock:
+            self.bytes_sent += len(payload)
         info = self._client.publish(topic or self.request_topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("device %s: publish failed: %s", self.device_id, mqtt.error_string(info.rc))
@@ -307,18 +319,18 @@ class SimDevice:
         self._connections_made += 1
         # Plain QoS numbers: the same SUBSCRIBE for MQTT 5 and 3.1.1.
         qos = self.subscribe_qos
-        client.subscribe([(self.reply_topic, qos), (self._model_threshold_topic, qos),
-                          (self._device_threshold_topic, qos)])
+        client.subscribe([(topic, qos) for topic in self._subscribed_topics])
         client.publish(topics.status_topic(self.device_id), b"online", qos=1, retain=True)
         self._connected.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                       properties: Any) -> None:
-        topics_asked = (self.reply_topic, self._model_threshold_topic, self._device_threshold_topic)
-        refused = [(topic, str(code)) for topic, code in zip(topics_asked, reason_codes) if code.is_failure]
-        if refused and refused[0][0] == self.reply_topic:
-            # Without its reply topic a device gets no answers: say so instead of timing out on every request.
-            self.problem = f"the broker refused the subscription to {self.reply_topic}: {refused[0][1]}"
+        refused = [(topic, str(code)) for topic, code in zip(self._subscribed_topics, reason_codes)
+                   if code.is_failure]
+        if refused and refused[0][0] in (self.reply_topic, self._feature_topic):
+            # Without its reply topic a device gets no answers (without its feature requests, a scores-first
+            # camera none of tier 1's): say so instead of timing out on every request.
+            self.problem = f"the broker refused the subscription to {refused[0][0]}: {refused[0][1]}"
             log.error("device %s: %s", self.device_id, self.problem)
         elif refused:
             log.warning("device %s: the broker refused %s; thresholds from there will not arrive", self.device_id,
@@ -326,6 +338,18 @@ class SimDevice:
         self._settled.set()
         if self.resend_pending and self._connections_made > 1 and self.problem is None:
             self._resend()
+
+    @property
+    def _subscribed_topics(self) -> tuple[str, ...]:
+        asked = (self.reply_topic, self._model_threshold_topic, self._device_threshold_topic)
+        return asked + ((self._feature_topic,) if self.on_feature_request is not None else ())
+
+    def publish_raw(self, payload: bytes, topic: str | None = None) -> None:
+        """Publish without waiting for a reply (a split an aggregator asked for: the answer comes on the request
+        that sent the scores)."""
+        with self._lock:
+            self.bytes_sent += len(payload)
+        self._client.publish(topic or self.request_topic, payload, qos=1)
 
     def _resend(self) -> None:
         """After a reconnection: publish again what still waits for its reply (same bytes, same request id)."""
@@ -367,6 +391,9 @@ class SimDevice:
         self._connect_async()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._feature_topic and self.on_feature_request is not None:
+            self.on_feature_request(self, message.payload)
+            return
         if message.topic in (self._model_threshold_topic, self._device_threshold_topic):
             value = codec.decode_threshold(message.payload)
             if value is None and message.payload:
@@ -413,6 +440,9 @@ class SimReport:
     wall_s: float
     failovers: int = 0  # connections moved to the next broker of a device's list
     resent: int = 0  # requests published again after a fail-over (resend_pending)
+    bytes_sent: int = 0  # application bytes the devices published on their request topics
+    feature_requests: int = 0  # scores first: valid feature requests the cameras received
+    withheld: int = 0  # ... answered NO_FEATURES (the event no longer held)
 
     def count(self, source: str) -> int:
         return sum(1 for outcome in self.outcomes if outcome.source == source)
@@ -429,6 +459,21 @@ def split_header(program: DeviceProgram, model_hash: bytes, request_id: int, eve
     height, width, channels = program.split_hwc
     return RequestHeader(model_hash, program.split_layer, channels, height, width, request_id,
                          time.monotonic_ns() // 1000, Packing.BITS_DENSE, event_id, view_index, view_count)
+
+
+def sums_header(program: DeviceProgram, model_hash: bytes, request_id: int, event_id: int, view_index: int,
+                view_count: int) -> RequestHeader:
+    """Scores first: the header of one view's local-exit sums (int32, one per class)."""
+    return RequestHeader(model_hash, program.split_layer, program.spec.n_classes, 1, 1, request_id,
+                         time.monotonic_ns() // 1000, Packing.EXIT_SUMS, event_id, view_index, view_count)
+
+
+def no_features_request(program: DeviceProgram, view_index: int, view_count: int,
+                        request: codec.FeatureRequest) -> bytes:
+    """The answer to a feature request for an event this camera no longer holds (empty payload)."""
+    header = RequestHeader(request.model_hash, program.split_layer, 0, 0, 0, request.request_id,
+                           time.monotonic_ns() // 1000, Packing.NO_FEATURES, request.event_id, view_index, view_count)
+    return codec.encode_request(header, np.zeros(0, np.uint8))
 
 
 #: (sample index, the device's live threshold) -> the device part's answer for that sample. Called from the
@@ -541,7 +586,9 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
 def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model_hash: bytes,
                    device_parts: Sequence[DevicePart], n_events: int, timeout_s: float = 5.0,
                    device_prefix: str = "cam", first_event_id: int = 1,
-                   dies_after: dict[int, int] | None = None) -> SimReport:
+                   dies_after: dict[int, int] | None = None, *, scores_first: bool = False,
+                   keep_events: int | Sequence[int] = FEATURES_KEPT, dies_between: dict[int, int] | None = None,
+                   telemetry_interval_s: float = 2.0) -> SimReport:
     """K cameras (one per view, ``programs[k]`` and ``device_parts[k]`` being view k's) looking at the same
     ``n_events`` scenes: for scene e each sends its view's split tagged with event id ``first_event_id + e``,
     its view index and K, waits for the reply (the event's answer, whoever of the K it went to) and moves on,
@@ -549,24 +596,69 @@ def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model
     every view's exit together. ``dies_after`` {view: n} makes camera ``view`` die (:meth:`SimDevice.kill`:
     it drops its connection and sends nothing more) after its first n events, as a device that crashes
     mid-run. Outcomes: one per camera and event sent (``index`` = the event's scene index, ``source`` server /
-    error / fallback)."""
+    error / fallback).
+
+    ``scores_first``: each camera sends its view's local-exit sums (the BLinear of its split, bit for bit what
+    the device's exit computes) instead of its split, keeps the split of its last ``keep_events`` events (per
+    view, or one number for all) and publishes it when the aggregator's feature request for that event comes,
+    under the sums' request id (NO_FEATURES for an event it no longer holds); the reply to the sums is the
+    event's answer either way. ``dies_between`` {view: e} makes camera ``view`` die between the phases of its
+    event e: it sends the sums and is killed when the feature request for them arrives (or after
+    ``timeout_s`` if none does)."""
     count = len(programs)
     if len(device_parts) != count or not 1 < count <= codec.MAX_VIEWS:
         raise ValueError(f"{len(device_parts)} device parts for {count} views (2..{codec.MAX_VIEWS})")
     dies_after = dies_after or {}
-    devices = _start_devices(connection, [f"{device_prefix}{view}" for view in range(count)], model_hash, timeout_s,
-                             [program.threshold for program in programs])
+    dies_between = dies_between or {}
+    if dies_between and not scores_first:
+        raise ValueError("dies_between is a scores-first camera's death (between sums and features)")
+    kept = [keep_events] * count if isinstance(keep_events, int) else list(keep_events)
+    buffers = [FeatureBuffer(model_hash, functools.partial(no_features_request, program, view, count), kept[view])
+               for view, program in enumerate(programs)]
+    doomed = [threading.Event() for _ in programs]
+    ids = [f"{device_prefix}{view}" for view in range(count)]
+
+    def feature_request(device: SimDevice, payload: bytes) -> None:
+        view = ids.index(device.device_id)
+        try:
+            request = codec.decode_feature_request(payload)
+        except codec.ProtocolError as error:
+            log.warning("camera %s: ignoring a feature request: %s", device.device_id, error)
+            return
+        if view in dies_between and request.event_id == first_event_id + dies_between[view]:
+            doomed[view].set()  # die now, before answering (the driving thread kills the device)
+            return
+        out = buffers[view].answer(request)
+        if out is not None:
+            device.publish_raw(out)
+
+    devices = _start_devices(connection, ids, model_hash, timeout_s, [program.threshold for program in programs],
+                             telemetry_interval_s=telemetry_interval_s,
+                             on_feature_request=feature_request if scores_first else None)
     outcomes: list[list[SampleOutcome]] = [[] for _ in devices]
 
     def drive(view: int) -> None:
         device, program = devices[view], programs[view]
-        for event in range(min(n_events, dies_after.get(view, n_events))):
+        for event in range(min(n_events, dies_after.get(view, n_events), dies_between.get(view, n_events) + 1)):
             started_ns = time.perf_counter_ns()
             answer = device_parts[view](event, device.threshold)
             device_us = (time.perf_counter_ns() - started_ns) // 1000
             request_id = device.next_request_id()
-            header = split_header(program, model_hash, request_id, first_event_id + event, view, count)
-            pending = device.send(codec.encode_request(header, answer.split_words), request_id)
+            event_id = first_event_id + event
+            split = codec.encode_request(split_header(program, model_hash, request_id, event_id, view, count),
+                                         answer.split_words)
+            if scores_first:
+                buffers[view].keep(event_id, request_id, split)
+                sums = reference.exit_sums(program.exit, answer.split_words[None])[0]
+                payload = codec.encode_request(sums_header(program, model_hash, request_id, event_id, view, count),
+                                               sums)
+            else:
+                payload = split
+            pending = device.send(payload, request_id)
+            if dies_between.get(view) == event:
+                doomed[view].wait(device.timeout_s)
+                device.kill()
+                return
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             if reply is None:
@@ -587,15 +679,19 @@ def simulate_views(connection: Brokers, programs: Sequence[DeviceProgram], model
         _run_threads(drive, count)
     finally:
         for view, device in enumerate(devices):
-            if view not in dies_after:
+            if view not in dies_after and view not in dies_between:
                 device.stop()
     return SimReport([o for per_device in outcomes for o in per_device], sum(dev.duplicates for dev in devices),
-                     sum(dev.misrouted for dev in devices), time.monotonic() - started)
+                     sum(dev.misrouted for dev in devices), time.monotonic() - started,
+                     bytes_sent=sum(dev.bytes_sent for dev in devices),
+                     feature_requests=sum(b.answered + b.withheld for b in buffers),
+                     withheld=sum(b.withheld for b in buffers))
 
 
 def _start_devices(connection: Brokers, device_ids: Sequence[str], model_hash: bytes, timeout_s: float,
                    thresholds: Sequence[float], protocol: int = mqtt.MQTTv5,
-                   subscribe_qos: int = 1, telemetry_interval_s: float = 2.0) -> list[SimDevice]:
+                   subscribe_qos: int = 1, telemetry_interval_s: float = 2.0,
+                   on_feature_request: Callable[[SimDevice, bytes], None] | None = None) -> list[SimDevice]:
     """Every device connected, or none (BrokerError after stopping the ones that were)."""
     devices: list[SimDevice] = []
     try:
@@ -603,7 +699,8 @@ def _start_devices(connection: Brokers, device_ids: Sequence[str], model_hash: b
             broker = connection(device_id) if callable(connection) else connection
             devices.append(SimDevice(device_id, broker, model_hash, timeout_s, default_threshold=threshold,
                                      protocol=protocol, subscribe_qos=subscribe_qos,
-                                     telemetry_interval_s=telemetry_interval_s).start())
+                                     telemetry_interval_s=telemetry_interval_s,
+                                     on_feature_request=on_feature_request).start())
     except BrokerError:
         for device in devices:
             device.stop()

@@ -4,8 +4,11 @@ A request is a fixed 64-byte little-endian header followed by the split-layer ac
 (BITS_DENSE, what devices and edges send: the H*W*C bits, HWC order, LSB first) or exactly as the device
 holds them (BITS_U64: HWC, channels packed into uint64 words, little-endian), or, for a server-only
 request (packing RAW_U8, split layer 0), the raw uint8 HWC input image. Both bit packings decode to the
-same uint64 words, so nothing after decode_payload knows which one travelled. A reply is a
-fixed 32-byte header, the top-k (class, probability) pairs and an optional utf-8 error message.
+same uint64 words, so nothing after decode_payload knows which one travelled. A multi-view camera sending
+"scores first" (docs/views.md) sends its exit sums (EXIT_SUMS, int32) instead, and its split only when an
+aggregator's feature request (its own 40-byte message, FEATURES_MAGIC) asks (or NO_FEATURES when it no longer
+holds it). A reply is a fixed 40-byte header, the top-k (class, probability) pairs and an optional utf-8 error
+message.
 The C twin is c_runtime/ddnn_protocol.{c,h}; both are tested against the same byte layouts.
 """
 
@@ -55,11 +58,21 @@ class Packing(enum.IntEnum):
     FLOAT32 = 2  # float32 HWC values (non-binary splits and tooling); must be finite
     RAW_U8 = 3  # server-only: the raw uint8 HWC input; split layer 0, the server runs the whole model
     BITS_DENSE = 4  # the H*W*C bits in HWC order, LSB first, ceil(H*W*C/8) bytes, unused bits of the last 0
+    # Multi-view "scores first" (docs/views.md): a camera's local-exit integer sums (int32, C = classes,
+    # H = W = 1), then, when the aggregator asks, its split (a bit packing) or NO_FEATURES (empty payload,
+    # C = H = W = 0) when it no longer holds that event's split.
+    EXIT_SUMS = 5
+    NO_FEATURES = 6
 
     @property
     def bits(self) -> bool:
         """A bit packing: the decoded payload is the split's uint64 words (H, W, ceil(C/64))."""
         return self in (Packing.BITS_U64, Packing.BITS_DENSE)
+
+    @property
+    def scores_first(self) -> bool:
+        """A scores-first message (exit sums, or the answer to a feature request that has no split)."""
+        return self in (Packing.EXIT_SUMS, Packing.NO_FEATURES)
 
     @property
     def decoded(self) -> Packing:
@@ -69,9 +82,11 @@ class Packing(enum.IntEnum):
 
 # Split layer index of a RAW_U8 request: the server starts before the first device layer.
 RAW_SPLIT_LAYER = 0
-_ELEMENT_BYTES = {Packing.BITS_U64: 8, Packing.FLOAT32: 4, Packing.RAW_U8: 1, Packing.BITS_DENSE: 1}
+_ELEMENT_BYTES = {Packing.BITS_U64: 8, Packing.FLOAT32: 4, Packing.RAW_U8: 1, Packing.BITS_DENSE: 1,
+                  Packing.EXIT_SUMS: 4, Packing.NO_FEATURES: 1}
 # What encode_request takes: BITS_DENSE, too, is given the device's uint64 words and packs them itself.
-_ELEMENT_DTYPE = {Packing.BITS_U64: "<u8", Packing.FLOAT32: "<f4", Packing.RAW_U8: "u1", Packing.BITS_DENSE: "<u8"}
+_ELEMENT_DTYPE = {Packing.BITS_U64: "<u8", Packing.FLOAT32: "<f4", Packing.RAW_U8: "u1", Packing.BITS_DENSE: "<u8",
+                  Packing.EXIT_SUMS: "<i4", Packing.NO_FEATURES: "u1"}
 
 
 class Status(enum.IntEnum):
@@ -128,7 +143,7 @@ class RequestHeader:
             return self.height * self.width * self.words_per_pixel
         if self.packing == Packing.BITS_DENSE:
             return (self.height * self.width * self.channels + 7) // 8
-        return self.height * self.width * self.channels
+        return self.height * self.width * self.channels  # NO_FEATURES: C = H = W = 0
 
     @property
     def payload_bytes(self) -> int:
@@ -227,7 +242,10 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
     if header.packing == Packing.RAW_U8 and split_layer != RAW_SPLIT_LAYER:
         raise ProtocolError(Status.SHAPE_MISMATCH, f"a raw-input request starts at split layer {RAW_SPLIT_LAYER}, "
                             f"not {split_layer}", request_id)
-    if min(channels, height, width) == 0:
+    problem = _scores_first_problem(header)
+    if problem:
+        raise ProtocolError(Status.MALFORMED, problem, request_id)
+    if min(channels, height, width) == 0 and header.packing != Packing.NO_FEATURES:
         raise ProtocolError(Status.SHAPE_MISMATCH, f"empty split shape C/H/W = {channels}/{height}/{width}",
                             request_id)
     if payload_words != header.payload_words:
@@ -237,6 +255,20 @@ def decode_request_header(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Re
         raise ProtocolError(Status.MALFORMED, f"payload has {len(data) - REQUEST_HEADER_BYTES} bytes, header "
                             f"says {header.payload_bytes}", request_id)
     return header
+
+
+def _scores_first_problem(header: RequestHeader) -> str:
+    """Why a scores-first message's header is not one, or ""."""
+    if not header.packing.scores_first:
+        return ""
+    if not header.multi_view:
+        return f"packing {int(header.packing)} ({header.packing.name}) belongs to a multi-view event"
+    shape = (header.channels, header.height, header.width)
+    if header.packing == Packing.EXIT_SUMS and (header.height, header.width) != (1, 1):
+        return f"exit sums are C x 1 x 1, not C/H/W = {'/'.join(map(str, shape))}"
+    if header.packing == Packing.NO_FEATURES and shape != (0, 0, 0):
+        return f"a NO_FEATURES answer has C/H/W = 0/0/0, not {'/'.join(map(str, shape))}"
+    return ""
 
 
 def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
@@ -259,6 +291,10 @@ def decode_payload(header: RequestHeader, data: bytes) -> np.ndarray:
         return words
     if header.packing == Packing.RAW_U8:
         return np.frombuffer(body, dtype=np.uint8).reshape(header.height, header.width, header.channels)
+    if header.packing == Packing.EXIT_SUMS:
+        return np.frombuffer(body, dtype="<i4").astype(np.int32)  # (C,); their range is the model's to check
+    if header.packing == Packing.NO_FEATURES:
+        return np.zeros(0, dtype=np.uint8)
     values = np.frombuffer(body, dtype="<f4").reshape(header.height, header.width, header.channels)
     if not np.all(np.isfinite(values)):
         raise ProtocolError(Status.NON_FINITE, "payload holds non-finite values", header.request_id)
@@ -285,6 +321,45 @@ def unpack_dense(body: bytes | memoryview, height: int, width: int, channels: in
 def decode_request(data: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
     header = decode_request_header(data, max_bytes)
     return Request(header, decode_payload(header, data))
+
+
+# ---- feature requests (aggregator -> camera, scores first; docs/views.md) -------------------------------------
+
+FEATURES_MAGIC = b"DDNF"
+# magic, version, reserved, header length, model hash, event id, request id (the camera's exit-sums request)
+_FEATURES = struct.Struct("<4sBBH16sQQ")
+FEATURE_REQUEST_BYTES = _FEATURES.size  # 40
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """The aggregator asks one camera for its split of one event: it was not confident on the exit sums."""
+
+    model_hash: bytes
+    event_id: int
+    request_id: int  # the camera's exit-sums request of that event; its split goes back under the same id
+
+
+def encode_feature_request(request: FeatureRequest) -> bytes:
+    if len(request.model_hash) != HASH_BYTES or request.event_id == 0 or request.request_id == 0:
+        raise ValueError("a feature request names a 16-byte model hash, an event id and a request id (never 0)")
+    return _FEATURES.pack(FEATURES_MAGIC, PROTOCOL_VERSION, 0, FEATURE_REQUEST_BYTES, request.model_hash,
+                          request.event_id, request.request_id)
+
+
+def decode_feature_request(data: bytes) -> FeatureRequest:
+    """ProtocolError for anything but an exact feature request of this protocol version."""
+    if len(data) != FEATURE_REQUEST_BYTES or data[:4] != FEATURES_MAGIC:
+        raise ProtocolError(Status.MALFORMED, f"not a feature request ({len(data)} bytes, magic "
+                            f"{bytes(data[:4])!r})")
+    _, version, reserved, header_len, model_hash, event_id, request_id = _FEATURES.unpack(data)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(Status.BAD_VERSION, f"feature request protocol version {version} (this device speaks "
+                            f"{PROTOCOL_VERSION})")
+    if reserved or header_len != FEATURE_REQUEST_BYTES or event_id == 0 or request_id == 0:
+        raise ProtocolError(Status.MALFORMED, "feature request with reserved bits set, a wrong length field or a "
+                            "zero event / request id")
+    return FeatureRequest(model_hash, event_id, request_id)
 
 
 def encode_reply(reply: Reply) -> bytes:

@@ -4,11 +4,13 @@ authorization rules in which the broker, not the payload, decides who a client i
 Roles (docs/security.md has the whole threat model):
 
 * device D: publishes its requests ``ddnn/req/+/D`` and its status ``ddnn/status/D``; reads only its replies
-  ``ddnn/reply/D`` and its thresholds ``ddnn/threshold/<model>`` and ``ddnn/threshold/<model>/D``;
+  ``ddnn/reply/D``, its thresholds ``ddnn/threshold/<model>`` and ``ddnn/threshold/<model>/D`` and the
+  feature requests an aggregator sends it ``ddnn/features/D`` (scores first, docs/views.md);
 * server S: reads requests through the servers' shared subscriptions ``$share/<group>/ddnn/req/<model>/+``,
-  writes replies ``ddnn/reply/+`` and its own status ``ddnn/server/S/status``; reads every device's status
-  ``ddnn/status/+`` (an aggregator answers an event without the views of cameras that are offline) and the
-  model-wide thresholds ``ddnn/threshold/<model>`` (an aggregator's local exit applies them live);
+  writes replies ``ddnn/reply/+``, feature requests ``ddnn/features/+`` and its own status
+  ``ddnn/server/S/status``; reads every device's status ``ddnn/status/+`` (an aggregator answers an event
+  without the views of cameras that are offline) and the model-wide thresholds ``ddnn/threshold/<model>``
+  (an aggregator's local exit applies them live);
 * operator: writes thresholds and the controller's target and state ``ddnn/control/<model>/{target,state}``;
   reads thresholds, the controller's topics, every status and all telemetry;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
@@ -108,10 +110,12 @@ def rules_for(name: str, role: str) -> list[Rule]:
                 Rule(send, f"{root}/device/{name}/telemetry"),
                 Rule(literal, f"{root}/reply/{name}"), Rule(receive, f"{root}/reply/{name}"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+"),
-                Rule(pattern, f"{root}/threshold/+/{name}"), Rule(receive, f"{root}/threshold/+/{name}")]
+                Rule(pattern, f"{root}/threshold/+/{name}"), Rule(receive, f"{root}/threshold/+/{name}"),
+                Rule(literal, f"{root}/features/{name}"), Rule(receive, f"{root}/features/{name}")]
     if role == "server":
         return [Rule(pattern, f"$share/+/{root}/req/+/+"), Rule(receive, f"{root}/req/+/+"),
-                Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/server/{name}/status"),
+                Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/features/+"),
+                Rule(send, f"{root}/server/{name}/status"),
                 Rule(send, f"{root}/server/{name}/telemetry"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
                 Rule(pattern, f"{root}/threshold/+"), Rule(receive, f"{root}/threshold/+")]

@@ -97,6 +97,12 @@ def reply_topic(device_id: str) -> str:
     return f"{TOPIC_ROOT}/reply/{check_device_id(device_id)}"
 
 
+def feature_request_topic(device_id: str) -> str:
+    """Where an aggregator asks camera ``device_id`` for an event's split (scores first, docs/views.md): only
+    servers may publish here, only that device reads it."""
+    return f"{TOPIC_ROOT}/features/{check_device_id(device_id)}"
+
+
 def threshold_topic(model_hash: bytes, device_id: str | None = None) -> str:
     base = f"{TOPIC_ROOT}/threshold/{model_key(model_hash)}"
     return base if device_id is None else f"{base}/{check_device_id(device_id)}"
