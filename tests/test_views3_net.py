@@ -96,10 +96,12 @@ def per_event(report: SimReport, n_events: int) -> tuple[np.ndarray, np.ndarray]
     return classes, exits
 
 
-def run_events(broker: Broker, scene: tuple, n_events: int, first_event_id: int, prefix: str) -> SimReport:
+def run_events(broker: Broker, scene: tuple, n_events: int, first_event_id: int, prefix: str,
+               scores_first: bool = False) -> SimReport:
     aggregator, _, _, parts = scene
     return simulate_views(broker.connection(), aggregator.programs, aggregator.loaded.hash_bytes, parts, n_events,
-                          timeout_s=10.0, first_event_id=first_event_id, device_prefix=prefix)
+                          timeout_s=10.0, first_event_id=first_event_id, device_prefix=prefix,
+                          scores_first=scores_first)
 
 
 def test_model_has_three_tiers_whose_exits_all_answer(scene: tuple) -> None:
@@ -110,10 +112,13 @@ def test_model_has_three_tiers_whose_exits_all_answer(scene: tuple) -> None:
     assert all(share > 0.05 for share in shares), shares  # a test of three exits needs all three answering
 
 
-def test_events_answered_by_the_exit_and_class_eval_says(scene: tuple) -> None:
+@pytest.mark.parametrize("scores_first", [False, True], ids=["features-at-once", "scores-first"])
+def test_events_answered_by_the_exit_and_class_eval_says(scene: tuple, scores_first: bool) -> None:
+    """Cameras sending their splits at once, or their exit sums first and the splits on demand: the same
+    answers, the evaluation's, event by event."""
     aggregator, runs, labels, _ = scene
     with tiers() as (broker, _, _):
-        report = run_events(broker, scene, N_EVENTS, 1, "cam")
+        report = run_events(broker, scene, N_EVENTS, 1, "cam", scores_first)
     classes, exits = per_event(report, N_EVENTS)
     want_classes, want_exits = expected(aggregator, aggregator.outputs(runs, labels))
     assert np.array_equal(exits, want_exits), np.flatnonzero(exits != want_exits)[:20]
