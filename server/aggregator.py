@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from ddnn_gen.fold import reference
-from ddnn_gen.fold.views import ViewAggregator
-from ddnn_gen.wire.codec import Packing, ProtocolError, RequestHeader, Status
+from ddnn_gen.fold.views import TierAnswer, ViewAggregator
+from ddnn_gen.model.spec import exit_decision
+from ddnn_gen.wire.codec import Packing, ProtocolError, Reply, RequestHeader, Status
 
 # Events open at once, by default; past it a new event's first view is answered UNAVAILABLE (a flood of event
 # ids must cost replies, not memory). Each open event holds at most MAX_VIEWS splits.
@@ -118,17 +119,21 @@ class EventAnswer:
     """What every device of an answered event is told."""
 
     class_id: int
-    logits: np.ndarray  # float64 (classes,): of the exit that answered
-    answered_by: int  # 0: the aggregated local exit; 1: tier 1 on the aggregated splits
+    logits: np.ndarray | None  # float64 (classes,): of the exit that answered here; None: the tier above's
+    answered_by: int  # 0: the aggregated local exit; 1: tier 1 on the aggregated splits; 2: the cloud's
     views: tuple[int, ...]  # the views the answer was computed from (scores first: those that sent sums)
     needs_features: bool = False  # scores first: the local exit was not confident; ask for the splits
     fallback: bool = False  # scores first: no split came back, so the unconfident local exit answered
     scores_first: bool = False
+    # A three-tier model: tier 1's packed output when its exit was unsure (the event goes on to the cloud; this
+    # answer, tier 1's, is the fallback), and the cloud's reply once it came (sent to every view as it is).
+    onward: np.ndarray | None = None
+    reply: Reply | None = None
 
     @property
     def fetched(self) -> bool:
-        """Scores first, and the splits were asked for (tier 1 answered, or no split came)."""
-        return self.scores_first and (self.answered_by == 1 or self.fallback)
+        """Scores first, and the splits were asked for (a tier above answered, or no split came)."""
+        return self.scores_first and (self.answered_by >= 1 or self.fallback)
 
 
 @dataclass(frozen=True)
@@ -427,12 +432,21 @@ def check_sums(aggregator: ViewAggregator, header: RequestHeader, sums: np.ndarr
                             f"of the parity of {n}", header.request_id)
 
 
-def answer_events(aggregator: ViewAggregator, events: Sequence[Event],
-                  threshold: float | None = None) -> list[EventAnswer]:
+def _onward(tier: TierAnswer, edge_threshold: float | None) -> np.ndarray:
+    """Per row, whether tier 1 is an edge whose exit is unsure (at ``edge_threshold``, default the model
+    file's): that event goes on to the cloud with tier 1's output."""
+    if tier.output is None:
+        return np.zeros(len(tier.classes), dtype=bool)
+    return ~(tier.exits if edge_threshold is None else exit_decision(tier.entropy, edge_threshold))
+
+
+def answer_events(aggregator: ViewAggregator, events: Sequence[Event], threshold: float | None = None,
+                  edge_threshold: float | None = None) -> list[EventAnswer]:
     """The answers of closed events, in order: the aggregated local exit where it is confident (at
-    ``threshold``, default the model file's), tier 1 on the aggregated splits elsewhere. Events are batched by
-    the set of views present, through the same ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is
-    the evaluation's for that set of views.
+    ``threshold``, default the model file's), tier 1 on the aggregated splits elsewhere. In a three-tier model
+    tier 1 is an edge: where its exit is unsure (at ``edge_threshold``) the answer carries tier 1's output
+    ``onward`` for the cloud. Events are batched by the set of views present, through the same
+    ``ViewAggregator`` calls `ddnngen eval` makes, so each answer is the evaluation's for that set of views.
 
     Scores first: an event's first answer is its local exit's, from the sums the devices sent; where it is not
     confident it says ``needs_features`` (the caller fetches the splits, :meth:`EventTable.fetch`). Once fetched,
@@ -459,10 +473,12 @@ def answer_events(aggregator: ViewAggregator, events: Sequence[Event],
             for view in present:
                 splits[view] = np.stack([events[i].features[view].split for i in indices])
             tier = aggregator.next_tier_batch(splits, mask)
+            onward = _onward(tier, edge_threshold)
             for row, i in enumerate(indices):
                 local = events[i].local
                 assert local is not None
-                answers[i] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, local.views, scores_first=True)
+                answers[i] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, local.views, scores_first=True,
+                                         onward=tier.output[row] if onward[row] else None)
             continue
         logits = np.zeros((aggregator.count, n, aggregator.loaded.spec.n_classes), dtype=np.float64)
         for view in present:
@@ -483,6 +499,8 @@ def answer_events(aggregator: ViewAggregator, events: Sequence[Event],
         if scores_first or not len(unsure):
             continue
         tier = aggregator.next_tier_batch(splits[:, unsure], mask[unsure])
+        onward = _onward(tier, edge_threshold)
         for row, position in enumerate(unsure):
-            answers[indices[position]] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, present)
+            answers[indices[position]] = EventAnswer(int(tier.classes[row]), tier.logits[row], 1, present,
+                                                     onward=tier.output[row] if onward[row] else None)
     return [answer for answer in answers if answer is not None]

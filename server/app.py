@@ -99,6 +99,15 @@ class _EventWork:
     event: Event
 
 
+@dataclass
+class _EventForward:
+    """An event on its way to the cloud (aggregator of a three-tier model), and tier 1's answer for it."""
+
+    model: ServedModel
+    event: Event
+    answer: EventAnswer
+
+
 class Server:
     def __init__(self, config: ServerConfig, store: ModelStore | None = None) -> None:
         self.config = config
@@ -118,6 +127,9 @@ class Server:
                      or f"ddnn-srv-{os.getpid()}-{os.urandom(4).hex()}")
         self.thresholds = TierThresholds()
         edges = [model for model in store.models() if model.role == "edge"]
+        # An aggregator of a three-tier multi-view model runs tier 1 as an edge does: same way up, same live
+        # tier threshold (model-wide only: one event's devices share the answer).
+        edges += [model for model in store.models() if model.views is not None and model.views.onward]
         extra = [topic for model in edges for topic in TierThresholds.subscriptions(model.hash_bytes,
                                                                                     model.entry_tier)]
         aggregating = any(model.views is not None for model in store.models())
@@ -152,6 +164,14 @@ class Server:
             raise DdnnError(f"unknown MQTT transport {config.transport!r} (paho-mqtt or paho-c)")
         self.upstream: Upstream | None = None
         if edges:
+            up = config.upstream or config.broker
+            if (up.tls and up.address == config.broker.address and (up.username, up.cert_file)
+                    == (config.broker.username, config.broker.cert_file) and (up.username or up.cert_file)):
+                # A secured broker names each session by its identity: the edge's two would take each other's.
+                raise DdnnError("an edge keeps two sessions, towards its devices and towards the tier above, and on "
+                                "this broker one identity is one session: give the upstream one its own "
+                                "(--upstream-username NAME-up --upstream-password-file ..., from broker-config's "
+                                "edge role)")
             self.upstream = Upstream(config.upstream or config.broker, client_id, config.upstream_timeout_ms / 1000.0,
                                      self._answer_forward)
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
@@ -388,7 +408,8 @@ class Server:
         events = [work.event for work in works]
         try:
             threshold = self.thresholds.value(topics.threshold_topic(model.hash_bytes))
-            answers = answer_events(model.views, events, threshold)
+            edge_threshold = self.thresholds.value(topics.tier_threshold_topic(model.hash_bytes, 1))
+            answers = answer_events(model.views, events, threshold, edge_threshold)
         except Exception:  # a model bug must cost these events, not the server
             log.exception("aggregating %d events of %s failed", len(events), model.name)
             self._fail_events(events, Status.INTERNAL, "internal server error", model.name)
@@ -404,12 +425,16 @@ class Server:
                                       if answer.needs_features])
                 kept = [index for index, answer in enumerate(answers) if not answer.needs_features]
                 events, answers = [events[i] for i in kept], [answers[i] for i in kept]
+        onward = [(event, answer) for event, answer in zip(events, answers) if answer.onward is not None]
+        done = [(event, answer) for event, answer in zip(events, answers) if answer.onward is None]
         with self._events_lock:
-            late = [self.events.answered(event, answer) for event, answer in zip(events, answers)]
-        for event, answer, joined in zip(events, answers, late):
+            late = [self.events.answered(event, answer) for event, answer in done]
+        for (event, answer), joined in zip(done, late):
             for request in [*event.views.values(), *joined]:
                 self._answer_view(request, answer, server_us, int((started - request.arrived) * 1e6), model.name)
             self._ack_features(event)
+        for event, answer in onward:
+            self._forward_event(model, event, answer, server_us, started)
         with self._stats_lock:
             self.stats["batches"] += 1
 
@@ -431,10 +456,29 @@ class Server:
                 # One not sent costs its view: the event closes at its second deadline without that split.
                 self.transport.publish_feature_request(request.context[1], payload)
 
+    def _forward_event(self, model: ServedModel, event: Event, answer: EventAnswer, server_us: int,
+                       started: float) -> None:
+        """An event tier 1's exit was unsure of goes on to the cloud with tier 1's output; its views stay
+        unanswered in the event table (late views join it) until the cloud's reply or the fallback comes."""
+        assert self.upstream is not None and answer.onward is not None and answer.logits is not None
+        top_classes, top_probabilities = self._top_k(answer.logits[None, :])
+        own = Reply(0, Status.OK, answer.class_id, tuple(zip(top_classes[0].tolist(), top_probabilities[0].tolist())),
+                    server_us, int((started - min(r.arrived for r in event.views.values())) * 1e6), answered_by=1)
+        spec = model.loaded.spec
+        chw = spec.tier_output_shape(1)
+        self.upstream.forward(Forward(_EventForward(model, event, answer), 0, own), model.hash_bytes,
+                              spec.split_layer(2), (chw[0], chw[1], chw[2]), answer.onward, 2)
+
     def _answer_view(self, request: ViewRequest, answer: EventAnswer, server_us: int, queue_us: int,
                      model: str) -> None:
         """Every device of an event gets the event's answer (queue_us: from its view's arrival, the wait for the
-        other views included)."""
+        other views included); a cloud's reply is passed on as it came, with the device's request id."""
+        if answer.reply is not None:
+            incoming, device_id = request.context
+            self._send(incoming, device_id, replace(answer.reply, request_id=request.header.request_id), ok=True,
+                       model=model)
+            return
+        assert answer.logits is not None
         top_classes, top_probabilities = self._top_k(answer.logits[None, :])
         top_k = tuple(zip(top_classes[0].tolist(), top_probabilities[0].tolist()))
         incoming, device_id = request.context
@@ -495,8 +539,22 @@ class Server:
                                   spec.split_layer(next_tier), chw3, result.split_words[row], next_tier)
 
     def _answer_forward(self, forward: Forward, reply: Reply) -> None:
+        if isinstance(forward.context, _EventForward):
+            self._answer_forwarded_event(forward.context, reply)
+            return
         work: _Work = forward.context
         self._send(work.incoming, work.device_id, reply, ok=True, model=work.model.name)
+
+    def _answer_forwarded_event(self, forwarded: _EventForward, reply: Reply) -> None:
+        """The cloud's reply to an event (or tier 1's own answer marked fallback): every view of it hears it."""
+        event = forwarded.event
+        answer = replace(forwarded.answer, class_id=reply.class_id, answered_by=reply.answered_by, onward=None,
+                         reply=reply)
+        with self._events_lock:
+            joined = self.events.answered(event, answer)
+        for request in [*event.views.values(), *joined]:
+            self._answer_view(request, answer, reply.server_us, reply.queue_us, forwarded.model.name)
+        self._ack_features(event)
 
     def _run_batch(self, works: list[_Work], started: float, queue_us: list[int] | None = None) -> None:
         queue_us = queue_us or [0] * len(works)

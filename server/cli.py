@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 import click
@@ -33,6 +34,27 @@ def _name_option(what: str) -> object:
         return value
 
     return check
+
+
+def _upstream(broker: BrokerConnection, address: str | None, username: str | None, password_file: str | None,
+              cert: str | None, key: str | None) -> BrokerConnection | None:
+    """An edge's connection to the tier above: this server's TLS settings, at --upstream (default: the same
+    broker), as --upstream-username or --upstream-cert (default: this server's identity). None: nothing given."""
+    if address is None and username is None and password_file is None and cert is None and key is None:
+        return None
+    if password_file is not None and username is None:
+        raise click.BadParameter("needs --upstream-username", param_hint="--upstream-password-file")
+    if (cert is None) != (key is None):
+        raise click.BadParameter("--upstream-cert and --upstream-key go together", param_hint="--upstream-cert")
+    host, port = (parse_address(address, DEFAULT_TLS_PORT if broker.tls else DEFAULT_PORT) if address
+                  else (broker.host, broker.port))
+    upstream = dataclasses.replace(broker, host=host, port=port)
+    if username is not None:
+        upstream = dataclasses.replace(upstream, username=username,
+                                       password_file=Path(password_file) if password_file else None)
+    if cert is not None and key is not None:
+        upstream = dataclasses.replace(upstream, cert_file=Path(cert), key_file=Path(key))
+    return upstream.check()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,6 +110,17 @@ def _name_option(what: str) -> object:
 @click.option("--upstream", "upstream_address", default=None, metavar="HOST[:PORT]",
               help="Edge: the broker the cloud listens on (default: this server's broker); reached with the same "
                    "TLS settings and credentials.")
+@click.option("--upstream-username", default=None,
+              help="Edge: the user name of its session towards the tier above (broker-config's edge role makes "
+                   "NAME-up); default: --username, which a broker that names sessions by user name refuses when "
+                   "the tier above is on the same broker.")
+@click.option("--upstream-password-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Edge: that user's password file.")
+@click.option("--upstream-cert", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Edge: that session's client certificate (with --upstream-key), where the broker identifies "
+                   "clients by certificate.")
+@click.option("--upstream-key", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Edge: its private key.")
 @click.option("--upstream-timeout-ms", default=1000.0, show_default=True, type=click.FloatRange(1, 600000),
               help="Edge: how long to wait for the cloud before answering with the edge's own exit (fallback).")
 @click.option("--from-tier", default=None, type=click.IntRange(1, 7),
@@ -119,7 +152,8 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
          group: str, server_id: str | None, session_expiry: int, max_request_bytes: int, max_queue: int,
          receive_maximum: int, role: str, event_deadline_ms: float, feature_deadline_ms: float | None,
          max_open_events: int,
-         upstream_address: str | None, upstream_timeout_ms: float,
+         upstream_address: str | None, upstream_username: str | None, upstream_password_file: str | None,
+         upstream_cert: str | None, upstream_key: str | None, upstream_timeout_ms: float,
          from_tier: int | None, plan_path: str | None, location: str | None, gpu: int | None, forward: str,
          metrics_port: int, metrics_address: str, log_format: str, telemetry_interval: float, verbose: int) -> None:
     """Serve every model in --models to devices over MQTT until SIGTERM/SIGINT."""
@@ -155,10 +189,10 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
             raise click.BadParameter("a location is one of a plan's; give --plan", param_hint="--location")
         if role != "edge" and upstream_address and not (plan_path and location == "edge"):
             raise click.BadParameter("only an edge has a tier above to send to", param_hint="--upstream")
-        upstream = None
-        if upstream_address:
-            host, port = parse_address(upstream_address, DEFAULT_TLS_PORT if broker.tls else DEFAULT_PORT)
-            upstream = dataclasses.replace(broker, host=host, port=port)
+        upstream = _upstream(broker, upstream_address, upstream_username, upstream_password_file, upstream_cert,
+                             upstream_key)
+        if upstream is not None and role != "edge" and not (plan_path and location == "edge"):
+            raise click.BadParameter("only an edge has a tier above to reach", param_hint="--upstream-username")
         config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
                               session_expiry, max_request_bytes, gpu=gpu, forward=forward, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,

@@ -88,6 +88,9 @@ class ServedModel:
     def check(self, header: RequestHeader) -> None:
         """Raise ProtocolError unless the request's split (or raw input) matches this model."""
         if header.packing == Packing.RAW_U8:
+            if self.loaded.spec.views is not None:
+                raise ProtocolError(Status.SHAPE_MISMATCH, f"model {self.name} is multi-view: no server takes a raw "
+                                    "image of it (its cameras each see a view)", header.request_id)
             # decode_request_header already insisted on split layer 0.
             if (header.channels, header.height, header.width) != self.input_chw:
                 channels, height, width = self.input_chw
@@ -167,7 +170,8 @@ class ServedModel:
             self.views.local_exit_batch(runs.logits, mask)
             self.views.next_tier_batch(runs.splits, mask)
             return
-        self.forward_raw(image)
+        if self.loaded.spec.views is None:  # a multi-view model's cloud takes no raw image
+            self.forward_raw(image)
         if self.entry_tier == 0:
             return
         if self.program is not None and self.program.tier == 0:
@@ -211,15 +215,18 @@ def serve(loaded: LoadedModel, role: str = "cloud", from_tier: int | None = None
     last = len(spec.tiers) - 1
     if role not in ROLES:
         raise ModelFileError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-    if (role == "aggregator") != (spec.views is not None):
-        raise ModelFileError(f"{spec.name}: " + ("a multi-view model is served by --role aggregator"
-                                                 if spec.views is not None else
-                                                 "an aggregator serves multi-view models (a spec with 'views')"))
+    if role == "aggregator" and spec.views is None:
+        raise ModelFileError(f"{spec.name}: an aggregator serves multi-view models (a spec with 'views')")
+    if spec.views is not None and role != "aggregator" and not (role == "cloud" and last == 2):
+        raise ModelFileError(f"{spec.name}: a multi-view model is served by --role aggregator (and, with three "
+                             "tiers, its last tier by a cloud behind the aggregator)")
     if role == "aggregator":
-        if last != 1:
-            # Tier 1's output would go on to the tiers above, as an edge's does: not built yet.
-            raise ModelFileError(f"{spec.name}: the aggregator runs the local aggregator and the final tier 1 of a "
-                                 f"two-tier multi-view model; this one has {last + 1} tiers")
+        if last > 2 or (last == 2 and not spec.tiers[1].binary):
+            # Tier 1's output goes on as packed bits on the edge's way up; float activations and a second
+            # edge behind the aggregator have no server role yet.
+            raise ModelFileError(f"{spec.name}: the aggregator runs the local aggregator and tier 1 of a two-tier "
+                                 "multi-view model, or of a three-tier one whose tier 1 is binary (an edge exit, "
+                                 f"the cloud behind it); this one's tiers are {', '.join(t.kind for t in spec.tiers)}")
         aggregator = ViewAggregator(loaded)
         return ServedModel(loaded, 1, aggregator.programs[0], views=aggregator)
     if role == "edge":

@@ -122,3 +122,39 @@ def test_on_a_rabbitmq_cluster_only_the_operator_writes_the_controllers_topics()
     _, operator = permissions_for("ops", "operator")
     assert all(re.match(operator["write"], k) and re.match(operator["read"], k) for k in keys)
     assert not re.match(operator["write"], "ddnn.control.zz.target")
+
+
+def test_offline_and_per_device_states_are_read_and_hostile_ones_refused() -> None:
+    _, offline = telemetry.parse_state(STATE, telemetry.offline_state(KEY, 3.0))
+    assert offline == {"v": 1, "model": KEY, "time": 3.0, "status": "offline"}
+    devices = {"cam1": {"threshold": 0.4, "sample_rate": 50.0, "correction": 0.6}}
+    _, body = telemetry.parse_state(STATE, telemetry.encode(_state(status="online", devices=devices)))
+    assert body["devices"]["cam1"]["threshold"] == 0.4
+    for hostile in ({"v": 1, "model": KEY, "time": 3.0, "status": "offline", "threshold": 0.5},  # offline is bare
+                    {"v": 1, "model": KEY, "time": 3.0, "status": "dead"}, _state(status="offline"),
+                    _state(devices={"cam/1": devices["cam1"]}), _state(devices={"cam1": {"threshold": 2.0,
+                                                                                          "sample_rate": 1.0,
+                                                                                          "correction": 1.0}}),
+                    _state(devices={f"d{i}": devices["cam1"] for i in range(telemetry.MAX_STATE_DEVICES + 1)})):
+        with pytest.raises(telemetry.TelemetryError):
+            telemetry.parse_state(STATE, json.dumps(hostile).encode())
+    with pytest.raises(telemetry.TelemetryError, match="claims model"):
+        telemetry.parse_state(STATE, telemetry.offline_state("0" * 32, 3.0))
+
+
+def test_dashboard_keeps_a_dead_controllers_last_state_marked_offline() -> None:
+    state = FleetState(models={KEY: ModelInfo(KEY, "m", 0.5, CURVE)})
+    devices = {"cam1": {"threshold": 0.4, "sample_rate": 50.0, "correction": 0.6}}
+    state.receive(STATE, telemetry.encode(_state(status="online", devices=devices)))
+    state.receive("ddnn/device/cam1/telemetry", telemetry.encode(
+        {"v": 1, "device": "cam1", "model": KEY, "time": 1.0, "samples": 10, "local": 6, "offloaded": 4,
+         "fallback": 0, "error": 0, "threshold": 0.4, "thresholds": {"model": 0.5, "device": 0.4, "default": 0.3}}))
+    [device] = state.snapshot()["devices"]
+    assert device["threshold_from"] == "controller"  # its own retained value, the one the controller set
+    state.receive(STATE, telemetry.offline_state(KEY, 9.0))
+    snapshot = state.snapshot()
+    [model] = snapshot["models"]
+    assert model["control"]["status"] == "offline" and model["control"]["offline_since"] == 9.0
+    assert model["control"]["threshold"] == 0.5 and model["control"]["decisions"]  # the last state stays
+    [device] = snapshot["devices"]
+    assert device["threshold_from"] == "device"  # nobody controls it now: an operator's value as any other

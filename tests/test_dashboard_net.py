@@ -318,3 +318,71 @@ def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dat
     allowed = [float(a) for a in re.findall(r"predicted \d+ req/s of (\d+) allowed.*target load under 0\.3 ", log)]
     assert allowed and all(a == round(NEW_MAX_LOAD * CAPACITY) for a in allowed), log
     assert "Traceback" not in log
+
+
+def test_page_shows_per_device_thresholds_and_a_dead_controller(fmnist_test: datasets.Dataset,
+                                                                fmnist_model_path: Path, fmnist_expected: Expected,
+                                                                tmp_path: Path) -> None:
+    """`ddnngen control --per-device`: the page lists the threshold it set for each device, the devices' rows
+    say their threshold comes from the controller, and once the controller is killed the page says it is
+    offline (its last will) and the devices' thresholds are no longer the controller's."""
+    require_tool("mosquitto")
+    from selenium.webdriver.common.by import By
+
+    calibrated = calibrated_copy(fmnist_model_path, fmnist_test.subset(3000), tmp_path / "fmnist_32.npz")
+    loaded = load_model(calibrated)
+    key = topics.model_key(loaded.hash_bytes)
+    expected = fmnist_expected
+    part = precomputed(expected.device.split_words, expected.device.entropy, expected.device.local_class)
+    port = free_port()
+    lines: list[str] = []
+    with Broker() as broker:
+        server = ServerProcess(broker.address, calibrated, workers=1, extra=["--telemetry-interval", "0.5"]).start()
+        control = subprocess.Popen([sys.executable, "-m", "ddnn_gen", "control", str(calibrated), "--per-device",
+                                    "--max-load", "0.8", "--capacity", str(CAPACITY), "--interval", "0.5",
+                                    "--broker", broker.address], stderr=subprocess.PIPE, text=True)
+        reader = _log_reader(control, lines)
+        view = Dashboard(broker.connection(), (model_info(calibrated),)).start(port)
+        fleet = PacedFleet(broker.connection(), expected.program, loaded.hash_bytes, part,
+                           len(expected.server_class), 3, lambda: CONTROL_RATE, telemetry_interval_s=0.25,
+                           prefix="cam").start()
+        driver = _driver()
+
+        def controlled() -> dict[str, float]:
+            rows = driver.find_elements(By.CSS_SELECTOR, f"#control-{key} tr.controlled")  # type: ignore
+            return {row.get_attribute("data-device"): float(row.find_element(By.CSS_SELECTOR, "td[data-value]")
+                                                            .get_attribute("data-value")) for row in rows}
+
+        def liveness() -> str:
+            found = driver.find_elements(By.CSS_SELECTOR, f"#control-{key} p.liveness")  # type: ignore
+            return found[0].get_attribute("data-status") if found else ""
+
+        def device_threshold(device_id: str) -> float | None:
+            return next((d["threshold"] for d in view.state.snapshot()["devices"] if d["id"] == device_id), None)
+
+        try:
+            driver.get(view.url)  # type: ignore[attr-defined]
+            ids = [f"cam{d}" for d in range(3)]
+            assert wait_for(lambda: sorted(controlled()) == ids, timeout_s=60), "".join(lines)
+            assert wait_for(lambda: liveness() == "online", timeout_s=10)
+            # Each device's row: its threshold is its own retained one, the one the controller lists for it.
+            assert wait_for(lambda: all(_field(driver, i, "threshold-from") == "controller" for i in ids),
+                            timeout_s=30), [_field(driver, i, "threshold-from") for i in ids]
+            assert wait_for(lambda: all(abs((device_threshold(i) or -1) - controlled()[i]) < 1e-9 for i in ids),
+                            timeout_s=30)
+            control.send_signal(signal.SIGKILL)
+            control.wait(30)
+            assert wait_for(lambda: liveness() == "offline", timeout_s=30)
+            assert wait_for(lambda: all(_field(driver, i, "threshold-from") == "device" for i in ids), timeout_s=10)
+            assert sorted(controlled()) == ids  # its last state stays on the page
+            driver.save_screenshot(str(tmp_path / "dashboard-per-device.png"))  # type: ignore[attr-defined]
+        finally:
+            driver.quit()  # type: ignore[attr-defined]
+            fleet.stop()
+            view.stop()
+            if control.poll() is None:
+                control.kill()
+            control.wait(30)
+            reader.join(5)
+            assert server.terminate() == 0, server.output
+    assert "Traceback" not in "".join(lines)

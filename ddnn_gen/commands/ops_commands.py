@@ -36,15 +36,22 @@ log = logging.getLogger(__name__)
               help="Seconds between decisions (the telemetry interval is a good choice).")
 @click.option("--duration", type=click.FloatRange(0, 10**7), default=0.0,
               help="Stop after this many seconds (0: run until SIGINT/SIGTERM).")
+@click.option("--per-device", is_flag=True,
+              help="Give each device its own threshold (for devices whose data differ): raise first where it "
+                   "buys the most offload per point of accuracy, judged from each device's observed exit rate "
+                   "(docs/operation.md).")
 @broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
 def control(model: str, target_p99_ms: float | None, max_load: float | None, capacity: float | None, t_min: float,
-            t_max: float, start: float | None, interval: float, duration: float, broker: BrokerConnection) -> None:
+            t_max: float, start: float | None, interval: float, duration: float, per_device: bool,
+            broker: BrokerConnection) -> None:
     """Keep MODEL's servers at a target by moving the model's device-exit threshold along its calibration
     curve (stored by `ddnngen calibrate`): higher (more local exits) when overloaded, lower (more accurate)
-    when there is room, never outside [--t-min, --t-max]. Each decision is logged (-v)."""
+    when there is room, never outside [--t-min, --t-max]; with --per-device, each device's. Each decision is
+    logged (-v). Its retained state says "offline" once it stops or dies."""
     from ddnn_gen.model.modelfile import load_model
+    from ddnn_gen.ops.allocation import DeviceThresholdController
     from ddnn_gen.ops.controller import ControlError, Curve, ThresholdController
-    from ddnn_gen.ops.live import LiveController
+    from ddnn_gen.ops.live import Controller, LiveController
 
     if (target_p99_ms is None) == (max_load is None):
         raise click.UsageError("give exactly one of --target-p99-ms and --max-load")
@@ -55,9 +62,10 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
     curve = Curve.from_calibration(loaded.spec.calibration)
     initial = loaded.spec.thresholds[0] if start is None else start
 
-    def make(measured: float) -> ThresholdController:
-        return ThresholdController(curve, measured, initial, t_min=t_min, t_max=t_max, max_load=max_load,
-                                   target_p99_ms=target_p99_ms)
+    def make(measured: float) -> Controller:
+        kind = DeviceThresholdController if per_device else ThresholdController
+        return kind(curve, measured, initial, t_min=t_min, t_max=t_max, max_load=max_load,
+                    target_p99_ms=target_p99_ms)
 
     try:
         controller = make(capacity) if capacity is not None else None
@@ -69,9 +77,14 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
                f"every {interval} s", err=True)
     _wait_for_signal(duration)
     live.stop()
-    final = live.controller.threshold if live.controller is not None else initial
-    expected = f", expected accuracy {100 * curve.accuracy_at(final):.2f} %"
-    click.echo(f"ddnngen control: {len(live.decisions)} decisions, threshold now {final:.4f}{expected}", err=True)
+    final = live.published if live.published is not None else initial
+    if live.decisions:
+        expected = f", expected accuracy {100 * live.decisions[-1][2].expected_accuracy:.2f} %"
+    else:
+        expected = f", expected accuracy {100 * curve.accuracy_at(final):.2f} %"
+    devices = "".join(f"; {device_id} {value:.4f}" for device_id, value in sorted(live.published_devices.items()))
+    click.echo(f"ddnngen control: {len(live.decisions)} decisions, threshold now {final:.4f}{expected}{devices}",
+               err=True)
 
 
 @click.command("dashboard")

@@ -83,6 +83,11 @@ class ViewAggregator:
         return self.views.count
 
     @property
+    def onward(self) -> bool:
+        """Whether tier 1 is an edge whose unsure events go on to the tiers above (a model of three tiers or more)."""
+        return len(self.loaded.spec.tiers) > 2
+
+    @property
     def split_shape(self) -> tuple[int, int, int]:
         """One view's packed split (H, W, words)."""
         height, width, channels = self.programs[0].split_hwc

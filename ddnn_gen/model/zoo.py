@@ -146,6 +146,22 @@ def fmnist28_views(filters: int = 16) -> Raw:
     return raw
 
 
+def fmnist28_views_3tier(filters: int = 16) -> Raw:
+    """fmnist28_views with an edge between the local aggregator and the cloud (configuration (f): devices, local
+    aggregator, edge, cloud). The aggregator runs the edge tier: the OR of the present views' split bits (binary
+    max aggregation) through a BConv of 4 * ``filters`` at 5x5 and its binary exit; what that exit is unsure of
+    goes on to the cloud as 5x5 x 4 * ``filters`` bits (200 B for 16 filters): one float convolution pooled to
+    2x2 and a hidden linear layer."""
+    device = [_conv("conv1", "fconv", filters, pool=POOL_2), _conv("conv2", "bconv", 2 * filters, pool=POOL_2)]
+    edge = [_conv("econv1", "bconv", 4 * filters)]
+    cloud = [_conv("sconv1", "conv", 64, pool=POOL_2), {"name": "sfc1", "type": "linear", "out_channels": 128}]
+    raw = _three_tier(f"fmnist_views3_{filters}", "fashion-mnist", 1, 28, device, edge, cloud, [0.5, 0.5])
+    raw["views"] = {"height": 20, "width": 20, "crops": corner_crops(28, 20), "weights": "separate",
+                    "local_aggregation": "max", "split_aggregation": "max", "dropout": 0.25}
+    parse_spec(raw)
+    return raw
+
+
 def mnist_biglittle(filters: int = 8, priority: tuple[int, ...] = (8,)) -> Raw:
     """Big-Little on MNIST: the little net (device, binarized) FConv ``filters`` + BConv 2 * ``filters`` with 2x2
     pools and a binary exit over the priority classes + "other"; the big net (cloud, float) reads the raw image:
@@ -169,6 +185,7 @@ ZOO: dict[str, Callable[..., Raw]] = {
     "fashion-mnist": lambda filters=16: mnist28(filters, "fashion-mnist"),
     "fashion-mnist-3tier": fmnist28_3tier,
     "fashion-mnist-views": fmnist28_views,
+    "fashion-mnist-views-3tier": fmnist28_views_3tier,
     "biglittle": lambda filters=8: mnist_biglittle(filters, (8,)),
     "biglittle-3-8": lambda filters=8: mnist_biglittle(filters, (3, 8)),
 }

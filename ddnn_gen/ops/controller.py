@@ -51,6 +51,29 @@ class Curve:
         return float(np.interp(threshold, self.thresholds, self.accuracy))
 
 
+def adapt_allowed(allowed: float, capacity: float, target_p99_ms: float | None, load: float, p99_ms: float) -> float:
+    """The allowed load after one interval in p99 mode (``load``: requests/s seen): multiplicative decrease
+    when the p99 is over target, additive increase (never far ahead of the load seen) when it is well under;
+    unchanged in load mode or when the p99 is unknown."""
+    if target_p99_ms is None or not math.isfinite(p99_ms):
+        return allowed
+    if p99_ms > target_p99_ms:
+        return max(0.1 * capacity, 0.8 * min(allowed, load))
+    if p99_ms < 0.75 * target_p99_ms:
+        # Grow the allowed load only a little ahead of the load actually seen, so the threshold comes down
+        # gradually and the p99 is watched on the way instead of overshot and cut back.
+        ceiling = min(capacity, 1.2 * load + 0.05 * capacity)
+        if allowed < ceiling:
+            return min(ceiling, allowed + 0.05 * capacity)
+    return allowed
+
+
+def threshold_grid(curve: Curve, t_min: float, t_max: float, extra: list[float]) -> np.ndarray:
+    """The thresholds a controller chooses among: the curve's within [t_min, t_max], the bounds, ``extra``."""
+    inside = curve.thresholds[(curve.thresholds >= t_min) & (curve.thresholds <= t_max)]
+    return np.unique(np.concatenate([inside, [t_min, t_max], extra]))
+
+
 @dataclass
 class Observation:
     """What one interval showed: samples the devices classified per second, the share they sent on, and the
@@ -71,7 +94,10 @@ class Decision:
 
 
 @dataclass
-class ThresholdController:
+class TargetKeeper:
+    """What every controller shares: the curve, the capacity, the bounds, the operator's target and the load
+    it allows now (``threshold``: where it starts)."""
+
     curve: Curve
     capacity: float  # requests/s the server sustains (measured)
     threshold: float
@@ -82,8 +108,6 @@ class ThresholdController:
     margin: float = 0.1  # lower the threshold only if the load stays this far under the allowed load
     max_step_down: float = 0.05  # per interval
     smoothing: float = 0.5  # EWMA weight of a new observation
-    rate: float | None = None
-    correction: float = 1.0
     allowed: float = field(default=0.0)
 
     def __post_init__(self) -> None:
@@ -110,6 +134,15 @@ class ThresholdController:
         if max_load is not None:
             self.allowed = max_load * self.capacity
 
+
+
+@dataclass
+class ThresholdController(TargetKeeper):
+    """One threshold for all the model's devices."""
+
+    rate: float | None = None
+    correction: float = 1.0
+
     def _predicted(self, threshold: float) -> float:
         assert self.rate is not None
         return self.rate * min(1.0, self.correction * self.curve.onward_at(threshold))
@@ -121,18 +154,9 @@ class ThresholdController:
         if expected > 1e-3 and seen.sample_rate > 0:
             ratio = min(2.0, max(0.5, seen.onward_share / expected))
             self.correction = (1 - weight) * self.correction + weight * ratio
-        if self.target_p99_ms is not None and math.isfinite(seen.p99_ms):
-            load = seen.sample_rate * seen.onward_share
-            if seen.p99_ms > self.target_p99_ms:
-                self.allowed = max(0.1 * self.capacity, 0.8 * min(self.allowed, load))
-            elif seen.p99_ms < 0.75 * self.target_p99_ms:
-                # Grow the allowed load only a little ahead of the load actually seen, so the threshold comes
-                # down gradually and the p99 is watched on the way instead of overshot and cut back.
-                ceiling = min(self.capacity, 1.2 * load + 0.05 * self.capacity)
-                if self.allowed < ceiling:
-                    self.allowed = min(ceiling, self.allowed + 0.05 * self.capacity)
-        grid = self.curve.thresholds[(self.curve.thresholds >= self.t_min) & (self.curve.thresholds <= self.t_max)]
-        grid = np.unique(np.concatenate([grid, [self.t_min, self.t_max, self.threshold]]))
+        self.allowed = adapt_allowed(self.allowed, self.capacity, self.target_p99_ms,
+                                     seen.sample_rate * seen.onward_share, seen.p99_ms)
+        grid = threshold_grid(self.curve, self.t_min, self.t_max, [self.threshold])
         fits = [t for t in grid if self._predicted(float(t)) <= self.allowed]
         wanted = float(min(fits)) if fits else self.t_max
         now = self._predicted(self.threshold)

@@ -143,6 +143,9 @@ class FleetState:
             self._reject(str(error))
             return
         with self._lock:
+            if body.get("status") == "offline":
+                # The controller stopped or died: keep its last state on the page, marked offline.
+                body = {**self.controls.get(key, {}), "status": "offline", "offline_since": body["time"]}
             self.controls[key] = body
 
     def _status(self, parts: list[str], payload: bytes) -> None:
@@ -167,6 +170,14 @@ class FleetState:
                 total = body.get("samples", 0)
                 info = self.models.get(body.get("model") or "")
                 accuracy, onward = _expected(info.curve if info else None, body.get("threshold"))
+                control = self.controls.get(body.get("model") or "") or {}
+                controlled = (control.get("devices") or {}).get(device_id)
+                chosen = body.get("thresholds") or {}
+                source = ("device" if chosen.get("device") is not None else "model"
+                          if chosen.get("model") is not None else "default" if body else None)
+                if (source == "device" and controlled is not None and control.get("status") != "offline"
+                        and abs(controlled["threshold"] - chosen["device"]) < 1e-6):
+                    source = "controller"  # its own retained value, the one the running controller set
                 devices.append({
                     "expected_accuracy": accuracy, "expected_offload": onward,
                     "id": device_id, "online": device.online, "model": body.get("model"),
@@ -176,7 +187,7 @@ class FleetState:
                     "fallback": body.get("fallback"), "errors": body.get("error"),
                     "samples_at_threshold": since, "local_rate_at_threshold": local / since if since else None,
                     "rtt_p99_ms": (body.get("rtt_ms") or {}).get("p99"), "age_s": time.time() - device.seen
-                    if device.body else None})
+                    if device.body else None, "threshold_from": source})
             servers = []
             for server_id, server in sorted(self.servers.items()):
                 body = server.get("body") or {}
@@ -395,7 +406,8 @@ input.threshold { width: 5em; }
 <h2>Devices</h2>
 <table id="devices"><thead><tr><th>device</th><th>status</th><th>threshold</th><th>samples</th><th>local exit %</th>
 <th>offloaded %</th><th>fallback</th><th>errors</th><th>local exit % at this threshold</th>
-<th>samples at this threshold</th><th>p99 RTT ms</th><th>expected accuracy %</th><th>set threshold</th></tr>
+<th>samples at this threshold</th><th>p99 RTT ms</th><th>expected accuracy %</th><th>threshold from</th>
+<th>set threshold</th></tr>
 </thead><tbody></tbody></table>
 <script>
 "use strict";
@@ -495,17 +507,41 @@ function renderControl(m) {
     }
     table.append(document.createElement("thead"), document.createElement("tbody"));
     table.tHead.appendChild(head);
-    section.append(title, line, form, table);
+    const liveness = document.createElement("p"); liveness.className = "liveness";
+    const perDevice = document.createElement("table"); perDevice.className = "per-device";
+    section.append(title, liveness, line, form, perDevice, table);
     box.appendChild(section);
   }
   const c = m.control;
+  const liveness = section.querySelector("p.liveness");
+  const offline = c.status === "offline";
+  liveness.textContent = offline ? "controller offline since " +
+    new Date(1000 * c.offline_since).toISOString().slice(11, 19) + " (its last state below)" : "controller online";
+  liveness.className = "liveness " + (offline ? "offline" : "online");
+  liveness.dataset.status = offline ? "offline" : "online";
   const line = section.querySelector("p.target");
   line.textContent = "target: " + target(c.target) + "; capacity " + num(c.capacity, 1) + " req/s; threshold " +
-    num(c.threshold, 4) + " in [" + c.t_min + ", " + c.t_max + "]";
-  line.dataset.target = JSON.stringify(c.target);
+    num(c.threshold, 4) + " in [" + (c.t_min ?? "-") + ", " + (c.t_max ?? "-") + "]";
+  line.dataset.target = JSON.stringify(c.target ?? null);
+  const perDevice = section.querySelector("table.per-device");
+  perDevice.replaceChildren();
+  const controlled = Object.entries(c.devices ?? {}).sort((a, b) => a[0] < b[0] ? -1 : 1);
+  if (controlled.length) {
+    const head = document.createElement("tr");
+    for (const h of ["device", "threshold set", "samples/s", "onward vs curve"]) {
+      const th = document.createElement("th"); th.textContent = h; head.appendChild(th);
+    }
+    perDevice.appendChild(head);
+  }
+  for (const [id, d] of controlled) {
+    const row = document.createElement("tr"); row.className = "controlled"; row.dataset.device = id;
+    cell(row, id, "id"); cell(row, num(d.threshold, 4)).dataset.value = String(d.threshold);
+    cell(row, num(d.sample_rate, 1)); cell(row, num(d.correction, 2));
+    perDevice.appendChild(row);
+  }
   const rows = section.querySelector("tbody");
   rows.replaceChildren();
-  for (const d of c.decisions.slice().reverse()) {  // newest first
+  for (const d of (c.decisions ?? []).slice().reverse()) {  // newest first
     const row = document.createElement("tr"); row.className = "decision";
     for (const v of [new Date(1000 * d.time).toISOString().slice(11, 19), num(d.sample_rate, 0), pct(d.onward_share),
                      num(d.p99_ms, 1), num(d.threshold, 4), num(d.predicted_load, 1), num(d.allowed_load, 1),
@@ -531,7 +567,7 @@ function render(snapshot) {
     if (!row) {
       row = document.createElement("tr");
       row.id = "device-" + d.id;
-      for (let i = 0; i < 12; i++) cell(row, "");
+      for (let i = 0; i < 13; i++) cell(row, "");
       const form = document.createElement("td");
       const input = document.createElement("input");
       input.id = "input-" + d.id; input.className = "threshold"; input.placeholder = "0..1";
@@ -546,9 +582,9 @@ function render(snapshot) {
     row.dataset.model = d.model || "";
     const values = [d.id, state(d.online), num(d.threshold, 4), d.samples, pct(d.local_rate), pct(d.offload_rate),
                     d.fallback ?? "-", d.errors ?? "-", pct(d.local_rate_at_threshold), d.samples_at_threshold,
-                    num(d.rtt_p99_ms, 1), pct(d.expected_accuracy)];
+                    num(d.rtt_p99_ms, 1), pct(d.expected_accuracy), d.threshold_from ?? "-"];
     const names = ["id", "status", "threshold", "samples", "local", "offloaded", "fallback", "errors",
-                   "local-at-threshold", "samples-at-threshold", "rtt", "expected-accuracy"];
+                   "local-at-threshold", "samples-at-threshold", "rtt", "expected-accuracy", "threshold-from"];
     values.forEach((v, i) => { const td = row.children[i]; td.textContent = v; td.dataset.field = names[i]; });
     row.children[0].className = "id";
     row.children[1].className = state(d.online);

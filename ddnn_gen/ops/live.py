@@ -11,8 +11,13 @@ its new counts start a new baseline.
 The operator steers it live: a retained {"target_p99_ms": X} or {"max_load": F} on
 ``ddnn/control/<model>/target`` replaces the command line's target from the next decision on (one off the
 schema or out of range is ignored with a log line, the target stays). Its state (target, threshold, the
-last decisions) goes out retained on ``ddnn/control/<model>/state`` at start, on each decision and on each new
-target, for the dashboard.
+last decisions, per device what it set) goes out retained on ``ddnn/control/<model>/state`` at start, on each
+decision and on each new target, for the dashboard; a stop replaces it with an "offline" state, and so does
+the broker, from the controller's last will, when the controller dies without a word.
+
+With a DeviceThresholdController (``--per-device``) each device gets its own retained threshold
+(``ddnn/threshold/<model>/<device>``, which a device prefers to the model-wide one) from its own counters, and
+the model-wide threshold is the highest of them: what a device not seen yet starts with.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddnn_gen.ops.allocation import DeviceObservation, DevicesDecision, DeviceThresholdController
 from ddnn_gen.ops.controller import Decision, Observation, ThresholdController
 from ddnn_gen.ops.subscriber import OperatorClient
 from ddnn_gen.wire import codec, telemetry, topics
@@ -83,15 +89,22 @@ class FleetView:
     def take(self, since: float) -> tuple[int, int, float]:
         """(samples, offloaded) the devices added since the previous call, and the p99 round trip (ms, NaN
         when unknown) of the messages received since ``since``."""
-        samples = offloaded = 0
+        each, p99 = self.take_each(since)
+        return (sum(seen.samples for seen in each.values()), sum(seen.offloaded for seen in each.values()), p99)
+
+    def take_each(self, since: float) -> tuple[dict[str, DeviceObservation], float]:
+        """What each device added since the previous call (with the threshold its latest message says it
+        uses), and the p99 as for :meth:`take`."""
+        each: dict[str, DeviceObservation] = {}
         p99 = math.nan
         with self._lock:
             for device_id, state in self.devices.items():
-                last_samples, last_offloaded = self._taken.get(device_id, (0, 0))
+                # A device seen for the first time: its counters so far are its baseline, not this interval's.
+                last_samples, last_offloaded = self._taken.get(device_id, (state.samples, state.offloaded))
                 if state.samples < last_samples or state.offloaded < last_offloaded:
                     last_samples = last_offloaded = 0  # restarted: its counters began again
-                samples += state.samples - last_samples
-                offloaded += state.offloaded - last_offloaded
+                each[device_id] = DeviceObservation(state.samples - last_samples, state.offloaded - last_offloaded,
+                                                    state.threshold)
                 self._taken[device_id] = (state.samples, state.offloaded)
                 if not math.isnan(state.rtt_p99_ms):
                     p99 = state.rtt_p99_ms if math.isnan(p99) else max(p99, state.rtt_p99_ms)
@@ -100,7 +113,7 @@ class FleetView:
                 recent = [s["latency_ms"]["p99"] for s in self.servers.values()
                           if s["_seen"] >= since and s["latency_ms"]["p99"] is not None]
                 p99 = max(recent) if recent else math.nan
-        return samples, offloaded, p99
+        return each, p99
 
     def capacity_estimate(self) -> float | None:
         """Requests/s the servers could answer: each one's served rate over its workers' busy share, where
@@ -111,10 +124,14 @@ class FleetView:
         return sum(rates) if rates else None
 
 
-class LiveController:
-    """Subscribe, decide every ``interval_s``, publish the model's retained threshold when it moves."""
+Controller = ThresholdController | DeviceThresholdController
 
-    def __init__(self, connection: BrokerConnection, model_hash: bytes, controller: ThresholdController | None,
+
+class LiveController:
+    """Subscribe, decide every ``interval_s``, publish the model's retained threshold when it moves (and, with
+    a DeviceThresholdController, each device's own retained threshold when that moves)."""
+
+    def __init__(self, connection: BrokerConnection, model_hash: bytes, controller: Controller | None,
                  interval_s: float = 2.0, capacity_factory: Any = None, publish_initial: bool = True) -> None:
         """``controller`` None: built by ``capacity_factory(capacity)`` once telemetry shows a capacity."""
         self.connection = connection
@@ -124,8 +141,9 @@ class LiveController:
         self._factory = capacity_factory
         self._publish_initial = publish_initial
         self.view = FleetView(topics.model_key(model_hash))
-        self.decisions: deque[tuple[float, Observation, Decision]] = deque(maxlen=100000)
+        self.decisions: deque[tuple[float, Observation, Decision | DevicesDecision]] = deque(maxlen=100000)
         self.published: float | None = None
+        self.published_devices: dict[str, float] = {}
         self._topic = topics.threshold_topic(model_hash)
         self._target_topic = topics.control_target_topic(model_hash)
         self._state_topic = topics.control_state_topic(model_hash)
@@ -133,8 +151,10 @@ class LiveController:
         self._recent: deque[dict[str, Any]] = deque(maxlen=telemetry.MAX_DECISIONS)
         self._lock = threading.Lock()  # the controller: the MQTT thread sets targets, the loop decides
         self._stop = threading.Event()
+        # Killed, the controller's retained state would go on saying it runs: the broker replaces it with this.
+        will = (self._state_topic, telemetry.offline_state(self.view.model_key, time.time()))
         self._client = OperatorClient(connection, "control", (*topics.TELEMETRY_SUBSCRIPTIONS, self._target_topic),
-                                      self._receive)
+                                      self._receive, will=will)
         self._thread = threading.Thread(target=self._loop, name="ddnn-control", daemon=True)
 
     def start(self, timeout_s: float = 10.0) -> LiveController:
@@ -170,31 +190,48 @@ class LiveController:
             controller = self.controller
             if controller is None and self._pending is None and self._factory is None:
                 return
+            devices: dict[str, Any] | None = None
             if controller is not None:
                 target, threshold = controller.target(), controller.threshold
                 capacity: float | None = controller.capacity
                 bounds = (controller.t_min, controller.t_max)
+                if isinstance(controller, DeviceThresholdController):
+                    busiest = sorted(controller.devices.items(), key=lambda item: -(item[1].rate or 0.0))
+                    devices = {device_id: {"threshold": state.threshold, "sample_rate": state.rate or 0.0,
+                                           "correction": state.correction}
+                               for device_id, state in busiest[:telemetry.MAX_STATE_DEVICES]}
+                    threshold = self.published if self.published is not None else threshold
             else:
                 probe = self._factory(1.0)  # the command line's target and bounds, before any capacity is known
                 target = self._pending or probe.target()
                 threshold, capacity, bounds = probe.threshold, None, (probe.t_min, probe.t_max)
             body = {"v": telemetry.TELEMETRY_VERSION, "model": self.view.model_key, "time": time.time(),
-                    "target": target, "capacity": capacity, "threshold": threshold, "t_min": bounds[0],
-                    "t_max": bounds[1], "decisions": list(self._recent)}
+                    "status": "online", "target": target, "capacity": capacity, "threshold": threshold,
+                    "t_min": bounds[0], "t_max": bounds[1], "decisions": list(self._recent)}
+            if devices is not None:
+                body["devices"] = devices
         if not self._client.publish_retained(self._state_topic, telemetry.encode(body)):
             log.warning("control: publishing the state failed (not connected?)")
 
     def stop(self) -> None:
+        """Stop deciding and say so: the retained state becomes "offline" (what the will says on a crash)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if not self._client.publish_retained(self._state_topic, telemetry.offline_state(self.view.model_key,
+                                                                                         time.time()), wait_s=5.0):
+            log.warning("control: publishing the offline state failed (not connected?)")
         self._client.stop()
 
-    def _publish(self, threshold: float) -> None:
-        if not self._client.publish_retained(self._topic, codec.encode_threshold(threshold)):
-            log.warning("control: publishing the threshold %.4f failed (not connected?)", threshold)
+    def _publish(self, threshold: float, device_id: str | None = None) -> None:
+        topic = self._topic if device_id is None else topics.threshold_topic(self.model_hash, device_id)
+        if not self._client.publish_retained(topic, codec.encode_threshold(threshold)):
+            log.warning("control: publishing the threshold %.4f on %s failed (not connected?)", threshold, topic)
             return
-        self.published = threshold
+        if device_id is None:
+            self.published = threshold
+        else:
+            self.published_devices[device_id] = threshold
 
     def _loop(self) -> None:
         last = time.monotonic()
@@ -204,8 +241,10 @@ class LiveController:
             self.step(now - last, last)
             last = now
 
-    def step(self, span_s: float, since: float) -> Decision | None:
-        samples, offloaded, p99 = self.view.take(since)
+    def step(self, span_s: float, since: float) -> Decision | DevicesDecision | None:
+        each, p99 = self.view.take_each(since)
+        samples = sum(seen.samples for seen in each.values())
+        offloaded = sum(seen.offloaded for seen in each.values())
         with self._lock:
             if self.controller is None:
                 capacity = self.view.capacity_estimate()
@@ -220,7 +259,11 @@ class LiveController:
                 log.info("control: no samples this interval; holding %.4f", self.controller.threshold)
                 return None
             seen = Observation(samples / span_s, offloaded / samples, p99)
-            decision = self.controller.update(seen)
+            decision: Decision | DevicesDecision
+            if isinstance(self.controller, DeviceThresholdController):
+                decision = self.controller.update(each, span_s, p99)
+            else:
+                decision = self.controller.update(seen)
             target = self.controller.target()
             now = time.time()
             self.decisions.append((now, seen, decision))
@@ -230,11 +273,20 @@ class LiveController:
                                  "expected_accuracy": decision.expected_accuracy, "reason": decision.reason,
                                  "target": target})
         moved = self.published is None or abs(decision.threshold - self.published) > THRESHOLD_EPSILON
+        per_device = ""
+        if isinstance(decision, DevicesDecision):
+            spread = decision.thresholds.values()
+            per_device = f" [per device {min(spread):.4f}..{max(spread):.4f}, {len(decision.thresholds)} devices]"
         log.info("control: %.0f samples/s, %.1f %% offloaded, p99 %.1f ms -> threshold %.4f (%s; predicted "
-                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%; target %s)%s", seen.sample_rate,
+                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%; target %s)%s%s", seen.sample_rate,
                  100 * seen.onward_share, p99, decision.threshold, decision.reason, decision.predicted_load,
-                 decision.allowed_load, 100 * decision.expected_accuracy, _describe(target),
+                 decision.allowed_load, 100 * decision.expected_accuracy, _describe(target), per_device,
                  " published" if moved else "")
+        if isinstance(decision, DevicesDecision):
+            for device_id, value in decision.thresholds.items():
+                old = self.published_devices.get(device_id)
+                if old is None or abs(value - old) > THRESHOLD_EPSILON:
+                    self._publish(value, device_id)
         if moved:
             self._publish(decision.threshold)
         self._publish_state()

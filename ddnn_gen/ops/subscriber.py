@@ -1,6 +1,6 @@
 """The operator-side MQTT client the controller and the dashboard share: subscribe (QoS 0) to what they
 read, refuse to start with the broker's reason when it denies that (the operator role is needed), publish
-retained thresholds."""
+retained thresholds; optionally a retained last will (the controller's "offline" state)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 
 class OperatorClient:
     def __init__(self, connection: BrokerConnection, what: str, subscriptions: Sequence[str],
-                 on_message: Callable[[str, bytes], None]) -> None:
+                 on_message: Callable[[str, bytes], None], will: tuple[str, bytes] | None = None) -> None:
+        """``will``: (topic, payload) the broker publishes retained (QoS 1) when this client dies without a
+        DISCONNECT."""
         self.connection = connection
         self.what = what
         self._subscriptions = list(subscriptions)
@@ -31,6 +33,8 @@ class OperatorClient:
         self._client.on_subscribe = self._subscribed
         self._client.on_message = lambda _c, _u, message: on_message(message.topic, message.payload)
         self._client.reconnect_delay_set(0.1, 2.0)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
 
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:

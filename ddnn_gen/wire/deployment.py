@@ -11,8 +11,13 @@ Roles (docs/security.md has the whole threat model):
   ``ddnn/server/S/status``; reads every device's status ``ddnn/status/+`` (an aggregator answers an event
   without the views of cameras that are offline) and the model-wide thresholds ``ddnn/threshold/<model>``
   (an aggregator's local exit applies them live);
-* operator: writes thresholds and the controller's target and state ``ddnn/control/<model>/{target,state}``;
-  reads thresholds, the controller's topics, every status and all telemetry;
+* edge E (``ddnn-server --role edge``): towards its devices, a server's rules plus its tier thresholds
+  ``ddnn/tier-threshold/<model>/<tier>[/<device>]``; cloud servers also take the requests of tiers 2 and up
+  ``ddnn/req/<model>/+/t<N>``. Its session towards the tier above is a second identity, ``E-up`` (made with
+  it): under ``use_username_as_clientid`` one identity is one session, and the edge keeps two. ``E-up`` may
+  only publish requests under the edge's id ``ddnn/req/+/E/t<N>`` and read the edge's replies ``ddnn/reply/E``;
+* operator: writes thresholds (the devices' and the tiers') and the controller's target and state
+  ``ddnn/control/<model>/{target,state}``; reads them, every status and all telemetry;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
 
 Why the dynamic-security plugin and not an ``acl_file``: Mosquitto 2.0's ``acl_file`` never checks
@@ -47,7 +52,10 @@ from ddnn_gen.wire import certs
 from ddnn_gen.wire.connection import DEFAULT_TLS_PORT, BrokerConnection, BrokerError
 from ddnn_gen.wire.topics import DEVICE_ID_RULE, TOPIC_ROOT, valid_device_id
 
-ROLES = ("device", "server", "operator", "monitor")
+ROLES = ("device", "server", "edge", "operator", "monitor")
+# An edge's session towards the tier above: made for every edge user, never listed by hand.
+UPSTREAM_ROLE = "edge-upstream"
+UPSTREAM_SUFFIX = "-up"
 # The server's request limit is 4 MiB + header; the broker's packet limit is larger on purpose, so an
 # oversized request reaches a server and earns a TOO_LARGE reply instead of a silent disconnect.
 BROKER_MAX_PACKET_BYTES = 16 * 1024 * 1024
@@ -100,11 +108,41 @@ class Rule:
     topic: str
 
 
+def upstream_name(edge: str) -> str:
+    """The user name of edge ``edge``'s session towards the tier above."""
+    return f"{edge}{UPSTREAM_SUFFIX}"
+
+
+def with_upstream_identities(users: Mapping[str, str]) -> dict[str, str]:
+    """``users`` and, for every edge, its upstream identity (DeploymentError if that name is taken or too long)."""
+    expanded = dict(users)
+    for name, role in users.items():
+        if role != "edge":
+            continue
+        up = upstream_name(name)
+        if not valid_device_id(up):
+            raise DeploymentError(f"edge {name!r}: its upstream identity {up!r} breaks the rule ({DEVICE_ID_RULE}); "
+                                  "use a shorter name")
+        if up in users:
+            raise DeploymentError(f"edge {name!r}: the user name {up!r} is its upstream identity; rename that user")
+        expanded[up] = UPSTREAM_ROLE
+    return expanded
+
+
 def rules_for(name: str, role: str) -> list[Rule]:
     """What user ``name`` of ``role`` may do; everything else is denied."""
     root = TOPIC_ROOT
     send, receive = "publishClientSend", "publishClientReceive"
     literal, pattern = "subscribeLiteral", "subscribePattern"
+    if role == "edge":
+        # Towards its devices an edge is a server that also reads its exit's live thresholds.
+        return [*rules_for(name, "server"),
+                Rule(pattern, f"{root}/tier-threshold/+/+"), Rule(receive, f"{root}/tier-threshold/+/+"),
+                Rule(pattern, f"{root}/tier-threshold/+/+/+"), Rule(receive, f"{root}/tier-threshold/+/+/+")]
+    if role == UPSTREAM_ROLE:
+        edge = name[:-len(UPSTREAM_SUFFIX)]
+        return [Rule(send, f"{root}/req/+/{edge}/+"),
+                Rule(literal, f"{root}/reply/{edge}"), Rule(receive, f"{root}/reply/{edge}")]
     if role == "device":
         return [Rule(send, f"{root}/req/+/{name}"), Rule(send, f"{root}/status/{name}"),
                 Rule(send, f"{root}/device/{name}/telemetry"),
@@ -114,6 +152,8 @@ def rules_for(name: str, role: str) -> list[Rule]:
                 Rule(literal, f"{root}/features/{name}"), Rule(receive, f"{root}/features/{name}")]
     if role == "server":
         return [Rule(pattern, f"$share/+/{root}/req/+/+"), Rule(receive, f"{root}/req/+/+"),
+                # A cloud behind edges: the requests of tiers 2 and up (ddnn/req/<model>/<edge>/t<N>).
+                Rule(pattern, f"$share/+/{root}/req/+/+/+"), Rule(receive, f"{root}/req/+/+/+"),
                 Rule(send, f"{root}/reply/+"), Rule(send, f"{root}/features/+"),
                 Rule(send, f"{root}/server/{name}/status"),
                 Rule(send, f"{root}/server/{name}/telemetry"),
@@ -123,6 +163,8 @@ def rules_for(name: str, role: str) -> list[Rule]:
         # The controller (``ddnngen control``) runs as an operator: it reads the target, writes its state.
         return [Rule(send, f"{root}/threshold/+"), Rule(send, f"{root}/threshold/+/+"),
                 Rule(pattern, f"{root}/threshold/#"), Rule(receive, f"{root}/threshold/#"),
+                Rule(send, f"{root}/tier-threshold/+/+"), Rule(send, f"{root}/tier-threshold/+/+/+"),
+                Rule(pattern, f"{root}/tier-threshold/#"), Rule(receive, f"{root}/tier-threshold/#"),
                 Rule(send, f"{root}/control/+/target"), Rule(send, f"{root}/control/+/state"),
                 Rule(pattern, f"{root}/control/+/+"), Rule(receive, f"{root}/control/+/+"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
@@ -373,7 +415,9 @@ def make_deployment(directory: Path, users: Mapping[str, str], *, server_names: 
     if not users:
         raise DeploymentError("no users: give at least one device and one server")
     for name, role in users.items():
-        add_user({}, name, role)
+        if role != UPSTREAM_ROLE:  # a deployment read back holds the upstream identities it made
+            add_user({}, name, role)
+    users = with_upstream_identities({name: role for name, role in users.items() if role != UPSTREAM_ROLE})
     plugin = plugin or find_dynsec_plugin()
     if plugin is None or not Path(plugin).exists():
         raise DeploymentError(f"Mosquitto's dynamic-security plugin ({DYNSEC_PLUGIN}) was not found; install "

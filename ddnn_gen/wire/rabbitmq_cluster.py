@@ -35,11 +35,14 @@ from urllib.parse import quote
 from ddnn_gen.wire import topics
 from ddnn_gen.wire.broker import free_port, port_open
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
-from ddnn_gen.wire.deployment import ROLES, _password_for
+from ddnn_gen.wire.deployment import ROLES as MOSQUITTO_ROLES
+from ddnn_gen.wire.deployment import _password_for
 
 log = logging.getLogger(__name__)
 # pika logs every connection step at INFO; what matters reaches our own log lines.
 logging.getLogger("pika").setLevel(logging.WARNING)
+# Edges need MQTT brokers (server/app.py refuses --amqp for them): a cluster has the other roles.
+ROLES = tuple(role for role in MOSQUITTO_ROLES if role != "edge")
 
 SBIN_GLOB = "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"
 EPMD = "/usr/bin/epmd"

@@ -177,21 +177,49 @@ _DECISION = {
     },
 }
 
-STATE_SCHEMA: dict[str, Any] = {
+MAX_STATE_DEVICES = 64  # per-device thresholds in one state message (more devices: the 64 busiest)
+
+_CONTROLLED_DEVICE = {
+    "type": "object", "additionalProperties": False, "required": ["threshold", "sample_rate", "correction"],
+    "properties": {"threshold": _THRESHOLD,  # the device's own retained threshold, as the controller set it
+                   "sample_rate": _RATE,  # samples/s it classifies (smoothed)
+                   "correction": {"type": "number", "minimum": 0, "maximum": 100}},  # its onward share / curve's
+}
+
+RUNNING_STATE_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "required": ["v", "model", "time", "target", "capacity", "threshold", "t_min", "t_max", "decisions"],
     "properties": {
         "v": {"const": TELEMETRY_VERSION},
         "model": _MODEL_KEY,
         "time": {"type": "number", "minimum": 0},
+        "status": {"const": "online"},  # absent: online (what a controller before liveness sent)
         "target": TARGET_SCHEMA,
         "capacity": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},  # null: not estimated yet
         "threshold": _THRESHOLD,
         "t_min": _THRESHOLD,
         "t_max": _THRESHOLD,
         "decisions": {"type": "array", "maxItems": MAX_DECISIONS, "items": _DECISION},  # oldest first
+        # Per-device control (`ddnngen control --per-device`): device id -> what the controller set for it.
+        "devices": {"type": "object", "maxProperties": MAX_STATE_DEVICES, "additionalProperties": False,
+                    "patternProperties": {_ID["pattern"]: _CONTROLLED_DEVICE}},
     },
 }
+
+# The controller's last will (and its clean-shutdown message): no controller runs for the model any more.
+OFFLINE_STATE_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "required": ["v", "model", "time", "status"],
+    "properties": {"v": {"const": TELEMETRY_VERSION}, "model": _MODEL_KEY,
+                   "time": {"type": "number", "minimum": 0},  # the will's: when the controller connected
+                   "status": {"const": "offline"}},
+}
+
+STATE_SCHEMA: dict[str, Any] = {"oneOf": [RUNNING_STATE_SCHEMA, OFFLINE_STATE_SCHEMA]}
+
+
+def offline_state(model: str, when: float) -> bytes:
+    """The retained state that says no controller runs for ``model`` (a key): its will and its goodbye."""
+    return encode({"v": TELEMETRY_VERSION, "model": model, "time": when, "status": "offline"})
 
 _TARGET_VALIDATOR = Draft202012Validator(TARGET_SCHEMA)
 _STATE_VALIDATOR = Draft202012Validator(STATE_SCHEMA)
