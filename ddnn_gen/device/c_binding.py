@@ -56,6 +56,7 @@ typedef struct {
     int exit_local;
     const double *logits;
     const uint64_t *split;
+    const int32_t *sums;
 } ddnn_result;
 typedef struct {
     const char *name;
@@ -108,6 +109,17 @@ size_t ddnn_request_dense_size(uint16_t channels, uint16_t height, uint16_t widt
 size_t ddnn_request_encode_dense(const ddnn_request_header *header, const uint64_t *words, size_t n_words,
                                  uint8_t *out, size_t out_len);
 int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply);
+size_t ddnn_request_sums_size(size_t n_classes);
+size_t ddnn_request_encode_sums(const ddnn_request_header *header, const int32_t *sums, size_t n_classes, uint8_t *out,
+                                size_t out_len);
+size_t ddnn_request_encode_no_features(const ddnn_request_header *header, uint8_t *out, size_t out_len);
+typedef struct {
+    uint8_t model_hash[16];
+    uint64_t event_id;
+    uint64_t request_id;
+} ddnn_feature_request;
+size_t ddnn_feature_request_encode(const ddnn_feature_request *request, uint8_t *out, size_t out_len);
+int ddnn_feature_request_decode(const uint8_t *data, size_t len, ddnn_feature_request *request);
 """
 #: c_runtime/ files the runtime module is built from.
 RUNTIME_SOURCES = ("ddnn_exit.c", "ddnn_blinear.c", "ddnn_protocol.c")
@@ -383,6 +395,42 @@ class CRuntime:
         size = self.lib.ddnn_request_encode_raw(header, self.ffi.from_buffer("uint8_t[]", pixels), len(pixels), out,
                                                 len(out))
         return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def request_encode_sums(self, model_hash: bytes, split_layer: int, request_id: int, device_time_us: int,
+                            sums: np.ndarray, views: tuple[int, int, int]) -> bytes | None:
+        """``ddnn_request_encode_sums`` (scores first, packing 5): the bytes, or None when C refuses."""
+        sums = np.ascontiguousarray(sums, dtype=np.int32).ravel()
+        header = self._header(model_hash, split_layer, 0, 0, 0, request_id, device_time_us, views)
+        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_sums_size(len(sums))))
+        size = self.lib.ddnn_request_encode_sums(header, self.ffi.from_buffer("int32_t[]", sums), len(sums), out,
+                                                 len(out))
+        return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def request_encode_no_features(self, model_hash: bytes, split_layer: int, request_id: int, device_time_us: int,
+                                   views: tuple[int, int, int]) -> bytes | None:
+        """``ddnn_request_encode_no_features`` (packing 6): the bytes, or None when C refuses."""
+        header = self._header(model_hash, split_layer, 0, 0, 0, request_id, device_time_us, views)
+        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_size(0)))
+        size = self.lib.ddnn_request_encode_no_features(header, out, len(out))
+        return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def feature_request_encode(self, model_hash: bytes, event_id: int, request_id: int) -> bytes | None:
+        """``ddnn_feature_request_encode``: the 40 bytes, or None when C refuses."""
+        request = self.ffi.new("ddnn_feature_request *")
+        request.model_hash, request.event_id, request.request_id = model_hash[:16], event_id, request_id
+        out = self.ffi.new("uint8_t[]", 40)
+        size = self.lib.ddnn_feature_request_encode(request, out, len(out))
+        return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def feature_request_decode(self, data: bytes) -> tuple[int, tuple[bytes, int, int] | None]:
+        """``ddnn_feature_request_decode``: (refusal code, 0 = accepted; (model hash, event id, request id))."""
+        request = self.ffi.new("ddnn_feature_request *")
+        buffer = self.ffi.new("uint8_t[]", max(1, len(data)))
+        self.ffi.memmove(buffer, data, len(data))
+        code = int(self.lib.ddnn_feature_request_decode(buffer, len(data), request))
+        if code != 0:
+            return code, None
+        return 0, (bytes(request.model_hash), int(request.event_id), int(request.request_id))
 
     def reply_decode(self, data: bytes) -> dict[str, Any] | None:
         """``ddnn_reply_decode``: the fields as C holds them, or None when C rejects the bytes."""
