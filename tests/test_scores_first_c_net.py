@@ -17,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import require_tool
 from net_harness import SAN_ENV, RawClient, device_rows, finish_device, start_device, wait_for
-from test_views_net import DEADLINE_MS, VIEWS_MODEL, _expected, aggregating, scene  # noqa: F401 (a fixture)
+from test_views_net import DEADLINE_MS, _expected, aggregating, build_camera, scene  # noqa: F401 (a fixture)
 
-from ddnn_gen.cli import cli
-from ddnn_gen.codegen import toolchain
 from ddnn_gen.device.simulated import split_header
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.codec import FeatureRequest, Packing
@@ -43,17 +40,7 @@ def cameras(scene: tuple, tmp_path_factory: pytest.TempPathFactory) -> list[tupl
         pytest.skip("Paho C (libpaho-mqtt-dev) not installed")
     aggregator = scene[0]
     root = tmp_path_factory.mktemp("sf-c")
-    built = []
-    for view in range(aggregator.count):
-        for args in (["compile", str(VIEWS_MODEL), "--view", str(view), "--no-measure-code", "-o",
-                      str(root / f"view{view}")],
-                     ["export-samples", "--dataset", "fashion-mnist", "--count", str(N_EVENTS), "--views-of",
-                      str(VIEWS_MODEL), "--view", str(view), "-o", str(root / f"view{view}.ddns")]):
-            result = CliRunner().invoke(cli, args)
-            assert result.exit_code == 0, result.output
-        built.append((toolchain.build_project(root / f"view{view}", target="net", sanitize=True),
-                      root / f"view{view}.ddns"))
-    return built
+    return [build_camera(root, view, N_EVENTS) for view in range(aggregator.count)]
 
 
 def _feature_counts(stderr: str) -> tuple[int, ...]:

@@ -15,10 +15,11 @@ import pytest
 from conftest import require_tool
 
 from ddnn_gen.device.c_binding import CRuntime
+from ddnn_gen.device.features import FeatureBuffer
 from ddnn_gen.errors import SpecError
 from ddnn_gen.model.spec import parse_threshold_text
 from ddnn_gen.wire import codec, topics
-from ddnn_gen.wire.codec import Packing, RequestHeader
+from ddnn_gen.wire.codec import FeatureRequest, Packing, RequestHeader
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "wire_and_text.json").read_text(encoding="utf-8"))
 
@@ -208,7 +209,7 @@ def test_scores_first_messages_outside_a_multi_view_event_refused_by_both(views:
 def test_feature_request_c_twin(runtime: CRuntime) -> None:
     """ddnn_feature_request_encode/_decode against codec's: the same 40 bytes, and every hostile variant refused
     by both (C says why: 1 length, 2 magic, 3 version, 4 fields)."""
-    request = codec.FeatureRequest(bytes(range(16)), 2**64 - 1, 12345)
+    request = FeatureRequest(bytes(range(16)), 2**64 - 1, 12345)
     python = codec.encode_feature_request(request)
     assert runtime.feature_request_encode(request.model_hash, request.event_id, request.request_id) == python
     assert runtime.feature_request_decode(python) == (0, (request.model_hash, request.event_id, request.request_id))
@@ -225,3 +226,28 @@ def test_feature_request_c_twin(runtime: CRuntime) -> None:
         with pytest.raises(codec.ProtocolError):
             codec.decode_feature_request(data)
         assert runtime.feature_request_decode(data) == (reason, None), data.hex()
+
+
+def test_c_split_buffer_keeps_and_forgets_as_the_python_one(runtime: CRuntime) -> None:
+    """ddnn_features (the C camera's static ring of splits) against device/features.FeatureBuffer on one
+    sequence: the last N events kept, a re-kept event replacing its split, a split handed out once, another
+    request id or a forgotten event answered NO_FEATURES, capacity 0 keeping nothing, and a capacity beyond the
+    pool refused."""
+    size = 164
+    assert runtime.lib.ddnn_features_capacity_for(size) == 65536 // size
+    assert not runtime.features_init(65536 // size + 1, size)
+    for capacity in (0, 1, 3, 16):
+        assert runtime.features_init(capacity, size)
+        python = FeatureBuffer(bytes(16), lambda request: b"NO", capacity)
+        rng = np.random.default_rng(capacity)
+        for step in range(300):
+            event, request_id = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+            if rng.random() < 0.6:
+                split = bytes(rng.integers(0, 256, int(rng.integers(1, size + 1)), dtype=np.uint8))
+                python.keep(event, request_id, split)
+                runtime.features_keep(event, request_id, split)
+            else:
+                want = python.answer(FeatureRequest(bytes(16), event, request_id))
+                got = runtime.features_take(event, request_id)
+                assert got == (None if want == b"NO" else want), (capacity, step)
+            assert runtime.lib.ddnn_features_held() == len(python)

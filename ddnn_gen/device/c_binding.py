@@ -120,9 +120,35 @@ typedef struct {
 } ddnn_feature_request;
 size_t ddnn_feature_request_encode(const ddnn_feature_request *request, uint8_t *out, size_t out_len);
 int ddnn_feature_request_decode(const uint8_t *data, size_t len, ddnn_feature_request *request);
+size_t ddnn_features_capacity_for(size_t request_bytes);
+int ddnn_features_init(size_t capacity, size_t request_bytes);
+void ddnn_features_keep(uint64_t event_id, uint64_t request_id, const uint8_t *request, size_t len);
+size_t ddnn_features_held(void);
+long ddnn_binding_features_take(uint64_t event_id, uint64_t request_id, uint8_t *out, size_t out_len);
+"""
+# ddnn_features_answer hands the held split to a C callback; the binding's copies it out (-1: not held).
+_RUNTIME_SOURCE = """#include <string.h>
+#include "ddnn_exit.h"
+#include "ddnn_features.h"
+#include "ddnn_protocol.h"
+typedef struct { uint8_t *out; size_t out_len; long len; } ddnn_binding_copy;
+static int ddnn_binding_copy_out(const uint8_t *request, size_t len, void *context)
+{
+    ddnn_binding_copy *copy = (ddnn_binding_copy *)context;
+    copy->len = len <= copy->out_len ? (long)len : -2;
+    if (copy->len >= 0)
+        memcpy(copy->out, request, len);
+    return 0;
+}
+static long ddnn_binding_features_take(uint64_t event_id, uint64_t request_id, uint8_t *out, size_t out_len)
+{
+    ddnn_binding_copy copy = {out, out_len, -1};
+    int sent = 0;
+    return ddnn_features_answer(event_id, request_id, ddnn_binding_copy_out, &copy, &sent) ? copy.len : -1;
+}
 """
 #: c_runtime/ files the runtime module is built from.
-RUNTIME_SOURCES = ("ddnn_exit.c", "ddnn_blinear.c", "ddnn_protocol.c")
+RUNTIME_SOURCES = ("ddnn_exit.c", "ddnn_blinear.c", "ddnn_protocol.c", "ddnn_features.c")
 
 # Run by a child interpreter: build one extension (arguments as JSON on stdin).
 _BUILD_SCRIPT = """
@@ -325,6 +351,17 @@ class CModel:
                                  split.reshape(self._split_shape))
         return answer
 
+    def exit_sums(self, image_hwc: np.ndarray) -> np.ndarray:
+        """One sample's local-exit integer sums as ``<name>_infer`` leaves them in ``result.sums`` (int32, one per
+        class): what a scores-first C camera sends."""
+        image = np.ascontiguousarray(image_hwc, dtype=np.uint8)
+        if image.shape != self.program.input_hwc:
+            raise ValueError(f"image is {image.shape} (HWC), {self.name} expects {self.program.input_hwc}")
+        result = self._result
+        with self._lock:
+            self._infer(self.ffi.from_buffer("uint8_t[]", image), self._threshold(None), result)
+            return np.frombuffer(self.ffi.buffer(result.sums, 4 * self.program.n_classes), dtype=np.int32).copy()
+
     def answers(self, images_u8: np.ndarray) -> Callable[[int, float], LocalAnswer]:
         """(sample index, threshold) -> that image's answer through :meth:`infer` (a simulated device's part)."""
         hwc = self._images_hwc(images_u8)
@@ -343,8 +380,7 @@ class CRuntime:
     def __init__(self, cflags: Sequence[str] = CFLAGS, cache_dir: str | Path | None = None) -> None:
         runtime = c_runtime_dir()
         sources = [runtime / name for name in RUNTIME_SOURCES]
-        self.module, _ = _build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF,
-                                          '#include "ddnn_exit.h"\n#include "ddnn_protocol.h"\n', sources,
+        self.module, _ = _build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF, _RUNTIME_SOURCE, sources,
                                           [runtime], cflags, [*sources, *runtime.glob("*.h")])
         self.ffi: Any = self.module.ffi
         self.lib: Any = self.module.lib
@@ -431,6 +467,19 @@ class CRuntime:
         if code != 0:
             return code, None
         return 0, (bytes(request.model_hash), int(request.event_id), int(request.request_id))
+
+    def features_init(self, capacity: int, request_bytes: int) -> bool:
+        """``ddnn_features_init`` (the process's one split buffer): False when ``capacity`` does not fit."""
+        return self.lib.ddnn_features_init(capacity, request_bytes) == 0
+
+    def features_keep(self, event_id: int, request_id: int, request: bytes) -> None:
+        self.lib.ddnn_features_keep(event_id, request_id, self.ffi.from_buffer("uint8_t[]", request), len(request))
+
+    def features_take(self, event_id: int, request_id: int) -> bytes | None:
+        """``ddnn_features_answer`` for (event, request id): the split held (then forgotten), or None."""
+        out = self.ffi.new("uint8_t[]", 1 << 16)
+        size = int(self.lib.ddnn_binding_features_take(event_id, request_id, out, len(out)))
+        return bytes(self.ffi.buffer(out, size)) if size >= 0 else None
 
     def reply_decode(self, data: bytes) -> dict[str, Any] | None:
         """``ddnn_reply_decode``: the fields as C holds them, or None when C rejects the bytes."""
