@@ -236,12 +236,23 @@ int32_t ddnn_exit_from_sums(const ddnn_exit_layer *layer, const int32_t *sums, d
     return exit_answer(layer, logits, threshold, entropy, exit_local);
 }
 
+static int32_t exit_sum(const ddnn_exit_layer *layer, const ddnn_word *input, int k)
+{
+    return ddnn_binary_dot(input, layer->weights + (size_t)k * layer->in_words, layer->in_words, layer->n_valid);
+}
+
+void ddnn_exit_sums(const ddnn_exit_layer *layer, const ddnn_word *input, int32_t *sums)
+{
+    int k;
+    for (k = 0; k < layer->n_classes; ++k)
+        sums[k] = exit_sum(layer, input, k);
+}
+
 int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,
                   double *entropy, int *exit_local)
 {
     int k;
     for (k = 0; k < layer->n_classes; ++k)
-        logits[k] = exit_logit(layer, k, ddnn_binary_dot(input, layer->weights + (size_t)k * layer->in_words,
-                                                         layer->in_words, layer->n_valid));
+        logits[k] = exit_logit(layer, k, exit_sum(layer, input, k));
     return exit_answer(layer, logits, threshold, entropy, exit_local);
 }

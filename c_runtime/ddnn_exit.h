@@ -40,6 +40,10 @@ int ddnn_threshold_parse(const char *text, size_t len, double *value);
 int32_t ddnn_exit(const ddnn_exit_layer *layer, const ddnn_word *input, double threshold, double *logits,
                   double *entropy, int *exit_local);
 
+/* The exit's integer sums S_k (n_classes int32): the binary dot products of the split with each class's
+ * weights, before the affine map to logits. */
+void ddnn_exit_sums(const ddnn_exit_layer *layer, const ddnn_word *input, int32_t *sums);
+
 /* ddnn_exit from the exit's integer sums S_k (n_classes) computed elsewhere (the OpenCL exit kernel). */
 int32_t ddnn_exit_from_sums(const ddnn_exit_layer *layer, const int32_t *sums, double threshold, double *logits,
                             double *entropy, int *exit_local);

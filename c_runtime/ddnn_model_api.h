@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* What one inference returns. logits and split point into the model's static buffers and stay
+/* What one inference returns. logits, split and sums point into the model's static buffers and stay
  * valid until the model's next call. */
 typedef struct {
     int32_t class_id;        /* local-exit argmax (Big-Little: the class it names, -1 for "other") */
@@ -22,6 +22,8 @@ typedef struct {
     int exit_local;          /* 1 if entropy <= threshold (finite) */
     const double *logits;    /* n_classes */
     const uint64_t *split;   /* split_words packed words, (H, W, words) little-endian */
+    const int32_t *sums;     /* n_classes: the exit's integer sums S_k (logits[k] = scale[k] * S_k + offset[k]),
+                              * what a scores-first camera sends (docs/views.md) */
 } ddnn_result;
 
 typedef void (*ddnn_infer_fn)(const uint8_t *input_hwc, double threshold, ddnn_result *result);

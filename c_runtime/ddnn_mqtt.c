@@ -12,7 +12,9 @@
 #include <MQTTClient.h>
 
 #include "ddnn_exit.h"
+#include "ddnn_features.h"
 #include "ddnn_runner_common.h"
+#include "ddnn_timer.h"
 
 #define TOPIC_MAX 128
 #define URI_MAX 300
@@ -37,6 +39,7 @@ static struct {
     char model_key[2 * DDNN_WIRE_HASH_BYTES + 1];
     char model_threshold_topic[TOPIC_MAX];
     char device_threshold_topic[TOPIC_MAX];
+    char features_topic[TOPIC_MAX];
     int connect_timeout_s, retry_ms;
 
     pthread_mutex_t lock;
@@ -56,6 +59,8 @@ static struct {
 
     int model_threshold_valid, device_threshold_valid;
     double model_threshold, device_threshold;
+
+    ddnn_mqtt_feature_counts features; /* written by the callback thread only, read under lock */
 } net;
 
 static void log_line(const char *fmt, ...)
@@ -74,10 +79,61 @@ static int topic_is(const char *topic, int topic_len, const char *want)
     return len == strlen(want) && memcmp(topic, want, len) == 0;
 }
 
+static int publish(const char *topic, const void *payload, size_t len, int retained);
+
+static int send_split(const uint8_t *request, size_t len, void *context)
+{
+    (void)context;
+    return publish(net.request_topic, request, len, 0);
+}
+
+/* Everything on the features topic is hostile until decoded: a malformed request or another model's is
+ * counted and dropped; a valid one is answered with the split held for it or NO_FEATURES. */
+static void on_feature_request(const uint8_t *data, size_t len)
+{
+    ddnn_feature_request request;
+    const int refusal = ddnn_feature_request_decode(data, len, &request);
+    uint64_t *count;
+    int rc = MQTTCLIENT_SUCCESS;
+    if (refusal != DDNN_FEATURES_OK) {
+        count = &net.features.refused;
+        if (net.features.refused == 0) /* said once: a flood must not flood the log too */
+            log_line("ignoring a message of %lu bytes on %s: not a feature request (reason %d)", (unsigned long)len,
+                     net.features_topic, refusal);
+    } else if (memcmp(request.model_hash, net.config.model_hash, DDNN_WIRE_HASH_BYTES) != 0) {
+        count = &net.features.other_model;
+    } else if (ddnn_features_answer(request.event_id, request.request_id, send_split, NULL, &rc)) {
+        count = &net.features.answered;
+    } else {
+        ddnn_request_header header;
+        uint8_t out[DDNN_REQUEST_HEADER_BYTES];
+        size_t n;
+        memset(&header, 0, sizeof header);
+        memcpy(header.model_hash, request.model_hash, DDNN_WIRE_HASH_BYTES);
+        header.split_layer = net.config.split_layer;
+        header.request_id = request.request_id;
+        header.device_time_us = ddnn_now_ns() / 1000u;
+        header.event_id = request.event_id;
+        header.view_index = net.config.view_index;
+        header.view_count = net.config.view_count;
+        n = ddnn_request_encode_no_features(&header, out, sizeof out);
+        rc = n > 0 ? publish(net.request_topic, out, n, 0) : MQTTCLIENT_FAILURE;
+        count = &net.features.withheld;
+    }
+    pthread_mutex_lock(&net.lock);
+    ++*count;
+    if (rc != MQTTCLIENT_SUCCESS)
+        ++net.features.unsent;
+    pthread_mutex_unlock(&net.lock);
+}
+
 static int on_message(void *context, char *topic, int topic_len, MQTTClient_message *message)
 {
     (void)context;
-    if (topic_is(topic, topic_len, net.reply_topic)) {
+    if (net.config.scores_first && topic_is(topic, topic_len, net.features_topic)) {
+        on_feature_request((const uint8_t *)message->payload,
+                           message->payloadlen > 0 ? (size_t)message->payloadlen : 0);
+    } else if (topic_is(topic, topic_len, net.reply_topic)) {
         ddnn_reply reply;
         if (ddnn_reply_decode((const uint8_t *)message->payload, (size_t)message->payloadlen, &reply) != 0) {
             log_line("undecodable reply of %d bytes ignored", message->payloadlen);
@@ -203,42 +259,46 @@ static enum MQTTReasonCodes subscription_code(const MQTTResponse *response, int 
     return response->reasonCode;
 }
 
-/* A refused reply subscription leaves the device deaf: it disconnects and retries later (the broker's
- * rules may be fixed meanwhile). Refused threshold subscriptions only cost live thresholds. */
-static int check_subscriptions(const MQTTResponse *response, char *const *topics)
+static const char *const subscription_names[4] = {"replies", "model threshold", "device threshold",
+                                                  "feature requests"};
+
+/* A refused reply subscription leaves the device deaf (a refused features one, a scores-first camera whose
+ * splits nobody can ask for): it disconnects and retries later (the broker's rules may be fixed meanwhile).
+ * Refused threshold subscriptions only cost live thresholds. */
+static int check_subscriptions(const MQTTResponse *response, char *const *topics, int n_topics)
 {
-    static const char *const names[3] = {"replies", "model threshold", "device threshold"};
+    const char *const *names = subscription_names;
     int i, reply_ok = 1;
-    for (i = 0; i < 3; ++i) {
+    for (i = 0; i < n_topics; ++i) {
         const enum MQTTReasonCodes code = subscription_code(response, i);
         if (code <= MQTTREASONCODE_GRANTED_QOS_2)
             continue;
         if (net.last_refusal == 0)
             log_line("the broker refused the %s subscription %s: %s", names[i], topics[i],
                      MQTTReasonCode_toString(code));
-        if (i == 0)
+        if (i == 0 || i == 3)
             reply_ok = 0;
     }
     return reply_ok;
 }
 
 /* MQTT 3.1.1's SUBACK: one granted QoS per topic, 0x80 for a refusal (RabbitMQ closes the connection instead). */
-static int check_subscriptions311(const int *granted, char *const *topics)
+static int check_subscriptions311(const int *granted, char *const *topics, int n_topics)
 {
-    static const char *const names[3] = {"replies", "model threshold", "device threshold"};
+    const char *const *names = subscription_names;
     int i, reply_ok = 1;
-    for (i = 0; i < 3; ++i) {
+    for (i = 0; i < n_topics; ++i) {
         if (granted[i] != 0x80)
             continue;
         if (net.last_refusal == 0)
             log_line("the broker refused the %s subscription %s", names[i], topics[i]);
-        if (i == 0)
+        if (i == 0 || i == 3)
             reply_ok = 0;
     }
     return reply_ok;
 }
 
-static int connect_and_subscribe311(MQTTClient_connectOptions *options, char **topics, int *qos)
+static int connect_and_subscribe311(MQTTClient_connectOptions *options, char **topics, int *qos, int n_topics)
 {
     int rc;
     options->MQTTVersion = MQTTVERSION_3_1_1;
@@ -246,8 +306,8 @@ static int connect_and_subscribe311(MQTTClient_connectOptions *options, char **t
     rc = MQTTClient_connect(net.client, options);
     if (rc != MQTTCLIENT_SUCCESS)
         return rc;
-    rc = MQTTClient_subscribeMany(net.client, 3, topics, qos);
-    if (rc == MQTTCLIENT_SUCCESS && !check_subscriptions311(qos, topics))
+    rc = MQTTClient_subscribeMany(net.client, n_topics, topics, qos);
+    if (rc == MQTTCLIENT_SUCCESS && !check_subscriptions311(qos, topics, n_topics))
         rc = MQTTREASONCODE_NOT_AUTHORIZED;
     if (rc != MQTTCLIENT_SUCCESS)
         MQTTClient_disconnect(net.client, 0);
@@ -261,12 +321,13 @@ static int connect_once(void)
     MQTTClient_willOptions will = MQTTClient_willOptions_initializer;
     MQTTClient_SSLOptions ssl = MQTTClient_SSLOptions_initializer;
     MQTTResponse response;
-    char *topics[3];
+    char *topics[4];
     const int sub_qos = net.config.subscribe_qos;
-    int qos[3];
+    const int n_topics = net.config.scores_first ? 4 : 3;
+    int qos[4];
     int rc;
 
-    qos[0] = qos[1] = qos[2] = sub_qos;
+    qos[0] = qos[1] = qos[2] = qos[3] = sub_qos;
     if (net.config.mqtt311)
         options = options311;
 
@@ -299,8 +360,9 @@ static int connect_once(void)
     topics[0] = net.reply_topic;
     topics[1] = net.model_threshold_topic;
     topics[2] = net.device_threshold_topic;
+    topics[3] = net.features_topic;
     if (net.config.mqtt311) {
-        rc = connect_and_subscribe311(&options, topics, qos);
+        rc = connect_and_subscribe311(&options, topics, qos, n_topics);
         if (rc != MQTTCLIENT_SUCCESS)
             return rc;
     } else {
@@ -309,9 +371,9 @@ static int connect_once(void)
         MQTTResponse_free(response);
         if (rc != MQTTCLIENT_SUCCESS)
             return rc;
-        response = MQTTClient_subscribeMany5(net.client, 3, topics, qos, NULL, NULL);
+        response = MQTTClient_subscribeMany5(net.client, n_topics, topics, qos, NULL, NULL);
         rc = response.reasonCode;
-        if (rc >= 0 && !check_subscriptions(&response, topics))
+        if (rc >= 0 && !check_subscriptions(&response, topics, n_topics))
             rc = MQTTREASONCODE_NOT_AUTHORIZED;
         MQTTResponse_free(response);
         if (rc < 0 || rc > MQTTREASONCODE_GRANTED_QOS_2) {
@@ -552,6 +614,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     memcpy(net.model_key, hex, sizeof net.model_key);
     snprintf(net.model_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s", hex);
     snprintf(net.device_threshold_topic, TOPIC_MAX, "ddnn/threshold/%s/%s", hex, net.device_id);
+    snprintf(net.features_topic, TOPIC_MAX, "ddnn/features/%s", net.device_id);
     net.connect_timeout_s = config->connect_timeout_s > 0 ? config->connect_timeout_s : 2;
     net.retry_ms = config->retry_ms > 0 ? config->retry_ms : 200;
     pthread_mutex_init(&net.lock, NULL);
@@ -695,6 +758,13 @@ int ddnn_mqtt_publish_telemetry(const ddnn_mqtt_counters *counters)
         return -1;
     /* QoS 0, not retained: a reader wants the current figures, and the next message replaces a lost one. */
     return publish_qos(net.telemetry_topic, payload, (size_t)len, 0, 0) == MQTTCLIENT_SUCCESS ? 0 : -1;
+}
+
+void ddnn_mqtt_features(ddnn_mqtt_feature_counts *counts)
+{
+    pthread_mutex_lock(&net.lock);
+    *counts = net.features;
+    pthread_mutex_unlock(&net.lock);
 }
 
 void ddnn_mqtt_stop(void)

@@ -8,6 +8,9 @@
  * re-subscribes. Retained thresholds on ddnn/threshold/<model> and ddnn/threshold/<model>/<device>
  * are tracked; ddnn_mqtt_threshold() hands the caller the current one between samples.
  * Birth/last-will: retained "online"/"offline" on ddnn/status/<device>.
+ * A scores-first camera (config.scores_first) also subscribes to ddnn/features/<device> and answers each valid
+ * feature request naming its model on the callback thread: the split ddnn_features holds for it (published on
+ * the request topic), else NO_FEATURES. Anything else on that topic is counted and ignored.
  *
  * The MQTT client id is the device id, so a broker can tie it to the credentials (use_username_as_clientid,
  * %c patterns). TLS (ssl://, Paho C's SSL library libpaho-mqtt3cs) verifies the broker's certificate against
@@ -52,6 +55,9 @@ typedef struct {
     int subscribe_qos_set;                       /* subscribe_qos was given (else 1) */
     const char *also_brokers[DDNN_MQTT_MAX_BROKERS - 1]; /* HOST:PORT of further cluster nodes (fail-over) */
     int also_broker_count;
+    int scores_first;                            /* answer feature requests from ddnn_features (ddnn_features.h) */
+    uint16_t split_layer;                        /* scores first: the NO_FEATURES header's split layer ... */
+    uint8_t view_index, view_count;              /* ... and this camera's view of the events */
 } ddnn_mqtt_config;
 
 /* Zeroes a configuration (plain TCP, no credentials). */
@@ -95,6 +101,17 @@ typedef struct {
 /* Publishes the counters as JSON on ddnn/device/<device>/telemetry (QoS 0, not retained), with the retained
  * thresholds it holds. Returns 0 when handed to the broker, -1 when not connected (nothing is queued). */
 int ddnn_mqtt_publish_telemetry(const ddnn_mqtt_counters *counters);
+
+/* What a scores-first camera did with the messages on its features topic. */
+typedef struct {
+    uint64_t answered;     /* valid feature requests answered with the split held */
+    uint64_t withheld;     /* ... answered NO_FEATURES: the event is no longer held (or never was) */
+    uint64_t other_model;  /* well-formed requests naming another model: nothing to say */
+    uint64_t refused;      /* not a feature request of this protocol (length, magic, version, fields) */
+    uint64_t unsent;       /* answers the broker did not take (not connected) */
+} ddnn_mqtt_feature_counts;
+
+void ddnn_mqtt_features(ddnn_mqtt_feature_counts *counts);
 
 /* Publishes the "offline" status, disconnects and stops the reconnection thread. */
 void ddnn_mqtt_stop(void);

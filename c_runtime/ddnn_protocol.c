@@ -155,6 +155,78 @@ size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t 
     return total;
 }
 
+size_t ddnn_request_sums_size(size_t n_classes)
+{
+    return DDNN_REQUEST_HEADER_BYTES + 4 * n_classes;
+}
+
+/* The two scores-first messages belong to a multi-view event (codec._scores_first_problem). */
+static int scores_first_header_valid(const ddnn_request_header *header)
+{
+    return header->view_count > 1 && header->event_id != 0;
+}
+
+size_t ddnn_request_encode_sums(const ddnn_request_header *header, const int32_t *sums, size_t n_classes, uint8_t *out,
+                                size_t out_len)
+{
+    const size_t total = ddnn_request_sums_size(n_classes);
+    ddnn_request_header shaped;
+    size_t k;
+    if (n_classes == 0 || n_classes > 0xffffu || out_len < total || !scores_first_header_valid(header))
+        return 0;
+    shaped = *header;
+    shaped.channels = (uint16_t)n_classes;
+    shaped.height = shaped.width = 1;
+    if (!put_header(&shaped, DDNN_PACKING_EXIT_SUMS, header->split_layer, n_classes, out))
+        return 0;
+    for (k = 0; k < n_classes; ++k)
+        put_u32(out + DDNN_REQUEST_HEADER_BYTES + 4 * k, (uint32_t)sums[k]);
+    return total;
+}
+
+size_t ddnn_request_encode_no_features(const ddnn_request_header *header, uint8_t *out, size_t out_len)
+{
+    ddnn_request_header empty;
+    if (out_len < DDNN_REQUEST_HEADER_BYTES || !scores_first_header_valid(header))
+        return 0;
+    empty = *header;
+    empty.channels = empty.height = empty.width = 0;
+    if (!put_header(&empty, DDNN_PACKING_NO_FEATURES, header->split_layer, 0, out))
+        return 0;
+    return DDNN_REQUEST_HEADER_BYTES;
+}
+
+size_t ddnn_feature_request_encode(const ddnn_feature_request *request, uint8_t *out, size_t out_len)
+{
+    if (out_len < DDNN_FEATURE_REQUEST_BYTES || request->event_id == 0 || request->request_id == 0)
+        return 0;
+    memcpy(out, "DDNF", 4);
+    out[4] = DDNN_PROTOCOL_VERSION;
+    out[5] = 0;
+    put_u16(out + 6, DDNN_FEATURE_REQUEST_BYTES);
+    memcpy(out + 8, request->model_hash, DDNN_WIRE_HASH_BYTES);
+    put_u64(out + 24, request->event_id);
+    put_u64(out + 32, request->request_id);
+    return DDNN_FEATURE_REQUEST_BYTES;
+}
+
+int ddnn_feature_request_decode(const uint8_t *data, size_t len, ddnn_feature_request *request)
+{
+    if (len != DDNN_FEATURE_REQUEST_BYTES)
+        return DDNN_FEATURES_BAD_LENGTH;
+    if (memcmp(data, "DDNF", 4) != 0)
+        return DDNN_FEATURES_BAD_MAGIC;
+    if (data[4] != DDNN_PROTOCOL_VERSION)
+        return DDNN_FEATURES_BAD_VERSION;
+    if (data[5] != 0 || get_u16(data + 6) != DDNN_FEATURE_REQUEST_BYTES || get_u64(data + 24) == 0 ||
+        get_u64(data + 32) == 0)
+        return DDNN_FEATURES_MALFORMED;
+    memcpy(request->model_hash, data + 8, DDNN_WIRE_HASH_BYTES);
+    request->event_id = get_u64(data + 24);
+    request->request_id = get_u64(data + 32);
+    return DDNN_FEATURES_OK;
+}
+
 int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply)
 {
     size_t n_top, message_len, expected, i, keep;

@@ -27,6 +27,14 @@
 #define DDNN_PACKING_BITS_U64 1
 #define DDNN_PACKING_RAW_U8 3
 #define DDNN_PACKING_BITS_DENSE 4
+/* Multi-view "scores first" (docs/views.md): the local exit's int32 sums (C = classes, H = W = 1) first, the
+ * split only when the aggregator's feature request asks, or NO_FEATURES (C = H = W = 0, no payload) when this
+ * camera no longer holds that event's split. */
+#define DDNN_PACKING_EXIT_SUMS 5
+#define DDNN_PACKING_NO_FEATURES 6
+/* Feature request (aggregator -> camera on ddnn/features/<device>): "DDNF", version, reserved 0, length 40,
+ * the model hash, the event id and the request id of the camera's exit sums (never 0). */
+#define DDNN_FEATURE_REQUEST_BYTES 40
 #define DDNN_RAW_SPLIT_LAYER 0
 #define DDNN_REPLY_TOP_MAX 16
 #define DDNN_REPLY_MESSAGE_MAX 256
@@ -100,6 +108,43 @@ size_t ddnn_request_encode_dense(const ddnn_request_header *header, const uint64
  * Returns the byte count, or 0 as ddnn_request_encode. */
 size_t ddnn_request_encode_raw(const ddnn_request_header *header, const uint8_t *pixels, size_t n_bytes, uint8_t *out,
                                size_t out_len);
+
+/* Bytes of an exit-sums request of n_classes sums: header + 4 * n_classes. */
+size_t ddnn_request_sums_size(size_t n_classes);
+
+/* Scores first: writes header + the n_classes int32 exit sums (little-endian) into out; the header's channels
+ * is taken as n_classes and height = width = 1. Returns the byte count, or 0 as ddnn_request_encode, or when the
+ * header is not a multi-view one (view_count < 2: only an aggregator asks for features) or n_classes is 0 or
+ * above 65535. */
+size_t ddnn_request_encode_sums(const ddnn_request_header *header, const int32_t *sums, size_t n_classes, uint8_t *out,
+                                size_t out_len);
+
+/* Scores first: the 64-byte answer to a feature request for an event this camera no longer holds (packing 6,
+ * C = H = W = 0, no payload); the header's event and request ids are the feature request's. Returns
+ * DDNN_REQUEST_HEADER_BYTES, or 0 as ddnn_request_encode_sums. */
+size_t ddnn_request_encode_no_features(const ddnn_request_header *header, uint8_t *out, size_t out_len);
+
+typedef struct {
+    uint8_t model_hash[DDNN_WIRE_HASH_BYTES];
+    uint64_t event_id;
+    uint64_t request_id; /* the camera's exit-sums request of that event; the split goes back under it */
+} ddnn_feature_request;
+
+/* Why a feature request was refused (0 = accepted); what a camera counts. */
+enum ddnn_feature_refusal {
+    DDNN_FEATURES_OK = 0,
+    DDNN_FEATURES_BAD_LENGTH = 1,  /* not exactly DDNN_FEATURE_REQUEST_BYTES */
+    DDNN_FEATURES_BAD_MAGIC = 2,
+    DDNN_FEATURES_BAD_VERSION = 3,
+    DDNN_FEATURES_MALFORMED = 4    /* reserved byte set, wrong length field, zero event or request id */
+};
+
+/* Writes the 40-byte feature request; 0 when an id is 0 (as codec.encode_feature_request refuses it). */
+size_t ddnn_feature_request_encode(const ddnn_feature_request *request, uint8_t *out, size_t out_len);
+
+/* Decodes a feature request exactly as codec.decode_feature_request: DDNN_FEATURES_OK and *request set, or the
+ * refusal (request untouched). Whether it names this camera's model is the caller's to check. */
+int ddnn_feature_request_decode(const uint8_t *data, size_t len, ddnn_feature_request *request);
 
 /* Decodes a reply. Returns 0, or -1 if it is not a well-formed reply of this protocol version. */
 int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply);

@@ -8,12 +8,16 @@
  * A Big-Little model (model->offload_raw) always sends the raw input: its big net on the server reads the image,
  * and its little net answers only for a priority class; a fallback for a sample the little net calls "other"
  * has class -1 (no class: the failure is reported, not hidden).
+ * --scores-first (a camera of a multi-view model): each sample sends its local exit's integer sums first and
+ * keeps its split (static ring, ddnn_features.h) for the aggregator's feature request, which the MQTT thread
+ * answers with the split or NO_FEATURES (docs/views.md); the reply to the sums is the event's answer.
  * Model-agnostic: the Makefile names the model's descriptor with -DDDNN_RUNNER_MODEL=<name>_model. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "ddnn_exit.h"
+#include "ddnn_features.h"
 #include "ddnn_model_api.h"
 #include "ddnn_mqtt.h"
 #include "ddnn_protocol.h"
@@ -26,13 +30,18 @@
 #endif
 extern const ddnn_model DDNN_RUNNER_MODEL;
 
+/* Most classes a scores-first camera sends sums for (its sums request is built in a static buffer). */
+#define SUMS_MAX_CLASSES 1024
+static uint8_t sums_request[DDNN_REQUEST_HEADER_BYTES + 4 * SUMS_MAX_CLASSES];
+
 static void usage(FILE *out, const ddnn_model *model)
 {
     fprintf(out,
             "usage: ddnn_device_net SAMPLES --device-id ID [--broker HOST:PORT] [--timeout-ms N] [-o RESULTS.csv]\n"
             "                       [--threshold T] [--pace-ms N] [--connect-wait-ms N] [--server-only]\n"
             "                       [--telemetry-interval-ms N]\n"
-            "                       [--view-index I --view-count K [--first-event-id N]]\n"
+            "                       [--view-index I --view-count K [--first-event-id N]\n"
+            "                        [--scores-first [--keep-events N]]]\n"
             "                       [--tls] [--ca-file F] [--cert F --key F] [--username U --password-file F]\n"
             "  Classifies every sample of SAMPLES with %s, asking ddnn-server when the local\n"
             "  exit is not confident.\n"
@@ -54,8 +63,15 @@ static void usage(FILE *out, const ddnn_model *model)
             "                        one camera of a multi-view model (docs/views.md): this program is view I's\n"
             "                        device part, SAMPLES are its crops; every sample is sent (the aggregator\n"
             "                        decides on all K views' exits), tagged with event id N + its index\n"
-            "  --first-event-id N    event id of the first sample (default 1); the K cameras must agree\n",
-            model->name, model->default_threshold);
+            "  --first-event-id N    event id of the first sample (default 1); the K cameras must agree\n"
+            "  --scores-first        a camera sends its local exit's integer sums first and its split only when\n"
+            "                        the aggregator's feature request asks (ddnn/features/ID)\n"
+            "  --keep-events N       scores first: splits of the last N events kept for feature requests (default\n"
+            "                        %d, or what fits; at most %lu for this model: a %d-byte static pool)\n",
+            model->name, model->default_threshold, DDNN_FEATURES_DEFAULT_EVENTS,
+            (unsigned long)ddnn_features_capacity_for(ddnn_request_dense_size(
+                (uint16_t)model->split_c, (uint16_t)model->split_h, (uint16_t)model->split_w)),
+            DDNN_FEATURES_POOL_BYTES);
     ddnn_mqtt_usage(out);
 }
 
@@ -97,8 +113,11 @@ int main(int argc, char **argv)
     long timeout_ms = 1000, pace_ms = 0, connect_wait_ms = 3000, telemetry_interval_ms = 2000;
     uint64_t telemetry_due = 0;
     char host[256];
-    int port, i, got, used, status = 0, server_only = 0;
-    long view_index = 0, view_count = 0, first_event_id = 1;
+    int port, i, got, used, status = 0, server_only = 0, scores_first = 0;
+    long view_index = 0, view_count = 0, first_event_id = 1, keep_events = -1;
+    const size_t split_request_bytes =
+        ddnn_request_dense_size((uint16_t)model->split_c, (uint16_t)model->split_h, (uint16_t)model->split_w);
+    const long keep_max = (long)ddnn_features_capacity_for(split_request_bytes);
     uint64_t request_id;
     uint32_t index = 0;
     int32_t label;
@@ -118,6 +137,14 @@ int main(int argc, char **argv)
             return 0;
         } else if (strcmp(argv[i], "--server-only") == 0) {
             server_only = 1;
+        } else if (strcmp(argv[i], "--scores-first") == 0) {
+            scores_first = 1;
+        } else if (strcmp(argv[i], "--keep-events") == 0 && has_value) {
+            if (!ddnn_parse_long(argv[++i], 0, keep_max, &keep_events)) {
+                fprintf(stderr, "ddnn_device_net: --keep-events needs 0..%ld (the splits of %s that fit the "
+                                "%d-byte pool), got '%s'\n", keep_max, model->name, DDNN_FEATURES_POOL_BYTES, argv[i]);
+                return 2;
+            }
         } else if (strcmp(argv[i], "-o") == 0 && has_value) {
             csv_path = argv[++i];
         } else if (strcmp(argv[i], "--device-id") == 0 && has_value) {
@@ -185,6 +212,23 @@ int main(int argc, char **argv)
         fprintf(stderr, "ddnn_device_net: a camera of a multi-view model needs --view-index I below --view-count K "
                         "(and sends splits, not --server-only)\n");
         return 2;
+    }
+    if ((scores_first || keep_events >= 0) &&
+        (view_count < 2 || !scores_first || model->offload_raw || model->n_classes > SUMS_MAX_CLASSES)) {
+        fprintf(stderr, "ddnn_device_net: --scores-first is a camera of a multi-view model (--view-index I "
+                        "--view-count K) sending its exit sums (not a Big-Little model, at most %d classes); "
+                        "--keep-events goes with it\n", SUMS_MAX_CLASSES);
+        return 2;
+    }
+    if (scores_first) {
+        if (keep_events < 0)
+            keep_events = keep_max < DDNN_FEATURES_DEFAULT_EVENTS ? keep_max : DDNN_FEATURES_DEFAULT_EVENTS;
+        if (ddnn_features_init((size_t)keep_events, split_request_bytes) != 0)
+            return 2; /* keep_events was validated against the same capacity */
+        config.scores_first = 1;
+        config.split_layer = (uint16_t)model->split_layer;
+        config.view_index = (uint8_t)view_index;
+        config.view_count = (uint8_t)view_count;
     }
     if (!parse_broker(broker, host, sizeof(host), &port, config.tls ? 8883 : 1883)) {
         fprintf(stderr, "ddnn_device_net: --broker must be HOST:PORT, got '%s'\n", broker);
@@ -289,7 +333,15 @@ int main(int argc, char **argv)
                 len = ddnn_request_encode_dense(&header, result.split, (size_t)model->split_words, model->request,
                                                 model->request_bytes);
             }
-            net = len > 0 ? ddnn_mqtt_request(model->request, len, header.request_id, (int)timeout_ms, &reply)
+            if (scores_first && len > 0) {
+                /* The split waits here under the sums' request id; the aggregator asks for it only when the
+                 * event's aggregated exit is not confident. */
+                ddnn_features_keep(header.event_id, header.request_id, model->request, len);
+                len = ddnn_request_encode_sums(&header, result.sums, (size_t)model->n_classes, sums_request,
+                                               sizeof sums_request);
+            }
+            net = len > 0 ? ddnn_mqtt_request(scores_first ? sums_request : model->request, len, header.request_id,
+                                              (int)timeout_ms, &reply)
                           : DDNN_NET_OFFLINE;
             if (net == DDNN_NET_OK && reply.status == DDNN_STATUS_OK && reply.class_id >= 0 &&
                 reply.class_id < model->n_answer_classes) {
@@ -333,6 +385,15 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "ddnn_device_net: %lu samples: local %lu, server %lu, fallback %lu, error %lu\n",
             (unsigned long)index, counts[0], counts[1], counts[2], counts[3]);
+    if (scores_first) {
+        ddnn_mqtt_feature_counts features;
+        ddnn_mqtt_features(&features);
+        fprintf(stderr, "ddnn_device_net: feature requests: answered %llu, withheld %llu, other model %llu, "
+                        "refused %llu, unsent %llu (keeping %ld events)\n",
+                (unsigned long long)features.answered, (unsigned long long)features.withheld,
+                (unsigned long long)features.other_model, (unsigned long long)features.refused,
+                (unsigned long long)features.unsent, keep_events);
+    }
     if (telemetry_interval_ms > 0)
         publish_counters(index, counts, threshold, initial_threshold); /* the final counts: a reader sees all */
     ddnn_mqtt_stop();

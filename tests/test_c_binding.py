@@ -84,6 +84,17 @@ def test_one_sample_entry_point_and_thresholds(model: c_binding.CModel, program:
     assert model.run(images, tie).local_exit.sum() == 101  # entropy <= threshold exits
 
 
+def test_result_exposes_the_exit_sums(model: c_binding.CModel, program: DeviceProgram, fmnist_test) -> None:
+    """result.sums (what a scores-first camera sends) are the reference's exit sums, and map to its logits."""
+    images = fmnist_test.images[:100]
+    ref = reference.run_device(program, images)
+    hwc = reference.images_to_hwc(images)
+    want = reference.exit_sums(program.exit, ref.split_words)
+    got = np.stack([model.exit_sums(image) for image in hwc])
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert np.array_equal(reference.exit_logits(program.exit, got), ref.logits)
+
+
 def test_threads_take_turns_on_one_model(model: c_binding.CModel, program: DeviceProgram, fmnist_test) -> None:
     """The generated code's buffers are static: without the binding's lock, concurrent calls would mix them."""
     images = fmnist_test.images[:1200]

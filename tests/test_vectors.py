@@ -15,10 +15,11 @@ import pytest
 from conftest import require_tool
 
 from ddnn_gen.device.c_binding import CRuntime
+from ddnn_gen.device.features import FeatureBuffer
 from ddnn_gen.errors import SpecError
 from ddnn_gen.model.spec import parse_threshold_text
 from ddnn_gen.wire import codec, topics
-from ddnn_gen.wire.codec import Packing, RequestHeader
+from ddnn_gen.wire.codec import FeatureRequest, Packing, RequestHeader
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "wire_and_text.json").read_text(encoding="utf-8"))
 
@@ -157,3 +158,98 @@ def test_replies_rejected_by_both(vector: dict[str, Any], runtime: CRuntime) -> 
     with pytest.raises(codec.ProtocolError):
         codec.decode_reply(data)
     assert runtime.reply_decode(data) is None
+
+
+# ---- scores first (docs/views.md): exit sums, NO_FEATURES, feature requests ------------------------------------
+
+@pytest.mark.parametrize("n_classes", [1, 2, 10, 100])
+def test_sums_and_no_features_c_encoders_byte_equal(n_classes: int, runtime: CRuntime) -> None:
+    """ddnn_request_encode_sums / _no_features (what a scores-first C camera sends) give codec.encode_request's
+    bytes, extreme sums included, and decode back to the same header and sums."""
+    rng = np.random.default_rng(n_classes)
+    model_hash = bytes(rng.integers(0, 256, 16, dtype=np.uint8))
+    for view_index, view_count in ((0, 2), (3, 4), (15, 16)):
+        event_id, request_id = int(rng.integers(1, 2**63)), int(rng.integers(1, 2**63))
+        device_time = int(rng.integers(0, 2**63))
+        sums = rng.integers(-2**31, 2**31, n_classes, dtype=np.int64).astype(np.int32)
+        sums[0] = np.iinfo(np.int32).min
+        views = (event_id, view_index, view_count)
+        header = RequestHeader(model_hash, 5, n_classes, 1, 1, request_id, device_time, Packing.EXIT_SUMS, *views)
+        python = codec.encode_request(header, sums)
+        c = runtime.request_encode_sums(model_hash, 5, request_id, device_time, sums, views)
+        assert c is not None and c == python
+        decoded = codec.decode_request(c)
+        assert decoded.header == header and np.array_equal(decoded.payload, sums)
+        empty = RequestHeader(model_hash, 5, 0, 0, 0, request_id, device_time, Packing.NO_FEATURES, *views)
+        python = codec.encode_request(empty, np.zeros(0, np.uint8))
+        c = runtime.request_encode_no_features(model_hash, 5, request_id, device_time, views)
+        assert c is not None and c == python and len(c) == codec.REQUEST_HEADER_BYTES
+        assert codec.decode_request(c).header == empty
+
+
+@pytest.mark.parametrize("views", [(0, 0, 0), (7, 0, 1), (0, 0, 4), (7, 4, 4), (7, 0, 17)])
+def test_scores_first_messages_outside_a_multi_view_event_refused_by_both(views: tuple[int, int, int],
+                                                                          runtime: CRuntime) -> None:
+    """Sums and NO_FEATURES belong to a multi-view event: neither twin writes one that the other would refuse."""
+    sums = np.arange(10, dtype=np.int32)
+    for header, payload in ((RequestHeader(bytes(16), 5, 10, 1, 1, 9, 0, Packing.EXIT_SUMS, *views), sums),
+                            (RequestHeader(bytes(16), 5, 0, 0, 0, 9, 0, Packing.NO_FEATURES, *views),
+                             np.zeros(0, np.uint8))):
+        try:
+            python: bytes | None = codec.encode_request(header, payload)
+            codec.decode_request(python)
+        except (ValueError, codec.ProtocolError):
+            python = None
+        assert python is None
+    assert runtime.request_encode_sums(bytes(16), 5, 9, 0, sums, views) is None
+    assert runtime.request_encode_no_features(bytes(16), 5, 9, 0, views) is None
+    assert runtime.request_encode_sums(bytes(16), 5, 9, 0, np.zeros(0, np.int32), (7, 0, 4)) is None
+
+
+def test_feature_request_c_twin(runtime: CRuntime) -> None:
+    """ddnn_feature_request_encode/_decode against codec's: the same 40 bytes, and every hostile variant refused
+    by both (C says why: 1 length, 2 magic, 3 version, 4 fields)."""
+    request = FeatureRequest(bytes(range(16)), 2**64 - 1, 12345)
+    python = codec.encode_feature_request(request)
+    assert runtime.feature_request_encode(request.model_hash, request.event_id, request.request_id) == python
+    assert runtime.feature_request_decode(python) == (0, (request.model_hash, request.event_id, request.request_id))
+    assert runtime.feature_request_encode(bytes(16), 0, 1) is None
+    assert runtime.feature_request_encode(bytes(16), 1, 0) is None
+
+    def patched(offset: int, value: bytes) -> bytes:
+        return python[:offset] + value + python[offset + len(value):]
+
+    hostile = {b"": 1, python[:-1]: 1, python + b"\0": 1, bytes(4096): 1, patched(0, b"DDNQ"): 2,
+               patched(4, b"\x02"): 3, patched(5, b"\x01"): 4, patched(6, b"\x29\x00"): 4, patched(24, bytes(8)): 4,
+               patched(32, bytes(8)): 4}
+    for data, reason in hostile.items():
+        with pytest.raises(codec.ProtocolError):
+            codec.decode_feature_request(data)
+        assert runtime.feature_request_decode(data) == (reason, None), data.hex()
+
+
+def test_c_split_buffer_keeps_and_forgets_as_the_python_one(runtime: CRuntime) -> None:
+    """ddnn_features (the C camera's static ring of splits) against device/features.FeatureBuffer on one
+    sequence: the last N events kept, a re-kept event replacing its split, a split handed out once, another
+    request id or a forgotten event answered NO_FEATURES, capacity 0 keeping nothing, and a capacity beyond the
+    pool refused."""
+    size = 164
+    most = runtime.lib.ddnn_features_capacity_for(size)
+    assert most == min(256, 65536 // size)  # DDNN_FEATURES_MAX_EVENTS, DDNN_FEATURES_POOL_BYTES
+    assert runtime.lib.ddnn_features_capacity_for(4096) == 16 and runtime.lib.ddnn_features_capacity_for(0) == 0
+    assert not runtime.features_init(most + 1, size) and not runtime.features_init(17, 4096)
+    for capacity in (0, 1, 3, 16):
+        assert runtime.features_init(capacity, size)
+        python = FeatureBuffer(bytes(16), lambda request: b"NO", capacity)
+        rng = np.random.default_rng(capacity)
+        for step in range(300):
+            event, request_id = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+            if rng.random() < 0.6:
+                split = bytes(rng.integers(0, 256, int(rng.integers(1, size + 1)), dtype=np.uint8))
+                python.keep(event, request_id, split)
+                runtime.features_keep(event, request_id, split)
+            else:
+                want = python.answer(FeatureRequest(bytes(16), event, request_id))
+                got = runtime.features_take(event, request_id)
+                assert got == (None if want == b"NO" else want), (capacity, step)
+            assert runtime.lib.ddnn_features_held() == len(python)

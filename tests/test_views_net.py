@@ -255,6 +255,18 @@ def _hostile(own: Broker, runs: ViewRuns, model_hash: bytes, program: DeviceProg
         bad.close()
 
 
+def build_camera(root: Path, view: int, count: int) -> tuple[Path, Path]:
+    """The user's path to one camera, from the CLI: view ``view``'s project built as ``ddnn_device_net`` with
+    ASan/UBSan, and its sample file of the first ``count`` test images' crops."""
+    for args in (["compile", str(VIEWS_MODEL), "--view", str(view), "--no-measure-code", "-o",
+                  str(root / f"view{view}")],
+                 ["export-samples", "--dataset", "fashion-mnist", "--count", str(count), "--views-of",
+                  str(VIEWS_MODEL), "--view", str(view), "-o", str(root / f"view{view}.ddns")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    return toolchain.build_project(root / f"view{view}", target="net", sanitize=True), root / f"view{view}.ddns"
+
+
 def test_four_generated_c_camera_programs_and_the_aggregator(scene: tuple, fmnist_test: datasets.Dataset,
                                                              tmp_path: Path) -> None:
     """The same acceptance with K generated C device programs (``ddnn_device_net`` of each view's folded part,
@@ -269,15 +281,9 @@ def test_four_generated_c_camera_programs_and_the_aggregator(scene: tuple, fmnis
     crops = extract_views(aggregator.views, fmnist_test.images[:N_EVENTS])
     binaries, outs = [], []
     for view in range(aggregator.count):
-        # The user's path: each camera's project and its view of the images from the CLI.
-        for args in (["compile", str(VIEWS_MODEL), "--view", str(view), "--no-measure-code", "-o",
-                      str(tmp_path / f"view{view}")],
-                     ["export-samples", "--dataset", "fashion-mnist", "--count", str(N_EVENTS), "--views-of",
-                      str(VIEWS_MODEL), "--view", str(view), "-o", str(tmp_path / f"view{view}.ddns")]):
-            result = CliRunner().invoke(cli, args)
-            assert result.exit_code == 0, result.output
-        assert read_samples(tmp_path / f"view{view}.ddns")[0].tobytes() == crops[view].tobytes()
-        binaries.append(toolchain.build_project(tmp_path / f"view{view}", target="net", sanitize=True))
+        binary, samples = build_camera(tmp_path, view, N_EVENTS)
+        assert read_samples(samples)[0].tobytes() == crops[view].tobytes()
+        binaries.append(binary)
         outs.append(tmp_path / f"view{view}.csv")
     for bad in (["--view-index", "4", "--view-count", "4"], ["--view-index", "1"], ["--view-count", "17"],
                 ["--view-index", "0", "--view-count", "4", "--server-only"]):

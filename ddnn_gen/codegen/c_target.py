@@ -43,9 +43,10 @@ INFERENCE_HEADERS = ("ddnn_types.h", "ddnn_popcount.h", "ddnn_pool.h", "ddnn_fco
 #: The sample-file runners' shared code (the runner programs themselves: RUNNER_PROGRAMS).
 RUNNER_SOURCES = ("ddnn_runner_common.c", "ddnn_samples.c")
 RUNNER_HEADERS = ("ddnn_runner_common.h", "ddnn_samples.h")
-#: The networked runner's MQTT client and wire format, and the connect() that sets TCP_NODELAY on its socket.
-NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c", "ddnn_nodelay.c")
-NET_HEADERS = ("ddnn_mqtt.h", "ddnn_protocol.h")
+#: The networked runner's MQTT client and wire format, the connect() that sets TCP_NODELAY on its socket, and a
+#: scores-first camera's buffer of its last splits.
+NET_SOURCES = ("ddnn_mqtt.c", "ddnn_protocol.c", "ddnn_nodelay.c", "ddnn_features.c")
+NET_HEADERS = ("ddnn_mqtt.h", "ddnn_protocol.h", "ddnn_features.h")
 RUNNER_PROGRAMS = ("ddnn_runner.c", "ddnn_runner_net.c")
 #: Every c_runtime/ file the C target copies; other targets add theirs (opencl_target.RUNTIME_FILES).
 RUNTIME_FILES = (INFERENCE_HEADERS + INFERENCE_SOURCES + RUNNER_HEADERS + RUNNER_SOURCES + NET_HEADERS
@@ -76,11 +77,12 @@ class MemoryPlan:
     scratch_int32: int
     fconv_weights16: int = 0  # int16 weight copy of an FConv on the narrow path
     logits: int = 0  # the exit's logits (double), which the result points to
+    sums: int = 0  # the exit's integer sums (int32), which the result points to too (scores first sends them)
 
     @property
     def ram_bytes(self) -> int:
         return (8 * (self.even_words + self.odd_words) + 4 * self.scratch_int32 + 2 * self.fconv_weights16
-                + 8 * self.logits)
+                + 8 * self.logits + 4 * self.sums)
 
 
 def _out_words(layer: FoldedLayer) -> int:
@@ -105,7 +107,7 @@ def memory_plan(program: DeviceProgram) -> MemoryPlan:
             scratch = max(scratch, (pool_k + 1) * layer.conv_hw[1] * layer.out_hwc[2])
     # A zero-length array is not C99: keep at least one element.
     weights16 = sum(fconv_weights16(layer) for layer in program.layers)
-    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1), weights16, program.n_classes)
+    return MemoryPlan(max(even, 1), max(odd, 1), max(scratch, 1), weights16, program.n_classes, program.n_classes)
 
 
 def request_bytes(program: DeviceProgram) -> int:

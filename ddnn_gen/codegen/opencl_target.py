@@ -279,8 +279,8 @@ def compile_opencl(program_or_model_path: DeviceProgram | str | Path, out_dir: s
     makefile.write_text(makefile.read_text(encoding="utf-8") + env.get_template("host/Makefile.opencl.j2").render(
         **context), encoding="utf-8")
     host_words = sum(layer["words"] for layer in context["ocl"]["layers"] if layer["host_buffer"])
-    # Per sample of a batch: the host copies of layer outputs, the exit's sums (exit on OpenCL) and logits.
-    host_bytes = max_batch * (8 * host_words + 4 * program.n_classes * int(on_opencl[-1]) + 8 * program.n_classes)
+    # Per sample of a batch: the host copies of layer outputs, the exit's sums and logits.
+    host_bytes = max_batch * (8 * host_words + 4 * program.n_classes + 8 * program.n_classes)
     report = targets.CompileReport("opencl", out, files, c_report.ram_bytes + host_bytes,
                                    c_report.flash_weight_bytes, c_report.code_bytes,
                                    dict(c_report.details, opencl_layers=placement_arg,

@@ -41,6 +41,7 @@ typedef struct {
     int exit_local;
     const double *logits;
     const uint64_t *split;
+    const int32_t *sums;
 } ddnn_result;
 typedef struct {
     const char *name;
@@ -93,9 +94,46 @@ size_t ddnn_request_dense_size(uint16_t channels, uint16_t height, uint16_t widt
 size_t ddnn_request_encode_dense(const ddnn_request_header *header, const uint64_t *words, size_t n_words,
                                  uint8_t *out, size_t out_len);
 int ddnn_reply_decode(const uint8_t *data, size_t len, ddnn_reply *reply);
+size_t ddnn_request_sums_size(size_t n_classes);
+size_t ddnn_request_encode_sums(const ddnn_request_header *header, const int32_t *sums, size_t n_classes, uint8_t *out,
+                                size_t out_len);
+size_t ddnn_request_encode_no_features(const ddnn_request_header *header, uint8_t *out, size_t out_len);
+typedef struct {
+    uint8_t model_hash[16];
+    uint64_t event_id;
+    uint64_t request_id;
+} ddnn_feature_request;
+size_t ddnn_feature_request_encode(const ddnn_feature_request *request, uint8_t *out, size_t out_len);
+int ddnn_feature_request_decode(const uint8_t *data, size_t len, ddnn_feature_request *request);
+size_t ddnn_features_capacity_for(size_t request_bytes);
+int ddnn_features_init(size_t capacity, size_t request_bytes);
+void ddnn_features_keep(uint64_t event_id, uint64_t request_id, const uint8_t *request, size_t len);
+size_t ddnn_features_held(void);
+long ddnn_binding_features_take(uint64_t event_id, uint64_t request_id, uint8_t *out, size_t out_len);
+"""
+# ddnn_features_answer hands the held split to a C callback; the binding's copies it out (-1: not held).
+_RUNTIME_SOURCE = """#include <string.h>
+#include "ddnn_exit.h"
+#include "ddnn_features.h"
+#include "ddnn_protocol.h"
+typedef struct { uint8_t *out; size_t out_len; long len; } ddnn_binding_copy;
+static int ddnn_binding_copy_out(const uint8_t *request, size_t len, void *context)
+{
+    ddnn_binding_copy *copy = (ddnn_binding_copy *)context;
+    copy->len = len <= copy->out_len ? (long)len : -2;
+    if (copy->len >= 0)
+        memcpy(copy->out, request, len);
+    return 0;
+}
+static long ddnn_binding_features_take(uint64_t event_id, uint64_t request_id, uint8_t *out, size_t out_len)
+{
+    ddnn_binding_copy copy = {out, out_len, -1};
+    int sent = 0;
+    return ddnn_features_answer(event_id, request_id, ddnn_binding_copy_out, &copy, &sent) ? copy.len : -1;
+}
 """
 #: c_runtime/ files the runtime module is built from.
-RUNTIME_SOURCES = ("ddnn_exit.c", "ddnn_blinear.c", "ddnn_protocol.c")
+RUNTIME_SOURCES = ("ddnn_exit.c", "ddnn_blinear.c", "ddnn_protocol.c", "ddnn_features.c")
 
 @dataclass
 class CResult:
@@ -219,6 +257,17 @@ class CModel:
                                  split.reshape(self._split_shape))
         return answer
 
+    def exit_sums(self, image_hwc: np.ndarray) -> np.ndarray:
+        """One sample's local-exit integer sums as ``<name>_infer`` leaves them in ``result.sums`` (int32, one per
+        class): what a scores-first C camera sends."""
+        image = np.ascontiguousarray(image_hwc, dtype=np.uint8)
+        if image.shape != self.program.input_hwc:
+            raise ValueError(f"image is {image.shape} (HWC), {self.name} expects {self.program.input_hwc}")
+        result = self._result
+        with self._lock:
+            self._infer(self.ffi.from_buffer("uint8_t[]", image), self._threshold(None), result)
+            return np.frombuffer(self.ffi.buffer(result.sums, 4 * self.program.n_classes), dtype=np.int32).copy()
+
     def answers(self, images_u8: np.ndarray) -> Callable[[int, float], LocalAnswer]:
         """(sample index, threshold) -> that image's answer through :meth:`infer` (a simulated device's part)."""
         hwc = self._images_hwc(images_u8)
@@ -237,9 +286,8 @@ class CRuntime:
     def __init__(self, cflags: Sequence[str] = CFLAGS, cache_dir: str | Path | None = None) -> None:
         runtime = c_runtime_dir()
         sources = [runtime / name for name in RUNTIME_SOURCES]
-        self.module, _ = build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF,
-                                          '#include "ddnn_exit.h"\n#include "ddnn_protocol.h"\n', sources,
-                                          [runtime], cflags, [*sources, *runtime.glob("*.h")])
+        self.module, _ = build_extension(cache_dir, f"runtime-{__version__}", _RUNTIME_CDEF, _RUNTIME_SOURCE, sources,
+                                         [runtime], cflags, [*sources, *runtime.glob("*.h")])
         self.ffi: Any = self.module.ffi
         self.lib: Any = self.module.lib
 
@@ -289,6 +337,55 @@ class CRuntime:
         size = self.lib.ddnn_request_encode_raw(header, self.ffi.from_buffer("uint8_t[]", pixels), len(pixels), out,
                                                 len(out))
         return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def request_encode_sums(self, model_hash: bytes, split_layer: int, request_id: int, device_time_us: int,
+                            sums: np.ndarray, views: tuple[int, int, int]) -> bytes | None:
+        """``ddnn_request_encode_sums`` (scores first, packing 5): the bytes, or None when C refuses."""
+        sums = np.ascontiguousarray(sums, dtype=np.int32).ravel()
+        header = self._header(model_hash, split_layer, 0, 0, 0, request_id, device_time_us, views)
+        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_sums_size(len(sums))))
+        size = self.lib.ddnn_request_encode_sums(header, self.ffi.from_buffer("int32_t[]", sums), len(sums), out,
+                                                 len(out))
+        return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def request_encode_no_features(self, model_hash: bytes, split_layer: int, request_id: int, device_time_us: int,
+                                   views: tuple[int, int, int]) -> bytes | None:
+        """``ddnn_request_encode_no_features`` (packing 6): the bytes, or None when C refuses."""
+        header = self._header(model_hash, split_layer, 0, 0, 0, request_id, device_time_us, views)
+        out = self.ffi.new("uint8_t[]", int(self.lib.ddnn_request_size(0)))
+        size = self.lib.ddnn_request_encode_no_features(header, out, len(out))
+        return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def feature_request_encode(self, model_hash: bytes, event_id: int, request_id: int) -> bytes | None:
+        """``ddnn_feature_request_encode``: the 40 bytes, or None when C refuses."""
+        request = self.ffi.new("ddnn_feature_request *")
+        request.model_hash, request.event_id, request.request_id = model_hash[:16], event_id, request_id
+        out = self.ffi.new("uint8_t[]", 40)
+        size = self.lib.ddnn_feature_request_encode(request, out, len(out))
+        return bytes(self.ffi.buffer(out, size)) if size else None
+
+    def feature_request_decode(self, data: bytes) -> tuple[int, tuple[bytes, int, int] | None]:
+        """``ddnn_feature_request_decode``: (refusal code, 0 = accepted; (model hash, event id, request id))."""
+        request = self.ffi.new("ddnn_feature_request *")
+        buffer = self.ffi.new("uint8_t[]", max(1, len(data)))
+        self.ffi.memmove(buffer, data, len(data))
+        code = int(self.lib.ddnn_feature_request_decode(buffer, len(data), request))
+        if code != 0:
+            return code, None
+        return 0, (bytes(request.model_hash), int(request.event_id), int(request.request_id))
+
+    def features_init(self, capacity: int, request_bytes: int) -> bool:
+        """``ddnn_features_init`` (the process's one split buffer): False when ``capacity`` does not fit."""
+        return self.lib.ddnn_features_init(capacity, request_bytes) == 0
+
+    def features_keep(self, event_id: int, request_id: int, request: bytes) -> None:
+        self.lib.ddnn_features_keep(event_id, request_id, self.ffi.from_buffer("uint8_t[]", request), len(request))
+
+    def features_take(self, event_id: int, request_id: int) -> bytes | None:
+        """``ddnn_features_answer`` for (event, request id): the split held (then forgotten), or None."""
+        out = self.ffi.new("uint8_t[]", 1 << 16)
+        size = int(self.lib.ddnn_binding_features_take(event_id, request_id, out, len(out)))
+        return bytes(self.ffi.buffer(out, size)) if size >= 0 else None
 
     def reply_decode(self, data: bytes) -> dict[str, Any] | None:
         """``ddnn_reply_decode``: the fields as C holds them, or None when C rejects the bytes."""
