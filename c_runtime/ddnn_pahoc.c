@@ -144,8 +144,8 @@ static void subscribed(void *context, MQTTAsync_successData5 *response)
     }
     pthread_mutex_lock(&c->lock);
     if (refused >= 0 && refused < c->n_subscriptions) {
-        char what[PROBLEM_MAX];
-        snprintf(what, sizeof what, "the broker refused the subscriptions [%.180s]", c->subscriptions[refused]);
+        char what[PROBLEM_MAX - 56]; /* room left in problem for the reason and its code: no truncation */
+        snprintf(what, sizeof what, "the broker refused the subscriptions [%.150s]", c->subscriptions[refused]);
         set_problem(c, what, code, NULL);
     } else {
         c->stats.subscribed = 1;
