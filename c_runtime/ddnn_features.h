@@ -4,7 +4,7 @@
  * events, in a pool of DDNN_FEATURES_POOL_BYTES (no allocation); past that the oldest is forgotten, and a
  * request for an event no longer held (or under another request id than its sums') is answered NO_FEATURES by
  * the caller, so the aggregator proceeds with the views it has instead of waiting its second deadline.
- * Thread-safe: the device thread keeps, the MQTT callback thread answers. One buffer per process. */
+ * Thread-safe: the device thread keeps, ddnn_mqtt.c's answering thread answers. One buffer per process. */
 #ifndef DDNN_FEATURES_H
 #define DDNN_FEATURES_H
 

@@ -19,6 +19,9 @@
 #define TOPIC_MAX 128
 #define URI_MAX 300
 #define PASSWORD_MAX 255 /* the same bound as ddnn_gen/wire/connection.py */
+/* Feature requests waiting for the answering thread; past this, counted unsent (the aggregator's deadline
+ * covers them). A camera waits for each event's answer before the next, so a handful is already generous. */
+#define PENDING_FEATURES DDNN_FEATURES_DEFAULT_EVENTS
 
 /* All state is static: one client per device process, no allocation by this module after start
  * (Paho allocates internally). `lock` guards everything the callback thread touches. */
@@ -60,7 +63,13 @@ static struct {
     int model_threshold_valid, device_threshold_valid;
     double model_threshold, device_threshold;
 
-    ddnn_mqtt_feature_counts features; /* written by the callback thread only, read under lock */
+    ddnn_mqtt_feature_counts features; /* under lock */
+    /* Valid feature requests handed from Paho's callback thread to the answering thread (see on_message). */
+    pthread_cond_t pending_changed;
+    ddnn_feature_request pending[PENDING_FEATURES];
+    size_t pending_head, pending_count;
+    pthread_t answerer;
+    int answerer_started;
 } net;
 
 static void log_line(const char *fmt, ...)
@@ -87,33 +96,24 @@ static int send_split(const uint8_t *request, size_t len, void *context)
     return publish(net.request_topic, request, len, 0);
 }
 
-/* Everything on the features topic is hostile until decoded: a malformed request or another model's is
- * counted and dropped; a valid one is answered with the split held for it or NO_FEATURES. */
-static void on_feature_request(const uint8_t *data, size_t len)
+/* Answers one valid feature request of this model, on the answering thread: the split held for it, or
+ * NO_FEATURES. */
+static void answer_feature_request(const ddnn_feature_request *request)
 {
-    ddnn_feature_request request;
-    const int refusal = ddnn_feature_request_decode(data, len, &request);
     uint64_t *count;
     int rc = MQTTCLIENT_SUCCESS;
-    if (refusal != DDNN_FEATURES_OK) {
-        count = &net.features.refused;
-        if (net.features.refused == 0) /* said once: a flood must not flood the log too */
-            log_line("ignoring a message of %lu bytes on %s: not a feature request (reason %d)", (unsigned long)len,
-                     net.features_topic, refusal);
-    } else if (memcmp(request.model_hash, net.config.model_hash, DDNN_WIRE_HASH_BYTES) != 0) {
-        count = &net.features.other_model;
-    } else if (ddnn_features_answer(request.event_id, request.request_id, send_split, NULL, &rc)) {
+    if (ddnn_features_answer(request->event_id, request->request_id, send_split, NULL, &rc)) {
         count = &net.features.answered;
     } else {
         ddnn_request_header header;
         uint8_t out[DDNN_REQUEST_HEADER_BYTES];
         size_t n;
         memset(&header, 0, sizeof header);
-        memcpy(header.model_hash, request.model_hash, DDNN_WIRE_HASH_BYTES);
+        memcpy(header.model_hash, request->model_hash, DDNN_WIRE_HASH_BYTES);
         header.split_layer = net.config.split_layer;
-        header.request_id = request.request_id;
+        header.request_id = request->request_id;
         header.device_time_us = ddnn_now_ns() / 1000u;
-        header.event_id = request.event_id;
+        header.event_id = request->event_id;
         header.view_index = net.config.view_index;
         header.view_count = net.config.view_count;
         n = ddnn_request_encode_no_features(&header, out, sizeof out);
@@ -124,6 +124,59 @@ static void on_feature_request(const uint8_t *data, size_t len)
     ++*count;
     if (rc != MQTTCLIENT_SUCCESS)
         ++net.features.unsent;
+    pthread_mutex_unlock(&net.lock);
+}
+
+static void *answer_loop(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&net.lock);
+    for (;;) {
+        ddnn_feature_request request;
+        while (net.pending_count == 0 && net.running)
+            pthread_cond_wait(&net.pending_changed, &net.lock);
+        if (!net.running)
+            break;
+        request = net.pending[net.pending_head];
+        net.pending_head = (net.pending_head + 1) % PENDING_FEATURES;
+        --net.pending_count;
+        pthread_mutex_unlock(&net.lock);
+        answer_feature_request(&request);
+        pthread_mutex_lock(&net.lock);
+    }
+    pthread_mutex_unlock(&net.lock);
+    return NULL;
+}
+
+/* Everything on the features topic is hostile until decoded: a malformed request or another model's is
+ * counted and dropped; a valid one is queued for the answering thread.
+ *
+ * Not answered here: Paho's MQTTClient API forbids calling it from inside a callback ("You must not call a
+ * function from this API from within a callback otherwise a deadlock might result", MQTTClient.h, @page
+ * callbacks, Paho C 1.3.12 as installed and upstream v1.3.13). The deadlock is real for a publish:
+ * MQTTClient_publish5 (MQTTClient.c) waits for a partly written packet by looping on MQTTClient_yield(),
+ * which only sleeps while the background thread runs, and that background thread is the one inside this
+ * callback, the only one that would finish the write. A split larger than the socket's free send buffer
+ * would hang the camera's network thread for good. */
+static void on_feature_request(const uint8_t *data, size_t len)
+{
+    ddnn_feature_request request;
+    const int refusal = ddnn_feature_request_decode(data, len, &request);
+    pthread_mutex_lock(&net.lock);
+    if (refusal != DDNN_FEATURES_OK) {
+        if (net.features.refused == 0) /* said once: a flood must not flood the log too */
+            log_line("ignoring a message of %lu bytes on %s: not a feature request (reason %d)", (unsigned long)len,
+                     net.features_topic, refusal);
+        ++net.features.refused;
+    } else if (memcmp(request.model_hash, net.config.model_hash, DDNN_WIRE_HASH_BYTES) != 0) {
+        ++net.features.other_model;
+    } else if (net.pending_count == PENDING_FEATURES) {
+        ++net.features.unsent;
+    } else {
+        net.pending[(net.pending_head + net.pending_count) % PENDING_FEATURES] = request;
+        ++net.pending_count;
+        pthread_cond_signal(&net.pending_changed);
+    }
     pthread_mutex_unlock(&net.lock);
 }
 
@@ -622,6 +675,7 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
     pthread_condattr_setclock(&clock_attr, CLOCK_MONOTONIC);
     pthread_cond_init(&net.changed, &clock_attr);
     pthread_condattr_destroy(&clock_attr);
+    pthread_cond_init(&net.pending_changed, NULL);
     create.MQTTVersion = config->mqtt311 ? MQTTVERSION_3_1_1 : MQTTVERSION_5;
     /* Client id = device id: one identity per device on the broker (see ddnn_mqtt.h for two processes). */
     if (MQTTClient_createWithOptions(&net.client, net.uri, net.device_id, MQTTCLIENT_PERSISTENCE_NONE, NULL,
@@ -641,6 +695,13 @@ int ddnn_mqtt_start(const ddnn_mqtt_config *config, int wait_ms)
         return -1;
     }
     net.reconnector_started = 1;
+    if (config->scores_first) {
+        if (pthread_create(&net.answerer, NULL, answer_loop, NULL) != 0) {
+            fprintf(stderr, "ddnn_mqtt: cannot start the feature answering thread\n");
+            return -1;
+        }
+        net.answerer_started = 1;
+    }
     for (i = 0; i < wait_ms / 10 && !ddnn_mqtt_connected(); ++i)
         ddnn_sleep_ms(10);
     return 0;
@@ -773,15 +834,19 @@ void ddnn_mqtt_stop(void)
         return;
     pthread_mutex_lock(&net.lock);
     net.running = 0;
+    pthread_cond_broadcast(&net.pending_changed);
     pthread_mutex_unlock(&net.lock);
     if (net.reconnector_started)
         pthread_join(net.reconnector, NULL);
+    if (net.answerer_started) /* before the client goes: it may be publishing an answer */
+        pthread_join(net.answerer, NULL);
     if (ddnn_mqtt_connected()) {
         publish_status("offline");
         disconnect(1000, MQTTREASONCODE_NORMAL_DISCONNECTION);
     }
     MQTTClient_destroy(&net.client);
     pthread_cond_destroy(&net.changed);
+    pthread_cond_destroy(&net.pending_changed);
     pthread_mutex_destroy(&net.lock);
     net.created = 0;
 }

@@ -108,7 +108,8 @@ typedef struct {
     uint64_t withheld;     /* ... answered NO_FEATURES: the event is no longer held (or never was) */
     uint64_t other_model;  /* well-formed requests naming another model: nothing to say */
     uint64_t refused;      /* not a feature request of this protocol (length, magic, version, fields) */
-    uint64_t unsent;       /* answers the broker did not take (not connected) */
+    uint64_t unsent;       /* answers the broker did not take (not connected), or requests that found the
+                            * answering thread's queue full */
 } ddnn_mqtt_feature_counts;
 
 void ddnn_mqtt_features(ddnn_mqtt_feature_counts *counts);
