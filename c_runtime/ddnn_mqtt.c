@@ -157,7 +157,8 @@ static void *answer_loop(void *arg)
  * MQTTClient_publish5 (MQTTClient.c) waits for a partly written packet by looping on MQTTClient_yield(),
  * which only sleeps while the background thread runs, and that background thread is the one inside this
  * callback, the only one that would finish the write. A split larger than the socket's free send buffer
- * would hang the camera's network thread for good. */
+ * would hang the camera's network thread for good (reproduced with libpaho-mqtt3c 1.3.12 on loopback: a
+ * 64 MiB QoS 1 publish from messageArrived never returned; the same from the main thread returned at once). */
 static void on_feature_request(const uint8_t *data, size_t len)
 {
     ddnn_feature_request request;
