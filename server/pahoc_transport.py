@@ -71,18 +71,19 @@ int ddnn_pahoc_wait_published(ddnn_pahoc *client, int timeout_ms);
 void ddnn_pahoc_get_stats(ddnn_pahoc *client, ddnn_pahoc_stats *out);
 void ddnn_pahoc_close(ddnn_pahoc *client, int timeout_ms);
 """
-_SOURCES = ("ddnn_pahoc.c", "ddnn_pahoc.h")
+# The server-side files of c_runtime/: no device project ships them (tests/test_c_project.py).
+RUNTIME_FILES = ("ddnn_pahoc.c", "ddnn_pahoc.h")
 STATS = ("received", "dropped_full", "dropped_topic", "oversized", "published", "completed", "failed", "connects",
          "lost", "connected", "subscribed", "queued")
 
 
 def load_library() -> Any:
-    """The shim's cffi module (built once, then from the cache; see ddnn_gen/device/c_binding.py)."""
+    """The shim's cffi module (built once, then from the cache; see ddnn_gen/codegen/extension.py)."""
     runtime = c_runtime_dir()
     try:
         module, _ = build_extension(None, f"pahoc-{__version__}", _CDEF, '#include "ddnn_pahoc.h"\n',
                                     [runtime / "ddnn_pahoc.c"], [runtime], CFLAGS,
-                                    [runtime / name for name in _SOURCES], libraries=["paho-mqtt3as"])
+                                    [runtime / name for name in RUNTIME_FILES], libraries=["paho-mqtt3as"])
     except BuildError as error:
         raise DdnnError(f"--transport paho-c needs the Paho C library and its headers (Debian: libpaho-mqtt-dev) "
                         f"and a C compiler: {error}") from error

@@ -22,6 +22,7 @@ from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import DeviceProgram, fold
 from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.wire import codec
+from ddnn_server import pahoc_transport
 
 # Calls both models sample by sample, interleaved, and prints each model's answer only after the other model
 # has run: a model whose result pointed into shared (or the other model's) buffers would print wrong bits.
@@ -161,7 +162,9 @@ def test_opencl_metadata(programs: dict[str, DeviceProgram], tmp_path: Path) -> 
 def test_each_target_ships_its_runtime_files(programs: dict[str, DeviceProgram], tmp_path: Path) -> None:
     runtime = {path.name for path in c_runtime_dir().iterdir() if path.suffix in (".c", ".h")}
     c_files, ocl_files = set(c_target.RUNTIME_FILES), set(opencl_target.RUNTIME_FILES)
-    assert c_files | ocl_files == runtime and not c_files & ocl_files, "every runtime file belongs to one list"
+    server_files = set(pahoc_transport.RUNTIME_FILES)  # the server's Paho C shim: in no device project
+    assert c_files | ocl_files | server_files == runtime, "every runtime file belongs to a list"
+    assert not c_files & ocl_files and not server_files & (c_files | ocl_files), "and to one list only"
     program = programs["fmnist_32"]
     compile_c(program, tmp_path / "c")
     generated = {f"fmnist_32_{suffix}" for suffix in ("model.h", "model.c", "weights.h")}
