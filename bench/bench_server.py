@@ -1,10 +1,23 @@
-"""ddnn-server speed, side by side in one run on one machine, for each shipped model given:
+"""ddnn-server speed, side by side in one run on one machine, for every shipped model (models/*.npz) or those given:
 
 1. throughput: requests/s answered through MQTT (simulated devices -> Mosquitto -> ddnn-server) vs the
-   raw batched forward of the same server part (ServedModel.forward, same batch size, same threads, same
-   CPUs, no MQTT, measured right before each server run); goal ratio >= 0.8.
+   raw batched forward of the same server part (what a worker computes on a batch of decoded payloads:
+   ServedModel.logits, or an edge's edge_forward; same batch size, same threads, same CPUs, no MQTT, measured
+   right before each server run); goal ratio >= 0.8.
 2. latency: median round trip of a lone request through ddnn-server vs a bare paho echo of the same payload
    size over the same broker (QoS 1 both ways, the echo responder on the server's CPUs); goal ratio <= 1.5.
+
+Each server a deployment runs is a row of its own, fed what reaches it there:
+- a two-tier model's cloud: the device tier's splits (dense bits, as the C device sends them);
+- a Big-Little model's cloud: raw uint8 images (its big net reads the input: ServedModel.forward_raw);
+- a three-tier model's edge (``NAME/edge``): device splits, with the edge exit's threshold retained at 1 so the
+  edge answers every request itself (a request sent on would put the cloud's work in the edge's row), and its
+  cloud (``NAME/cloud``): the edge tier's splits, built as an edge builds them (dense bits of tier 1's output,
+  tier 2's split layer, the tier-2 topic).
+Multi-view models (models/views/) are skipped: their aggregator takes one split per camera and event
+(bench/bench_views.py). Every reply is checked: an error status, a class other than the reference's (the
+Chainer forward; an edge: the bitwise reference) or an answer from another tier is printed as WRONG and the
+bench exits 1; requests without a reply are counted lost.
 
 The load generator and Mosquitto are not part of the server under test, so with two or more CPUs the
 server (and the raw forward it is compared with) gets the upper half of the CPUs and the simulated devices
@@ -36,26 +49,32 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ddnn_gen.bench import procstat
-from ddnn_gen.device.simulated import run_devices
+from ddnn_gen.commands.network_commands import publish_retained
+from ddnn_gen.device.simulated import SimDevice, _Pending
 from ddnn_gen.errors import DatasetError
+from ddnn_gen.fold import reference
+from ddnn_gen.fold.program import fold
 from ddnn_gen.fold.reference import run_device
 from ddnn_gen.model import datasets
-from ddnn_gen.wire import codec, mqtt_client
+from ddnn_gen.model.modelfile import load_model
+from ddnn_gen.model.spec import exit_decision
+from ddnn_gen.wire import codec, mqtt_client, topics
 from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.codec import Packing
+from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.store import FORWARDS, ModelStore, ServedModel
 
 log = logging.getLogger("bench_server")
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = ("models/fmnist_32.npz", "models/cifar10_deep_64.npz")
+DEFAULT_MODELS = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "models").glob("*.npz")))
 TRANSPORTS = ("paho-mqtt", "paho-c")
 ECHO_REQUEST, ECHO_REPLY = "bench/echo/request", "bench/echo/reply"
 
@@ -79,44 +98,16 @@ def split_cpus(pin: bool) -> CpuSplit:
     return CpuSplit(set(cpus[half:]), set(cpus[:half]))
 
 
-def raw_forward_rate(served: ServedModel, split_words: np.ndarray, batch: int, threads: int, cpus: set[int],
-                     repeats: int = 3) -> float:
-    """Requests/s of ServedModel.forward on batches of ``batch``, ``threads`` threads at once on ``cpus``."""
-    inputs = [served.server_input(list(split_words[s:s + batch]), Packing.BITS_U64)
-              for s in range(0, len(split_words), batch)]
-    shares = [inputs[t::threads] for t in range(threads)]
-
-    def work(share: list[np.ndarray]) -> None:
-        for server_input in share:
-            served.forward(server_input).argmax(axis=1)
-
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        work(inputs[:2])  # warm-up: first-call allocations and BLAS buffers
-        best = float("inf")
-        for _ in range(repeats):
-            workers = [threading.Thread(target=work, args=(share,)) for share in shares]
-            started = time.perf_counter()
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            best = min(best, time.perf_counter() - started)
-    finally:
-        os.sched_setaffinity(0, own)
-    return len(split_words) / best
-
-
 def _pinned(cpus: set[int]) -> dict[str, object]:
     return {"preexec_fn": lambda: os.sched_setaffinity(0, cpus)}
 
 
 def start_server(address: str, model: str, workers: int, max_batch: int, cpus: set[int],
-                 forward: str = "numpy", transport: str = "paho-mqtt") -> subprocess.Popen[str]:
+                 forward: str = "numpy", transport: str = "paho-mqtt",
+                 extra: Sequence[str] = ()) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", "from ddnn_server.cli import main; main()", "--broker", address,
                                 "--models", model, "--workers", str(workers), "--max-batch", str(max_batch),
-                                "--forward", forward, "--transport", transport],
+                                "--forward", forward, "--transport", transport, *extra],
                                stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
     return wait_ready(process, "ddnn-server: ready")
 
@@ -213,6 +204,205 @@ def echo_cpu_us(host: str, port: int, echo_pid: int, payload_bytes: int, count: 
 
 
 @dataclass
+class Workload:
+    """One server under test: what it is started as, the requests its devices (or the edge below it) send, the
+    computation its workers run on a batch of decoded payloads, and what each request must be answered."""
+
+    label: str  # the row's name: the model, plus the role for a model served by several tiers
+    path: Path
+    served: ServedModel  # as the server under test serves it (NumPy forward: the raw rate's)
+    header: codec.RequestHeader  # the requests' (request id and time set per request)
+    topic_tier: int
+    payloads: np.ndarray  # (N, ...) as decoded on the server: uint64 split words, or uint8 HWC images
+    expected: np.ndarray  # (N,) the reference's class for each payload
+    answered_by: int  # the tier whose exit must answer (the reply's answered_by)
+    raw_batch: Callable[[list[np.ndarray]], np.ndarray]  # decoded payloads -> classes: what the workers compute
+    server_args: tuple[str, ...] = ()
+    retained: tuple[tuple[str, bytes], ...] = ()  # retained messages the server must find (an edge's threshold)
+
+    @property
+    def request_bytes(self) -> int:
+        return len(codec.encode_request(self.header, self.payloads[0]))
+
+
+def _header(served: ServedModel, packing: Packing) -> codec.RequestHeader:
+    """The header of what a request to ``served`` carries: the raw image (split layer 0) or its entry tier's
+    split, with the shape ServedModel.check insists on."""
+    channels, height, width = served.input_chw if packing == Packing.RAW_U8 else served.split_chw
+    split_layer = 0 if packing == Packing.RAW_U8 else served.split_layer
+    return codec.RequestHeader(served.hash_bytes, split_layer, channels, height, width, 0, 0, packing)
+
+
+def _classes_of(served: ServedModel, packing: Packing) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """A cloud worker's batch: Server._run_batch's ServedModel.logits on the decoded payloads, then the class."""
+    return lambda payloads: served.logits(payloads, packing).argmax(axis=1)
+
+
+def workloads(model: str, args: argparse.Namespace) -> list[Workload]:
+    """The servers a deployment of ``model`` runs, each with its requests: a two-tier model's cloud fed device
+    splits; a Big-Little model's cloud fed raw images (its big net reads them: ServedModel.forward_raw); a
+    three-tier model's edge fed device splits and its cloud fed the edge's splits, built as the edge builds them
+    (Upstream.forward: dense bits of tier 1's output, tier 2's split layer and topic)."""
+    path = REPO / model if not Path(model).exists() else Path(model)
+    loaded = load_model(path)
+    spec = loaded.spec
+    try:
+        images = datasets.load(spec.dataset, "test", args.data_dir).images[:args.samples]
+    except DatasetError as error:
+        print(f"skipping {spec.name}: {error}")
+        return []
+    if spec.views is not None:
+        print(f"skipping {spec.name}: a multi-view model (its aggregator takes one split per camera and event; "
+              "bench/bench_views.py measures it)")
+        return []
+    if spec.big_little:
+        served = ModelStore(forward="numpy").add_file(path)
+        reference_served = ModelStore(forward="chainer").add_file(path)
+        payloads = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # the wire's HWC
+        expected = _classes_of(reference_served, Packing.RAW_U8)(list(payloads))
+        return [Workload(spec.name, path, served, _header(served, Packing.RAW_U8), 1, payloads, expected,
+                         len(spec.tiers) - 1, _classes_of(served, Packing.RAW_U8))]
+    device = run_device(fold(loaded, tier=0), images)
+    if len(spec.tiers) == 2:
+        served = ModelStore(forward="numpy").add_file(path)
+        reference_served = ModelStore(forward="chainer").add_file(path)
+        expected = _classes_of(reference_served, Packing.BITS_U64)(list(device.split_words))
+        return [Workload(spec.name, path, served, _header(served, Packing.BITS_DENSE), 1, device.split_words,
+                         expected, 1, _classes_of(served, Packing.BITS_U64))]
+    if len(spec.tiers) != 3 or not spec.tiers[1].binary:
+        print(f"skipping {spec.name}: tiers {', '.join(t.kind for t in spec.tiers)} (the bench drives a binary edge "
+              "tier between device and cloud)")
+        return []
+    edge = ModelStore(forward="numpy", role="edge").add_file(path)
+    assert edge.edge_program is not None
+    # The edge answers every request itself at threshold 1 (retained, as `ddnngen threshold set --tier edge`
+    # sets it): a request it sent on would be the cloud's work in the edge's row, and the cloud is benched in
+    # a row of its own, fed exactly what an edge sends on.
+    edge_result = reference.run_device(edge.edge_program, device.split_words, threshold=1.0)
+    if not exit_decision(edge_result.entropy, 1.0).all():
+        raise RuntimeError(f"{spec.name}: an edge exit entropy is not <= 1 (NaN?): the edge would send it on")
+    cloud = ModelStore(forward="numpy", role="cloud").add_file(path)
+    reference_cloud = ModelStore(forward="chainer", role="cloud").add_file(path)
+    expected = _classes_of(reference_cloud, Packing.BITS_U64)(list(edge_result.split_words))
+    edge_threshold = ((topics.tier_threshold_topic(edge.hash_bytes, edge.entry_tier), codec.encode_threshold(1.0)),)
+    return [Workload(f"{spec.name}/edge", path, edge, _header(edge, Packing.BITS_DENSE), 1, device.split_words,
+                     edge_result.local_class, edge.entry_tier,
+                     lambda payloads: edge.edge_forward(payloads).local_class, ("--role", "edge"), edge_threshold),
+            Workload(f"{spec.name}/cloud", path, cloud, _header(cloud, Packing.BITS_DENSE), cloud.entry_tier,
+                     edge_result.split_words, expected, len(spec.tiers) - 1, _classes_of(cloud, Packing.BITS_U64))]
+
+
+def raw_forward_rate(work: Callable[[list[np.ndarray]], np.ndarray], payloads: np.ndarray, batch: int, threads: int,
+                     cpus: set[int], repeats: int = 3) -> float:
+    """Requests/s of a server worker's computation on batches of ``batch`` decoded payloads, ``threads`` threads
+    at once on ``cpus``."""
+    batches = [list(payloads[s:s + batch]) for s in range(0, len(payloads), batch)]
+    shares = [batches[t::threads] for t in range(threads)]
+
+    def run(share: list[list[np.ndarray]]) -> None:
+        for one in share:
+            work(one)
+
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        run(batches[:2])  # warm-up: first-call allocations and BLAS buffers
+        best = float("inf")
+        for _ in range(repeats):
+            workers = [threading.Thread(target=run, args=(share,)) for share in shares]
+            started = time.perf_counter()
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            best = min(best, time.perf_counter() - started)
+    finally:
+        os.sched_setaffinity(0, own)
+    return len(payloads) / best
+
+
+@dataclass
+class Load:
+    """What the simulated devices saw of one load run."""
+
+    answered: int = 0  # OK replies from the tier under test with the reference's class
+    sent: int = 0
+    lost: int = 0  # no reply within the timeout
+    errors: int = 0  # replies with a status other than OK
+    duplicates: int = 0
+    misrouted: int = 0
+    wall_s: float = 0.0
+    wrong: list[str] = field(default_factory=list)  # replies with another class or from another tier: bugs
+    rtts_us: list[float] = field(default_factory=list)
+
+
+def drive(connection: BrokerConnection, work: Workload, n_devices: int, per_device: int, window: int,
+          timeout_s: float) -> Load:
+    """``n_devices`` devices, each with up to ``window`` requests in flight, sending ``per_device`` requests of
+    ``work`` (device d sends payloads d * per_device + i, mod N) and checking every reply against the
+    reference's class and the tier that must answer."""
+    devices = []
+    try:
+        for d in range(n_devices):
+            devices.append(SimDevice(f"sim{d}", connection, work.served.hash_bytes, timeout_s,
+                                     telemetry_interval_s=0).start())
+    except BrokerError:
+        for device in devices:
+            device.stop()
+        raise
+    load = Load()
+    lock = threading.Lock()
+    topic_of = [topics.request_topic(work.served.hash_bytes, device.device_id, work.topic_tier) for device in devices]
+
+    def finish(device: SimDevice, index: int, request_id: int, pending: _Pending) -> None:
+        reply = device.wait(request_id, pending)
+        with lock:
+            load.sent += 1
+            if reply is None:
+                load.lost += 1
+            elif reply.status != codec.Status.OK:
+                load.errors += 1
+                load.wrong.append(f"{device.device_id} sample {index}: status {reply.status.name}: {reply.message}")
+            elif (reply.class_id, reply.answered_by, reply.flags) != (int(work.expected[index]), work.answered_by, 0):
+                load.wrong.append(f"{device.device_id} sample {index}: class {reply.class_id} by tier "
+                                  f"{reply.answered_by} flags {reply.flags:#x}; the reference: class "
+                                  f"{int(work.expected[index])} by tier {work.answered_by}")
+            else:
+                load.answered += 1
+                load.rtts_us.append((pending.received - pending.sent) * 1e6)
+
+    def run(d: int) -> None:
+        device, in_flight = devices[d], []
+        for i in range(per_device):
+            index = (d * per_device + i) % len(work.payloads)
+            request_id = device.next_request_id()
+            header = replace(work.header, request_id=request_id, device_time_us=time.monotonic_ns() // 1000)
+            pending = device.send(codec.encode_request(header, work.payloads[index]), request_id, topic_of[d])
+            in_flight.append((device, index, request_id, pending))
+            if len(in_flight) >= window:
+                finish(*in_flight.pop(0))
+        for item in in_flight:
+            finish(*item)
+
+    threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in range(n_devices)]
+    started = time.monotonic()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        load.wall_s = time.monotonic() - started
+        time.sleep(0.2)  # late duplicates would arrive within a moment of the last reply
+    finally:
+        for device in devices:
+            device.stop()
+    load.duplicates = sum(device.duplicates for device in devices)
+    load.misrouted = sum(device.misrouted for device in devices)
+    return load
+
+
+
+@dataclass
 class ModelResult:
     name: str
     forward: str  # the server's --forward
@@ -231,41 +421,36 @@ class ModelResult:
     transport: str = "paho-mqtt"  # the server's --transport
     echo_rtt_us: float = 0.0  # the echo responder's, measured once per model
     echo_cpu_us: float = 0.0
+    wrong: int = 0  # replies with a non-OK status, another class than the reference's, or from another tier
 
 
-def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> list[ModelResult]:
-    path = REPO / model if not Path(model).exists() else Path(model)
-    served = ModelStore(forward="numpy").add_file(path)  # the raw forward: the fastest one there is
-    try:
-        images = datasets.load(served.loaded.spec.dataset, "test", args.data_dir).images[:1000]
-    except DatasetError as error:
-        print(f"skipping {served.name}: {error}")
-        return []
-    device = run_device(served.program, images)
-    raw = raw_forward_rate(served, np.concatenate([device.split_words] * 4)[:max(args.max_batch * 8, 256)],
+def bench_model(work: Workload, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> list[ModelResult]:
+    # Raw rates: the NumPy forward (the fastest there is), on as many payloads as the load sends.
+    raw = raw_forward_rate(work.raw_batch, np.concatenate([work.payloads] * 4)[:max(args.max_batch * 8, 256)],
                            args.max_batch, workers, cpus.server)
     # Enough requests for --seconds of work at the raw rate, so a slow server part does not take minutes.
     n_requests = int(min(args.requests, max(args.devices * 50, raw * args.seconds)))
-    split_words = np.concatenate([device.split_words] * (n_requests // len(images) + 1))[:n_requests]
-    request_bytes = codec.REQUEST_HEADER_BYTES + served.program.split_bytes  # dense, as the devices send it
+    payloads = np.concatenate([work.payloads] * (n_requests // len(work.payloads) + 1))[:n_requests]
     results = []
     with Broker() as broker:
+        for topic, value in work.retained:
+            publish_retained(broker.connection(), topic, value)
         for forward in args.forward or FORWARDS:
             # A lone request's forward as that server computes it.
-            lone = served if forward == "numpy" else ModelStore(forward=forward).add_file(path)
-            single_us = 1e6 / raw_forward_rate(lone, split_words[:100], 1, 1, cpus.server)
+            lone = work if forward == "numpy" else replace(work, raw_batch=_lone_reference(work, forward))
+            single_us = 1e6 / raw_forward_rate(lone.raw_batch, payloads[:100], 1, 1, cpus.server)
             for transport in args.transport or TRANSPORTS:
                 # Measured right before each server run: on a shared machine the load moves between runs, and a
                 # ratio against a raw rate taken minutes earlier would measure the load, not the server.
-                raw = raw_forward_rate(served, split_words, args.max_batch, workers, cpus.server)
-                measured = _through_server(broker, served, forward, transport, split_words, device, n_requests,
-                                           single_us, args, cpus, workers)
-                results.append(ModelResult(served.name, forward, request_bytes, workers, raw, *measured, single_us,
-                                           transport))
+                raw = raw_forward_rate(work.raw_batch, payloads, args.max_batch, workers, cpus.server)
+                measured, wrong = _through_server(broker, work, forward, transport, n_requests, single_us, args,
+                                                  cpus, workers)
+                results.append(ModelResult(work.label, forward, work.request_bytes, workers, raw, *measured,
+                                           single_us, transport, wrong=wrong))
         echo = start_echo_responder(broker.host, broker.port, cpus.server)
         try:
-            echo_rtt = echo_round_trip_us(broker.host, broker.port, request_bytes, args.latency_count)
-            echo_cpu = echo_cpu_us(broker.host, broker.port, echo.pid, request_bytes, args.echo_load)
+            echo_rtt = echo_round_trip_us(broker.host, broker.port, work.request_bytes, args.latency_count)
+            echo_cpu = echo_cpu_us(broker.host, broker.port, echo.pid, work.request_bytes, args.echo_load)
         finally:
             echo.kill()
             echo.wait()
@@ -274,30 +459,40 @@ def bench_model(model: str, args: argparse.Namespace, cpus: CpuSplit, workers: i
     return results
 
 
-def _through_server(broker: Broker, served: ServedModel, forward: str, transport: str, split_words: np.ndarray,
-                    device: object, n_requests: int, single_us: float, args: argparse.Namespace, cpus: CpuSplit,
-                    workers: int) -> tuple[float, int, int, int, int, int, float, float]:
+def _lone_reference(work: Workload, forward: str) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """The worker's computation with ``forward``'s float tiers (an edge's binary tier has one forward only)."""
+    if work.served.edge_program is not None:
+        return work.raw_batch
+    store = ModelStore(forward=forward, role=work.served.role, from_tier=work.served.entry_tier or None)
+    other = store.add_file(work.path)
+    return _classes_of(other, Packing.RAW_U8 if work.header.packing == Packing.RAW_U8 else Packing.BITS_U64)
+
+
+def _through_server(broker: Broker, work: Workload, forward: str, transport: str, n_requests: int,
+                    single_us: float, args: argparse.Namespace, cpus: CpuSplit,
+                    workers: int) -> tuple[tuple[float, int, int, int, int, int, float, float], int]:
     """One ddnn-server (--forward ``forward``, --transport ``transport``) under load, then a lone request at a
-    time: (req/s, answered, sent, lost, duplicates, misrouted, server CPU us per request, median round trip us)."""
+    time: ((req/s, answered, sent, lost, duplicates, misrouted, server CPU us per request, median round trip
+    us), replies that were wrong). A wrong reply is printed."""
     latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
-    server = start_server(broker.address, str(served.loaded.path), workers, args.max_batch, cpus.server, forward,
-                          transport)
+    server = start_server(broker.address, str(work.path), workers, args.max_batch, cpus.server, forward,
+                          transport, work.server_args)
     try:
         per_device = n_requests // args.devices
-        sim = (broker.connection(), served.program, served.hash_bytes, device.split_words, device.entropy,
-               device.local_class)
-        run_devices(*sim, args.devices, 10, all_to_server=True, window=4)  # warm-up
+        connection = broker.connection()
+        drive(connection, work, args.devices, 10, 4, 5.0)  # warm-up
         cpu_before = procstat.cpu_seconds(server.pid)
-        report = run_devices(*sim, args.devices, per_device, all_to_server=True, window=args.window, timeout_s=60)
+        load = drive(connection, work, args.devices, per_device, args.window, 60.0)
         server_cpu_us = (procstat.cpu_seconds(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
-        answered = report.count("server")
-        latency = run_devices(*sim, 1, latency_count, all_to_server=True, window=1, timeout_s=30)
-        rtts = [o.t_round_trip_us for o in latency.outcomes if o.source == "server"]
+        lone = drive(connection, work, 1, latency_count, 1, 30.0)
     finally:
         server.terminate()
         server.wait(30)
-    return (answered / report.wall_s, answered, len(report.outcomes), report.lost, report.duplicates,
-            report.misrouted, server_cpu_us, statistics.median(rtts[len(rtts) // 10:]))
+    for wrong in (load.wrong + lone.wrong)[:20]:
+        print(f"WRONG ({work.label}, {forward} forward, {transport}): {wrong}")
+    rtts = lone.rtts_us[len(lone.rtts_us) // 10:] or [float("nan")]
+    return ((load.answered / load.wall_s, load.answered, load.sent, load.lost, load.duplicates, load.misrouted,
+             server_cpu_us, statistics.median(rtts)), len(load.wrong) + len(lone.wrong))
 
 
 def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
@@ -324,7 +519,7 @@ def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus
         # measures that, not the server.
         print(f"    the server process used {100 * busy:.0f} % of its CPUs under load")
         print(f"    {r.answered}/{r.sent} answered by the server; lost {r.lost}, duplicates {r.duplicates}, "
-              f"misrouted {r.misrouted}")
+              f"misrouted {r.misrouted}, wrong {r.wrong}")
 
 
 def print_forwards(results: Sequence[ModelResult]) -> None:
@@ -369,6 +564,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=None, help="model file (repeat); default: "
                         + ", ".join(DEFAULT_MODELS))
+    parser.add_argument("--samples", type=int, default=1000, help="test images per model (requests cycle them)")
     parser.add_argument("--data-dir", default=None, help="data sets (default: DDNN_DATA_DIR, system paths)")
     parser.add_argument("--requests", type=int, default=12000, help="most requests per model for throughput")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput run length at the raw rate")
@@ -393,10 +589,17 @@ def main() -> None:
     cpus = split_cpus(not args.no_pin)
     workers = args.workers or len(cpus.server)
     os.sched_setaffinity(0, cpus.clients)  # the simulated devices, and the broker we start, run here
-    results = [r for model in (args.model or DEFAULT_MODELS) for r in bench_model(model, args, cpus, workers)]
+    results = [r for model in (args.model or DEFAULT_MODELS) for work in workloads(model, args)
+               for r in bench_model(work, args, cpus, workers)]
     print_results(results, args, cpus)
     print_forwards(results)
     print_transports(results)
+    wrong = sum(r.wrong for r in results)
+    if wrong:
+        # A reply with another class than the reference's is a server bug, not a speed figure.
+        print(f"FAILED: {wrong} replies were errors, had another class than the reference's, or came from "
+              "another tier (WRONG lines above)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
