@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,16 @@ def fmnist_expected(fmnist_test: datasets.Dataset, fmnist_model_path: Path) -> o
     from net_harness import expectations
 
     return expectations(fmnist_model_path, fmnist_test.images[:NET_SAMPLES])
+
+
+@pytest.fixture()
+def broker() -> Iterator[Any]:
+    """A real Mosquitto on a free loopback port for one test (ddnn_gen.wire.broker.Broker)."""
+    from ddnn_gen.wire.broker import Broker
+
+    require_tool("mosquitto")
+    with Broker() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,6 @@ def samples_file(tmp_path_factory: pytest.TempPathFactory, fmnist_test: datasets
     path = tmp_path_factory.mktemp("hierarchy-samples") / "fmnist.ddns"
     write_samples(path, fmnist_test.images[:N_SAMPLES], fmnist_test.labels[:N_SAMPLES])
     return path
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
 
 
 def _set_edge_threshold(model: Path, value: float, broker: Broker) -> None:
