@@ -83,7 +83,7 @@ def cifar_model_path() -> Path:
 BROKER_MODULES = {"test_broker", "test_mqtt_client", "test_server", "test_server_only", "test_server_recovery",
                   "test_device_net", "test_bench_server", "test_bench_system", "test_security", "test_fuzz_server",
                   "test_device_tls", "test_hierarchy_net", "test_plan", "test_plan_bench", "test_metrics_net",
-                  "test_telemetry_net", "test_control_net", "test_dashboard_net",
+                  "test_telemetry_net", "test_control_net", "test_control_tiers_net", "test_dashboard_net",
                   "test_views_net", "test_biglittle_net", "test_scores_first_net", "test_scores_first_c_net"}
 # A real RabbitMQ cluster (they also start Mosquitto or devices, so they count as broker tests too).
 RABBITMQ_MODULES = {"test_rabbitmq_cluster", "test_cluster_net"}

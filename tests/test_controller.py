@@ -112,3 +112,29 @@ def test_p99_mode_probes_slowly_where_the_p99_last_went_over(curve: Curve) -> No
     assert over[:2] == [15, 16]  # the step itself
     assert len(settled) <= (215 - 20) / 15, over
     assert np.mean(loads[35:]) >= 0.95 * knee * CAPACITY
+
+
+def test_a_hops_curve_is_per_request_reaching_its_exit(fmnist_test: datasets.Dataset) -> None:
+    from conftest import MODELS
+
+    from ddnn_gen.model.evaluate import answering_exit
+
+    loaded = load_model(MODELS / "fmnist3_32.npz")
+    calibration = loaded.spec.calibration
+    device = Curve.for_hop(calibration, 0)
+    assert np.array_equal(device.onward, Curve.from_calibration(calibration).onward)
+    edge = Curve.for_hop(calibration, 1)
+    assert edge.onward_at(0.0) == 1.0 and edge.onward_at(1.0) == 0.0
+    assert np.all(np.diff(edge.onward) <= 1e-9)  # more of what reaches the edge stays there as it rises
+    # The share of what reaches the edge that the cloud answers, as eval counts it on the test set (the curve
+    # was measured on the validation split): within 2 points along the curve.
+    outputs = compute_outputs(loaded, fmnist_test)
+    t_device = loaded.spec.thresholds[0]
+    for t_edge in (0.1, 0.3, 0.45, 0.6):
+        exits = answering_exit(outputs, (t_device, t_edge))
+        assert abs(np.mean(exits[exits >= 1] == 2) - edge.onward_at(t_edge)) <= 0.02, t_edge
+    for index in (2, -1):
+        with pytest.raises(ControlError):
+            Curve.for_hop(calibration, index)
+    with pytest.raises(ControlError):
+        Curve.for_hop(None, 1)

@@ -44,6 +44,30 @@ class Curve:
         return cls(np.asarray(entry["thresholds"], float), np.asarray(entry["onward_rate"], float),
                    np.asarray(entry["overall_accuracy"], float))
 
+    @classmethod
+    def for_hop(cls, calibration: dict[str, object] | None, exit_index: int) -> Curve:
+        """Exit ``exit_index``'s curve per request that reaches it: the share it sends on to the next tier
+        (the load that hop's controller keeps) out of those arriving, not out of all samples. The stored
+        curve counts every sample with the other exits at their stored thresholds, so the share reaching
+        the exit is its exit rate plus its onward rate (the same at every threshold); for the device's exit
+        (0) that is 1 and this is :meth:`from_calibration`'s curve. One controller per hop: the same
+        controller moves any exit's threshold against the tier above's load."""
+        if not calibration or "exits" not in calibration:
+            raise ControlError("the model has no calibration curve; run `ddnngen calibrate` on it first")
+        exits = calibration["exits"]
+        assert isinstance(exits, list)
+        if not 0 <= exit_index < len(exits):
+            raise ControlError(f"the model's calibration curve has exits 0..{len(exits) - 1}, not {exit_index} "
+                               "(the last tier's exit is final: nothing to move)")
+        entry = exits[exit_index]
+        onward = np.asarray(entry["onward_rate"], float)
+        reaching = np.asarray(entry["exit_rate"], float) + onward
+        if exit_index and float(reaching.max()) <= 0.0:
+            raise ControlError(f"no calibration sample reaches exit {exit_index}: its curve says nothing")
+        per_arrival = np.where(reaching > 0, onward / np.maximum(reaching, 1e-12), 0.0) if exit_index else onward
+        return cls(np.asarray(entry["thresholds"], float), np.clip(per_arrival, 0.0, 1.0),
+                   np.asarray(entry["overall_accuracy"], float))
+
     def onward_at(self, threshold: float) -> float:
         return float(np.interp(threshold, self.thresholds, self.onward))
 

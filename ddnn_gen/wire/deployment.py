@@ -17,7 +17,7 @@ Roles (docs/security.md has the whole threat model):
   it): under ``use_username_as_clientid`` one identity is one session, and the edge keeps two. ``E-up`` may
   only publish requests under the edge's id ``ddnn/req/+/E/t<N>`` and read the edge's replies ``ddnn/reply/E``;
 * operator: writes thresholds (the devices' and the tiers') and the controller's target and state
-  ``ddnn/control/<model>/{target,state}``; reads them, every status and all telemetry;
+  ``ddnn/control/<model>/{target,state}[/t<N>]``; reads them, every status and all telemetry;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
 
 Why the dynamic-security plugin and not an ``acl_file``: Mosquitto 2.0's ``acl_file`` never checks
@@ -166,7 +166,9 @@ def rules_for(name: str, role: str) -> list[Rule]:
                 Rule(send, f"{root}/tier-threshold/+/+"), Rule(send, f"{root}/tier-threshold/+/+/+"),
                 Rule(pattern, f"{root}/tier-threshold/#"), Rule(receive, f"{root}/tier-threshold/#"),
                 Rule(send, f"{root}/control/+/target"), Rule(send, f"{root}/control/+/state"),
-                Rule(pattern, f"{root}/control/+/+"), Rule(receive, f"{root}/control/+/+"),
+                # A server tier's controller (``ddnngen control --tier N``): .../target/tN, .../state/tN.
+                Rule(send, f"{root}/control/+/target/+"), Rule(send, f"{root}/control/+/state/+"),
+                Rule(pattern, f"{root}/control/#"), Rule(receive, f"{root}/control/#"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
                 Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status"),
                 Rule(pattern, f"{root}/server/+/telemetry"), Rule(receive, f"{root}/server/+/telemetry"),
