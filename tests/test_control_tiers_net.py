@@ -6,6 +6,7 @@ curve and `ddnngen eval` predict at that threshold (+-2 points)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from ddnn_gen.model.evaluate import answering_exit
 from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.ops.controller import Curve
 from ddnn_gen.wire.broker import Broker
+
+log = logging.getLogger(__name__)
 
 MODEL = MODELS / "fmnist3_32.npz"
 N_SAMPLES = 4000
@@ -107,6 +110,9 @@ def test_cloud_overload_raises_the_edge_threshold_and_the_cloud_share_falls_to_t
     full_exit = answering_exit(full, (t_device, final))
     eval_full = float(np.mean(full_exit[full_exit >= 1] == 2))  # eval on the whole test set
     predicted = curve.onward_at(final)
+    log.info("edge threshold %.4f -> %.4f; cloud share of the edge's requests %.4f (eval on those %.4f, on the test "
+             "set %.4f, curve %.4f; at the stored threshold the curve says %.4f); cloud %.1f req/s", t_edge, final, got,
+             eval_same, eval_full, predicted, cloud_share, sum(s.answered_by == 2 for s in tail) / (TAIL_S - 0.5))
     assert abs(got - eval_same) <= 0.02, (got, eval_same, decisions)
     assert abs(eval_full - predicted) <= 0.02, (eval_full, predicted)
     assert predicted < cloud_share - 0.2, (predicted, cloud_share)  # the cloud's share did fall
