@@ -222,3 +222,26 @@ def test_a_tiers_fleet_view_counts_what_reached_the_exit_and_went_on() -> None:
                                                 tiers={"other": 1}, tier_thresholds={})))
     assert view.take_hop(0.0) == (15, 8, 9.0)
     assert view.take_hop(0.0)[:2] == (0, 0)
+
+
+def test_dashboard_shows_tier_thresholds_retained_and_applied_and_ignores_hostile_ones() -> None:
+    state = FleetState(models={KEY: ModelInfo(KEY, "m3", 0.5, CURVE)})
+    tier = topics.tier_threshold_topic(HASH, 1)
+    state.receive(tier, b"0.4")
+    state.receive(f"{tier}/cam1", b"0.7")
+    for topic, payload in ((tier, b"NaN"), (tier, b"1.5"), (f"ddnn/tier-threshold/{KEY}/0", b"0.1"),
+                           (f"ddnn/tier-threshold/{KEY}/8", b"0.1"), (f"ddnn/tier-threshold/{KEY}/x", b"0.1"),
+                           (f"{tier}/a b", b"0.1"), (f"{tier}/cam1/x", b"0.1"), ("ddnn/tier-threshold/zz/1", b"0.1")):
+        state.receive(topic, payload)
+    state.receive(topics.server_telemetry_topic("edge-1"), telemetry.encode(_server()))
+    state.receive(topics.control_state_topic(HASH, 1), telemetry.encode(_state(tier=1, threshold=0.4)))
+    snapshot = state.snapshot()
+    assert snapshot["rejected"] == 8
+    rows = {(row["tier"], row["device"]): row for row in snapshot["tier_thresholds"]}
+    assert rows[(1, None)]["retained"] == 0.4 and rows[(1, None)]["applied"] == {"edge-1": 0.4}
+    assert rows[(1, None)]["control"]["threshold"] == 0.4 and rows[(1, None)]["name"] == "m3"
+    assert rows[(1, "cam1")]["retained"] == 0.7 and rows[(1, "cam1")]["applied"] == {"edge-1": 0.5}  # not yet
+    assert snapshot["models"][0]["control"] is None  # a tier's controller is not the devices'
+    state.receive(tier, b"")  # cleared: the edge still reports what it applies
+    rows = {(row["tier"], row["device"]): row for row in state.snapshot()["tier_thresholds"]}
+    assert rows[(1, None)]["retained"] is None and rows[(1, None)]["applied"] == {"edge-1": 0.4}
