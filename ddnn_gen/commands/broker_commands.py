@@ -76,8 +76,8 @@ def broker_config(out_dir: Path, roles_file: Path | None, devices: tuple[str, ..
         click.echo(f"client certificates: {deployment.directory / 'certs' / 'clients'}/NAME.crt and NAME.key "
                    "(--cert FILE --key FILE)")
     for edge in sorted(name for name, role in users.items() if role in UPSTREAM_OWNERS):
-        click.echo(f"edge {edge}: towards the tier above as {upstream_name(edge)} (ddnn-server --upstream-username "
-                   f"{upstream_name(edge)} --upstream-password-file ...)")
+        click.echo(f"{users[edge]} {edge}: towards the tier above as {upstream_name(edge)} (ddnn-server "
+                   f"--upstream-username {upstream_name(edge)} --upstream-password-file ...)")
     click.echo(f"clients trust {deployment.ca_file} (--ca-file); device ids and user names: {topics.DEVICE_ID_RULE}")
 
 
