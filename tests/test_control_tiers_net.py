@@ -85,13 +85,13 @@ def test_cloud_overload_raises_the_edge_threshold_and_the_cloud_share_falls_to_t
             samples = fleet.stop()
             assert edge.terminate() == 0, edge.output
             assert cloud.terminate() == 0, cloud.output
-    log = control.log()
-    assert "tier 1 (edge) against tier 2's load" in log, log
-    final = float(re.findall(r"threshold now ([0-9.]+)", log)[-1])
-    decisions = re.findall(r"control tier 1: .* -> threshold ([0-9.]+) \(([^;]+);", log)
-    assert decisions, log
+    said = control.log()
+    assert "tier 1 (edge) against tier 2's load" in said, said
+    final = float(re.findall(r"threshold now ([0-9.]+)", said)[-1])
+    decisions = re.findall(r"control tier 1: .* -> threshold ([0-9.]+) \(([^;]+);", said)
+    assert decisions, said
     assert all(t_edge - 1e-4 <= float(value) <= t_max + 1e-9 for value, _ in decisions), decisions
-    assert any(reason.startswith("over target") for _, reason in decisions), log
+    assert any(reason.startswith("over target") for _, reason in decisions), said
     assert final > t_edge + 0.05, final
     # The edge applied the controller's value (its own log of the retained tier threshold) ...
     applied = [float(v) for v in re.findall(r"threshold on ddnn/tier-threshold/[0-9a-f]+/1 now ([0-9.]+)",
