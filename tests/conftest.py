@@ -85,7 +85,7 @@ BROKER_MODULES = {"test_broker", "test_mqtt_client", "test_server", "test_server
                   "test_device_tls", "test_hierarchy_net", "test_plan", "test_plan_bench", "test_metrics_net",
                   "test_telemetry_net", "test_control_net", "test_control_tiers_net", "test_dashboard_net",
                   "test_views_net", "test_views3_secure_net", "test_biglittle_net", "test_scores_first_net",
-                  "test_scores_first_c_net"}
+                  "test_scores_first_c_net", "test_control_devices_net", "test_edge_secure_net", "test_views3_net"}
 # A real RabbitMQ cluster (they also start Mosquitto or devices, so they count as broker tests too).
 RABBITMQ_MODULES = {"test_rabbitmq_cluster", "test_cluster_net"}
 OPENCL_MODULES = {"test_opencl", "test_opencl_host", "test_opencl_shapes"}
