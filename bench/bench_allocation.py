@@ -12,10 +12,10 @@ Usage: python bench/bench_allocation.py [--model models/fmnist_32.npz] [--sample
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import numpy as np
 
+from ddnn_gen.bench.class_groups import class_groups
 from ddnn_gen.fold.exits import compute_outputs
 from ddnn_gen.model import datasets
 from ddnn_gen.model.evaluate import calibration_curves
@@ -23,10 +23,8 @@ from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.ops.allocation import DeviceObservation, DeviceThresholdController
 from ddnn_gen.ops.controller import Curve, Observation, ThresholdController
 
-EASY_CLASSES = (1, 5, 7, 8, 9)
 CAPACITY = 1000.0
 START = 0.2
-Group = tuple[Callable[[float], float], Callable[[float], float]]
 
 
 def main() -> None:
@@ -37,15 +35,7 @@ def main() -> None:
     loaded = load_model(args.model)
     outputs = compute_outputs(loaded, datasets.load("fashion-mnist", "test").subset(args.samples))
     curve = Curve.from_calibration(calibration_curves(outputs, loaded.spec.thresholds, "test"))
-    easy = np.isin(outputs.labels, EASY_CLASSES)
-
-    def group(mask: np.ndarray) -> Group:
-        entropy, label = outputs.entropy[mask], outputs.labels[mask]
-        local, final = outputs.local_class[mask], outputs.final_class[mask]
-        return (lambda t: float(np.mean(entropy > t)),
-                lambda t: float(np.mean(np.where(entropy <= t, local, final) == label)))
-
-    groups = {"easy": group(easy), "hard": group(~easy)}
+    groups = class_groups(outputs)
     members = {f"easy{i}": "easy" for i in range(3)} | {f"hard{i}": "hard" for i in range(3)}
     rate = 3.0 * CAPACITY / (len(members) * curve.onward_at(START))
     per = DeviceThresholdController(curve, CAPACITY, START, t_min=0.05, t_max=0.95, max_load=0.8)
@@ -55,14 +45,14 @@ def main() -> None:
         seen = {}
         for device_id, name in members.items():
             used = per.devices[device_id].threshold if device_id in per.devices else START
-            seen[device_id] = DeviceObservation(int(rate), int(round(rate * groups[name][0](used))), used)
+            seen[device_id] = DeviceObservation(int(rate), int(round(rate * groups[name].onward_at(used))), used)
         thresholds = per.update(seen, 1.0).thresholds
-        onward = float(np.mean([groups[name][0](wide.threshold) for name in members.values()]))
+        onward = float(np.mean([groups[name].onward_at(wide.threshold) for name in members.values()]))
         wide.update(Observation(len(members) * rate, onward))
 
     def report(what: str, chosen: dict[str, float]) -> float:
-        load = sum(rate * groups[name][0](chosen[d]) for d, name in members.items())
-        accuracy = float(np.mean([groups[name][1](chosen[d]) for d, name in members.items()]))
+        load = sum(rate * groups[name].onward_at(chosen[d]) for d, name in members.items())
+        accuracy = float(np.mean([groups[name].accuracy_at(chosen[d]) for d, name in members.items()]))
         print(f"{what:>36}: {', '.join(f'{d} {t:.3f}' for d, t in chosen.items())}; true load {load:.0f} req/s "
               f"of {0.8 * CAPACITY:.0f} allowed; true accuracy {100 * accuracy:.2f} %")
         return load
@@ -73,7 +63,7 @@ def main() -> None:
     load = report("per-device", thresholds)
     report("model-wide", {d: wide.threshold for d in members})
     one = next(t for t in np.linspace(0.0, 1.0, 1001)
-               if sum(rate * groups[name][0](t) for name in members.values()) <= load + 1e-9)
+               if sum(rate * groups[name].onward_at(t) for name in members.values()) <= load + 1e-9)
     report("one threshold at the per-device load", {d: float(one) for d in members})
 
 

@@ -21,7 +21,8 @@
  * before the next, so one is enough; the margin covers an aggregator asking late. */
 #define DDNN_FEATURES_DEFAULT_EVENTS 16
 
-/* Most events of `request_bytes` each the pool holds (at most DDNN_FEATURES_MAX_EVENTS). */
+/* Most events of `request_bytes` each the pool holds (at most DDNN_FEATURES_MAX_EVENTS): one slot fewer than
+ * fit, the one a split being sent is read from. */
 size_t ddnn_features_capacity_for(size_t request_bytes);
 
 /* Empties the buffer and sets it to hold `capacity` events of at most `request_bytes` each. Returns 0, or -1
@@ -32,7 +33,8 @@ int ddnn_features_init(size_t capacity, size_t request_bytes);
  * `request_id`, replacing that event's earlier split and forgetting the oldest past capacity. */
 void ddnn_features_keep(uint64_t event_id, uint64_t request_id, const uint8_t *request, size_t len);
 
-/* Consumer of a held split, called with the buffer locked (the bytes are valid only during the call). */
+/* Consumer of a held split (the bytes are valid only during the call). Called without the buffer's lock, so
+ * it may take its time (a publish) while ddnn_features_keep goes on; answers take turns. */
 typedef int (*ddnn_features_send_fn)(const uint8_t *request, size_t len, void *context);
 
 /* For a feature request of (event_id, request_id): if that split is held, calls send with it, forgets it and

@@ -251,7 +251,25 @@ class Server:
         return {"v": telemetry.TELEMETRY_VERSION, "server": self.transport.client_id, "time": time.time(),
                 "workers": len(self._workers),
                 "models": {m.name: topics.model_key(m.hash_bytes) for m in self.store.models()},
-                **self.metrics.take_window()}
+                **self.metrics.take_window(),
+                "tiers": {m.name: m.topic_tier for m in self.store.models()},
+                "tier_thresholds": self._tier_thresholds()}
+
+    def _tier_thresholds(self) -> dict[str, object]:
+        """The thresholds this server applies to the early exits it runs (telemetry's "tier_thresholds"):
+        an edge's tier, model-wide and per device; an aggregator's tier 1, model-wide only (one event's
+        devices share its answer, so a device's own value cannot apply)."""
+        applied: dict[str, object] = {}
+        for model in self.store.models():
+            if model.edge_program is not None:
+                tier, default, per_device = model.entry_tier, model.edge_program.threshold, True
+            elif model.views is not None and model.views.onward:
+                tier, default, per_device = 1, float(model.loaded.spec.thresholds[1]), False
+            else:
+                continue
+            value, devices = self.thresholds.applied(model.hash_bytes, tier, per_device, telemetry.MAX_TIER_DEVICES)
+            applied[model.name] = {"tier": tier, "default": float(default), "model": value, "devices": devices}
+        return applied
 
     def _telemetry_loop(self) -> None:
         while not self._telemetry_stop.wait(self.config.telemetry_interval_s):

@@ -187,12 +187,16 @@ def main(broker: BrokerConnection | None, amqp_urls: tuple[str, ...], amqp_passw
             broker = private.connection()
         if location is not None and plan_path is None:
             raise click.BadParameter("a location is one of a plan's; give --plan", param_hint="--location")
-        if role != "edge" and upstream_address and not (plan_path and location == "edge"):
-            raise click.BadParameter("only an edge has a tier above to send to", param_hint="--upstream")
+        # An aggregator of a three-tier multi-view model runs tier 1 as an edge: it too has a tier above.
+        reaches_up = role in ("edge", "aggregator") or (plan_path and location == "edge")
+        if upstream_address and not reaches_up:
+            raise click.BadParameter("only an edge (or an aggregator) has a tier above to send to",
+                                     param_hint="--upstream")
         upstream = _upstream(broker, upstream_address, upstream_username, upstream_password_file, upstream_cert,
                              upstream_key)
-        if upstream is not None and role != "edge" and not (plan_path and location == "edge"):
-            raise click.BadParameter("only an edge has a tier above to reach", param_hint="--upstream-username")
+        if upstream is not None and not reaches_up:
+            raise click.BadParameter("only an edge (or an aggregator) has a tier above to reach",
+                                     param_hint="--upstream-username")
         config = ServerConfig(broker, models_dir, workers, max_batch, max_wait_ms, group, server_id,
                               session_expiry, max_request_bytes, gpu=gpu, forward=forward, max_queue=max_queue,
                               receive_maximum=receive_maximum, role=role, from_tier=from_tier, upstream=upstream,

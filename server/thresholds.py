@@ -58,3 +58,16 @@ class TierThresholds:
                 if topic in self._values:
                     return self._values[topic]
         return default
+
+    def applied(self, model_hash: bytes, tier: int, per_device: bool = True,
+                limit: int = 64) -> tuple[float | None, dict[str, float]]:
+        """What this server applies to ``tier``'s exit of a model, for its telemetry: the retained model-wide
+        value (None: the model file's) and, where it applies them (``per_device``), the devices' own values
+        (at most ``limit``, by name)."""
+        model_topic = topics.tier_threshold_topic(model_hash, tier)
+        prefix = model_topic + "/"
+        with self._lock:
+            model = self._values.get(model_topic)
+            devices = {topic[len(prefix):]: value for topic, value in self._values.items()
+                       if per_device and topic.startswith(prefix)}
+        return model, dict(sorted(devices.items())[:limit])

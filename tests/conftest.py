@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,9 @@ def cifar_model_path() -> Path:
 BROKER_MODULES = {"test_broker", "test_mqtt_client", "test_server", "test_server_only", "test_server_recovery",
                   "test_device_net", "test_bench_server", "test_bench_system", "test_security", "test_fuzz_server",
                   "test_device_tls", "test_hierarchy_net", "test_plan", "test_plan_bench", "test_metrics_net",
-                  "test_telemetry_net", "test_control_net", "test_dashboard_net",
-                  "test_views_net", "test_biglittle_net", "test_scores_first_net", "test_scores_first_c_net"}
+                  "test_telemetry_net", "test_control_net", "test_control_tiers_net", "test_dashboard_net",
+                  "test_views_net", "test_views3_secure_net", "test_biglittle_net", "test_scores_first_net",
+                  "test_scores_first_c_net", "test_control_devices_net", "test_edge_secure_net", "test_views3_net"}
 # A real RabbitMQ cluster (they also start Mosquitto or devices, so they count as broker tests too).
 RABBITMQ_MODULES = {"test_rabbitmq_cluster", "test_cluster_net"}
 OPENCL_MODULES = {"test_opencl", "test_opencl_host", "test_opencl_shapes"}
@@ -127,6 +129,16 @@ def fmnist_expected(fmnist_test: datasets.Dataset, fmnist_model_path: Path) -> o
     from net_harness import expectations
 
     return expectations(fmnist_model_path, fmnist_test.images[:NET_SAMPLES])
+
+
+@pytest.fixture()
+def broker() -> Iterator[Any]:
+    """A real Mosquitto on a free loopback port for one test (ddnn_gen.wire.broker.Broker)."""
+    from ddnn_gen.wire.broker import Broker
+
+    require_tool("mosquitto")
+    with Broker() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -112,6 +112,31 @@ class ServerProcess:
         return int(found[-1]) if found else -1
 
 
+class ControlProcess:
+    """``ddnngen control ARGS`` in its own process, its stderr collected as it comes; ``running`` is set once
+    it says it runs."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "ddnn_gen", "control", *args], stderr=subprocess.PIPE,
+                                        text=True)
+        self.lines: list[str] = []
+        self.running = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if line.startswith("ddnngen control:"):
+                self.running.set()
+
+    def log(self) -> str:
+        """Everything it wrote (all of it once it has exited)."""
+        self._reader.join(5)
+        return "".join(self.lines)
+
+
 class RawClient:
     """What no device would do: publish any bytes on any topic; replies to ``device_id`` read in order.
 

@@ -6,12 +6,12 @@ the same load."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ddnn_gen.bench.class_groups import DeviceGroup, class_groups
 from ddnn_gen.fold.exits import compute_outputs
 from ddnn_gen.model import datasets
 from ddnn_gen.model.evaluate import calibration_curves
@@ -20,27 +20,17 @@ from ddnn_gen.ops.allocation import DeviceObservation, DeviceThresholdController
 from ddnn_gen.ops.controller import ControlError, Curve
 
 CAPACITY = 1000.0
-EASY_CLASSES = (1, 5, 7, 8, 9)  # trouser, sandal, sneaker, bag, ankle boot
-Group = tuple[Callable[[float], float], Callable[[float], float]]  # onward share, accuracy at a threshold
 
 
 @pytest.fixture(scope="module")
-def plant(fmnist_model_path: Path, fmnist_test: datasets.Dataset) -> tuple[Curve, dict[str, Group]]:
+def plant(fmnist_model_path: Path, fmnist_test: datasets.Dataset) -> tuple[Curve, dict[str, DeviceGroup]]:
     loaded = load_model(fmnist_model_path)
     outputs = compute_outputs(loaded, fmnist_test.subset(4000))
     curve = Curve.from_calibration(calibration_curves(outputs, loaded.spec.thresholds, "fashion-mnist test[:4000]"))
-    easy = np.isin(outputs.labels, EASY_CLASSES)
-
-    def group(mask: np.ndarray) -> Group:
-        entropy, label = outputs.entropy[mask], outputs.labels[mask]
-        local, final = outputs.local_class[mask], outputs.final_class[mask]
-        return (lambda t: float(np.mean(entropy > t)),
-                lambda t: float(np.mean(np.where(entropy <= t, local, final) == label)))
-
-    return curve, {"easy": group(easy), "hard": group(~easy)}
+    return curve, class_groups(outputs)
 
 
-def _run(controller: DeviceThresholdController, groups: dict[str, Group], members: dict[str, str],
+def _run(controller: DeviceThresholdController, groups: dict[str, DeviceGroup], members: dict[str, str],
          rates: list[float]) -> list[dict[str, float]]:
     trace = []
     for rate in rates:
@@ -48,10 +38,10 @@ def _run(controller: DeviceThresholdController, groups: dict[str, Group], member
         for device_id, name in members.items():
             state = controller.devices.get(device_id)
             threshold = state.threshold if state else controller.threshold
-            offloaded = int(round(rate * groups[name][0](threshold)))
+            offloaded = int(round(rate * groups[name].onward_at(threshold)))
             seen[device_id] = DeviceObservation(int(rate), offloaded, threshold)
         decision = controller.update(seen, 1.0)
-        load = sum(rate * groups[name][0](decision.thresholds[d]) for d, name in members.items())
+        load = sum(rate * groups[name].onward_at(decision.thresholds[d]) for d, name in members.items())
         trace.append({**decision.thresholds, "_load": load, "_allowed": decision.allowed_load})
     return trace
 
@@ -79,11 +69,11 @@ def test_devices_whose_data_differ_get_thresholds_that_meet_the_target_at_less_c
     hard = np.mean([at_load[d] for d, g in members.items() if g == "hard"])
     assert easy > hard + 0.01, (easy, hard)  # not one threshold: the easy data's devices exit more locally
     # What it buys: the fleet's true accuracy at least that of the single threshold giving the same true load.
-    accuracy = np.mean([groups[g][1](at_load[d]) for d, g in members.items()])
+    accuracy = np.mean([groups[g].accuracy_at(at_load[d]) for d, g in members.items()])
     grid = np.linspace(0.0, 1.0, 1001)
-    uniform = next(t for t in grid if sum(3.0 * base * groups[g][0](t) for g in members.values())
+    uniform = next(t for t in grid if sum(3.0 * base * groups[g].onward_at(t) for g in members.values())
                    <= at_load["_load"] + 1e-9)
-    assert accuracy >= np.mean([groups[g][1](uniform) for g in members.values()]) - 1e-3
+    assert accuracy >= np.mean([groups[g].accuracy_at(uniform) for g in members.values()]) - 1e-3
     for device_id in members:
         series = [row[device_id] for row in trace]
         assert _direction_changes(series[settle:40]) <= 1, series

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,13 +160,6 @@ def test_run_device_impls_write_the_same_csv(fmnist_model_path: Path) -> None:
         outputs[impl] = result.output
     assert len(outputs["c"].splitlines()) == 301
     assert outputs["c"] == outputs["numpy"] == outputs["c-runner"]
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
 
 
 @pytest.mark.broker

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import Expected, ServerProcess, expectations, wait_for
+from net_harness import ControlProcess, Expected, ServerProcess, expectations, wait_for
 
 from ddnn_gen.bench.load_ramp import PacedFleet, calibrated_copy
 from ddnn_gen.device.simulated import precomputed
@@ -48,20 +47,8 @@ def groups(calibrated: Path, fmnist_test: datasets.Dataset) -> dict[str, Expecte
 
 
 def _control(calibrated: Path, broker: Broker, *args: str) -> tuple[subprocess.Popen[str], list[str], threading.Event]:
-    process = subprocess.Popen([sys.executable, "-m", "ddnn_gen", "control", str(calibrated), "--interval",
-                                str(INTERVAL_S), "--broker", broker.address, *args], stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    running = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if line.startswith("ddnngen control:"):
-                running.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    return process, lines, running
+    control = ControlProcess(str(calibrated), "--interval", str(INTERVAL_S), "--broker", broker.address, *args)
+    return control.process, control.lines, control.running
 
 
 def test_devices_whose_data_differ_get_their_own_thresholds(calibrated: Path, groups: dict[str, Expected]) -> None:

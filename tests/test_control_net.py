@@ -7,14 +7,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import require_tool
-from net_harness import Expected, ServerProcess
+from net_harness import ControlProcess, Expected, ServerProcess
 
 from ddnn_gen.bench.load_ramp import PacedFleet, calibrated_copy
 from ddnn_gen.device.simulated import precomputed
@@ -51,35 +50,21 @@ def test_step_overload_raises_the_threshold_and_devices_apply_it(calibrated: Pat
     part = precomputed(expected.device.split_words, expected.device.entropy, expected.device.local_class)
     with Broker() as broker:
         server = ServerProcess(broker.address, calibrated, workers=1, extra=["--telemetry-interval", "0.5"]).start()
-        control = subprocess.Popen([sys.executable, "-m", "ddnn_gen", "control", str(calibrated), "--max-load", "0.8",
-                                    "--capacity", str(CAPACITY), "--t-min", repr(t0), "--interval", str(INTERVAL_S),
-                                    "--duration", str(RUN_S), "--broker", broker.address],
-                                   stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
-        running = threading.Event()
-
-        def read() -> None:
-            assert control.stderr is not None
-            for line in control.stderr:
-                lines.append(line)
-                if line.startswith("ddnngen control:"):
-                    running.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert running.wait(60), "".join(lines)
+        control = ControlProcess(str(calibrated), "--max-load", "0.8", "--capacity", str(CAPACITY), "--t-min",
+                                 repr(t0), "--interval", str(INTERVAL_S), "--duration", str(RUN_S), "--broker",
+                                 broker.address)
+        assert control.running.wait(60), control.log()
         started = time.monotonic()
         fleet = PacedFleet(broker.connection(), expected.program, expected.loaded.hash_bytes, part,
                            len(expected.server_class), 3,
                            lambda: base_rate * (0.5 if time.monotonic() - started < STEP_AT_S else 3.0),
                            telemetry_interval_s=0.25).start()
         try:
-            assert control.wait(RUN_S + 30) == 0
+            assert control.process.wait(RUN_S + 30) == 0
         finally:
             samples = fleet.stop()
-            reader.join(5)
             assert server.terminate() == 0, server.output
-    log = "".join(lines)
+    log = control.log()
     final = float(re.findall(r"threshold now ([0-9.]+)", log)[-1])
     decisions = re.findall(r"-> threshold ([0-9.]+) \(([^;]+);", log)
     assert decisions, log

@@ -158,3 +158,90 @@ def test_dashboard_keeps_a_dead_controllers_last_state_marked_offline() -> None:
     assert model["control"]["threshold"] == 0.5 and model["control"]["decisions"]  # the last state stays
     [device] = snapshot["devices"]
     assert device["threshold_from"] == "device"  # nobody controls it now: an operator's value as any other
+
+
+def test_a_server_tiers_controller_has_its_own_topics_and_states() -> None:
+    state, target = topics.control_state_topic(HASH, 1), topics.control_target_topic(HASH, 1)
+    assert (state, target) == (f"{STATE}/t1", f"{TARGET}/t1")
+    assert topics.parse_control_tier_topic(state) == (KEY, "state", 1)
+    assert topics.parse_control_tier_topic(STATE) == (KEY, "state", 0)
+    assert topics.parse_control_topic(state) is None  # the device exit's readers never take a tier's
+    for bad in (f"{STATE}/t0", f"{STATE}/t8", f"{STATE}/1", f"{STATE}/t1/x", f"{STATE}/t01"):
+        assert topics.parse_control_tier_topic(bad) is None, bad
+    with pytest.raises(ValueError):
+        topics.control_state_topic(HASH, 8)
+    assert telemetry.parse_state(state, telemetry.encode(_state(tier=1)))[1]["tier"] == 1
+    assert telemetry.parse_target(target, b'{"max_load": 0.5}') == (KEY, {"max_load": 0.5})
+    telemetry.parse_state(state, telemetry.offline_state(KEY, 3.0))  # a will names no tier
+    for topic, body in ((state, _state()), (STATE, _state(tier=1)), (state, _state(tier=2)),
+                        (state, _state(tier=9))):
+        with pytest.raises(telemetry.TelemetryError):
+            telemetry.parse_state(topic, telemetry.encode(body))
+
+
+def _server(**changes: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "v": 1, "server": "edge-1", "time": 1.0, "interval_s": 0.5, "workers": 1, "models": {"m3": KEY},
+        "rps": {"m3": {"OK": 10.0}}, "answered_by": {"m3": {"1": 3, "2": 2}}, "queue_depth": 0,
+        "batch": {"count": 1, "mean": 5.0, "max": 5}, "busy": 0.1, "service_ms": {"p50": 1.0, "p99": 2.0},
+        "latency_ms": {"p50": 1.0, "p99": 2.0}, "cpu_percent": 5.0, "tiers": {"m3": 1},
+        "tier_thresholds": {"m3": {"tier": 1, "default": 0.2, "model": 0.4, "devices": {"cam1": 0.5}}}}
+    body.update(changes)
+    return body
+
+
+def test_server_telemetry_carries_the_tier_thresholds_it_applies_and_hostile_ones_are_refused() -> None:
+    topic = topics.server_telemetry_topic("edge-1")
+    assert telemetry.parse(topic, telemetry.encode(_server())).body["tier_thresholds"]["m3"]["model"] == 0.4
+    telemetry.parse(topic, telemetry.encode({k: v for k, v in _server().items()
+                                             if k not in ("tiers", "tier_thresholds")}))  # an older server's
+    too_many = {f"cam{i}": 0.5 for i in range(telemetry.MAX_TIER_DEVICES + 1)}
+    for changes in ({"tiers": {"m3": 0}}, {"tiers": {"m3": 8}}, {"tiers": {"m 3": 1}},
+                    {"tier_thresholds": {"m3": {"tier": 1, "default": 0.2, "model": 1.5, "devices": {}}}},
+                    {"tier_thresholds": {"m3": {"tier": 1, "default": 0.2, "model": None, "devices": too_many}}},
+                    {"tier_thresholds": {"m3": {"tier": 1, "default": 0.2, "model": None, "devices": {"a/b": 0.1}}}},
+                    {"tier_thresholds": {"m3": {"tier": 1, "default": 0.2, "model": None}}},
+                    {"tier_thresholds": {"m3": {"tier": 1, "default": 0.2, "model": None, "devices": {}, "x": 1}}}):
+        with pytest.raises(telemetry.TelemetryError):
+            telemetry.parse(topic, telemetry.encode(_server(**changes)))
+
+
+def test_a_tiers_fleet_view_counts_what_reached_the_exit_and_went_on() -> None:
+    from ddnn_gen.ops.live import FleetView
+
+    view = FleetView(KEY, tier=1)
+    edge = topics.server_telemetry_topic("edge-1")
+    cloud = topics.server_telemetry_topic("cloud-1")
+    view.receive(edge, telemetry.encode(_server()))
+    view.receive(edge, telemetry.encode(_server(answered_by={"m3": {"1": 4, "2": 6}})))
+    # The cloud takes tier 2's requests and runs no exit of tier 1: not counted, but its p99 is the hop's.
+    view.receive(cloud, telemetry.encode(_server(server="cloud-1", tiers={"m3": 2}, tier_thresholds={},
+                                                 answered_by={"m3": {"2": 8}}, latency_ms={"p50": 1.0, "p99": 9.0})))
+    # Another model's counts are not this one's.
+    view.receive(edge, telemetry.encode(_server(models={"other": "0" * 32}, answered_by={"other": {"2": 50}},
+                                                tiers={"other": 1}, tier_thresholds={})))
+    assert view.take_hop(0.0) == (15, 8, 9.0)
+    assert view.take_hop(0.0)[:2] == (0, 0)
+
+
+def test_dashboard_shows_tier_thresholds_retained_and_applied_and_ignores_hostile_ones() -> None:
+    state = FleetState(models={KEY: ModelInfo(KEY, "m3", 0.5, CURVE)})
+    tier = topics.tier_threshold_topic(HASH, 1)
+    state.receive(tier, b"0.4")
+    state.receive(f"{tier}/cam1", b"0.7")
+    for topic, payload in ((tier, b"NaN"), (tier, b"1.5"), (f"ddnn/tier-threshold/{KEY}/0", b"0.1"),
+                           (f"ddnn/tier-threshold/{KEY}/8", b"0.1"), (f"ddnn/tier-threshold/{KEY}/x", b"0.1"),
+                           (f"{tier}/a b", b"0.1"), (f"{tier}/cam1/x", b"0.1"), ("ddnn/tier-threshold/zz/1", b"0.1")):
+        state.receive(topic, payload)
+    state.receive(topics.server_telemetry_topic("edge-1"), telemetry.encode(_server()))
+    state.receive(topics.control_state_topic(HASH, 1), telemetry.encode(_state(tier=1, threshold=0.4)))
+    snapshot = state.snapshot()
+    assert snapshot["rejected"] == 8
+    rows = {(row["tier"], row["device"]): row for row in snapshot["tier_thresholds"]}
+    assert rows[(1, None)]["retained"] == 0.4 and rows[(1, None)]["applied"] == {"edge-1": 0.4}
+    assert rows[(1, None)]["control"]["threshold"] == 0.4 and rows[(1, None)]["name"] == "m3"
+    assert rows[(1, "cam1")]["retained"] == 0.7 and rows[(1, "cam1")]["applied"] == {"edge-1": 0.5}  # not yet
+    assert snapshot["models"][0]["control"] is None  # a tier's controller is not the devices'
+    state.receive(tier, b"")  # cleared: the edge still reports what it applies
+    rows = {(row["tier"], row["device"]): row for row in state.snapshot()["tier_thresholds"]}
+    assert rows[(1, None)]["retained"] is None and rows[(1, None)]["applied"] == {"edge-1": 0.4}

@@ -83,3 +83,58 @@ def test_controller_refuses_what_it_cannot_do(curve: Curve) -> None:
         ThresholdController(curve, CAPACITY, 0.3, t_min=0.5, t_max=0.2)
     with pytest.raises(ControlError, match="calibrate"):
         Curve.from_calibration(None)
+
+
+def test_p99_mode_probes_slowly_where_the_p99_last_went_over(curve: Curve) -> None:
+    """A server whose p99 jumps past the target once the load passes 70 % of its capacity (a queue's knee;
+    bench_control measures one): held at 3x for 200 intervals, the controller crosses the knee again now and
+    then to find out whether room appeared, but the memory of where it went over keeps those crossings at
+    most one in 15 intervals (a full step each time would cross every 7-8), while it keeps the load within
+    5 % of the knee."""
+    knee, target = 0.7, 300.0
+
+    def p99_ms(load: float) -> float:
+        return 50.0 if load < knee * CAPACITY else 50.0 + 5000.0 * (load / CAPACITY - knee)
+
+    start = 0.2273
+    base_rate = CAPACITY / curve.onward_at(start)
+    controller = ThresholdController(curve, CAPACITY, start, t_min=start, t_max=0.95, max_load=None,
+                                     target_p99_ms=target)
+    loads, over = [], []
+    for interval, rate in enumerate([0.5 * base_rate] * 15 + [3.0 * base_rate] * 200):
+        onward = min(1.0, 1.15 * curve.onward_at(controller.threshold))
+        load = rate * onward
+        controller.update(Observation(rate, onward, p99_ms(load)))
+        loads.append(load)
+        if p99_ms(load) > target:
+            over.append(interval)
+    settled = [i for i in over if i >= 20]
+    assert over[:2] == [15, 16]  # the step itself
+    assert len(settled) <= (215 - 20) / 15, over
+    assert np.mean(loads[35:]) >= 0.95 * knee * CAPACITY
+
+
+def test_a_hops_curve_is_per_request_reaching_its_exit(fmnist_test: datasets.Dataset) -> None:
+    from conftest import MODELS
+
+    from ddnn_gen.model.evaluate import answering_exit
+
+    loaded = load_model(MODELS / "fmnist3_32.npz")
+    calibration = loaded.spec.calibration
+    device = Curve.for_hop(calibration, 0)
+    assert np.array_equal(device.onward, Curve.from_calibration(calibration).onward)
+    edge = Curve.for_hop(calibration, 1)
+    assert edge.onward_at(0.0) == 1.0 and edge.onward_at(1.0) == 0.0
+    assert np.all(np.diff(edge.onward) <= 1e-9)  # more of what reaches the edge stays there as it rises
+    # The share of what reaches the edge that the cloud answers, as eval counts it on the test set (the curve
+    # was measured on the validation split): within 2 points along the curve.
+    outputs = compute_outputs(loaded, fmnist_test)
+    t_device = loaded.spec.thresholds[0]
+    for t_edge in (0.1, 0.3, 0.45, 0.6):
+        exits = answering_exit(outputs, (t_device, t_edge))
+        assert abs(np.mean(exits[exits >= 1] == 2) - edge.onward_at(t_edge)) <= 0.02, t_edge
+    for index in (2, -1):
+        with pytest.raises(ControlError):
+            Curve.for_hop(calibration, index)
+    with pytest.raises(ControlError):
+        Curve.for_hop(None, 1)

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pytest
 from conftest import require_tool
 from net_harness import Expected, ServerProcess, expectations
@@ -386,3 +388,95 @@ def test_page_shows_per_device_thresholds_and_a_dead_controller(fmnist_test: dat
             reader.join(5)
             assert server.terminate() == 0, server.output
     assert "Traceback" not in "".join(lines)
+
+
+MODEL3 = Path(__file__).resolve().parent.parent / "models" / "fmnist3_32.npz"
+EDGE_THRESHOLD = 0.45  # the edge exit's, set in the page (the model file's is 0.2111)
+TIER_RATE = 300.0  # samples/s over the tier test's devices
+TIER_AFTER_S = 6.0  # seconds classified once the edge reports applying the value
+
+
+def _tier_cell(driver: object, row_id: str, name: str) -> str:
+    """A cell's full-precision value (data-value) in the page's server-tier thresholds table; "" when absent."""
+    from selenium.webdriver.common.by import By
+
+    def read() -> str:
+        rows = driver.find_elements(By.ID, row_id)  # type: ignore[attr-defined]
+        if not rows:
+            return ""
+        return rows[0].find_element(By.CSS_SELECTOR, f'td[data-field="{name}"]').get_attribute("data-value") or ""
+    return _page(read)()
+
+
+def test_page_sets_an_edge_tiers_threshold_shows_it_back_and_the_edge_applies_it(
+        fmnist_test: datasets.Dataset, tmp_path: Path) -> None:
+    """Three tiers (devices -> edge -> cloud): the edge tier's threshold set in the page comes back in the page,
+    retained (model-wide and one device's) and as the edge server reports applying it, and the share of the
+    requests reaching the edge that it answers moves to what the evaluation predicts (+-2 points)."""
+    require_tool("mosquitto")
+    from selenium.webdriver.common.by import By
+
+    from ddnn_gen.fold.program import fold
+    from ddnn_gen.fold.reference import run_device
+    from ddnn_gen.model.evaluate import answering_exit
+
+    loaded = load_model(MODEL3)
+    data = fmnist_test.subset(4000)
+    program = fold(loaded)
+    device = run_device(program, data.images)
+    outputs = compute_outputs(loaded, data)
+    t_device, t_edge = loaded.spec.thresholds
+    key = topics.model_key(loaded.hash_bytes)
+    port = free_port()
+    with Broker() as broker:
+        cloud = ServerProcess(broker.address, MODEL3, workers=1, server_id="cloud-1",
+                              extra=["--telemetry-interval", "0.5"]).start()
+        edge = ServerProcess(broker.address, MODEL3, workers=1, server_id="edge-1",
+                             extra=["--role", "edge", "--telemetry-interval", "0.5"]).start()
+        view = Dashboard(broker.connection(), (model_info(MODEL3),)).start(port)
+        fleet = PacedFleet(broker.connection(), program, loaded.hash_bytes,
+                           precomputed(device.split_words, device.entropy, device.local_class), len(data), 3,
+                           lambda: TIER_RATE, telemetry_interval_s=0.5, prefix="cam").start()
+        driver = _driver()
+        model_row = f"tier-{key}-1-model"
+        try:
+            driver.get(view.url)  # type: ignore[attr-defined]
+            # Before anything is retained the edge reports the model file's value.
+            assert wait_for(lambda: json.loads(_tier_cell(driver, model_row, "applied") or "{}")
+                            == {"edge-1": pytest.approx(t_edge)}, timeout_s=30)
+            assert _tier_cell(driver, model_row, "retained") == ""
+            driver.find_element(By.ID, f"tier-input-{key}").send_keys(str(EDGE_THRESHOLD))  # type: ignore
+            driver.find_element(By.ID, f"tier-set-{key}").click()  # type: ignore[attr-defined]
+            assert wait_for(lambda: _tier_cell(driver, model_row, "retained") == str(EDGE_THRESHOLD), timeout_s=20)
+            assert wait_for(lambda: json.loads(_tier_cell(driver, model_row, "applied") or "{}")
+                            == {"edge-1": EDGE_THRESHOLD}, timeout_s=20)
+            applied_at = time.monotonic()
+            # One device's own edge threshold (the page's API, as the form posts it): shown back, applied.
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/threshold", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": key, "device": "cam2", "tier": 1, "value": 0.9}).encode())
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+            cam_row = f"tier-{key}-1-cam2"
+            assert wait_for(lambda: _tier_cell(driver, cam_row, "retained") == "0.9"
+                            and json.loads(_tier_cell(driver, cam_row, "applied") or "{}") == {"edge-1": 0.9},
+                            timeout_s=20)
+            time.sleep(TIER_AFTER_S)
+            driver.save_screenshot(str(tmp_path / "dashboard-tiers.png"))  # type: ignore[attr-defined]
+        finally:
+            driver.quit()  # type: ignore[attr-defined]
+            samples = fleet.stop()
+            view.stop()
+            assert edge.terminate() == 0, edge.output
+            assert cloud.terminate() == 0, cloud.output
+    # The edge applied it: of the requests reaching it after it said so (cam2 has a value of its own), the share
+    # it answered is the evaluation's at the new threshold, on these samples and on the whole test set.
+    reached = [s for s in samples if s.sent >= applied_at + 0.5 and s.answered_by >= 1 and s.device_id != "cam2"]
+    assert len(reached) > 200, len(reached)
+    got = float(np.mean([s.answered_by == 1 for s in reached]))
+    exits = answering_exit(outputs, (t_device, EDGE_THRESHOLD))
+    want = float(np.mean([exits[s.index] == 1 for s in reached]))
+    before = answering_exit(outputs, (t_device, t_edge))
+    assert abs(got - want) <= 0.02, (got, want)
+    assert abs(want - float(np.mean([before[s.index] == 1 for s in reached]))) > 0.2  # it did move
+    assert all(s.source in ("local", "server") for s in samples)

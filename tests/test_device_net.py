@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from conftest import require_tool
 from net_harness import (
@@ -17,7 +15,6 @@ from net_harness import (
     Expected,
     ServerProcess,
     device_rows,
-    expectations,
     finish_device,
     start_device,
     wait_for,
@@ -32,25 +29,14 @@ N_SAMPLES = 1000
 SOURCES = {"local", "server", "fallback", "error"}
 
 
-@pytest.fixture(scope="module")
-def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
-    return expectations(fmnist_model_path, fmnist_test.images[:N_SAMPLES])  # type: ignore[attr-defined]
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
-
-
 def _device(net_device_bin: Path, samples: Path, out: Path, broker: Broker, device_id: str, *extra: str
             ) -> subprocess.Popen[str]:
     return start_device(net_device_bin, samples, out, device_id, broker.connection(), *extra)
 
 
 def test_every_sample_answered_and_equal_to_the_python_evaluation(
-        net_device_bin: Path, fmnist_samples_file: Path, broker: Broker, expected: Expected, fmnist_model_path: Path,
+        net_device_bin: Path, fmnist_samples_file: Path, broker: Broker, fmnist_expected: Expected,
+        fmnist_model_path: Path,
         tmp_path: Path) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2).start()
     out = tmp_path / "results.csv"
@@ -61,14 +47,14 @@ def test_every_sample_answered_and_equal_to_the_python_evaluation(
         assert server.terminate() == 0
     rows = device_rows(out)
     assert [int(r["index"]) for r in rows] == list(range(N_SAMPLES)), stderr
-    threshold = expected.program.threshold
+    threshold = fmnist_expected.program.threshold
     local = np.array([r["exit_local"] == "1" for r in rows])
-    assert np.array_equal(local, expected.device.local_exit)
-    assert np.array_equal([int(r["local_class"]) for r in rows], expected.device.local_class)
+    assert np.array_equal(local, fmnist_expected.device.local_exit)
+    assert np.array_equal([int(r["local_class"]) for r in rows], fmnist_expected.device.local_class)
     sources = [r["source"] for r in rows]
     assert all(s == ("local" if lo else "server") for s, lo in zip(sources, local)), \
         {s: sources.count(s) for s in SOURCES}
-    assert np.array_equal([int(r["final_class"]) for r in rows], expected.final_class(threshold))
+    assert np.array_equal([int(r["final_class"]) for r in rows], fmnist_expected.final_class(threshold))
     assert all(float(r["threshold"]) == threshold for r in rows)
     assert 0 < local.sum() < N_SAMPLES  # both paths exercised
     assert server.replies_sent() == N_SAMPLES - int(local.sum())
@@ -77,10 +63,10 @@ def test_every_sample_answered_and_equal_to_the_python_evaluation(
 
 
 def test_threshold_broadcast_mid_run_moves_the_exit_rate(net_device_bin: Path, fmnist_samples_file: Path,
-                                                         broker: Broker, expected: Expected, fmnist_model_path: Path,
-                                                         tmp_path: Path) -> None:
-    entropy = expected.device.entropy
-    old = expected.program.threshold
+                                                         broker: Broker, fmnist_expected: Expected,
+                                                         fmnist_model_path: Path, tmp_path: Path) -> None:
+    entropy = fmnist_expected.device.entropy
+    old = fmnist_expected.program.threshold
     # A new threshold far from the old one: exit rate moves by tens of points.
     new = float(np.quantile(entropy[np.isfinite(entropy)], 0.9 if np.mean(entropy <= old) < 0.6 else 0.2))
     server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
@@ -110,14 +96,14 @@ def test_threshold_broadcast_mid_run_moves_the_exit_rate(net_device_bin: Path, f
     assert abs(local[after].mean() - reference.mean()) <= 0.01
     assert np.array_equal(local[after], reference)  # in fact sample by sample
     assert abs(reference.mean() - exit_decision(entropy[after], old).mean()) > 0.05  # the change mattered
-    assert np.array_equal([int(r["final_class"]) for r in rows][changed:], expected.final_class(new)[after])
+    assert np.array_equal([int(r["final_class"]) for r in rows][changed:], fmnist_expected.final_class(new)[after])
     # A device-specific threshold overrides the model-wide one; clearing it restores the model-wide value.
-    topic = topics.threshold_topic(expected.loaded.hash_bytes, "c-dev-thr")
+    topic = topics.threshold_topic(fmnist_expected.loaded.hash_bytes, "c-dev-thr")
     assert topic.endswith("/c-dev-thr")
 
 
 def test_broker_killed_mid_run_falls_back_then_recovers(net_device_bin: Path, fmnist_samples_file: Path, broker: Broker,
-                                                       expected: Expected, fmnist_model_path: Path,
+                                                       fmnist_expected: Expected, fmnist_model_path: Path,
                                                        tmp_path: Path) -> None:
     timeout_ms = 400
     server = ServerProcess(broker.address, fmnist_model_path, workers=1).start()
@@ -145,7 +131,7 @@ def test_broker_killed_mid_run_falls_back_then_recovers(net_device_bin: Path, fm
     for i in fallback:
         assert float(rows[i]["t_total_us"]) < (timeout_ms + 250) * 1000
         assert int(rows[i]["final_class"]) == int(rows[i]["local_class"])
-    server_final = [(int(r["final_class"]), int(expected.server_class[int(r["index"])])) for r in rows
+    server_final = [(int(r["final_class"]), int(fmnist_expected.server_class[int(r["index"])])) for r in rows
                     if r["source"] == "server"]
     assert all(got == want for got, want in server_final)
 

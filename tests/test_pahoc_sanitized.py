@@ -9,11 +9,9 @@ import os
 import queue
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from net_harness import RawClient
 
 from ddnn_gen.codegen import toolchain
@@ -29,13 +27,6 @@ CHECK = Path(__file__).with_name("pahoc_check.c")
 SANITIZERS = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
               "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
 MAX_TOPIC, KEEP_OVERSIZED, BATCH = 128, 64, 4  # as in pahoc_check.c
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
 
 
 def build_check(tmp: Path) -> Path:

@@ -7,7 +7,6 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -35,18 +34,6 @@ def _transport_args(transport: str) -> list[str]:
     return ["--transport", transport]
 
 
-@pytest.fixture(scope="module")
-def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
-    return expectations(fmnist_model_path, fmnist_test.images[:N_SAMPLES])  # type: ignore[attr-defined]
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
-
-
 def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **kwargs: object):  # noqa: ANN202
     return run_devices(broker.connection(), expected.program, expected.loaded.hash_bytes,
                        expected.device.split_words, expected.device.entropy, expected.device.local_class,
@@ -55,11 +42,11 @@ def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **
 
 @TRANSPORTS
 def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(
-        broker: Broker, expected: Expected, fmnist_model_path: object, transport: str) -> None:
+        broker: Broker, fmnist_expected: Expected, fmnist_model_path: object, transport: str) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2, extra=_transport_args(transport)).start()
     try:
         faults_before = server.minor_faults()
-        report = _run(broker, expected, 20, 200, all_to_server=True, timeout_s=30.0)
+        report = _run(broker, fmnist_expected, 20, 200, all_to_server=True, timeout_s=30.0)
         faults = server.minor_faults() - faults_before
     finally:
         assert server.terminate() == 0
@@ -68,7 +55,7 @@ def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(
     assert report.duplicates == 0 and report.misrouted == 0
     assert len({o.request_id for o in report.outcomes}) == 4000
     got = np.array([o.final_class for o in report.outcomes])
-    want = expected.server_class[[o.index for o in report.outcomes]]
+    want = fmnist_expected.server_class[[o.index for o in report.outcomes]]
     assert np.array_equal(got, want), f"{int((got != want).sum())} server classes differ from the reference"
     assert server.replies_sent() == 4000
     # glibc must not hand the forward's buffers back after every batch (server/allocator.py): measured
@@ -77,21 +64,21 @@ def test_20_devices_x_200_requests_none_lost_duplicated_or_misrouted(
 
 
 @TRANSPORTS
-def test_threshold_decides_local_or_server(broker: Broker, expected: Expected, fmnist_model_path: object,
+def test_threshold_decides_local_or_server(broker: Broker, fmnist_expected: Expected, fmnist_model_path: object,
                                            transport: str) -> None:
     """1000 samples, sample by sample: the exit taken and the final class are the reference's."""
     server = ServerProcess(broker.address, fmnist_model_path, workers=1, extra=_transport_args(transport)).start()
     try:
-        report = _run(broker, expected, 2, 500, timeout_s=30.0)
+        report = _run(broker, fmnist_expected, 2, 500, timeout_s=30.0)
     finally:
         server.terminate()
-    threshold = expected.program.threshold
+    threshold = fmnist_expected.program.threshold
     by_index = {o.index: o for o in report.outcomes}
     assert len(by_index) == N_SAMPLES
     final = np.array([by_index[i].final_class for i in range(N_SAMPLES)])
-    assert np.array_equal(final, expected.final_class(threshold))
+    assert np.array_equal(final, fmnist_expected.final_class(threshold))
     local = np.array([by_index[i].source == "local" for i in range(N_SAMPLES)])
-    assert np.array_equal(local, expected.device.local_exit)
+    assert np.array_equal(local, fmnist_expected.device.local_exit)
     assert all(by_index[i].source == "server" for i in range(N_SAMPLES) if not local[i])
 
 
@@ -126,18 +113,18 @@ def _with_views(request: bytes, event_id: int, view_index: int, view_count: int,
 
 
 @TRANSPORTS
-def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broker, expected: Expected,
+def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broker, fmnist_expected: Expected,
                                                                    fmnist_model_path: object, transport: str) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2, extra=_transport_args(transport)).start()
     good_report = []
     flowing = threading.Thread(target=lambda: good_report.append(
-        _run(broker, expected, 3, 150, all_to_server=True, timeout_s=30.0)))
+        _run(broker, fmnist_expected, 3, 150, all_to_server=True, timeout_s=30.0)))
     flowing.start()
     bad = RawClient(broker.connection(), "bad-sender")
-    topic = topics.request_topic(expected.loaded.hash_bytes, bad.device_id)
+    topic = topics.request_topic(fmnist_expected.loaded.hash_bytes, bad.device_id)
     try:
         for round_ in range(3):
-            for name, payload, status in _malformed(expected, bad.device_id):
+            for name, payload, status in _malformed(fmnist_expected, bad.device_id):
                 bad.publish(topic, payload)
                 reply = bad.next_reply(20.0)
                 assert reply is not None, f"no reply to the {name} request (round {round_})"
@@ -159,11 +146,11 @@ def test_malformed_requests_get_error_replies_while_good_ones_flow(broker: Broke
     assert "TOO_LARGE" in server.output and "UNKNOWN_MODEL" in server.output
 
 
-def test_two_servers_on_one_shared_subscription_split_the_work(broker: Broker, expected: Expected,
+def test_two_servers_on_one_shared_subscription_split_the_work(broker: Broker, fmnist_expected: Expected,
                                                                fmnist_model_path: object) -> None:
     servers = [ServerProcess(broker.address, fmnist_model_path, workers=1).start() for _ in range(2)]
     try:
-        report = _run(broker, expected, 8, 100, all_to_server=True, timeout_s=30.0, window=2)
+        report = _run(broker, fmnist_expected, 8, 100, all_to_server=True, timeout_s=30.0, window=2)
     finally:
         codes = [server.terminate() for server in servers]
     assert codes == [0, 0]
@@ -241,12 +228,13 @@ POISON_TOPIC_IDS = ["-flag", "a b", "\u00e9t\u00e9", "x" * 33, "cam\u00a0", "_le
 
 @TRANSPORTS
 def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
-        broker: Broker, expected: Expected, fmnist_model_path: object, transport: str) -> None:
-    model_hash = expected.loaded.hash_bytes
+        broker: Broker, fmnist_expected: Expected, fmnist_model_path: object, transport: str) -> None:
+    model_hash = fmnist_expected.loaded.hash_bytes
     server = ServerProcess(broker.address, fmnist_model_path, workers=1, server_id="poison-test",
                            extra=_transport_args(transport)).start()
     bad = RawClient(broker.connection(), "bad-sender")
-    good = codec.encode_request(split_header(expected.program, model_hash, 5), expected.device.split_words[0])
+    good = codec.encode_request(split_header(fmnist_expected.program, model_hash, 5),
+                                fmnist_expected.device.split_words[0])
     try:
         for views in POISON_VIEWS:
             bad.publish(topics.request_topic(model_hash, bad.device_id), _with_views(good, *views))
@@ -261,14 +249,14 @@ def test_poison_device_ids_get_errors_or_drops_and_the_server_keeps_answering(
         assert rogue.disconnected.wait(5)
         rogue.close()
         assert bad.next_reply(1.0) is None  # nothing was answered to anyone
-        report = _run(broker, expected, 2, 100, all_to_server=True, timeout_s=10.0)
+        report = _run(broker, fmnist_expected, 2, 100, all_to_server=True, timeout_s=10.0)
         assert report.count("server") == 200, {s: report.count(s) for s in ("fallback", "error")}
         assert "dropped request" in server.output
         # A crash and a restart under the same --server-id: the dropped requests were acked, nothing replays.
         server.kill()
         restarted_at = len(server.lines)
         server.start()
-        report = _run(broker, expected, 2, 100, all_to_server=True, timeout_s=10.0)
+        report = _run(broker, fmnist_expected, 2, 100, all_to_server=True, timeout_s=10.0)
         assert report.count("server") == 200
     finally:
         bad.close()

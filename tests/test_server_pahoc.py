@@ -9,11 +9,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from conftest import require_tool
-from net_harness import Expected, RawClient, ServerProcess, expectations, run_one_device, secure_broker, wait_for
+from net_harness import Expected, RawClient, ServerProcess, run_one_device, secure_broker, wait_for
 
 from ddnn_gen.device.simulated import run_devices, split_header
 from ddnn_gen.wire import codec, topics
@@ -25,18 +23,6 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/usr/include/MQTTAsync.h"),
                                 reason="the Paho C transport needs libpaho-mqtt-dev")
 
 MODEL_HASH = bytes(range(16))
-
-
-@pytest.fixture(scope="module")
-def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
-    return expectations(fmnist_model_path, fmnist_test.images[:500])  # type: ignore[attr-defined]
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
 
 
 def _transport(broker: Broker, on_request: object, **kwargs: object):  # noqa: ANN202
@@ -172,7 +158,7 @@ def test_tls_with_a_password_and_the_reason_when_refused(fmnist_expected: Expect
 
 
 def test_a_killed_server_costs_its_in_flight_requests_to_the_fallback_and_none_hangs(
-        broker: Broker, expected: Expected, fmnist_model_path: object) -> None:
+        broker: Broker, fmnist_expected: Expected, fmnist_model_path: object) -> None:
     """Paho C acks on arrival: SIGKILL loses what the server held. Every request still ends, answered by the
     server or by the device's own exit after its timeout, and the restarted server answers the rest."""
     args = ["--transport", "paho-c"]
@@ -192,8 +178,9 @@ def test_a_killed_server_costs_its_in_flight_requests_to_the_fallback_and_none_h
     chaos.start()
     started = time.monotonic()
     try:
-        report = run_devices(broker.connection(), expected.program, expected.loaded.hash_bytes,
-                             expected.device.split_words, expected.device.entropy, expected.device.local_class,
+        report = run_devices(broker.connection(), fmnist_expected.program, fmnist_expected.loaded.hash_bytes,
+                             fmnist_expected.device.split_words, fmnist_expected.device.entropy,
+                             fmnist_expected.device.local_class,
                              6, 250, all_to_server=True, timeout_s=2.0, window=4,
                              on_outcome=lambda _: answered.release())
     finally:
@@ -208,28 +195,28 @@ def test_a_killed_server_costs_its_in_flight_requests_to_the_fallback_and_none_h
     assert counts["server"] >= 300
     assert time.monotonic() - started < 120
     for outcome in report.outcomes:
-        reference = expected.server_class if outcome.source == "server" else expected.device.local_class
+        reference = fmnist_expected.server_class if outcome.source == "server" else fmnist_expected.device.local_class
         assert outcome.final_class == int(reference[outcome.index]), outcome
 
 
-def test_oversized_request_is_answered_too_large_with_its_id(broker: Broker, expected: Expected,
+def test_oversized_request_is_answered_too_large_with_its_id(broker: Broker, fmnist_expected: Expected,
                                                               fmnist_model_path: object) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=1,
                            extra=["--transport", "paho-c", "--max-request-bytes", "10000"]).start()
     client = RawClient(broker.connection(), "big")
-    good = codec.encode_request(split_header(expected.program, expected.loaded.hash_bytes, 42),
-                                expected.device.split_words[0])
+    good = codec.encode_request(split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, 42),
+                                fmnist_expected.device.split_words[0])
     try:
-        client.publish(topics.request_topic(expected.loaded.hash_bytes, "big"), good + bytes(20000))
+        client.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "big"), good + bytes(20000))
         reply = client.next_reply(20.0)
-        client.publish(topics.request_topic(expected.loaded.hash_bytes, "big"), good)
+        client.publish(topics.request_topic(fmnist_expected.loaded.hash_bytes, "big"), good)
         after = client.next_reply(20.0)
     finally:
         client.close()
         assert server.terminate() == 0, server.output
     assert reply is not None and reply.status == Status.TOO_LARGE and reply.request_id == 42, reply
     assert "10000-byte limit" in reply.message
-    assert after is not None and after.status == Status.OK and after.class_id == int(expected.server_class[0])
+    assert after is not None and after.status == Status.OK and after.class_id == int(fmnist_expected.server_class[0])
 
 
 def test_several_subscriptions_and_the_other_topics_go_to_on_other(broker: Broker) -> None:

@@ -7,26 +7,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from conftest import require_tool
-from net_harness import Expected, ServerProcess, expectations
+from net_harness import Expected, ServerProcess
 
 from ddnn_gen.device.simulated import run_devices
 from ddnn_gen.wire.broker import Broker
-
-
-@pytest.fixture(scope="module")
-def expected(fmnist_test: object, fmnist_model_path: object) -> Expected:
-    return expectations(fmnist_model_path, fmnist_test.images[:500])  # type: ignore[attr-defined]
-
-
-@pytest.fixture()
-def broker() -> Iterator[Broker]:
-    require_tool("mosquitto")
-    with Broker() as running:
-        yield running
 
 
 def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **kwargs: object):  # noqa: ANN202
@@ -35,7 +21,7 @@ def _run(broker: Broker, expected: Expected, n_devices: int, per_device: int, **
                        n_devices, per_device, all_to_server=True, **kwargs)  # type: ignore[arg-type]
 
 
-def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, expected: Expected,
+def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, fmnist_expected: Expected,
                                                             fmnist_model_path: object) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=2, server_id="ddnn-test-recover").start()
     restarted: list[ServerProcess] = []
@@ -52,7 +38,8 @@ def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, expe
     chaos = threading.Thread(target=crash_and_restart)
     chaos.start()
     try:
-        report = _run(broker, expected, 6, 250, timeout_s=60.0, window=4, on_outcome=lambda _: answered.release())
+        report = _run(broker, fmnist_expected, 6, 250, timeout_s=60.0, window=4,
+                      on_outcome=lambda _: answered.release())
     finally:
         chaos.join()
         for process in restarted:
@@ -63,11 +50,11 @@ def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, expe
     assert report.count("server") == 1500, {s: report.count(s) for s in ("fallback", "error")}
     assert report.misrouted == 0  # duplicates are allowed: QoS 1 is at-least-once across a crash
     got = [o.final_class for o in report.outcomes]
-    assert got == [int(expected.server_class[o.index]) for o in report.outcomes]
+    assert got == [int(fmnist_expected.server_class[o.index]) for o in report.outcomes]
 
 
 @pytest.mark.parametrize("transport", ["paho-mqtt", "paho-c"])
-def test_sigterm_finishes_in_flight_work_while_another_server_takes_over(broker: Broker, expected: Expected,
+def test_sigterm_finishes_in_flight_work_while_another_server_takes_over(broker: Broker, fmnist_expected: Expected,
                                                                          fmnist_model_path: object,
                                                                          transport: str) -> None:
     """Both transports: a clean stop answers everything it took (paho-c acked it on arrival, so it must)."""
@@ -87,7 +74,8 @@ def test_sigterm_finishes_in_flight_work_while_another_server_takes_over(broker:
     stopper = threading.Thread(target=stop_one_mid_run)
     stopper.start()
     try:
-        report = _run(broker, expected, 6, 200, timeout_s=30.0, window=4, on_outcome=lambda _: answered.release())
+        report = _run(broker, fmnist_expected, 6, 200, timeout_s=30.0, window=4,
+                      on_outcome=lambda _: answered.release())
     finally:
         stopper.join()
         staying.terminate()

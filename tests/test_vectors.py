@@ -235,9 +235,11 @@ def test_c_split_buffer_keeps_and_forgets_as_the_python_one(runtime: CRuntime) -
     pool refused."""
     size = 164
     most = runtime.lib.ddnn_features_capacity_for(size)
-    assert most == min(256, 65536 // size)  # DDNN_FEATURES_MAX_EVENTS, DDNN_FEATURES_POOL_BYTES
-    assert runtime.lib.ddnn_features_capacity_for(4096) == 16 and runtime.lib.ddnn_features_capacity_for(0) == 0
-    assert not runtime.features_init(most + 1, size) and not runtime.features_init(17, 4096)
+    # DDNN_FEATURES_MAX_EVENTS, DDNN_FEATURES_POOL_BYTES less the slot a split being sent is read from
+    assert most == min(256, 65536 // size - 1)
+    assert runtime.lib.ddnn_features_capacity_for(4096) == 15 and runtime.lib.ddnn_features_capacity_for(0) == 0
+    assert runtime.lib.ddnn_features_capacity_for(65536) == 0 and runtime.lib.ddnn_features_capacity_for(65537) == 0
+    assert not runtime.features_init(most + 1, size) and not runtime.features_init(16, 4096)
     for capacity in (0, 1, 3, 16):
         assert runtime.features_init(capacity, size)
         python = FeatureBuffer(bytes(16), lambda request: b"NO", capacity)

@@ -42,6 +42,10 @@ UPSTREAM_TIMEOUT_MS = 3000
 
 @pytest.fixture(scope="module")
 def scene(fmnist_test: datasets.Dataset) -> tuple[ViewAggregator, ViewRuns, np.ndarray, list]:
+    return make_scene(fmnist_test)
+
+
+def make_scene(fmnist_test: datasets.Dataset) -> tuple[ViewAggregator, ViewRuns, np.ndarray, list]:
     """The aggregator functions, the reference's runs of every view (what `ddnngen eval` computes), the labels,
     and each camera's device part: its view's generated C through the cffi binding."""
     aggregator = ViewAggregator(load_model(MODEL))

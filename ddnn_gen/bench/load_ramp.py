@@ -41,6 +41,8 @@ class Sample:
     source: str  # local | server | busy | error | fallback
     threshold: float
     round_trip_s: float = 0.0  # offloaded only
+    index: int = -1  # the sample classified
+    answered_by: int = 0  # the exit that answered: 0 the device's, else the reply's tier (OK replies)
 
 
 class PacedFleet:
@@ -110,7 +112,7 @@ class PacedFleet:
             answer = self.part(sample, threshold)
             device.note_sample(answer.local_exit)
             if answer.local_exit:
-                self._record(device, Sample(device.device_id, now, "local", threshold))
+                self._record(device, Sample(device.device_id, now, "local", threshold, index=sample))
                 continue
             request_id = device.next_request_id()
             header = split_header(self.program, self.model_hash, request_id)
@@ -126,7 +128,7 @@ class PacedFleet:
                 if self._stop.is_set():
                     return
                 continue
-            request_id, pending, sent, threshold, _sample = waiting.popleft()
+            request_id, pending, sent, threshold, sample = waiting.popleft()
             left = max(0.0, pending.sent + self.timeout_s - time.monotonic())
             reply = device.wait(request_id, pending, left)
             if reply is None:
@@ -135,7 +137,8 @@ class PacedFleet:
                 rtt = pending.received - pending.sent
                 source = ("server" if reply.status == codec.Status.OK else
                           "busy" if reply.status == codec.Status.UNAVAILABLE else "error")
-            self._record(device, Sample(device.device_id, sent, source, threshold, rtt))
+            answered_by = reply.answered_by if reply is not None and reply.status == codec.Status.OK else 0
+            self._record(device, Sample(device.device_id, sent, source, threshold, rtt, sample, answered_by))
 
 
 # ---- the server under a CPU quota --------------------------------------------------------------------------

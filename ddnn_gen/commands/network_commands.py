@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -82,6 +83,25 @@ _tier_option = click.option("--tier", default="device", show_default=True,
                                  "2, ... with a 32-hex model hash).")
 
 
+def tier_index(spec: Any, tier: str) -> int:
+    """The index of ``spec``'s tier named ``tier`` (device, a name or kind, or an index), one that has a
+    threshold (not the last: its exit is final); else click's usage error."""
+    if tier in ("device", "0"):
+        return 0
+    if tier.isdigit():
+        index = int(tier)
+    else:
+        matches = [i for i, t in enumerate(spec.tiers) if tier in (t.name, t.kind)]
+        if not matches:
+            raise click.BadParameter(f"{spec.name} has no tier {tier!r}; its tiers: "
+                                     f"{', '.join(t.name for t in spec.tiers)}", param_hint="--tier")
+        index = matches[0]
+    if index >= len(spec.tiers) - 1:
+        raise click.BadParameter(f"tier {tier!r} is {spec.name}'s last: its exit is final, it has no threshold",
+                                 param_hint="--tier")
+    return index
+
+
 def threshold_topic_for(model: str, tier: str, device_id: str | None) -> str:
     """The retained topic of MODEL's exit at ``tier`` (the device's by default), model-wide or one device's."""
     model_hash = model_wire_hash(model)
@@ -94,15 +114,7 @@ def threshold_topic_for(model: str, tier: str, device_id: str | None) -> str:
             raise click.BadParameter(f"{tier!r}: name tiers by index when MODEL is a wire hash", param_hint="--tier")
         from ddnn_gen.model.modelfile import load_model
 
-        spec = load_model(model).spec
-        matches = [i for i, t in enumerate(spec.tiers) if tier in (t.name, t.kind)]
-        if not matches:
-            raise click.BadParameter(f"{spec.name} has no tier {tier!r}; its tiers: "
-                                     f"{', '.join(t.name for t in spec.tiers)}", param_hint="--tier")
-        index = matches[0]
-        if index >= len(spec.tiers) - 1:
-            raise click.BadParameter(f"tier {tier!r} is {spec.name}'s last: its exit is final, it has no threshold",
-                                     param_hint="--tier")
+        index = tier_index(load_model(model).spec, tier)
     if index == 0:
         return topics.threshold_topic(model_hash, device_id)
     try:

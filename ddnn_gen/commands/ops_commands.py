@@ -40,9 +40,14 @@ log = logging.getLogger(__name__)
               help="Give each device its own threshold (for devices whose data differ): raise first where it "
                    "buys the most offload per point of accuracy, judged from each device's observed exit rate "
                    "(docs/operation.md).")
+@click.option("--tier", default="device", show_default=True,
+              help="Whose exit to move: the devices', or a server tier's (an edge's: by name, kind `edge` or "
+                   "index). A tier's exit is moved against the load on the tier above it (an edge's against the "
+                   "cloud's; --capacity is then the tier above's), from the requests reaching it as its servers' "
+                   "telemetry counts them; run one controller per hop.")
 @broker_options(address_help="MQTT broker (as a user with the operator role, where the broker has roles).")
 def control(model: str, target_p99_ms: float | None, max_load: float | None, capacity: float | None, t_min: float,
-            t_max: float, start: float | None, interval: float, duration: float, per_device: bool,
+            t_max: float, start: float | None, interval: float, duration: float, per_device: bool, tier: str,
             broker: BrokerConnection) -> None:
     """Keep MODEL's servers at a target by moving the model's device-exit threshold along its calibration
     curve (stored by `ddnngen calibrate`): higher (more local exits) when overloaded, lower (more accurate)
@@ -57,10 +62,19 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
         raise click.UsageError("give exactly one of --target-p99-ms and --max-load")
     if t_min > t_max:
         raise click.BadParameter(f"--t-min {t_min} is above --t-max {t_max}", param_hint="--t-min")
+    from ddnn_gen.commands.network_commands import tier_index
+
     logging.getLogger("ddnn_gen.ops.live").setLevel(logging.INFO)  # each decision is logged, -v or not
     loaded = load_model(model)
-    curve = Curve.from_calibration(loaded.spec.calibration)
-    initial = loaded.spec.thresholds[0] if start is None else start
+    exit_index = tier_index(loaded.spec, tier)
+    if exit_index and per_device:
+        raise click.UsageError("--per-device moves the devices' own exits; a server tier's exit is moved model-wide "
+                               "(its servers count requests per model, not per device)")
+    try:
+        curve = Curve.for_hop(loaded.spec.calibration, exit_index)
+    except ControlError as error:
+        raise click.ClickException(str(error)) from error
+    initial = loaded.spec.thresholds[exit_index] if start is None else start
 
     def make(measured: float) -> Controller:
         kind = DeviceThresholdController if per_device else ThresholdController
@@ -71,10 +85,12 @@ def control(model: str, target_p99_ms: float | None, max_load: float | None, cap
         controller = make(capacity) if capacity is not None else None
     except ControlError as error:
         raise click.ClickException(str(error)) from error
-    live = LiveController(broker, loaded.hash_bytes, controller, interval, make).start()
+    live = LiveController(broker, loaded.hash_bytes, controller, interval, make, tier=exit_index).start()
     target = f"p99 under {target_p99_ms} ms" if target_p99_ms is not None else f"load under {max_load} of capacity"
-    click.echo(f"ddnngen control: {loaded.spec.name} on {broker.url}: {target}, threshold in [{t_min}, {t_max}], "
-               f"every {interval} s", err=True)
+    where = f" tier {exit_index} ({loaded.spec.tiers[exit_index].name}) against tier {exit_index + 1}'s load" \
+        if exit_index else ""
+    click.echo(f"ddnngen control: {loaded.spec.name}{where} on {broker.url}: {target}, threshold in [{t_min}, "
+               f"{t_max}], every {interval} s", err=True)
     _wait_for_signal(duration)
     live.stop()
     final = live.published if live.published is not None else initial

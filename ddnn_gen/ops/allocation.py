@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ddnn_gen.ops.controller import TargetKeeper, adapt_allowed, threshold_grid
+from ddnn_gen.ops.controller import TargetKeeper, threshold_grid
 
 # A device's correction is its offloaded count over the curve's expectation, both summed over its recent
 # steady intervals, once the expectation reaches MIN_EXPECTED requests: a ratio of a handful of requests is
@@ -103,7 +103,7 @@ class DeviceThresholdController(TargetKeeper):
         for device_id, observation in seen.items():
             self._observe(self.devices.setdefault(device_id, ControlledDevice(self.threshold)), observation, span_s)
         load_seen = sum(observation.offloaded for observation in seen.values()) / span_s
-        self.allowed = adapt_allowed(self.allowed, self.capacity, self.target_p99_ms, load_seen, p99_ms)
+        self.adapt_allowed(load_seen, p99_ms)
         curves = self._curves()
         now = self._indices(curves, [self.devices[i].threshold for i in curves.ids])
         wanted = _allocate(curves, self.allowed)

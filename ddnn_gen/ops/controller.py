@@ -8,8 +8,8 @@ threshold (most accurate) whose predicted server load stays under the target. Ra
 local exits, less load) happens at once when the load is over target; lowering it only when the lower one
 leaves a margin, and by a bounded step per interval: so a step in offered load settles in a bounded number
 of intervals without oscillating. In p99 mode the allowed load itself adapts (multiplicative decrease when
-the p99 is over target; additive increase, never far ahead of the load seen, when it is well under), and
-the same rule follows it.
+the p99 is over target; additive increase, never far ahead of the load seen, when it is well under, slower
+near the load at which the p99 last went over), and the same rule follows it.
 """
 
 from __future__ import annotations
@@ -44,28 +44,35 @@ class Curve:
         return cls(np.asarray(entry["thresholds"], float), np.asarray(entry["onward_rate"], float),
                    np.asarray(entry["overall_accuracy"], float))
 
+    @classmethod
+    def for_hop(cls, calibration: dict[str, object] | None, exit_index: int) -> Curve:
+        """Exit ``exit_index``'s curve per request that reaches it: the share it sends on to the next tier
+        (the load that hop's controller keeps) out of those arriving, not out of all samples. The stored
+        curve counts every sample with the other exits at their stored thresholds, so the share reaching
+        the exit is its exit rate plus its onward rate (the same at every threshold); for the device's exit
+        (0) that is 1 and this is :meth:`from_calibration`'s curve. One controller per hop: the same
+        controller moves any exit's threshold against the tier above's load."""
+        if not calibration or "exits" not in calibration:
+            raise ControlError("the model has no calibration curve; run `ddnngen calibrate` on it first")
+        exits = calibration["exits"]
+        assert isinstance(exits, list)
+        if not 0 <= exit_index < len(exits):
+            raise ControlError(f"the model's calibration curve has exits 0..{len(exits) - 1}, not {exit_index} "
+                               "(the last tier's exit is final: nothing to move)")
+        entry = exits[exit_index]
+        onward = np.asarray(entry["onward_rate"], float)
+        reaching = np.asarray(entry["exit_rate"], float) + onward
+        if exit_index and float(reaching.max()) <= 0.0:
+            raise ControlError(f"no calibration sample reaches exit {exit_index}: its curve says nothing")
+        per_arrival = np.where(reaching > 0, onward / np.maximum(reaching, 1e-12), 0.0) if exit_index else onward
+        return cls(np.asarray(entry["thresholds"], float), np.clip(per_arrival, 0.0, 1.0),
+                   np.asarray(entry["overall_accuracy"], float))
+
     def onward_at(self, threshold: float) -> float:
         return float(np.interp(threshold, self.thresholds, self.onward))
 
     def accuracy_at(self, threshold: float) -> float:
         return float(np.interp(threshold, self.thresholds, self.accuracy))
-
-
-def adapt_allowed(allowed: float, capacity: float, target_p99_ms: float | None, load: float, p99_ms: float) -> float:
-    """The allowed load after one interval in p99 mode (``load``: requests/s seen): multiplicative decrease
-    when the p99 is over target, additive increase (never far ahead of the load seen) when it is well under;
-    unchanged in load mode or when the p99 is unknown."""
-    if target_p99_ms is None or not math.isfinite(p99_ms):
-        return allowed
-    if p99_ms > target_p99_ms:
-        return max(0.1 * capacity, 0.8 * min(allowed, load))
-    if p99_ms < 0.75 * target_p99_ms:
-        # Grow the allowed load only a little ahead of the load actually seen, so the threshold comes down
-        # gradually and the p99 is watched on the way instead of overshot and cut back.
-        ceiling = min(capacity, 1.2 * load + 0.05 * capacity)
-        if allowed < ceiling:
-            return min(ceiling, allowed + 0.05 * capacity)
-    return allowed
 
 
 def threshold_grid(curve: Curve, t_min: float, t_max: float, extra: list[float]) -> np.ndarray:
@@ -109,6 +116,7 @@ class TargetKeeper:
     max_step_down: float = 0.05  # per interval
     smoothing: float = 0.5  # EWMA weight of a new observation
     allowed: float = field(default=0.0)
+    overloaded_at: float = field(default=math.inf)  # p99 mode: the allowed load at which the p99 last went over
 
     def __post_init__(self) -> None:
         if (self.max_load is None) == (self.target_p99_ms is None):
@@ -133,6 +141,31 @@ class TargetKeeper:
         self.max_load, self.target_p99_ms = max_load, target_p99_ms
         if max_load is not None:
             self.allowed = max_load * self.capacity
+        self.overloaded_at = math.inf
+
+    def adapt_allowed(self, load: float, p99_ms: float) -> None:
+        """The allowed load after one interval in p99 mode (``load``: requests/s seen): multiplicative decrease
+        when the p99 is over target, additive increase (never far ahead of the load seen) when it is well under;
+        unchanged in load mode or when the p99 is unknown.
+
+        The p99 of a queue jumps once the load nears what the server sustains, so an increase that crosses
+        that point shows up only as an interval over target. The allowed load at which that last happened is
+        remembered, and within 10 % of it the increase is a fifth of the usual step: the controller probes
+        for room it may have gained there slowly, instead of overshooting by a full step each time."""
+        if self.target_p99_ms is None or not math.isfinite(p99_ms):
+            return
+        if p99_ms > self.target_p99_ms:
+            self.overloaded_at = min(self.allowed, load)
+            self.allowed = max(0.1 * self.capacity, 0.8 * self.overloaded_at)
+            return
+        if p99_ms < 0.75 * self.target_p99_ms:
+            # Grow the allowed load only a little ahead of the load actually seen, so the threshold comes down
+            # gradually and the p99 is watched on the way instead of overshot and cut back.
+            ceiling = min(self.capacity, 1.2 * load + 0.05 * self.capacity)
+            near_overload = 0.9 * self.overloaded_at <= self.allowed <= 1.1 * self.overloaded_at
+            step = (0.01 if near_overload else 0.05) * self.capacity
+            if self.allowed < ceiling:
+                self.allowed = min(ceiling, self.allowed + step)
 
 
 
@@ -154,8 +187,7 @@ class ThresholdController(TargetKeeper):
         if expected > 1e-3 and seen.sample_rate > 0:
             ratio = min(2.0, max(0.5, seen.onward_share / expected))
             self.correction = (1 - weight) * self.correction + weight * ratio
-        self.allowed = adapt_allowed(self.allowed, self.capacity, self.target_p99_ms,
-                                     seen.sample_rate * seen.onward_share, seen.p99_ms)
+        self.adapt_allowed(seen.sample_rate * seen.onward_share, seen.p99_ms)
         grid = threshold_grid(self.curve, self.t_min, self.t_max, [self.threshold])
         fits = [t for t in grid if self._predicted(float(t)) <= self.allowed]
         wanted = float(min(fits)) if fits else self.t_max

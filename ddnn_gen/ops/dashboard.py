@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PUSH_INTERVAL_S = 1.0
 STATUS_SUBSCRIPTIONS = (f"{topics.TOPIC_ROOT}/status/+", f"{topics.TOPIC_ROOT}/server/+/status")
 MODEL_THRESHOLDS = f"{topics.TOPIC_ROOT}/threshold/+"  # the model-wide retained values
+TIER_THRESHOLDS = f"{topics.TOPIC_ROOT}/tier-threshold/#"  # server tiers' retained values, model-wide and per device
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ def _expected(curve: Curve | None, threshold: float | None) -> tuple[float | Non
     return curve.accuracy_at(threshold), curve.onward_at(threshold)
 
 
+def _is_key(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
 @dataclass
 class _Device:
     online: bool | None = None
@@ -83,6 +88,9 @@ class FleetState:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     controls: dict[str, dict[str, Any]] = field(default_factory=dict)  # model key -> the controller's state
     model_thresholds: dict[str, float] = field(default_factory=dict)  # model key -> retained model-wide value
+    # (model key, tier, device id or None for model-wide) -> the retained value on ddnn/tier-threshold/...
+    tier_thresholds: dict[tuple[str, int, str | None], float] = field(default_factory=dict)
+    tier_controls: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # a tier's controller
     rejected: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,6 +101,9 @@ class FleetState:
             return
         if parts[1:2] == ["threshold"]:
             self._model_threshold(parts, payload)
+            return
+        if parts[1:2] == ["tier-threshold"]:
+            self._tier_threshold(parts, payload)
             return
         if parts[1:2] == ["control"]:
             self._control(topic, payload)
@@ -121,18 +132,30 @@ class FleetState:
         log.debug("ignoring: %s", why)
 
     def _model_threshold(self, parts: list[str], payload: bytes) -> None:
-        if len(parts) != 3 or len(parts[2]) != 32 or any(c not in "0123456789abcdef" for c in parts[2]):
+        if len(parts) != 3 or not _is_key(parts[2]):
             self._reject(f"not a model-wide threshold topic: {'/'.join(parts)[:120]!r}")
             return
+        self._retain(self.model_thresholds, parts[2], payload)  # cleared: the model file's applies
+
+    def _tier_threshold(self, parts: list[str], payload: bytes) -> None:
+        tiers = {str(t) for t in range(1, topics.MAX_TIER + 1)}
+        if (len(parts) not in (4, 5) or not _is_key(parts[2]) or parts[3] not in tiers
+                or (len(parts) == 5 and not topics.valid_device_id(parts[4]))):
+            self._reject(f"not a tier threshold topic: {'/'.join(parts)[:120]!r}")
+            return
+        self._retain(self.tier_thresholds, (parts[2], int(parts[3]), parts[4] if len(parts) == 5 else None), payload)
+
+    def _retain(self, values: dict[Any, float], where: Any, payload: bytes) -> None:
+        """A retained threshold arrived for ``where``: an empty one clears it, an invalid one is refused."""
         value = codec.decode_threshold(payload) if payload else None
         if payload and value is None:
             self._reject(f"invalid threshold {payload[:64]!r}")
             return
         with self._lock:
             if value is None:
-                self.model_thresholds.pop(parts[2], None)  # cleared: the model file's applies
+                values.pop(where, None)
             else:
-                self.model_thresholds[parts[2]] = value
+                values[where] = value
 
     def _control(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -142,11 +165,45 @@ class FleetState:
         except telemetry.TelemetryError as error:
             self._reject(str(error))
             return
+        routed = topics.parse_control_tier_topic(topic)
+        tier = routed[2] if routed else 0
         with self._lock:
+            last = self.tier_controls.get((key, tier), {}) if tier else self.controls.get(key, {})
             if body.get("status") == "offline":
                 # The controller stopped or died: keep its last state on the page, marked offline.
-                body = {**self.controls.get(key, {}), "status": "offline", "offline_since": body["time"]}
-            self.controls[key] = body
+                body = {**last, "status": "offline", "offline_since": body["time"]}
+            if tier:
+                self.tier_controls[(key, tier)] = body
+            else:
+                self.controls[key] = body
+
+    def _tier_rows(self) -> list[dict[str, Any]]:
+        """Each model's server-tier thresholds (lock held): what is retained, model-wide and per device, and
+        what each server running that tier's exit reports applying (its telemetry)."""
+        rows: dict[tuple[str, int, str | None], dict[str, Any]] = {}
+
+        def row(key: str, tier: int, device: str | None) -> dict[str, Any]:
+            info = self.models.get(key)
+            control = self.tier_controls.get((key, tier)) if device is None else None
+            return rows.setdefault((key, tier, device), {
+                "model": key, "name": info.name if info else None, "tier": tier, "device": device, "retained": None,
+                "applied": {}, "control": control})
+
+        for (key, tier, device), value in self.tier_thresholds.items():
+            row(key, tier, device)["retained"] = value
+        for server_id, server in self.servers.items():
+            body = server.get("body") or {}
+            for name, applied in (body.get("tier_thresholds") or {}).items():
+                key = body["models"].get(name)
+                if key is None:
+                    continue
+                in_force = applied["model"] if applied["model"] is not None else applied["default"]
+                row(key, applied["tier"], None)["applied"][server_id] = in_force
+                for device, value in applied["devices"].items():
+                    row(key, applied["tier"], device)["applied"][server_id] = value
+        for (key, tier), _ in self.tier_controls.items():
+            row(key, tier, None)
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or ""))]
 
     def _status(self, parts: list[str], payload: bytes) -> None:
         if payload not in (b"online", b"offline"):
@@ -208,7 +265,7 @@ class FleetState:
                                "expected_accuracy": accuracy, "expected_offload": onward,
                                "control": self.controls.get(key)})
             return {"time": time.time(), "devices": devices, "servers": servers, "models": models,
-                    "rejected": self.rejected}
+                    "tier_thresholds": self._tier_rows(), "rejected": self.rejected}
 
 
 class Dashboard:
@@ -219,7 +276,8 @@ class Dashboard:
         self.state = FleetState(models={info.key: info for info in models})
         self._client = OperatorClient(connection, "dashboard",
                                       (*topics.TELEMETRY_SUBSCRIPTIONS, *STATUS_SUBSCRIPTIONS, MODEL_THRESHOLDS,
-                                       topics.CONTROL_STATE_SUBSCRIPTION), self.state.receive)
+                                       TIER_THRESHOLDS, topics.CONTROL_STATE_SUBSCRIPTION,
+                                       topics.CONTROL_TIER_STATE_SUBSCRIPTION), self.state.receive)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -401,6 +459,9 @@ input.threshold { width: 5em; }
 <table id="models"><thead><tr><th>model</th><th>key</th><th>threshold in force</th><th>from</th>
 <th>expected accuracy %</th><th>expected offloaded %</th><th>set model threshold</th>
 <th>set edge tier threshold</th></tr></thead><tbody></tbody></table>
+<h2>Server tiers' thresholds</h2>
+<table id="tiers"><thead><tr><th>model</th><th>tier</th><th>for</th><th>retained</th>
+<th>applied by (server: value)</th><th>controller</th></tr></thead><tbody></tbody></table>
 <h2>Controller</h2>
 <div id="controls"></div>
 <h2>Devices</h2>
@@ -479,6 +540,26 @@ function renderModels(models) {
     row.children[1].className = "id";
     row.children[2].dataset.value = m.threshold === null ? "" : String(m.threshold);  // full precision, for tests
     renderControl(m);
+  }
+}
+function renderTiers(rows) {
+  const body = document.querySelector("#tiers tbody");
+  body.replaceChildren();
+  for (const t of rows) {
+    const row = document.createElement("tr");
+    row.id = "tier-" + t.model + "-" + t.tier + "-" + (t.device ?? "model");
+    cell(row, t.name ?? t.model, "id"); cell(row, String(t.tier));
+    cell(row, t.device ?? "all devices", t.device ? "id" : "");
+    const retained = cell(row, num(t.retained, 4));
+    retained.dataset.field = "retained";
+    retained.dataset.value = t.retained === null ? "" : String(t.retained);  // full precision, for tests
+    const servers = Object.keys(t.applied).sort();
+    const applied = cell(row, servers.map(s => s + ": " + num(t.applied[s], 4)).join(", ") || "-");
+    applied.dataset.field = "applied";
+    applied.dataset.value = JSON.stringify(t.applied);
+    const c = t.control;
+    cell(row, c ? (c.status === "offline" ? "offline" : "threshold " + num(c.threshold, 4)) : "-");
+    body.appendChild(row);
   }
 }
 function renderControl(m) {
@@ -590,6 +671,7 @@ function render(snapshot) {
     row.children[1].className = state(d.online);
   }
   renderModels(snapshot.models);
+  renderTiers(snapshot.tier_thresholds);
   document.getElementById("status").dataset.updated = snapshot.time;
   if (document.getElementById("status").textContent === "connecting...")
     document.getElementById("status").textContent = "live";

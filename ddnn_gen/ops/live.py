@@ -55,11 +55,15 @@ class FleetView:
     """The latest validated telemetry of one model's devices and of every server (thread-safe)."""
 
     model_key: str
+    tier: int = 0  # the exit whose hop is watched: 0 the devices', N the servers' that run tier N's exit
     devices: dict[str, _DeviceState] = field(default_factory=dict)
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _taken: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> counters at the last interval
+    # Tier N's hop: requests the servers running tier N's exit answered (every one that reached it) and how
+    # many of them the tier above answered, summed over their telemetry windows since the last interval.
+    _hop: list[int] = field(default_factory=lambda: [0, 0])
 
     def receive(self, topic: str, payload: bytes) -> None:
         try:
@@ -75,6 +79,8 @@ class FleetView:
         with self._lock:
             if message.kind == "server":
                 self.servers[message.source] = {**message.body, "_seen": now}
+                if self.tier:
+                    self._count_hop(message.body)
                 return
             body = message.body
             if body["model"] != self.model_key:
@@ -85,6 +91,33 @@ class FleetView:
             p99 = (body.get("rtt_ms") or {}).get("p99")
             if p99 is not None:
                 state.rtt_p99_ms = p99 if math.isnan(state.rtt_p99_ms) else max(state.rtt_p99_ms, p99)
+
+    def _names_at(self, body: dict[str, Any], tier: int) -> list[str]:
+        """The names under which a server's message counts this model, where it takes tier ``tier``'s
+        requests (a server before "tiers" was reported: tier 1)."""
+        tiers = body.get("tiers") or {}
+        return [name for name, key in body["models"].items() if key == self.model_key and tiers.get(name, 1) == tier]
+
+    def _count_hop(self, body: dict[str, Any]) -> None:
+        # Each message holds its window's counts, so a lost one loses resolution, not correctness.
+        for name in self._names_at(body, self.tier):
+            if name not in (body.get("tier_thresholds") or {}):
+                continue  # it takes tier N's requests without running its exit (a cloud entered there)
+            for answered_by, count in (body["answered_by"].get(name) or {}).items():
+                self._hop[0] += count
+                if int(answered_by) > self.tier:
+                    self._hop[1] += count
+
+    def take_hop(self, since: float) -> tuple[int, int, float]:
+        """For a server tier's exit: the requests that reached it and those it sent on (answered above)
+        since the previous call, and the largest p99 (ms, NaN when unknown) the tier above's servers
+        reported since ``since`` (the load this hop controls)."""
+        with self._lock:
+            arrived, onward = self._hop
+            self._hop = [0, 0]
+            recent = [s["latency_ms"]["p99"] for s in self.servers.values() if s["_seen"] >= since
+                      and s["latency_ms"]["p99"] is not None and self._names_at(s, self.tier + 1)]
+        return arrived, onward, max(recent) if recent else math.nan
 
     def take(self, since: float) -> tuple[int, int, float]:
         """(samples, offloaded) the devices added since the previous call, and the p99 round trip (ms, NaN
@@ -117,10 +150,12 @@ class FleetView:
 
     def capacity_estimate(self) -> float | None:
         """Requests/s the servers could answer: each one's served rate over its workers' busy share, where
-        busy enough to tell (an upper bound when the network rather than the forward pass limits)."""
+        busy enough to tell (an upper bound when the network rather than the forward pass limits). For a
+        server tier's exit, only the servers of the tier above count: theirs is the load it controls."""
         with self._lock:
             rates = [sum(s.get("OK", 0.0) for s in body["rps"].values()) / body["busy"]
-                     for body in self.servers.values() if body["busy"] >= 0.05]
+                     for body in self.servers.values() if body["busy"] >= 0.05
+                     and (not self.tier or self._names_at(body, self.tier + 1))]
         return sum(rates) if rates else None
 
 
@@ -129,24 +164,35 @@ Controller = ThresholdController | DeviceThresholdController
 
 class LiveController:
     """Subscribe, decide every ``interval_s``, publish the model's retained threshold when it moves (and, with
-    a DeviceThresholdController, each device's own retained threshold when that moves)."""
+    a DeviceThresholdController, each device's own retained threshold when that moves).
+
+    ``tier`` N > 0: the controller of server tier N's exit (an edge's): its observations are the requests that
+    reached the servers running that exit and the share they sent on (their telemetry's answered-by counts),
+    its load is the tier above's, and it publishes the tier's model-wide retained threshold
+    (``ddnn/tier-threshold/<model>/<N>``) that those servers apply; its target and state topics end in
+    ``/t<N>``. One such controller per hop of a model, side by side with the devices' (tier 0)."""
 
     def __init__(self, connection: BrokerConnection, model_hash: bytes, controller: Controller | None,
-                 interval_s: float = 2.0, capacity_factory: Any = None, publish_initial: bool = True) -> None:
+                 interval_s: float = 2.0, capacity_factory: Any = None, publish_initial: bool = True,
+                 tier: int = 0) -> None:
         """``controller`` None: built by ``capacity_factory(capacity)`` once telemetry shows a capacity."""
+        if tier and isinstance(controller, DeviceThresholdController):
+            raise ValueError("a server tier's exit is controlled model-wide (its servers report no per-device "
+                             "counts)")
+        self.tier = tier
         self.connection = connection
         self.model_hash = model_hash
         self.controller = controller
         self.interval_s = interval_s
         self._factory = capacity_factory
         self._publish_initial = publish_initial
-        self.view = FleetView(topics.model_key(model_hash))
+        self.view = FleetView(topics.model_key(model_hash), tier)
         self.decisions: deque[tuple[float, Observation, Decision | DevicesDecision]] = deque(maxlen=100000)
         self.published: float | None = None
         self.published_devices: dict[str, float] = {}
-        self._topic = topics.threshold_topic(model_hash)
-        self._target_topic = topics.control_target_topic(model_hash)
-        self._state_topic = topics.control_state_topic(model_hash)
+        self._topic = topics.tier_threshold_topic(model_hash, tier) if tier else topics.threshold_topic(model_hash)
+        self._target_topic = topics.control_target_topic(model_hash, tier)
+        self._state_topic = topics.control_state_topic(model_hash, tier)
         self._pending: dict[str, float] | None = None  # an operator's target before the controller exists
         self._recent: deque[dict[str, Any]] = deque(maxlen=telemetry.MAX_DECISIONS)
         self._lock = threading.Lock()  # the controller: the MQTT thread sets targets, the loop decides
@@ -208,6 +254,8 @@ class LiveController:
             body = {"v": telemetry.TELEMETRY_VERSION, "model": self.view.model_key, "time": time.time(),
                     "status": "online", "target": target, "capacity": capacity, "threshold": threshold,
                     "t_min": bounds[0], "t_max": bounds[1], "decisions": list(self._recent)}
+            if self.tier:
+                body["tier"] = self.tier
             if devices is not None:
                 body["devices"] = devices
         if not self._client.publish_retained(self._state_topic, telemetry.encode(body)):
@@ -224,6 +272,7 @@ class LiveController:
         self._client.stop()
 
     def _publish(self, threshold: float, device_id: str | None = None) -> None:
+        assert device_id is None or not self.tier
         topic = self._topic if device_id is None else topics.threshold_topic(self.model_hash, device_id)
         if not self._client.publish_retained(topic, codec.encode_threshold(threshold)):
             log.warning("control: publishing the threshold %.4f on %s failed (not connected?)", threshold, topic)
@@ -236,6 +285,7 @@ class LiveController:
     def _loop(self) -> None:
         last = time.monotonic()
         self.view.take(last)  # the counters so far are the baseline
+        self.view.take_hop(last)
         while not self._stop.wait(max(0.0, last + self.interval_s - time.monotonic())):
             now = time.monotonic()
             self.step(now - last, last)
@@ -245,6 +295,9 @@ class LiveController:
         each, p99 = self.view.take_each(since)
         samples = sum(seen.samples for seen in each.values())
         offloaded = sum(seen.offloaded for seen in each.values())
+        if self.tier:
+            # The hop's "samples" are the requests reaching the tier's exit, its offloaded those sent on.
+            samples, offloaded, p99 = self.view.take_hop(since)
         with self._lock:
             if self.controller is None:
                 capacity = self.view.capacity_estimate()
@@ -277,8 +330,10 @@ class LiveController:
         if isinstance(decision, DevicesDecision):
             spread = decision.thresholds.values()
             per_device = f" [per device {min(spread):.4f}..{max(spread):.4f}, {len(decision.thresholds)} devices]"
-        log.info("control: %.0f samples/s, %.1f %% offloaded, p99 %.1f ms -> threshold %.4f (%s; predicted "
-                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%; target %s)%s%s", seen.sample_rate,
+        log.info("control%s: %.0f %s/s, %.1f %% offloaded, p99 %.1f ms -> threshold %.4f (%s; predicted "
+                 "%.0f req/s of %.0f allowed, expected accuracy %.2f %%; target %s)%s%s",
+                 f" tier {self.tier}" if self.tier else "", seen.sample_rate,
+                 f"requests reaching tier {self.tier}" if self.tier else "samples",
                  100 * seen.onward_share, p99, decision.threshold, decision.reason, decision.predicted_load,
                  decision.allowed_load, 100 * decision.expected_accuracy, _describe(target), per_device,
                  " published" if moved else "")

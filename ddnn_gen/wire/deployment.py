@@ -16,8 +16,11 @@ Roles (docs/security.md has the whole threat model):
   ``ddnn/req/<model>/+/t<N>``. Its session towards the tier above is a second identity, ``E-up`` (made with
   it): under ``use_username_as_clientid`` one identity is one session, and the edge keeps two. ``E-up`` may
   only publish requests under the edge's id ``ddnn/req/+/E/t<N>`` and read the edge's replies ``ddnn/reply/E``;
+* aggregator A (``ddnn-server --role aggregator``, docs/views.md): an edge's rules and its ``A-up``: towards its
+  cameras a server (requests, replies, feature requests, their status, its local exit's model-wide
+  threshold); with a three-tier multi-view model its tier 1 is an edge, towards the cloud as ``A-up``;
 * operator: writes thresholds (the devices' and the tiers') and the controller's target and state
-  ``ddnn/control/<model>/{target,state}``; reads them, every status and all telemetry;
+  ``ddnn/control/<model>/{target,state}[/t<N>]``; reads them, every status and all telemetry;
 * monitor: reads everything under ``ddnn/`` (requests and replies included), writes nothing.
 
 Why the dynamic-security plugin and not an ``acl_file``: Mosquitto 2.0's ``acl_file`` never checks
@@ -52,7 +55,9 @@ from ddnn_gen.wire import certs
 from ddnn_gen.wire.connection import DEFAULT_TLS_PORT, BrokerConnection, BrokerError
 from ddnn_gen.wire.topics import DEVICE_ID_RULE, TOPIC_ROOT, valid_device_id
 
-ROLES = ("device", "server", "edge", "operator", "monitor")
+ROLES = ("device", "server", "edge", "aggregator", "operator", "monitor")
+# Roles that keep a second session towards the tier above (NAME-up).
+UPSTREAM_OWNERS = ("edge", "aggregator")
 # An edge's session towards the tier above: made for every edge user, never listed by hand.
 UPSTREAM_ROLE = "edge-upstream"
 UPSTREAM_SUFFIX = "-up"
@@ -117,7 +122,7 @@ def with_upstream_identities(users: Mapping[str, str]) -> dict[str, str]:
     """``users`` and, for every edge, its upstream identity (DeploymentError if that name is taken or too long)."""
     expanded = dict(users)
     for name, role in users.items():
-        if role != "edge":
+        if role not in UPSTREAM_OWNERS:
             continue
         up = upstream_name(name)
         if not valid_device_id(up):
@@ -134,8 +139,11 @@ def rules_for(name: str, role: str) -> list[Rule]:
     root = TOPIC_ROOT
     send, receive = "publishClientSend", "publishClientReceive"
     literal, pattern = "subscribeLiteral", "subscribePattern"
-    if role == "edge":
-        # Towards its devices an edge is a server that also reads its exit's live thresholds.
+    if role in UPSTREAM_OWNERS:
+        # Towards its devices an edge is a server that also reads its exit's live thresholds. An aggregator
+        # (``ddnn-server --role aggregator``) needs the same: a server's rules (the cameras' requests, status
+        # and feature requests, the model-wide threshold of its local exit), its tier-1 exit's thresholds when
+        # the model has a cloud above, and the NAME-up session towards that cloud.
         return [*rules_for(name, "server"),
                 Rule(pattern, f"{root}/tier-threshold/+/+"), Rule(receive, f"{root}/tier-threshold/+/+"),
                 Rule(pattern, f"{root}/tier-threshold/+/+/+"), Rule(receive, f"{root}/tier-threshold/+/+/+")]
@@ -166,7 +174,9 @@ def rules_for(name: str, role: str) -> list[Rule]:
                 Rule(send, f"{root}/tier-threshold/+/+"), Rule(send, f"{root}/tier-threshold/+/+/+"),
                 Rule(pattern, f"{root}/tier-threshold/#"), Rule(receive, f"{root}/tier-threshold/#"),
                 Rule(send, f"{root}/control/+/target"), Rule(send, f"{root}/control/+/state"),
-                Rule(pattern, f"{root}/control/+/+"), Rule(receive, f"{root}/control/+/+"),
+                # A server tier's controller (``ddnngen control --tier N``): .../target/tN, .../state/tN.
+                Rule(send, f"{root}/control/+/target/+"), Rule(send, f"{root}/control/+/state/+"),
+                Rule(pattern, f"{root}/control/#"), Rule(receive, f"{root}/control/#"),
                 Rule(pattern, f"{root}/status/+"), Rule(receive, f"{root}/status/+"),
                 Rule(pattern, f"{root}/server/+/status"), Rule(receive, f"{root}/server/+/status"),
                 Rule(pattern, f"{root}/server/+/telemetry"), Rule(receive, f"{root}/server/+/telemetry"),

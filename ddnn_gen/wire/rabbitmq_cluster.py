@@ -41,8 +41,8 @@ from ddnn_gen.wire.deployment import _password_for
 log = logging.getLogger(__name__)
 # pika logs every connection step at INFO; what matters reaches our own log lines.
 logging.getLogger("pika").setLevel(logging.WARNING)
-# Edges need MQTT brokers (server/app.py refuses --amqp for them): a cluster has the other roles.
-ROLES = tuple(role for role in MOSQUITTO_ROLES if role != "edge")
+# Edges and aggregators need MQTT brokers (server/app.py refuses --amqp for them): a cluster has the other roles.
+ROLES = tuple(role for role in MOSQUITTO_ROLES if role not in ("edge", "aggregator"))
 
 SBIN_GLOB = "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"
 EPMD = "/usr/bin/epmd"

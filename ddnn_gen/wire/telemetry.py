@@ -42,6 +42,17 @@ def _per_model(values: dict[str, Any], keys: str) -> dict[str, Any]:
             "patternProperties": {_COUNTED_MODEL: inner}}
 
 
+MAX_TIER_DEVICES = 64  # per-device tier thresholds in one server message (more: the first 64 by name)
+_OPTIONAL_THRESHOLD = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
+_TIER_THRESHOLDS = {
+    "type": "object", "additionalProperties": False, "required": ["tier", "default", "model", "devices"],
+    "properties": {"tier": {"type": "integer", "minimum": 1, "maximum": topics.MAX_TIER},
+                   "default": _THRESHOLD,  # the model file's, applied where nothing is retained
+                   "model": _OPTIONAL_THRESHOLD,  # the retained model-wide value it applies (null: none)
+                   "devices": {"type": "object", "maxProperties": MAX_TIER_DEVICES, "additionalProperties": False,
+                               "patternProperties": {_ID["pattern"]: _THRESHOLD}}},
+}
+
 SERVER_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "required": ["v", "server", "time", "interval_s", "workers", "models", "rps", "answered_by", "queue_depth",
@@ -63,6 +74,12 @@ SERVER_SCHEMA: dict[str, Any] = {
         "service_ms": _PERCENTILES,
         "latency_ms": _PERCENTILES,
         "cpu_percent": {"type": "number", "minimum": 0, "maximum": 1e6},
+        # Optional (older servers send neither): the request tier this server takes for each model, and the
+        # thresholds it applies to the early exits it runs (edges, aggregators that are edges).
+        "tiers": {"type": "object", "maxProperties": MAX_MODELS, "additionalProperties": False,
+                  "patternProperties": {_MODEL_NAME: {"type": "integer", "minimum": 1, "maximum": topics.MAX_TIER}}},
+        "tier_thresholds": {"type": "object", "maxProperties": MAX_MODELS, "additionalProperties": False,
+                            "patternProperties": {_MODEL_NAME: _TIER_THRESHOLDS}},
     },
 }
 
@@ -195,6 +212,9 @@ RUNNING_STATE_SCHEMA: dict[str, Any] = {
         "time": {"type": "number", "minimum": 0},
         "status": {"const": "online"},  # absent: online (what a controller before liveness sent)
         "target": TARGET_SCHEMA,
+        # The exit it moves (absent: 0, the devices'); its load is the next tier's: for an edge tier's, the
+        # requests reaching the edge are the "samples" of its decisions, those it sends on the onward share.
+        "tier": {"type": "integer", "minimum": 0, "maximum": topics.MAX_TIER},
         "capacity": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},  # null: not estimated yet
         "threshold": _THRESHOLD,
         "t_min": _THRESHOLD,
@@ -233,8 +253,8 @@ def check_target(body: Any, what: str = "target") -> dict[str, float]:
 
 
 def parse_target(topic: str, payload: bytes) -> tuple[str, dict[str, float]]:
-    """(model key, target) of a retained target message, else TelemetryError."""
-    routed = topics.parse_control_topic(topic)
+    """(model key, target) of a retained target message (any exit's controller), else TelemetryError."""
+    routed = topics.parse_control_tier_topic(topic)
     if routed is None or routed[1] != "target":
         raise TelemetryError(f"{topic[:120]!r} is not a controller target topic")
     what = f"target for {routed[0]}"
@@ -242,13 +262,16 @@ def parse_target(topic: str, payload: bytes) -> tuple[str, dict[str, float]]:
 
 
 def parse_state(topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
-    """(model key, state) of a controller's retained state message, else TelemetryError."""
-    routed = topics.parse_control_topic(topic)
+    """(model key, state) of a controller's retained state message (any exit's), else TelemetryError. A
+    running state's "tier" is the topic's (0 when absent from both)."""
+    routed = topics.parse_control_tier_topic(topic)
     if routed is None or routed[1] != "state":
         raise TelemetryError(f"{topic[:120]!r} is not a controller state topic")
-    what = f"control state for {routed[0]}"
+    what = f"control state for {routed[0]}" + (f" tier {routed[2]}" if routed[2] else "")
     body = _load(what, payload)
     _check(_STATE_VALIDATOR, what, body)
     if body["model"] != routed[0]:
         raise TelemetryError(f"{what}: the message claims model {body['model']!r}")
+    if body.get("status") != "offline" and body.get("tier", 0) != routed[2]:
+        raise TelemetryError(f"{what}: the message claims tier {body.get('tier', 0)!r}")
     return routed[0], body

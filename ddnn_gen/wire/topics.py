@@ -159,26 +159,50 @@ def parse_telemetry_topic(topic: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
-def control_state_topic(model_hash: bytes) -> str:
-    """Where ``ddnngen control`` publishes (retained) its target and recent decisions for a model."""
-    return f"{TOPIC_ROOT}/control/{model_key(model_hash)}/state"
+def _control_tier_suffix(tier: int) -> str:
+    # The device exit's controller keeps the plain topics; a server tier's (``ddnngen control --tier N``) gets
+    # its own, so one controller per hop of a model runs side by side.
+    if not 0 <= tier <= MAX_TIER:
+        raise ValueError(f"controllers are for exits 0..{MAX_TIER}, not {tier}")
+    return f"/t{tier}" if tier else ""
 
 
-def control_target_topic(model_hash: bytes) -> str:
-    """Where the operator sets (retained) the controller's target for a model."""
-    return f"{TOPIC_ROOT}/control/{model_key(model_hash)}/target"
+def control_state_topic(model_hash: bytes, tier: int = 0) -> str:
+    """Where ``ddnngen control`` publishes (retained) its target and recent decisions for a model's exit
+    ``tier`` (0: the devices')."""
+    return f"{TOPIC_ROOT}/control/{model_key(model_hash)}/state{_control_tier_suffix(tier)}"
+
+
+def control_target_topic(model_hash: bytes, tier: int = 0) -> str:
+    """Where the operator sets (retained) the controller's target for a model's exit ``tier``."""
+    return f"{TOPIC_ROOT}/control/{model_key(model_hash)}/target{_control_tier_suffix(tier)}"
 
 
 CONTROL_STATE_SUBSCRIPTION = f"{TOPIC_ROOT}/control/+/state"
+CONTROL_TIER_STATE_SUBSCRIPTION = f"{TOPIC_ROOT}/control/+/state/+"
 
 
 def parse_control_topic(topic: str) -> tuple[str, str] | None:
-    """(model key, "state" | "target") of a controller topic, or None when the topic is not one."""
-    parts = topic.split("/")
-    if (len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[1] != "control" or _MODEL_KEY.fullmatch(parts[2]) is None
-            or parts[3] not in ("state", "target")):
+    """(model key, "state" | "target") of a device-exit controller's topic, or None when the topic is not one."""
+    routed = parse_control_tier_topic(topic)
+    if routed is None or routed[2]:
         return None
-    return parts[2], parts[3]
+    return routed[0], routed[1]
+
+
+def parse_control_tier_topic(topic: str) -> tuple[str, str, int] | None:
+    """(model key, "state" | "target", exit tier) of any controller topic, or None when the topic is not one."""
+    parts = topic.split("/")
+    if (len(parts) not in (4, 5) or parts[0] != TOPIC_ROOT or parts[1] != "control"
+            or _MODEL_KEY.fullmatch(parts[2]) is None or parts[3] not in ("state", "target")):
+        return None
+    tier = 0
+    if len(parts) == 5:
+        match = re.fullmatch(r"t([1-7])", parts[4])
+        if match is None or int(match.group(1)) > MAX_TIER:
+            return None
+        tier = int(match.group(1))
+    return parts[2], parts[3], tier
 
 
 # ---- the same topics on a RabbitMQ cluster (AMQP 0-9-1 names; docs/deployment.md) -------------------------
