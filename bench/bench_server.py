@@ -57,7 +57,7 @@ import numpy as np
 
 from ddnn_gen.bench import procstat
 from ddnn_gen.commands.network_commands import publish_retained
-from ddnn_gen.device.simulated import SimDevice, _Pending
+from ddnn_gen.device.simulated import Pending, SimDevice
 from ddnn_gen.errors import DatasetError
 from ddnn_gen.fold import reference
 from ddnn_gen.fold.program import fold
@@ -354,7 +354,7 @@ def drive(connection: BrokerConnection, work: Workload, n_devices: int, per_devi
     lock = threading.Lock()
     topic_of = [topics.request_topic(work.served.hash_bytes, device.device_id, work.topic_tier) for device in devices]
 
-    def finish(device: SimDevice, index: int, request_id: int, pending: _Pending) -> None:
+    def finish(device: SimDevice, index: int, request_id: int, pending: Pending) -> None:
         reply = device.wait(request_id, pending)
         with lock:
             load.sent += 1

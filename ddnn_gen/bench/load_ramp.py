@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddnn_gen.device.simulated import DevicePart, SimDevice, _Pending, split_header
+from ddnn_gen.device.simulated import DevicePart, Pending, SimDevice, split_header
 from ddnn_gen.fold.program import DeviceProgram
 from ddnn_gen.model.datasets import Dataset
 from ddnn_gen.wire import codec
@@ -67,7 +67,7 @@ class PacedFleet:
         for device in self.devices:
             device.start()
         for d, device in enumerate(self.devices):
-            waiting: deque[tuple[int, _Pending, float, float, int]] = deque()
+            waiting: deque[tuple[int, Pending, float, float, int]] = deque()
             ready = threading.Semaphore(0)
             self._threads += [threading.Thread(target=self._pace, args=(d, device, waiting, ready), daemon=True),
                               threading.Thread(target=self._wait, args=(device, waiting, ready), daemon=True)]

@@ -37,7 +37,9 @@ MAX_QUEUED_REQUESTS = 10000  # publishes waiting behind the in-flight window; be
 
 
 @dataclass
-class _Pending:
+class Pending:
+    """A request a simulated device sent and waits the reply of (SimDevice.send, SimDevice.wait)."""
+
     event: threading.Event = field(default_factory=threading.Event)
     reply: Reply | None = None
     sent: float = 0.0
@@ -123,7 +125,7 @@ class SimDevice:
         self.bytes_sent = 0
         self._thresholds: dict[str, float | None] = {}
         self.default_threshold = default_threshold
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._first_id = int.from_bytes(os.urandom(4), "little") << 24 | 1
         self._next_id = self._first_id
         self._custom_ids: OrderedDict[int, None] = OrderedDict()
@@ -271,10 +273,10 @@ class SimDevice:
             self._next_id += 1
         return request_id
 
-    def send(self, payload: bytes, request_id: int, topic: str | None = None) -> _Pending:
+    def send(self, payload: bytes, request_id: int, topic: str | None = None) -> Pending:
         """Publish raw request bytes (also malformed ones) carrying ``request_id``; the reply is matched by the
         request id it echoes, as the C device does."""
-        pending = _Pending(sent=time.monotonic(), payload=payload if self.resend_pending else b"",
+        pending = Pending(sent=time.monotonic(), payload=payload if self.resend_pending else b"",
                            topic=topic or self.request_topic)
         with self._lock:
             self._pending[request_id] = pending
@@ -293,7 +295,7 @@ class SimDevice:
             pending.event.set()  # nothing will answer it: fall back now, not at the timeout
         return pending
 
-    def wait(self, request_id: int, pending: _Pending, timeout_s: float | None = None) -> Reply | None:
+    def wait(self, request_id: int, pending: Pending, timeout_s: float | None = None) -> Reply | None:
         pending.event.wait(self.timeout_s if timeout_s is None else timeout_s)
         with self._lock:
             self._pending.pop(request_id, None)
@@ -530,9 +532,9 @@ def simulate(connection: Brokers, program: DeviceProgram, model_hash: bytes, dev
 
     def drive(d: int) -> None:
         device = devices[d]
-        in_flight: list[tuple[int, int, _Pending, int, int]] = []
+        in_flight: list[tuple[int, int, Pending, int, int]] = []
 
-        def finish(index: int, request_id: int, pending: _Pending, local_class: int, device_us: int) -> None:
+        def finish(index: int, request_id: int, pending: Pending, local_class: int, device_us: int) -> None:
             reply = device.wait(request_id, pending)
             end = pending.received if reply is not None else time.monotonic()
             rtt = int((end - pending.sent) * 1e6)
