@@ -26,6 +26,18 @@ class ControlError(DdnnError):
     """A model without a calibration curve, or a target that cannot be met."""
 
 
+def _exit_entry(calibration: dict[str, object] | None, exit_index: int) -> dict[str, object]:
+    """The stored calibration's entry of exit ``exit_index``, or a ControlError that says what is missing."""
+    if not calibration or "exits" not in calibration:
+        raise ControlError("the model has no calibration curve; run `ddnngen calibrate` on it first")
+    exits = calibration["exits"]
+    assert isinstance(exits, list)
+    if not 0 <= exit_index < len(exits):
+        raise ControlError(f"the model's calibration curve has exits 0..{len(exits) - 1}, not {exit_index} "
+                           "(the last tier's exit is final: nothing to move)")
+    return exits[exit_index]
+
+
 @dataclass(frozen=True)
 class Curve:
     """One exit's cost curve: thresholds ascending, the share of samples sent on, the overall accuracy."""
@@ -36,11 +48,7 @@ class Curve:
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, object] | None, exit_index: int = 0) -> Curve:
-        if not calibration or "exits" not in calibration:
-            raise ControlError("the model has no calibration curve; run `ddnngen calibrate` on it first")
-        exits = calibration["exits"]
-        assert isinstance(exits, list)
-        entry = exits[exit_index]
+        entry = _exit_entry(calibration, exit_index)
         return cls(np.asarray(entry["thresholds"], float), np.asarray(entry["onward_rate"], float),
                    np.asarray(entry["overall_accuracy"], float))
 
@@ -52,14 +60,7 @@ class Curve:
         the exit is its exit rate plus its onward rate (the same at every threshold); for the device's exit
         (0) that is 1 and this is :meth:`from_calibration`'s curve. One controller per hop: the same
         controller moves any exit's threshold against the tier above's load."""
-        if not calibration or "exits" not in calibration:
-            raise ControlError("the model has no calibration curve; run `ddnngen calibrate` on it first")
-        exits = calibration["exits"]
-        assert isinstance(exits, list)
-        if not 0 <= exit_index < len(exits):
-            raise ControlError(f"the model's calibration curve has exits 0..{len(exits) - 1}, not {exit_index} "
-                               "(the last tier's exit is final: nothing to move)")
-        entry = exits[exit_index]
+        entry = _exit_entry(calibration, exit_index)
         onward = np.asarray(entry["onward_rate"], float)
         reaching = np.asarray(entry["exit_rate"], float) + onward
         if exit_index and float(reaching.max()) <= 0.0:
