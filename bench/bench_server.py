@@ -49,11 +49,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from ddnn_gen.bench import procstat
 from ddnn_gen.commands.network_commands import publish_retained
@@ -66,7 +68,7 @@ from ddnn_gen.model import datasets
 from ddnn_gen.model.modelfile import load_model
 from ddnn_gen.model.spec import exit_decision
 from ddnn_gen.wire import codec, mqtt_client, topics
-from ddnn_gen.wire.broker import Broker
+from ddnn_gen.wire.broker import Broker, free_port
 from ddnn_gen.wire.codec import Packing
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
 from ddnn_server.allocator import keep_freed_memory
@@ -112,8 +114,9 @@ def start_server(address: str, model: str, workers: int, max_batch: int, cpus: s
     return wait_ready(process, "ddnn-server: ready")
 
 
-def start_echo_responder(host: str, port: int, cpus: set[int]) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-responder", f"{host}:{port}"],
+def start_echo_responder(host: str, port: int, cpus: set[int], transport: str = "paho-mqtt") -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo-responder", f"{host}:{port}",
+                                "--echo-transport", transport],
                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_pinned(cpus))  # type: ignore[call-overload]
     return wait_ready(process, "echo: ready")
 
@@ -125,6 +128,15 @@ def wait_ready(process: subprocess.Popen[str], marker: str) -> subprocess.Popen[
             threading.Thread(target=process.stderr.read, daemon=True).start()
             return process
     raise RuntimeError(f"{process.args[:3]} did not start")
+
+
+def batches_so_far(metrics_port: int) -> tuple[float, float]:
+    """(forward passes, requests in them) from the server's /metrics (its ddnn_batch_size histogram)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {sample.name: sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name.startswith("ddnn_batch_size")}
+    return values.get("ddnn_batch_size_count", 0.0), values.get("ddnn_batch_size_sum", 0.0)
 
 
 def _subscribed_client(host: str, port: int, name: str, topic: str, on_message: object) -> mqtt_client.Client:
@@ -148,9 +160,29 @@ def _stop(client: mqtt_client.Client) -> None:
     client.loop_stop()
 
 
-def echo_responder(address: str) -> None:
-    """A bare paho echo: every request's payload straight back, QoS 1, from the network thread."""
+def echo_responder(address: str, transport: str) -> None:
+    """A bare echo: every request's payload straight back, QoS 1. paho-mqtt: from the network thread;
+    paho-c: through the server's own Paho C transport (its take thread, one publish call per reply), so its
+    cost is the floor of ``ddnn-server --transport paho-c`` before the server does any work of its own."""
     host, port = address.rsplit(":", 1)
+    if transport == "paho-c":
+        from ddnn_server.pahoc_transport import PahocTransport
+
+        pahoc: PahocTransport | None = None
+
+        def echo(topic: str, payload: bytes) -> None:
+            assert pahoc is not None
+            pahoc.publish_raw(ECHO_REPLY, payload, qos=1)
+
+        pahoc = PahocTransport(BrokerConnection(host, int(port)), f"bench-echo-c-{os.getpid()}", "bench", [],
+                               lambda incoming: None, False, extra_subscriptions=[ECHO_REQUEST], on_other=echo)
+        pahoc.start()
+        if not pahoc.wait_ready(10):
+            raise RuntimeError("Paho C echo: not subscribed")
+        print("echo: ready", file=sys.stderr, flush=True)
+        sys.stdin.read()
+        pahoc.close()
+        return
     responder = _subscribed_client(host, int(port), "bench-echo", ECHO_REQUEST,
                        lambda c, u, m: c.publish(ECHO_REPLY, m.payload, qos=1))
     print("echo: ready", file=sys.stderr, flush=True)
@@ -419,9 +451,10 @@ class ModelResult:
     server_rtt_us: float
     single_us: float
     transport: str = "paho-mqtt"  # the server's --transport
-    echo_rtt_us: float = 0.0  # the echo responder's, measured once per model
+    echo_rtt_us: float = 0.0  # the echo responder's on the same transport, measured once per model
     echo_cpu_us: float = 0.0
     wrong: int = 0  # replies with a non-OK status, another class than the reference's, or from another tier
+    mean_batch: float = 0.0  # requests per forward pass under load (the server's ddnn_batch_size histogram)
 
 
 def bench_model(work: Workload, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> list[ModelResult]:
@@ -445,17 +478,22 @@ def bench_model(work: Workload, args: argparse.Namespace, cpus: CpuSplit, worker
                 raw = raw_forward_rate(work.raw_batch, payloads, args.max_batch, workers, cpus.server)
                 measured, wrong = _through_server(broker, work, forward, transport, n_requests, single_us, args,
                                                   cpus, workers)
-                results.append(ModelResult(work.label, forward, work.request_bytes, workers, raw, *measured,
-                                           single_us, transport, wrong=wrong))
-        echo = start_echo_responder(broker.host, broker.port, cpus.server)
-        try:
-            echo_rtt = echo_round_trip_us(broker.host, broker.port, work.request_bytes, args.latency_count)
-            echo_cpu = echo_cpu_us(broker.host, broker.port, echo.pid, work.request_bytes, args.echo_load)
-        finally:
-            echo.kill()
-            echo.wait()
+                *measured_rates, batch = measured
+                results.append(ModelResult(work.label, forward, work.request_bytes, workers, raw, *measured_rates,
+                                           single_us, transport, wrong=wrong, mean_batch=batch))
+        echoes = {}
+        for transport in args.transport or TRANSPORTS:
+            echo = start_echo_responder(broker.host, broker.port, cpus.server, transport)
+            try:
+                echoes[transport] = (echo_round_trip_us(broker.host, broker.port, work.request_bytes,
+                                                        args.latency_count),
+                                     echo_cpu_us(broker.host, broker.port, echo.pid, work.request_bytes,
+                                                 args.echo_load))
+            finally:
+                echo.kill()
+                echo.wait()
     for result in results:
-        result.echo_rtt_us, result.echo_cpu_us = echo_rtt, echo_cpu
+        result.echo_rtt_us, result.echo_cpu_us = echoes[result.transport]
     return results
 
 
@@ -470,20 +508,23 @@ def _lone_reference(work: Workload, forward: str) -> Callable[[list[np.ndarray]]
 
 def _through_server(broker: Broker, work: Workload, forward: str, transport: str, n_requests: int,
                     single_us: float, args: argparse.Namespace, cpus: CpuSplit,
-                    workers: int) -> tuple[tuple[float, int, int, int, int, int, float, float], int]:
+                    workers: int) -> tuple[tuple[float, int, int, int, int, int, float, float, float], int]:
     """One ddnn-server (--forward ``forward``, --transport ``transport``) under load, then a lone request at a
     time: ((req/s, answered, sent, lost, duplicates, misrouted, server CPU us per request, median round trip
-    us), replies that were wrong). A wrong reply is printed."""
+    us, mean batch under load), replies that were wrong). A wrong reply is printed."""
     latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
+    metrics_port = free_port()
     server = start_server(broker.address, str(work.path), workers, args.max_batch, cpus.server, forward,
-                          transport, work.server_args)
+                          transport, (*work.server_args, "--metrics-port", str(metrics_port)))
     try:
         per_device = n_requests // args.devices
         connection = broker.connection()
         drive(connection, work, args.devices, 10, 4, 5.0)  # warm-up
-        cpu_before = procstat.cpu_seconds(server.pid)
+        cpu_before, batches_before = procstat.cpu_seconds(server.pid), batches_so_far(metrics_port)
         load = drive(connection, work, args.devices, per_device, args.window, 60.0)
         server_cpu_us = (procstat.cpu_seconds(server.pid) - cpu_before) / max(1, per_device * args.devices) * 1e6
+        batches_after = batches_so_far(metrics_port)
+        batch = (batches_after[1] - batches_before[1]) / max(1.0, batches_after[0] - batches_before[0])
         lone = drive(connection, work, 1, latency_count, 1, 30.0)
     finally:
         server.terminate()
@@ -492,7 +533,7 @@ def _through_server(broker: Broker, work: Workload, forward: str, transport: str
         print(f"WRONG ({work.label}, {forward} forward, {transport}): {wrong}")
     rtts = lone.rtts_us[len(lone.rtts_us) // 10:] or [float("nan")]
     return ((load.answered / load.wall_s, load.answered, load.sent, load.lost, load.duplicates, load.misrouted,
-             server_cpu_us, statistics.median(rtts)), len(load.wrong) + len(lone.wrong))
+             server_cpu_us, statistics.median(rtts), batch), len(load.wrong) + len(lone.wrong))
 
 
 def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
@@ -512,12 +553,14 @@ def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus
               f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
               f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
               f"{r.server_rtt_us / floor:.2f}x that")
-        print(f"    a bare paho echo responder spends {r.echo_cpu_us:.0f} us of CPU per request/reply pair, so no "
-              f"paho-mqtt server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw forward here")
+        print(f"    a bare {r.transport} echo responder spends {r.echo_cpu_us:.0f} us of CPU per request/reply pair, "
+              f"so no {r.transport} server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw "
+              "forward here")
         busy = r.server_cpu_us * r.mqtt_rate / 1e6 / len(cpus.server)
         # Well under 100 %: the server waited (for the load, or for CPU other processes took), so the ratio
         # measures that, not the server.
-        print(f"    the server process used {100 * busy:.0f} % of its CPUs under load")
+        print(f"    the server process used {100 * busy:.0f} % of its CPUs under load, {r.mean_batch:.1f} requests "
+              f"per forward pass (the raw forward's: {args.max_batch})")
         print(f"    {r.answered}/{r.sent} answered by the server; lost {r.lost}, duplicates {r.duplicates}, "
               f"misrouted {r.misrouted}, wrong {r.wrong}")
 
@@ -580,9 +623,10 @@ def main() -> None:
     parser.add_argument("--transport", action="append", choices=TRANSPORTS, default=None,
                         help="the server's MQTT transport (repeat); default: both")
     parser.add_argument("--echo-responder", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-transport", choices=TRANSPORTS, default="paho-mqtt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_responder:
-        echo_responder(args.echo_responder)
+        echo_responder(args.echo_responder, args.echo_transport)
         return
     logging.basicConfig(level=logging.WARNING)
     keep_freed_memory()  # the raw forward gets the server's allocator settings

@@ -546,6 +546,22 @@ int ddnn_pahoc_publish(ddnn_pahoc *c, const char *topic, const uint8_t *payload,
     return rc;
 }
 
+int ddnn_pahoc_publish_many(ddnn_pahoc *c, const char *topics, const int64_t *topic_offsets, const uint8_t *payloads,
+                            const int64_t *payload_offsets, int n, int qos, int *results)
+{
+    int i, failed = 0;
+
+    for (i = 0; i < n; ++i) {
+        int64_t len = payload_offsets[i + 1] - payload_offsets[i];
+
+        results[i] = len < 0 ? MQTTASYNC_FAILURE
+                             : ddnn_pahoc_publish(c, topics + topic_offsets[i], payloads + payload_offsets[i],
+                                                  (size_t)len, qos, 0);
+        failed += results[i] != MQTTASYNC_SUCCESS;
+    }
+    return failed;
+}
+
 int ddnn_pahoc_unsubscribe(ddnn_pahoc *c, const char *const *topics, int n_topics, int timeout_ms)
 {
     MQTTAsync_responseOptions options = MQTTAsync_responseOptions_initializer;

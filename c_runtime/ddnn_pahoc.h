@@ -82,6 +82,11 @@ void ddnn_pahoc_interrupt(ddnn_pahoc *client);
 /* 0 when Paho took the message, else Paho's error code (MQTTASYNC_*, negative). */
 int ddnn_pahoc_publish(ddnn_pahoc *client, const char *topic, const uint8_t *payload, size_t len, int qos,
                        int retain);
+/* n messages in one call (a worker's replies to a batch, without a Python-to-C crossing each): message i has
+ * the NUL-terminated topic at topics + topic_offsets[i] and the payload payloads[payload_offsets[i] ..
+ * payload_offsets[i + 1]). results[i] gets ddnn_pahoc_publish's code; returns how many were not taken. */
+int ddnn_pahoc_publish_many(ddnn_pahoc *client, const char *topics, const int64_t *topic_offsets,
+                            const uint8_t *payloads, const int64_t *payload_offsets, int n, int qos, int *results);
 /* Unsubscribe the request subscriptions (the shared group routes new requests elsewhere); 1 once the
  * broker confirmed within timeout_ms. */
 int ddnn_pahoc_unsubscribe(ddnn_pahoc *client, const char *const *topics, int n_topics, int timeout_ms);

@@ -165,6 +165,10 @@ class AmqpTransport:
     def drop(self, incoming: Incoming) -> None:
         self._hand_over(incoming, None, b"")
 
+    def reply_many(self, replies: Sequence[tuple[Incoming, str, bytes]]) -> None:
+        for incoming, device_id, payload in replies:
+            self.reply(incoming, device_id, payload)
+
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         self._hand_over(incoming, topics.routing_key(topics.reply_topic(device_id)), payload)
 

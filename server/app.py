@@ -155,7 +155,8 @@ class Server:
             self.transport = PahocTransport(config.broker, client_id, config.group, served, self._on_request,
                                             persistent, config.session_expiry_s, extra,
                                             self._on_other if extra else None, config.receive_maximum,
-                                            max_request_bytes=config.max_request_bytes)
+                                            max_request_bytes=config.max_request_bytes,
+                                            on_requests=self._on_requests)
         elif config.transport == "paho-mqtt":
             self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
                                        config.session_expiry_s, extra, self._on_other if extra else None,
@@ -281,6 +282,27 @@ class Server:
     # ---- request intake (network thread) -------------------------------------------------------------
 
     def _on_request(self, incoming: Incoming) -> None:
+        work = self._admit(incoming)
+        if work is not None:
+            self._queue([work])
+
+    def _on_requests(self, requests: list[Incoming]) -> None:
+        """A transport's batch of requests (Paho C's take): each checked as :meth:`_on_request` does, then
+        queued together, so the workers wake once for the batch rather than once a request."""
+        works = []
+        for incoming in requests:
+            try:
+                work = self._admit(incoming)
+            except Exception:  # one request's bug must not cost the others of its batch
+                log.exception("unexpected error handling a request on %s", incoming.topic)
+                continue
+            if work is not None:
+                works.append(work)
+        self._queue(works)
+
+    def _admit(self, incoming: Incoming) -> _Work | None:
+        """A request checked and decoded, ready for a worker; None when it was answered (an error), dropped or
+        went to its event (aggregator)."""
         data = incoming.payload
         routed = topics.parse_request_topic(incoming.topic)
         if routed is None or routed[2] != self._topic_tier(routed[0]):
@@ -292,7 +314,7 @@ class Server:
             self.metrics.dropped()
             with self._stats_lock:
                 self.stats["dropped"] += 1
-            return
+            return None
         topic_model, device_id, _ = routed
         model_name = NO_MODEL
         try:
@@ -315,26 +337,34 @@ class Server:
                 if header.packing == codec.Packing.EXIT_SUMS:
                     check_sums(model.views, header, payload)
                 self._admit_view(model, ViewRequest(header, payload, (incoming, device_id)))
-                return
+                return None
         except ProtocolError as error:
             request_id = error.request_id or codec.peek_request_id(data[:codec.REQUEST_HEADER_BYTES])
             self._bad_requests.warning(error.status.name, "bad request (%d bytes) from %s: %s: %s", len(data),
                                        device_id, error.status.name, error)
             self._send(incoming, device_id, Reply(request_id, error.status, message=str(error)), ok=False,
                        model=model_name)
+            return None
+        return _Work(header, payload, incoming, model, device_id)
+
+    def _queue(self, works: list[_Work]) -> None:
+        """Checked requests to the workers; those a full queue refuses are answered UNAVAILABLE."""
+        if not works:
             return
-        work = _Work(header, payload, incoming, model, device_id)
         try:
-            self.batcher.put(Job(model.hash_bytes, work, incoming))
-        except QueueFull:
+            refused = self.batcher.put_many([Job(work.model.hash_bytes, work, work.incoming) for work in works])
+        except RuntimeError:
+            for work in works:
+                self._run_batch([work], time.monotonic())  # arrived while draining: answer them here
+            return
+        for job in refused:
+            work = job.payload
             self._bad_requests.warning("busy", "%s's queue is full (%d requests): answering UNAVAILABLE",
-                                       model.name, self.config.max_queue)
+                                       work.model.name, self.config.max_queue)
             with self._stats_lock:
                 self.stats["busy"] += 1
-            self._send(incoming, device_id, Reply(header.request_id, Status.UNAVAILABLE, message=BUSY_MESSAGE),
-                       ok=False, model=model.name)
-        except RuntimeError:
-            self._run_batch([work], time.monotonic())  # arrived while draining: answer it here
+            self._send(work.incoming, work.device_id, Reply(work.header.request_id, Status.UNAVAILABLE,
+                                                            message=BUSY_MESSAGE), ok=False, model=work.model.name)
 
     def _on_other(self, topic: str, payload: bytes) -> None:
         """A message on an extra subscription: a device's status (aggregator) or a retained threshold (an edge's
@@ -599,14 +629,23 @@ class Server:
             top_classes, top_probabilities = self._top_k(logits)
             final_classes = logits.argmax(axis=1).tolist()
             last_tier = len(model.loaded.spec.tiers) - 1
-            for row, i in enumerate(indices):
-                top_k = tuple(zip(top_classes[row].tolist(), top_probabilities[row].tolist()))
-                reply = Reply(works[i].header.request_id, Status.OK, final_classes[row], top_k, server_us, queue_us[i],
-                              answered_by=last_tier)
-                self._send(works[i].incoming, works[i].device_id, reply, ok=True, model=model.name)
+            replies = [(works[i].incoming, works[i].device_id,
+                        Reply(works[i].header.request_id, Status.OK, final_classes[row],
+                              tuple(zip(classes, probabilities)), server_us, queue_us[i], answered_by=last_tier))
+                       for row, (i, classes, probabilities) in enumerate(zip(indices, top_classes.tolist(),
+                                                                             top_probabilities.tolist()))]
+            self._send_many(replies, model.name)
         self.metrics.batch(len(works), time.monotonic() - started)
         with self._stats_lock:
             self.stats["batches"] += 1
+
+    def _send_many(self, replies: list[tuple[Incoming, str, Reply]], model: str) -> None:
+        """A batch's OK replies: one call into the transport, one metrics update."""
+        self.transport.reply_many([(incoming, device_id, codec.encode_reply(reply))
+                                   for incoming, device_id, reply in replies])
+        self.metrics.replies_ok(model, replies)
+        with self._stats_lock:
+            self.stats["ok"] += len(replies)
 
     def _send(self, incoming: Incoming, device_id: str, reply: Reply, ok: bool, model: str = NO_MODEL) -> None:
         self.transport.reply(incoming, device_id, codec.encode_reply(reply))

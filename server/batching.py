@@ -55,6 +55,23 @@ class Batcher:
             self._pending += 1
             self._cond.notify()
 
+    def put_many(self, jobs: list[Job]) -> list[Job]:
+        """:meth:`put` for each job under one lock and one wake-up; returns those their full queue refused."""
+        refused = []
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            for job in jobs:
+                queue = self._queues.setdefault(job.model_key, deque())
+                if len(queue) >= self.max_queue:
+                    refused.append(job)
+                    continue
+                queue.append(job)
+                self._pending += 1
+            if len(refused) < len(jobs):
+                self._cond.notify()
+        return refused
+
     def close(self) -> None:
         """No new jobs; workers drain what is queued (without waiting for stragglers) and then stop."""
         with self._cond:

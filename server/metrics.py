@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ddnn_gen.errors import DdnnError
-from ddnn_gen.wire.codec import Status
+from ddnn_gen.wire.codec import Reply, Status
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("ddnn_server.requests")  # one line per request (--log-format json)
@@ -134,10 +134,47 @@ class RequestMetrics:
                     tiers = self._window.answered_by.setdefault(model, {})
                     tiers[str(answered_by)] = tiers.get(str(answered_by), 0) + 1
         if self.log_requests:
-            request_log.info("request", extra={"ddnn": {
-                "model": model, "device": device_id, "status": status.name, "latency_ms": round(latency_s * 1e3, 3),
-                "service_ms": service_us / 1e3, "queue_ms": queue_us / 1e3,
-                **({"answered_by": answered_by} if ok and answered_by is not None else {})}})
+            self._log_request(model, device_id, status, latency_s, service_us, queue_us, answered_by)
+
+    @staticmethod
+    def _log_request(model: str, device_id: str, status: Status, latency_s: float, service_us: int, queue_us: int,
+                     answered_by: int | None) -> None:
+        request_log.info("request", extra={"ddnn": {
+            "model": model, "device": device_id, "status": status.name, "latency_ms": round(latency_s * 1e3, 3),
+            "service_ms": service_us / 1e3, "queue_ms": queue_us / 1e3,
+            **({"answered_by": answered_by} if status == Status.OK and answered_by is not None else {})}})
+
+    def replies_ok(self, model: str, replies: Sequence[tuple[Any, str, Reply]]) -> None:
+        """A batch's OK replies (incoming with its ``received`` time, device id, reply): what :meth:`reply`
+        records for each, with the label lookups and the lock once per batch."""
+        if not replies:
+            return
+        now = time.monotonic()
+        latencies = [max(0.0, now - incoming.received) for incoming, _, _ in replies]
+        self.requests.labels(model, Status.OK.name).inc(len(replies))
+        service, queue_wait, latency = (self.service.labels(model), self.queue_wait.labels(model),
+                                        self.latency.labels(model))
+        tiers: dict[str, int] = {}
+        for (_, _, reply), latency_s in zip(replies, latencies):
+            service.observe(reply.server_us / 1e6)
+            queue_wait.observe(reply.queue_us / 1e6)
+            latency.observe(latency_s)
+            tiers[str(reply.answered_by)] = tiers.get(str(reply.answered_by), 0) + 1
+        for tier, n in tiers.items():
+            self.answered_by.labels(model, tier).inc(n)
+        with self._lock:
+            per_model = self._window.counts.setdefault(model, {})
+            per_model[Status.OK.name] = per_model.get(Status.OK.name, 0) + len(replies)
+            answered = self._window.answered_by.setdefault(model, {})
+            for tier, n in tiers.items():
+                answered[tier] = answered.get(tier, 0) + n
+            for (_, _, reply), latency_s in zip(replies, latencies):
+                self._service_ms.add(reply.server_us / 1e6)
+                self._latency_ms.add(latency_s)
+        if self.log_requests:
+            for (_, device_id, reply), latency_s in zip(replies, latencies):
+                self._log_request(model, device_id, Status.OK, latency_s, reply.server_us, reply.queue_us,
+                                  reply.answered_by)
 
     def dropped(self) -> None:
         """A request acknowledged without a reply (its topic names no device to answer)."""

@@ -18,6 +18,7 @@ need redelivery keep the default transport (docs/deployment.md, "Transports").
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,36 +42,14 @@ QUEUE_CAPACITY = 4096  # requests received and not yet taken; more are dropped (
 MAX_TOPIC_BYTES = 512  # longer topics name no device a reply could go to: dropped (counted)
 KEEPALIVE_S = 15
 
-_CDEF = """
-typedef struct ddnn_pahoc ddnn_pahoc;
-typedef struct {
-    const char *uri; int port; const char *client_id; const char *username; const char *password;
-    int tls, insecure;
-    const char *ca_file, *cert_file, *key_file;
-    int clean_start; int session_expiry_s; int receive_maximum; int keepalive_s; int max_inflight; int max_buffered;
-    const char *status_topic;
-    size_t queue_capacity; size_t max_topic_bytes; size_t max_payload_bytes; size_t keep_oversized_bytes;
-} ddnn_pahoc_config;
-typedef struct {
-    uint64_t received, dropped_full, dropped_topic, oversized, published, completed, failed, connects, lost;
-    int connected, subscribed, queued;
-} ddnn_pahoc_stats;
-enum { DDNN_PAHOC_TOPIC_OFFSET, DDNN_PAHOC_TOPIC_LEN, DDNN_PAHOC_PAYLOAD_OFFSET, DDNN_PAHOC_PAYLOAD_LEN,
-       DDNN_PAHOC_WIRE_LEN, DDNN_PAHOC_ARRIVED_NS, DDNN_PAHOC_QOS, DDNN_PAHOC_FIELDS };
-ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size_t error_len);
-int ddnn_pahoc_start(ddnn_pahoc *client, const char *const *subscriptions, int n_subscriptions);
-int ddnn_pahoc_wait_ready(ddnn_pahoc *client, int timeout_ms);
-size_t ddnn_pahoc_problem(ddnn_pahoc *client, char *out, size_t out_len);
-int ddnn_pahoc_take(ddnn_pahoc *client, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
-                    size_t buffer_len);
-void ddnn_pahoc_interrupt(ddnn_pahoc *client);
-int ddnn_pahoc_publish(ddnn_pahoc *client, const char *topic, const uint8_t *payload, size_t len, int qos,
-                       int retain);
-int ddnn_pahoc_unsubscribe(ddnn_pahoc *client, const char *const *topics, int n_topics, int timeout_ms);
-int ddnn_pahoc_wait_published(ddnn_pahoc *client, int timeout_ms);
-void ddnn_pahoc_get_stats(ddnn_pahoc *client, ddnn_pahoc_stats *out);
-void ddnn_pahoc_close(ddnn_pahoc *client, int timeout_ms);
-"""
+
+def header_cdef(header: str) -> str:
+    """The cffi declarations of ddnn_pahoc.h: the header itself without its comments and preprocessor lines,
+    so the Python side cannot drift from the C one."""
+    text = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
 # The server-side files of c_runtime/: no device project ships them (tests/test_c_project.py).
 RUNTIME_FILES = ("ddnn_pahoc.c", "ddnn_pahoc.h")
 STATS = ("received", "dropped_full", "dropped_topic", "oversized", "published", "completed", "failed", "connects",
@@ -81,7 +60,8 @@ def load_library() -> Any:
     """The shim's cffi module (built once, then from the cache; see ddnn_gen/codegen/extension.py)."""
     runtime = c_runtime_dir()
     try:
-        module, _ = build_extension(None, f"pahoc-{__version__}", _CDEF, '#include "ddnn_pahoc.h"\n',
+        cdef = header_cdef((runtime / "ddnn_pahoc.h").read_text())
+        module, _ = build_extension(None, f"pahoc-{__version__}", cdef, '#include "ddnn_pahoc.h"\n',
                                     [runtime / "ddnn_pahoc.c"], [runtime], CFLAGS,
                                     [runtime / name for name in RUNTIME_FILES], libraries=["paho-mqtt3as"])
     except BuildError as error:
@@ -98,12 +78,15 @@ class PahocTransport:
                  extra_subscriptions: Sequence[str] = (),
                  on_other: Callable[[str, bytes], None] | None = None, receive_maximum: int = RECEIVE_MAXIMUM,
                  queued_replies: int = QUEUED_REPLIES, max_request_bytes: int = codec.MAX_REQUEST_BYTES,
-                 queue_capacity: int = QUEUE_CAPACITY, take_batch: int = TAKE_BATCH) -> None:
+                 queue_capacity: int = QUEUE_CAPACITY, take_batch: int = TAKE_BATCH,
+                 on_requests: Callable[[list[Incoming]], None] | None = None) -> None:
         self.connection = connection
         self.client_id = topics.check_name(client_id, "server id")
         self.subscriptions = [topics.request_subscription(model_hash, group, tier) for model_hash, tier in served]
         self._extra = list(extra_subscriptions)
         self._on_request = on_request
+        # A take's requests in one call when the server can take them so (one queue lock, one worker wake-up).
+        self._on_requests = on_requests or self._each
         self._on_other = on_other
         self._take_batch = take_batch
         self.unsent_replies = 0
@@ -222,8 +205,11 @@ class PahocTransport:
 
     # ---- replies (worker threads) --------------------------------------------------------------------
 
-    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+    def publish_raw(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+        """Hand one message to Paho C as it is (no topic checks): 0 when taken, else Paho's error code."""
         return int(self._lib.ddnn_pahoc_publish(self._client, topic.encode(), payload, len(payload), qos, int(retain)))
+
+    _publish = publish_raw
 
     def drop(self, incoming: Incoming) -> None:
         """Nothing to do: Paho C acknowledged the request on arrival."""
@@ -236,6 +222,30 @@ class PahocTransport:
             # Not queued (disconnected, or the outgoing queue is full): its device falls back locally.
             self.unsent_replies += 1
             self._problems.warning("unsent", "reply to %s not sent: Paho C error %d", topic, rc)
+
+    def reply_many(self, replies: Sequence[tuple[Incoming, str, bytes]]) -> None:
+        """A batch's replies (QoS 1), each to its device's reply topic, in one call into C."""
+        if not replies:
+            return
+        topic_blob = bytearray()
+        topic_offsets, payload_offsets = [], [0]
+        for _, device_id, payload in replies:
+            topic_offsets.append(len(topic_blob))
+            topic_blob += topics.reply_topic(device_id).encode()
+            topic_blob.append(0)
+            payload_offsets.append(payload_offsets[-1] + len(payload))
+        ffi = self._ffi
+        payload_blob = b"".join(payload for _, _, payload in replies)
+        results = ffi.new("int[]", len(replies))
+        failed = self._lib.ddnn_pahoc_publish_many(
+            self._client, ffi.from_buffer("char[]", topic_blob), ffi.new("int64_t[]", topic_offsets),
+            ffi.from_buffer("uint8_t[]", payload_blob), ffi.new("int64_t[]", payload_offsets), len(replies), 1,
+            results)
+        if failed:
+            self.unsent_replies += failed
+            codes = sorted({int(rc) for rc in ffi.unpack(results, len(replies)) if rc != 0})
+            self._problems.warning("unsent", "%d of %d replies not sent: Paho C error %s", failed, len(replies),
+                                   codes)
 
     # ---- the take thread -----------------------------------------------------------------------------
 
@@ -262,6 +272,7 @@ class PahocTransport:
             flat = ffi.unpack(records, n * fields)
             last = (n - 1) * fields
             data = raw[:flat[last + 2] + flat[last + 3]]
+            requests = []
             for at in range(0, n * fields, fields):
                 topic_at, topic_len, payload_at, payload_len, wire_len, arrived_ns, qos = flat[at:at + fields]
                 topic = data[topic_at:topic_at + topic_len].decode("utf-8", "replace")
@@ -269,12 +280,21 @@ class PahocTransport:
                 if self._on_other is not None and not topic.startswith(root):
                     self._deliver_other(topic, payload)
                     continue
-                incoming = Incoming(payload, topic, 0, qos, received=arrived_ns / 1e9,
-                                    truncated_from=wire_len if wire_len != payload_len else 0)
-                try:
-                    self._on_request(incoming)
-                except Exception:  # the take thread must survive anything a request does
-                    log.exception("unexpected error handling a request on %s", topic)
+                requests.append(Incoming(payload, topic, 0, qos, received=arrived_ns / 1e9,
+                                         truncated_from=wire_len if wire_len != payload_len else 0))
+            if not requests:
+                continue
+            try:
+                self._on_requests(requests)
+            except Exception:  # the take thread must survive anything a request does
+                log.exception("unexpected error handling %d requests", len(requests))
+
+    def _each(self, requests: list[Incoming]) -> None:
+        for incoming in requests:
+            try:
+                self._on_request(incoming)
+            except Exception:  # the take thread must survive anything a request does
+                log.exception("unexpected error handling a request on %s", incoming.topic)
 
     def _log_connection_changes(self, seen: dict[str, int]) -> None:
         """Connections and losses since the last look, in the log (C cannot log through Python)."""

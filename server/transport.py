@@ -91,6 +91,9 @@ class ServerTransport(Protocol):
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         """Send ``payload`` to ``device_id``'s reply topic; acknowledge ``incoming`` once it is accepted."""
 
+    def reply_many(self, replies: Sequence[tuple[Incoming, str, bytes]]) -> None:
+        """:meth:`reply` for each (incoming, device id, payload) of a batch."""
+
     def publish_telemetry(self, payload: bytes) -> None:
         """This server's load on its telemetry topic, fire and forget."""
 
@@ -197,6 +200,10 @@ class Transport:
     def drop(self, incoming: Incoming) -> None:
         """Ack a request that cannot be answered (no valid device id to reply to), so it never comes back."""
         self._ack(incoming.mid, incoming.qos)
+
+    def reply_many(self, replies: Sequence[tuple[Incoming, str, bytes]]) -> None:
+        for incoming, device_id, payload in replies:
+            self.reply(incoming, device_id, payload)
 
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         """Publish a reply to ``device_id``'s reply topic; the request is acked once the broker has accepted

@@ -39,7 +39,13 @@ int main(int argc, char **argv)
     ddnn_pahoc_config config;
     ddnn_pahoc_stats stats;
     ddnn_pahoc *client;
-    char error[256], problem[256], reply_topic[MAX_TOPIC + 16];
+    char error[256], problem[256];
+    /* A batch's replies go out in one ddnn_pahoc_publish_many: topics and payloads packed one after the other. */
+    char reply_topics[BATCH * (MAX_TOPIC + 16)];
+    int64_t topic_offsets[BATCH], payload_offsets[BATCH + 1];
+    int results[BATCH];
+    uint8_t reply_payloads[sizeof buffer];
+    int checked_bad_length = 0;
     long expected, handled = 0;
     int waited, n, i;
 
@@ -94,6 +100,7 @@ int main(int argc, char **argv)
         if (n <= 0)
             return fail("take returned nothing while messages were queued");
         printf("BATCH %d\n", n);
+        payload_offsets[0] = 0;
         for (i = 0; i < n; ++i) {
             const int64_t *r = records + (size_t)i * DDNN_PAHOC_FIELDS;
             const char *topic = (const char *)buffer + r[DDNN_PAHOC_TOPIC_OFFSET];
@@ -103,10 +110,26 @@ int main(int argc, char **argv)
                 --last;
             printf("MSG %.*s %lld %lld %lld\n", topic_len, topic, (long long)r[DDNN_PAHOC_PAYLOAD_LEN],
                    (long long)r[DDNN_PAHOC_WIRE_LEN], (long long)r[DDNN_PAHOC_QOS]);
-            snprintf(reply_topic, sizeof reply_topic, "check/rep/%.*s", (int)(topic + topic_len - last), last);
-            if (ddnn_pahoc_publish(client, reply_topic, buffer + r[DDNN_PAHOC_PAYLOAD_OFFSET],
-                                   (size_t)r[DDNN_PAHOC_PAYLOAD_LEN], 1, 0) != 0)
-                return fail("publish refused");
+            topic_offsets[i] = (int64_t)i * (MAX_TOPIC + 16);
+            snprintf(reply_topics + topic_offsets[i], MAX_TOPIC + 16, "check/rep/%.*s",
+                     (int)(topic + topic_len - last), last);
+            memcpy(reply_payloads + payload_offsets[i], buffer + r[DDNN_PAHOC_PAYLOAD_OFFSET],
+                   (size_t)r[DDNN_PAHOC_PAYLOAD_LEN]);
+            payload_offsets[i + 1] = payload_offsets[i] + r[DDNN_PAHOC_PAYLOAD_LEN];
+        }
+        if (ddnn_pahoc_publish_many(client, reply_topics, topic_offsets, reply_payloads, payload_offsets, n, 1,
+                                    results) != 0)
+            return fail("publish refused");
+        for (i = 0; i < n; ++i)
+            if (results[i] != 0)
+                return fail("publish_many: a taken message's result is not 0");
+        if (!checked_bad_length) {
+            /* A negative length is refused before Paho sees it, and counted as not taken. */
+            int64_t bad_offsets[2] = {0, -1};
+            checked_bad_length = 1;
+            if (ddnn_pahoc_publish_many(client, reply_topics, topic_offsets, reply_payloads, bad_offsets, 1, 1,
+                                        results) != 1 || results[0] == 0)
+                return fail("publish_many took a message of negative length");
         }
         handled += n;
     }

@@ -48,7 +48,11 @@ def test_bench_server_short_run(fmnist_model_path: Path) -> None:
     stdout = _run("--model", str(fmnist_model_path))
     assert len(_rows(stdout, "fmnist_32", 456)) == 4, stdout  # 2 forwards x 2 transports
     _all_answered(stdout, 4)
-    assert re.search(r"bare paho echo responder spends \d+ us of CPU", stdout), stdout
+    # Each transport's row is set against a bare echo on that transport: its floor per request.
+    for transport in ("paho-mqtt", "paho-c"):
+        assert len(re.findall(rf"bare {transport} echo responder spends \d+ us of CPU", stdout)) == 2, stdout
+    batches = [float(b) for b in re.findall(r"([\d.]+) requests per forward pass", stdout)]
+    assert len(batches) == 4 and all(1.0 <= b <= 32 for b in batches), stdout
 
 
 def test_bench_server_three_tiers() -> None:

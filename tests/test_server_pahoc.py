@@ -6,6 +6,7 @@ back on the devices, none hangs). The end-to-end scenarios shared with paho-mqtt
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -104,6 +105,20 @@ def test_nagle_is_off_on_the_broker_connection(broker: Broker) -> None:
         transport.close()
 
 
+def _replies_and_stats(transport: object, clients: list[tuple[RawClient, int]]) -> tuple[list[list[bytes]],
+                                                                                          dict[str, int]]:
+    """The replies each client waits for (how many given), and the transport's stats once they were acked."""
+    replies = [[client.replies.get(timeout=10.0) for _ in range(count)] for client, count in clients]
+    assert transport.wait_replies_acked(5.0)  # type: ignore[attr-defined]
+    return replies, transport.stats()  # type: ignore[attr-defined]
+
+
+def _close(transport: object, *clients: RawClient) -> None:
+    for client in clients:
+        client.close()
+    transport.close()  # type: ignore[attr-defined]
+
+
 def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker: Broker) -> None:
     seen: list[Incoming] = []
     transport_box: list[object] = []
@@ -125,18 +140,61 @@ def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker
             alice._client.publish(f"ddnn/req/{key}/alice", index.to_bytes(4, "little"), qos=1)
         assert wait_for(lambda: len(seen) == burst, 20.0)
         assert bob.publish(f"ddnn/req/{key}/bob", b"b") == "Success"
-        alice_replies = [alice.replies.get(timeout=10.0) for _ in range(burst)]
-        bob_reply = bob.replies.get(timeout=10.0)
-        assert transport.wait_replies_acked(5.0)
-        stats = transport.stats()
+        (alice_replies, (bob_reply,)), stats = _replies_and_stats(transport, [(alice, burst), (bob, 1)])
     finally:
-        alice.close()
-        bob.close()
-        transport.close()
+        _close(transport, alice, bob)
     assert alice_replies == [b"for alice"] * burst and bob_reply == b"for bob"
     assert alice.replies.empty() and bob.replies.empty()
     assert stats["published"] == stats["completed"] >= burst + 1 and stats["failed"] == 0
     assert transport.takes < burst, f"{transport.takes} takes for {burst} requests: not batched"
+
+
+def test_a_takes_requests_come_as_one_batch_and_reply_many_answers_each_its_own_device(broker: Broker) -> None:
+    batches: list[list[Incoming]] = []
+    transport_box: list[object] = []
+    burst = 300
+
+    def on_requests(batch: list[Incoming]) -> None:
+        batches.append(batch)
+        replies = []
+        for incoming in batch:
+            routed = topics.parse_request_topic(incoming.topic)
+            assert routed is not None
+            replies.append((incoming, routed[1], routed[1].encode() + b":" + incoming.payload))
+        transport_box[0].reply_many(replies)  # type: ignore[attr-defined]
+
+    def on_request(incoming: Incoming) -> None:
+        raise AssertionError("a take's requests must come through on_requests")
+
+    transport = _transport(broker, on_request, on_requests=on_requests)
+    transport_box.append(transport)
+    alice, bob = RawClient(broker.connection(), "alice"), RawClient(broker.connection(), "bob")
+    key = topics.model_key(MODEL_HASH)
+    try:
+        for index in range(burst):  # interleaved, without waiting for PUBACKs: several per take
+            (alice if index % 2 else bob)._client.publish(f"ddnn/req/{key}/{'alice' if index % 2 else 'bob'}",
+                                                          index.to_bytes(4, "little"), qos=1)
+        (alice_replies, bob_replies), stats = _replies_and_stats(transport, [(alice, burst // 2), (bob, burst // 2)])
+    finally:
+        _close(transport, alice, bob)
+    # Each device heard exactly its own requests' replies, in the order it sent them.
+    assert alice_replies == [b"alice:" + i.to_bytes(4, "little") for i in range(1, burst, 2)]
+    assert bob_replies == [b"bob:" + i.to_bytes(4, "little") for i in range(0, burst, 2)]
+    assert sum(len(batch) for batch in batches) == burst and len(batches) < burst and max(map(len, batches)) > 1
+    assert stats["published"] == stats["completed"] >= burst and stats["failed"] == 0
+    assert transport.unsent_replies == 0
+
+
+def test_the_cffi_declarations_are_the_header_s() -> None:
+    from ddnn_gen.codegen.resources import c_runtime_dir
+    from ddnn_server.pahoc_transport import header_cdef, load_library
+
+    header = (c_runtime_dir() / "ddnn_pahoc.h").read_text()
+    lib = load_library().lib
+    declared = set(re.findall(r"\b(ddnn_pahoc_\w+)\s*\(", header))
+    assert {"ddnn_pahoc_take", "ddnn_pahoc_publish_many"} <= declared
+    assert all(callable(getattr(lib, name)) for name in declared)
+    assert "/*" not in header_cdef(header) and "#" not in header_cdef(header)
 
 
 def test_tls_with_a_password_and_the_reason_when_refused(fmnist_expected: Expected, fmnist_model_path: object) -> None:
