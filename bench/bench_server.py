@@ -366,6 +366,8 @@ class Load:
     wall_s: float = 0.0
     wrong: list[str] = field(default_factory=list)  # replies with another class or from another tier: bugs
     rtts_us: list[float] = field(default_factory=list)
+    queue_us: list[int] = field(default_factory=list)  # the replies' own figures: arrival to its batch's start
+    server_us: list[int] = field(default_factory=list)  # and the batch's forward
 
 
 def drive(connection: BrokerConnection, work: Workload, n_devices: int, per_device: int, window: int,
@@ -402,6 +404,8 @@ def drive(connection: BrokerConnection, work: Workload, n_devices: int, per_devi
             else:
                 load.answered += 1
                 load.rtts_us.append((pending.received - pending.sent) * 1e6)
+                load.queue_us.append(reply.queue_us)
+                load.server_us.append(reply.server_us)
 
     def run(d: int) -> None:
         device, in_flight = devices[d], []
@@ -455,6 +459,8 @@ class ModelResult:
     echo_cpu_us: float = 0.0
     wrong: int = 0  # replies with a non-OK status, another class than the reference's, or from another tier
     mean_batch: float = 0.0  # requests per forward pass under load (the server's ddnn_batch_size histogram)
+    lone_queue_us: float = 0.0  # a lone request, from its reply: arrival at the server to its batch's start
+    lone_server_us: float = 0.0  # and its batch's forward
 
 
 def bench_model(work: Workload, args: argparse.Namespace, cpus: CpuSplit, workers: int) -> list[ModelResult]:
@@ -478,9 +484,10 @@ def bench_model(work: Workload, args: argparse.Namespace, cpus: CpuSplit, worker
                 raw = raw_forward_rate(work.raw_batch, payloads, args.max_batch, workers, cpus.server)
                 measured, wrong = _through_server(broker, work, forward, transport, n_requests, single_us, args,
                                                   cpus, workers)
-                *measured_rates, batch = measured
+                *measured_rates, batch, lone_queue_us, lone_server_us = measured
                 results.append(ModelResult(work.label, forward, work.request_bytes, workers, raw, *measured_rates,
-                                           single_us, transport, wrong=wrong, mean_batch=batch))
+                                           single_us, transport, wrong=wrong, mean_batch=batch,
+                                           lone_queue_us=lone_queue_us, lone_server_us=lone_server_us))
         echoes = {}
         for transport in args.transport or TRANSPORTS:
             echo = start_echo_responder(broker.host, broker.port, cpus.server, transport)
@@ -508,10 +515,12 @@ def _lone_reference(work: Workload, forward: str) -> Callable[[list[np.ndarray]]
 
 def _through_server(broker: Broker, work: Workload, forward: str, transport: str, n_requests: int,
                     single_us: float, args: argparse.Namespace, cpus: CpuSplit,
-                    workers: int) -> tuple[tuple[float, int, int, int, int, int, float, float, float], int]:
+                    workers: int) -> tuple[tuple[float, int, int, int, int, int, float, float, float, float, float],
+                                           int]:
     """One ddnn-server (--forward ``forward``, --transport ``transport``) under load, then a lone request at a
     time: ((req/s, answered, sent, lost, duplicates, misrouted, server CPU us per request, median round trip
-    us, mean batch under load), replies that were wrong). A wrong reply is printed."""
+    us, mean batch under load, a lone request's median queue and forward us as its replies state them), replies
+    that were wrong). A wrong reply is printed."""
     latency_count = int(min(args.latency_count, max(50, 0.5e6 / single_us)))
     metrics_port = free_port()
     server = start_server(broker.address, str(work.path), workers, args.max_batch, cpus.server, forward,
@@ -531,9 +540,11 @@ def _through_server(broker: Broker, work: Workload, forward: str, transport: str
         server.wait(30)
     for wrong in (load.wrong + lone.wrong)[:20]:
         print(f"WRONG ({work.label}, {forward} forward, {transport}): {wrong}")
-    rtts = lone.rtts_us[len(lone.rtts_us) // 10:] or [float("nan")]
+    skip = len(lone.rtts_us) // 10
+    rtts = lone.rtts_us[skip:] or [float("nan")]
+    inside = (statistics.median(lone.queue_us[skip:] or [0]), statistics.median(lone.server_us[skip:] or [0]))
     return ((load.answered / load.wall_s, load.answered, load.sent, load.lost, load.duplicates, load.misrouted,
-             server_cpu_us, statistics.median(rtts), batch), len(load.wrong) + len(lone.wrong))
+             server_cpu_us, statistics.median(rtts), batch, *inside), len(load.wrong) + len(lone.wrong))
 
 
 def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus: CpuSplit) -> None:
@@ -553,6 +564,9 @@ def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus
               f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
               f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
               f"{r.server_rtt_us / floor:.2f}x that")
+        print(f"    a lone request's round trip {r.server_rtt_us:.0f} us = {r.lone_queue_us:.0f} us in the server "
+              f"before its forward (take, checks, worker wake-up) + {r.lone_server_us:.0f} us forward + "
+              f"{r.server_rtt_us - r.lone_queue_us - r.lone_server_us:.0f} us for the rest (MQTT both ways, reply)")
         print(f"    a bare {r.transport} echo responder spends {r.echo_cpu_us:.0f} us of CPU per request/reply pair, "
               f"so no {r.transport} server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw "
               "forward here")
