@@ -58,7 +58,6 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from ddnn_gen.bench import procstat
-from ddnn_gen.commands.network_commands import publish_retained
 from ddnn_gen.device.simulated import Pending, SimDevice
 from ddnn_gen.errors import DatasetError
 from ddnn_gen.fold import reference
@@ -71,6 +70,7 @@ from ddnn_gen.wire import codec, mqtt_client, topics
 from ddnn_gen.wire.broker import Broker, free_port
 from ddnn_gen.wire.codec import Packing
 from ddnn_gen.wire.connection import BrokerConnection, BrokerError
+from ddnn_gen.wire.retained import publish_retained
 from ddnn_server.allocator import keep_freed_memory
 from ddnn_server.store import FORWARDS, ModelStore, ServedModel
 

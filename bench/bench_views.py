@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 
 from ddnn_gen.bench.link_emulator import EmulatedLink
-from ddnn_gen.commands.network_commands import publish_retained
 from ddnn_gen.device import c_binding
 from ddnn_gen.device.simulated import DevicePart, SimReport, simulate_views
 from ddnn_gen.fold.views import ViewAggregator, ViewRuns
@@ -52,6 +51,7 @@ from ddnn_gen.model.views import extract_views
 from ddnn_gen.wire import codec, topics
 from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.connection import BrokerConnection
+from ddnn_gen.wire.retained import publish_retained
 
 log = logging.getLogger("bench_views")
 REPO = Path(__file__).resolve().parent.parent

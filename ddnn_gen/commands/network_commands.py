@@ -20,7 +20,8 @@ from ddnn_gen.commands.options import (
 )
 from ddnn_gen.model import datasets
 from ddnn_gen.wire import codec, topics
-from ddnn_gen.wire.connection import BrokerConnection, BrokerError
+from ddnn_gen.wire.connection import BrokerConnection
+from ddnn_gen.wire.retained import publish_retained
 
 
 def model_wire_hash(model: str) -> bytes:
@@ -30,47 +31,6 @@ def model_wire_hash(model: str) -> bytes:
     from ddnn_gen.model.modelfile import load_model
 
     return load_model(model).hash_bytes
-
-
-def publish_retained(broker: BrokerConnection, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
-    """Publish one retained QoS 1 message and wait until the broker has accepted it (PUBACK success)."""
-    import threading
-
-    from ddnn_gen.wire import mqtt_client
-
-    client = mqtt_client.Client("", broker)
-    connected, acked = threading.Event(), threading.Event()
-    outcome: dict[str, object] = {}
-
-    def on_connect(_client: object, _userdata: object, _flags: object, reason_code: object, _props: object) -> None:
-        outcome["connack"] = reason_code
-        connected.set()
-
-    def on_publish(_client: object, _userdata: object, mid: int, reason_code: object, _properties: object) -> None:
-        outcome["puback"] = reason_code
-        acked.set()
-
-    client.on_connect = on_connect
-    client.on_publish = on_publish
-    try:
-        client.connect(broker.host, broker.port, keepalive=10)
-    except OSError as error:
-        raise BrokerError(f"cannot reach the broker at {broker.url}: {mqtt_client.connect_error_text(error)}") \
-            from error
-    client.loop_start()
-    try:
-        if not connected.wait(timeout_s):
-            raise BrokerError(f"the broker at {broker.url} did not answer the connection within {timeout_s:.0f} s")
-        if getattr(outcome["connack"], "is_failure", False):
-            raise BrokerError(f"the broker at {broker.url} refused the connection: {outcome['connack']}")
-        client.publish(topic, payload, qos=1, retain=True)
-        if not acked.wait(timeout_s):
-            raise BrokerError(f"the broker at {broker.url} did not acknowledge the publish within {timeout_s:.0f} s")
-        if getattr(outcome["puback"], "is_failure", False):
-            raise BrokerError(f"the broker at {broker.url} refused the publish on {topic}: {outcome['puback']}")
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 @click.group("threshold")
