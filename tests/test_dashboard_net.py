@@ -217,6 +217,42 @@ def _log_reader(process: subprocess.Popen[str], lines: list[str]) -> threading.T
     return thread
 
 
+def _text(driver: object, css: str) -> str:
+    """The text of the first element ``css`` finds on the live page ("" when none)."""
+    from selenium.webdriver.common.by import By
+
+    def read() -> str:
+        found = driver.find_elements(By.CSS_SELECTOR, css)  # type: ignore[attr-defined]
+        return found[0].text if found else ""
+    return _page(read)()
+
+
+def _set_target_in_page(driver: object, control_id: str, lines: list[str]) -> None:
+    """Max load NEW_MAX_LOAD typed into the form of the controller section ``control-<control_id>``; returns once
+    the controller logged the new target and the section shows it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, f"target-kind-{control_id}")).select_by_value("max_load")  # type: ignore
+    driver.find_element(By.ID, f"target-input-{control_id}").send_keys(str(NEW_MAX_LOAD))  # type: ignore
+    driver.find_element(By.ID, f"target-set-{control_id}").click()  # type: ignore[attr-defined]
+    assert wait_for(lambda: any(f"new target load under {NEW_MAX_LOAD:g} of capacity" in line for line in lines),
+                    timeout_s=20), "".join(lines)
+    assert wait_for(lambda: _text(driver, f"#control-{control_id} p.target").startswith(
+        f"target: load under {NEW_MAX_LOAD:g} of capacity"), timeout_s=20)
+
+
+def _tear_down(driver: object, fleet: PacedFleet, view: Dashboard, control: subprocess.Popen[str],
+               reader: threading.Thread) -> None:
+    """Browser, devices, page and controller stopped, in that order (the controller's log read to its end)."""
+    driver.quit()  # type: ignore[attr-defined]
+    fleet.stop()
+    view.stop()
+    control.send_signal(signal.SIGTERM)
+    control.wait(30)
+    reader.join(5)
+
+
 def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dataset, fmnist_model_path: Path,
                                                         fmnist_expected: Expected, tmp_path: Path) -> None:
     """`ddnngen control` runs; the page shows its target and decisions and the accuracy the calibration curve
@@ -225,7 +261,6 @@ def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dat
     require_tool("mosquitto")
     from paho.mqtt import publish
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     calibrated = calibrated_copy(fmnist_model_path, fmnist_test.subset(3000), tmp_path / "fmnist_32.npz")
     loaded = load_model(calibrated)
@@ -251,10 +286,7 @@ def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dat
             publish.single(topic, payload, qos=1, retain=retain, hostname=broker.host, port=broker.port)
 
         def text(css: str) -> str:
-            def read() -> str:
-                found = driver.find_elements(By.CSS_SELECTOR, css)  # type: ignore[attr-defined]
-                return found[0].text if found else ""
-            return _page(read)()
+            return _text(driver, css)
 
         def decisions() -> list[object]:
             return driver.find_elements(By.CSS_SELECTOR, f"#control-{key} tr.decision")  # type: ignore
@@ -290,13 +322,7 @@ def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dat
             assert text(f"#control-{key} p.target").startswith("target: load under 0.8 of capacity")
             assert "new target" not in "".join(lines)
             # The operator sets a new target in the page.
-            Select(driver.find_element(By.ID, f"target-kind-{key}")).select_by_value("max_load")  # type: ignore
-            driver.find_element(By.ID, f"target-input-{key}").send_keys(str(NEW_MAX_LOAD))  # type: ignore
-            driver.find_element(By.ID, f"target-set-{key}").click()  # type: ignore[attr-defined]
-            assert wait_for(lambda: any(f"new target load under {NEW_MAX_LOAD:g} of capacity" in line
-                                        for line in lines), timeout_s=20), "".join(lines)
-            assert wait_for(lambda: text(f"#control-{key} p.target").startswith(
-                f"target: load under {NEW_MAX_LOAD:g} of capacity"), timeout_s=20)
+            _set_target_in_page(driver, key, lines)
 
             def newest_uses_it() -> bool:
                 rows = decisions()
@@ -307,12 +333,7 @@ def test_page_shows_the_controller_and_sets_its_target(fmnist_test: datasets.Dat
             assert wait_for(accuracy_matches, timeout_s=30)
             driver.save_screenshot(str(tmp_path / "dashboard-control.png"))  # type: ignore[attr-defined]
         finally:
-            driver.quit()  # type: ignore[attr-defined]
-            fleet.stop()
-            view.stop()
-            control.send_signal(signal.SIGTERM)
-            control.wait(30)
-            reader.join(5)
+            _tear_down(driver, fleet, view, control, reader)
             assert server.terminate() == 0, server.output
     log = "".join(lines)
     assert control.returncode == 0, log
@@ -480,3 +501,78 @@ def test_page_sets_an_edge_tiers_threshold_shows_it_back_and_the_edge_applies_it
     assert abs(got - want) <= 0.02, (got, want)
     assert abs(want - float(np.mean([before[s.index] == 1 for s in reached]))) > 0.2  # it did move
     assert all(s.source in ("local", "server") for s in samples)
+
+
+def test_page_shows_an_edge_tiers_controller_and_sets_its_target(fmnist_test: datasets.Dataset,
+                                                                 tmp_path: Path) -> None:
+    """`ddnngen control --tier edge` runs against a three-tier fleet: the page shows that controller in a section
+    of its own (its target, its decisions) and the target set there reaches it, on its tier's target topic, and
+    its next decisions use it; the devices' controller section is not touched and bad tiers are refused."""
+    require_tool("mosquitto")
+    from selenium.webdriver.common.by import By
+
+    from ddnn_gen.fold.program import fold
+    from ddnn_gen.fold.reference import run_device
+
+    loaded = load_model(MODEL3)
+    data = fmnist_test.subset(2000)
+    program = fold(loaded)
+    device = run_device(program, data.images)
+    key = topics.model_key(loaded.hash_bytes)
+    section = f"control-{key}-t1"
+    port = free_port()
+    lines: list[str] = []
+    with Broker() as broker:
+        cloud = ServerProcess(broker.address, MODEL3, workers=1, server_id="cloud-1",
+                              extra=["--telemetry-interval", "0.5"]).start()
+        edge = ServerProcess(broker.address, MODEL3, workers=1, server_id="edge-1",
+                             extra=["--role", "edge", "--telemetry-interval", "0.5"]).start()
+        control = subprocess.Popen([sys.executable, "-m", "ddnn_gen", "control", str(MODEL3), "--tier", "edge",
+                                    "--max-load", "0.8", "--capacity", str(CAPACITY), "--interval", "0.5",
+                                    "--duration", "120", "--broker", broker.address], stderr=subprocess.PIPE,
+                                   text=True)
+        reader = _log_reader(control, lines)
+        view = Dashboard(broker.connection(), (model_info(MODEL3),)).start(port)
+        fleet = PacedFleet(broker.connection(), program, loaded.hash_bytes,
+                           precomputed(device.split_words, device.entropy, device.local_class), len(data), 3,
+                           lambda: TIER_RATE, telemetry_interval_s=0.5, prefix="cam").start()
+        driver = _driver()
+
+        def text(css: str) -> str:
+            return _text(driver, css)
+
+        def newest_allows(allowed: float) -> bool:
+            rows = driver.find_elements(By.CSS_SELECTOR, f"#{section} tr.decision")  # type: ignore[attr-defined]
+            return bool(rows) and abs(float(rows[0].get_attribute("data-allowed")) - allowed) < 1e-9  # type: ignore
+
+        def post(body: dict[str, object]) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/target", method="POST",
+                                             headers={"Content-Type": "application/json"},
+                                             data=json.dumps(body).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return int(error.code)
+
+        try:
+            driver.get(view.url)  # type: ignore[attr-defined]
+            assert wait_for(lambda: newest_allows(0.8 * CAPACITY), timeout_s=60), "".join(lines)
+            assert "tier 1's exit" in text(f"#{section} h3")
+            assert text(f"#{section} p.target").startswith("target: load under 0.8 of capacity")
+            assert not driver.find_elements(By.ID, f"control-{key}")  # type: ignore[attr-defined]
+            for bad in ({"model": key, "tier": 0, "target": {"max_load": 0.5}},
+                        {"model": key, "tier": 99, "target": {"max_load": 0.5}},
+                        {"model": key, "tier": True, "target": {"max_load": 0.5}},
+                        {"model": key, "tier": 1, "target": {"max_load": 0.5}, "extra": 1}):
+                assert post(bad) == 400, bad
+            _set_target_in_page(driver, f"{key}-t1", lines)
+            assert wait_for(lambda: newest_allows(NEW_MAX_LOAD * CAPACITY), timeout_s=20)
+            driver.save_screenshot(str(tmp_path / "dashboard-tier-control.png"))  # type: ignore[attr-defined]
+        finally:
+            _tear_down(driver, fleet, view, control, reader)
+            assert edge.terminate() == 0, edge.output
+            assert cloud.terminate() == 0, cloud.output
+    log = "".join(lines)
+    assert control.returncode == 0, log
+    assert "Traceback" not in log

@@ -264,8 +264,12 @@ class FleetState:
                                "source": "retained" if retained is not None else "model file" if info else None,
                                "expected_accuracy": accuracy, "expected_offload": onward,
                                "control": self.controls.get(key)})
+            tier_controls = []
+            for (key, tier), body in sorted(self.tier_controls.items()):
+                info = self.models.get(key)
+                tier_controls.append({"key": key, "name": info.name if info else None, "tier": tier, "control": body})
             return {"time": time.time(), "devices": devices, "servers": servers, "models": models,
-                    "tier_thresholds": self._tier_rows(), "rejected": self.rejected}
+                    "tier_thresholds": self._tier_rows(), "tier_controls": tier_controls, "rejected": self.rejected}
 
 
 class Dashboard:
@@ -291,9 +295,10 @@ class Dashboard:
                  else topics.tier_threshold_topic(model_hash, tier, device_id))
         return self._publish(topic, b"" if value is None else codec.encode_threshold(value))
 
-    def set_target(self, model_key: str, target: dict[str, float]) -> str:
-        """Publish the controller's retained target; the topic it went to."""
-        return self._publish(topics.control_target_topic(bytes.fromhex(model_key)), telemetry.encode(target))
+    def set_target(self, model_key: str, target: dict[str, float], tier: int = 0) -> str:
+        """Publish the retained target of the controller of a model's exit ``tier`` (0: the devices', else a
+        server tier's: ``ddnngen control --tier``); the topic it went to."""
+        return self._publish(topics.control_target_topic(bytes.fromhex(model_key), tier), telemetry.encode(target))
 
     def _publish(self, topic: str, payload: bytes) -> str:
         if not self._client.publish_retained(topic, payload, wait_s=10.0):
@@ -357,19 +362,24 @@ class Dashboard:
         return web.json_response({"topic": topic, "value": value})
 
     async def _target(self, request: web.Request) -> web.Response:
-        """{"model": key, "target": {"max_load": F} or {"target_p99_ms": X}} (telemetry.TARGET_SCHEMA)."""
+        """{"model": key, "target": {"max_load": F} or {"target_p99_ms": X} (telemetry.TARGET_SCHEMA), "tier":
+        absent or null (the devices' exit) or 1..7 (a server tier's controller)}."""
         body = await _json_object(request)
         if isinstance(body, web.Response):
             return body
-        model_key = body.get("model")
-        if not _valid_key(model_key) or set(body) != {"model", "target"}:
-            return _problem(400, "expected {model: the model key (32 lower-case hex digits), target: {...}}")
+        model_key, tier = body.get("model"), body.get("tier")
+        if not _valid_key(model_key) or not {"model", "target"} <= set(body) <= {"model", "target", "tier"}:
+            return _problem(400, "expected {model: the model key (32 lower-case hex digits), target: {...}, "
+                                 "optionally tier}")
+        if tier is not None and (isinstance(tier, bool) or not isinstance(tier, int)
+                                 or not 1 <= tier <= topics.MAX_TIER):
+            return _problem(400, f"tier: a server tier 1..{topics.MAX_TIER}, or null for the devices' exit")
         try:
             target = telemetry.check_target(body["target"])
         except telemetry.TelemetryError as error:
             return _problem(400, f"{error} (give max_load in [{telemetry.MAX_LOAD[0]}, {telemetry.MAX_LOAD[1]}] "
                                  f"or target_p99_ms in [{telemetry.TARGET_P99_MS[0]}, {telemetry.TARGET_P99_MS[1]}])")
-        topic = await asyncio.get_running_loop().run_in_executor(None, self.set_target, model_key, target)
+        topic = await asyncio.get_running_loop().run_in_executor(None, self.set_target, model_key, target, tier or 0)
         return web.json_response({"topic": topic, "target": target})
 
     # ---- lifecycle -----------------------------------------------------------------------------------
@@ -563,23 +573,26 @@ function renderTiers(rows) {
   }
 }
 function renderControl(m) {
+  // m.tier: absent or 0 for the devices' exit's controller, else a server tier's (ddnngen control --tier).
   const box = document.getElementById("controls");
-  let section = document.getElementById("control-" + m.key);
+  const id = m.key + (m.tier ? "-t" + m.tier : "");
+  let section = document.getElementById("control-" + id);
   if (!m.control) return;
   if (!section) {
     section = document.createElement("div");
-    section.id = "control-" + m.key;
-    const title = document.createElement("h3"); title.textContent = (m.name ?? m.key);
+    section.id = "control-" + id;
+    const title = document.createElement("h3");
+    title.textContent = (m.name ?? m.key) + (m.tier ? ", tier " + m.tier + "'s exit" : "");
     const line = document.createElement("p"); line.className = "target";
     const form = document.createElement("p");
-    const kind = document.createElement("select"); kind.id = "target-kind-" + m.key;
+    const kind = document.createElement("select"); kind.id = "target-kind-" + id;
     for (const [value, label] of [["max_load", "max load (share of capacity)"], ["target_p99_ms", "p99 ms"]]) {
       const option = document.createElement("option"); option.value = value; option.textContent = label;
       kind.appendChild(option);
     }
-    form.append("new target: ", kind, input("target-input-" + m.key, "value"), button("target-set-" + m.key, "set",
-      () => post("/api/target", {model: m.key, target: {[kind.value]: typed(
-        document.getElementById("target-input-" + m.key).value)}})));
+    form.append("new target: ", kind, input("target-input-" + id, "value"), button("target-set-" + id, "set",
+      () => post("/api/target", {model: m.key, tier: m.tier || null, target: {[kind.value]: typed(
+        document.getElementById("target-input-" + id).value)}})));
     const table = document.createElement("table"); table.className = "decisions";
     const head = document.createElement("tr");
     for (const h of ["time", "samples/s", "offloaded %", "p99 ms", "threshold", "predicted req/s", "allowed req/s",
@@ -672,6 +685,7 @@ function render(snapshot) {
   }
   renderModels(snapshot.models);
   renderTiers(snapshot.tier_thresholds);
+  for (const t of snapshot.tier_controls) renderControl(t);
   document.getElementById("status").dataset.updated = snapshot.time;
   if (document.getElementById("status").textContent === "connecting...")
     document.getElementById("status").textContent = "live";
