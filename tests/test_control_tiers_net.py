@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import MODELS, require_tool
-from net_harness import ControlProcess, ServerProcess
+from net_harness import ControlProcess, ServerProcess, wait_for
 
 from ddnn_gen.bench.load_ramp import PacedFleet
 from ddnn_gen.device.simulated import precomputed
@@ -39,6 +39,8 @@ MAX_LOAD = 0.8
 INTERVAL_S = 0.5
 STEP_AT_S = 4.0
 RUN_S = 18.0
+P99_RUN_S = 8.0  # each p99-mode controller's run
+P99_RATE = 300.0  # samples/s over the p99 test's devices
 TAIL_S = 6.0  # after the controller stops, its last (retained) value stays: the shares are measured then
 
 
@@ -121,6 +123,63 @@ def test_cloud_overload_raises_the_edge_threshold_and_the_cloud_share_falls_to_t
     cloud_rate = sum(s.answered_by == 2 for s in tail) / (TAIL_S - 0.5)
     assert cloud_rate <= MAX_LOAD * CAPACITY * 1.3, cloud_rate
     assert curve.accuracy_at(final) <= curve.accuracy_at(t_edge) + 1e-9  # the price, from the calibration curve
+
+
+def test_p99_mode_raises_the_edge_threshold_when_over_and_lowers_it_with_room(setting: dict[str, Any]) -> None:
+    """--target-p99-ms on the edge's exit, against the cloud's receipt-to-reply p99 in its telemetry: a target no
+    cloud can keep (0.1 ms) makes the controller raise the edge threshold (never past --t-max), one far above
+    any p99 (60 s) makes it come down from where it starts (--threshold); the edge applies each controller's last
+    value."""
+    require_tool("mosquitto")
+    loaded, program, device, outputs = setting["loaded"], setting["program"], setting["device"], setting["outputs"]
+    t_device, t_edge = loaded.spec.thresholds
+    t_max = 0.9
+    part = precomputed(device.split_words, device.entropy, device.local_class)
+    # The cloud's load at the stored thresholds, and a capacity whose starting allowed load (0.8 of it) is well
+    # above that load and whose floor (0.1 of it) well under: only the p99 rule can make the controller raise.
+    cloud_load = P99_RATE * float(np.mean(answering_exit(outputs, (t_device, t_edge)) == 2))
+    capacity = 3.5 * cloud_load
+
+    def run(broker: Broker, edge: ServerProcess, target_ms: str, *extra: str) -> tuple[list[tuple[float, str]], float]:
+        control = ControlProcess(str(MODEL), "--tier", "edge", "--target-p99-ms", target_ms, "--capacity",
+                                 str(capacity), "--t-min", repr(t_edge), "--t-max", str(t_max), "--interval",
+                                 str(INTERVAL_S), "--duration", str(P99_RUN_S), "--broker", broker.address, *extra)
+        assert control.process.wait(P99_RUN_S + 60) == 0, control.log()
+        said = control.log()
+        assert f": p99 under {float(target_ms)} ms" in said, said
+        decisions = [(float(value), reason) for value, reason in
+                     re.findall(r"control tier 1: .* -> threshold ([0-9.]+) \(([^;]+);", said)]
+        assert decisions, said
+        allowed.append([float(a) for a in re.findall(r"control tier 1: .* req/s of ([0-9.]+) allowed", said)])
+        assert all(t_edge - 1e-4 <= value <= t_max + 1e-9 for value, _ in decisions), decisions
+        final = float(re.findall(r"threshold now ([0-9.]+)", said)[-1])
+        pattern = r"threshold on ddnn/tier-threshold/[0-9a-f]+/1 now ([0-9.]+)"
+        assert wait_for(lambda: abs(float((re.findall(pattern, edge.output) or ["nan"])[-1]) - final) < 1e-4,
+                        timeout_s=10), (edge.output[-2000:], final)
+        return decisions, final
+
+    allowed: list[list[float]] = []
+    with Broker() as broker:
+        cloud = ServerProcess(broker.address, MODEL, workers=1, server_id="cloud-1",
+                              extra=["--telemetry-interval", "0.5"]).start()
+        edge = ServerProcess(broker.address, MODEL, workers=1, server_id="edge-1",
+                             extra=["--role", "edge", "--telemetry-interval", "0.5"]).start()
+        fleet = PacedFleet(broker.connection(), program, loaded.hash_bytes, part, N_SAMPLES, 3, lambda: P99_RATE,
+                           telemetry_interval_s=0.5).start()
+        try:
+            over, raised = run(broker, edge, "0.1")
+            room, lowered = run(broker, edge, "60000", "--threshold", str(t_max))
+        finally:
+            samples = fleet.stop()
+            assert edge.terminate() == 0, edge.output
+            assert cloud.terminate() == 0, cloud.output
+    assert any(reason.startswith("over target") for _, reason in over), over
+    assert raised > t_edge + 0.05, (raised, over)
+    # It was the p99 that cut the allowed load (multiplicatively, down to the floor), not the load itself.
+    assert allowed[0] and min(allowed[0]) < 0.5 * 0.8 * capacity, (allowed[0], capacity)
+    assert any(reason.startswith("room") for _, reason in room), room
+    assert lowered < t_max - 0.05, (lowered, room)
+    assert all(s.source in ("local", "server") for s in samples)  # nothing lost, nothing refused
 
 
 def test_control_tier_refuses_what_it_cannot_do(tmp_path: Path) -> None:
