@@ -366,7 +366,7 @@ class Load:
     wall_s: float = 0.0
     wrong: list[str] = field(default_factory=list)  # replies with another class or from another tier: bugs
     rtts_us: list[float] = field(default_factory=list)
-    queue_us: list[int] = field(default_factory=list)  # the replies' own figures: arrival to its batch's start
+    queue_us: list[int] = field(default_factory=list)  # the replies' own figures: queued (checked) to batch start
     server_us: list[int] = field(default_factory=list)  # and the batch's forward
 
 
@@ -459,7 +459,7 @@ class ModelResult:
     echo_cpu_us: float = 0.0
     wrong: int = 0  # replies with a non-OK status, another class than the reference's, or from another tier
     mean_batch: float = 0.0  # requests per forward pass under load (the server's ddnn_batch_size histogram)
-    lone_queue_us: float = 0.0  # a lone request, from its reply: arrival at the server to its batch's start
+    lone_queue_us: float = 0.0  # a lone request, from its reply: queued (after its checks) to its batch's start
     lone_server_us: float = 0.0  # and its batch's forward
 
 
@@ -564,9 +564,10 @@ def print_results(results: Sequence[ModelResult], args: argparse.Namespace, cpus
               f"{r.server_cpu_us - forward_us:.0f} us of MQTT, decoding, batching and replies; a lone request's "
               f"forward alone {r.single_us:.0f} us, so echo + forward = {floor:.0f} us and the round trip is "
               f"{r.server_rtt_us / floor:.2f}x that")
-        print(f"    a lone request's round trip {r.server_rtt_us:.0f} us = {r.lone_queue_us:.0f} us in the server "
-              f"before its forward (take, checks, worker wake-up) + {r.lone_server_us:.0f} us forward + "
-              f"{r.server_rtt_us - r.lone_queue_us - r.lone_server_us:.0f} us for the rest (MQTT both ways, reply)")
+        print(f"    a lone request's round trip {r.server_rtt_us:.0f} us = {r.lone_queue_us:.0f} us queued for a "
+              f"worker + {r.lone_server_us:.0f} us forward + "
+              f"{r.server_rtt_us - r.lone_queue_us - r.lone_server_us:.0f} us for the rest (MQTT both ways, the take "
+              "and the request's checks, top-k and the reply)")
         print(f"    a bare {r.transport} echo responder spends {r.echo_cpu_us:.0f} us of CPU per request/reply pair, "
               f"so no {r.transport} server can pass {forward_us / (forward_us + r.echo_cpu_us):.2f} of the raw "
               "forward here")

@@ -115,66 +115,52 @@ class RequestMetrics:
     def reply(self, model: str, device_id: str, status: Status, received: float, service_us: int = 0,
               queue_us: int = 0, answered_by: int | None = None) -> None:
         """One reply sent (OK or an error status). ``received``: time.monotonic() when the request arrived."""
-        latency_s = max(0.0, time.monotonic() - received)
-        self.requests.labels(model, status.name).inc()
-        ok = status == Status.OK
-        if ok:
-            self.service.labels(model).observe(service_us / 1e6)
-            self.queue_wait.labels(model).observe(queue_us / 1e6)
-            self.latency.labels(model).observe(latency_s)
-            if answered_by is not None:
-                self.answered_by.labels(model, str(answered_by)).inc()
-        with self._lock:
-            per_model = self._window.counts.setdefault(model, {})
-            per_model[status.name] = per_model.get(status.name, 0) + 1
-            if ok:
-                self._service_ms.add(service_us / 1e6)
-                self._latency_ms.add(latency_s)
-                if answered_by is not None:
-                    tiers = self._window.answered_by.setdefault(model, {})
-                    tiers[str(answered_by)] = tiers.get(str(answered_by), 0) + 1
-        if self.log_requests:
-            self._log_request(model, device_id, status, latency_s, service_us, queue_us, answered_by)
-
-    @staticmethod
-    def _log_request(model: str, device_id: str, status: Status, latency_s: float, service_us: int, queue_us: int,
-                     answered_by: int | None) -> None:
-        request_log.info("request", extra={"ddnn": {
-            "model": model, "device": device_id, "status": status.name, "latency_ms": round(latency_s * 1e3, 3),
-            "service_ms": service_us / 1e3, "queue_ms": queue_us / 1e3,
-            **({"answered_by": answered_by} if status == Status.OK and answered_by is not None else {})}})
+        self._record(model, status, [(device_id, received, service_us, queue_us, answered_by)])
 
     def replies_ok(self, model: str, replies: Sequence[tuple[Any, str, Reply]]) -> None:
         """A batch's OK replies (incoming with its ``received`` time, device id, reply): what :meth:`reply`
-        records for each, with the label lookups and the lock once per batch."""
-        if not replies:
+        records for each, with the label look-ups and the lock once per batch."""
+        self._record(model, Status.OK, [(device_id, incoming.received, reply.server_us, reply.queue_us,
+                                         reply.answered_by) for incoming, device_id, reply in replies])
+
+    def _record(self, model: str, status: Status,
+                sent: Sequence[tuple[str, float, int, int, int | None]]) -> None:
+        """Replies of one model and status: (device id, received, service us, queue us, answered by) each."""
+        if not sent:
             return
         now = time.monotonic()
-        latencies = [max(0.0, now - incoming.received) for incoming, _, _ in replies]
-        self.requests.labels(model, Status.OK.name).inc(len(replies))
-        service, queue_wait, latency = (self.service.labels(model), self.queue_wait.labels(model),
-                                        self.latency.labels(model))
+        latencies = [max(0.0, now - received) for _, received, _, _, _ in sent]
+        ok = status == Status.OK
+        self.requests.labels(model, status.name).inc(len(sent))
         tiers: dict[str, int] = {}
-        for (_, _, reply), latency_s in zip(replies, latencies):
-            service.observe(reply.server_us / 1e6)
-            queue_wait.observe(reply.queue_us / 1e6)
-            latency.observe(latency_s)
-            tiers[str(reply.answered_by)] = tiers.get(str(reply.answered_by), 0) + 1
-        for tier, n in tiers.items():
-            self.answered_by.labels(model, tier).inc(n)
+        if ok:
+            service, queue_wait, latency = (self.service.labels(model), self.queue_wait.labels(model),
+                                            self.latency.labels(model))
+            for (_, _, service_us, queue_us, answered_by), latency_s in zip(sent, latencies):
+                service.observe(service_us / 1e6)
+                queue_wait.observe(queue_us / 1e6)
+                latency.observe(latency_s)
+                if answered_by is not None:
+                    tiers[str(answered_by)] = tiers.get(str(answered_by), 0) + 1
+            for tier, n in tiers.items():
+                self.answered_by.labels(model, tier).inc(n)
         with self._lock:
             per_model = self._window.counts.setdefault(model, {})
-            per_model[Status.OK.name] = per_model.get(Status.OK.name, 0) + len(replies)
-            answered = self._window.answered_by.setdefault(model, {})
-            for tier, n in tiers.items():
-                answered[tier] = answered.get(tier, 0) + n
-            for (_, _, reply), latency_s in zip(replies, latencies):
-                self._service_ms.add(reply.server_us / 1e6)
-                self._latency_ms.add(latency_s)
+            per_model[status.name] = per_model.get(status.name, 0) + len(sent)
+            if ok:
+                for (_, _, service_us, _, _), latency_s in zip(sent, latencies):
+                    self._service_ms.add(service_us / 1e6)
+                    self._latency_ms.add(latency_s)
+                if tiers:
+                    answered = self._window.answered_by.setdefault(model, {})
+                    for tier, n in tiers.items():
+                        answered[tier] = answered.get(tier, 0) + n
         if self.log_requests:
-            for (_, device_id, reply), latency_s in zip(replies, latencies):
-                self._log_request(model, device_id, Status.OK, latency_s, reply.server_us, reply.queue_us,
-                                  reply.answered_by)
+            for (device_id, _, service_us, queue_us, answered_by), latency_s in zip(sent, latencies):
+                request_log.info("request", extra={"ddnn": {
+                    "model": model, "device": device_id, "status": status.name,
+                    "latency_ms": round(latency_s * 1e3, 3), "service_ms": service_us / 1e3, "queue_ms": queue_us / 1e3,
+                    **({"answered_by": answered_by} if ok and answered_by is not None else {})}})
 
     def dropped(self) -> None:
         """A request acknowledged without a reply (its topic names no device to answer)."""

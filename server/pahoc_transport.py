@@ -181,7 +181,7 @@ class PahocTransport:
         if self._closed:
             return
         self._closed = True
-        self._publish(topics.server_status_topic(self.client_id), b"offline", qos=1, retain=True)
+        self.publish_raw(topics.server_status_topic(self.client_id), b"offline", qos=1, retain=True)
         self._lib.ddnn_pahoc_wait_published(self._client, 1000)
         self._lib.ddnn_pahoc_interrupt(self._client)
         if self._pump.is_alive():
@@ -193,12 +193,12 @@ class PahocTransport:
         self._lib.ddnn_pahoc_close(self._client, 2000)
 
     def publish_telemetry(self, payload: bytes) -> None:
-        self._publish(topics.server_telemetry_topic(self.client_id), payload, qos=0)
+        self.publish_raw(topics.server_telemetry_topic(self.client_id), payload, qos=0)
 
     def publish_feature_request(self, device_id: str, payload: bytes) -> bool:
         """Aggregator, scores first: ask ``device_id`` for an event's split (QoS 1), as the paho-mqtt transport
         does. False when Paho C did not take it."""
-        rc = self._publish(topics.feature_request_topic(device_id), payload, qos=1)
+        rc = self.publish_raw(topics.feature_request_topic(device_id), payload, qos=1)
         if rc != 0:
             self._problems.warning("unsent", "feature request to %s not sent: Paho C error %d", device_id, rc)
         return rc == 0
@@ -209,15 +209,13 @@ class PahocTransport:
         """Hand one message to Paho C as it is (no topic checks): 0 when taken, else Paho's error code."""
         return int(self._lib.ddnn_pahoc_publish(self._client, topic.encode(), payload, len(payload), qos, int(retain)))
 
-    _publish = publish_raw
-
     def drop(self, incoming: Incoming) -> None:
         """Nothing to do: Paho C acknowledged the request on arrival."""
 
     def reply(self, incoming: Incoming, device_id: str, payload: bytes) -> None:
         """Publish a reply (QoS 1) to ``device_id``'s reply topic; ``device_id`` must be valid."""
         topic = topics.reply_topic(device_id)
-        rc = self._publish(topic, payload, qos=1)
+        rc = self.publish_raw(topic, payload, qos=1)
         if rc != 0:
             # Not queued (disconnected, or the outgoing queue is full): its device falls back locally.
             self.unsent_replies += 1
