@@ -29,11 +29,12 @@ can pass on this machine.
 Each model's server runs once per --forward (default both): the NumPy forward of the server tiers
 (ddnn_gen/model/fast_forward.py, ddnn-server's default) and Chainer's, the reference; the raw forward every
 row is compared with is the fastest one (NumPy), and a last table puts the two forwards side by side. Each
-of those runs once per --transport (default both): paho-mqtt (Python) and paho-c (Paho C through cffi,
-server/pahoc_transport.py); a table puts their ratios and server CPU per request side by side.
+of those runs once per --transport (default all three): paho-mqtt (Python), paho-c (Paho C through cffi,
+server/pahoc_transport.py) and c-mqtt (the server's own MQTT client in C, c_runtime/ddnn_mqtt_batch.c, behind
+the same Python side); a table puts their ratios and server CPU per request side by side.
 
 Usage: python bench/bench_server.py [--model models/fmnist_32.npz ...] [--max-batch 32] [--no-pin]
-                                    [--forward numpy --forward chainer] [--transport paho-mqtt --transport paho-c]
+                                    [--forward numpy --forward chainer] [--transport paho-mqtt --transport c-mqtt ...]
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from ddnn_server.store import FORWARDS, ModelStore, ServedModel
 log = logging.getLogger("bench_server")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "models").glob("*.npz")))
-TRANSPORTS = ("paho-mqtt", "paho-c")
+TRANSPORTS = ("paho-mqtt", "paho-c", "c-mqtt")
 ECHO_REQUEST, ECHO_REPLY = "bench/echo/request", "bench/echo/reply"
 
 
@@ -162,10 +163,11 @@ def _stop(client: mqtt_client.Client) -> None:
 
 def echo_responder(address: str, transport: str) -> None:
     """A bare echo: every request's payload straight back, QoS 1. paho-mqtt: from the network thread;
-    paho-c: through the server's own Paho C transport (its take thread, one publish call per reply), so its
-    cost is the floor of ``ddnn-server --transport paho-c`` before the server does any work of its own."""
+    paho-c and c-mqtt: through the server's own C transport (its take thread, one publish call per reply), so
+    its cost is the floor of ``ddnn-server --transport paho-c`` (or c-mqtt) before the server does any work of
+    its own."""
     host, port = address.rsplit(":", 1)
-    if transport == "paho-c":
+    if transport in ("paho-c", "c-mqtt"):
         from ddnn_server.pahoc_transport import PahocTransport
 
         pahoc: PahocTransport | None = None
@@ -175,10 +177,11 @@ def echo_responder(address: str, transport: str) -> None:
             pahoc.publish_raw(ECHO_REPLY, payload, qos=1)
 
         pahoc = PahocTransport(BrokerConnection(host, int(port)), f"bench-echo-c-{os.getpid()}", "bench", [],
-                               lambda incoming: None, False, extra_subscriptions=[ECHO_REQUEST], on_other=echo)
+                               lambda incoming: None, False, extra_subscriptions=[ECHO_REQUEST], on_other=echo,
+                               client=transport)
         pahoc.start()
         if not pahoc.wait_ready(10):
-            raise RuntimeError("Paho C echo: not subscribed")
+            raise RuntimeError(f"{transport} echo: not subscribed")
         print("echo: ready", file=sys.stderr, flush=True)
         sys.stdin.read()
         pahoc.close()
@@ -601,21 +604,23 @@ def print_forwards(results: Sequence[ModelResult]) -> None:
 
 
 def print_transports(results: Sequence[ModelResult]) -> None:
-    """paho-mqtt against paho-c, per model and forward, where both ran."""
+    """The transports side by side, per model and forward, where more than one ran."""
     by_run: dict[tuple[str, str], dict[str, ModelResult]] = {}
     for r in results:
         by_run.setdefault((r.name, r.forward), {})[r.transport] = r
-    pairs = [(name, forward, runs["paho-mqtt"], runs["paho-c"]) for (name, forward), runs in by_run.items()
-             if "paho-mqtt" in runs and "paho-c" in runs]
-    if not pairs:
+    ran = [t for t in TRANSPORTS if any(t in runs for runs in by_run.values())]
+    rows = [(name, forward, runs) for (name, forward), runs in by_run.items() if all(t in runs for t in ran)]
+    if len(ran) < 2 or not rows:
         return
-    print("transports side by side (paho-mqtt then paho-c): MQTT req/s over the raw forward (goal >= 0.8), server "
+    width = 7 * len(ran)
+    print(f"transports side by side ({', '.join(ran)}): MQTT req/s over the raw forward (goal >= 0.8), server "
           "CPU us per request, lone round trip over the echo (goal <= 1.5):")
-    print(f"{'model':<18}{'forward':>8} | {'ratio':>12} | {'server CPU us':>16} | {'RTT/echo':>12}")
-    for name, forward, mqtt, pahoc in pairs:
-        print(f"{name:<18}{forward:>8} | {mqtt.mqtt_rate / mqtt.raw_rate:>6.2f}{pahoc.mqtt_rate / pahoc.raw_rate:>6.2f}"
-              f" | {mqtt.server_cpu_us:>8.0f}{pahoc.server_cpu_us:>8.0f} | "
-              f"{mqtt.server_rtt_us / mqtt.echo_rtt_us:>6.2f}{pahoc.server_rtt_us / pahoc.echo_rtt_us:>6.2f}")
+    print(f"{'model':<18}{'forward':>8} | {'ratio':>{width}} | {'server CPU us':>{width}} | {'RTT/echo':>{width}}")
+    for name, forward, runs in rows:
+        ratios = "".join(f"{runs[t].mqtt_rate / runs[t].raw_rate:>7.2f}" for t in ran)
+        cpu = "".join(f"{runs[t].server_cpu_us:>7.0f}" for t in ran)
+        rtt = "".join(f"{runs[t].server_rtt_us / runs[t].echo_rtt_us:>7.2f}" for t in ran)
+        print(f"{name:<18}{forward:>8} | {ratios} | {cpu} | {rtt}")
 
 
 def main() -> None:
@@ -636,7 +641,7 @@ def main() -> None:
     parser.add_argument("--forward", action="append", choices=FORWARDS, default=None,
                         help="the server's forward (repeat); default: both")
     parser.add_argument("--transport", action="append", choices=TRANSPORTS, default=None,
-                        help="the server's MQTT transport (repeat); default: both")
+                        help="the server's MQTT transport (repeat); default: all")
     parser.add_argument("--echo-responder", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--echo-transport", choices=TRANSPORTS, default="paho-mqtt", help=argparse.SUPPRESS)
     args = parser.parse_args()

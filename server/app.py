@@ -78,7 +78,8 @@ class ServerConfig:
     # of subscribing on ``broker``; ``receive_maximum`` is then the prefetch count.
     amqp: Sequence[AmqpEndpoint] = ()
     # MQTT client library: "paho-mqtt" (Python; a request is acked once answered, so a crash redelivers it) or
-    # "paho-c" (Paho C through cffi, requests in batches; acked on arrival: see server/pahoc_transport.py).
+    # "paho-c" (Paho C through cffi, requests in batches; acked on arrival: see server/pahoc_transport.py) or
+    # "c-mqtt" (the server's own MQTT client in C, c_runtime/ddnn_mqtt_batch.c: batches both ways; acked when taken).
     transport: str = "paho-mqtt"
 
 
@@ -149,20 +150,20 @@ class Server:
                                 "thresholds and device status are MQTT); --amqp serves cloud models")
             client_id = config.server_id or config.amqp[0].username
             self.transport = AmqpTransport(config.amqp, client_id, served, self._on_request, config.receive_maximum)
-        elif config.transport == "paho-c":
+        elif config.transport in ("paho-c", "c-mqtt"):
             from ddnn_server.pahoc_transport import PahocTransport
 
             self.transport = PahocTransport(config.broker, client_id, config.group, served, self._on_request,
                                             persistent, config.session_expiry_s, extra,
                                             self._on_other if extra else None, config.receive_maximum,
                                             max_request_bytes=config.max_request_bytes,
-                                            on_requests=self._on_requests)
+                                            on_requests=self._on_requests, client=config.transport)
         elif config.transport == "paho-mqtt":
             self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
                                        config.session_expiry_s, extra, self._on_other if extra else None,
                                        config.receive_maximum)
         else:
-            raise DdnnError(f"unknown MQTT transport {config.transport!r} (paho-mqtt or paho-c)")
+            raise DdnnError(f"unknown MQTT transport {config.transport!r} (paho-mqtt, paho-c or c-mqtt)")
         self.upstream: Upstream | None = None
         if edges:
             up = config.upstream or config.broker

@@ -65,12 +65,15 @@ def _upstream(broker: BrokerConnection, address: str | None, username: str | Non
                    "models' quorum queues over AMQP instead of MQTT (docs/deployment.md). Instead of --broker.")
 @click.option("--amqp-password-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="File whose first line is the AMQP user's password.")
-@click.option("--transport", "transport", type=click.Choice(["paho-mqtt", "paho-c"]), default="paho-mqtt",
+@click.option("--transport", "transport", type=click.Choice(["paho-mqtt", "paho-c", "c-mqtt"]),
+              default="paho-mqtt",
               show_default=True,
               help="MQTT client library. paho-mqtt acknowledges a request once its reply is accepted, so a server "
                    "that dies gets it again (with --server-id). paho-c (Paho C through cffi) takes requests in "
                    "batches at a fraction of the CPU, but Paho C acknowledges on arrival: a crash loses what the "
-                   "server held to the devices' local fallback (docs/deployment.md).")
+                   "server held to the devices' local fallback (docs/deployment.md). c-mqtt (the server's own MQTT 5 "
+                   "client in C) reads and writes whole batches at the least CPU, and acknowledges a request once "
+                   "the server takes it: a crash loses only what it held.")
 @click.option("--models", "models_dir", required=True, type=click.Path(exists=True),
               help="Directory of model files (*.npz), or one model file.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")

@@ -51,22 +51,29 @@ def header_cdef(header: str) -> str:
 
 
 # The server-side files of c_runtime/: no device project ships them (tests/test_c_project.py).
-RUNTIME_FILES = ("ddnn_pahoc.c", "ddnn_pahoc.h")
+RUNTIME_FILES = ("ddnn_pahoc.c", "ddnn_pahoc.h", "ddnn_mqtt_batch.c")
 STATS = ("received", "dropped_full", "dropped_topic", "oversized", "published", "completed", "failed", "connects",
          "lost", "connected", "subscribed", "queued")
 
+# The two implementations of ddnn_pahoc.h, by --transport: (source, libraries, what to install when it fails).
+CLIENTS = {
+    "paho-c": ("ddnn_pahoc.c", ["paho-mqtt3as"], "the Paho C library and its headers (Debian: libpaho-mqtt-dev)"),
+    "c-mqtt": ("ddnn_mqtt_batch.c", ["ssl", "crypto"], "OpenSSL's headers (Debian: libssl-dev)"),
+}
 
-def load_library() -> Any:
-    """The shim's cffi module (built once, then from the cache; see ddnn_gen/codegen/extension.py)."""
+
+def load_library(client: str = "paho-c") -> Any:
+    """The cffi module of one implementation of ddnn_pahoc.h (built once, then from the cache; see
+    ddnn_gen/codegen/extension.py)."""
+    source, libraries, needs = CLIENTS[client]
     runtime = c_runtime_dir()
     try:
         cdef = header_cdef((runtime / "ddnn_pahoc.h").read_text())
-        module, _ = build_extension(None, f"pahoc-{__version__}", cdef, '#include "ddnn_pahoc.h"\n',
-                                    [runtime / "ddnn_pahoc.c"], [runtime], CFLAGS,
-                                    [runtime / name for name in RUNTIME_FILES], libraries=["paho-mqtt3as"])
+        module, _ = build_extension(None, f"{client}-{__version__}", cdef, '#include "ddnn_pahoc.h"\n',
+                                    [runtime / source], [runtime], CFLAGS,
+                                    [runtime / "ddnn_pahoc.h", runtime / source], libraries=libraries)
     except BuildError as error:
-        raise DdnnError(f"--transport paho-c needs the Paho C library and its headers (Debian: libpaho-mqtt-dev) "
-                        f"and a C compiler: {error}") from error
+        raise DdnnError(f"--transport {client} needs {needs} and a C compiler: {error}") from error
     return module
 
 
@@ -79,8 +86,11 @@ class PahocTransport:
                  on_other: Callable[[str, bytes], None] | None = None, receive_maximum: int = RECEIVE_MAXIMUM,
                  queued_replies: int = QUEUED_REPLIES, max_request_bytes: int = codec.MAX_REQUEST_BYTES,
                  queue_capacity: int = QUEUE_CAPACITY, take_batch: int = TAKE_BATCH,
-                 on_requests: Callable[[list[Incoming]], None] | None = None) -> None:
+                 on_requests: Callable[[list[Incoming]], None] | None = None, client: str = "paho-c") -> None:
+        """``client``: which C side (``CLIENTS``): Paho C, or the server's own MQTT client (c_runtime/ddnn_mqtt_batch.c,
+        which acknowledges a request when it is taken, and never drops a QoS 1 one for a full queue)."""
         self.connection = connection
+        self.client = client
         self.client_id = topics.check_name(client_id, "server id")
         self.subscriptions = [topics.request_subscription(model_hash, group, tier) for model_hash, tier in served]
         self._extra = list(extra_subscriptions)
@@ -92,7 +102,7 @@ class PahocTransport:
         self.unsent_replies = 0
         self.takes = 0  # takes that returned requests (received / takes: the mean batch handed over)
         self._problems = RateLimitedLog(log, interval_s=30.0)
-        module = load_library()
+        module = load_library(client)
         self._ffi: Any = module.ffi
         self._lib: Any = module.lib
         ffi = self._ffi
@@ -129,8 +139,8 @@ class PahocTransport:
         error = ffi.new("char[]", 256)
         self._client = self._lib.ddnn_pahoc_create(config, error, len(error))
         if self._client == ffi.NULL:
-            raise DdnnError(f"Paho C transport to {connection.url}: {ffi.string(error).decode()}")
-        self._pump = threading.Thread(target=self._pump_loop, name="ddnn-pahoc-take", daemon=True)
+            raise DdnnError(f"{client} transport to {connection.url}: {ffi.string(error).decode()}")
+        self._pump = threading.Thread(target=self._pump_loop, name=f"ddnn-{client}-take", daemon=True)
         self._closed = False
 
     @property

@@ -1,7 +1,8 @@
-"""c_runtime/ddnn_pahoc.c under ASan/UBSan (and LeakSanitizer): tests/pahoc_check.c links the shim with
-libpaho-mqtt3as and a sanitizer build, then serves requests this test publishes through a real Mosquitto,
-an overlong topic and an oversized payload among them. Under cffi the shim runs inside Python, which no
-sanitizer watches; this is where its memory and its callbacks on Paho's threads are checked."""
+"""Both C sides of the server's C transports under ASan/UBSan (and LeakSanitizer): tests/pahoc_check.c links
+c_runtime/ddnn_pahoc.c with libpaho-mqtt3as, or c_runtime/ddnn_mqtt_batch.c (the server's own MQTT client, its
+packet parser included) with OpenSSL, in a sanitizer build, then serves requests this test publishes through
+a real Mosquitto, an overlong topic and an oversized payload among them. Under cffi the C side runs inside
+Python, which no sanitizer watches; this is where its memory and its threads are checked."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from ddnn_gen.codegen.extension import CFLAGS
 from ddnn_gen.codegen.resources import c_runtime_dir
 from ddnn_gen.wire.broker import Broker
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/include/MQTTAsync.h"),
-                                reason="the Paho C transport needs libpaho-mqtt-dev")
+# --transport: (its C source, the libraries it links, the header that says they are installed, the package)
+C_SIDES = {"paho-c": ("ddnn_pahoc.c", ["-lpaho-mqtt3as"], "/usr/include/MQTTAsync.h", "libpaho-mqtt-dev"),
+           "c-mqtt": ("ddnn_mqtt_batch.c", ["-lssl", "-lcrypto"], "/usr/include/openssl/ssl.h", "libssl-dev")}
 
 CHECK = Path(__file__).with_name("pahoc_check.c")
 # Leaks count here too: ddnn_pahoc_close() must free everything the shim allocated.
@@ -29,22 +31,26 @@ SANITIZERS = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
 MAX_TOPIC, KEEP_OVERSIZED, BATCH = 128, 64, 4  # as in pahoc_check.c
 
 
-def build_check(tmp: Path) -> Path:
+def build_check(tmp: Path, side: str) -> Path:
+    source, libraries, header, package = C_SIDES[side]
+    if not os.path.exists(header):
+        pytest.skip(f"--transport {side} needs {package}")
     binary = tmp / "pahoc_check"
     runtime = c_runtime_dir()
     cflags = [flag for flag in CFLAGS if flag != "-march=native"]  # the extension's flags, any host
     built = subprocess.run(["gcc", *cflags, *toolchain.WARNING_CFLAGS, *toolchain.SANITIZE_CFLAGS, "-I", str(runtime),
-                    "-o", str(binary), str(CHECK), str(runtime / "ddnn_pahoc.c"), "-lpaho-mqtt3as", "-lpthread"],
+                    "-o", str(binary), str(CHECK), str(runtime / source), *libraries, "-lpthread"],
                    capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     return binary
 
 
-def test_shim_serves_batches_under_sanitizers(broker: Broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("side", sorted(C_SIDES))
+def test_shim_serves_batches_under_sanitizers(broker: Broker, tmp_path: Path, side: str) -> None:
     """Bounds enforced and counted (an overlong topic dropped, an oversized payload kept as its first bytes
     with its wire size), requests taken in batches, every reply delivered, a clean shutdown: exit status 0
     and no sanitizer report."""
-    binary = build_check(tmp_path)
+    binary = build_check(tmp_path, side)
     normal = {f"dev{index}": bytes([index]) * (index + 1) for index in range(9)}
     big = bytes(range(256)) * 20  # 5120 bytes, over the 1000-byte bound
     expected = len(normal) + 2

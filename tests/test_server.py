@@ -20,13 +20,16 @@ from ddnn_gen.wire.codec import Packing, RequestHeader, Status
 
 N_SAMPLES = 1000
 # The MQTT transports ddnn-server offers (--transport): the scenarios below run on each.
-TRANSPORTS = pytest.mark.parametrize("transport", ["paho-mqtt", "paho-c"], indirect=True)
+TRANSPORTS = pytest.mark.parametrize("transport", ["paho-mqtt", "paho-c", "c-mqtt"], indirect=True)
+NEEDS = {"paho-c": ("/usr/include/MQTTAsync.h", "libpaho-mqtt-dev"), "c-mqtt": ("/usr/include/openssl/ssl.h",
+                                                                                 "libssl-dev")}
 
 
 @pytest.fixture()
 def transport(request: pytest.FixtureRequest) -> str:
-    if request.param == "paho-c" and not os.path.exists("/usr/include/MQTTAsync.h"):
-        pytest.skip("the Paho C transport needs libpaho-mqtt-dev")
+    header, package = NEEDS.get(request.param, ("/", ""))
+    if not os.path.exists(header):
+        pytest.skip(f"--transport {request.param} needs {package}")
     return str(request.param)
 
 

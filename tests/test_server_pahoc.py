@@ -1,7 +1,8 @@
-"""The Paho C transport (server/pahoc_transport.py, c_runtime/ddnn_pahoc.c) against a real Mosquitto: the
-bounds its C side keeps (topic length, payload length, queue), replies only to the topic's device, whole
-batches handed over, TLS with a password, and what a crash costs (acks on arrival: in-flight requests fall
-back on the devices, none hangs). The end-to-end scenarios shared with paho-mqtt are in test_server.py."""
+"""The C transports (server/pahoc_transport.py with either C side: c_runtime/ddnn_pahoc.c on Paho C, or the
+server's own MQTT client c_runtime/ddnn_mqtt_batch.c) against a real Mosquitto: the bounds the C side keeps
+(topic length, payload length, queue), replies only to the topic's device, whole batches handed over, TLS with
+a password, keepalive, reconnection, and what a crash costs (in-flight requests fall back on the devices, none
+hangs). The end-to-end scenarios shared with paho-mqtt are in test_server.py."""
 
 from __future__ import annotations
 
@@ -20,26 +21,38 @@ from ddnn_gen.wire.broker import Broker
 from ddnn_gen.wire.codec import Status
 from ddnn_server.transport import Incoming
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/include/MQTTAsync.h"),
-                                reason="the Paho C transport needs libpaho-mqtt-dev")
-
 MODEL_HASH = bytes(range(16))
+# Each test below runs on both C sides (--transport paho-c and c-mqtt) unless it names one.
+C_CLIENTS = pytest.mark.parametrize("client", ["paho-c", "c-mqtt"], indirect=True)
+NEEDS = {"paho-c": ("/usr/include/MQTTAsync.h", "libpaho-mqtt-dev"), "c-mqtt": ("/usr/include/openssl/ssl.h",
+                                                                                 "libssl-dev")}
 
 
-def _transport(broker: Broker, on_request: object, **kwargs: object):  # noqa: ANN202
+@pytest.fixture()
+def client(request: pytest.FixtureRequest) -> str:
+    header, package = NEEDS[request.param]
+    if not os.path.exists(header):
+        pytest.skip(f"--transport {request.param} needs {package}")
+    return str(request.param)
+
+
+def _transport(broker: Broker, on_request: object, client: str, **kwargs: object):  # noqa: ANN202
     from ddnn_server.pahoc_transport import PahocTransport
 
     transport = PahocTransport(broker.connection(), f"pahoc-{os.getpid()}", "g", [(MODEL_HASH, 1)],
-                               on_request, persistent=False, **kwargs)  # type: ignore[arg-type]
+                               on_request, persistent=False, client=client, **kwargs)  # type: ignore[arg-type]
     transport.start()
     assert transport.wait_ready(10.0), transport.connection_problem
     return transport
 
 
-def test_bounds_of_the_c_side_topic_payload_and_queue(broker: Broker) -> None:
+@C_CLIENTS
+def test_bounds_of_the_c_side_topic_payload_and_queue(broker: Broker, client: str) -> None:
     """A topic longer than the C bound never reaches Python; an oversized payload arrives as its header,
-    flagged with its wire size; a full queue drops (counted) instead of growing; what was queued arrives
-    intact, in batches (several requests per take)."""
+    flagged with its wire size (also one larger than c-mqtt's read buffer, which it discards as it arrives);
+    the queue never grows past its capacity: Paho C drops (counted) what finds it full, c-mqtt asks the broker
+    for no more unacknowledged requests than it holds, so the rest wait in the broker and all arrive; what was
+    queued arrives intact and in order."""
     release = threading.Event()
     got: list[Incoming] = []
 
@@ -47,22 +60,33 @@ def test_bounds_of_the_c_side_topic_payload_and_queue(broker: Broker) -> None:
         got.append(incoming)
         release.wait(30.0)  # the take thread stops here: the C queue fills behind it
 
-    transport = _transport(broker, on_request, queue_capacity=8, max_request_bytes=1000)
+    transport = _transport(broker, on_request, client, queue_capacity=8, max_request_bytes=1000)
     sender = RawClient(broker.connection(), "sender")
     key = topics.model_key(MODEL_HASH)
     try:
         assert sender.publish(f"ddnn/req/{key}/{'x' * 600}", b"long topic") == "Success"
         big = codec.REQUEST_MAGIC + bytes(range(60)) + bytes(5000)
+        huge = codec.REQUEST_MAGIC + bytes(range(60)) + bytes(3 << 20)  # over any read buffer of c-mqtt's
         assert sender.publish(f"ddnn/req/{key}/sender", big) == "Success"
         assert wait_for(lambda: len(got) == 1, 10.0)
+        assert sender.publish(f"ddnn/req/{key}/huge", huge) == "Success"
         for index in range(40):
             assert sender.publish(f"ddnn/req/{key}/dev{index}", index.to_bytes(4, "little")) == "Success"
-        assert wait_for(lambda: transport.stats()["received"] + transport.stats()["dropped_full"] == 41, 10.0)
+        if client == "paho-c":
+            assert wait_for(lambda: transport.stats()["received"] + transport.stats()["dropped_full"] == 42, 10.0)
+        else:
+            assert wait_for(lambda: transport.stats()["received"] == 1 + 8, 10.0)
+            time.sleep(0.5)  # nothing more arrives while the queue is full
         stats = transport.stats()
-        assert stats["dropped_topic"] == 1 and stats["oversized"] == 1
-        assert stats["queued"] == 8 and stats["dropped_full"] == 40 - 8, stats
+        assert stats["dropped_topic"] == 1 and stats["queued"] == 8, stats
+        if client == "paho-c":
+            assert stats["oversized"] == 2 and stats["dropped_full"] == 41 - 8, stats
+        else:
+            assert stats["oversized"] == 2 and stats["dropped_full"] == 0, stats
         release.set()
-        assert wait_for(lambda: len(got) == 9, 10.0)
+        kept = 1 + 8 if client == "paho-c" else 1 + 41
+        assert wait_for(lambda: len(got) == kept, 10.0)
+        stats = transport.stats()
     finally:
         release.set()
         sender.close()
@@ -70,11 +94,16 @@ def test_bounds_of_the_c_side_topic_payload_and_queue(broker: Broker) -> None:
     oversized = got[0]
     assert oversized.truncated_from == len(big) and oversized.payload == big[:codec.REQUEST_HEADER_BYTES]
     assert oversized.topic == f"ddnn/req/{key}/sender" and oversized.qos == 1
-    # The eight that found room, in order and intact, with their arrival time on time.monotonic()'s clock.
-    assert [incoming.payload for incoming in got[1:]] == [index.to_bytes(4, "little") for index in range(8)]
-    assert [incoming.topic.rsplit("/", 1)[1] for incoming in got[1:]] == [f"dev{index}" for index in range(8)]
-    assert all(incoming.truncated_from == 0 for incoming in got[1:])
+    assert got[1].truncated_from == len(huge) and got[1].payload == huge[:codec.REQUEST_HEADER_BYTES]
+    assert got[1].topic == f"ddnn/req/{key}/huge"
+    # What found room (all of them on c-mqtt), in order and intact, on time.monotonic()'s clock.
+    arrived = range(7) if client == "paho-c" else range(40)
+    assert [incoming.payload for incoming in got[2:]] == [index.to_bytes(4, "little") for index in arrived]
+    assert [incoming.topic.rsplit("/", 1)[1] for incoming in got[2:]] == [f"dev{index}" for index in arrived]
+    assert all(incoming.truncated_from == 0 for incoming in got[2:])
     assert all(0 < time.monotonic() - incoming.received < 60 for incoming in got)
+    if client == "c-mqtt":
+        assert stats["received"] == 42 and stats["oversized"] == 2 and stats["dropped_full"] == 0, stats
 
 
 def _broker_sockets_no_delay(port: int) -> list[bool]:
@@ -95,10 +124,12 @@ def _broker_sockets_no_delay(port: int) -> list[bool]:
     return found
 
 
-def test_nagle_is_off_on_the_broker_connection(broker: Broker) -> None:
+@C_CLIENTS
+def test_nagle_is_off_on_the_broker_connection(broker: Broker, client: str) -> None:
     """Paho C leaves Nagle's algorithm on: a lone round trip then waits ~40 ms for a delayed ACK (measured
-    43.7 ms against 1.05 ms with TCP_NODELAY in bench_server). The shim turns it off on every connection."""
-    transport = _transport(broker, lambda incoming: None)
+    43.7 ms against 1.05 ms with TCP_NODELAY in bench_server). The shim turns it off on every connection;
+    c-mqtt opens its socket so."""
+    transport = _transport(broker, lambda incoming: None, client)
     try:
         assert _broker_sockets_no_delay(broker.port) == [True]
     finally:
@@ -119,7 +150,8 @@ def _close(transport: object, *clients: RawClient) -> None:
     transport.close()  # type: ignore[attr-defined]
 
 
-def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker: Broker) -> None:
+@C_CLIENTS
+def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker: Broker, client: str) -> None:
     seen: list[Incoming] = []
     transport_box: list[object] = []
     burst = 200
@@ -130,7 +162,7 @@ def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker
         assert routed is not None
         transport_box[0].reply(incoming, routed[1], b"for " + routed[1].encode())  # type: ignore[attr-defined]
 
-    transport = _transport(broker, on_request)
+    transport = _transport(broker, on_request, client)
     transport_box.append(transport)
     alice, bob = RawClient(broker.connection(), "alice"), RawClient(broker.connection(), "bob")
     key = topics.model_key(MODEL_HASH)
@@ -149,7 +181,9 @@ def test_replies_reach_only_the_topics_device_and_batches_are_taken_whole(broker
     assert transport.takes < burst, f"{transport.takes} takes for {burst} requests: not batched"
 
 
-def test_a_takes_requests_come_as_one_batch_and_reply_many_answers_each_its_own_device(broker: Broker) -> None:
+@C_CLIENTS
+def test_a_takes_requests_come_as_one_batch_and_reply_many_answers_each_its_own_device(broker: Broker,
+                                                                                       client: str) -> None:
     batches: list[list[Incoming]] = []
     transport_box: list[object] = []
     burst = 300
@@ -166,7 +200,7 @@ def test_a_takes_requests_come_as_one_batch_and_reply_many_answers_each_its_own_
     def on_request(incoming: Incoming) -> None:
         raise AssertionError("a take's requests must come through on_requests")
 
-    transport = _transport(broker, on_request, on_requests=on_requests)
+    transport = _transport(broker, on_request, client, on_requests=on_requests)
     transport_box.append(transport)
     alice, bob = RawClient(broker.connection(), "alice"), RawClient(broker.connection(), "bob")
     key = topics.model_key(MODEL_HASH)
@@ -185,41 +219,46 @@ def test_a_takes_requests_come_as_one_batch_and_reply_many_answers_each_its_own_
     assert transport.unsent_replies == 0
 
 
-def test_the_cffi_declarations_are_the_header_s() -> None:
+@C_CLIENTS
+def test_the_cffi_declarations_are_the_header_s(client: str) -> None:
     from ddnn_gen.codegen.resources import c_runtime_dir
     from ddnn_server.pahoc_transport import header_cdef, load_library
 
     header = (c_runtime_dir() / "ddnn_pahoc.h").read_text()
-    lib = load_library().lib
+    lib = load_library(client).lib
     declared = set(re.findall(r"\b(ddnn_pahoc_\w+)\s*\(", header))
     assert {"ddnn_pahoc_take", "ddnn_pahoc_publish_many"} <= declared
     assert all(callable(getattr(lib, name)) for name in declared)
     assert "/*" not in header_cdef(header) and "#" not in header_cdef(header)
 
 
-def test_tls_with_a_password_and_the_reason_when_refused(fmnist_expected: Expected, fmnist_model_path: object) -> None:
+@C_CLIENTS
+def test_tls_with_a_password_and_the_reason_when_refused(fmnist_expected: Expected, fmnist_model_path: object,
+                                                         client: str) -> None:
     """The deployment broker (TLS, password file, ACL): served like paho-mqtt; a device's credentials get the
     broker's refusal as the reason it is not ready."""
     with secure_broker({"devA": "device", "srv": "server"}) as secure:
         server = ServerProcess(secure.connection("srv"), fmnist_model_path, workers=1,
-                               extra=["--transport", "paho-c"]).start()
+                               extra=["--transport", client]).start()
         try:
             report = run_one_device(secure.connection("devA"), "devA", fmnist_expected, 100)
         finally:
             assert server.terminate() == 0, server.output
         assert report.count("server") == 100 and report.misrouted == 0
         wrong = ServerProcess(secure.connection("devA"), fmnist_model_path, workers=1,
-                              extra=["--transport", "paho-c"])
+                              extra=["--transport", client])
         with pytest.raises(RuntimeError, match="did not become ready"):
             wrong.start(timeout_s=8.0)
         assert "refused the subscriptions" in wrong.output and "Not authorized" in wrong.output, wrong.output
 
 
+@C_CLIENTS
 def test_a_killed_server_costs_its_in_flight_requests_to_the_fallback_and_none_hangs(
-        broker: Broker, fmnist_expected: Expected, fmnist_model_path: object) -> None:
-    """Paho C acks on arrival: SIGKILL loses what the server held. Every request still ends, answered by the
-    server or by the device's own exit after its timeout, and the restarted server answers the rest."""
-    args = ["--transport", "paho-c"]
+        broker: Broker, fmnist_expected: Expected, fmnist_model_path: object, client: str) -> None:
+    """Paho C acks on arrival, c-mqtt when the server takes a request: SIGKILL loses what the server held.
+    Every request still ends, answered by the server or by the device's own exit after its timeout, and the
+    restarted server answers the rest."""
+    args = ["--transport", client]
     server = ServerProcess(broker.address, fmnist_model_path, workers=2, server_id="pahoc-crash", extra=args).start()
     restarted: list[ServerProcess] = []
     answered = threading.Semaphore(0)
@@ -257,10 +296,11 @@ def test_a_killed_server_costs_its_in_flight_requests_to_the_fallback_and_none_h
         assert outcome.final_class == int(reference[outcome.index]), outcome
 
 
+@C_CLIENTS
 def test_oversized_request_is_answered_too_large_with_its_id(broker: Broker, fmnist_expected: Expected,
-                                                              fmnist_model_path: object) -> None:
+                                                              fmnist_model_path: object, client: str) -> None:
     server = ServerProcess(broker.address, fmnist_model_path, workers=1,
-                           extra=["--transport", "paho-c", "--max-request-bytes", "10000"]).start()
+                           extra=["--transport", client, "--max-request-bytes", "10000"]).start()
     client = RawClient(broker.connection(), "big")
     good = codec.encode_request(split_header(fmnist_expected.program, fmnist_expected.loaded.hash_bytes, 42),
                                 fmnist_expected.device.split_words[0])
@@ -277,7 +317,8 @@ def test_oversized_request_is_answered_too_large_with_its_id(broker: Broker, fmn
     assert after is not None and after.status == Status.OK and after.class_id == int(fmnist_expected.server_class[0])
 
 
-def test_several_subscriptions_and_the_other_topics_go_to_on_other(broker: Broker) -> None:
+@C_CLIENTS
+def test_several_subscriptions_and_the_other_topics_go_to_on_other(broker: Broker, client: str) -> None:
     """Edge and aggregator servers subscribe to several models and to retained thresholds and statuses: all
     granted (Paho reports several reason codes another way than one), requests and the rest kept apart."""
     from ddnn_server.pahoc_transport import PahocTransport
@@ -290,7 +331,7 @@ def test_several_subscriptions_and_the_other_topics_go_to_on_other(broker: Broke
     others: list[tuple[str, bytes]] = []
     transport = PahocTransport(broker.connection(), "pahoc-many", "g", [(MODEL_HASH, 1), (other_hash, 2)],
                                requests.append, persistent=False, extra_subscriptions=[threshold],
-                               on_other=lambda topic, payload: others.append((topic, payload)))
+                               on_other=lambda topic, payload: others.append((topic, payload)), client=client)
     transport.start()
     try:
         assert transport.wait_ready(10.0), transport.connection_problem
@@ -303,10 +344,11 @@ def test_several_subscriptions_and_the_other_topics_go_to_on_other(broker: Broke
     assert requests[0].topic == topics.request_topic(other_hash, "setter", 2) and requests[0].payload == b"to tier 2"
 
 
-def test_broker_restart_reconnects_resubscribes_and_serves_again(broker: Broker) -> None:
-    """Paho C reconnects on its own; each connection subscribes again, and the loss shows in the log."""
+@C_CLIENTS
+def test_broker_restart_reconnects_resubscribes_and_serves_again(broker: Broker, client: str) -> None:
+    """Both C sides reconnect on their own; each connection subscribes again, and the loss shows in the log."""
     got: list[Incoming] = []
-    transport = _transport(broker, got.append)
+    transport = _transport(broker, got.append, client)
     key = topics.model_key(MODEL_HASH)
     try:
         broker.kill()
@@ -324,3 +366,27 @@ def test_broker_restart_reconnects_resubscribes_and_serves_again(broker: Broker)
     finally:
         transport.close()
     assert got[0].payload == b"again" and stats["connects"] == 2 and stats["connected"] == 1
+
+
+def test_c_mqtt_keeps_an_idle_connection_alive_with_pings(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mosquitto drops a client silent for 1.5 keepalives: c-mqtt's own PINGREQs keep an idle link up."""
+    if not os.path.exists(NEEDS["c-mqtt"][0]):
+        pytest.skip("--transport c-mqtt needs libssl-dev")
+    from ddnn_server import pahoc_transport
+
+    monkeypatch.setattr(pahoc_transport, "KEEPALIVE_S", 1)
+    got: list[Incoming] = []
+    transport = _transport(broker, got.append, "c-mqtt")
+    key = topics.model_key(MODEL_HASH)
+    try:
+        time.sleep(3.5)  # more than twice the keepalive with nothing to send
+        sender = RawClient(broker.connection(), "late")
+        try:
+            assert sender.publish(f"ddnn/req/{key}/late", b"still there") == "Success"
+            assert wait_for(lambda: len(got) == 1, 10.0)
+        finally:
+            sender.close()
+        stats = transport.stats()
+    finally:
+        transport.close()
+    assert stats["lost"] == 0 and stats["connects"] == 1, stats

@@ -53,13 +53,16 @@ def test_killed_server_restarted_under_its_id_loses_nothing(broker: Broker, fmni
     assert got == [int(fmnist_expected.server_class[o.index]) for o in report.outcomes]
 
 
-@pytest.mark.parametrize("transport", ["paho-mqtt", "paho-c"])
+@pytest.mark.parametrize("transport", ["paho-mqtt", "paho-c", "c-mqtt"])
 def test_sigterm_finishes_in_flight_work_while_another_server_takes_over(broker: Broker, fmnist_expected: Expected,
                                                                          fmnist_model_path: object,
                                                                          transport: str) -> None:
-    """Both transports: a clean stop answers everything it took (paho-c acked it on arrival, so it must)."""
+    """Every transport: a clean stop answers everything it took (paho-c acked it on arrival, c-mqtt when it was
+    taken, so they must)."""
     if transport == "paho-c" and not os.path.exists("/usr/include/MQTTAsync.h"):
         pytest.skip("the Paho C transport needs libpaho-mqtt-dev")
+    if transport == "c-mqtt" and not os.path.exists("/usr/include/openssl/ssl.h"):
+        pytest.skip("--transport c-mqtt needs libssl-dev")
     args = ["--transport", transport]
     leaving = ServerProcess(broker.address, fmnist_model_path, workers=1, extra=args).start()
     staying = ServerProcess(broker.address, fmnist_model_path, workers=1, extra=args).start()
