@@ -48,6 +48,10 @@
 #define PACKET_LIMIT 268435455u /* MQTT's largest remaining length */
 #define READ_CHUNK (256 * 1024)
 #define CONNECT_TIMEOUT_MS 5000
+#define TAKER_SLICE_MS 50                 /* a taker re-checks for interruption this often while it reads */
+#define TAKER_GRACE_NS (50 * 1000000LL)   /* the I/O thread reads only when no take read for this long */
+
+enum { NOBODY, IO_THREAD, TAKER };
 #define FAILURE (-1)         /* MQTTASYNC_FAILURE's value: the Python side reports codes as they are */
 #define DISCONNECTED (-3)    /* MQTTASYNC_DISCONNECTED */
 #define MAX_BUFFERED (-12)   /* MQTTASYNC_MAX_BUFFERED_MESSAGES */
@@ -108,6 +112,9 @@ struct ddnn_pahoc {
     size_t in_len, in_cap;
     size_t skip;               /* bytes of an oversized packet still to discard */
     int paused;                /* the queue is full: no reading until a take makes room (under lock) */
+    int reader;                /* who reads the socket now (NOBODY, IO_THREAD, TAKER): c->in is theirs */
+    int broken;                /* the taker's read failed: the I/O thread closes the link */
+    int64_t last_take_ns;      /* a taker read less than TAKER_GRACE_NS ago: the I/O thread does not */
 
     char *subscriptions[MAX_SUBSCRIPTIONS];
     int n_subscriptions;
@@ -911,43 +918,62 @@ static void parse_input(ddnn_pahoc *c)
         pthread_cond_broadcast(&c->changed);
 }
 
-/* One read of whatever the socket holds; -1 when the connection ended. */
+/* One read of whatever the socket holds, by the reader (c->reader), lock not held; -1 when the connection
+ * ended. TLS reads take the lock: an SSL object must not be read and written at once, and callers write
+ * under it. */
 static int read_some(ddnn_pahoc *c)
 {
-    for (;;) {
-        ssize_t n;
-        if (c->in_cap - c->in_len == 0)
-            return 0;
-        if (c->tls != NULL) {
+    ssize_t n;
+    if (c->in_cap - c->in_len == 0)
+        return 0;
+    if (c->tls != NULL) {
+        int got = 0;
+        pthread_mutex_lock(&c->lock);
+        for (;;) {
             int r = SSL_read(c->tls, c->in + c->in_len, (int)(c->in_cap - c->in_len > INT32_MAX
                                                                   ? INT32_MAX : c->in_cap - c->in_len));
             if (r <= 0) {
                 int e = SSL_get_error(c->tls, r);
-                if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
-                    return 0;
-                return -1;
+                if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+                    got = -1;
+                break;
             }
-            n = r;
-        } else {
-            n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
-            if (n == 0)
-                return -1;
-            if (n < 0)
-                return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
-        }
-        c->in_len += (size_t)n;
-        c->last_received_ns = now_ns();
-        if (c->tls == NULL || SSL_pending(c->tls) == 0)
-            return 1;
-        /* OpenSSL holds decrypted bytes poll() cannot see: read them now, unless the queue is full. */
-        pthread_mutex_lock(&c->lock);
-        parse_input(c);
-        if (c->paused) {
-            pthread_mutex_unlock(&c->lock);
-            return 1;
+            c->in_len += (size_t)r;
+            c->last_received_ns = now_ns();
+            got = 1;
+            /* OpenSSL may hold more decrypted bytes than fit: parse, then read on, unless the queue is full. */
+            if (SSL_pending(c->tls) == 0)
+                break;
+            parse_input(c);
+            if (c->paused || c->state == OFFLINE)
+                break;
         }
         pthread_mutex_unlock(&c->lock);
+        return got;
     }
+    n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+    if (n == 0)
+        return -1;
+    if (n < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
+    c->in_len += (size_t)n;
+    c->last_received_ns = now_ns();
+    return 1;
+}
+
+/* After a read by the reader, lock held: parse it, or leave a failed link to the I/O thread. */
+static void after_read(ddnn_pahoc *c, int got)
+{
+    c->reader = NOBODY;
+    pthread_cond_broadcast(&c->changed); /* a taker waiting for the reading hands it over now */
+    if (got < 0) {
+        c->broken = 1;
+        wake_io(c);
+        return;
+    }
+    parse_input(c);
+    if (c->state != OFFLINE && c->out.len > 0)
+        send_or_wake(c);
 }
 
 /* ---- the I/O thread ------------------------------------------------------------------------------------ */
@@ -959,7 +985,7 @@ static void *io_loop(void *arg)
 
     for (;;) {
         struct pollfd p[2];
-        int timeout_ms = 200, n_fds = 1, fd, rc, tls_pending;
+        int timeout_ms = 200, n_fds = 1, fd, rc, tls_pending, reading;
         int64_t now = now_ns();
 
         pthread_mutex_lock(&c->lock);
@@ -1008,44 +1034,44 @@ static void *io_loop(void *arg)
                 c->ping_sent_ns = now;
             }
         }
-        if (c->out.len > 0 && flush_out(c) != 0) {
-            close_link(c, "write failed");
+        if (c->broken || (c->out.len > 0 && flush_out(c) != 0)) {
+            close_link(c, c->broken ? "connection closed" : "write failed");
+            c->broken = 0;
             pthread_mutex_unlock(&c->lock);
             continue;
         }
-        if (c->paused && c->count < c->config.queue_capacity) {
+        if (c->paused && c->count < c->config.queue_capacity && c->reader == NOBODY) {
             parse_input(c); /* a take made room: what waited in the buffer first */
             pthread_cond_broadcast(&c->changed);
         }
+        /* While a taker is about it reads the socket itself (one thread woken per arrival, not two); this
+         * thread reads when none is (before the first take, and while the server is busy elsewhere). */
+        reading = !c->paused && c->reader == NOBODY && (c->state == CONNECTING || now - c->last_take_ns >
+                                                                                         TAKER_GRACE_NS);
+        if (reading)
+            c->reader = IO_THREAD;
         fd = c->fd;
         p[0].fd = fd;
-        p[0].events = (c->paused ? 0 : POLLIN) | (c->out.len > 0 ? POLLOUT : 0);
+        p[0].events = (reading ? POLLIN : 0) | (c->out.len > 0 ? POLLOUT : 0);
         /* Bytes OpenSSL decrypted but nobody read yet: poll() cannot see them. */
-        tls_pending = !c->paused && c->tls != NULL && SSL_pending(c->tls) > 0;
+        tls_pending = reading && c->tls != NULL && SSL_pending(c->tls) > 0;
         pthread_mutex_unlock(&c->lock);
         p[1].fd = c->wake_fd;
         p[1].events = POLLIN;
         n_fds = 2;
-        rc = poll(p, (nfds_t)n_fds, tls_pending ? 0 : timeout_ms);
+        rc = poll(p, (nfds_t)n_fds, tls_pending ? 0 : reading ? TAKER_SLICE_MS : timeout_ms);
         if (tls_pending) {
             p[0].revents |= POLLIN;
             rc = 1;
         }
-        if (rc <= 0)
-            continue;
-        if (p[1].revents & POLLIN) {
+        if (rc > 0 && (p[1].revents & POLLIN)) {
             uint64_t drained;
             (void)!read(c->wake_fd, &drained, sizeof drained);
         }
-        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-            int got = read_some(c);
+        if (reading) {
+            int got = rc > 0 && (p[0].revents & (POLLIN | POLLHUP | POLLERR)) ? read_some(c) : 0;
             pthread_mutex_lock(&c->lock);
-            if (got < 0)
-                close_link(c, "connection closed");
-            else
-                parse_input(c);
-            if (c->state != OFFLINE && c->out.len > 0 && flush_out(c) != 0)
-                close_link(c, "write failed");
+            after_read(c, got);
             pthread_mutex_unlock(&c->lock);
         }
     }
@@ -1214,15 +1240,39 @@ int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *re
                     size_t buffer_len)
 {
     struct timespec deadline;
+    int64_t until;
     size_t used = 0;
     int taken = 0, acked = 0;
 
     if (buffer_len < c->config.max_topic_bytes + c->config.max_payload_bytes)
         return -2;
     deadline_in(&deadline, timeout_ms);
+    until = now_ns() + (int64_t)timeout_ms * 1000000;
     pthread_mutex_lock(&c->lock);
-    while (c->count == 0 && !c->interrupted &&
-           pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
+    c->last_take_ns = now_ns();
+    if (c->paused && c->count < c->config.queue_capacity && c->reader == NOBODY)
+        parse_input(c); /* the last take made room */
+    while (c->count == 0 && !c->interrupted) {
+        int64_t left_ms = (until - now_ns()) / 1000000;
+        if (left_ms <= 0)
+            break;
+        if (c->state != OFFLINE && !c->paused && !c->broken && c->reader == NOBODY) {
+            /* Read the socket here rather than wait for the I/O thread to: one wake-up per arrival. */
+            struct pollfd p = {c->fd, POLLIN, 0};
+            int got = 0, pending = c->tls != NULL && SSL_pending(c->tls) > 0;
+            c->reader = TAKER;
+            pthread_mutex_unlock(&c->lock);
+            if (pending || poll(&p, 1, (int)(left_ms < TAKER_SLICE_MS ? left_ms : TAKER_SLICE_MS)) > 0)
+                got = read_some(c);
+            pthread_mutex_lock(&c->lock);
+            c->last_take_ns = now_ns();
+            after_read(c, got);
+            continue;
+        }
+        if (c->reader == IO_THREAD)
+            wake_io(c); /* hand the reading over */
+        if (pthread_cond_timedwait(&c->changed, &c->lock, &deadline) == ETIMEDOUT)
+            break;
     }
     if (c->interrupted && c->count == 0) {
         pthread_mutex_unlock(&c->lock);
