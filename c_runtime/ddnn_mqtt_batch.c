@@ -19,7 +19,7 @@
  * Flow control the other way: at most min(max_inflight, the broker's Receive Maximum) replies await their
  * PUBACK; up to max_buffered more wait encoded behind them; beyond that a publish is refused (counted by
  * the caller). Replies are not kept across a lost connection (they fail, and their devices fall back). */
-#include "ddnn_pahoc.h"
+#include "ddnn_pahoc_core.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -42,9 +42,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#define PROBLEM_MAX 256
 #define MAX_SUBSCRIPTIONS 64
-#define TOPIC_LIMIT 65535
 #define PACKET_LIMIT 268435455u /* MQTT's largest remaining length */
 #define READ_CHUNK (256 * 1024)
 #define CONNECT_TIMEOUT_MS 5000
@@ -59,15 +57,6 @@ enum { NOBODY, IO_THREAD, TAKER };
 enum { PUBLISH = 3, PUBACK = 4, SUBACK = 9, UNSUBACK = 11, PINGRESP = 13, DISCONNECT = 14, CONNACK = 2 };
 
 typedef struct {
-    uint8_t *data; /* topic, then the (possibly truncated) payload */
-    size_t topic_len, payload_len, wire_len;
-    int64_t arrived_ns;
-    int qos;
-    uint16_t packet_id;
-    uint64_t connection; /* which connection it came on: only that one can acknowledge it */
-} slot;
-
-typedef struct {
     uint8_t *data;
     size_t len, cap;
 } bytes;
@@ -75,14 +64,11 @@ typedef struct {
 typedef enum { OFFLINE, CONNECTING, ONLINE } link_state;
 
 struct ddnn_pahoc {
-    ddnn_pahoc_config config;
-    char *strings;
-    pthread_mutex_t lock;
-    pthread_cond_t changed;
+    ddnn_pahoc_core core; /* config, queue, lock, counters: ddnn_pahoc_core.h */
     pthread_t io;
     int io_started;
     int wake_fd;
-    int stopping, interrupted;
+    int stopping;
 
     /* the connection (under lock) */
     int fd;
@@ -103,10 +89,6 @@ struct ddnn_pahoc {
     uint32_t broker_max_packet;
     uint16_t subscribe_id, unsubscribe_id;
 
-    /* received and not yet taken */
-    slot *ring;
-    size_t head, count;
-
     /* reading (I/O thread only) */
     uint8_t *in;
     size_t in_len, in_cap;
@@ -119,27 +101,8 @@ struct ddnn_pahoc {
     char *subscriptions[MAX_SUBSCRIPTIONS];
     int n_subscriptions;
     int unsubscribed;
-    char problem[PROBLEM_MAX];
-    ddnn_pahoc_stats stats;
+    int acks_queued;           /* this take queued PUBACKs (under lock) */
 };
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void deadline_in(struct timespec *ts, int timeout_ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += timeout_ms / 1000;
-    ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec += 1;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
 
 /* ---- encoding --------------------------------------------------------------------------------------- */
 
@@ -247,7 +210,7 @@ static int flush_out(ddnn_pahoc *c)
     if (sent > 0) {
         memmove(c->out.data, c->out.data + sent, c->out.len - sent);
         c->out.len -= sent;
-        c->last_sent_ns = now_ns();
+        c->last_sent_ns = ddnn_pahoc_now_ns();
     }
     return 0;
 }
@@ -309,8 +272,8 @@ static void close_link(ddnn_pahoc *c, const char *why)
 {
     size_t i;
     if (c->state == ONLINE) {
-        ++c->stats.lost;
-        snprintf(c->problem, sizeof c->problem, "lost the broker: %.200s", why);
+        ++c->core.stats.lost;
+        snprintf(c->core.problem, sizeof c->core.problem, "lost the broker: %.200s", why);
     }
     if (c->tls != NULL) {
         SSL_free(c->tls);
@@ -320,28 +283,28 @@ static void close_link(ddnn_pahoc *c, const char *why)
         close(c->fd);
     c->fd = -1;
     c->state = OFFLINE;
-    c->stats.connected = c->stats.subscribed = 0;
+    c->core.stats.connected = c->core.stats.subscribed = 0;
     /* Replies in flight or held will not be confirmed on this connection: they failed. */
-    c->stats.failed += (uint64_t)(c->inflight - c->status_inflight + c->held_count);
+    c->core.stats.failed += (uint64_t)(c->inflight - c->status_inflight + c->held_count);
     c->inflight = c->held_count = c->status_inflight = 0;
     c->held.len = c->held_at = 0;
     memset(c->inflight_ids, 0, 65536);
     c->out.len = 0;
     /* With a persistent session the broker delivers what was not acknowledged again: drop those here. */
-    if (!c->config.clean_start && c->config.session_expiry_s > 0) {
+    if (!c->core.config.clean_start && c->core.config.session_expiry_s > 0) {
         size_t kept = 0;
-        for (i = 0; i < c->count; ++i) {
-            slot *s = &c->ring[(c->head + i) % c->config.queue_capacity];
+        for (i = 0; i < c->core.count; ++i) {
+            ddnn_pahoc_slot *s = &c->core.ring[(c->core.head + i) % c->core.config.queue_capacity];
             if (s->qos > 0) {
                 free(s->data);
             } else {
-                c->ring[(c->head + kept) % c->config.queue_capacity] = *s;
+                c->core.ring[(c->core.head + kept) % c->core.config.queue_capacity] = *s;
                 ++kept;
             }
         }
-        c->count = kept;
+        c->core.count = kept;
     }
-    pthread_cond_broadcast(&c->changed);
+    pthread_cond_broadcast(&c->core.changed);
 }
 
 /* ---- connecting (I/O thread, lock not held while it blocks) ----------------------------------------- */
@@ -373,8 +336,8 @@ static int dial(ddnn_pahoc *c, char *problem, size_t problem_len)
     struct addrinfo hints, *found, *a;
     int fd = -1, rc, one = 1;
 
-    if (split_uri(c->config.uri, host, sizeof host, port, sizeof port) != 0) {
-        snprintf(problem, problem_len, "cannot connect: bad broker address %.200s", c->config.uri);
+    if (split_uri(c->core.config.uri, host, sizeof host, port, sizeof port) != 0) {
+        snprintf(problem, problem_len, "cannot connect: bad broker address %.200s", c->core.config.uri);
         return -1;
     }
     memset(&hints, 0, sizeof hints);
@@ -427,14 +390,14 @@ static void tls_problem(char *problem, size_t problem_len, const char *what)
 static SSL *handshake(ddnn_pahoc *c, int fd, const char *host, char *problem, size_t problem_len)
 {
     SSL *tls = SSL_new(c->tls_ctx);
-    int64_t deadline = now_ns() + (int64_t)CONNECT_TIMEOUT_MS * 1000000;
+    int64_t deadline = ddnn_pahoc_now_ns() + (int64_t)CONNECT_TIMEOUT_MS * 1000000;
     if (tls == NULL || SSL_set_fd(tls, fd) != 1) {
         tls_problem(problem, problem_len, "setup");
         SSL_free(tls);
         return NULL;
     }
     SSL_set_tlsext_host_name(tls, host);
-    if (!c->config.insecure && SSL_set1_host(tls, host) != 1) {
+    if (!c->core.config.insecure && SSL_set1_host(tls, host) != 1) {
         tls_problem(problem, problem_len, "setup");
         SSL_free(tls);
         return NULL;
@@ -445,7 +408,7 @@ static SSL *handshake(ddnn_pahoc *c, int fd, const char *host, char *problem, si
         if (rc == 1)
             return tls;
         e = SSL_get_error(tls, rc);
-        left = (int)((deadline - now_ns()) / 1000000);
+        left = (int)((deadline - ddnn_pahoc_now_ns()) / 1000000);
         if ((e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) || left <= 0) {
             long verify = SSL_get_verify_result(tls);
             if (verify != X509_V_OK)
@@ -463,29 +426,29 @@ static SSL *handshake(ddnn_pahoc *c, int fd, const char *host, char *problem, si
 
 static int encode_connect(ddnn_pahoc *c, bytes *b)
 {
-    const char *status = c->config.status_topic;
-    size_t id_len = strlen(c->config.client_id), user_len = c->config.username ? strlen(c->config.username) : 0;
-    size_t pass_len = c->config.password ? strlen(c->config.password) : 0;
+    const char *status = c->core.config.status_topic;
+    size_t id_len = strlen(c->core.config.client_id), user_len = c->core.config.username ? strlen(c->core.config.username) : 0;
+    size_t pass_len = c->core.config.password ? strlen(c->core.config.password) : 0;
     size_t status_len = status ? strlen(status) : 0;
     size_t props = 5 + 3; /* session expiry, receive maximum */
     size_t remaining = 10 + varint_size(props) + props + 2 + id_len;
-    int receive_maximum = c->config.receive_maximum;
-    unsigned flags = c->config.clean_start ? 0x02 : 0;
+    int receive_maximum = c->core.config.receive_maximum;
+    unsigned flags = c->core.config.clean_start ? 0x02 : 0;
 
-    if (id_len > TOPIC_LIMIT || user_len > TOPIC_LIMIT || pass_len > TOPIC_LIMIT || status_len > TOPIC_LIMIT)
+    if (id_len > DDNN_PAHOC_TOPIC_LIMIT || user_len > DDNN_PAHOC_TOPIC_LIMIT || pass_len > DDNN_PAHOC_TOPIC_LIMIT || status_len > DDNN_PAHOC_TOPIC_LIMIT)
         return -1;
     /* Never more unacknowledged requests than the queue holds: the broker keeps the rest. */
-    if ((size_t)receive_maximum > c->config.queue_capacity)
-        receive_maximum = (int)c->config.queue_capacity;
+    if ((size_t)receive_maximum > c->core.config.queue_capacity)
+        receive_maximum = (int)c->core.config.queue_capacity;
     if (status != NULL) {
         remaining += 1 + 2 + status_len + 2 + 7;
         flags |= 0x04 | 0x08 | 0x20; /* will, QoS 1, retained */
     }
-    if (c->config.username != NULL) {
+    if (c->core.config.username != NULL) {
         remaining += 2 + user_len;
         flags |= 0x80;
     }
-    if (c->config.password != NULL) {
+    if (c->core.config.password != NULL) {
         remaining += 2 + pass_len;
         flags |= 0x40;
     }
@@ -496,54 +459,54 @@ static int encode_connect(ddnn_pahoc *c, bytes *b)
     put_data(b, "MQTT", 4);
     put_u8(b, 5);
     put_u8(b, flags);
-    put_u16(b, (unsigned)c->config.keepalive_s);
+    put_u16(b, (unsigned)c->core.config.keepalive_s);
     put_varint(b, props);
     put_u8(b, 0x11);
-    put_u32(b, (uint32_t)c->config.session_expiry_s);
+    put_u32(b, (uint32_t)c->core.config.session_expiry_s);
     put_u8(b, 0x21);
     put_u16(b, (unsigned)receive_maximum);
-    put_data(b, c->config.client_id, id_len);
+    put_data(b, c->core.config.client_id, id_len);
     if (status != NULL) {
         put_u8(b, 0); /* will properties */
         put_data(b, status, status_len);
         put_data(b, "offline", 7);
     }
-    if (c->config.username != NULL)
-        put_data(b, c->config.username, user_len);
-    if (c->config.password != NULL)
-        put_data(b, c->config.password, pass_len);
+    if (c->core.config.username != NULL)
+        put_data(b, c->core.config.username, user_len);
+    if (c->core.config.password != NULL)
+        put_data(b, c->core.config.password, pass_len);
     return 0;
 }
 
 /* Opens the TCP (and TLS) connection and queues CONNECT; the CONNACK comes through the read loop. */
 static void open_link(ddnn_pahoc *c)
 {
-    char problem[PROBLEM_MAX] = "", host[256], port[16];
+    char problem[DDNN_PAHOC_PROBLEM_MAX] = "", host[256], port[16];
     int fd = dial(c, problem, sizeof problem);
     SSL *tls = NULL;
 
     if (fd >= 0 && c->tls_ctx != NULL) {
-        (void)split_uri(c->config.uri, host, sizeof host, port, sizeof port);
+        (void)split_uri(c->core.config.uri, host, sizeof host, port, sizeof port);
         tls = handshake(c, fd, host, problem, sizeof problem);
         if (tls == NULL) {
             close(fd);
             fd = -1;
         }
     }
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     if (fd < 0) {
-        snprintf(c->problem, sizeof c->problem, "%s", problem);
+        snprintf(c->core.problem, sizeof c->core.problem, "%s", problem);
     } else {
         c->fd = fd;
         c->tls = tls;
         c->state = CONNECTING;
-        c->connect_started_ns = now_ns();
+        c->connect_started_ns = ddnn_pahoc_now_ns();
         c->out.len = 0;
         c->in_len = c->skip = 0;
         if (encode_connect(c, &c->out) != 0 || flush_out(c) != 0)
             close_link(c, "cannot send CONNECT");
     }
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 /* ---- reading (I/O thread, lock held) ---------------------------------------------------------------- */
@@ -691,7 +654,7 @@ static void received_publish(ddnn_pahoc *c, uint8_t flags, const uint8_t *p, siz
     size_t at = 2, props, topic_len, wire, keep;
     uint16_t id = 0;
     uint8_t *data;
-    slot *s;
+    ddnn_pahoc_slot *s;
 
     if (have < 2 || qos > 1)
         goto malformed;
@@ -708,38 +671,38 @@ static void received_publish(ddnn_pahoc *c, uint8_t flags, const uint8_t *p, siz
     if (read_properties(p + at, have - at, &props, NULL, NULL, NULL, NULL, 0) != 0) {
         if (have == remaining)
             goto malformed;
-        ++c->stats.oversized; /* properties larger than the buffer: a sender's doing, dropped (never the link) */
+        ++c->core.stats.oversized; /* properties larger than the buffer: a sender's doing, dropped (never the link) */
         goto done;
     }
     at += props;
     if (at > remaining)
         goto malformed;
     wire = remaining - at;
-    if (topic_len > c->config.max_topic_bytes) {
-        ++c->stats.dropped_topic;
+    if (topic_len > c->core.config.max_topic_bytes) {
+        ++c->core.stats.dropped_topic;
         goto done;
     }
-    keep = wire > c->config.max_payload_bytes ? c->config.keep_oversized_bytes : wire;
+    keep = wire > c->core.config.max_payload_bytes ? c->core.config.keep_oversized_bytes : wire;
     if (keep > have - at)
         keep = have - at;
     if ((data = malloc(topic_len + keep + 1)) == NULL) {
-        ++c->stats.dropped_full; /* the queue has room (parse_input checked): only memory can be short */
+        ++c->core.stats.dropped_full; /* the queue has room (parse_input checked): only memory can be short */
         goto done;
     }
     memcpy(data, p + 2, topic_len);
     memcpy(data + topic_len, p + at, keep);
-    s = &c->ring[(c->head + c->count) % c->config.queue_capacity];
+    s = ddnn_pahoc_core_tail(&c->core); /* not NULL: parse_input saw room */
     s->data = data;
     s->topic_len = topic_len;
     s->payload_len = keep;
     s->wire_len = wire;
-    s->arrived_ns = now_ns();
+    s->arrived_ns = ddnn_pahoc_now_ns();
     s->qos = qos;
     s->packet_id = id;
     s->connection = c->connection;
-    ++c->count;
-    ++c->stats.received;
-    c->stats.oversized += wire > c->config.max_payload_bytes;
+    ++c->core.count;
+    ++c->core.stats.received;
+    c->core.stats.oversized += wire > c->core.config.max_payload_bytes;
     return; /* acknowledged when taken */
 done:
     if (qos > 0)
@@ -772,14 +735,14 @@ static int received_packet(ddnn_pahoc *c, uint8_t first, const uint8_t *p, size_
             c->inflight_ids[get_u16(p)] = FREE_ID;
             --c->inflight;
             if (len > 2 && p[2] >= 0x80)
-                ++c->stats.failed;
+                ++c->core.stats.failed;
             else
-                ++c->stats.completed;
+                ++c->core.stats.completed;
             release_held(c);
         }
         break;
     case CONNACK: {
-        uint32_t receive_maximum = 65535, max_packet = 0, keepalive = (uint32_t)c->config.keepalive_s;
+        uint32_t receive_maximum = 65535, max_packet = 0, keepalive = (uint32_t)c->core.config.keepalive_s;
         if (c->state != CONNECTING || len < 2 ||
             (len > 2 && read_properties(p + 2, len - 2, &used, &receive_maximum, &max_packet, &keepalive, reason,
                                         sizeof reason) != 0)) {
@@ -787,37 +750,37 @@ static int received_packet(ddnn_pahoc *c, uint8_t first, const uint8_t *p, size_
             return -1;
         }
         if (p[1] >= 0x80) {
-            snprintf(c->problem, sizeof c->problem, "the broker refused the connection: %s (%d)%s%.100s",
+            snprintf(c->core.problem, sizeof c->core.problem, "the broker refused the connection: %s (%d)%s%.100s",
                      reason_name(p[1]), p[1], reason[0] ? ": " : "", reason);
-            close_link(c, c->problem);
+            close_link(c, c->core.problem);
             return -1;
         }
         c->state = ONLINE;
-        c->problem[0] = '\0';
+        c->core.problem[0] = '\0';
         c->keepalive_s = (int)keepalive;
-        c->inflight_limit = c->config.max_inflight < (int)receive_maximum ? c->config.max_inflight
+        c->inflight_limit = c->core.config.max_inflight < (int)receive_maximum ? c->core.config.max_inflight
                                                                            : (int)receive_maximum;
         if (c->inflight_limit > 65000) /* leaves ids for (un)subscriptions */
             c->inflight_limit = 65000;
         c->broker_max_packet = max_packet;
-        c->last_received_ns = now_ns();
+        c->last_received_ns = ddnn_pahoc_now_ns();
         c->ping_sent_ns = 0;
         ++c->connection;
-        c->stats.connected = 1;
-        ++c->stats.connects;
+        c->core.stats.connected = 1;
+        ++c->core.stats.connects;
         if (c->n_subscriptions > 0 && !c->unsubscribed)
             subscribe_all(c);
-        if (c->config.status_topic != NULL) {
+        if (c->core.config.status_topic != NULL) {
             size_t id_at;
             uint16_t id = reserve_id(c, STATUS_ID);
-            if (encode_publish(&c->out, c->config.status_topic, strlen(c->config.status_topic),
+            if (encode_publish(&c->out, c->core.config.status_topic, strlen(c->core.config.status_topic),
                                (const uint8_t *)"online", 6, 1, 1, id, &id_at) != 0) {
                 c->inflight_ids[id] = FREE_ID;
                 --c->inflight;
                 --c->status_inflight;
             }
         }
-        pthread_cond_broadcast(&c->changed);
+        pthread_cond_broadcast(&c->core.changed);
         break;
     }
     case SUBACK: {
@@ -829,21 +792,21 @@ static int received_packet(ddnn_pahoc *c, uint8_t first, const uint8_t *p, size_
         n = len - 2 - used;
         for (i = 0; i < n; ++i)
             if (p[2 + used + i] >= 0x80) {
-                snprintf(c->problem, sizeof c->problem, "the broker refused the subscriptions [%.150s]: %s (%d)",
+                snprintf(c->core.problem, sizeof c->core.problem, "the broker refused the subscriptions [%.150s]: %s (%d)",
                          i < (size_t)c->n_subscriptions ? c->subscriptions[i] : "?", reason_name(p[2 + used + i]),
                          p[2 + used + i]);
                 break;
             }
         if (i == n)
-            c->stats.subscribed = 1;
-        pthread_cond_broadcast(&c->changed);
+            c->core.stats.subscribed = 1;
+        pthread_cond_broadcast(&c->core.changed);
         break;
     }
     case UNSUBACK:
         if (len >= 2 && get_u16(p) == c->unsubscribe_id) {
             c->inflight_ids[c->unsubscribe_id] = FREE_ID;
             c->unsubscribed = 2;
-            pthread_cond_broadcast(&c->changed);
+            pthread_cond_broadcast(&c->core.changed);
         }
         break;
     case PINGRESP:
@@ -870,7 +833,7 @@ static int received_packet(ddnn_pahoc *c, uint8_t first, const uint8_t *p, size_
 static void parse_input(ddnn_pahoc *c)
 {
     size_t at = 0;
-    int queued_before = (int)c->count;
+    int queued_before = (int)c->core.count;
 
     c->paused = 0;
     if (c->skip > 0) {
@@ -887,7 +850,7 @@ static void parse_input(ddnn_pahoc *c)
             close_link(c, "malformed packet from the broker");
             return;
         }
-        if ((c->in[at] >> 4) == PUBLISH && c->count == c->config.queue_capacity) {
+        if ((c->in[at] >> 4) == PUBLISH && c->core.count == c->core.config.queue_capacity) {
             c->paused = 1; /* this PUBLISH waits in the buffer, and the rest in the socket */
             break;
         }
@@ -914,8 +877,8 @@ static void parse_input(ddnn_pahoc *c)
     }
     memmove(c->in, c->in + at, c->in_len - at);
     c->in_len -= at;
-    if (queued_before == 0 && c->count > 0)
-        pthread_cond_broadcast(&c->changed);
+    if (queued_before == 0 && c->core.count > 0)
+        pthread_cond_broadcast(&c->core.changed);
 }
 
 /* One read of whatever the socket holds, by the reader (c->reader), lock not held; -1 when the connection
@@ -928,7 +891,7 @@ static int read_some(ddnn_pahoc *c)
         return 0;
     if (c->tls != NULL) {
         int got = 0;
-        pthread_mutex_lock(&c->lock);
+        pthread_mutex_lock(&c->core.lock);
         for (;;) {
             int r = SSL_read(c->tls, c->in + c->in_len, (int)(c->in_cap - c->in_len > INT32_MAX
                                                                   ? INT32_MAX : c->in_cap - c->in_len));
@@ -939,7 +902,7 @@ static int read_some(ddnn_pahoc *c)
                 break;
             }
             c->in_len += (size_t)r;
-            c->last_received_ns = now_ns();
+            c->last_received_ns = ddnn_pahoc_now_ns();
             got = 1;
             /* OpenSSL may hold more decrypted bytes than fit: parse, then read on, unless the queue is full. */
             if (SSL_pending(c->tls) == 0)
@@ -948,7 +911,7 @@ static int read_some(ddnn_pahoc *c)
             if (c->paused || c->state == OFFLINE)
                 break;
         }
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_unlock(&c->core.lock);
         return got;
     }
     n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
@@ -957,7 +920,7 @@ static int read_some(ddnn_pahoc *c)
     if (n < 0)
         return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
     c->in_len += (size_t)n;
-    c->last_received_ns = now_ns();
+    c->last_received_ns = ddnn_pahoc_now_ns();
     return 1;
 }
 
@@ -965,7 +928,7 @@ static int read_some(ddnn_pahoc *c)
 static void after_read(ddnn_pahoc *c, int got)
 {
     c->reader = NOBODY;
-    pthread_cond_broadcast(&c->changed); /* a taker waiting for the reading hands it over now */
+    pthread_cond_broadcast(&c->core.changed); /* a taker waiting for the reading hands it over now */
     if (got < 0) {
         c->broken = 1;
         wake_io(c);
@@ -986,23 +949,23 @@ static void *io_loop(void *arg)
     for (;;) {
         struct pollfd p[2];
         int timeout_ms = 200, n_fds = 1, fd, rc, tls_pending, reading;
-        int64_t now = now_ns();
+        int64_t now = ddnn_pahoc_now_ns();
 
-        pthread_mutex_lock(&c->lock);
+        pthread_mutex_lock(&c->core.lock);
         if (c->stopping) {
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
             return NULL;
         }
         if (c->state == OFFLINE) {
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
             if (now >= next_attempt) {
                 open_link(c);
-                pthread_mutex_lock(&c->lock);
+                pthread_mutex_lock(&c->core.lock);
                 if (c->state == OFFLINE) {
-                    next_attempt = now_ns() + retry_ns;
+                    next_attempt = ddnn_pahoc_now_ns() + retry_ns;
                     retry_ns = retry_ns * 2 > 2000000000 ? 2000000000 : retry_ns * 2;
                 }
-                pthread_mutex_unlock(&c->lock);
+                pthread_mutex_unlock(&c->core.lock);
             } else {
                 struct pollfd w = {c->wake_fd, POLLIN, 0};
                 uint64_t drained;
@@ -1012,9 +975,9 @@ static void *io_loop(void *arg)
             continue;
         }
         if (c->state == CONNECTING && now - c->connect_started_ns > (int64_t)CONNECT_TIMEOUT_MS * 1000000) {
-            snprintf(c->problem, sizeof c->problem, "cannot connect: no CONNACK within %d ms", CONNECT_TIMEOUT_MS);
-            close_link(c, c->problem);
-            pthread_mutex_unlock(&c->lock);
+            snprintf(c->core.problem, sizeof c->core.problem, "cannot connect: no CONNACK within %d ms", CONNECT_TIMEOUT_MS);
+            close_link(c, c->core.problem);
+            pthread_mutex_unlock(&c->core.lock);
             continue;
         }
         if (c->state == ONLINE) {
@@ -1024,7 +987,7 @@ static void *io_loop(void *arg)
                 c->ping_sent_ns = 0; /* its PINGRESP waits behind the unread requests: no timeout */
             if (c->keepalive_s > 0 && c->ping_sent_ns > 0 && now - c->ping_sent_ns > keepalive_ns) {
                 close_link(c, "no PINGRESP within the keepalive");
-                pthread_mutex_unlock(&c->lock);
+                pthread_mutex_unlock(&c->core.lock);
                 continue;
             }
             if (c->keepalive_s > 0 && c->ping_sent_ns == 0 && now - c->last_sent_ns >= keepalive_ns &&
@@ -1037,12 +1000,12 @@ static void *io_loop(void *arg)
         if (c->broken || (c->out.len > 0 && flush_out(c) != 0)) {
             close_link(c, c->broken ? "connection closed" : "write failed");
             c->broken = 0;
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
             continue;
         }
-        if (c->paused && c->count < c->config.queue_capacity && c->reader == NOBODY) {
+        if (c->paused && c->core.count < c->core.config.queue_capacity && c->reader == NOBODY) {
             parse_input(c); /* a take made room: what waited in the buffer first */
-            pthread_cond_broadcast(&c->changed);
+            pthread_cond_broadcast(&c->core.changed);
         }
         /* While a taker is about it reads the socket itself (one thread woken per arrival, not two); this
          * thread reads when none is (before the first take, and while the server is busy elsewhere). */
@@ -1055,7 +1018,7 @@ static void *io_loop(void *arg)
         p[0].events = (reading ? POLLIN : 0) | (c->out.len > 0 ? POLLOUT : 0);
         /* Bytes OpenSSL decrypted but nobody read yet: poll() cannot see them. */
         tls_pending = reading && c->tls != NULL && SSL_pending(c->tls) > 0;
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_unlock(&c->core.lock);
         p[1].fd = c->wake_fd;
         p[1].events = POLLIN;
         n_fds = 2;
@@ -1070,37 +1033,14 @@ static void *io_loop(void *arg)
         }
         if (reading) {
             int got = rc > 0 && (p[0].revents & (POLLIN | POLLHUP | POLLERR)) ? read_some(c) : 0;
-            pthread_mutex_lock(&c->lock);
+            pthread_mutex_lock(&c->core.lock);
             after_read(c, got);
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
         }
     }
 }
 
 /* ---- the caller's threads ---------------------------------------------------------------------------- */
-
-static int own_strings(ddnn_pahoc *c)
-{
-    const char **fields[] = {&c->config.uri, &c->config.client_id, &c->config.username, &c->config.password,
-                             &c->config.ca_file, &c->config.cert_file, &c->config.key_file,
-                             &c->config.status_topic};
-    size_t total = 0, i, at = 0;
-
-    for (i = 0; i < sizeof fields / sizeof fields[0]; ++i)
-        if (*fields[i] != NULL)
-            total += strlen(*fields[i]) + 1;
-    c->strings = malloc(total + 1);
-    if (c->strings == NULL)
-        return -1;
-    for (i = 0; i < sizeof fields / sizeof fields[0]; ++i)
-        if (*fields[i] != NULL) {
-            size_t n = strlen(*fields[i]) + 1;
-            memcpy(c->strings + at, *fields[i], n);
-            *fields[i] = c->strings + at;
-            at += n;
-        }
-    return 0;
-}
 
 static SSL_CTX *tls_context(const ddnn_pahoc_config *config, char *error, size_t error_len)
 {
@@ -1125,69 +1065,46 @@ failed:
     return NULL;
 }
 
+/* What create allocated after the core (which the caller frees when it was set up). */
 static void free_client(ddnn_pahoc *c)
 {
     size_t i;
-    for (; c->count > 0; --c->count, c->head = (c->head + 1) % c->config.queue_capacity)
-        free(c->ring[c->head].data);
     for (i = 0; i < (size_t)c->n_subscriptions; ++i)
         free(c->subscriptions[i]);
     if (c->wake_fd >= 0)
         close(c->wake_fd);
     SSL_CTX_free(c->tls_ctx);
-    free(c->ring);
     free(c->in);
     free(c->out.data);
     free(c->held.data);
     free(c->inflight_ids);
-    free(c->strings);
-    free(c);
 }
 
 ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size_t error_len)
 {
-    pthread_condattr_t clock_attr;
-    ddnn_pahoc *c;
+    ddnn_pahoc *c = calloc(1, sizeof *c);
 
-    if (config->uri == NULL || config->client_id == NULL || config->queue_capacity == 0 ||
-        config->max_topic_bytes == 0 || config->max_topic_bytes > TOPIC_LIMIT || config->max_inflight < 1 ||
-        config->max_inflight > 65535 || config->max_buffered < 1 || config->receive_maximum < 1 ||
-        config->receive_maximum > 65535 || config->keep_oversized_bytes > config->max_payload_bytes ||
-        config->keepalive_s < 0 || config->keepalive_s > 65535 || config->session_expiry_s < 0) {
-        snprintf(error, error_len, "invalid MQTT transport configuration");
-        return NULL;
-    }
-    if ((config->cert_file == NULL) != (config->key_file == NULL) || (config->password != NULL &&
-                                                                      config->username == NULL)) {
-        snprintf(error, error_len, "a client certificate needs its key, a password its user name");
-        return NULL;
-    }
-    c = calloc(1, sizeof *c);
     if (c == NULL) {
         snprintf(error, error_len, "out of memory");
         return NULL;
     }
-    c->config = *config;
     c->fd = c->wake_fd = -1;
+    if (ddnn_pahoc_core_init(&c->core, config, error, error_len) != 0) {
+        free(c);
+        return NULL;
+    }
     /* Room for a whole packet of the largest kept size, a topic of MQTT's limit and a read beyond it. */
-    c->in_cap = TOPIC_LIMIT + 16 + config->max_topic_bytes + config->max_payload_bytes + 2 * READ_CHUNK;
-    if (own_strings(c) != 0 || (c->ring = calloc(config->queue_capacity, sizeof *c->ring)) == NULL ||
-        (c->in = malloc(c->in_cap)) == NULL || (c->inflight_ids = calloc(65536, 1)) == NULL ||
+    c->in_cap = DDNN_PAHOC_TOPIC_LIMIT + 16 + config->max_topic_bytes + config->max_payload_bytes + 2 * READ_CHUNK;
+    if ((c->in = malloc(c->in_cap)) == NULL || (c->inflight_ids = calloc(65536, 1)) == NULL ||
         (c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
         snprintf(error, error_len, "out of memory");
-        free_client(c);
-        return NULL;
+    } else if (!config->tls || (c->tls_ctx = tls_context(&c->core.config, error, error_len)) != NULL) {
+        return c;
     }
-    if (config->tls && (c->tls_ctx = tls_context(&c->config, error, error_len)) == NULL) {
-        free_client(c);
-        return NULL;
-    }
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_condattr_init(&clock_attr);
-    pthread_condattr_setclock(&clock_attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&c->changed, &clock_attr);
-    pthread_condattr_destroy(&clock_attr);
-    return c;
+    free_client(c);
+    ddnn_pahoc_core_free(&c->core);
+    free(c);
+    return NULL;
 }
 
 int ddnn_pahoc_start(ddnn_pahoc *c, const char *const *subscriptions, int n_subscriptions)
@@ -1197,7 +1114,7 @@ int ddnn_pahoc_start(ddnn_pahoc *c, const char *const *subscriptions, int n_subs
         return FAILURE;
     for (i = 0; i < n_subscriptions; ++i) {
         size_t n = strlen(subscriptions[i]);
-        if (n > TOPIC_LIMIT || (c->subscriptions[i] = malloc(n + 1)) == NULL)
+        if (n > DDNN_PAHOC_TOPIC_LIMIT || (c->subscriptions[i] = malloc(n + 1)) == NULL)
             return FAILURE;
         memcpy(c->subscriptions[i], subscriptions[i], n + 1);
         c->n_subscriptions = i + 1;
@@ -1208,32 +1125,21 @@ int ddnn_pahoc_start(ddnn_pahoc *c, const char *const *subscriptions, int n_subs
     return 0;
 }
 
-int ddnn_pahoc_wait_ready(ddnn_pahoc *c, int timeout_ms)
-{
-    struct timespec deadline;
-    int ready;
-    deadline_in(&deadline, timeout_ms);
-    pthread_mutex_lock(&c->lock);
-    while (!c->stats.subscribed && !c->interrupted &&
-           pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
-    }
-    ready = c->stats.subscribed;
-    pthread_mutex_unlock(&c->lock);
-    return ready;
-}
+int ddnn_pahoc_wait_ready(ddnn_pahoc *c, int timeout_ms) { return ddnn_pahoc_core_wait_ready(&c->core, timeout_ms); }
 
 size_t ddnn_pahoc_problem(ddnn_pahoc *c, char *out, size_t out_len)
 {
-    size_t n;
-    pthread_mutex_lock(&c->lock);
-    n = strlen(c->problem);
-    if (out_len > 0) {
-        n = n < out_len - 1 ? n : out_len - 1;
-        memcpy(out, c->problem, n);
-        out[n] = '\0';
+    return ddnn_pahoc_core_problem(&c->core, out, out_len);
+}
+
+/* A taken request's PUBACK, owed only on the connection it came on. Lock held. */
+static void acknowledge_taken(void *context, const ddnn_pahoc_slot *s)
+{
+    ddnn_pahoc *c = context;
+    if (s->qos > 0 && s->connection == c->connection && c->state == ONLINE) {
+        queue_puback(c, s->packet_id);
+        c->acks_queued = 1;
     }
-    pthread_mutex_unlock(&c->lock);
-    return n;
 }
 
 int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
@@ -1241,19 +1147,18 @@ int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *re
 {
     struct timespec deadline;
     int64_t until;
-    size_t used = 0;
-    int taken = 0, acked = 0;
+    int taken;
 
-    if (buffer_len < c->config.max_topic_bytes + c->config.max_payload_bytes)
+    if (buffer_len < c->core.config.max_topic_bytes + c->core.config.max_payload_bytes)
         return -2;
-    deadline_in(&deadline, timeout_ms);
-    until = now_ns() + (int64_t)timeout_ms * 1000000;
-    pthread_mutex_lock(&c->lock);
-    c->last_take_ns = now_ns();
-    if (c->paused && c->count < c->config.queue_capacity && c->reader == NOBODY)
+    ddnn_pahoc_deadline_in(&deadline, timeout_ms);
+    until = ddnn_pahoc_now_ns() + (int64_t)timeout_ms * 1000000;
+    pthread_mutex_lock(&c->core.lock);
+    c->last_take_ns = ddnn_pahoc_now_ns();
+    if (c->paused && c->core.count < c->core.config.queue_capacity && c->reader == NOBODY)
         parse_input(c); /* the last take made room */
-    while (c->count == 0 && !c->interrupted) {
-        int64_t left_ms = (until - now_ns()) / 1000000;
+    while (c->core.count == 0 && !c->core.interrupted) {
+        int64_t left_ms = (until - ddnn_pahoc_now_ns()) / 1000000;
         if (left_ms <= 0)
             break;
         if (c->state != OFFLINE && !c->paused && !c->broken && c->reader == NOBODY) {
@@ -1261,63 +1166,34 @@ int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *re
             struct pollfd p = {c->fd, POLLIN, 0};
             int got = 0, pending = c->tls != NULL && SSL_pending(c->tls) > 0;
             c->reader = TAKER;
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
             if (pending || poll(&p, 1, (int)(left_ms < TAKER_SLICE_MS ? left_ms : TAKER_SLICE_MS)) > 0)
                 got = read_some(c);
-            pthread_mutex_lock(&c->lock);
-            c->last_take_ns = now_ns();
+            pthread_mutex_lock(&c->core.lock);
+            c->last_take_ns = ddnn_pahoc_now_ns();
             after_read(c, got);
             continue;
         }
         if (c->reader == IO_THREAD)
             wake_io(c); /* hand the reading over */
-        if (pthread_cond_timedwait(&c->changed, &c->lock, &deadline) == ETIMEDOUT)
+        if (pthread_cond_timedwait(&c->core.changed, &c->core.lock, &deadline) == ETIMEDOUT)
             break;
     }
-    if (c->interrupted && c->count == 0) {
-        pthread_mutex_unlock(&c->lock);
+    if (c->core.interrupted && c->core.count == 0) {
+        pthread_mutex_unlock(&c->core.lock);
         return -1;
     }
-    while (taken < max_messages && c->count > 0) {
-        slot *s = &c->ring[c->head];
-        size_t size = s->topic_len + s->payload_len;
-        int64_t *r = records + (size_t)taken * DDNN_PAHOC_FIELDS;
-        if (size > buffer_len - used)
-            break;
-        memcpy(buffer + used, s->data, size);
-        r[DDNN_PAHOC_TOPIC_OFFSET] = (int64_t)used;
-        r[DDNN_PAHOC_TOPIC_LEN] = (int64_t)s->topic_len;
-        r[DDNN_PAHOC_PAYLOAD_OFFSET] = (int64_t)(used + s->topic_len);
-        r[DDNN_PAHOC_PAYLOAD_LEN] = (int64_t)s->payload_len;
-        r[DDNN_PAHOC_WIRE_LEN] = (int64_t)s->wire_len;
-        r[DDNN_PAHOC_ARRIVED_NS] = s->arrived_ns;
-        r[DDNN_PAHOC_QOS] = s->qos;
-        used += size;
-        if (s->qos > 0 && s->connection == c->connection && c->state == ONLINE) {
-            queue_puback(c, s->packet_id);
-            acked = 1;
-        }
-        free(s->data);
-        s->data = NULL;
-        c->head = (c->head + 1) % c->config.queue_capacity;
-        --c->count;
-        ++taken;
-    }
-    if (acked)
+    c->acks_queued = 0;
+    taken = ddnn_pahoc_core_copy(&c->core, max_messages, records, buffer, buffer_len, acknowledge_taken, c);
+    if (c->acks_queued)
         send_or_wake(c);
     if (c->paused && taken > 0)
         wake_io(c);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
     return taken;
 }
 
-void ddnn_pahoc_interrupt(ddnn_pahoc *c)
-{
-    pthread_mutex_lock(&c->lock);
-    c->interrupted = 1;
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
-}
+void ddnn_pahoc_interrupt(ddnn_pahoc *c) { ddnn_pahoc_core_interrupt(&c->core); }
 
 /* Lock held; does not send. */
 static int publish_locked(ddnn_pahoc *c, const char *topic, const uint8_t *payload, size_t len, int qos, int retain)
@@ -1327,7 +1203,7 @@ static int publish_locked(ddnn_pahoc *c, const char *topic, const uint8_t *paylo
 
     if (c->state != ONLINE)
         return DISCONNECTED;
-    if (topic_len > TOPIC_LIMIT || qos < 0 || qos > 1 || len > PACKET_LIMIT ||
+    if (topic_len > DDNN_PAHOC_TOPIC_LIMIT || qos < 0 || qos > 1 || len > PACKET_LIMIT ||
         (c->broker_max_packet > 0 && packet > c->broker_max_packet))
         return FAILURE;
     if (qos == 0 || c->inflight < c->inflight_limit) {
@@ -1339,11 +1215,11 @@ static int publish_locked(ddnn_pahoc *c, const char *topic, const uint8_t *paylo
             }
             return FAILURE;
         }
-        ++c->stats.published;
-        c->stats.completed += qos == 0; /* fire and forget: complete once written */
+        ++c->core.stats.published;
+        c->core.stats.completed += qos == 0; /* fire and forget: complete once written */
         return 0;
     }
-    if (c->held_count >= c->config.max_buffered)
+    if (c->held_count >= c->core.config.max_buffered)
         return MAX_BUFFERED;
     before = c->held.len;
     if (reserve(&c->held, 4 + sizeof id_at) != 0)
@@ -1360,18 +1236,18 @@ static int publish_locked(ddnn_pahoc *c, const char *topic, const uint8_t *paylo
         memcpy(c->held.data + before + 4, &id_at, sizeof id_at);
     }
     ++c->held_count;
-    ++c->stats.published;
+    ++c->core.stats.published;
     return 0;
 }
 
 int ddnn_pahoc_publish(ddnn_pahoc *c, const char *topic, const uint8_t *payload, size_t len, int qos, int retain)
 {
     int rc;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     rc = publish_locked(c, topic, payload, len, qos, retain);
     if (rc == 0)
         send_or_wake(c);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
     return rc;
 }
 
@@ -1379,7 +1255,7 @@ int ddnn_pahoc_publish_many(ddnn_pahoc *c, const char *topics, const int64_t *to
                             const int64_t *payload_offsets, int n, int qos, int *results)
 {
     int i, failed = 0;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     for (i = 0; i < n; ++i) {
         int64_t len = payload_offsets[i + 1] - payload_offsets[i];
         results[i] = len < 0 ? FAILURE
@@ -1389,26 +1265,25 @@ int ddnn_pahoc_publish_many(ddnn_pahoc *c, const char *topics, const int64_t *to
     }
     if (failed < n)
         send_or_wake(c);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
     return failed;
 }
 
 int ddnn_pahoc_unsubscribe(ddnn_pahoc *c, const char *const *topics, int n_topics, int timeout_ms)
 {
-    struct timespec deadline;
     size_t remaining = 3;
     int i, done;
 
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     c->unsubscribed = 1; /* a reconnect from now on does not subscribe again */
     if (n_topics == 0) {
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_unlock(&c->core.lock);
         return 1;
     }
     for (i = 0; i < n_topics; ++i)
         remaining += 2 + strlen(topics[i]);
     if (c->state != ONLINE || reserve(&c->out, 5 + remaining) != 0) {
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_unlock(&c->core.lock);
         return 0;
     }
     c->unsubscribe_id = reserve_id(c, OTHER_ID);
@@ -1419,41 +1294,23 @@ int ddnn_pahoc_unsubscribe(ddnn_pahoc *c, const char *const *topics, int n_topic
     for (i = 0; i < n_topics; ++i)
         put_data(&c->out, topics[i], strlen(topics[i]));
     send_or_wake(c);
-    deadline_in(&deadline, timeout_ms);
-    while (c->unsubscribed != 2 && pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
-    }
-    done = c->unsubscribed == 2;
-    pthread_mutex_unlock(&c->lock);
+    done = ddnn_pahoc_core_wait_for(&c->core, &c->unsubscribed, 2, timeout_ms);
+    pthread_mutex_unlock(&c->core.lock);
     return done;
 }
 
 int ddnn_pahoc_wait_published(ddnn_pahoc *c, int timeout_ms)
 {
-    struct timespec deadline;
-    int done;
-    deadline_in(&deadline, timeout_ms);
-    pthread_mutex_lock(&c->lock);
-    while (c->stats.connected && c->stats.completed + c->stats.failed < c->stats.published &&
-           pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
-    }
-    done = !c->stats.connected || c->stats.completed + c->stats.failed >= c->stats.published;
-    pthread_mutex_unlock(&c->lock);
-    return done;
+    return ddnn_pahoc_core_wait_published(&c->core, timeout_ms);
 }
 
-void ddnn_pahoc_get_stats(ddnn_pahoc *c, ddnn_pahoc_stats *out)
-{
-    pthread_mutex_lock(&c->lock);
-    *out = c->stats;
-    out->queued = (int)c->count;
-    pthread_mutex_unlock(&c->lock);
-}
+void ddnn_pahoc_get_stats(ddnn_pahoc *c, ddnn_pahoc_stats *out) { ddnn_pahoc_core_get_stats(&c->core, out); }
 
 void ddnn_pahoc_close(ddnn_pahoc *c, int timeout_ms)
 {
-    int64_t deadline = now_ns() + (int64_t)timeout_ms * 1000000;
+    int64_t deadline = ddnn_pahoc_now_ns() + (int64_t)timeout_ms * 1000000;
 
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     c->stopping = 1; /* from now on the I/O thread neither reconnects nor reads */
     if (c->state == ONLINE && reserve(&c->out, 9) == 0) {
         /* DISCONNECT, normal, with session expiry 0: nothing queues for a server that has gone. */
@@ -1463,17 +1320,17 @@ void ddnn_pahoc_close(ddnn_pahoc *c, int timeout_ms)
         put_u8(&c->out, 5);
         put_u8(&c->out, 0x11);
         put_u32(&c->out, 0);
-        while (c->out.len > 0 && now_ns() < deadline && flush_out(c) == 0 && c->out.len > 0) {
+        while (c->out.len > 0 && ddnn_pahoc_now_ns() < deadline && flush_out(c) == 0 && c->out.len > 0) {
             struct pollfd p = {c->fd, POLLOUT, 0};
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
             (void)poll(&p, 1, 10);
-            pthread_mutex_lock(&c->lock);
+            pthread_mutex_lock(&c->core.lock);
         }
     }
     c->stopping = 1;
-    c->interrupted = 1;
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    c->core.interrupted = 1;
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
     wake_io(c);
     if (c->io_started)
         pthread_join(c->io, NULL);
@@ -1481,7 +1338,7 @@ void ddnn_pahoc_close(ddnn_pahoc *c, int timeout_ms)
         SSL_shutdown(c->tls);
     c->state = OFFLINE; /* a close is not a lost connection */
     close_link(c, "closed");
-    pthread_cond_destroy(&c->changed);
-    pthread_mutex_destroy(&c->lock);
     free_client(c);
+    ddnn_pahoc_core_free(&c->core);
+    free(c);
 }

@@ -1,6 +1,6 @@
 /* The server's Paho C transport: see ddnn_pahoc.h. Not part of any generated device project (the
  * device talks MQTTClient in ddnn_mqtt.c); it is built into a cffi extension by the server. */
-#include "ddnn_pahoc.h"
+#include "ddnn_pahoc_core.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -17,63 +17,28 @@
 
 #include <MQTTAsync.h>
 
-#define PROBLEM_MAX 256
 #define MAX_SUBSCRIPTIONS 64
-#define TOPIC_LIMIT 65535 /* MQTT's own bound on a topic name */
-
-typedef struct {
-    uint8_t *data;        /* topic, then the (possibly truncated) payload, one allocation */
-    size_t topic_len, payload_len, wire_len;
-    int64_t arrived_ns;
-    int qos;
-} slot;
 
 struct ddnn_pahoc {
+    ddnn_pahoc_core core;          /* config, queue, lock, counters: ddnn_pahoc_core.h */
     MQTTAsync handle;
-    ddnn_pahoc_config config;
-    char *strings;                 /* owned copies of the config's strings */
-    pthread_mutex_t lock;
-    pthread_cond_t changed;        /* queue, readiness, delivery counters or interruption changed */
-    slot *ring;
-    size_t head, count;
-    int interrupted;
     char *subscriptions[MAX_SUBSCRIPTIONS];
     int subscription_qos[MAX_SUBSCRIPTIONS];
     int n_subscriptions;
     int unsubscribed;
-    char problem[PROBLEM_MAX];
-    ddnn_pahoc_stats stats;
     MQTTAsync_connectOptions connect;
     MQTTAsync_willOptions will;
     MQTTAsync_SSLOptions ssl;
     MQTTProperties connect_properties;
 };
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void deadline_in(struct timespec *ts, int timeout_ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += timeout_ms / 1000;
-    ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec += 1;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 /* Called with the lock held. */
 static void set_problem(ddnn_pahoc *c, const char *what, int code, const char *message)
 {
     if (message != NULL && message[0] != '\0')
-        snprintf(c->problem, sizeof c->problem, "%s: %s (%d)", what, message, code);
+        snprintf(c->core.problem, sizeof c->core.problem, "%s: %s (%d)", what, message, code);
     else
-        snprintf(c->problem, sizeof c->problem, "%s: %s (%d)", what, MQTTReasonCode_toString(code), code);
+        snprintf(c->core.problem, sizeof c->core.problem, "%s: %s (%d)", what, MQTTReasonCode_toString(code), code);
 }
 
 /* ---- Paho's threads ------------------------------------------------------------------------------ */
@@ -86,11 +51,12 @@ static int message_arrived(void *context, char *topic, int topic_len, MQTTAsync_
     size_t wire = message->payloadlen > 0 ? (size_t)message->payloadlen : 0;
     size_t keep = wire;
     uint8_t *data = NULL;
+    ddnn_pahoc_slot *s;
     int oversized = 0;
 
-    if (tlen <= c->config.max_topic_bytes) {
-        if (wire > c->config.max_payload_bytes) {
-            keep = c->config.keep_oversized_bytes < wire ? c->config.keep_oversized_bytes : wire;
+    if (tlen <= c->core.config.max_topic_bytes) {
+        if (wire > c->core.config.max_payload_bytes) {
+            keep = c->core.config.keep_oversized_bytes < wire ? c->core.config.keep_oversized_bytes : wire;
             oversized = 1;
         }
         data = malloc(tlen + keep + 1);
@@ -100,26 +66,25 @@ static int message_arrived(void *context, char *topic, int topic_len, MQTTAsync_
                 memcpy(data + tlen, message->payload, keep);
         }
     }
-    pthread_mutex_lock(&c->lock);
-    if (tlen > c->config.max_topic_bytes) {
-        ++c->stats.dropped_topic;
-    } else if (data == NULL || c->count == c->config.queue_capacity) {
-        ++c->stats.dropped_full;
+    pthread_mutex_lock(&c->core.lock);
+    if (tlen > c->core.config.max_topic_bytes) {
+        ++c->core.stats.dropped_topic;
+    } else if (data == NULL || (s = ddnn_pahoc_core_tail(&c->core)) == NULL) {
+        ++c->core.stats.dropped_full;
         free(data);
     } else {
-        slot *s = &c->ring[(c->head + c->count) % c->config.queue_capacity];
         s->data = data;
         s->topic_len = tlen;
         s->payload_len = keep;
         s->wire_len = wire;
-        s->arrived_ns = now_ns();
+        s->arrived_ns = ddnn_pahoc_now_ns();
         s->qos = message->qos;
-        ++c->count;
-        ++c->stats.received;
-        c->stats.oversized += (uint64_t)oversized;
-        pthread_cond_broadcast(&c->changed);
+        ++c->core.count;
+        ++c->core.stats.received;
+        c->core.stats.oversized += (uint64_t)oversized;
+        pthread_cond_broadcast(&c->core.changed);
     }
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
     MQTTAsync_freeMessage(&message);
     MQTTAsync_free(topic);
     return 1; /* handled (queued or counted): Paho must not offer it again */
@@ -142,28 +107,28 @@ static void subscribed(void *context, MQTTAsync_successData5 *response)
     } else if (code >= MQTTREASONCODE_UNSPECIFIED_ERROR) {
         refused = 0;
     }
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     if (refused >= 0 && refused < c->n_subscriptions) {
-        char what[PROBLEM_MAX - 56]; /* room left in problem for the reason and its code: no truncation */
+        char what[DDNN_PAHOC_PROBLEM_MAX - 56]; /* room left in problem for the reason and its code: no truncation */
         snprintf(what, sizeof what, "the broker refused the subscriptions [%.150s]", c->subscriptions[refused]);
         set_problem(c, what, code, NULL);
     } else {
-        c->stats.subscribed = 1;
+        c->core.stats.subscribed = 1;
     }
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 static void subscribe_failed(void *context, MQTTAsync_failureData5 *response)
 {
     ddnn_pahoc *c = context;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     /* Paho reports a SUBACK that refuses (reason code >= 0x80) here, not in subscribed(). */
     if (response->reasonCode >= MQTTREASONCODE_UNSPECIFIED_ERROR)
         set_problem(c, "the broker refused the subscriptions", response->reasonCode, NULL);
     else
         set_problem(c, "subscribing failed", response->code, response->message);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 /* Request/reply packets are small: with Nagle's algorithm on, a reply written while the broker's ACK of the
@@ -205,14 +170,14 @@ static void connected(void *context, char *cause)
     int rc, resubscribe;
 
     (void)cause;
-    set_no_delay(c->config.port);
-    pthread_mutex_lock(&c->lock);
-    c->stats.connected = 1;
-    ++c->stats.connects;
-    c->problem[0] = '\0';
+    set_no_delay(c->core.config.port);
+    pthread_mutex_lock(&c->core.lock);
+    c->core.stats.connected = 1;
+    ++c->core.stats.connects;
+    c->core.problem[0] = '\0';
     resubscribe = c->n_subscriptions > 0 && !c->unsubscribed;
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
     if (resubscribe) {
         options.onSuccess5 = subscribed;
         options.onFailure5 = subscribe_failed;
@@ -220,98 +185,74 @@ static void connected(void *context, char *cause)
         rc = MQTTAsync_subscribeMany(c->handle, c->n_subscriptions, c->subscriptions, c->subscription_qos,
                                      &options);
         if (rc != MQTTASYNC_SUCCESS) {
-            pthread_mutex_lock(&c->lock);
+            pthread_mutex_lock(&c->core.lock);
             set_problem(c, "subscribing failed", rc, MQTTAsync_strerror(rc));
-            pthread_mutex_unlock(&c->lock);
+            pthread_mutex_unlock(&c->core.lock);
         }
     }
-    if (c->config.status_topic != NULL) {
+    if (c->core.config.status_topic != NULL) {
         status.payload = (void *)"online";
         status.payloadlen = 6;
         status.qos = 1;
         status.retained = 1;
-        MQTTAsync_sendMessage(c->handle, c->config.status_topic, &status, NULL);
+        MQTTAsync_sendMessage(c->handle, c->core.config.status_topic, &status, NULL);
     }
 }
 
 static void connect_failed(void *context, MQTTAsync_failureData5 *response)
 {
     ddnn_pahoc *c = context;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     if (response->reasonCode >= MQTTREASONCODE_UNSPECIFIED_ERROR)
         set_problem(c, "the broker refused the connection", response->reasonCode, NULL);
     else
         set_problem(c, "cannot connect", response->code, response->message);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 static void connection_lost(void *context, char *cause)
 {
     ddnn_pahoc *c = context;
-    pthread_mutex_lock(&c->lock);
-    c->stats.connected = 0;
-    c->stats.subscribed = 0;
-    ++c->stats.lost;
-    snprintf(c->problem, sizeof c->problem, "lost the broker: %.200s", cause != NULL ? cause : "connection closed");
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
+    c->core.stats.connected = 0;
+    c->core.stats.subscribed = 0;
+    ++c->core.stats.lost;
+    snprintf(c->core.problem, sizeof c->core.problem, "lost the broker: %.200s", cause != NULL ? cause : "connection closed");
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 static void delivered(void *context, MQTTAsync_successData5 *response)
 {
     ddnn_pahoc *c = context;
     (void)response;
-    pthread_mutex_lock(&c->lock);
-    ++c->stats.completed;
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
+    ++c->core.stats.completed;
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 static void delivery_failed(void *context, MQTTAsync_failureData5 *response)
 {
     ddnn_pahoc *c = context;
     (void)response;
-    pthread_mutex_lock(&c->lock);
-    ++c->stats.failed;
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
+    ++c->core.stats.failed;
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 static void unsubscribed(void *context, MQTTAsync_successData5 *response)
 {
     ddnn_pahoc *c = context;
     (void)response;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     c->unsubscribed = 2; /* confirmed */
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
+    pthread_cond_broadcast(&c->core.changed);
+    pthread_mutex_unlock(&c->core.lock);
 }
 
 /* ---- the caller's threads ------------------------------------------------------------------------ */
-
-/* Copies the config's strings into one owned block (the caller's buffers die with its call). */
-static int own_strings(ddnn_pahoc *c)
-{
-    const char **fields[] = {&c->config.uri, &c->config.client_id, &c->config.username, &c->config.password,
-                             &c->config.ca_file, &c->config.cert_file, &c->config.key_file,
-                             &c->config.status_topic};
-    size_t total = 0, i, at = 0;
-
-    for (i = 0; i < sizeof fields / sizeof fields[0]; ++i)
-        if (*fields[i] != NULL)
-            total += strlen(*fields[i]) + 1;
-    c->strings = malloc(total + 1);
-    if (c->strings == NULL)
-        return -1;
-    for (i = 0; i < sizeof fields / sizeof fields[0]; ++i)
-        if (*fields[i] != NULL) {
-            size_t n = strlen(*fields[i]) + 1;
-            memcpy(c->strings + at, *fields[i], n);
-            *fields[i] = c->strings + at;
-            at += n;
-        }
-    return 0;
-}
 
 static void add_int_property(MQTTProperties *properties, enum MQTTPropertyCodes code, int value)
 {
@@ -332,45 +273,24 @@ ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size
     MQTTAsync_willOptions will = MQTTAsync_willOptions_initializer;
     MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
     MQTTProperties empty = MQTTProperties_initializer;
-    pthread_condattr_t clock_attr;
-    ddnn_pahoc *c;
+    ddnn_pahoc *c = calloc(1, sizeof *c);
     int rc;
 
-    if (config->uri == NULL || config->client_id == NULL || config->queue_capacity == 0 ||
-        config->max_topic_bytes == 0 || config->max_topic_bytes > TOPIC_LIMIT || config->max_inflight < 1 ||
-        config->max_inflight > 65535 || config->max_buffered < 1 || config->receive_maximum < 1 ||
-        config->receive_maximum > 65535 || config->keep_oversized_bytes > config->max_payload_bytes) {
-        snprintf(error, error_len, "invalid Paho C transport configuration");
-        return NULL;
-    }
-    if ((config->cert_file == NULL) != (config->key_file == NULL) || (config->password != NULL &&
-                                                                      config->username == NULL)) {
-        snprintf(error, error_len, "a client certificate needs its key, a password its user name");
-        return NULL;
-    }
-    c = calloc(1, sizeof *c);
-    if (c == NULL || (c->config = *config, own_strings(c)) != 0 ||
-        (c->ring = calloc(config->queue_capacity, sizeof *c->ring)) == NULL) {
+    if (c == NULL) {
         snprintf(error, error_len, "out of memory");
-        if (c != NULL) {
-            free(c->strings);
-            free(c);
-        }
         return NULL;
     }
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_condattr_init(&clock_attr);
-    pthread_condattr_setclock(&clock_attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&c->changed, &clock_attr);
-    pthread_condattr_destroy(&clock_attr);
+    if (ddnn_pahoc_core_init(&c->core, config, error, error_len) != 0) {
+        free(c);
+        return NULL;
+    }
     create.maxBufferedMessages = config->max_buffered;
     create.sendWhileDisconnected = 0;
-    rc = MQTTAsync_createWithOptions(&c->handle, c->config.uri, c->config.client_id, MQTTCLIENT_PERSISTENCE_NONE,
+    rc = MQTTAsync_createWithOptions(&c->handle, c->core.config.uri, c->core.config.client_id, MQTTCLIENT_PERSISTENCE_NONE,
                                      NULL, &create);
     if (rc != MQTTASYNC_SUCCESS) {
-        snprintf(error, error_len, "cannot create a Paho C client for %s: %s", c->config.uri, MQTTAsync_strerror(rc));
-        free(c->ring);
-        free(c->strings);
+        snprintf(error, error_len, "cannot create a Paho C client for %s: %s", c->core.config.uri, MQTTAsync_strerror(rc));
+        ddnn_pahoc_core_free(&c->core);
         free(c);
         return NULL;
     }
@@ -383,8 +303,8 @@ ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size
     connect.keepAliveInterval = config->keepalive_s;
     connect.cleanstart = config->clean_start;
     connect.maxInflight = config->max_inflight;
-    connect.username = c->config.username;
-    connect.password = c->config.password;
+    connect.username = c->core.config.username;
+    connect.password = c->core.config.password;
     connect.connectTimeout = 5;
     /* Reconnect 1 s to 2 s apart (Paho counts whole seconds); the paho-mqtt transport waits 0.1 s to 2 s. */
     connect.automaticReconnect = 1;
@@ -393,8 +313,8 @@ ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size
     connect.connectProperties = &c->connect_properties;
     connect.onFailure5 = connect_failed;
     connect.context = c;
-    if (c->config.status_topic != NULL) {
-        will.topicName = c->config.status_topic;
+    if (c->core.config.status_topic != NULL) {
+        will.topicName = c->core.config.status_topic;
         will.message = "offline";
         will.retained = 1;
         will.qos = 1;
@@ -402,9 +322,9 @@ ddnn_pahoc *ddnn_pahoc_create(const ddnn_pahoc_config *config, char *error, size
         connect.will = &c->will;
     }
     if (config->tls) {
-        ssl.trustStore = c->config.ca_file; /* NULL: OpenSSL's default verify paths */
-        ssl.keyStore = c->config.cert_file;
-        ssl.privateKey = c->config.key_file;
+        ssl.trustStore = c->core.config.ca_file; /* NULL: OpenSSL's default verify paths */
+        ssl.keyStore = c->core.config.cert_file;
+        ssl.privateKey = c->core.config.key_file;
         ssl.enableServerCertAuth = !config->insecure;
         ssl.verify = !config->insecure; /* the certificate must name the host dialled */
         ssl.sslVersion = MQTT_SSL_VERSION_TLS_1_2;
@@ -432,92 +352,43 @@ int ddnn_pahoc_start(ddnn_pahoc *c, const char *const *subscriptions, int n_subs
     }
     rc = MQTTAsync_connect(c->handle, &c->connect);
     if (rc != MQTTASYNC_SUCCESS) {
-        pthread_mutex_lock(&c->lock);
+        pthread_mutex_lock(&c->core.lock);
         set_problem(c, "cannot connect", rc, MQTTAsync_strerror(rc));
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_unlock(&c->core.lock);
     }
     return rc;
 }
 
-int ddnn_pahoc_wait_ready(ddnn_pahoc *c, int timeout_ms)
-{
-    struct timespec deadline;
-    int ready;
-
-    deadline_in(&deadline, timeout_ms);
-    pthread_mutex_lock(&c->lock);
-    while (!c->stats.subscribed && !c->interrupted &&
-           pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
-    }
-    ready = c->stats.subscribed;
-    pthread_mutex_unlock(&c->lock);
-    return ready;
-}
+int ddnn_pahoc_wait_ready(ddnn_pahoc *c, int timeout_ms) { return ddnn_pahoc_core_wait_ready(&c->core, timeout_ms); }
 
 size_t ddnn_pahoc_problem(ddnn_pahoc *c, char *out, size_t out_len)
 {
-    size_t n;
-    pthread_mutex_lock(&c->lock);
-    n = strlen(c->problem);
-    if (out_len > 0) {
-        n = n < out_len - 1 ? n : out_len - 1;
-        memcpy(out, c->problem, n);
-        out[n] = '\0';
-    }
-    pthread_mutex_unlock(&c->lock);
-    return n;
+    return ddnn_pahoc_core_problem(&c->core, out, out_len);
 }
 
 int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
                     size_t buffer_len)
 {
     struct timespec deadline;
-    size_t used = 0;
-    int taken = 0;
+    int taken;
 
-    if (buffer_len < c->config.max_topic_bytes + c->config.max_payload_bytes)
+    if (buffer_len < c->core.config.max_topic_bytes + c->core.config.max_payload_bytes)
         return -2;
-    deadline_in(&deadline, timeout_ms);
-    pthread_mutex_lock(&c->lock);
-    while (c->count == 0 && !c->interrupted &&
-           pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
+    ddnn_pahoc_deadline_in(&deadline, timeout_ms);
+    pthread_mutex_lock(&c->core.lock);
+    while (c->core.count == 0 && !c->core.interrupted &&
+           pthread_cond_timedwait(&c->core.changed, &c->core.lock, &deadline) != ETIMEDOUT) {
     }
-    if (c->interrupted && c->count == 0) {
-        pthread_mutex_unlock(&c->lock);
+    if (c->core.interrupted && c->core.count == 0) {
+        pthread_mutex_unlock(&c->core.lock);
         return -1;
     }
-    while (taken < max_messages && c->count > 0) {
-        slot *s = &c->ring[c->head];
-        size_t size = s->topic_len + s->payload_len;
-        int64_t *r = records + (size_t)taken * DDNN_PAHOC_FIELDS;
-        if (size > buffer_len - used)
-            break;
-        memcpy(buffer + used, s->data, size);
-        r[DDNN_PAHOC_TOPIC_OFFSET] = (int64_t)used;
-        r[DDNN_PAHOC_TOPIC_LEN] = (int64_t)s->topic_len;
-        r[DDNN_PAHOC_PAYLOAD_OFFSET] = (int64_t)(used + s->topic_len);
-        r[DDNN_PAHOC_PAYLOAD_LEN] = (int64_t)s->payload_len;
-        r[DDNN_PAHOC_WIRE_LEN] = (int64_t)s->wire_len;
-        r[DDNN_PAHOC_ARRIVED_NS] = s->arrived_ns;
-        r[DDNN_PAHOC_QOS] = s->qos;
-        used += size;
-        free(s->data);
-        s->data = NULL;
-        c->head = (c->head + 1) % c->config.queue_capacity;
-        --c->count;
-        ++taken;
-    }
-    pthread_mutex_unlock(&c->lock);
+    taken = ddnn_pahoc_core_copy(&c->core, max_messages, records, buffer, buffer_len, NULL, NULL);
+    pthread_mutex_unlock(&c->core.lock);
     return taken;
 }
 
-void ddnn_pahoc_interrupt(ddnn_pahoc *c)
-{
-    pthread_mutex_lock(&c->lock);
-    c->interrupted = 1;
-    pthread_cond_broadcast(&c->changed);
-    pthread_mutex_unlock(&c->lock);
-}
+void ddnn_pahoc_interrupt(ddnn_pahoc *c) { ddnn_pahoc_core_interrupt(&c->core); }
 
 int ddnn_pahoc_publish(ddnn_pahoc *c, const char *topic, const uint8_t *payload, size_t len, int qos, int retain)
 {
@@ -534,14 +405,14 @@ int ddnn_pahoc_publish(ddnn_pahoc *c, const char *topic, const uint8_t *payload,
     options.onSuccess5 = delivered;
     options.onFailure5 = delivery_failed;
     options.context = c;
-    pthread_mutex_lock(&c->lock);
-    ++c->stats.published;
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
+    ++c->core.stats.published;
+    pthread_mutex_unlock(&c->core.lock);
     rc = MQTTAsync_sendMessage(c->handle, topic, &message, &options);
     if (rc != MQTTASYNC_SUCCESS) {
-        pthread_mutex_lock(&c->lock);
-        --c->stats.published;
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_lock(&c->core.lock);
+        --c->core.stats.published;
+        pthread_mutex_unlock(&c->core.lock);
     }
     return rc;
 }
@@ -565,12 +436,11 @@ int ddnn_pahoc_publish_many(ddnn_pahoc *c, const char *topics, const int64_t *to
 int ddnn_pahoc_unsubscribe(ddnn_pahoc *c, const char *const *topics, int n_topics, int timeout_ms)
 {
     MQTTAsync_responseOptions options = MQTTAsync_responseOptions_initializer;
-    struct timespec deadline;
     int done, rc;
 
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
     c->unsubscribed = 1; /* a reconnect from now on does not subscribe again */
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->core.lock);
     if (n_topics == 0)
         return 1;
     options.onSuccess5 = unsubscribed;
@@ -578,37 +448,18 @@ int ddnn_pahoc_unsubscribe(ddnn_pahoc *c, const char *const *topics, int n_topic
     rc = MQTTAsync_unsubscribeMany(c->handle, n_topics, (char *const *)topics, &options);
     if (rc != MQTTASYNC_SUCCESS)
         return 0;
-    deadline_in(&deadline, timeout_ms);
-    pthread_mutex_lock(&c->lock);
-    while (c->unsubscribed != 2 && pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
-    }
-    done = c->unsubscribed == 2;
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_lock(&c->core.lock);
+    done = ddnn_pahoc_core_wait_for(&c->core, &c->unsubscribed, 2, timeout_ms);
+    pthread_mutex_unlock(&c->core.lock);
     return done;
 }
 
 int ddnn_pahoc_wait_published(ddnn_pahoc *c, int timeout_ms)
 {
-    struct timespec deadline;
-    int done;
-
-    deadline_in(&deadline, timeout_ms);
-    pthread_mutex_lock(&c->lock);
-    while (c->stats.connected && c->stats.completed + c->stats.failed < c->stats.published &&
-           pthread_cond_timedwait(&c->changed, &c->lock, &deadline) != ETIMEDOUT) {
-    }
-    done = !c->stats.connected || c->stats.completed + c->stats.failed >= c->stats.published;
-    pthread_mutex_unlock(&c->lock);
-    return done;
+    return ddnn_pahoc_core_wait_published(&c->core, timeout_ms);
 }
 
-void ddnn_pahoc_get_stats(ddnn_pahoc *c, ddnn_pahoc_stats *out)
-{
-    pthread_mutex_lock(&c->lock);
-    *out = c->stats;
-    out->queued = (int)c->count;
-    pthread_mutex_unlock(&c->lock);
-}
+void ddnn_pahoc_get_stats(ddnn_pahoc *c, ddnn_pahoc_stats *out) { ddnn_pahoc_core_get_stats(&c->core, out); }
 
 void ddnn_pahoc_close(ddnn_pahoc *c, int timeout_ms)
 {
@@ -626,14 +477,9 @@ void ddnn_pahoc_close(ddnn_pahoc *c, int timeout_ms)
     MQTTProperties_free(&properties);
     ddnn_pahoc_interrupt(c);
     MQTTAsync_destroy(&c->handle);
-    for (; c->count > 0; --c->count, c->head = (c->head + 1) % c->config.queue_capacity)
-        free(c->ring[c->head].data);
     for (i = 0; i < c->n_subscriptions; ++i)
         free(c->subscriptions[i]);
     MQTTProperties_free(&c->connect_properties);
-    pthread_cond_destroy(&c->changed);
-    pthread_mutex_destroy(&c->lock);
-    free(c->ring);
-    free(c->strings);
+    ddnn_pahoc_core_free(&c->core);
     free(c);
 }

@@ -51,7 +51,9 @@ def header_cdef(header: str) -> str:
 
 
 # The server-side files of c_runtime/: no device project ships them (tests/test_c_project.py).
-RUNTIME_FILES = ("ddnn_pahoc.c", "ddnn_pahoc.h", "ddnn_mqtt_batch.c")
+RUNTIME_FILES = ("ddnn_pahoc.h", "ddnn_pahoc_core.h", "ddnn_pahoc_core.c", "ddnn_pahoc.c", "ddnn_mqtt_batch.c")
+# What both C sides are built with: the interface, and the queue and counters they share.
+CORE_FILES = ("ddnn_pahoc.h", "ddnn_pahoc_core.h", "ddnn_pahoc_core.c")
 STATS = ("received", "dropped_full", "dropped_topic", "oversized", "published", "completed", "failed", "connects",
          "lost", "connected", "subscribed", "queued")
 
@@ -70,8 +72,8 @@ def load_library(client: str = "paho-c") -> Any:
     try:
         cdef = header_cdef((runtime / "ddnn_pahoc.h").read_text())
         module, _ = build_extension(None, f"{client}-{__version__}", cdef, '#include "ddnn_pahoc.h"\n',
-                                    [runtime / source], [runtime], CFLAGS,
-                                    [runtime / "ddnn_pahoc.h", runtime / source], libraries=libraries)
+                                    [runtime / source, runtime / "ddnn_pahoc_core.c"], [runtime], CFLAGS,
+                                    [runtime / name for name in (*CORE_FILES, source)], libraries=libraries)
     except BuildError as error:
         raise DdnnError(f"--transport {client} needs {needs} and a C compiler: {error}") from error
     return module
