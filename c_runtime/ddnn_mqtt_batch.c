@@ -1142,8 +1142,8 @@ static void acknowledge_taken(void *context, const ddnn_pahoc_slot *s)
     }
 }
 
-int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
-                    size_t buffer_len)
+int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int linger_ms, int64_t *records,
+                    uint8_t *buffer, size_t buffer_len)
 {
     struct timespec deadline;
     int64_t until;
@@ -1182,6 +1182,18 @@ int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *re
     if (c->core.interrupted && c->core.count == 0) {
         pthread_mutex_unlock(&c->core.lock);
         return -1;
+    }
+    if (linger_ms > 0 && c->core.count < (size_t)max_messages && !c->paused && c->reader == NOBODY &&
+        c->state == ONLINE && !c->broken) {
+        /* Sleep rather than poll: what arrives meanwhile waits in the socket and comes in one read. */
+        struct timespec pause = {linger_ms / 1000, (long)(linger_ms % 1000) * 1000000L};
+        int got;
+        c->reader = TAKER;
+        pthread_mutex_unlock(&c->core.lock);
+        nanosleep(&pause, NULL);
+        got = read_some(c);
+        pthread_mutex_lock(&c->core.lock);
+        after_read(c, got);
     }
     c->acks_queued = 0;
     taken = ddnn_pahoc_core_copy(&c->core, max_messages, records, buffer, buffer_len, acknowledge_taken, c);

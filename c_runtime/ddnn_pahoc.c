@@ -366,8 +366,8 @@ size_t ddnn_pahoc_problem(ddnn_pahoc *c, char *out, size_t out_len)
     return ddnn_pahoc_core_problem(&c->core, out, out_len);
 }
 
-int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
-                    size_t buffer_len)
+int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int linger_ms, int64_t *records,
+                    uint8_t *buffer, size_t buffer_len)
 {
     struct timespec deadline;
     int taken;
@@ -382,6 +382,12 @@ int ddnn_pahoc_take(ddnn_pahoc *c, int max_messages, int timeout_ms, int64_t *re
     if (c->core.interrupted && c->core.count == 0) {
         pthread_mutex_unlock(&c->core.lock);
         return -1;
+    }
+    if (linger_ms > 0) {
+        ddnn_pahoc_deadline_in(&deadline, linger_ms);
+        while (c->core.count < (size_t)max_messages && !c->core.interrupted &&
+               pthread_cond_timedwait(&c->core.changed, &c->core.lock, &deadline) != ETIMEDOUT) {
+        }
     }
     taken = ddnn_pahoc_core_copy(&c->core, max_messages, records, buffer, buffer_len, NULL, NULL);
     pthread_mutex_unlock(&c->core.lock);

@@ -72,11 +72,12 @@ int ddnn_pahoc_start(ddnn_pahoc *client, const char *const *subscriptions, int n
 int ddnn_pahoc_wait_ready(ddnn_pahoc *client, int timeout_ms);
 /* Why the last connection attempt failed ("" when none); returns its length. */
 size_t ddnn_pahoc_problem(ddnn_pahoc *client, char *out, size_t out_len);
-/* Up to max_messages queued messages, waiting at most timeout_ms for the first; copies topics and
- * payloads into buffer and fills records. Returns how many; stops early at a message that would not fit
+/* Up to max_messages queued messages, waiting at most timeout_ms for the first, then (linger_ms > 0) up to
+ * linger_ms more for others to arrive, so a busy server takes several per call; copies topics and payloads
+ * into buffer and fills records. Returns how many; stops early at a message that would not fit
  * (buffer_len must hold max_topic_bytes + max_payload_bytes). -1 once interrupted. */
-int ddnn_pahoc_take(ddnn_pahoc *client, int max_messages, int timeout_ms, int64_t *records, uint8_t *buffer,
-                    size_t buffer_len);
+int ddnn_pahoc_take(ddnn_pahoc *client, int max_messages, int timeout_ms, int linger_ms, int64_t *records,
+                    uint8_t *buffer, size_t buffer_len);
 /* Wakes ddnn_pahoc_take() for good (shutdown). */
 void ddnn_pahoc_interrupt(ddnn_pahoc *client);
 /* 0 when Paho took the message, else Paho's error code (MQTTASYNC_*, negative). */

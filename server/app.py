@@ -157,7 +157,8 @@ class Server:
                                             persistent, config.session_expiry_s, extra,
                                             self._on_other if extra else None, config.receive_maximum,
                                             max_request_bytes=config.max_request_bytes,
-                                            on_requests=self._on_requests, client=config.transport)
+                                            on_requests=self._on_requests, client=config.transport,
+                                            busy=self._workers_busy)
         elif config.transport == "paho-mqtt":
             self.transport = Transport(config.broker, client_id, config.group, served, self._on_request, persistent,
                                        config.session_expiry_s, extra, self._on_other if extra else None,
@@ -179,6 +180,7 @@ class Server:
         self._workers = [threading.Thread(target=self._work_loop, name=f"ddnn-worker-{i}", daemon=True)
                          for i in range(max(1, config.workers))]
         self.stats = {"ok": 0, "errors": 0, "dropped": 0, "busy": 0, "batches": 0}
+        self._batches_running = 0  # under _stats_lock
         self._bad_requests = RateLimitedLog(log)
         self._stats_lock = threading.Lock()
         self._telemetry_stop = threading.Event()
@@ -549,7 +551,17 @@ class Server:
                 continue
             works: list[_Work] = [job.payload for job in batch]
             queue_us = [int((started - job.arrived) * 1e6) for job in batch]
-            self._run_batch(works, started, queue_us)
+            with self._stats_lock:
+                self._batches_running += 1
+            try:
+                self._run_batch(works, started, queue_us)
+            finally:
+                with self._stats_lock:
+                    self._batches_running -= 1
+
+    def _workers_busy(self) -> bool:
+        """A batch is being computed or waits for a worker: the transport may linger to take more at once."""
+        return self._batches_running > 0 or self.batcher.pending > 0
 
     def _topic_tier(self, model_key: str) -> int:
         """The request tier this server takes for a model (0 when it does not serve it)."""

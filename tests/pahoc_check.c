@@ -80,9 +80,9 @@ int main(int argc, char **argv)
         ddnn_pahoc_problem(client, problem, sizeof problem);
         return fail(problem);
     }
-    if (ddnn_pahoc_take(client, BATCH, 0, records, buffer, sizeof buffer - 1) != -2)
+    if (ddnn_pahoc_take(client, BATCH, 0, 0, records, buffer, sizeof buffer - 1) != -2)
         return fail("take accepted a buffer too small for the bounds");
-    if (ddnn_pahoc_take(client, BATCH, 50, records, buffer, sizeof buffer) != 0)
+    if (ddnn_pahoc_take(client, BATCH, 50, 0, records, buffer, sizeof buffer) != 0)
         return fail("take on an empty queue did not time out with 0");
     printf("READY\n");
     fflush(stdout);
@@ -96,7 +96,7 @@ int main(int argc, char **argv)
         pause_ms(10);
     }
     while (handled < (long)stats.received) {
-        n = ddnn_pahoc_take(client, BATCH, 1000, records, buffer, sizeof buffer);
+        n = ddnn_pahoc_take(client, BATCH, 1000, 0, records, buffer, sizeof buffer);
         if (n <= 0)
             return fail("take returned nothing while messages were queued");
         printf("BATCH %d\n", n);
@@ -138,7 +138,7 @@ int main(int argc, char **argv)
     if (!ddnn_pahoc_unsubscribe(client, subscriptions, 1, 5000))
         return fail("unsubscribe not confirmed");
     ddnn_pahoc_interrupt(client);
-    if (ddnn_pahoc_take(client, BATCH, 1000, records, buffer, sizeof buffer) != -1)
+    if (ddnn_pahoc_take(client, BATCH, 1000, 0, records, buffer, sizeof buffer) != -1)
         return fail("take after interrupt did not return -1");
     ddnn_pahoc_get_stats(client, &stats);
     printf("STATS received=%llu dropped_full=%llu dropped_topic=%llu oversized=%llu published=%llu "
