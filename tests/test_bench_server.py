@@ -46,19 +46,22 @@ def _all_answered(stdout: str, runs: int) -> None:
 
 def test_bench_server_short_run(fmnist_model_path: Path) -> None:
     stdout = _run("--model", str(fmnist_model_path))
-    assert len(_rows(stdout, "fmnist_32", 456)) == 4, stdout  # 2 forwards x 2 transports
-    _all_answered(stdout, 4)
+    assert len(_rows(stdout, "fmnist_32", 456)) == 6, stdout  # 2 forwards x 3 transports
+    _all_answered(stdout, 6)
     # Each transport's row is set against a bare echo on that transport: its floor per request.
-    for transport in ("paho-mqtt", "paho-c"):
+    for transport in ("paho-mqtt", "paho-c", "c-mqtt"):
         assert len(re.findall(rf"bare {transport} echo responder spends \d+ us of CPU", stdout)) == 2, stdout
     batches = [float(b) for b in re.findall(r"([\d.]+) requests per forward pass", stdout)]
-    assert len(batches) == 4 and all(1.0 <= b <= 32 for b in batches), stdout
+    assert len(batches) == 6 and all(1.0 <= b <= 32 for b in batches), stdout
+    # The side-by-side table names all three.
+    assert "transports side by side (paho-mqtt, paho-c, c-mqtt)" in stdout, stdout
 
 
 def test_bench_server_three_tiers() -> None:
     """The edge (its exit answering all, device splits in) and the cloud behind it (the edge's splits in, as an
     edge sends them on) are benched each in a row of their own."""
-    stdout = _run("--model", str(MODELS / "fmnist3_32.npz"), "--forward", "numpy")
+    stdout = _run("--model", str(MODELS / "fmnist3_32.npz"), "--forward", "numpy", "--transport", "paho-mqtt",
+                  "--transport", "c-mqtt")
     assert len(_rows(stdout, "fmnist3_32/edge", 456)) == 2, stdout
     # The edge tier's 128-channel 3x3 split, dense (144 B), plus the 64-byte header.
     assert len(_rows(stdout, "fmnist3_32/cloud", 208)) == 2, stdout

@@ -39,8 +39,8 @@ def build_check(tmp: Path, side: str) -> Path:
     runtime = c_runtime_dir()
     cflags = [flag for flag in CFLAGS if flag != "-march=native"]  # the extension's flags, any host
     built = subprocess.run(["gcc", *cflags, *toolchain.WARNING_CFLAGS, *toolchain.SANITIZE_CFLAGS, "-I", str(runtime),
-                    "-o", str(binary), str(CHECK), str(runtime / source), str(runtime / "ddnn_pahoc_core.c"), *libraries,
-                            "-lpthread"],
+                            "-o", str(binary), str(CHECK), str(runtime / source),
+                            str(runtime / "ddnn_pahoc_core.c"), *libraries, "-lpthread"],
                    capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     return binary
